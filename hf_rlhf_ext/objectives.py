@@ -1,0 +1,428 @@
+"""The maths of RLHF as small, pure tensor functions — no trainer state, no models.
+
+Every function here is one formula from the RLHF literature, written so that a student can follow it line by line
+(the CleanRL style): the docstring gives the formula and its source, the body computes exactly that. Trainers,
+callbacks and tests all import these, so each formula lives in one place.
+
+Conventions
+-----------
+* ``mask`` arguments are 0/1 (or bool) tensors of the same shape as the data; ``None`` means "every entry counts".
+  Sequences are right-padded: the valid tokens of a row come first, padding after.
+* Log-probabilities are of the *sampled* tokens, i.e. the samples come from the current policy π.
+* Nothing here calls ``.item()`` except :func:`explained_variance`, which returns a Python float for logging.
+
+Sources (see also ``REFERENCES.md``)
+------------------------------------
+* Bradley–Terry reward-model loss: Ouyang et al. 2022 (InstructGPT, arXiv 2203.02155), eq. 1.
+* PPO-clip: Schulman et al. 2017 (arXiv 1707.06347), eq. 7; asymmetric ε_high: DAPO (arXiv 2503.14476).
+* Clipped value loss: the OpenAI baselines PPO2 implementation, as in old TRL PPO (trl ≤ 1.12).
+* GAE: Schulman et al. 2015 (arXiv 1506.02438), eq. 16.
+* Group-relative advantages: GRPO (DeepSeekMath, arXiv 2402.03300); "batch"/"none" scalings as in TRL's
+  ``GRPOTrainer`` (``scale_rewards``) after Dr. GRPO (arXiv 2503.20783).
+* KL estimators k1/k2/k3: J. Schulman, "Approximating KL divergence" (2020, http://joschu.net/blog/kl-approx.html).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "masked_mean",
+    "masked_var",
+    "whiten",
+    "explained_variance",
+    "bradley_terry_loss",
+    "clipped_surrogate",
+    "clipped_surrogate_ratio_grad",
+    "clipped_value_loss",
+    "gae",
+    "group_advantages",
+    "zero_std_groups",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_estimate",
+    "KL_ESTIMATORS",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _as_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Returns ``mask`` as a float tensor of ``x``'s dtype (all ones when ``None``), checking that the shapes agree."""
+    if mask is None:
+        return torch.ones_like(x)
+    if mask.shape != x.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match data shape {tuple(x.shape)}")
+    return mask.to(dtype=x.dtype)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1:  Σ x·m / Σ m.
+
+    With ``dim`` the mean is taken along that dimension only (e.g. ``dim=1`` gives one mean per sequence).
+    A row whose mask is all zeros has mean 0 (not NaN), so one empty completion cannot poison a batch statistic.
+    """
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim=dim)
+    m = _as_mask(x, mask)
+    if dim is None:
+        return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x * m).sum(dim=dim) / m.sum(dim=dim).clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked entries:  Σ m·(x − μ)² / (n − 1)  (or / n when ``unbiased=False``),
+    where μ = :func:`masked_mean` and n = Σ m.
+
+    Raises ``ValueError`` when the mask is empty (or has a single entry with ``unbiased=True``): a variance of
+    nothing is a bug upstream, better caught here than as a NaN in the loss (old TRL ``masked_var`` did the same).
+    """
+    m = _as_mask(x, mask)
+    n = m.sum()
+    if n.item() == 0:
+        raise ValueError("masked_var: the mask selects no entries; there is no variance to compute")
+    if unbiased and n.item() == 1:
+        raise ValueError("masked_var: the mask selects one entry; the unbiased variance needs at least two")
+    mean = (x * m).sum() / n
+    var = ((x - mean) ** 2 * m).sum() / n
+    if unbiased:
+        var = var * (n / (n - 1))  # Bessel's correction
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Whitening:  (x − μ) / √(σ² + ε), with μ, σ² the masked mean and (unbiased) variance.
+
+    PPO implementations whiten advantages per batch so that the policy step size does not depend on the reward scale
+    (old TRL ``masked_whiten``; OpenAI baselines). With ``shift_mean=False`` the mean is added back — x / σ in effect —
+    which old TRL used for *rewards*, where the sign of the mean carries information.
+    Entries outside the mask are set to 0 (they carry no signal and would otherwise hold arbitrary values).
+    """
+    m = _as_mask(x, mask)
+    mean = masked_mean(x, m)
+    var = masked_var(x, m, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * m
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Explained variance of the critic:  1 − Var[R − V] / Var[R]  over the masked entries.
+
+    1 means the value head predicts the returns perfectly, 0 means it does no better than a constant, < 0 worse than
+    one (CleanRL logs the same number). Returns NaN when the returns have zero variance (nothing to explain).
+    """
+    values = values.detach().float()
+    returns = returns.detach().float()
+    if values.shape != returns.shape:
+        raise ValueError(f"values shape {tuple(values.shape)} does not match returns shape {tuple(returns.shape)}")
+    m = _as_mask(returns, None if mask is None else mask.to(returns.device))
+    var_returns = masked_var(returns, m, unbiased=False)
+    if var_returns.item() == 0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, m, unbiased=False) / var_returns)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+) -> torch.Tensor:
+    """Bradley–Terry pairwise loss for reward models:  −log σ(r_w − r_l − margin).
+
+    Under the Bradley–Terry model P(w ≻ l) = σ(r_w − r_l), so this is the negative log-likelihood of the human label
+    (InstructGPT eq. 1; the optional margin as in Llama 2 / TRL ``RewardTrainer``). ``F.logsigmoid`` is used instead
+    of ``log(sigmoid(·))``, which underflows to log 0 = −inf for large negative differences.
+    Its gradient is −σ(−d)·(+1) for r_w and +σ(−d) for r_l (d = r_w − r_l − margin): a descent step raises the chosen
+    reward and lowers the rejected one, most strongly for pairs the model currently gets wrong.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"chosen_rewards shape {tuple(chosen_rewards.shape)} != rejected_rewards shape {tuple(rejected_rewards.shape)}"
+        )
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_clip(epsilon: float, epsilon_high: float | None) -> float:
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if eps_high < 0:
+        raise ValueError(f"epsilon_high must be >= 0, got {eps_high}")
+    return eps_high
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None
+) -> torch.Tensor:
+    """PPO-clip objective, elementwise, to be *maximised*:  min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A),  ρ = π/π_old.
+
+    Schulman et al. 2017, eq. 7. Taking the minimum makes the objective a pessimistic bound: once the ratio has moved
+    past the clip range in the direction the advantage rewards (ρ > 1 + ε_high for A > 0, ρ < 1 − ε for A < 0)
+    there is nothing more to gain and the gradient is 0; moves in the harmful direction are never clipped, so they
+    are always corrected. ``epsilon_high`` (default ε) is DAPO's "clip-higher" (0.28 there).
+    A loss is ``-masked_mean(clipped_surrogate(...), mask)``. ``advantages`` broadcasts against ``ratio``
+    (e.g. (B, 1) sequence advantages against (B, T) token ratios).
+    """
+    eps_high = _check_clip(epsilon, epsilon_high)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_high) * advantages
+    return torch.minimum(unclipped, clipped)
+
+
+def clipped_surrogate_ratio_grad(
+    ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float = 0.2, epsilon_high: float | None = None
+) -> torch.Tensor:
+    """∂/∂ρ of :func:`clipped_surrogate`, elementwise, in closed form:  0 where the clip is active, A elsewhere.
+
+    The clip is active (the clipped term is the strict minimum) exactly when
+        A > 0 and ρ > 1 + ε_high   (already pushed up far enough), or
+        A < 0 and ρ < 1 − ε        (already pushed down far enough).
+    Everywhere else, including the *pessimistic* side (A > 0 with ρ < 1 − ε, A < 0 with ρ > 1 + ε_high), the
+    gradient is the unclipped A. This matches autograd through :func:`clipped_surrogate` (tested), including at the
+    boundaries ρ = 1 ± ε where ``torch.clamp`` passes the gradient through.
+    """
+    eps_high = _check_clip(epsilon, epsilon_high)
+    ratio, advantages = torch.broadcast_tensors(ratio, advantages)
+    clip_active = ((advantages > 0) & (ratio > 1.0 + eps_high)) | ((advantages < 0) & (ratio < 1.0 - epsilon))
+    return torch.where(clip_active, torch.zeros_like(advantages), advantages)
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    cliprange_value: float = 0.2,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Clipped value loss:  ½ · mean_mask[ max((V − R)², (V_clip − R)²) ],  V_clip = V_old + clip(V − V_old, −c, c).
+
+    The critic analogue of the PPO clip (OpenAI baselines PPO2; old TRL PPO with ``cliprange_value=0.2`` and
+    ``vf_coef=0.1``): the max keeps the critic from moving its prediction more than ``c`` away from the value it had
+    when the rollout was collected, unless that makes the error smaller.
+    """
+    if cliprange_value < 0:
+        raise ValueError(f"cliprange_value must be >= 0, got {cliprange_value}")
+    if not (values.shape == old_values.shape == returns.shape):
+        raise ValueError(
+            "values, old_values and returns must have the same shape, got "
+            f"{tuple(values.shape)}, {tuple(old_values.shape)}, {tuple(returns.shape)}"
+        )
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (values_clipped - returns) ** 2
+    return 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation on right-padded (B, T) sequences; returns ``(advantages, returns)``.
+
+    Schulman et al. 2015, eq. 16, as a backward recursion over the tokens of each completion:
+        δ_t = r_t + γ·V_{t+1} − V_t
+        A_t = δ_t + γ·λ·A_{t+1}
+        returns_t = A_t + V_t       (the critic's regression target, a λ-return)
+    The episode ends at the last valid token: V and A beyond it are 0 (no bootstrapping past the end), and every
+    masked position of the outputs is 0. RLHF defaults: γ = 1, λ = 0.95 (InstructGPT; old TRL PPO).
+    With γ = λ = 1 the advantage telescopes to (reward-to-go) − V_t.
+    """
+    if rewards.dim() != 2 or rewards.shape != values.shape:
+        raise ValueError(
+            f"gae expects rewards and values of the same (B, T) shape, got {tuple(rewards.shape)} and "
+            f"{tuple(values.shape)}"
+        )
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    m = _as_mask(values, mask)
+    if m.shape[1] > 1 and bool((m[:, 1:] > m[:, :-1]).any()):
+        raise ValueError("gae expects a right-padded mask (valid tokens first, then padding); got a 0 before a 1")
+
+    rewards = rewards * m
+    values = values * m
+    B, T = rewards.shape
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)  # V_{T} = 0: nothing after the last token
+    next_adv = torch.zeros(B, dtype=values.dtype, device=values.device)  # A_{T} = 0
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = (delta + gamma * lam * next_adv) * m[:, t]  # padding keeps A = 0, so the chain restarts at the end
+        advantages_reversed.append(adv_t)
+        next_value, next_adv = values[:, t], adv_t
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO / Dr. GRPO)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_groups(rewards: torch.Tensor, group_size: int) -> None:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be a 1-D tensor (N,), got shape {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"the number of rewards ({rewards.numel()}) is not a multiple of group_size ({group_size}); rewards must "
+            "be laid out as consecutive groups of completions of the same prompt"
+        )
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN or inf; drop or fill unscorable completions before computing advantages")
+
+
+def _unbiased_std(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """√(Σ(x − x̄)² / (n − 1)), written with the same operations, in the same order, as ``trl.trainer.utils.nanstd``
+    (mean of squares, then × n/(n − 1)), so that advantages agree with TRL bit for bit on finite inputs."""
+    mean = x.mean(dim=dim, keepdim=True) if dim is not None else x.mean()
+    variance = ((x - mean) ** 2).mean(dim=dim, keepdim=True) if dim is not None else ((x - mean) ** 2).mean()
+    n = torch.tensor(x.shape[dim] if dim is not None else x.numel(), device=x.device)
+    variance = variance * (n / (n - 1))
+    std = torch.sqrt(variance)
+    return std if keepdim or dim is None else std.squeeze(dim)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int, rtol: float = 1e-6) -> torch.Tensor:
+    """Bool tensor (N // group_size,): which groups have (numerically) identical rewards.
+
+    A group is degenerate when  max_i |r_i − r_j| ≤ rtol · max(1, max_i |r_i|)  — equivalently, its rewards differ
+    only by floating-point residue (e.g. 0.1 + 0.2 versus 0.3). Such a group carries no learning signal: every
+    completion was equally good. Using the spread rather than the standard deviation, and a tolerance relative to the
+    reward scale, catches float32 and float64 residue alike. Groups of size 1 are always degenerate.
+    """
+    _check_groups(rewards, group_size)
+    grouped = rewards.view(-1, group_size)
+    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+    scale = grouped.abs().max(dim=1).values.clamp(min=1.0)
+    return spread <= rtol * scale
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+    *,
+    zero_std_rtol: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages for N = n_prompts × group_size rewards laid out group by group.
+
+        "group":  A_i = (r_i − mean(r_group)) / (std(r_group) + eps)     GRPO (DeepSeekMath, arXiv 2402.03300)
+        "batch":  A_i = (r_i − mean(r_group)) / (std(r_batch) + eps)     TRL ``scale_rewards="batch"``
+        "none":   A_i =  r_i − mean(r_group)                             Dr. GRPO (arXiv 2503.20783): no std bias
+
+    std is the *unbiased* standard deviation, and eps = 1e-4, as in TRL 1.16 ``GRPOTrainer``
+    (``_generate_and_score_completions``, "sum_then_normalize" branch): for every group with distinct rewards the
+    result equals TRL's advantages exactly, so a callback can recompute them.
+
+    One deliberate difference: a group whose rewards are equal up to floating-point residue (see
+    :func:`zero_std_groups`) gets advantages of exactly 0 under every scale. TRL divides the residue by
+    (std + 1e-4), which gives tiny but non-zero values (and with a smaller eps, as in NeMo-RL issue #4161, a single
+    advantage of 7428); such a group has no signal, so 0 is the correct value. DAPO drops these groups altogether.
+    A group of size 1 therefore gives 0, as in TRL. Non-finite rewards raise ``ValueError``.
+    """
+    _check_groups(rewards, group_size)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+    work = rewards if rewards.dtype in (torch.float32, torch.float64) else rewards.float()
+    grouped = work.view(-1, group_size)
+    # baseline: the mean reward of the prompt's own group (a per-prompt, action-independent baseline)
+    mean = grouped.mean(dim=1, keepdim=True)
+    advantages = grouped - mean
+    if scale == "group" and group_size > 1:
+        advantages = advantages / (_unbiased_std(grouped, dim=1, keepdim=True) + eps)
+    elif scale == "batch" and work.numel() > 1:
+        advantages = advantages / (_unbiased_std(work) + eps)
+    # degenerate groups: exactly zero, never residue / (tiny std + eps)
+    degenerate = zero_std_groups(work, group_size, rtol=zero_std_rtol).unsqueeze(1)
+    advantages = torch.where(degenerate, torch.zeros_like(advantages), advantages)
+    return advantages.reshape(-1).to(rewards.dtype) if rewards.is_floating_point() else advantages.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KL estimators
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k1 = −x = log π − log π_ref  (x = log π_ref − log π), per sampled token.
+
+    Unbiased for KL(π ‖ π_ref) when the tokens are sampled from π, but high-variance and negative on about half of
+    the tokens (Schulman 2020). It is the per-token KL of the KL-shaped reward r_t = −β·k1 (Ziegler et al. 2019;
+    InstructGPT) and the KL TRL's ``RLOOTrainer`` logs.
+    """
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k2 = x² / 2, per sampled token: biased but low-variance, always ≥ 0 (Schulman 2020).
+
+    Its gradient is the gradient of the reverse KL to second order; it is the estimator whose *gradient* is
+    unbiased for KL(π ‖ π_ref) when used as a loss.
+    """
+    x = ref_logp - logp
+    return 0.5 * x**2
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = eˣ − 1 − x, per sampled token: unbiased, ≥ 0 (since eˣ ≥ 1 + x), low variance (Schulman 2020).
+
+    E_π[eˣ] = Σ π·π_ref/π = 1, so E[k3] = E[k1]: the "− 1 + eˣ" is a zero-mean control variate. This is the KL
+    GRPO adds to its loss and the ``kl`` TRL's ``GRPOTrainer`` logs.
+    """
+    x = ref_logp - logp
+    return torch.exp(x) - 1.0 - x
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: Literal["k1", "k2", "k3"] = "k1") -> torch.Tensor:
+    """Per-token KL(π ‖ π_ref) estimate of the given kind ("k1", "k2" or "k3"); see :func:`kl_k1` and friends."""
+    try:
+        estimator = KL_ESTIMATORS[kind]
+    except KeyError:
+        raise ValueError(f"unknown KL estimator {kind!r}; choose one of {sorted(KL_ESTIMATORS)}") from None
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp shape {tuple(logp.shape)} does not match ref_logp shape {tuple(ref_logp.shape)}")
+    return estimator(logp, ref_logp)
