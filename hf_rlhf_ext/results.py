@@ -65,17 +65,38 @@ class ResultsCallback(TrainerCallback):
     """Appends every ``on_log`` record (with its global step) to ``log_history.jsonl``, from the main process only.
 
     Appending as we go (rather than dumping ``state.log_history`` at the end) keeps the numbers of a run that crashes
-    or is stopped early. A resumed run appends to the same file.
+    or is stopped early; a resumed run appends to the same file. A record is written at the next event (step end,
+    save, next log, train end) rather than at once: callbacks that run after this one may still add keys to the same
+    ``logs`` dict (e.g. the KL controller adds ``kl_coef``), and those belong in the file too.
     """
 
     def __init__(self, output_dir: str | None = None):
         self.output_dir = output_dir
+        self._pending: tuple[str, dict[str, Any], dict[str, Any]] | None = None
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+    def _flush(self) -> None:
+        if self._pending is None:
             return
-        output_dir = self.output_dir or args.output_dir
+        output_dir, header, logs = self._pending
+        self._pending = None
+        record = {**header, **logs}
         os.makedirs(output_dir, exist_ok=True)
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
         with open(os.path.join(output_dir, LOG_HISTORY_FILE), "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._flush()
+        if not state.is_world_process_zero or not logs:
+            return
+        # keep a reference to the live dict (not a copy): later callbacks' additions are written too
+        header = {"step": state.global_step, "epoch": state.epoch}
+        self._pending = (self.output_dir or args.output_dir, header, logs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._flush()

@@ -1,0 +1,354 @@
+"""KL coefficient controllers (fixed and adaptive) and a callback that drives TRL's ``beta`` with them.
+
+RLHF keeps the policy near its reference with a KL penalty β·KL(π ‖ π_ref). A fixed β needs retuning for every task;
+Ziegler et al. 2019 (arXiv 1909.08593, §2.2) instead adapt β to hold the observed KL near a target:
+
+    e_t     = clip((KL_t − KL_target) / KL_target, −0.2, 0.2)      proportional error, clipped
+    β_{t+1} = β_t · (1 + K_β · e_t),   K_β = n_steps / horizon      n_steps = episodes since the last update
+
+KL above target → e > 0 → β grows (pull harder towards the reference); below target → β shrinks. The clip bounds
+the change per update; the horizon (10,000 episodes in the paper) sets how fast β can move. The defaults
+(β₀ = 0.2, target 6.0, horizon 10,000) are those of TRL's old PPO, where the KL was a *per-sequence* sum.
+
+TRL 1.x has no adaptive controller (huggingface/trl #4532). :class:`AdaptiveKLCallback` adds one to an unmodified
+``GRPOTrainer`` / ``RLOOTrainer`` by reading the logged KL and writing ``trainer.beta``. A known way to get this
+wrong (trlx PR #361): feeding the controller a different KL than the one the target refers to, which made runs
+diverge exactly when the KL crossed the target. The callback therefore records every input it feeds the controller
+(:attr:`AdaptiveKLCallback.updates`) and the tests assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FixedKLController", "AdaptiveKLController", "AdaptiveKLCallback", "KL_STATE_FILE", "load_kl_state"]
+
+#: name of the JSON file the callback writes into every checkpoint directory
+KL_STATE_FILE = "kl_controller_state.json"
+
+# Ziegler et al. 2019: the proportional error is clipped to ±0.2
+_ERROR_CLIP = 0.2
+
+
+def _check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+class FixedKLController:
+    """A constant KL coefficient; the same interface as :class:`AdaptiveKLController` so trainers need not care."""
+
+    def __init__(self, kl_coef: float) -> None:
+        kl_coef = _check_finite("kl_coef", kl_coef)
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.value: float = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Ignores its inputs (a fixed β does not react to the KL) and returns the coefficient."""
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("type") != "fixed":
+            raise ValueError(f"not a FixedKLController state: {state!r}")
+        self.__init__(state["value"])
+
+    def __repr__(self) -> str:
+        return f"FixedKLController(kl_coef={self.value})"
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient of Ziegler et al. 2019 (see the module docstring for the update rule).
+
+    Args:
+        init_kl_coef: β₀ (≥ 0).
+        target: the KL to hold (> 0), in the units of the KL you feed :meth:`update` — per sequence in Ziegler et al.
+            and old TRL PPO (default 6.0 nats), per token if you feed TRL's logged ``kl``.
+        horizon: episodes over which β can change by at most the clip (> 0); 10,000 in the paper.
+    """
+
+    def __init__(self, init_kl_coef: float = 0.2, target: float = 6.0, horizon: float = 10000) -> None:
+        init_kl_coef = _check_finite("init_kl_coef", init_kl_coef)
+        target = _check_finite("target", target)
+        horizon = _check_finite("horizon", horizon)
+        if init_kl_coef < 0:
+            raise ValueError(f"init_kl_coef must be >= 0, got {init_kl_coef}")
+        if target <= 0:
+            raise ValueError(f"target must be > 0 (the error is relative to it), got {target}")
+        if horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {horizon}")
+        self.init_kl_coef = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+        self.value: float = init_kl_coef
+        self.num_updates = 0
+        self.last_kl: float | None = None  # the KL fed at the last update, kept for logging and checkpoint checks
+        self.last_error: float | None = None
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """One controller step from the KL observed over the last ``n_steps`` episodes; returns the new β."""
+        current_kl = _check_finite("current_kl", current_kl)
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        # e = clip((KL − target) / target, −0.2, 0.2)
+        error = min(max((current_kl - self.target) / self.target, -_ERROR_CLIP), _ERROR_CLIP)
+        # β ← β · (1 + e · n_steps / horizon)
+        multiplier = 1.0 + error * n_steps / self.horizon
+        if multiplier <= 0:
+            raise ValueError(
+                f"n_steps / horizon = {n_steps / self.horizon:.3g} is so large that the update would make the KL "
+                "coefficient non-positive; use a horizon much longer than the episodes between two updates"
+            )
+        self.value *= multiplier
+        self.num_updates += 1
+        self.last_kl = current_kl
+        self.last_error = error
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "type": "adaptive",
+            "value": self.value,
+            "init_kl_coef": self.init_kl_coef,
+            "target": self.target,
+            "horizon": self.horizon,
+            "num_updates": self.num_updates,
+            "last_kl": self.last_kl,
+            "last_error": self.last_error,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("type") != "adaptive":
+            raise ValueError(f"not an AdaptiveKLController state: {state!r}")
+        self.__init__(state["init_kl_coef"], state["target"], state["horizon"])  # re-validates
+        value = _check_finite("value", state["value"])
+        if value < 0:
+            raise ValueError(f"state value must be >= 0, got {value}")
+        self.value = value
+        self.num_updates = int(state.get("num_updates", 0))
+        self.last_kl = state.get("last_kl")
+        self.last_error = state.get("last_error")
+
+    def __repr__(self) -> str:
+        return f"AdaptiveKLController(value={self.value:.6g}, target={self.target}, horizon={self.horizon})"
+
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def load_kl_state(checkpoint_dir: str) -> dict[str, Any] | None:
+    """Reads the callback state saved in a checkpoint directory (``None`` when there is none)."""
+    path = os.path.join(checkpoint_dir, KL_STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class AdaptiveKLCallback(TrainerCallback):
+    """Drives a TRL trainer's ``beta`` with a KL controller, from the KL the trainer logs.
+
+    Usage::
+
+        trainer = GRPOTrainer(..., args=GRPOConfig(beta=0.04, ...))      # beta > 0: TRL builds the reference
+        AdaptiveKLCallback.attach(trainer, AdaptiveKLController(0.04, target=0.05, horizon=10_000))
+        # (or trainer.add_callback(AdaptiveKLCallback(trainer, controller)): then callbacks registered earlier,
+        #  e.g. ResultsCallback, see the logs before kl_coef is added; state.log_history is completed either way)
+
+    Which KL: at each ``on_log`` the controller receives ``logs[kl_key]``. For ``GRPOTrainer`` ``kl`` is the
+    token-mean of the k3 estimator eˣ − 1 − x (x = log π_ref − log π) over the completion tokens of the micro-batches
+    since the last log, averaged over them; for ``RLOOTrainer`` it is the token-mean of k1 = log π − log π_ref. Both
+    are *per token*, so choose ``target`` per token (Ziegler's 6 nats is a per-sequence KL), or pass
+    ``sequence_level=True`` to feed ``kl × completions/mean_length`` (total KL / number of completions, i.e. the mean
+    per-sequence KL, up to the two being averaged over slightly different micro-batches). TRL logs ``kl`` only when
+    ``beta != 0``: with β = 0 there is no reference model and nothing to control, so training refuses to start.
+
+    ``n_steps`` (episodes since the last update) = optimizer steps since the last update × completions per optimizer
+    step, where completions per step = ``per_device_train_batch_size × gradient_accumulation_steps × world_size /
+    num_iterations`` (each generated completion counted once even when it is trained on ``num_iterations`` times);
+    override with ``samples_per_step``.
+
+    At the start of training ``trainer.beta`` is set to ``controller.value`` (the controller is the source of truth).
+    Logs gain ``kl_coef`` (the β in effect while the logged KL was measured), ``kl_coef_next`` (the β from now on),
+    ``kl_target`` (adaptive controller only) and ``kl_controller_input`` (the exact value fed to the controller).
+    Each checkpoint gets ``kl_controller_state.json``; resuming from that checkpoint restores the controller.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        controller: KLController,
+        kl_key: str = "kl",
+        *,
+        sequence_level: bool = False,
+        length_key: str = "completions/mean_length",
+        samples_per_step: float | None = None,
+    ) -> None:
+        if not hasattr(trainer, "beta"):
+            raise TypeError(
+                f"AdaptiveKLCallback needs a trainer with a `beta` KL coefficient (trl.GRPOTrainer, trl.RLOOTrainer or "
+                f"a subclass); {type(trainer).__name__} has none"
+            )
+        if not hasattr(trainer, "args"):
+            raise TypeError(f"AdaptiveKLCallback needs a transformers Trainer; {type(trainer).__name__} has no `args`")
+        for method in ("update", "state_dict", "load_state_dict"):
+            if not callable(getattr(controller, method, None)) or not hasattr(controller, "value"):
+                raise TypeError(f"controller must provide .value and .{method}(); got {type(controller).__name__}")
+        if samples_per_step is not None and samples_per_step <= 0:
+            raise ValueError(f"samples_per_step must be > 0, got {samples_per_step}")
+        self.trainer = trainer
+        self.controller = controller
+        self.kl_key = kl_key
+        self.sequence_level = sequence_level
+        self.length_key = length_key
+        self._samples_per_step = samples_per_step
+        self._last_update_step = 0
+        self._warned_missing = False
+        #: one record per controller update: step, kl_logged, kl_input, n_steps, beta_before, beta_after
+        self.updates: list[dict[str, float]] = []
+
+    @classmethod
+    def attach(cls, trainer: Any, controller: KLController, **kwargs: Any) -> "AdaptiveKLCallback":
+        """Creates the callback and registers it *first* in ``trainer.callback_handler``.
+
+        Callbacks run in registration order and ``trainer.add_callback`` appends, so callbacks that write or print
+        the logs (``ResultsCallback``, the console printer) would otherwise run before ``kl_coef``/``kl_target`` are
+        added to them. Returns the callback.
+        """
+        callback = cls(trainer, controller, **kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @property
+    def samples_per_step(self) -> float:
+        """Completions generated per optimizer step (see the class docstring)."""
+        if self._samples_per_step is not None:
+            return float(self._samples_per_step)
+        args = self.trainer.args
+        world_size = getattr(args, "world_size", 1) or 1
+        num_iterations = getattr(self.trainer, "num_iterations", None) or getattr(args, "num_iterations", 1) or 1
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size / num_iterations
+
+    def _state(self, global_step: int) -> dict[str, Any]:
+        return {
+            "global_step": global_step,
+            "last_update_step": self._last_update_step,
+            "beta": float(self.trainer.beta),
+            "kl_key": self.kl_key,
+            "sequence_level": self.sequence_level,
+            "controller": self.controller.state_dict(),
+        }
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Finds the checkpoint training resumed from and loads the controller state saved in it."""
+        candidates = []
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(resume, str) and resume:
+            candidates.append(resume)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for directory in candidates:
+            saved = load_kl_state(directory)
+            if saved is not None and saved.get("global_step") == state.global_step:
+                self.controller.load_state_dict(saved["controller"])
+                self._last_update_step = int(saved["last_update_step"])
+                logger.info("AdaptiveKLCallback: restored %r from %s", self.controller, directory)
+                return
+        logger.warning(
+            "AdaptiveKLCallback: training resumes at step %d but no %s for that step was found in %s; the controller "
+            "continues from its current value %.6g",
+            state.global_step,
+            KL_STATE_FILE,
+            candidates,
+            self.controller.value,
+        )
+        self._last_update_step = state.global_step
+
+    # ----------------------------------------------------------------------------------------------- events
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        beta = getattr(self.trainer, "beta", None)
+        if beta is None:
+            raise TypeError(f"AdaptiveKLCallback: {type(self.trainer).__name__} has no `beta` KL coefficient")
+        if beta == 0:
+            raise ValueError(
+                "AdaptiveKLCallback: the trainer's beta is 0, so TRL built no reference model and logs no KL; there "
+                "is nothing to control. Set beta > 0 in the config (e.g. GRPOConfig(beta=0.04)); the controller's "
+                "value replaces it when training starts."
+            )
+        if state.global_step > 0:  # the Trainer has loaded trainer_state.json from the checkpoint it resumes from
+            self._restore(args, state)
+        else:
+            self._last_update_step = 0
+        if self.controller.value <= 0:
+            raise ValueError(
+                f"AdaptiveKLCallback: the controller's KL coefficient is {self.controller.value}; a non-positive beta "
+                "would switch off the reference model and the KL it controls"
+            )
+        self.trainer.beta = float(self.controller.value)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not logs or self.kl_key not in logs:
+            if logs and "loss" in logs and not self._warned_missing:
+                logger.warning("AdaptiveKLCallback: no %r in the training logs; beta is not being adapted", self.kl_key)
+                self._warned_missing = True
+            return
+        kl_logged = logs[self.kl_key]
+        if kl_logged is None or not math.isfinite(float(kl_logged)):
+            return  # TRL logs None when every value in the window was NaN
+        kl_input = float(kl_logged)
+        if self.sequence_level:
+            length = logs.get(self.length_key)
+            if length is None:
+                raise KeyError(
+                    f"AdaptiveKLCallback(sequence_level=True) needs {self.length_key!r} in the logs to turn the "
+                    "per-token KL into a per-sequence KL"
+                )
+            kl_input *= float(length)
+
+        beta_before = float(self.trainer.beta)
+        n_steps = (state.global_step - self._last_update_step) * self.samples_per_step
+        if n_steps > 0:
+            beta_after = float(self.controller.update(kl_input, n_steps))
+            self._last_update_step = state.global_step
+            self.trainer.beta = beta_after
+            self.updates.append(
+                {
+                    "step": state.global_step,
+                    "kl_logged": float(kl_logged),
+                    "kl_input": kl_input,
+                    "n_steps": n_steps,
+                    "beta_before": beta_before,
+                    "beta_after": beta_after,
+                }
+            )
+        extra = {"kl_coef": beta_before, "kl_coef_next": float(self.trainer.beta), "kl_controller_input": kl_input}
+        if hasattr(self.controller, "target"):
+            extra["kl_target"] = float(self.controller.target)
+        logs.update(extra)
+        # the Trainer appended a copy of `logs` to log_history before calling us: keep the history complete too
+        if state.log_history and state.log_history[-1].get(self.kl_key) == kl_logged:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(directory):
+            logger.warning("AdaptiveKLCallback: checkpoint directory %s not found; KL state not saved", directory)
+            return
+        with open(os.path.join(directory, KL_STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(self._state(state.global_step), f, indent=2)
