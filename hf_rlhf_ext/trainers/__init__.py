@@ -18,6 +18,9 @@ _EXPORTS: dict[str, str] = {
 # PPO with a critic
 _EXPORTS.update({"PPOConfig": "ppo", "PPOTrainer": "ppo", "ValueModel": "value_model"})
 
+# REINFORCE with and without a baseline
+_EXPORTS.update({"ReinforceConfig": "reinforce", "ReinforceTrainer": "reinforce", "RunningMeanBaseline": "reinforce"})
+
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:

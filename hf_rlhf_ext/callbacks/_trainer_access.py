@@ -1,0 +1,428 @@
+"""What every monitoring callback needs from a TRL trainer, in one place: check that the trainer is one we support,
+sample completions for a fixed held-out prompt set, score them, compute per-token log-probabilities under the policy and
+under a reference policy.
+
+Why the callbacks take the trainer at all: ``transformers`` callbacks are not handed the trainer, and what we measure
+(held-out samples, per-sample rewards and advantages) lives on it. TRL's own ``LogCompletionsCallback(trainer, ...)``
+does the same.
+
+Measurements never disturb training: sampling runs under ``torch.random.fork_rng`` with its own seed (a run with the
+callbacks draws the same training samples as one without them), the model is put in eval mode (no dropout) and back,
+and everything runs under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "UnsupportedTrainerError",
+    "check_supported_trainer",
+    "HeldOutBatch",
+    "HeldOutSampler",
+    "ReferencePolicy",
+    "per_token_logps",
+    "reward_func_name",
+    "add_metrics",
+    "is_main_process",
+]
+
+
+class UnsupportedTrainerError(TypeError):
+    """The trainer passed to a callback is not one whose internals the callback knows."""
+
+
+def _supported_classes() -> tuple[type, ...]:
+    from trl import GRPOTrainer, RLOOTrainer
+
+    return (GRPOTrainer, RLOOTrainer)
+
+
+def check_supported_trainer(trainer: Any, who: str, needs: Sequence[str] = ()) -> None:
+    """Raises ``UnsupportedTrainerError`` unless ``trainer`` is a ``trl.GRPOTrainer`` or ``trl.RLOOTrainer`` (or a
+    subclass, e.g. our PPO and REINFORCE trainers) that has the attributes ``needs``.
+
+    Checked up front so that a wrong trainer fails at ``add_callback`` time, not after minutes of training.
+    """
+    classes = _supported_classes()
+    if trainer is None:
+        raise UnsupportedTrainerError(
+            f"{who} needs the trainer: build the trainer first, then `trainer.add_callback({who}(trainer, ...))`."
+        )
+    if not isinstance(trainer, classes):
+        raise UnsupportedTrainerError(
+            f"{who} supports trl.GRPOTrainer and trl.RLOOTrainer (and their subclasses); got "
+            f"{type(trainer).__module__}.{type(trainer).__name__}. It reads their per-sample logs (`trainer._logs`), "
+            "their reward functions and their generation settings, which other trainers do not have."
+        )
+    missing = [name for name in needs if not hasattr(trainer, name)]
+    if missing:
+        raise UnsupportedTrainerError(
+            f"{who}: this {type(trainer).__name__} has no attribute(s) {missing}; the installed TRL version may have "
+            "changed its internals (written against trl 1.16)."
+        )
+
+
+def is_main_process(state: Any = None, trainer: Any = None) -> bool:
+    """Whether this process writes files: ``state.is_world_process_zero`` when given, else the accelerator's view."""
+    if state is not None and hasattr(state, "is_world_process_zero"):
+        return bool(state.is_world_process_zero)
+    if trainer is not None:
+        return bool(trainer.accelerator.is_main_process)
+    return True
+
+
+def reward_func_name(func: Any) -> str:
+    """The name TRL gives a reward function in its logs (``rewards/<name>/mean``)."""
+    if isinstance(func, nn.Module):
+        return str(getattr(getattr(func, "config", None), "_name_or_path", "")).split("/")[-1]
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def add_metrics(trainer: Any, metrics: dict[str, float]) -> None:
+    """Queues scalars into the trainer's metric buffer, so that TRL's ``log`` averages them into the next log record
+    (and every reporter sees them). Mutating the ``logs`` dict in ``on_log`` would not reach ``state.log_history``."""
+    mode = "train" if trainer.model.training else "eval"
+    for key, value in metrics.items():
+        if value is None:
+            continue
+        trainer._metrics[mode][key].append(float(value))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out sampling
+
+
+def _is_conversational(prompt: Any) -> bool:
+    return isinstance(prompt, list) and len(prompt) > 0 and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def _normalise_prompts(eval_prompts: Any) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Accepts a list of prompts (text or chat messages) or a ``datasets.Dataset`` with a "prompt" column; returns
+    the prompts and the other columns (passed to reward functions, as TRL does)."""
+    if eval_prompts is None:
+        raise ValueError("eval_prompts is None: give a list of prompts or a Dataset with a 'prompt' column.")
+    columns: dict[str, list[Any]] = {}
+    if hasattr(eval_prompts, "column_names"):
+        if "prompt" not in eval_prompts.column_names:
+            raise ValueError(
+                f"The held-out prompt data set has no 'prompt' column (columns: {eval_prompts.column_names})."
+            )
+        prompts = list(eval_prompts["prompt"])
+        columns = {c: list(eval_prompts[c]) for c in eval_prompts.column_names if c not in ("prompt", "completion")}
+    else:
+        prompts = list(eval_prompts)
+    if not prompts:
+        raise ValueError("The held-out prompt set is empty.")
+    bad = [i for i, p in enumerate(prompts) if not (isinstance(p, str) or _is_conversational(p))]
+    if bad:
+        raise ValueError(
+            f"Held-out prompt {bad[0]} is {type(prompts[bad[0]]).__name__}; prompts must be strings or lists of "
+            "{'role', 'content'} messages."
+        )
+    return prompts, columns
+
+
+@dataclass
+class HeldOutBatch:
+    """Completions sampled for (a share of) the held-out prompts on this process."""
+
+    prompts: list[Any]
+    completions: list[Any]  # str, or [{"role": "assistant", "content": str}] for conversational prompts
+    prompt_ids: torch.Tensor  # (N, P), left-padded
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  # (N, C), right-padded
+    completion_mask: torch.Tensor  # 1 up to and including the first EOS
+    completion_ids_list: list[list[int]]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def per_token_logps(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
+    logits / T). Position ids follow the attention mask so left padding does not shift positions."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.new_ones(completion_mask.shape)], dim=1).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    p_len = prompt_ids.shape[1]
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        logits = model(
+            input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=position_ids[sl]
+        ).logits
+        logits = logits[:, p_len - 1 : -1, :].float() / temperature
+        logps = torch.log_softmax(logits, dim=-1)
+        out.append(torch.gather(logps, 2, input_ids[sl, p_len:].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(out, dim=0) * completion_mask
+
+
+class HeldOutSampler:
+    """Samples completions for a fixed held-out prompt set with the trainer's policy.
+
+    The prompt set is fixed (the same ``num_samples`` prompts every time, cycling if there are fewer) so that curves
+    over training compare like with like; the sampling seed is ``seed + global_step``. Sampling is pure temperature
+    sampling at the trainer's temperature (no top-k/top-p), so that the log-probabilities we compute are those of the
+    distribution we sampled from. In a multi-process run each process samples its share.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        eval_prompts: Any,
+        num_samples: int | None = None,
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int = 1234,
+    ) -> None:
+        self.trainer = trainer
+        self.prompts, self.columns = _normalise_prompts(eval_prompts)
+        self.num_samples = int(num_samples or len(self.prompts))
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.batch_size = batch_size
+        self.max_new_tokens = int(max_new_tokens or getattr(trainer, "max_completion_length", None) or 64)
+        self.temperature = float(temperature if temperature is not None else getattr(trainer, "temperature", 1.0))
+        self.seed = seed
+        self.tokenizer = getattr(trainer, "_tokenizer", None) or getattr(trainer.processing_class, "tokenizer", None)
+        self.tokenizer = self.tokenizer or trainer.processing_class
+
+    # -- helpers -------------------------------------------------------------------------------------------------------
+    def _indices_for_this_process(self) -> list[int]:
+        acc = self.trainer.accelerator
+        idx = [i % len(self.prompts) for i in range(self.num_samples)]
+        return idx[acc.process_index :: acc.num_processes]
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.trainer, "eos_token_ids", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    def _tokenize(self, prompts: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        if _is_conversational(prompts[0]):
+            chat_template = getattr(self.trainer, "chat_template", None)
+            texts = [
+                tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True, chat_template=chat_template)
+                for p in prompts
+            ]
+            enc = tok(text=texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        else:
+            enc = tok(text=prompts, padding=True, padding_side="left", return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    @contextlib.contextmanager
+    def policy_for_generation(self) -> Iterator[nn.Module]:
+        """The unwrapped policy in eval mode (ZeRO-3 parameters gathered by TRL's helper), restored afterwards."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        trainer = self.trainer
+        model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
+        was_training = trainer.model.training
+        with unwrap_model_for_generation(model, trainer.accelerator) as unwrapped:
+            unwrapped.eval()
+            try:
+                yield unwrapped
+            finally:
+                if was_training:
+                    unwrapped.train()
+                    trainer.model.train()
+
+    # -- sampling ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, policy: nn.Module, step: int) -> HeldOutBatch:
+        """Samples one completion per selected held-out prompt on this process."""
+        from transformers import GenerationConfig
+
+        device = next(policy.parameters()).device
+        idx = self._indices_for_this_process()
+        prompts = [self.prompts[i] for i in idx]
+        columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
+        conversational = bool(prompts) and _is_conversational(prompts[0])
+        eos_ids = self._eos_ids()
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = eos_ids[0] if eos_ids else 0
+        gen_config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids or None,
+            bos_token_id=self.tokenizer.bos_token_id,
+        )
+        p_ids, p_mask, c_ids, c_mask, c_lists, texts = [], [], [], [], [], []
+        devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + int(step) * 1009 + self.trainer.accelerator.process_index)
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start : start + self.batch_size]
+                ids, mask = self._tokenize(chunk)
+                ids, mask = ids.to(device), mask.to(device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+                comp = out[:, ids.shape[1] :]
+                # Mask after the first EOS (the EOS itself is part of the completion, as in TRL).
+                is_eos = torch.zeros_like(comp, dtype=torch.bool)
+                for e in eos_ids:
+                    is_eos |= comp == e
+                first = torch.where(
+                    is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], comp.shape[1], dtype=torch.long)
+                )
+                cmask = (torch.arange(comp.shape[1], device=device)[None, :] <= first[:, None]).long()
+                p_ids.append(ids)
+                p_mask.append(mask)
+                c_ids.append(comp)
+                c_mask.append(cmask)
+                for row, m in zip(comp, cmask):
+                    c_lists.append(row[m.bool()].tolist())
+                texts.extend(self.tokenizer.batch_decode(comp * cmask + pad_id * (1 - cmask), skip_special_tokens=True))
+        completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        return HeldOutBatch(
+            prompts=prompts,
+            completions=completions,
+            prompt_ids=_pad_cat(p_ids, pad_id, left=True),
+            prompt_mask=_pad_cat(p_mask, 0, left=True),
+            completion_ids=_pad_cat(c_ids, pad_id, left=False),
+            completion_mask=_pad_cat(c_mask, 0, left=False),
+            completion_ids_list=c_lists,
+            columns=columns,
+        )
+
+    def score(self, funcs: Sequence[Callable[..., Any]], batch: HeldOutBatch, state: Any = None) -> list[list[float]]:
+        """Scores the batch with TRL-signature reward functions; returns one list of floats (NaN for None) per func."""
+        from ..validation import check_rewards
+
+        results = []
+        for func in funcs:
+            name = reward_func_name(func)
+            if isinstance(func, nn.Module):
+                raise TypeError(
+                    f"Reward model '{name}' passed as a module: wrap it with hf_rlhf_ext.rewards.RewardModelFunction "
+                    "so that it re-tokenises the text with its own tokenizer."
+                )
+            if len(batch) == 0:
+                results.append([])
+                continue
+            values = func(
+                prompts=batch.prompts,
+                completions=batch.completions,
+                completion_ids=batch.completion_ids_list,
+                trainer_state=state,
+                **batch.columns,
+            )
+            values = check_rewards(values, len(batch), name)
+            results.append([float("nan") if v is None else float(v) for v in values])
+        return results
+
+    def gather(self, values: list[float]) -> list[float]:
+        """Per-sample values from every process, in process order (each process sampled its own share)."""
+        acc = self.trainer.accelerator
+        if acc.num_processes == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(values)))
+
+
+def _pad_cat(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros(0, 0, dtype=torch.long)
+    width = max(t.shape[1] for t in tensors)
+    padded = []
+    for t in tensors:
+        pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+        padded.append(torch.cat([pad, t], 1) if left else torch.cat([t, pad], 1))
+    return torch.cat(padded, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference policy
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+class ReferencePolicy:
+    """The reference policy π_ref for a trainer, obtained without a second copy whenever possible.
+
+    In order of preference: (1) a PEFT policy → the same model with the adapter disabled (or TRL's "ref" adapter when
+    one is loaded), no extra memory; (2) the trainer's own ``ref_model`` (TRL loads one when β > 0); (3) a frozen copy
+    of the policy taken at train begin, only when ``allow_copy=True`` since it doubles the policy's memory.
+    """
+
+    def __init__(self, trainer: Any, allow_copy: bool, who: str) -> None:
+        self.trainer = trainer
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        if _is_peft_model(unwrapped):
+            self.kind = "peft_adapter_disabled"
+        elif getattr(trainer, "ref_model", None) is not None:
+            self.kind = "trainer_ref_model"
+        elif allow_copy:
+            self.kind = "frozen_copy"
+        else:
+            raise ValueError(
+                f"{who} needs a reference policy, and this trainer has none: the policy is not a PEFT model (whose "
+                "reference would be the adapter disabled) and the trainer has no ref_model (TRL creates one only when "
+                "beta > 0). Pass allow_reference_copy=True to keep a frozen copy of the initial policy, made at train "
+                "begin (it costs one more copy of the model's weights in memory), or train with LoRA (--use_peft)."
+            )
+        self._copy: nn.Module | None = None
+
+    def snapshot(self) -> None:
+        """Takes the frozen copy (kind "frozen_copy" only); called at train begin, before the first update."""
+        if self.kind != "frozen_copy" or self._copy is not None:
+            return
+        unwrapped = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        ref = copy.deepcopy(unwrapped)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        self._copy = ref
+
+    @contextlib.contextmanager
+    def model(self, policy: nn.Module) -> Iterator[nn.Module]:
+        """Yields the module that computes π_ref log-probs; ``policy`` is the unwrapped policy used for sampling."""
+        if self.kind == "peft_adapter_disabled":
+            from trl.trainer.utils import use_adapter
+
+            adapter = "ref" if "ref" in getattr(policy, "peft_config", {}) else None
+            with use_adapter(policy, adapter_name=adapter):
+                yield policy
+        elif self.kind == "trainer_ref_model":
+            yield self.trainer.ref_model
+        else:
+            if self._copy is None:
+                self.snapshot()
+            yield self._copy

@@ -1,0 +1,142 @@
+"""KL(π ‖ π_ref) on held-out prompts, measured every k steps — also when β = 0, where TRL logs no KL at all.
+
+Why our own KL: TRL's ``kl`` is a per-token k3 mean on the training batch, logged only when β > 0, and it spikes to
+1e2–1e5 once a policy collapses. The headline number of over-optimisation studies (Gao et al. 2022, arXiv 2210.10760)
+is the *sequence-level* KL on fresh samples: Σ_t over the completion of the per-token estimator, averaged over
+completions sampled from π. We log both estimators (Schulman, "Approximating KL divergence"):
+
+    k1 = log π − log π_ref              unbiased, high variance, can be negative per sample
+    k3 = eˣ − 1 − x,  x = log π_ref − log π   unbiased, ≥ 0, lower variance
+
+Logged keys (averaged into the trainer's next log record): ``kl_ref/k1_seq``, ``kl_ref/k3_seq`` (means over
+completions), ``kl_ref/k1_seq_std``, ``kl_ref/k1_token`` (per-token mean) and ``kl_ref/completion_length``.
+
+The reference: the LoRA adapter disabled when the policy is a PEFT model (no copy), the trainer's ``ref_model`` when TRL
+made one (β > 0), else a frozen copy of the initial policy made at train begin — only with
+``allow_reference_copy=True`` (it doubles the policy's memory), a clear error otherwise.
+
+Cost: nothing between measuring steps (one modulo); at a measuring step one generation of ``num_samples``
+completions plus two forward passes (policy, reference).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..objectives import kl_k1, kl_k3, masked_mean
+from ._trainer_access import HeldOutSampler, ReferencePolicy, add_metrics, check_supported_trainer, per_token_logps
+
+__all__ = ["KLToReferenceCallback", "measure_sequence_kl"]
+
+
+@torch.no_grad()
+def measure_sequence_kl(
+    sampler: HeldOutSampler, reference: ReferencePolicy, step: int, batch=None, policy=None
+) -> dict[str, float]:
+    """Samples (or reuses ``batch``) and returns sequence-level k1/k3 statistics over all processes."""
+
+    def _run(policy_model):
+        b = batch if batch is not None else sampler.sample(policy_model, step)
+        if len(b) == 0:
+            return [], [], [], []
+        logp = per_token_logps(
+            policy_model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, sampler.temperature,
+            sampler.batch_size,
+        )
+        with reference.model(policy_model) as ref_model:
+            dev = next(ref_model.parameters()).device
+            ref_logp = per_token_logps(
+                ref_model, b.prompt_ids.to(dev), b.prompt_mask.to(dev), b.completion_ids.to(dev),
+                b.completion_mask.to(dev), sampler.temperature, sampler.batch_size,
+            ).to(logp.device)
+        mask = b.completion_mask.to(logp.dtype)
+        k1 = (kl_k1(logp, ref_logp) * mask).sum(-1)
+        k3 = (kl_k3(logp, ref_logp) * mask).sum(-1)
+        k1_tok = masked_mean(kl_k1(logp, ref_logp), mask, dim=1)
+        lengths = mask.sum(-1)
+        return k1.tolist(), k3.tolist(), k1_tok.tolist(), lengths.tolist()
+
+    if policy is not None:
+        k1, k3, k1_tok, lengths = _run(policy)
+    else:
+        with sampler.policy_for_generation() as unwrapped:
+            k1, k3, k1_tok, lengths = _run(unwrapped)
+    k1, k3 = sampler.gather(k1), sampler.gather(k3)
+    k1_tok, lengths = sampler.gather(k1_tok), sampler.gather(lengths)
+    n = len(k1)
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    k1_mean = mean(k1)
+    k1_std = math.sqrt(sum((x - k1_mean) ** 2 for x in k1) / (n - 1)) if n > 1 else 0.0
+    return {
+        "kl_ref/k1_seq": k1_mean,
+        "kl_ref/k3_seq": mean(k3),
+        "kl_ref/k1_seq_std": k1_std,
+        "kl_ref/k1_token": mean(k1_tok),
+        "kl_ref/completion_length": mean(lengths),
+    }
+
+
+class KLToReferenceCallback(TrainerCallback):
+    """Logs sequence-level KL(π ‖ π_ref) on held-out prompts every ``every_n_steps`` optimizer steps.
+
+    Args:
+        trainer: a ``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` (or subclass).
+        eval_prompts: held-out prompts (list of strings or chat messages, or a Dataset with a "prompt" column).
+        every_n_steps: measure when ``global_step % every_n_steps == 0``.
+        num_samples: completions per measurement (one per prompt, cycling over the prompt set).
+        allow_reference_copy: allow a frozen copy of the initial policy as π_ref when there is no cheaper one.
+        measure_at_start: also measure at train begin (step 0; ≈ 0 by construction, a sanity check).
+        batch_size, max_new_tokens, temperature, seed: sampling settings (defaults: the trainer's length and
+            temperature).
+
+    ``history`` holds every measurement as ``{"step": ..., "kl_ref/k1_seq": ..., ...}``.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        eval_prompts: Any,
+        every_n_steps: int = 10,
+        num_samples: int = 64,
+        allow_reference_copy: bool = False,
+        measure_at_start: bool = True,
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int = 1234,
+    ) -> None:
+        check_supported_trainer(trainer, type(self).__name__, needs=("accelerator", "processing_class", "_metrics"))
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        self.trainer = trainer
+        self.every_n_steps = int(every_n_steps)
+        self.measure_at_start = measure_at_start
+        self.sampler = HeldOutSampler(
+            trainer, eval_prompts, num_samples=num_samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=seed,
+        )
+        self.reference = ReferencePolicy(trainer, allow_copy=allow_reference_copy, who=type(self).__name__)
+        self.history: list[dict[str, float]] = []
+        self._last_step: int | None = None
+
+    def measure(self, step: int) -> dict[str, float]:
+        """Measures now, records the result in ``history`` and returns it."""
+        stats = measure_sequence_kl(self.sampler, self.reference, step)
+        self.history.append({"step": int(step), **stats})
+        self._last_step = int(step)
+        return stats
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.reference.snapshot()
+        if self.measure_at_start and self._last_step != state.global_step:
+            self.measure(state.global_step)  # recorded in history; step 0 has no log record of its own
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.every_n_steps != 0 or step == self._last_step:
+            return
+        add_metrics(self.trainer, self.measure(step))

@@ -1,0 +1,545 @@
+"""Reward over-optimisation monitor: proxy reward vs gold reward vs KL during RL, with peak detection, a checkpoint
+at the gold peak and optional early stopping.
+
+Goodhart's law in RLHF (Gao, Schulman & Hilton 2022, arXiv 2210.10760): as the policy moves away from its start
+(KL grows), the proxy reward model's score keeps rising while the true ("gold") reward first rises, peaks and then
+falls. A KL penalty acts much like early stopping; this callback does the early stopping explicitly.
+
+Where the numbers come from:
+
+* **logs mode** (default): TRL logs each reward function's batch mean as ``rewards/<name>/mean``. Pass the gold reward
+  to the trainer with weight 0 (``reward_weights=[1, 0]``) and it is tracked without steering training. KL comes from
+  ``kl_ref/k1_seq`` (our :class:`KLToReferenceCallback`) when present, else TRL's ``kl`` (β > 0 only).
+* **sample mode** (``eval_prompts=...``): every ``every_n_steps`` steps, completions for a fixed held-out prompt set
+  are sampled and scored with the ``proxy`` and ``gold`` functions (and the sequence-level KL is measured when a
+  reference is available without a copy: a PEFT policy or TRL's ``ref_model``).
+
+Without a gold reward, pass a held-out judge as ``gold``: a second reward model
+(``hf_rlhf_ext.rewards.RewardModelFunction``) or an ensemble penalised by its disagreement
+(``hf_rlhf_ext.rewards.ensemble_judge``; Coste et al. 2023, arXiv 2310.02743).
+
+Detection: both curves are smoothed (EMA or moving window). A new gold peak is a smoothed value above the best so far
+by more than ``min_delta``; the fall is confirmed after ``patience`` measurements without a new peak with the smoothed
+gold below ``peak − min_delta``. "Proxy still rising while gold falls" (smoothed proxy above its value at the gold peak
+while gold is below the peak) is logged as ``overopt/flag`` and warned about once; when it holds at the confirmed fall,
+``detected`` is set and, with ``stop_on_overoptimization=True``, training stops.
+
+Checkpoint at the gold peak (``save_peak=True``): at every new smoothed peak the model (an adapter only, for PEFT) and
+tokenizer are saved to ``<output_dir>/gold_peak`` with ``trainer.save_model`` (all processes take part, the main
+process writes). Cost: one ``save_pretrained`` per new peak — while gold climbs, that is every measurement; for a
+large full model, measure less often or set ``save_peak=False``.
+
+At the end, ``overoptimization.json`` (curves and findings) and ``overoptimization.png`` are written to the output
+directory from the main process. :meth:`OveroptimizationCallback.findings` returns an
+:class:`OveroptimizationFindings`.
+
+Logged keys (into the trainer's next log record): ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``,
+``overopt/gold_peak``, ``overopt/peak_step``, ``overopt/flag``. In logs mode they appear in the log record after the one
+holding the rewards they are computed from (a callback sees a record only once it has been stored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal
+
+from transformers import TrainerCallback
+
+from ._trainer_access import (
+    HeldOutSampler,
+    ReferencePolicy,
+    add_metrics,
+    check_supported_trainer,
+    is_main_process,
+    reward_func_name,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OveroptimizationCallback", "OveroptimizationFindings", "PEAK_DIR", "RESULTS_FILE", "PLOT_FILE"]
+
+PEAK_DIR = "gold_peak"
+RESULTS_FILE = "overoptimization.json"
+PLOT_FILE = "overoptimization.png"
+
+
+@dataclass
+class OveroptimizationFindings:
+    """What the monitor concluded. Gold and proxy values are smoothed unless named ``*_raw``."""
+
+    detected: bool  # gold fell (confirmed) while the proxy stayed above its value at the gold peak
+    gold_fell: bool  # gold fall confirmed (patience), whatever the proxy did
+    peak_step: int | None
+    peak_gold: float | None
+    peak_gold_raw: float | None
+    final_gold: float | None
+    proxy_at_peak: float | None
+    final_proxy: float | None
+    kl_at_peak: float | None
+    final_kl: float | None
+    first_flag_step: int | None  # first measurement where proxy rose while gold was below its peak
+    detected_step: int | None
+    stopped: bool
+    checkpoint_dir: str | None
+    checkpoint_step: int | None
+    num_points: int
+    gold_name: str
+    proxy_name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+class OveroptimizationCallback(TrainerCallback):
+    """Tracks proxy reward, gold reward (or a held-out judge) and KL; finds the gold peak; saves/stops there.
+
+    Args:
+        trainer: the trainer (``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` or subclass). Needed for sample mode, for
+            saving the peak checkpoint with ``trainer.save_model`` and for default reward names; in logs mode without
+            a trainer, ``gold`` must be given and the peak is saved with the ``model``/``processing_class`` that
+            ``on_log`` receives.
+        proxy: the optimised reward — a reward-function name (logged as ``rewards/<name>/mean``), a log key
+            (e.g. ``"reward"``, the weighted sum) or, in sample mode, a reward function. Default: the only reward
+            function with non-zero weight, else ``"reward"``.
+        gold: the gold reward or held-out judge — a name/log key, or a reward function. Default: the only reward
+            function with weight 0.
+        eval_prompts: held-out prompts; given → sample mode (see the module docstring).
+        mode: "auto" (sample mode iff ``eval_prompts`` is given), "logs" or "sample".
+        every_n_steps, num_samples, batch_size, max_new_tokens, temperature, seed: sample-mode settings.
+        kl_key: log key for KL in logs mode (default: ``kl_ref/k1_seq`` if logged, else ``kl``).
+        measure_kl: sample mode: measure sequence KL on the same samples (default: when a reference exists without a
+            copy, or ``allow_reference_copy``).
+        smoothing: "ema" (weight ``ema_alpha`` on the newest value) or "window" (mean of the last ``window``).
+        patience, min_delta: peak detection (measurements without a new peak; improvement that counts).
+        proxy_min_delta: how much above its value at the peak the proxy must be to count as "still rising".
+        save_peak: save the model + tokenizer at each new gold peak to ``<output_dir>/gold_peak``.
+        stop_on_overoptimization: set ``control.should_training_stop`` once ``detected``.
+        output_dir: where to write files (default: ``args.output_dir``).
+        plot: write ``overoptimization.png`` at the end.
+    """
+
+    def __init__(
+        self,
+        trainer: Any = None,
+        proxy: str | Callable[..., Any] | None = None,
+        gold: str | Callable[..., Any] | None = None,
+        eval_prompts: Any = None,
+        mode: Literal["auto", "logs", "sample"] = "auto",
+        every_n_steps: int = 10,
+        num_samples: int = 64,
+        kl_key: str | None = None,
+        measure_kl: bool | None = None,
+        allow_reference_copy: bool = False,
+        smoothing: Literal["ema", "window"] = "ema",
+        ema_alpha: float = 0.5,
+        window: int = 3,
+        patience: int = 3,
+        min_delta: float = 0.0,
+        proxy_min_delta: float = 0.0,
+        save_peak: bool = True,
+        stop_on_overoptimization: bool = False,
+        output_dir: str | None = None,
+        plot: bool = True,
+        measure_at_start: bool = True,
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int = 1234,
+    ) -> None:
+        if mode not in ("auto", "logs", "sample"):
+            raise ValueError(f"mode must be 'auto', 'logs' or 'sample', got {mode!r}.")
+        if smoothing not in ("ema", "window"):
+            raise ValueError(f"smoothing must be 'ema' or 'window', got {smoothing!r}.")
+        if not 0 < ema_alpha <= 1:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}.")
+        if window < 1 or patience < 1 or every_n_steps < 1:
+            raise ValueError("window, patience and every_n_steps must be >= 1.")
+        if min_delta < 0 or proxy_min_delta < 0:
+            raise ValueError("min_delta and proxy_min_delta must be >= 0.")
+        self.mode = "sample" if (mode == "sample" or (mode == "auto" and eval_prompts is not None)) else "logs"
+        if trainer is not None or self.mode == "sample":
+            check_supported_trainer(trainer, type(self).__name__, needs=("accelerator", "_metrics"))
+        self.trainer = trainer
+        self.smoothing, self.ema_alpha, self.window = smoothing, ema_alpha, window
+        self.patience, self.min_delta, self.proxy_min_delta = patience, min_delta, proxy_min_delta
+        self.save_peak, self.stop_on_overoptimization = save_peak, stop_on_overoptimization
+        self.output_dir, self.plot = output_dir, plot
+        self.every_n_steps, self.measure_at_start = every_n_steps, measure_at_start
+        self.kl_key = kl_key
+
+        self.proxy_func, self.gold_func = None, None
+        self.proxy_name, self.proxy_key = self._resolve(proxy, "proxy")
+        self.gold_name, self.gold_key = self._resolve(gold, "gold")
+
+        self.sampler: HeldOutSampler | None = None
+        self.reference: ReferencePolicy | None = None
+        if self.mode == "sample":
+            if eval_prompts is None:
+                raise ValueError("Sample mode needs eval_prompts (held-out prompts).")
+            if self.proxy_func is None or self.gold_func is None:
+                raise ValueError(
+                    "Sample mode scores held-out samples itself: proxy and gold must be reward functions, or names of "
+                    f"the trainer's reward functions ({list(getattr(trainer, 'reward_func_names', []))})."
+                )
+            self.sampler = HeldOutSampler(
+                trainer, eval_prompts, num_samples=num_samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                temperature=temperature, seed=seed,
+            )
+            if measure_kl is None:
+                try:
+                    self.reference = ReferencePolicy(trainer, allow_copy=allow_reference_copy, who="")
+                except ValueError:
+                    self.reference = None
+            elif measure_kl:
+                self.reference = ReferencePolicy(trainer, allow_copy=allow_reference_copy, who=type(self).__name__)
+
+        # state
+        self.points: list[dict[str, Any]] = []  # raw and smoothed values per measurement
+        self._best: float | None = None
+        self._peak_index: int | None = None
+        self._since_peak = 0
+        self._flag_step: int | None = None
+        self._warned = False
+        self._detected_step: int | None = None
+        self._gold_fell = False
+        self._stopped = False
+        self._checkpoint_step: int | None = None
+        self._checkpoint_dir: str | None = None
+        self._last_logged_kl: float | None = None
+        self._checked_keys = False
+        self._args_output_dir: str | None = None
+        self._pending: dict[str, Any] = {}
+
+    # -- configuration -------------------------------------------------------------------------------------------------
+    def _reward_funcs(self) -> list[tuple[str, Any, float]]:
+        t = self.trainer
+        if t is None or not hasattr(t, "reward_funcs"):
+            return []
+        weights = [float(w) for w in t.reward_weights]
+        return list(zip(t.reward_func_names, t.reward_funcs, weights))
+
+    def _resolve(self, spec: Any, role: str) -> tuple[str, str]:
+        """Returns (display name, log key) for the proxy or gold spec; sets ``<role>_func`` for sample mode."""
+        funcs = self._reward_funcs()
+        if spec is None:
+            if role == "proxy":
+                active = [f for f in funcs if f[2] != 0.0]
+                spec = active[0][0] if len(active) == 1 else "reward"
+            else:
+                tracked = [f for f in funcs if f[2] == 0.0]
+                if len(tracked) != 1:
+                    raise ValueError(
+                        "Say which reward is the gold reward (or held-out judge): gold='<reward function name>' or a "
+                        "reward function. By default it is the only reward function with weight 0; this trainer has "
+                        f"{len(tracked)} (reward_funcs {[f[0] for f in funcs]}, weights {[f[2] for f in funcs]})."
+                    )
+                spec = tracked[0][0]
+        if callable(spec) and not isinstance(spec, str):
+            name = reward_func_name(spec)
+            if self.mode == "sample":
+                setattr(self, f"{role}_func", self._as_function(spec, name))
+            elif not any(f[1] is spec or f[0] == name for f in funcs) and self.trainer is not None:
+                raise ValueError(
+                    f"The {role} function '{name}' is not one of the trainer's reward functions, so it is not in the "
+                    "logs: add it to reward_funcs (with weight 0 for a tracked-only reward) or give eval_prompts "
+                    "(sample mode)."
+                )
+            return name, f"rewards/{name}/mean"
+        name = str(spec)
+        if self.mode == "sample":
+            match = [f for f in funcs if f[0] == name]
+            if not match:
+                raise ValueError(
+                    f"Sample mode: '{name}' is not one of the trainer's reward functions "
+                    f"({[f[0] for f in funcs]}); pass the function itself."
+                )
+            setattr(self, f"{role}_func", self._as_function(match[0][1], name))
+        key = name if ("/" in name or name in ("reward", "loss")) else f"rewards/{name}/mean"
+        return name, key
+
+    def _as_function(self, func: Any, name: str) -> Callable[..., Any]:
+        from torch import nn
+
+        if isinstance(func, nn.Module):
+            from ..rewards import RewardModelFunction
+
+            tok = None
+            if self.trainer is not None:
+                for n, f, pc in zip(
+                    self.trainer.reward_func_names, self.trainer.reward_funcs, self.trainer.reward_processing_classes
+                ):
+                    if f is func:
+                        tok = pc
+            return RewardModelFunction(func, tokenizer=tok, name=name)
+        return func
+
+    # -- core update (also usable directly, e.g. on a saved log history) -----------------------------------------------
+    def _smooth(self, key: str, value: float | None) -> float | None:
+        prev = [p[key] for p in self.points if _finite(p.get(key))]
+        if not _finite(value):
+            return None
+        if self.smoothing == "window":
+            vals = prev[-(self.window - 1) :] if self.window > 1 else []
+            vals = vals + [value]
+            return sum(vals) / len(vals)
+        prev_s = [p[key + "_smooth"] for p in self.points if _finite(p.get(key + "_smooth"))]
+        if not prev_s:
+            return float(value)
+        return self.ema_alpha * float(value) + (1 - self.ema_alpha) * prev_s[-1]
+
+    def update(self, step: int, proxy: float | None, gold: float | None, kl: float | None = None) -> dict[str, Any]:
+        """Adds one measurement and updates peak/fall detection; returns what happened (``new_peak``, ``flag``,
+        ``detected_now``)."""
+        gold_s = self._smooth("gold", gold)
+        proxy_s = self._smooth("proxy", proxy)
+        point = {
+            "step": int(step), "proxy": proxy, "gold": gold, "kl": kl, "proxy_smooth": proxy_s, "gold_smooth": gold_s,
+        }
+        self.points.append(point)
+        event = {"new_peak": False, "flag": False, "detected_now": False}
+        if gold_s is None:
+            return event
+        if self._best is None or gold_s > self._best + self.min_delta:
+            self._best, self._peak_index, self._since_peak = gold_s, len(self.points) - 1, 0
+            event["new_peak"] = True
+        else:
+            self._since_peak += 1
+        peak = self.points[self._peak_index]
+        below = gold_s < self._best - self.min_delta
+        proxy_up = (
+            proxy_s is not None
+            and _finite(peak["proxy_smooth"])
+            and proxy_s > peak["proxy_smooth"] + self.proxy_min_delta
+        )
+        if below and proxy_up:
+            event["flag"] = True
+            if self._flag_step is None:
+                self._flag_step = int(step)
+        if below and self._since_peak >= self.patience:
+            self._gold_fell = True
+            if proxy_up and self._detected_step is None:
+                self._detected_step = int(step)
+                event["detected_now"] = True
+        point["flag"] = event["flag"]
+        return event
+
+    def findings(self) -> OveroptimizationFindings:
+        """The monitor's conclusions so far."""
+        peak = self.points[self._peak_index] if self._peak_index is not None else None
+        last_gold = next((p for p in reversed(self.points) if p["gold_smooth"] is not None), None)
+        last_proxy = next((p for p in reversed(self.points) if p["proxy_smooth"] is not None), None)
+        last_kl = next((p["kl"] for p in reversed(self.points) if _finite(p["kl"])), None)
+        return OveroptimizationFindings(
+            detected=self._detected_step is not None,
+            gold_fell=self._gold_fell,
+            peak_step=peak["step"] if peak else None,
+            peak_gold=peak["gold_smooth"] if peak else None,
+            peak_gold_raw=peak["gold"] if peak else None,
+            final_gold=last_gold["gold_smooth"] if last_gold else None,
+            proxy_at_peak=peak["proxy_smooth"] if peak else None,
+            final_proxy=last_proxy["proxy_smooth"] if last_proxy else None,
+            kl_at_peak=peak["kl"] if peak else None,
+            final_kl=last_kl,
+            first_flag_step=self._flag_step,
+            detected_step=self._detected_step,
+            stopped=self._stopped,
+            checkpoint_dir=self._checkpoint_dir,
+            checkpoint_step=self._checkpoint_step,
+            num_points=len(self.points),
+            gold_name=self.gold_name,
+            proxy_name=self.proxy_name,
+        )
+
+    # -- reacting to an update -----------------------------------------------------------------------------------------
+    def _after_update(self, event: dict[str, Any], args, state, control, model=None, processing_class=None) -> None:
+        point = self.points[-1]
+        if self.trainer is not None:
+            # queued, flushed into the trainer's metrics at the next on_step_end: TRL clears its metric buffer right
+            # after the on_log event, so anything added from on_log would be lost
+            self._pending.update(
+                {
+                    "overopt/gold": point["gold_smooth"],
+                    "overopt/proxy": point["proxy_smooth"],
+                    "overopt/kl": point["kl"] if _finite(point["kl"]) else None,
+                    "overopt/gold_peak": self._best,
+                    "overopt/peak_step": self.points[self._peak_index]["step"] if self._peak_index is not None else None,
+                    "overopt/flag": float(event["flag"]),
+                }
+            )
+        if event["flag"] and not self._warned and is_main_process(state):
+            self._warned = True
+            peak = self.points[self._peak_index]
+            msg = (
+                f"Reward over-optimisation: at step {point['step']} the proxy '{self.proxy_name}' "
+                f"({point['proxy_smooth']:.4g}) is above its value at the gold peak ({peak['proxy_smooth']:.4g}, step "
+                f"{peak['step']}) while the gold '{self.gold_name}' fell from {self._best:.4g} to "
+                f"{point['gold_smooth']:.4g}."
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            logger.warning(msg)
+        if event["new_peak"] and self.save_peak and state.global_step > 0:
+            self._save_peak(args, state, model, processing_class)
+        if event["detected_now"] and self.stop_on_overoptimization:
+            control.should_training_stop = True
+            self._stopped = True
+            if is_main_process(state):
+                logger.warning(
+                    f"Stopping training at step {point['step']}: gold fell for {self.patience} measurements after its "
+                    f"peak at step {self.points[self._peak_index]['step']} while the proxy kept rising."
+                )
+
+    def _out_dir(self, args) -> str:
+        return self.output_dir or getattr(args, "output_dir", None) or self._args_output_dir or "."
+
+    def _save_peak(self, args, state, model=None, processing_class=None) -> None:
+        path = os.path.join(self._out_dir(args), PEAK_DIR)
+        if self.trainer is not None:
+            self.trainer.save_model(path)  # every process calls it (ZeRO-3 gathers); the main process writes
+        elif is_main_process(state) and model is not None:
+            model.save_pretrained(path)
+            if processing_class is not None:
+                processing_class.save_pretrained(path)
+        else:
+            return
+        peak = self.points[self._peak_index]
+        self._checkpoint_step, self._checkpoint_dir = int(state.global_step), path
+        if is_main_process(state):
+            info = {"global_step": int(state.global_step), **{k: peak[k] for k in ("step", "gold", "gold_smooth",
+                                                                                    "proxy", "proxy_smooth", "kl")}}
+            with open(os.path.join(path, "peak_info.json"), "w") as f:
+                json.dump(info, f, indent=2)
+
+    # -- TrainerCallback events ----------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._args_output_dir = args.output_dir
+        if self.reference is not None:
+            self.reference.snapshot()
+        if self.mode == "sample" and self.measure_at_start and not self.points:
+            self._measure(args, state, control, **kwargs)
+            self._pending.clear()  # the step-0 baseline has no log record of its own; it is in `points`
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (
+            self.mode == "sample"
+            and state.global_step % self.every_n_steps == 0
+            and not (self.points and self.points[-1]["step"] == state.global_step)
+        ):
+            self._measure(args, state, control, **kwargs)
+        if self._pending and self.trainer is not None:
+            add_metrics(self.trainer, self._pending)
+        self._pending = {}
+        return control
+
+    def _measure(self, args, state, control, **kwargs) -> None:
+        from .kl_reference import measure_sequence_kl
+
+        sampler = self.sampler
+        kl = None
+        with sampler.policy_for_generation() as policy:
+            batch = sampler.sample(policy, state.global_step)
+            proxy_vals, gold_vals = sampler.score([self.proxy_func, self.gold_func], batch, state)
+            if self.reference is not None:
+                kl = measure_sequence_kl(sampler, self.reference, state.global_step, batch=batch, policy=policy)[
+                    "kl_ref/k1_seq"
+                ]
+        proxy_vals, gold_vals = sampler.gather(proxy_vals), sampler.gather(gold_vals)
+        mean = lambda xs: (lambda v: sum(v) / len(v) if v else None)([x for x in xs if math.isfinite(x)])  # noqa
+        if kl is None:
+            kl = self._last_logged_kl
+        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl)
+        self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        kl_key = self.kl_key or ("kl_ref/k1_seq" if "kl_ref/k1_seq" in logs else "kl")
+        if _finite(logs.get(kl_key)):
+            self._last_logged_kl = float(logs[kl_key])
+        if self.mode != "logs" or any(k.startswith("eval_") for k in logs):
+            return
+        has_rewards = any(k.startswith("rewards/") for k in logs) or "reward" in logs
+        if not has_rewards:
+            return  # e.g. the end-of-training summary record
+        missing = [k for k in (self.proxy_key, self.gold_key) if k not in logs]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__}: the training logs have no {missing}. Reward keys logged: "
+                f"{sorted(k for k in logs if k.startswith('reward'))}. Pass the gold reward to the trainer "
+                "(reward_funcs=[proxy, gold], reward_weights=[1, 0]) or name the logged rewards with proxy=/gold=."
+            )
+        proxy, gold = logs.get(self.proxy_key), logs.get(self.gold_key)
+        kl = logs.get(kl_key)
+        event = self.update(
+            state.global_step,
+            float(proxy) if _finite(proxy) else None,
+            float(gold) if _finite(gold) else None,
+            float(kl) if _finite(kl) else None,
+        )
+        self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not is_main_process(state):
+            return
+        out = self._out_dir(args)
+        os.makedirs(out, exist_ok=True)
+        result = {
+            "findings": self.findings().to_dict(),
+            "points": self.points,
+            "settings": {
+                "mode": self.mode, "proxy_key": self.proxy_key, "gold_key": self.gold_key,
+                "smoothing": self.smoothing, "ema_alpha": self.ema_alpha, "window": self.window,
+                "patience": self.patience, "min_delta": self.min_delta, "proxy_min_delta": self.proxy_min_delta,
+                "every_n_steps": self.every_n_steps if self.mode == "sample" else None,
+            },
+        }
+        from ..results import _jsonable
+
+        tmp = os.path.join(out, RESULTS_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(result), f, indent=2)
+        os.replace(tmp, os.path.join(out, RESULTS_FILE))
+        if self.plot and self.points:
+            self.save_plot(os.path.join(out, PLOT_FILE))
+
+    def save_plot(self, path: str) -> str:
+        """Gold and proxy (raw and smoothed) and KL against step, with the gold peak marked (matplotlib Agg)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        steps = [p["step"] for p in self.points]
+        has_kl = any(_finite(p["kl"]) for p in self.points)
+        fig = Figure(figsize=(7, 5.5 if has_kl else 3.5))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(2 if has_kl else 1, 1, sharex=True, squeeze=False)[:, 0]
+        ax = axes[0]
+        for key, colour, label in (("gold", "tab:green", self.gold_name), ("proxy", "tab:blue", self.proxy_name)):
+            raw = [p[key] if _finite(p[key]) else float("nan") for p in self.points]
+            sm = [p[key + "_smooth"] if _finite(p[key + "_smooth"]) else float("nan") for p in self.points]
+            ax.plot(steps, raw, color=colour, alpha=0.3, lw=1)
+            ax.plot(steps, sm, color=colour, lw=2, label=f"{label} ({'gold' if key == 'gold' else 'proxy'})")
+        f = self.findings()
+        if f.peak_step is not None:
+            for a in axes:
+                a.axvline(f.peak_step, color="grey", ls="--", lw=1)
+            ax.annotate("gold peak", (f.peak_step, f.peak_gold), textcoords="offset points", xytext=(4, 4))
+        ax.set_ylabel("reward")
+        ax.legend(loc="best", fontsize=8)
+        title = "over-optimisation detected" if f.detected else "no over-optimisation detected"
+        ax.set_title(title)
+        if has_kl:
+            axes[1].plot(steps, [p["kl"] if _finite(p["kl"]) else float("nan") for p in self.points], color="tab:red")
+            axes[1].set_ylabel("KL(π‖π_ref)")
+        axes[-1].set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        return path

@@ -1,0 +1,573 @@
+"""Builds (once) and caches the lab world: tokenizer -> SFT policy -> preference pairs -> proxy reward model.
+
+1. A word-level tokenizer over the task vocabulary.
+2. A tiny GPT-2 (n_embd 128, 2 layers, 2 heads, ~430k parameters) warm-started with ``trl.SFTTrainer`` on a
+   mixed-quality synthetic corpus: it learns the format and to copy the customer's item, and stays mediocre.
+3. Preference pairs: two samples of the SFT policy per prompt, scored by the gold reward and labelled with
+   Bradley-Terry noise, P(a preferred over b) = sigmoid((gold_a - gold_b) / tau).
+4. A proxy reward model (``AutoModelForSequenceClassification``, one label) trained with ``trl.RewardTrainer`` on a
+   limited number of those pairs: right on-distribution, exploitable off it — the point of the lab.
+
+Every artifact is saved with ``save_pretrained`` / ``save_to_disk`` under one directory, named after the config's
+hash, with ``lab_metrics.json``, ``lab_config.json`` and a completion marker. A build is written to a temporary
+directory and moved into place only when complete, so an interrupted or concurrent build never leaves a half lab.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from . import task
+from .config import LAB_VERSION, LabConfig
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "LAB_COMPLETE"
+CONFIG_FILE = "lab_config.json"
+METRICS_FILE = "lab_metrics.json"
+TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR = "tokenizer", "policy", "reward_model"
+PROMPTS_DIR, PREFERENCES_DIR, LOGS_DIR = "prompts", "preferences", "logs"
+HOME_ENV = "HF_RLHF_EXT_HOME"
+
+
+def lab_home() -> str:
+    """``$HF_RLHF_EXT_HOME`` or ``~/.cache/hf_rlhf_ext``."""
+    return os.environ.get(HOME_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "hf_rlhf_ext")
+
+
+def default_lab_dir(config: LabConfig | None = None) -> str:
+    """Cache directory of the lab built from ``config``: ``<lab_home()>/lab/<config hash>``."""
+    return os.path.join(lab_home(), "lab", (config or LabConfig()).cache_key())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The Lab handle
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Lab:
+    """A built lab on disk. Paths are plain directories loadable with ``from_pretrained`` / ``load_from_disk``.
+
+    Reward-model input format: prompt tokens + reply tokens, with the EOS token present only when the policy emitted
+    it (``reward_modeling.score_texts(rm, tok, [prompt + " " + reply + " " + tok.eos_token])`` for a finished reply).
+    """
+
+    root: str
+    config: LabConfig
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return os.path.join(self.root, TOKENIZER_DIR)
+
+    @property
+    def policy_path(self) -> str:
+        """The SFT causal LM (tokenizer and generation config saved alongside)."""
+        return os.path.join(self.root, POLICY_DIR)
+
+    @property
+    def reward_model_path(self) -> str:
+        """The proxy RM: ``AutoModelForSequenceClassification`` with ``num_labels=1`` (tokenizer saved alongside)."""
+        return os.path.join(self.root, REWARD_MODEL_DIR)
+
+    @property
+    def prompts_path(self) -> str:
+        return os.path.join(self.root, PROMPTS_DIR)
+
+    @property
+    def preferences_path(self) -> str:
+        return os.path.join(self.root, PREFERENCES_DIR)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    def load_policy(self, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.policy_path, **kwargs)
+
+    def load_reward_model(self, **kwargs):
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(self.reward_model_path, **kwargs)
+
+    def load_prompts(self):
+        """DatasetDict train/test with ``prompt`` (plain text), ``item``, ``issue``; the splits share no prompt."""
+        from datasets import load_from_disk
+
+        return load_from_disk(self.prompts_path)
+
+    def load_preferences(self):
+        """DatasetDict train/test of pairs: ``prompt``, ``chosen``, ``rejected`` (replies with a leading space, so
+        ``prompt + chosen`` is the full text), ``chosen_gold``, ``rejected_gold``, ``chosen_eos``, ``rejected_eos``,
+        ``label_flipped`` (the noisy label contradicts gold) and ``chosen_ids`` / ``rejected_ids`` (prompt + reply
+        token ids as sampled; ``trl.RewardTrainer`` uses these as they are — drop them to train from strings)."""
+        from datasets import load_from_disk
+
+        return load_from_disk(self.preferences_path)
+
+    @classmethod
+    def from_dir(cls, root: str) -> "Lab":
+        """Opens a complete lab directory (raises ``FileNotFoundError`` if the build there never finished)."""
+        if not is_complete(root):
+            raise FileNotFoundError(f"No complete lab in {root!r} (missing {COMPLETE_MARKER}); run build_lab.")
+        with open(os.path.join(root, CONFIG_FILE)) as f:
+            config = LabConfig.from_dict(json.load(f)["config"])
+        with open(os.path.join(root, METRICS_FILE)) as f:
+            metrics = json.load(f)
+        return cls(root=os.path.abspath(root), config=config, metrics=metrics)
+
+
+def is_complete(root: str, config: LabConfig | None = None) -> bool:
+    """True when ``root`` holds a finished build (of ``config``, when given)."""
+    marker = os.path.join(root, COMPLETE_MARKER)
+    if not os.path.isfile(marker):
+        return False
+    if config is None:
+        return True
+    try:
+        with open(marker) as f:
+            return json.load(f).get("cache_key") == config.cache_key()
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sampling and labelling
+# --------------------------------------------------------------------------------------------------------------------
+def sample_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 512,
+) -> list[list[int]]:
+    """Samples one reply per prompt (pure ancestral sampling: no top-k/top-p, as in RL training).
+
+    Returns each reply's token ids, cut after the first EOS (kept) — a reply without EOS ran into the limit.
+    Prompts are batched by token length, so no padding (and no position-id subtlety) is involved.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    gen_config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    model.eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for length in sorted(by_len):
+            idx = by_len[length]
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start : start + batch_size]
+                input_ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long)
+                gen = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config
+                )
+                for row, i in zip(gen[:, length:].tolist(), chunk):
+                    out[i] = row[: row.index(eos) + 1] if eos in row else row
+    return out
+
+
+def bt_labels(gold_a: Sequence[float], gold_b: Sequence[float], tau: float, seed: int) -> list[bool]:
+    """Bradley-Terry noisy labels: True where a is preferred, with P = sigmoid((gold_a - gold_b) / tau).
+
+    tau = 0 gives noiseless labels (ties broken by a fair coin, as for any tau).
+    """
+    rng = random.Random(seed)
+    labels = []
+    for a, b in zip(gold_a, gold_b):
+        if tau > 0:
+            z = (a - b) / tau
+            p = 1.0 / (1.0 + math.exp(-z)) if z >= -50 else 0.0
+        else:
+            p = 1.0 if a > b else (0.0 if a < b else 0.5)
+        labels.append(rng.random() < p)
+    return labels
+
+
+def make_pairs(
+    model, tokenizer, prompt_rows: Sequence[dict[str, str]], n_pairs: int, config: LabConfig, seed: int
+) -> list[dict[str, Any]]:
+    """``n_pairs`` pairs: a prompt drawn (with replacement) from ``prompt_rows``, two policy samples, gold scores and
+    a Bradley-Terry label."""
+    rng = random.Random(seed)
+    chosen_rows = [rng.choice(list(prompt_rows)) for _ in range(n_pairs)]
+    prompts = [r["prompt"] for r in chosen_rows]
+    doubled = prompts + prompts
+    samples = sample_completions(
+        model, tokenizer, doubled, config.max_new_tokens, config.temperature, seed=seed + 1
+    )
+    eos = tokenizer.eos_token_id
+    texts = [" " + tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+    gold = task.gold_reward(doubled, texts, completion_ids=samples, eos_token_id=eos)
+    a, b = slice(0, n_pairs), slice(n_pairs, 2 * n_pairs)
+    labels = bt_labels(gold[a], gold[b], config.tau, seed=seed + 2)
+    rows = []
+    for k, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        i, j = (k, n_pairs + k) if labels[k] else (n_pairs + k, k)
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": texts[i],
+                "rejected": texts[j],
+                "chosen_gold": gold[i],
+                "rejected_gold": gold[j],
+                "chosen_eos": bool(samples[i]) and samples[i][-1] == eos,
+                "rejected_eos": bool(samples[j]) and samples[j][-1] == eos,
+                "label_flipped": gold[i] < gold[j],
+                "chosen_ids": prompt_ids + samples[i],
+                "rejected_ids": prompt_ids + samples[j],
+            }
+        )
+    return rows
+
+
+def policy_quality(model, tokenizer, prompts: Sequence[str], config: LabConfig, seed: int) -> dict[str, float]:
+    """Mean gold reward, EOS rate and mean length (words) of fresh policy samples on ``prompts``."""
+    samples = sample_completions(model, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=seed)
+    eos = tokenizer.eos_token_id
+    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
+    gold = task.gold_reward(prompts, texts, completion_ids=samples, eos_token_id=eos)
+    item_rate = task.mean(
+        float(task.parse_prompt(p)[0] in task.words(t)) for p, t in zip(prompts, texts)
+    )
+    return {
+        "gold_mean": task.mean(gold),
+        "eos_rate": task.mean(float(bool(s) and s[-1] == eos) for s in samples),
+        "mean_words": task.mean(len(task.words(t)) for t in texts),
+        "item_rate": item_rate,
+        "n": len(prompts),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Build steps
+# --------------------------------------------------------------------------------------------------------------------
+def _policy_config(config: LabConfig, vocab_size: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        # no dropout: the SFT corpus is plentiful, and RL ratios must not move from dropout noise alone
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=task.BOS_ID,
+        eos_token_id=task.EOS_ID,
+        pad_token_id=task.PAD_ID,
+    )
+
+
+def _quiet(trainer) -> None:
+    """Drops the console printer (the numbers go to log_history.jsonl and lab_metrics.json instead)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def sft_dataset(tokenizer, rows: Sequence[dict[str, str]]):
+    """Pre-tokenised SFT rows: ``input_ids`` = prompt + reply + EOS, ``labels`` = -100 on the prompt (loss on the
+    reply only). Tokenising in one fast batch call (rather than TRL's per-example maps) saves ~15 s per build; the
+    result is what ``SFTTrainer`` would build from prompt/completion columns."""
+    from datasets import Dataset
+
+    eos = tokenizer.eos_token_id
+    prompt_ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([r["prompt"] + r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    input_ids, labels = [], []
+    for p, f in zip(prompt_ids, full_ids):
+        if f[: len(p)] != p:  # cannot happen with the word-level tokenizer; guards against a changed tokenizer
+            raise RuntimeError("The tokenised prompt is not a prefix of the tokenised prompt + completion.")
+        input_ids.append(f + [eos])
+        labels.append([-100] * len(p) + f[len(p) :] + [eos])
+    return Dataset.from_dict({"input_ids": input_ids, "labels": labels, "length": [len(x) for x in input_ids]})
+
+
+def _train_sft(config: LabConfig, tokenizer, train_rows, work: str, out_dir: str) -> dict[str, Any]:
+    """SFT warm start with ``trl.SFTTrainer`` (loss on the reply tokens only); saves model + tokenizer to out_dir."""
+    import torch
+    from transformers import GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
+
+    from ..results import ResultsCallback
+
+    torch.manual_seed(config.seed)
+    model = GPT2LMHeadModel(_policy_config(config, len(tokenizer)))
+    corpus = sft_dataset(tokenizer, task.sft_corpus(train_rows, config.n_sft, seed=config.seed))
+    if max(corpus["length"]) > config.n_positions:
+        raise ValueError(f"An SFT example has {max(corpus['length'])} tokens > n_positions={config.n_positions}.")
+    args = SFTConfig(
+        output_dir=os.path.join(work, "sft_run"),
+        num_train_epochs=config.sft_epochs,
+        per_device_train_batch_size=config.sft_batch_size,
+        learning_rate=config.sft_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.sft_warmup,  # float in [0, 1) = ratio of total steps: one-cycle-like warm-up then decay
+        weight_decay=0.0,
+        max_length=config.n_positions,
+        dataset_kwargs={"skip_prepare_dataset": True},  # already tokenised, labelled and short enough
+        train_sampling_strategy="group_by_length",  # batches of similar length: ~40% less padding compute
+        logging_steps=25,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,  # tiny models: CPU is fast enough, and the same seed gives the same lab everywhere
+        seed=config.seed,
+        data_seed=config.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=corpus,
+        processing_class=tokenizer,
+        callbacks=[ResultsCallback(os.path.join(work, LOGS_DIR, "sft"))],
+    )
+    _quiet(trainer)
+    result = trainer.train()
+    model = trainer.model
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "sft_train_loss": float(result.training_loss),
+        "sft_steps": int(result.global_step),
+        "sft_final_token_accuracy": next(
+            (h["mean_token_accuracy"] for h in reversed(trainer.state.log_history) if "mean_token_accuracy" in h),
+            None,
+        ),
+    }
+
+
+def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, out_dir: str) -> dict[str, Any]:
+    """Proxy RM with ``trl.RewardTrainer`` on pre-tokenised pairs; saves model + tokenizer to out_dir."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+    from trl import RewardConfig
+
+    from ..reward_modeling import train_reward_model
+    from ..results import ResultsCallback
+
+    torch.manual_seed(config.seed + 7)
+    if config.rm_init == "sft":
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    else:
+        rm_config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=config.n_positions,
+            n_embd=config.rm_n_embd,
+            n_layer=config.rm_n_layer,
+            n_head=config.rm_n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=task.BOS_ID,
+            eos_token_id=task.EOS_ID,
+            pad_token_id=task.PAD_ID,
+            num_labels=1,
+        )
+        model = GPT2ForSequenceClassification(rm_config)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the RM scores the last non-pad token
+    args = RewardConfig(
+        output_dir=os.path.join(work, "rm_run"),
+        num_train_epochs=config.rm_epochs,
+        per_device_train_batch_size=config.rm_batch_size,
+        learning_rate=config.rm_lr,
+        lr_scheduler_type="cosine",
+        center_rewards_coefficient=config.rm_center_coef,
+        max_length=config.n_positions,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    train = pairs["train"].select_columns(["chosen_ids", "rejected_ids"])
+    trainer = train_reward_model(
+        model, tokenizer, train, None, args, callbacks=[ResultsCallback(os.path.join(work, LOGS_DIR, "rm"))], quiet=True
+    )
+    model = trainer.model
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"rm_train_pairs": len(trainer.train_dataset), "rm_dropped_pairs": len(train) - len(trainer.train_dataset)}
+
+
+def _build(config: LabConfig, work: str) -> dict[str, Any]:
+    """Runs every step into ``work``; returns the metrics."""
+    import torch
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..reward_modeling import pairwise_report
+    from .tokenizer import save_tokenizer
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    metrics: dict[str, Any] = {"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "torch_threads": torch.get_num_threads()}
+    times: dict[str, float] = {}
+
+    def lap(name: str, start: float) -> float:
+        times[name] = round(time.perf_counter() - start, 2)
+        return time.perf_counter()
+
+    s = time.perf_counter()
+    tok_dir, pol_dir, rm_dir = (os.path.join(work, d) for d in (TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR))
+    save_tokenizer(tok_dir, model_max_length=config.n_positions)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    train_rows, test_rows = task.split_prompts(config.test_fraction, seed=config.seed)
+    DatasetDict({"train": Dataset.from_list(train_rows), "test": Dataset.from_list(test_rows)}).save_to_disk(
+        os.path.join(work, PROMPTS_DIR)
+    )
+    metrics.update(vocab_size=len(tokenizer), n_train_prompts=len(train_rows), n_test_prompts=len(test_rows))
+    s = lap("setup_s", s)
+
+    metrics.update(_train_sft(config, tokenizer, train_rows, work, pol_dir))
+    s = lap("sft_s", s)
+
+    policy = AutoModelForCausalLM.from_pretrained(pol_dir)
+    metrics["policy_params"] = sum(p.numel() for p in policy.parameters())
+    eval_prompts = [test_rows[i % len(test_rows)]["prompt"] for i in range(config.n_eval_samples)]
+    quality = policy_quality(policy, tokenizer, eval_prompts, config, seed=config.seed + 11)
+    metrics.update({f"sft_test_{k}": v for k, v in quality.items()})
+    metrics["gold_min"], metrics["gold_max"] = task.gold_range()
+    s = lap("sft_eval_s", s)
+
+    pairs = DatasetDict(
+        {
+            "train": Dataset.from_list(make_pairs(policy, tokenizer, train_rows, config.n_pairs_train, config, config.seed + 101)),
+            "test": Dataset.from_list(make_pairs(policy, tokenizer, test_rows, config.n_pairs_test, config, config.seed + 202)),
+        }
+    )
+    pairs.save_to_disk(os.path.join(work, PREFERENCES_DIR))
+    for split in ("train", "test"):
+        d = pairs[split]
+        metrics[f"pairs_{split}_n"] = len(d)
+        metrics[f"pairs_{split}_flip_rate"] = task.mean(d["label_flipped"])
+        metrics[f"pairs_{split}_tie_rate"] = task.mean(float(a == b) for a, b in zip(d["chosen_gold"], d["rejected_gold"]))
+    s = lap("pairs_s", s)
+
+    metrics.update(_train_rm(config, tokenizer, pairs, work, pol_dir, rm_dir))
+    s = lap("rm_s", s)
+
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    metrics["rm_params"] = sum(p.numel() for p in rm.parameters())
+    for split in ("test", "train"):
+        report = pairwise_report(rm, tokenizer, pairs[split], gold_margin=config.gold_margin)
+        metrics.update({f"rm_{split}_{k}": v for k, v in report.items()})
+    lap("rm_eval_s", s)
+
+    times["total_s"] = round(time.perf_counter() - t0, 2)
+    times["total_cpu_s"] = round(time.process_time() - c0, 2)
+    metrics["build_times"] = times
+    return metrics
+
+
+def build_lab(config: LabConfig | None = None, output_dir: str | None = None, force: bool = False) -> Lab:
+    """Builds the lab for ``config`` (default ``LabConfig()``) or returns the cached one.
+
+    ``output_dir`` defaults to ``default_lab_dir(config)``. A complete lab of the same config there is reused (no
+    training, well under a second); ``force=True`` rebuilds. An ``output_dir`` holding a lab of another config is an
+    error unless ``force=True`` (it is replaced then).
+    """
+    config = config or LabConfig()
+    if not isinstance(config, LabConfig):
+        raise TypeError(f"build_lab expects a LabConfig, got {type(config).__name__}.")
+    root = os.path.abspath(output_dir or default_lab_dir(config))
+    if not force and is_complete(root, config):
+        return Lab.from_dir(root)
+    if not force and is_complete(root):
+        raise FileExistsError(
+            f"{root!r} holds a lab built from another config; pass force=True to replace it or pick another output_dir."
+        )
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=os.path.basename(root) + ".building-", dir=parent)
+    os.chmod(work, 0o755)  # mkdtemp makes it private; the lab is meant to be shared
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # dozens of tiny maps and saves: the bars would drown the useful output
+    try:
+        metrics = _build(config, work)
+        with open(os.path.join(work, METRICS_FILE), "w") as f:
+            json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
+        with open(os.path.join(work, CONFIG_FILE), "w") as f:
+            json.dump({"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "config": config.to_dict()}, f, indent=2)
+        for run in ("sft_run", "rm_run"):  # trainer scratch dirs (no checkpoints are saved)
+            shutil.rmtree(os.path.join(work, run), ignore_errors=True)
+        with open(os.path.join(work, COMPLETE_MARKER), "w") as f:
+            json.dump({"cache_key": config.cache_key(), "lab_version": LAB_VERSION}, f)
+        _publish(work, root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return Lab.from_dir(root)
+
+
+def _jsonable(x: Any) -> Any:
+    from ..results import _jsonable as to_json
+
+    return to_json(x)
+
+
+def _publish(work: str, root: str) -> None:
+    """Moves the finished build into place with renames only, so readers never see a half-written lab (an existing
+    directory is moved aside first; if a concurrent build published a complete lab meanwhile, that one is kept)."""
+    if os.path.exists(root):
+        trash = tempfile.mkdtemp(prefix=os.path.basename(root) + ".old-", dir=os.path.dirname(root))
+        os.rmdir(trash)
+        try:
+            os.replace(root, trash)
+        except FileNotFoundError:  # removed concurrently
+            trash = None
+        os.replace(work, root)
+        if trash:
+            shutil.rmtree(trash, ignore_errors=True)
+    else:
+        try:
+            os.replace(work, root)
+        except OSError:  # a concurrent build published first: keep it if complete, else take its place
+            if is_complete(root):
+                return
+            raise

@@ -1,0 +1,433 @@
+"""Shared plumbing of the RL recipes (``recipes/ppo.py``, ``recipes/grpo.py``, ``recipes/reinforce.py``), so that each
+recipe stays a thin ``TrlParser`` script like TRL's own ``trl/scripts/grpo.py``.
+
+Defaults are the offline lab: its SFT policy, its prompts (train / held-out test) and its proxy reward model, with the
+gold reward tracked at weight 0. ``--model_name_or_path``, ``--dataset_name``, ``--reward_model_name_or_path`` and
+``--reward_funcs`` (dotted import paths, as TRL's CLI takes them) replace each part; ``--use_peft`` gives LoRA
+(TRL's ``get_peft_config``). Every run writes the results contract: ``log_history.jsonl`` while training
+(``ResultsCallback``) and ``metrics.json`` at the end, with the final training metrics and a held-out evaluation of
+the policy before and after training (mean reward per function, KL to the initial policy, sample completions).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from trl import ScriptArguments
+
+from .results import ResultsCallback, write_metrics
+from .validation import require_prompt_column, validated_reward_func
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RLScriptArguments",
+    "RLSetup",
+    "cpu_parser_defaults",
+    "apply_cpu_defaults",
+    "load_lab",
+    "resolve_policy",
+    "load_prompt_datasets",
+    "import_reward_func",
+    "build_reward_funcs",
+    "prepare_rl_run",
+    "evaluate_policy",
+    "train_and_report",
+]
+
+
+@dataclass
+class RLScriptArguments(ScriptArguments):
+    """Script arguments shared by the RL recipes (on top of TRL's ``ScriptArguments``: ``dataset_name``,
+    ``dataset_config``, ``dataset_train_split``, ``dataset_test_split``).
+
+    Args:
+        lab_dir: a lab directory to use (built there if missing); default: the cached default lab.
+        reward_model_name_or_path: a reward model (``AutoModelForSequenceClassification``, ``num_labels=1``) to
+            optimise; default on the lab: the lab's proxy reward model.
+        reward_funcs: reward functions as dotted import paths (``my_pkg.rewards.fn``) or names in ``trl.rewards``.
+        track_gold: on the lab, add the gold reward with weight 0 (logged as ``rewards/gold_reward/mean``, not
+            optimised). Reward weights come from the training config's ``reward_weights`` (main functions first).
+        num_eval_prompts: held-out completions evaluated before and after training (0 disables the evaluation);
+            the test prompts are cycled when this exceeds the test split (several samples per prompt).
+        eval_sampling: "sample" (temperature 1: the KL to the initial policy is then a true KL estimate) or "greedy".
+        num_sample_completions: sample completions stored in ``metrics.json`` before and after training.
+    """
+
+    lab_dir: str | None = field(default=None, metadata={"help": "Lab directory (default: the cached default lab)."})
+    reward_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reward model to optimise (default on the lab: its proxy RM)."}
+    )
+    reward_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Reward functions: dotted import paths or names in trl.rewards."}
+    )
+    track_gold: bool = field(default=True, metadata={"help": "On the lab, log the gold reward with weight 0."})
+    num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for the before/after evaluation."})
+    eval_sampling: str = field(default="sample", metadata={"help": "'sample' (temperature 1) or 'greedy'."})
+    num_sample_completions: int = field(default=4, metadata={"help": "Sample completions kept in metrics.json."})
+
+    def __post_init__(self):
+        if self.eval_sampling not in ("sample", "greedy"):
+            raise ValueError(f"eval_sampling must be 'sample' or 'greedy', got {self.eval_sampling!r}")
+        if self.num_eval_prompts < 0:
+            raise ValueError("num_eval_prompts must be >= 0")
+
+
+@dataclass
+class RLSetup:
+    """Everything a recipe hands to its trainer, plus what the evaluation needs."""
+
+    model: str
+    tokenizer: Any
+    train_dataset: Any
+    eval_prompts: list
+    reward_funcs: list
+    reward_weights: list[float]
+    eval_rewards: dict[str, Callable]
+    peft_config: Any
+    callbacks: list
+    lab: Any = None
+    on_lab: bool = False
+
+
+def cpu_parser_defaults() -> dict[str, Any]:
+    """Parser defaults for machines without CUDA: TRL configs default to bf16 and gradient checkpointing, and
+    ``TrainingArguments`` refuses bf16 on such a machine before any recipe code runs. Explicit flags still win."""
+    if torch.cuda.is_available():
+        return {}
+    return {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+
+
+def apply_cpu_defaults(training_args: Any) -> None:
+    """bf16 and gradient checkpointing off without CUDA (TRL defaults both on; on CPU they fail or crawl)."""
+    if not torch.cuda.is_available():
+        if getattr(training_args, "bf16", False) or getattr(training_args, "fp16", False):
+            logger.info("No CUDA: training in float32 (bf16/fp16 off).")
+        training_args.bf16 = False
+        training_args.fp16 = False
+        training_args.gradient_checkpointing = False
+
+
+def load_lab(script_args: RLScriptArguments):
+    """The lab (built on first use, then read from its cache)."""
+    from .lab import Lab, LabConfig, build_lab
+
+    if script_args.lab_dir:
+        try:
+            return Lab.from_dir(script_args.lab_dir)
+        except FileNotFoundError:
+            return build_lab(LabConfig(), output_dir=script_args.lab_dir)
+    return build_lab(LabConfig())
+
+
+def resolve_policy(model_args: Any, training_args: Any, lab: Any = None) -> tuple[str, Any]:
+    """(model path or Hub id, tokenizer). Default: the lab's SFT policy. A ``--model_name_or_path`` is loaded by the
+    trainer with ``training_args.model_init_kwargs`` (dtype, revision, attention; ``trust_remote_code`` from the
+    training config, default False)."""
+    from transformers import AutoTokenizer
+
+    path = model_args.model_name_or_path or (lab.policy_path if lab is not None else None)
+    if not path:
+        raise ValueError("No policy: pass --model_name_or_path (or run on the lab).")
+    init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    init_kwargs = {k: v for k, v in init_kwargs.items() if v is not None}
+    if training_args.model_init_kwargs:
+        init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = init_kwargs
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return path, tokenizer
+
+
+def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: int = 0) -> tuple[Any, Any]:
+    """(train, test) prompt data sets, each with a ``prompt`` column (validated). Default: the lab's prompts. A
+    ``--dataset_name`` without the test split gets ``num_eval_prompts`` held out of its train split."""
+    if script_args.dataset_name:
+        from datasets import DatasetDict, load_dataset
+
+        data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+        if not isinstance(data, DatasetDict):
+            data = DatasetDict({script_args.dataset_train_split: data})
+        if script_args.dataset_train_split not in data:
+            raise ValueError(f"{script_args.dataset_name} has no split {script_args.dataset_train_split!r} ({list(data)})")
+        train = data[script_args.dataset_train_split]
+        test = data.get(script_args.dataset_test_split)
+        if test is None and script_args.num_eval_prompts > 0:
+            n_test = min(script_args.num_eval_prompts, max(1, len(train) // 10))
+            split = train.train_test_split(test_size=n_test, seed=seed)
+            train, test = split["train"], split["test"]
+    else:
+        if lab is None:
+            raise ValueError("No prompts: pass --dataset_name (or run on the lab).")
+        data = lab.load_prompts()
+        train, test = data["train"], data["test"]
+    require_prompt_column(train)
+    if test is not None:
+        require_prompt_column(test)
+    return train, test
+
+
+def import_reward_func(name: str) -> Callable:
+    """A reward function from a dotted import path (``pkg.module.fn``, cwd importable, as TRL's CLI does) or a name
+    in ``trl.rewards``; plain functions are wrapped with ``validated_reward_func`` (NaN, inf, wrong length fail)."""
+    if "." in name:
+        module_path, attr = name.rsplit(".", 1)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        func = getattr(importlib.import_module(module_path), attr)
+    else:
+        import trl.rewards
+
+        if not hasattr(trl.rewards, name):
+            raise ValueError(f"Unknown reward function {name!r}: give a dotted import path or a name in trl.rewards.")
+        func = getattr(trl.rewards, name)
+    if not callable(func):
+        raise TypeError(f"{name} is not callable")
+    if isinstance(func, torch.nn.Module):
+        return func
+    return validated_reward_func(func) if not hasattr(func, "model") else func
+
+
+def build_reward_funcs(
+    script_args: RLScriptArguments, training_args: Any, lab: Any = None, on_lab: bool = False
+) -> tuple[list, list[float], dict[str, Callable]]:
+    """(reward functions, weights, functions for the held-out evaluation by name).
+
+    Main rewards: ``--reward_model_name_or_path`` and ``--reward_funcs``; the lab's proxy RM when neither is given.
+    Reward models are wrapped in ``rewards.RewardModelFunction`` (re-tokenised with their own tokenizer, EOS shown
+    where the policy emitted it). With ``track_gold`` on the lab the gold reward is appended with weight 0.
+    ``training_args.reward_weights`` may name the main weights only (the 0 is appended) or all of them.
+    """
+    from .rewards import RewardModelFunction
+
+    funcs: list = []
+    if script_args.reward_model_name_or_path:
+        funcs.append(RewardModelFunction(script_args.reward_model_name_or_path))
+    for name in script_args.reward_funcs or []:
+        funcs.append(import_reward_func(name))
+    if not funcs:
+        if lab is None:
+            raise ValueError("No reward: pass --reward_model_name_or_path or --reward_funcs (or run on the lab).")
+        funcs.append(RewardModelFunction(lab.reward_model_path, name="proxy_reward"))
+    n_main = len(funcs)
+    weights = list(training_args.reward_weights) if training_args.reward_weights is not None else [1.0] * n_main
+    if on_lab and script_args.track_gold:
+        from .lab import gold_reward
+
+        funcs.append(validated_reward_func(gold_reward))  # keeps __name__ "gold_reward"
+        if len(weights) == n_main:
+            weights.append(0.0)
+    if len(weights) != len(funcs):
+        raise ValueError(f"{len(weights)} reward_weights for {len(funcs)} reward functions ({_names(funcs)}).")
+    training_args.reward_weights = weights
+    eval_rewards = {_name(f): f for f in funcs}
+    return funcs, weights, eval_rewards
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def _names(funcs: Sequence[Any]) -> list[str]:
+    return [_name(f) for f in funcs]
+
+
+def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_args: Any) -> RLSetup:
+    """Resolves policy, tokenizer, prompts, rewards, PEFT config and callbacks for an RL recipe."""
+    from trl import get_peft_config
+
+    apply_cpu_defaults(training_args)
+    needs_lab = not (model_args.model_name_or_path and script_args.dataset_name and
+                     (script_args.reward_model_name_or_path or script_args.reward_funcs))
+    lab = load_lab(script_args) if needs_lab else None
+    on_lab = not script_args.dataset_name and lab is not None
+    model, tokenizer = resolve_policy(model_args, training_args, lab)
+    train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)
+    funcs, weights, eval_rewards = build_reward_funcs(script_args, training_args, lab, on_lab=on_lab)
+    eval_prompts = []
+    if test is not None and len(test) and script_args.num_eval_prompts:
+        pool = list(test["prompt"])  # cycled when more evaluation prompts are asked for than the split has
+        eval_prompts = [pool[i % len(pool)] for i in range(script_args.num_eval_prompts)]
+    return RLSetup(
+        model=model, tokenizer=tokenizer, train_dataset=train, eval_prompts=eval_prompts, reward_funcs=funcs,
+        reward_weights=weights, eval_rewards=eval_rewards, peft_config=get_peft_config(model_args),
+        callbacks=[ResultsCallback(training_args.output_dir)], lab=lab, on_lab=on_lab,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out evaluation
+# ----------------------------------------------------------------------------------------------------------------------
+def _prompt_texts(prompts: Sequence[Any], tokenizer: Any) -> list[str]:
+    if prompts and isinstance(prompts[0], list):  # conversational
+        return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    return list(prompts)
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Any],
+    reward_funcs: dict[str, Callable],
+    max_new_tokens: int,
+    sampling: str = "sample",
+    reference: Any = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    num_samples: int = 4,
+) -> dict[str, Any]:
+    """Generates one completion per held-out prompt and scores it with every reward function.
+
+    Returns ``{"<name>": mean reward, ..., "eos_rate", "mean_length", "kl_to_reference" (sequence k1, sampled
+    completions only, when ``reference`` is given: a model, or the same PEFT model whose adapters are disabled),
+    "samples": [...]}``.
+    """
+    if not prompts:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
+    texts = _prompt_texts(prompts, tokenizer)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    completions, completion_ids, kl = [], [], []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=sampling == "sample", temperature=1.0, top_k=0,
+                top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
+            )
+            gen = out[:, enc["input_ids"].size(1) :]
+            mask = torch.ones_like(gen)
+            for row in range(gen.size(0)):
+                ids = gen[row].tolist()
+                end = next((i + 1 for i, t in enumerate(ids) if t in eos_ids), len(ids))
+                mask[row, end:] = 0
+                completion_ids.append(ids[:end])
+            completions.extend(tokenizer.batch_decode([ids for ids in completion_ids[start:]], skip_special_tokens=True))
+            if reference is not None and sampling == "sample":
+                kl.extend(_sequence_kl(model, reference, out, enc["attention_mask"], mask).tolist())
+    finally:
+        tokenizer.padding_side = side
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    if isinstance(prompts[0], list):
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
+    result: dict[str, Any] = {}
+    for name, func in reward_funcs.items():
+        values = func(prompts=list(prompts), completions=completions, completion_ids=completion_ids)
+        finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        result[name] = sum(finite) / len(finite) if finite else None
+    result["eos_rate"] = sum(bool(ids) and ids[-1] in eos_ids for ids in completion_ids) / len(completion_ids)
+    result["mean_length"] = sum(len(ids) for ids in completion_ids) / len(completion_ids)
+    if kl:
+        result["kl_to_reference"] = sum(kl) / len(kl)
+    result["samples"] = [
+        {"prompt": p, "completion": c} for p, c in zip(list(prompts)[:num_samples], completions[:num_samples])
+    ]
+    return result
+
+
+def _sequence_kl(model, reference, sequences, prompt_mask, completion_mask) -> torch.Tensor:
+    """Σ_t log π(y_t) − log π_ref(y_t) over each sampled completion (k1; unbiased for KL(π‖π_ref) at temperature 1)."""
+    attention = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    T = completion_mask.size(1)
+    targets = sequences[:, -T:]
+
+    def logps(m) -> torch.Tensor:
+        logits = m(input_ids=sequences, attention_mask=attention).logits[:, -T - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    policy_logps = logps(model)
+    if reference == "disable_adapter":
+        with model.disable_adapter():
+            ref_logps = logps(model)
+    else:
+        ref_logps = logps(reference)
+    return ((policy_logps - ref_logps) * completion_mask).sum(dim=1)
+
+
+def _reference_for_eval(trainer: Any) -> Any:
+    """The initial policy: the trainer's reference model, or the adapter-disabled PEFT model; None without one."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "disable_adapter"):
+        return "disable_adapter"
+    ref = getattr(trainer, "ref_model", None)
+    return trainer.accelerator.unwrap_model(ref) if ref is not None else None
+
+
+def train_and_report(trainer: Any, setup: RLSetup, script_args: RLScriptArguments, training_args: Any) -> dict[str, Any]:
+    """Evaluates, trains, evaluates again, saves (policy, and the critic for PPO), writes ``metrics.json`` and
+    pushes to the Hub when asked. Returns the metrics written."""
+    accelerator = trainer.accelerator
+    max_new = getattr(training_args, "max_completion_length", 32) or 32
+    evaluate = accelerator.is_main_process and setup.eval_prompts
+
+    def run_eval(with_reference: bool) -> dict[str, Any]:
+        if not evaluate:
+            return {}
+        model = accelerator.unwrap_model(trainer.model)
+        return evaluate_policy(
+            model, setup.tokenizer, setup.eval_prompts, setup.eval_rewards, max_new_tokens=max_new,
+            sampling=script_args.eval_sampling, reference=_reference_for_eval(trainer) if with_reference else None,
+            seed=training_args.seed, num_samples=script_args.num_sample_completions,
+        )
+
+    before = run_eval(with_reference=False)
+    accelerator.wait_for_everyone()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    after = run_eval(with_reference=True)
+    accelerator.wait_for_everyone()  # the evaluation runs on the main process only
+    trainer.save_model(training_args.output_dir)
+
+    train_logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+    metrics: dict[str, Any] = {
+        "train": {**(train_logs[-1] if train_logs else {}), **train_result.metrics},
+        "global_step": trainer.state.global_step,
+        "eval_before": {k: v for k, v in before.items() if k != "samples"},
+        "eval_after": {k: v for k, v in after.items() if k != "samples"},
+        "samples_before": before.get("samples", []),
+        "samples_after": after.get("samples", []),
+        "on_lab": setup.on_lab,
+        "reward_funcs": list(setup.eval_rewards),
+        "reward_weights": setup.reward_weights,
+        "num_eval_prompts": len(setup.eval_prompts),
+        "eval_sampling": script_args.eval_sampling,
+    }
+    for name in setup.eval_rewards:
+        if name in before and name in after:
+            metrics[f"{name}_before"], metrics[f"{name}_after"] = before[name], after[name]
+    if "kl_to_reference" in after:
+        metrics["kl_after"] = after["kl_to_reference"]
+    if accelerator.is_main_process:
+        write_metrics(training_args.output_dir, metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name or "hf-rlhf-ext lab prompts")
+    accelerator.wait_for_everyone()
+    if hasattr(trainer, "end"):
+        trainer.end()  # finishes the trackers and destroys the process group (transformers >= 5.18)
+    return metrics

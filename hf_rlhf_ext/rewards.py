@@ -1,0 +1,318 @@
+"""Reward adapters: any reward model or reward function as a TRL reward function, ready-made lab rewards importable by
+dotted path, and helpers for tracked-only (weight 0) rewards.
+
+Why: TRL's ``GRPOTrainer`` / ``RLOOTrainer`` take reward *functions* ``f(prompts, completions, completion_ids, ...)``
+and log each one's batch mean as ``rewards/<__name__>/mean``. A function with weight 0 in ``reward_weights`` is
+computed and logged but does not steer training — the way to watch a gold reward (or a held-out judge) next to the
+proxy being optimised, in an unmodified TRL script or in TRL's own CLI::
+
+    trl grpo --model_name_or_path <policy dir> --dataset_name <prompts dir> \\
+        --reward_funcs hf_rlhf_ext.rewards.lab_proxy_reward hf_rlhf_ext.rewards.lab_gold_reward \\
+        --reward_weights 1 0
+
+A reward *model* passed to TRL directly is scored on ``prompt + completion`` text without the EOS the policy emitted
+(completions are decoded with ``skip_special_tokens=True``) and, built from a config, is logged as ``rewards//mean``.
+:class:`RewardModelFunction` instead re-tokenises with the RM's own tokenizer, appends the RM's EOS when the policy
+really terminated, and has a stable readable name.
+
+Every function here validates its output (one finite float or None per completion; ``validation.check_rewards``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Any, Callable, Literal, Sequence
+
+from .validation import check_rewards
+
+__all__ = [
+    "RewardModelFunction",
+    "lab_gold_reward",
+    "lab_proxy_reward",
+    "tracking",
+    "ensemble_judge",
+    "LAB_DIR_ENV",
+]
+
+LAB_DIR_ENV = "HF_RLHF_EXT_LAB_DIR"  # a built lab directory to use instead of the default cache
+
+
+def _is_conversational(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and isinstance(x[0], dict) and "role" in x[0]
+
+
+def _assistant_text(completion: Any) -> str:
+    if isinstance(completion, str):
+        return completion
+    if _is_conversational(completion):
+        parts = []
+        for m in completion:
+            if m.get("role") == "assistant":
+                content = m.get("content", "")
+                if isinstance(content, list):
+                    content = " ".join(c.get("text", "") for c in content if isinstance(c, dict))
+                parts.append(str(content))
+        return " ".join(parts)
+    raise TypeError(f"A completion must be a string or a list of chat messages, got {type(completion).__name__}.")
+
+
+class RewardModelFunction:
+    """A sequence-classification reward model (``num_labels=1``) as a TRL reward function.
+
+    Args:
+        model_or_path: a local directory / Hub id loadable with ``AutoModelForSequenceClassification``, or the module.
+        tokenizer: the RM's tokenizer (object or path); default: loaded from the model's directory.
+        name: the name TRL logs it under (``rewards/<name>/mean``); default: the directory's base name.
+        batch_size: completions scored per forward pass.
+        append_eos: "auto" appends the RM tokenizer's EOS when the policy's completion ids end with that id (same
+            tokenizer for policy and RM, e.g. the lab) — TRL decodes completions without EOS, and an RM trained on
+            terminated replies needs to see it; True always appends it; False never.
+        max_length: keep at most this many tokens (the last ones, so the end of the reply is kept); default: the
+            model's position limit.
+        device: where a model loaded from a path is placed (default: this process's accelerator device).
+
+    Text handling: prompt and reply are tokenised separately (no special tokens added) and concatenated, so a word
+    never fuses across the prompt/reply boundary. Conversational prompts are rendered with the RM tokenizer's chat
+    template (``add_generation_prompt=True``) and the assistant content is appended, as the policy produced it.
+    """
+
+    def __init__(
+        self,
+        model_or_path: Any,
+        tokenizer: Any = None,
+        name: str | None = None,
+        batch_size: int = 64,
+        append_eos: bool | Literal["auto"] = "auto",
+        max_length: int | None = None,
+        device: Any = None,
+    ) -> None:
+        import torch
+        from torch import nn
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if append_eos not in (True, False, "auto"):
+            raise ValueError(f"append_eos must be True, False or 'auto', got {append_eos!r}.")
+        if isinstance(model_or_path, (str, os.PathLike)):
+            path = os.fspath(model_or_path)
+            if device is None:
+                from accelerate import PartialState
+
+                device = PartialState().device
+            model = AutoModelForSequenceClassification.from_pretrained(path).to(device)
+            default_name = os.path.basename(os.path.normpath(path))
+            tok_source = path
+        elif isinstance(model_or_path, nn.Module):
+            model = model_or_path
+            path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+            default_name = os.path.basename(os.path.normpath(path)) if path else type(model).__name__
+            tok_source = path or None
+        else:
+            raise TypeError(
+                f"RewardModelFunction takes a model directory/id or a torch module, got {type(model_or_path).__name__}."
+            )
+        num_labels = getattr(getattr(model, "config", None), "num_labels", 1)
+        if num_labels != 1:
+            raise ValueError(f"A reward model must output one score (num_labels=1); this one has {num_labels}.")
+        if tokenizer is None:
+            if tok_source is None:
+                raise ValueError(
+                    "RewardModelFunction needs the reward model's tokenizer: pass tokenizer=... (the module has no "
+                    "config._name_or_path to load it from)."
+                )
+            tokenizer = AutoTokenizer.from_pretrained(tok_source)
+        elif isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.append_eos = append_eos
+        limit = max_length or getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
+        self.max_length = int(limit) if limit else None
+        self.name = name or default_name or "reward_model"
+        self.__name__ = self.name  # TRL: rewards/<__name__>/mean
+        self.__qualname__ = self.name
+        self._torch = torch
+
+    def __repr__(self) -> str:
+        return f"RewardModelFunction(name={self.name!r}, model={type(self.model).__name__})"
+
+    def _prompt_ids(self, prompt: Any) -> list[int]:
+        tok = self.tokenizer
+        if _is_conversational(prompt):
+            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        elif isinstance(prompt, str):
+            text = prompt
+        else:
+            raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def sequences(
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None
+    ) -> list[list[int]]:
+        """The token ids the reward model scores, one list per completion."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        out = []
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            ids = self._prompt_ids(p) + tok(_assistant_text(c), add_special_tokens=False)["input_ids"]
+            terminated = False
+            if self.append_eos is True:
+                terminated = True
+            elif self.append_eos == "auto" and completion_ids is not None and eos is not None:
+                row = list(completion_ids[i])
+                terminated = bool(row) and int(row[-1]) == int(eos)
+            if terminated and eos is not None:
+                ids.append(int(eos))
+            if not ids:
+                ids = [eos if eos is not None else (tok.pad_token_id or 0)]
+            if self.max_length and len(ids) > self.max_length:
+                ids = ids[-self.max_length :]
+            out.append(ids)
+        return out
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        from .reward_modeling import score_token_ids
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{self.name}: {len(prompts)} prompts but {len(completions)} completions.")
+        if len(completions) == 0:
+            return []
+        seqs = self.sequences(prompts, completions, completion_ids)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        scores = score_token_ids(self.model, seqs, pad_token_id=pad, batch_size=self.batch_size)
+        return check_rewards(scores.tolist(), len(completions), self.name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ready-made lab rewards (importable by dotted path for `trl grpo --reward_funcs ...`)
+
+
+def lab_gold_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None, **kwargs
+) -> list[float]:
+    """The lab's gold reward (``hf_rlhf_ext.lab.gold_reward``), logged as ``rewards/lab_gold_reward/mean``.
+
+    Uses the completion ids (which TRL passes) to tell a terminated reply from one cut off by the length limit.
+    """
+    from .lab.task import gold_reward
+
+    values = gold_reward(prompts, completions, completion_ids=completion_ids)
+    return check_rewards(values, len(completions), "lab_gold_reward")
+
+
+_lab_proxy: RewardModelFunction | None = None
+_lab_proxy_lock = threading.Lock()
+
+
+def lab_reward_model_path() -> str:
+    """The proxy RM directory of the lab: ``$HF_RLHF_EXT_LAB_DIR`` if set, else the default lab (built on first use,
+    then read from ``$HF_RLHF_EXT_HOME/lab/<config hash>``)."""
+    from .lab import Lab, LabConfig, build_lab
+
+    root = os.environ.get(LAB_DIR_ENV)
+    lab = Lab.from_dir(root) if root else build_lab(LabConfig())
+    return lab.reward_model_path
+
+
+def lab_proxy_reward(
+    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None, **kwargs
+) -> list[float]:
+    """The lab's proxy reward model, loaded on the first call (from ``$HF_RLHF_EXT_LAB_DIR`` or the default lab
+    cache), logged as ``rewards/lab_proxy_reward/mean``. The EOS token is shown to the RM only where the policy
+    emitted it — the format the RM was trained on."""
+    global _lab_proxy
+    if _lab_proxy is None:
+        with _lab_proxy_lock:
+            if _lab_proxy is None:
+                _lab_proxy = RewardModelFunction(lab_reward_model_path(), name="lab_proxy_reward")
+    return _lab_proxy(prompts, completions, completion_ids=completion_ids, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def tracking(func: Any, name: str | None = None) -> Callable[..., list[float]]:
+    """A renamed, validating copy of a reward function (or reward model / model path) for weight-0 tracking.
+
+    Pass it in ``reward_funcs`` with weight 0 in ``reward_weights``: TRL logs it as ``rewards/<name>/mean`` without
+    optimising it. Renaming lets the same function be optimised and tracked (e.g. on another data column) without
+    two metrics of one name, and gives a reward model a readable name. Default name: ``<original>_tracked``.
+    """
+    from torch import nn
+
+    if isinstance(func, (str, os.PathLike, nn.Module)):
+        base = RewardModelFunction(func)
+        return RewardModelFunction(base.model, tokenizer=base.tokenizer, name=name or f"{base.name}_tracked")
+    if not callable(func):
+        raise TypeError(f"tracking() takes a reward function, a reward model or a model path, got {type(func).__name__}.")
+    original = getattr(func, "__name__", type(func).__name__)
+    new_name = name or f"{original}_tracked"
+
+    def tracked(prompts=None, completions=None, **kwargs):
+        values = func(prompts=prompts, completions=completions, **kwargs)
+        return check_rewards(values, len(completions), new_name)
+
+    tracked.__name__ = tracked.__qualname__ = new_name
+    tracked.__doc__ = f"Tracked copy of {original!r} (for weight-0 logging)."
+    tracked.__wrapped__ = func  # type: ignore[attr-defined]
+    return tracked
+
+
+def ensemble_judge(
+    funcs: Sequence[Callable[..., Any]], penalty: float = 1.0, name: str = "ensemble_judge"
+) -> Callable[..., list[float]]:
+    """A held-out judge from an ensemble of reward functions: mean − ``penalty`` · std across members, per completion.
+
+    Where there is no gold reward, this is a stand-in that falls when the members start to disagree — which is what
+    happens off the data the reward models were trained on, where a policy exploiting one RM goes (uncertainty-weighted
+    objective, Coste et al. 2023, arXiv 2310.02743). The mean disagreement (std) is also logged through TRL's
+    ``log_metric`` as ``<name>/disagreement`` when TRL passes it.
+    """
+    funcs = list(funcs)
+    if len(funcs) < 2:
+        raise ValueError(f"ensemble_judge needs at least 2 reward functions, got {len(funcs)}.")
+    if penalty < 0 or not math.isfinite(penalty):
+        raise ValueError(f"penalty must be a finite number >= 0, got {penalty}.")
+    names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
+
+    def judge(prompts=None, completions=None, log_metric=None, **kwargs):
+        columns = []
+        for f, n in zip(funcs, names):
+            vals = check_rewards(f(prompts=prompts, completions=completions, **kwargs), len(completions), n)
+            columns.append([math.nan if v is None else float(v) for v in vals])
+        out: list[float | None] = []
+        stds = []
+        for row in zip(*columns):
+            vals = [v for v in row if math.isfinite(v)]
+            if not vals:
+                out.append(None)
+                continue
+            mean = sum(vals) / len(vals)
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            stds.append(std)
+            out.append(mean - penalty * std)
+        if log_metric is not None and stds:
+            log_metric(f"{name}/disagreement", sum(stds) / len(stds))
+        return check_rewards(out, len(completions), name)
+
+    judge.__name__ = judge.__qualname__ = name
+    judge.members = names  # type: ignore[attr-defined]
+    return judge

@@ -1,0 +1,519 @@
+"""The monitoring callbacks on vanilla TRL trainers (tiny stand-in models, a few steps) and on synthetic logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from _callbacks_helpers import (
+    build_policy,
+    good_reward,
+    grpo_config,
+    polite_reward,
+    prompt_dataset,
+    prompts,
+    rloo_config,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory) -> str:
+    return build_policy(str(tmp_path_factory.mktemp("cb") / "policy"))
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+
+
+def _grpo(policy_path, out, reward_funcs=None, peft=False, cls=None, **cfg):
+    from trl import GRPOTrainer
+
+    cls = cls or GRPOTrainer
+    return cls(
+        model=policy_path,
+        reward_funcs=reward_funcs or [good_reward],
+        args=grpo_config(str(out), **cfg),
+        train_dataset=prompt_dataset(),
+        peft_config=_lora() if peft else None,
+    )
+
+
+def _logged(trainer, key):
+    return [(r["step"], r[key]) for r in trainer.state.log_history if key in r]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Trainer checks
+
+
+def test_callbacks_reject_unsupported_trainers(policy_path, tmp_path):
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from hf_rlhf_ext.callbacks import (
+        GroupAdvantageCheckCallback,
+        KLToReferenceCallback,
+        OveroptimizationCallback,
+        UnsupportedTrainerError,
+    )
+
+    plain = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(policy_path),
+        args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+    )
+    with pytest.raises(UnsupportedTrainerError, match="GRPOTrainer and trl.RLOOTrainer"):
+        KLToReferenceCallback(plain, prompts(4), allow_reference_copy=True)
+    with pytest.raises(UnsupportedTrainerError, match="Trainer"):
+        GroupAdvantageCheckCallback(plain)
+    with pytest.raises(UnsupportedTrainerError):
+        OveroptimizationCallback(plain, gold="x")
+    with pytest.raises(UnsupportedTrainerError, match="needs the trainer"):
+        KLToReferenceCallback(None, prompts(4))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KL to the reference
+
+
+def test_kl_callback_lora_zero_at_start_positive_after_training(policy_path, tmp_path):
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback
+
+    torch.manual_seed(0)
+    trainer = _grpo(policy_path, tmp_path, peft=True, max_steps=6, learning_rate=5e-2)
+    cb = KLToReferenceCallback(trainer, prompts(8), every_n_steps=3, num_samples=16)
+    assert cb.reference.kind == "peft_adapter_disabled"
+    trainer.add_callback(cb)
+    trainer.train()
+    # measured at start and every 3 steps only: nothing in between
+    assert [h["step"] for h in cb.history] == [0, 3, 6]
+    start = cb.history[0]
+    assert abs(start["kl_ref/k1_seq"]) < 1e-6 and abs(start["kl_ref/k3_seq"]) < 1e-6  # adapter initialised to 0
+    logged = _logged(trainer, "kl_ref/k3_seq")
+    assert [s for s, _ in logged] == [3, 6]
+    assert logged[-1][1] == pytest.approx(cb.history[-1]["kl_ref/k3_seq"])
+    assert logged[-1][1] > 1e-4  # the LoRA policy moved away from its base
+    assert cb.history[-1]["kl_ref/completion_length"] > 0
+    assert not any("kl_ref/k1_seq" in r for r in trainer.state.log_history if r["step"] in (1, 2, 4, 5))
+
+
+def test_kl_callback_needs_reference_or_permission(policy_path, tmp_path):
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback
+
+    trainer = _grpo(policy_path, tmp_path, max_steps=2)  # beta = 0, no PEFT: no reference anywhere
+    with pytest.raises(ValueError, match="allow_reference_copy=True"):
+        KLToReferenceCallback(trainer, prompts(4))
+    cb = KLToReferenceCallback(trainer, prompts(4), every_n_steps=2, num_samples=8, allow_reference_copy=True)
+    trainer.add_callback(cb)
+    trainer.train()
+    assert cb.reference.kind == "frozen_copy"
+    assert abs(cb.history[0]["kl_ref/k1_seq"]) < 1e-6
+    ref = cb.reference._copy
+    assert all(not p.requires_grad for p in ref.parameters())
+    # the copy is the *initial* policy: the trained policy's weights differ from it
+    trained = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in ref.named_parameters())
+
+
+def test_kl_callback_uses_trl_reference_when_beta_positive(policy_path, tmp_path):
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback
+
+    trainer = _grpo(policy_path, tmp_path, max_steps=2, beta=0.1)
+    cb = KLToReferenceCallback(trainer, prompts(4), every_n_steps=2, num_samples=8, measure_at_start=False)
+    assert cb.reference.kind == "trainer_ref_model"
+    trainer.add_callback(cb)
+    trainer.train()
+    assert [h["step"] for h in cb.history] == [2]
+    assert math.isfinite(cb.history[0]["kl_ref/k3_seq"]) and cb.history[0]["kl_ref/k3_seq"] >= 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Group advantages
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"scale_rewards": "batch"}, {"scale_rewards": "none"}, {"multi_objective_aggregation": "normalize_then_sum"}],
+)
+def test_group_check_passes_on_vanilla_grpo(policy_path, tmp_path, cfg):
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
+
+    trainer = _grpo(policy_path, tmp_path, reward_funcs=[good_reward, polite_reward], max_steps=3, **cfg)
+    cb = GroupAdvantageCheckCallback(trainer, on_violation="raise")
+    trainer.add_callback(cb)
+    trainer.train()
+    assert len(cb.history) == 3 and not cb.violations
+    logged = _logged(trainer, "adv_check/max_abs_diff")
+    assert [s for s, _ in logged] == [1, 2, 3]
+    assert all(v < 1e-5 for _, v in logged)
+    assert all(v < 1e-5 for _, v in _logged(trainer, "adv_check/max_abs_group_mean"))
+    assert all(v == 0 for _, v in _logged(trainer, "adv_check/sign_mismatch_frac"))
+    assert all(0 <= v <= 4 for _, v in _logged(trainer, "adv_check/zero_std_groups"))
+    if cfg == {}:  # group scaling: |A| <= (G - 1) / sqrt(G) = 1.5 for G = 4
+        assert all(v <= 1.5 + 1e-3 for _, v in _logged(trainer, "adv_check/max_abs_adv"))
+    # the wrapper is removed after training
+    assert "_generate_and_score_completions" not in vars(trainer)
+
+
+def test_group_check_on_rloo_with_kl_in_reward(policy_path, tmp_path):
+    from trl import RLOOTrainer
+
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
+
+    trainer = RLOOTrainer(
+        model=policy_path, reward_funcs=[good_reward, polite_reward],
+        args=rloo_config(str(tmp_path), max_steps=3, beta=0.05, learning_rate=2e-2), train_dataset=prompt_dataset(),
+    )
+    cb = GroupAdvantageCheckCallback(trainer, on_violation="raise")
+    trainer.add_callback(cb)
+    trainer.train()
+    assert cb.method == "rloo" and not cb.violations and len(cb.history) == 3
+    assert all(v < 1e-4 for _, v in _logged(trainer, "adv_check/max_abs_diff"))
+    # a wrong KL term would be caught: recomputing without it misses the logged advantages
+    from hf_rlhf_ext.callbacks.group_advantage import expected_advantages
+
+    names = trainer.reward_func_names
+    rpf = torch.tensor([list(trainer._logs["rewards"][n]) for n in names]).T
+    no_kl, _ = expected_advantages(rpf, trainer.reward_weights, 4, method="rloo", beta=0.0)
+    logged = torch.tensor(list(trainer._logs["advantages"]))
+    assert (no_kl - logged).abs().max() > 1e-4
+
+
+def _unscaled_grpo_class():
+    """A GRPO trainer with a silent bug: it trains on r − mean (no division by the std) although
+    scale_rewards='group' is configured — group means stay 0 and signs stay right."""
+    from trl import GRPOTrainer
+
+    class Unscaled(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            names = self.reward_func_names
+            n = out["advantages"].shape[0]
+            r = torch.tensor([list(self._logs["rewards"][k])[-n:] for k in names]).T
+            r = (r * self.reward_weights).sum(1)
+            adv = r - r.view(-1, self.num_generations).mean(1).repeat_interleave(self.num_generations)
+            adv = adv * 3.0  # large enough to differ from the scaled version
+            out["advantages"] = adv
+            for i in range(n):
+                self._logs["advantages"][len(self._logs["advantages"]) - n + i] = float(adv[i])
+            return out
+
+    return Unscaled
+
+
+def test_group_check_catches_missing_scaling(policy_path, tmp_path):
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback, GroupAdvantageViolation
+
+    trainer = _grpo(policy_path, tmp_path, cls=_unscaled_grpo_class(), max_steps=3, reward_funcs=[polite_reward])
+    trainer.add_callback(GroupAdvantageCheckCallback(trainer, on_violation="raise"))
+    with pytest.raises(GroupAdvantageViolation, match="recompute|exceed"):
+        trainer.train()
+
+
+def test_group_check_warns_on_flipped_advantages(policy_path, tmp_path):
+    """Corrupts the advantages the loss uses (sign flipped) but not the logs: caught as used ≠ logged."""
+    from trl import GRPOTrainer
+
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
+
+    class Flipped(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            out["advantages"] = -out["advantages"]
+            return out
+
+    trainer = _grpo(policy_path, tmp_path, cls=Flipped, max_steps=2, reward_funcs=[polite_reward])
+    cb = GroupAdvantageCheckCallback(trainer, on_violation="warn")
+    trainer.add_callback(cb)
+    with pytest.warns(RuntimeWarning, match="used_vs_logged"):
+        trainer.train()
+    assert {v["kind"] for v in cb.violations} == {"used_vs_logged"}
+    assert all(v > 0.1 for _, v in _logged(trainer, "adv_check/used_vs_logged_diff"))
+    assert all(v >= 1 for _, v in _logged(trainer, "adv_check/violations"))
+
+
+def test_group_check_catches_corrupted_logged_signs(policy_path, tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
+
+    class Shifted(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            out["advantages"] = out["advantages"] + 0.5  # a bad baseline: group means no longer 0
+            n = out["advantages"].shape[0]
+            for i in range(n):
+                self._logs["advantages"][len(self._logs["advantages"]) - n + i] += 0.5
+            return out
+
+    trainer = _grpo(policy_path, tmp_path, cls=Shifted, max_steps=2, reward_funcs=[polite_reward])
+    cb = GroupAdvantageCheckCallback(trainer, on_violation="warn")
+    trainer.add_callback(cb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    kinds = {v["kind"] for v in cb.violations}
+    assert {"group_mean", "recompute"} <= kinds
+    assert all(v == pytest.approx(0.5, abs=1e-4) for _, v in _logged(trainer, "adv_check/max_abs_group_mean"))
+
+
+def test_group_check_rejects_per_token_advantages(policy_path, tmp_path):
+    from trl import GRPOTrainer
+
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback, UnsupportedTrainerError
+
+    class PerToken(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            out["advantages"] = out["advantages"].unsqueeze(1).expand_as(out["completion_mask"]).clone()
+            return out
+
+    trainer = _grpo(policy_path, tmp_path, cls=PerToken, max_steps=1)
+    trainer.add_callback(GroupAdvantageCheckCallback(trainer))
+    with pytest.raises(UnsupportedTrainerError, match="per-token"):
+        trainer.train()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Over-optimisation: synthetic log sequences
+
+
+def _feed(cb, series, output_dir):
+    """Feeds (step, proxy, gold) through on_log as the trainer would; returns the control flags seen."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(output_dir), report_to="none", use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    stops = []
+    cb.on_train_begin(args, state, control)
+    for step, proxy, gold in series:
+        state.global_step = step
+        cb.on_log(args, state, control, logs={"reward": proxy, "rewards/gold/mean": gold, "loss": 0.0})
+        stops.append((step, control.should_training_stop))
+    cb.on_log(args, state, control, logs={"train_runtime": 1.0})  # summary record: ignored
+    cb.on_train_end(args, state, control)
+    return stops
+
+
+def _hump(step: int) -> float:
+    return 1.0 - ((step - 25) / 25.0) ** 2
+
+
+def test_overoptimization_finds_peak_and_stops(tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    series = [(s, 0.02 * s, _hump(s)) for s in range(0, 80, 5)]
+    cb = OveroptimizationCallback(
+        proxy="reward", gold="gold", smoothing="window", window=1, patience=3, min_delta=0.01,
+        stop_on_overoptimization=True, save_peak=False,
+    )
+    with pytest.warns(RuntimeWarning, match="over-optimisation"):
+        stops = _feed(cb, series, tmp_path)
+    f = cb.findings()
+    assert f.detected and f.gold_fell and f.stopped
+    assert f.peak_step == 25 and f.peak_gold == pytest.approx(1.0)
+    assert f.first_flag_step == 30
+    assert f.detected_step == 40  # three measurements after the peak
+    assert [s for s, stop in stops if stop][0] == 40
+    assert f.final_gold < f.peak_gold and f.final_proxy > f.proxy_at_peak
+    saved = json.loads((tmp_path / "overoptimization.json").read_text())
+    assert saved["findings"]["peak_step"] == 25 and len(saved["points"]) == len(series)
+    assert (tmp_path / "overoptimization.png").stat().st_size > 1000
+
+
+def test_overoptimization_ema_smoothing_tolerates_noise(tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    gen = torch.Generator().manual_seed(0)
+    noise = (torch.rand(20, generator=gen) - 0.5) * 0.2
+    series = [(s, 0.02 * s, _hump(s) + float(noise[i])) for i, s in enumerate(range(0, 100, 5))]
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", ema_alpha=0.5, patience=3, min_delta=0.02)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _feed(cb, series, tmp_path)
+    f = cb.findings()
+    assert f.detected
+    assert 20 <= f.peak_step <= 35
+    assert f.peak_gold > f.final_gold + 0.5
+
+
+def test_overoptimization_not_flagged_when_gold_keeps_rising(tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    series = [(s, 0.02 * s, 0.01 * s) for s in range(0, 80, 5)]
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", stop_on_overoptimization=True, save_peak=False)
+    stops = _feed(cb, series, tmp_path)
+    f = cb.findings()
+    assert not f.detected and not f.gold_fell and not any(s for _, s in stops)
+    assert f.peak_step == 75 and f.first_flag_step is None
+
+
+def test_overoptimization_gold_falls_with_proxy_is_not_goodhart(tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    series = [(s, _hump(s), _hump(s)) for s in range(0, 80, 5)]  # both fall: collapse, not reward hacking
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", smoothing="window", window=1, save_peak=False)
+    _feed(cb, series, tmp_path)
+    f = cb.findings()
+    assert f.gold_fell and not f.detected and f.first_flag_step is None
+
+
+def test_overoptimization_missing_key_is_a_clear_error(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    cb = OveroptimizationCallback(proxy="reward", gold="gold_reward")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(KeyError, match="rewards/gold_reward/mean"):
+        cb.on_log(args, TrainerState(), TrainerControl(), logs={"reward": 1.0, "rewards/proxy/mean": 1.0})
+
+
+def test_overoptimization_writes_only_on_main_process(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    cb = OveroptimizationCallback(proxy="reward", gold="gold")
+    cb.update(1, 0.1, 0.2)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    state = TrainerState(is_world_process_zero=False)
+    cb.on_train_end(args, state, TrainerControl())
+    assert not (tmp_path / "out" / "overoptimization.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Over-optimisation on real trainers
+
+
+def test_overoptimization_logs_mode_on_grpo(policy_path, tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    trainer = _grpo(
+        policy_path, tmp_path, reward_funcs=[good_reward, polite_reward], reward_weights=[1.0, 0.0], max_steps=4,
+    )
+    with pytest.raises(ValueError, match="not one of the trainer's reward functions"):
+        OveroptimizationCallback(trainer, gold=lambda prompts, completions, **kw: [0.0] * len(completions))
+    cb = OveroptimizationCallback(trainer)  # defaults: proxy = the weighted function, gold = the weight-0 one
+    assert (cb.proxy_key, cb.gold_key) == ("rewards/good_reward/mean", "rewards/polite_reward/mean")
+    trainer.add_callback(cb)
+    trainer.train()
+    f = cb.findings()
+    assert f.num_points == 4 and f.gold_name == "polite_reward"
+    golds = [v for _, v in _logged(trainer, "rewards/polite_reward/mean")]
+    assert [p["gold"] for p in cb.points] == pytest.approx(golds)
+    assert _logged(trainer, "overopt/gold")  # logged (one record later)
+    peak_dir = tmp_path / "gold_peak"
+    assert (peak_dir / "config.json").exists() and (peak_dir / "tokenizer.json").exists()
+    assert json.loads((peak_dir / "peak_info.json").read_text())["step"] == f.peak_step
+    assert (tmp_path / "overoptimization.json").exists() and (tmp_path / "overoptimization.png").exists()
+
+
+def test_overoptimization_needs_a_gold(policy_path, tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    trainer = _grpo(policy_path, tmp_path, reward_funcs=[good_reward], max_steps=1)
+    with pytest.raises(ValueError, match="Say which reward is the gold"):
+        OveroptimizationCallback(trainer)
+
+
+def test_overoptimization_sample_mode_on_rloo(policy_path, tmp_path):
+    from trl import RLOOTrainer
+
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    trainer = RLOOTrainer(
+        model=policy_path, reward_funcs=[good_reward], args=rloo_config(str(tmp_path), max_steps=4),
+        train_dataset=prompt_dataset(),
+    )
+    cb = OveroptimizationCallback(
+        trainer, proxy="good_reward", gold=polite_reward, eval_prompts=prompts(8), every_n_steps=2, num_samples=8,
+    )
+    assert cb.mode == "sample" and cb.reference is not None  # RLOO's beta > 0: TRL's ref model is reused
+    trainer.add_callback(cb)
+    trainer.train()
+    assert [p["step"] for p in cb.points] == [0, 2, 4]
+    assert all(p["gold"] is not None and p["kl"] is not None for p in cb.points)
+    assert abs(cb.points[0]["kl"]) < 1e-6
+    assert [s for s, _ in _logged(trainer, "overopt/gold")] == [2, 4]
+    # measuring does not change the training samples (sampling under a forked RNG)
+    trainer2 = RLOOTrainer(
+        model=policy_path, reward_funcs=[good_reward], args=rloo_config(str(tmp_path / "b"), max_steps=4),
+        train_dataset=prompt_dataset(),
+    )
+    trainer2.train()
+    assert _logged(trainer, "rewards/good_reward/mean") == _logged(trainer2, "rewards/good_reward/mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# End to end on the lab: GRPO with a too-small β over-optimises the proxy RM
+
+
+@pytest.mark.slow
+def test_overoptimization_end_to_end_on_lab(tmp_path):
+    """GRPO, lr 3e-4, 32 completions/step, G = 8, β = 0.02 (LAB_NOTES): the gold reward peaks early and falls while
+    the proxy keeps rising. The callback (held-out sampling every 5 steps) must find the peak, flag the fall while the
+    proxy rises, and keep a checkpoint that is better on gold than the final model on fresh held-out samples."""
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+    from hf_rlhf_ext.lab import build_lab
+    from hf_rlhf_ext.lab.build import policy_quality
+    from hf_rlhf_ext.rewards import lab_gold_reward, lab_proxy_reward
+
+    torch.set_num_threads(1)
+    lab = build_lab()
+    data = lab.load_prompts()
+    held_out = list(data["test"]["prompt"])
+    trainer = GRPOTrainer(
+        model=lab.policy_path,
+        reward_funcs=[lab_proxy_reward, lab_gold_reward],
+        args=GRPOConfig(
+            output_dir=str(tmp_path), reward_weights=[1.0, 0.0], beta=0.02, learning_rate=3e-4,
+            per_device_train_batch_size=32, num_generations=8, max_completion_length=32, max_steps=150,
+            logging_steps=5, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+            gradient_checkpointing=False, seed=0, disable_tqdm=True, log_level="error",
+        ),
+        train_dataset=data["train"],
+    )
+    sampled = OveroptimizationCallback(
+        trainer, proxy=lab_proxy_reward, gold=lab_gold_reward, eval_prompts=held_out, every_n_steps=5,
+        num_samples=64, patience=3, min_delta=0.02,
+    )
+    from_logs = OveroptimizationCallback(trainer, save_peak=False, output_dir=str(tmp_path / "logs_mode"))
+    trainer.add_callback(sampled)
+    trainer.add_callback(from_logs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    f = sampled.findings()
+    # fresh held-out evaluation of the kept checkpoint and of the final model (other seed, 4 samples per prompt)
+    tok = lab.load_tokenizer()
+    peak_model = AutoModelForCausalLM.from_pretrained(f.checkpoint_dir)
+    final_model = trainer.model
+    eval_prompts = held_out * 4
+    peak_q = policy_quality(peak_model, tok, eval_prompts, lab.config, seed=123)
+    final_q = policy_quality(final_model, tok, eval_prompts, lab.config, seed=123)
+    init_q = policy_quality(AutoModelForCausalLM.from_pretrained(lab.policy_path), tok, eval_prompts, lab.config, 123)
+    numbers = {
+        "sampled": f.to_dict(), "from_logs": from_logs.findings().to_dict(),
+        "gold_initial": init_q["gold_mean"], "gold_at_checkpoint": peak_q["gold_mean"],
+        "gold_final": final_q["gold_mean"],
+    }
+    print(json.dumps(numbers, indent=2))
+    assert f.detected and f.first_flag_step is not None
+    assert 0 < f.peak_step < 100
+    assert f.final_proxy > f.proxy_at_peak  # the proxy still rose after the gold peak
+    assert f.final_gold < f.peak_gold - 0.1
+    assert f.checkpoint_step == f.peak_step
+    assert peak_q["gold_mean"] > final_q["gold_mean"] + 0.1
+    assert peak_q["gold_mean"] > init_q["gold_mean"]  # the checkpoint kept the real improvement
+    assert os.path.isfile(tmp_path / "overoptimization.png")

@@ -1,0 +1,301 @@
+"""The lab world: tokenizer, task and gold reward, prompt splits, Bradley-Terry labels, and the build (tiny config
+for the fast tests; the real default lab, with its acceptance numbers, under ``-m slow``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from hf_rlhf_ext.lab import GOLD_MAX, GOLD_MIN, LabConfig, build_lab, gold_range, gold_reward
+from hf_rlhf_ext.lab import task
+from hf_rlhf_ext.lab.build import COMPLETE_MARKER, Lab, bt_labels
+from hf_rlhf_ext.lab.tokenizer import build_tokenizer
+
+KETTLE = "customer : my kettle is broken agent :"
+EOS = task.EOS_ID
+
+
+def g(completion: str, prompt: str = KETTLE, eos: bool = True) -> float:
+    """Gold of one completion, told via completion_ids whether EOS was emitted (as TRL does)."""
+    ids = [10, 11] + ([EOS] if eos else [12])
+    return gold_reward([prompt], [completion], completion_ids=[ids])[0]
+
+
+# ---------------------------------------------------------------------------------------------------------- tokenizer
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_tokenizer_round_trip_is_exact_on_task_text(tokenizer):
+    train, _ = task.split_prompts(0.2, seed=0)
+    rows = task.sft_corpus(train, 500, seed=1)
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert all(tokenizer.unk_token_id not in ids for ids in enc)
+    assert [tokenizer.decode(ids) for ids in enc] == texts
+    # "there ." must stay "there ." (no clean-up of spaces before punctuation)
+    assert tokenizer.decode(tokenizer("thank you .")["input_ids"]) == "thank you ."
+
+
+def test_tokenizer_special_tokens_and_joining(tokenizer):
+    assert (tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token) == (
+        "[PAD]", "[UNK]", "[BOS]", "[EOS]",
+    )  # fmt: skip
+    assert tokenizer.eos_token_id == task.EOS_ID
+    # TRL joins prompt + completion as strings: with or without a space, the tokens are the same
+    joined = tokenizer(KETTLE + "sorry .", add_special_tokens=False)["input_ids"]
+    spaced = tokenizer(KETTLE + " sorry .", add_special_tokens=False)["input_ids"]
+    assert joined == spaced
+    assert tokenizer("hello")["input_ids"] == [tokenizer.convert_tokens_to_ids("hello")]  # nothing added
+    ids = tokenizer("thank you . [EOS]", add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "thank you ."
+
+
+def test_chat_template_renders_the_plain_prompt(tokenizer):
+    messages = [{"role": "user", "content": "my kettle is broken"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == KETTLE
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": "we will repair it ."}], tokenize=False
+    )
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == KETTLE + " we will repair it ."
+
+
+# ---------------------------------------------------------------------------------------------------------- gold reward
+GOOD = "we will send a replacement kettle . thank you ."
+
+
+def test_gold_best_reply_reaches_the_maximum():
+    assert g(GOOD) == pytest.approx(GOLD_MAX)
+    assert gold_range() == (GOLD_MIN, GOLD_MAX)
+    assert gold_reward.__name__ == "gold_reward"
+
+
+@pytest.mark.parametrize(
+    "worse, why",
+    [
+        ("we will send a replacement . thank you .", "no item"),
+        ("we will send a replacement kettle and laptop . thank you .", "another item"),
+        ("we will send a kettle . thank you .", "no issue keyword"),
+        ("we will send a replacement kettle .", "no polite ending"),
+        ("we will send a replacement kettle . whatever . thank you .", "rude word"),
+        ("we will send a replacement kettle kettle kettle . thank you .", "repeated bigram"),
+        ("we will send a replacement kettle . our store opens at nine . we love our customers . thank you .", "too long"),
+    ],
+)
+def test_each_penalty_lowers_the_score(worse, why):
+    assert g(worse) < g(GOOD), why
+
+
+def test_penalty_sizes():
+    assert g(GOOD) - g(GOOD, eos=False) == pytest.approx(task.NO_EOS_PENALTY)
+    one_repeat = "we will send a replacement kettle . thank you thank you ."
+    assert g(one_repeat) == pytest.approx(GOLD_MAX - task.REPEAT_PENALTY)  # "thank you" repeated once
+    # the item must be the customer's: the right reply for another customer is penalised
+    laptop = "customer : my laptop is broken agent :"
+    assert g(GOOD, prompt=laptop) == pytest.approx(task.KEYWORD_BONUS + task.POLITE_BONUS - task.WRONG_ITEM_PENALTY)
+
+
+def test_issue_keyword_must_match_the_prompt_issue():
+    cancel = "customer : please cancel my kettle order agent :"
+    assert g("we have cancelled the order for your kettle . thank you .", prompt=cancel) == pytest.approx(GOLD_MAX)
+    assert g(GOOD, prompt=cancel) == pytest.approx(GOLD_MAX - task.KEYWORD_BONUS)
+
+
+def test_gold_floor_and_hacks():
+    babble = " ".join(["for a"] * 20)
+    assert g(babble, eos=False) == GOLD_MIN
+    assert g("", eos=True) == 0.0
+    padded = "thank you " * 6
+    assert g(padded) < 0.0 < g("thank you .")
+
+
+def test_gold_conversational_and_fallbacks():
+    conv_prompt = [{"role": "user", "content": "my kettle is broken"}]
+    conv_completion = [{"role": "assistant", "content": GOOD}]
+    assert gold_reward([conv_prompt], [conv_completion]) == gold_reward([KETTLE], [GOOD])
+    # without completion_ids the reply counts as terminated, unless ids say otherwise
+    assert gold_reward([KETTLE], [GOOD]) == [pytest.approx(GOLD_MAX)]
+    assert gold_reward([KETTLE], [GOOD + " [EOS]"]) == [pytest.approx(GOLD_MAX)]
+    # a Hub tokenizer's EOS id can be given
+    assert gold_reward([KETTLE], [GOOD], completion_ids=[[5, 50256]], eos_token_id=50256) == [pytest.approx(GOLD_MAX)]
+    # extra TRL kwargs are ignored; unknown prompts still get the prompt-independent part
+    assert gold_reward(["hello"], ["thank you ."], trainer_state=None, item=["x"]) == [pytest.approx(task.POLITE_BONUS)]
+    with pytest.raises(ValueError):
+        gold_reward([KETTLE, KETTLE], [GOOD])
+
+
+def test_prompt_parser_finds_item_and_issue_for_every_prompt():
+    for row in task.all_prompts():
+        item, issue = task.parse_prompt(row["prompt"])
+        assert (item, issue.name) == (row["item"], row["issue"])
+
+
+def test_sft_corpus_is_mediocre():
+    train, _ = task.split_prompts(0.2, seed=0)
+    rows = task.sft_corpus(train, 4000, seed=0)
+    scores = gold_reward([r["prompt"] for r in rows], [r["completion"] for r in rows])
+    mean = sum(scores) / len(scores)
+    assert GOLD_MIN + 1.0 < mean < GOLD_MAX - 0.5
+    assert min(scores) == GOLD_MIN and max(scores) == GOLD_MAX  # both ends occur: there is something to learn
+    assert all(r["completion"].startswith(" ") for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------------------- splits, labels
+def test_prompt_splits_are_disjoint_and_deterministic():
+    train, test = task.split_prompts(0.2, seed=0)
+    tr, te = {r["prompt"] for r in train}, {r["prompt"] for r in test}
+    assert not tr & te
+    assert len(tr | te) == len(task.all_prompts()) == 400
+    assert len(te) == 80
+    assert task.split_prompts(0.2, seed=0) == (train, test)
+    assert {r["prompt"] for r in task.split_prompts(0.2, seed=1)[1]} != te
+    # every item still appears in training, so copying it is learnable for test prompts
+    assert {r["item"] for r in train} == set(task.ITEMS)
+
+
+def test_bradley_terry_noise_flips_the_expected_fraction():
+    n = 4000
+    flips = bt_labels([0.3] * n, [0.0] * n, tau=0.3, seed=0).count(False) / n
+    assert flips == pytest.approx(1 / (1 + 2.718281828 ** 1.0), abs=0.03)  # sigmoid(-1) = 0.269
+    assert bt_labels([0.3] * n, [0.0] * n, tau=0.0, seed=0).count(False) == 0
+    ties = bt_labels([0.5] * n, [0.5] * n, tau=0.3, seed=0).count(True) / n
+    assert ties == pytest.approx(0.5, abs=0.03)
+    assert bt_labels([2.0] * n, [-2.0] * n, tau=0.3, seed=0).count(False) == 0  # sigmoid(-13) ~ 2e-6
+    assert bt_labels([0.3] * 50, [0.0] * 50, 0.3, seed=3) == bt_labels([0.3] * 50, [0.0] * 50, 0.3, seed=3)
+
+
+def test_lab_config_cache_key():
+    assert LabConfig().cache_key() == LabConfig().cache_key()
+    assert LabConfig(seed=1).cache_key() != LabConfig().cache_key()
+    assert len(LabConfig().cache_key()) == 12
+    assert LabConfig.from_dict(LabConfig(tau=0.5).to_dict()) == LabConfig(tau=0.5)
+    with pytest.raises(ValueError):
+        LabConfig(rm_init="bert")
+    with pytest.raises(ValueError):
+        LabConfig(n_pairs_train=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- tiny build
+TINY = LabConfig(
+    n_sft=256, sft_epochs=1, sft_batch_size=32, n_embd=32, n_positions=48, max_new_tokens=8,
+    n_pairs_train=48, n_pairs_test=24, n_eval_samples=16, rm_n_embd=16, rm_n_layer=1, rm_epochs=1, rm_batch_size=16,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_lab(tmp_path_factory) -> Lab:
+    return build_lab(TINY, output_dir=str(tmp_path_factory.mktemp("lab") / "tiny"))
+
+
+def test_tiny_lab_saves_and_reloads_every_artifact(tiny_lab):
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lab.tokenizer_path)
+    assert tok.clean_up_tokenization_spaces is False and tok.eos_token_id == task.EOS_ID
+    policy = AutoModelForCausalLM.from_pretrained(tiny_lab.policy_path)
+    assert policy.config._name_or_path == tiny_lab.policy_path  # needed by GRPO's reference model when beta > 0
+    assert policy.generation_config.pad_token_id == tok.pad_token_id
+    assert policy.generation_config.eos_token_id == tok.eos_token_id
+    assert AutoTokenizer.from_pretrained(tiny_lab.policy_path).get_vocab() == tok.get_vocab()
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_lab.reward_model_path)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
+    assert AutoTokenizer.from_pretrained(tiny_lab.reward_model_path).get_vocab() == tok.get_vocab()
+    assert type(tiny_lab.load_policy()) is type(policy) and tiny_lab.load_reward_model().config.num_labels == 1
+
+    prompts = load_from_disk(tiny_lab.prompts_path)
+    assert set(prompts) == {"train", "test"}
+    assert not set(prompts["train"]["prompt"]) & set(prompts["test"]["prompt"])
+    assert all(p.startswith("customer :") and p.endswith("agent :") for p in prompts["test"]["prompt"])
+
+    prefs = tiny_lab.load_preferences()
+    assert len(prefs["train"]) == TINY.n_pairs_train and len(prefs["test"]) == TINY.n_pairs_test
+    assert set(prefs["test"]["prompt"]) <= set(prompts["test"]["prompt"])
+    row = prefs["train"][0]
+    for side in ("chosen", "rejected"):
+        prompt_ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert row[f"{side}_ids"][: len(prompt_ids)] == prompt_ids
+        reply_ids = row[f"{side}_ids"][len(prompt_ids) :]
+        assert row[f"{side}_eos"] == (reply_ids[-1] == tok.eos_token_id)
+        assert row[side] == " " + tok.decode(reply_ids, skip_special_tokens=True)
+        # stored gold = gold recomputed from the text and the sampled ids
+        again = gold_reward([row["prompt"]], [row[side]], completion_ids=[reply_ids])[0]
+        assert row[f"{side}_gold"] == pytest.approx(again)
+    assert prefs["train"]["label_flipped"] == [c < r for c, r in zip(prefs["train"]["chosen_gold"], prefs["train"]["rejected_gold"])]
+
+    m = tiny_lab.metrics
+    for key in ("sft_test_gold_mean", "sft_test_eos_rate", "rm_test_accuracy", "rm_test_gold_accuracy", "rm_test_corr_gold"):
+        assert key in m
+    assert m["build_times"]["total_s"] > 0
+    assert 0.0 <= m["rm_test_accuracy"] <= 1.0
+    with open(os.path.join(tiny_lab.root, "lab_metrics.json")) as f:
+        assert json.load(f) == m
+
+
+def test_tiny_lab_cache_is_reused(tiny_lab):
+    marker = os.path.join(tiny_lab.root, COMPLETE_MARKER)
+    mtime = os.path.getmtime(marker)
+    start = time.perf_counter()
+    again = build_lab(TINY, output_dir=tiny_lab.root)
+    assert time.perf_counter() - start < 10.0
+    assert again.root == tiny_lab.root and again.metrics == tiny_lab.metrics
+    assert os.path.getmtime(marker) == mtime  # nothing was rebuilt
+    assert Lab.from_dir(tiny_lab.root).config == TINY
+    # a directory holding another config's lab is not silently overwritten
+    with pytest.raises(FileExistsError):
+        build_lab(LabConfig(seed=5, **{k: v for k, v in TINY.to_dict().items() if k != "seed"}), output_dir=tiny_lab.root)
+
+
+def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path):
+    other = build_lab(TINY, output_dir=str(tmp_path / "again"))
+    assert other.root != tiny_lab.root
+    for split in ("train", "test"):
+        assert other.load_prompts()[split].to_list() == tiny_lab.load_prompts()[split].to_list()
+        assert other.load_preferences()[split].to_list() == tiny_lab.load_preferences()[split].to_list()
+
+
+def test_default_lab_dir_honours_the_home_variable(tmp_path, monkeypatch):
+    from hf_rlhf_ext.lab import default_lab_dir
+
+    monkeypatch.setenv("HF_RLHF_EXT_HOME", str(tmp_path))
+    assert default_lab_dir(TINY) == os.path.join(str(tmp_path), "lab", TINY.cache_key())
+    with pytest.raises(FileNotFoundError):
+        Lab.from_dir(str(tmp_path))
+
+
+def test_cli_reuses_a_built_lab(tiny_lab, capsys, monkeypatch):
+    from hf_rlhf_ext.lab import __main__ as cli
+    from hf_rlhf_ext.lab import build as build_module
+
+    # the CLI builds LabConfig(seed=...); point it at the tiny config so this stays fast
+    monkeypatch.setattr("hf_rlhf_ext.lab.config.LabConfig", lambda seed=0: TINY)
+    assert cli.main(["build", "--output_dir", tiny_lab.root]) == 0
+    out = capsys.readouterr().out
+    assert tiny_lab.root in out and "rm_test_accuracy" in out
+    assert build_module.is_complete(tiny_lab.root, TINY)
+
+
+# ---------------------------------------------------------------------------------------------------------- default lab
+@pytest.mark.slow
+def test_default_lab_meets_the_acceptance_numbers():
+    """The default lab (built into the cache if missing: ~2-3 minutes on 2 cores) is a usable RLHF world."""
+    lab = build_lab()
+    m = lab.metrics
+    lo, hi = gold_range()
+    assert lo + 1.0 < m["sft_test_gold_mean"] < hi - 0.4  # mediocre: room to improve, and room to be hacked
+    assert m["sft_test_eos_rate"] > 0.9
+    assert m["sft_test_item_rate"] > 0.5  # the policy learned to copy the customer's item
+    assert 0.62 <= m["rm_test_accuracy"] <= 0.85  # vs noisy labels
+    assert m["rm_test_gold_accuracy"] >= 0.70  # vs the gold order of clearly separated pairs
+    assert m["rm_test_corr_gold"] > 0.3
+    start = time.perf_counter()
+    build_lab()
+    assert time.perf_counter() - start <= 10.0

@@ -1,0 +1,352 @@
+"""PPOTrainer on tiny stand-in models: where the KL and the score land, the value loss, what trains and what must not,
+G = 1 and 2, LoRA (with and without a critic on the shared base), checkpoints, reload, a chat model, bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from _ppo_helpers import build_tiny_llama, build_world, ppo_args, prompts, target_word
+from hf_rlhf_ext.objectives import clipped_value_loss, kl_estimate
+from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
+from hf_rlhf_ext.trainers.ppo import PPO_STATE_FILE, VALUE_MODEL_DIR, PPOConfig, PPOTrainer, token_level_rewards
+from hf_rlhf_ext.trainers.value_model import ValueModel
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(str(tmp_path_factory.mktemp("ppo_world")))
+
+
+def _trainer(world, out, reward_funcs=None, **overrides):
+    peft_config = overrides.pop("peft_config", None)
+    dataset = overrides.pop("train_dataset", None) or prompts()
+    args = ppo_args(str(out), **overrides)
+    funcs = reward_funcs if reward_funcs is not None else [world["reward"], target_word]
+    return PPOTrainer(model=world["policy"], reward_funcs=funcs, args=args, train_dataset=dataset,
+                      peft_config=peft_config)
+
+
+def _lora(**kw):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM", **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------------
+def test_config_maps_ppo_names_onto_grpo_fields(tmp_path):
+    args = ppo_args(str(tmp_path), kl_coef=0.1, cliprange=0.3, num_ppo_epochs=3, num_mini_batches=2,
+                    gradient_accumulation_steps=2)
+    assert (args.beta, args.epsilon, args.num_iterations) == (0.1, 0.3, 3)
+    assert args.num_generations == 1 and args.steps_per_generation == 4
+    assert args.generation_batch_size == 4 * 4  # per-device batch × steps per generation
+    if not torch.cuda.is_available():
+        cpu_default = PPOConfig(output_dir=str(tmp_path), report_to="none")
+        assert cpu_default.bf16 is False and cpu_default.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"beta": 0.3}, "kl_coef"),
+        ({"num_iterations": 2}, "num_ppo_epochs"),
+        ({"kl_estimator": "k2"}, "kl_estimator"),
+        ({"kl_target": 6.0, "kl_coef": 0.0}, "kl_target"),
+        ({"loss_type": "cispo"}, "bnpo"),
+        ({"per_device_train_batch_size": 1}, "at least 2 completions"),
+    ],
+)
+def test_config_rejects_bad_settings(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ppo_args(str(tmp_path), **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rewards, values, losses
+# ----------------------------------------------------------------------------------------------------------------------
+def test_token_level_rewards_put_kl_everywhere_and_the_score_on_the_last_token():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.1, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    scores = torch.tensor([2.0, -1.0])
+    rewards, non_score = token_level_rewards(scores, kl, mask, kl_coef=0.5)
+    torch.testing.assert_close(non_score, torch.tensor([[-0.05, -0.1, -0.15, -0.2], [-0.25, 0.05, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1, -0.15, 1.8], [-0.25, -0.95, 0.0, 0.0]]))
+
+
+def test_rollout_rewards_and_returns_follow_the_kl_shaped_reward(world, tmp_path):
+    """End to end on one rollout: r_t = −β·k1_t plus the weighted score at the last token, and (γ = λ = 1, V ≡ 0)
+    the return at each token is the reward-to-go."""
+    trainer = _trainer(world, tmp_path, gamma=1.0, lam=1.0, kl_coef=0.5, reward_weights=[1.0, 2.0],
+                       missing_eos_penalty=1.5, max_completion_length=8)
+    with torch.no_grad():  # move the policy away from the reference so that the KL is not ~0
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    r = trainer._last_rollout
+    mask = out["completion_mask"].float()
+    kl = kl_estimate(r["logps"], r["ref_logps"], "k1") * mask
+    assert kl.abs().sum() > 1e-3
+    torch.testing.assert_close(r["kl"], kl)
+    # the score: weighted sum of the two reward functions, minus the penalty where no EOS was produced
+    rewards = trainer._rollout_rewards
+    has_eos = (out["completion_ids"] == trainer.processing_class.eos_token_id).any(dim=1)
+    expected_scores = rewards[:, 0] + 2.0 * rewards[:, 1] - 1.5 * (~has_eos).float()
+    torch.testing.assert_close(r["scores"], expected_scores)
+    last = mask.sum(1).long() - 1
+    expected = -0.5 * kl
+    expected[torch.arange(4), last] += expected_scores
+    torch.testing.assert_close(r["token_rewards"], expected)
+    reward_to_go = torch.flip(torch.cumsum(torch.flip(expected, [1]), 1), [1]) * mask
+    assert torch.count_nonzero(r["values"]) == 0  # zero-initialised critic
+    torch.testing.assert_close(out["returns"], reward_to_go)
+    assert out["advantages"].shape == mask.shape  # (B, T) token advantages, whitened
+    assert abs(float((out["advantages"] * mask).sum() / mask.sum())) < 1e-5
+    # the completions table shows PPO's advantages, not GRPO's group ones
+    table = list(trainer._logs["advantages"])[-4:]
+    torch.testing.assert_close(torch.tensor(table), (out["advantages"] * mask).sum(1) / mask.sum(1))
+
+
+def test_loss_adds_the_clipped_value_loss_and_no_grpo_kl(world, tmp_path):
+    trainer = _trainer(world, tmp_path, vf_coef=1.0, cliprange_value=0.2)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    mask = batch["completion_mask"].float()
+    # rollout-time values far from the returns: clipping must change the value loss
+    batch["old_values"] = (batch["returns"] + 1.0) * mask
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        total = trainer._compute_loss(trainer.model, batch)
+        trainer.args.vf_coef = 0.0
+        policy_only = trainer._compute_loss(trainer.model, batch)
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        values = trainer.value_model(ids, att, completion_length=mask.size(1))
+    clipped = clipped_value_loss(values, batch["old_values"], batch["returns"], 0.2, mask)
+    unclipped = 0.5 * ((values - batch["returns"]) ** 2 * mask).sum() / mask.sum()
+    assert float(clipped) > float(unclipped) + 0.1
+    torch.testing.assert_close(total - policy_only, clipped, rtol=1e-4, atol=1e-6)
+    assert trainer.beta == 0.05  # restored after GRPO's loss ran with β = 0
+
+
+def test_critic_trains_policy_trains_reference_stays(world, tmp_path):
+    trainer = _trainer(world, tmp_path, max_steps=2, learning_rate=1e-2)
+    critic0 = {n: p.detach().clone() for n, p in trainer.value_model.named_parameters()}
+    policy0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    ref0 = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    moved = {n: float((p - critic0[n]).abs().max()) for n, p in trainer.value_model.named_parameters()}
+    assert moved["value_head.weight"] > 0 and max(v for n, v in moved.items() if n.startswith("backbone")) > 0
+    assert max(float((p - policy0[n]).abs().max()) for n, p in trainer.model.named_parameters()) > 0
+    assert all(torch.equal(p, ref0[n]) for n, p in trainer.ref_model.named_parameters())
+    # the critic's parameters are groups of the one optimizer, scheduled with the policy's
+    opt_ids = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in opt_ids for p in trainer.value_model.parameters())
+    logs = [h for h in trainer.state.log_history if "loss/value_avg" in h]
+    assert len(logs) == 2
+    for key in ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+                "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "kl_coef", "val/explained_variance",
+                "memory/peak_mb", "val/grad_norm"):
+        assert key in logs[0], key
+    assert logs[0]["val/ratio"] == pytest.approx(1.0)  # one epoch: the ratio is exactly 1
+
+
+def test_policy_receives_no_critic_gradient(world, tmp_path):
+    trainer = _trainer(world, tmp_path, peft_config=_lora(), critic_shares_base=True)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    trainer.model.zero_grad(set_to_none=True)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    values = trainer.value_model_wrapped(ids, att, completion_length=batch["completion_ids"].size(1))
+    clipped_value_loss(values, batch["old_values"], batch["returns"] + 1.0, 0.2,
+                       batch["completion_mask"].float()).backward()
+    assert all(p.grad is None for p in trainer.model.parameters())
+    critic_grads = [p.grad for n, p in trainer.value_model.named_parameters() if p.requires_grad]
+    assert critic_grads and all(g is not None for g in critic_grads)
+
+
+@pytest.mark.parametrize("num_generations", [1, 2])
+def test_num_generations_one_and_two_run(world, tmp_path, num_generations):
+    trainer = _trainer(world, tmp_path, num_generations=num_generations, max_steps=1)
+    trainer.train()
+    assert trainer.args.num_generations == num_generations
+    prompts_seen = list(trainer._logs["prompt"])
+    assert len(prompts_seen) == 4 and len(set(prompts_seen)) == 4 // num_generations
+
+
+def test_ppo_epochs_reuse_the_rollout_and_move_the_ratio(world, tmp_path):
+    trainer = _trainer(world, tmp_path, num_ppo_epochs=3, max_steps=3, learning_rate=3e-2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "val/ratio" in h]
+    assert len(logs) == 3
+    assert logs[0]["val/ratio"] == pytest.approx(1.0, abs=1e-4)  # first pass: π = π_old (up to rounding)
+    assert abs(logs[2]["val/ratio"] - 1.0) > 1e-4 or logs[2]["policy/approxkl_avg"] > 0
+    assert "objective/kl" in logs[0] and "objective/kl" not in logs[1]  # one rollout for three optimizer steps
+
+
+@pytest.mark.parametrize("shares_base", [False, True])
+def test_lora_policy_with_and_without_a_shared_base_critic(world, tmp_path, shares_base):
+    trainer = _trainer(world, tmp_path, peft_config=_lora(), critic_shares_base=shares_base, max_steps=2,
+                       learning_rate=1e-2)
+    assert trainer.ref_model is None  # the reference is the adapter-disabled base
+    critic = trainer.value_model
+    assert critic.is_peft == shares_base
+    policy_base = trainer.model.get_base_model().transformer
+    if shares_base:
+        assert critic.backbone.get_base_model().h[0].attn.c_attn.base_layer.weight is \
+            policy_base.h[0].attn.c_attn.base_layer.weight
+    trainable0 = {n: p.detach().clone() for n, p in critic.named_parameters() if p.requires_grad}
+    trainer.train()
+    first = [h for h in trainer.state.log_history if "objective/kl" in h][0]
+    assert abs(first["objective/kl"]) < 1e-4  # first rollout: LoRA B = 0, policy = reference
+    moved = [float((p - trainable0[n]).abs().max()) for n, p in critic.named_parameters() if n in trainable0]
+    assert max(moved) > 0
+    if shares_base:
+        assert all(not p.requires_grad for n, p in critic.named_parameters() if "lora" not in n and "value_head" not in n)
+        assert policy_base.wte.weight.requires_grad is False
+
+
+def test_resume_restores_policy_critic_optimizer_and_kl_controller(world, tmp_path):
+    """An interrupted run resumed from its checkpoint ends where the uninterrupted run ends."""
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, kl_target=0.5, kl_horizon=50,
+                  learning_rate=1e-2)
+    full = _trainer(world, tmp_path / "full", **common)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / VALUE_MODEL_DIR / "value_head.safetensors").is_file()
+    assert json.loads((ckpt / PPO_STATE_FILE).read_text())["kl_controller"]
+    # the checkpoint's critic is the trained one, not the initial zero head
+    assert float(ValueModel.from_pretrained(str(ckpt / VALUE_MODEL_DIR)).value_head.weight.abs().max()) > 0
+
+    resumed = _trainer(world, tmp_path / "resumed", **common)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, msg=f"policy {n}")
+    for (n, a), b in zip(full.value_model.named_parameters(), resumed.value_model.parameters()):
+        torch.testing.assert_close(a, b, msg=f"critic {n}")
+    assert resumed.kl_ctl.value == pytest.approx(full.kl_ctl.value, rel=1e-6)
+    assert full.kl_ctl.value != pytest.approx(0.05)  # the adaptive β really moved
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    critic_slot = len(sa) - 1  # the last parameter is in the critic's groups
+    torch.testing.assert_close(sa[critic_slot]["exp_avg"], sb[critic_slot]["exp_avg"])
+
+
+def test_saved_policy_and_critic_reload(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer = _trainer(world, tmp_path, max_steps=1, learning_rate=1e-2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    critic = ValueModel.from_pretrained(str(tmp_path / "final" / VALUE_MODEL_DIR))
+    ids = torch.tensor([[4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(policy(ids).logits, trainer.model(ids).logits)
+        torch.testing.assert_close(critic(ids), trainer.value_model(ids))
+
+
+def test_tiny_llama_with_chat_template_and_conversational_prompts(tmp_path):
+    path = build_tiny_llama(str(tmp_path / "llama"))
+    args = ppo_args(str(tmp_path / "out"), max_steps=1)
+    trainer = PPOTrainer(model=path, reward_funcs=target_word, args=args,
+                         train_dataset=prompts(8, conversational=True))
+    trainer.train()
+    completions = list(trainer._logs["completion"])
+    assert completions and completions[0][0]["role"] == "assistant"
+    assert type(trainer.value_model.backbone).__name__ == "LlamaModel"  # no RM: the critic is built on the policy
+    assert "objective/kl" in trainer.state.log_history[0]
+
+
+def test_default_critic_is_the_reward_model_body(world, tmp_path):
+    trainer = _trainer(world, tmp_path, reward_funcs=[world["reward"]])
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(world["reward"])
+    torch.testing.assert_close(trainer.value_model.backbone.wte.weight, rm.transformer.wte.weight)
+    only_func = _trainer(world, tmp_path / "f", reward_funcs=[target_word])
+    policy = only_func.model.transformer.wte.weight
+    assert torch.equal(only_func.value_model.backbone.wte.weight, policy)
+    assert only_func.value_model.backbone.wte.weight.data_ptr() != policy.data_ptr()
+
+
+def test_adaptive_kl_controller_is_fed_the_sequence_kl(world, tmp_path):
+    trainer = _trainer(world, tmp_path, kl_target=0.01, kl_horizon=10, kl_coef=0.2, max_steps=1)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    expected = AdaptiveKLController(init_kl_coef=0.2, target=0.01, horizon=10)
+    expected.update(logged["objective/kl"], n_steps=4)
+    assert logged["kl_coef"] == pytest.approx(0.2)  # β used for this rollout
+    assert trainer.kl_ctl.value == pytest.approx(expected.value)
+    assert trainer.kl_ctl.value != pytest.approx(0.2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings that must fail loudly
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [{"top_k": 50}, {"top_p": 0.9}, {"repetition_penalty": 1.2}, {"generation_kwargs": {"min_new_tokens": 4}}],
+)
+def test_sampling_settings_that_break_the_kl_are_refused(world, tmp_path, overrides):
+    with pytest.raises(ValueError, match="change the sampling distribution"):
+        _trainer(world, tmp_path, **overrides)
+
+
+def test_model_generation_config_defaults_are_checked_too(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world["policy"])
+    model.generation_config.no_repeat_ngram_size = 2
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        PPOTrainer(model=model, reward_funcs=target_word, args=ppo_args(str(tmp_path)), train_dataset=prompts())
+
+
+def test_fixed_length_generation_without_a_logits_processor(world, tmp_path):
+    trainer = _trainer(world, tmp_path, generation_kwargs={"eos_token_id": None}, max_completion_length=6)
+    trainer.model.train()
+    trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    assert trainer._metrics["train"]["completions/max_length"][-1] == 6
+
+
+def test_other_misuse_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match="peft_config"):
+        _trainer(world, tmp_path, critic_shares_base=True)
+    with pytest.raises(NotImplementedError, match="tools"):
+        PPOTrainer(model=world["policy"], reward_funcs=target_word, args=ppo_args(str(tmp_path)),
+                   train_dataset=prompts(), tools=[len])
+    with pytest.raises(TypeError, match="PPOConfig"):
+        from trl import GRPOConfig
+
+        PPOTrainer(model=world["policy"], reward_funcs=target_word, train_dataset=prompts(),
+                   args=GRPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False))
+    trainer = _trainer(world, tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-1"
+    import shutil
+
+    shutil.rmtree(ckpt / VALUE_MODEL_DIR)
+    with pytest.raises(FileNotFoundError, match="value_model"):
+        _trainer(world, tmp_path / "again", max_steps=2).train(resume_from_checkpoint=str(ckpt))
+
+
+def test_logprobs_from_sampling_match_a_forward_pass(world, tmp_path):
+    trainer = _trainer(world, tmp_path, max_completion_length=8)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    sampled = trainer._last_rollout["logps"]
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    with torch.no_grad():
+        forward, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, ids.size(1) - out["prompt_ids"].size(1))
+    mask = out["completion_mask"].bool()
+    torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-4, rtol=1e-4)
