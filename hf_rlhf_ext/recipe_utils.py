@@ -98,11 +98,12 @@ class RLSetup:
 
 
 def cpu_parser_defaults() -> dict[str, Any]:
-    """Parser defaults for machines without CUDA: TRL configs default to bf16 and gradient checkpointing, and
+    """Parser defaults for machines without CUDA: ``use_cpu`` (without it, CPU ranks launched by accelerate do not join
+    a process group and each trains alone), and bf16 / gradient checkpointing off: TRL configs default to both, and
     ``TrainingArguments`` refuses bf16 on such a machine before any recipe code runs. Explicit flags still win."""
     if torch.cuda.is_available():
         return {}
-    return {"bf16": False, "fp16": False, "gradient_checkpointing": False}
+    return {"bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": True}
 
 
 def apply_cpu_defaults(training_args: Any) -> None:
@@ -255,7 +256,10 @@ def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_arg
     apply_cpu_defaults(training_args)
     needs_lab = not (model_args.model_name_or_path and script_args.dataset_name and
                      (script_args.reward_model_name_or_path or script_args.reward_funcs))
-    lab = load_lab(script_args) if needs_lab else None
+    lab = None
+    if needs_lab:
+        with training_args.main_process_first(desc="building or opening the lab"):  # one process builds it
+            lab = load_lab(script_args)
     on_lab = not script_args.dataset_name and lab is not None
     model, tokenizer = resolve_policy(model_args, training_args, lab)
     train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)

@@ -4,6 +4,7 @@ measured as it trains — on the offline lab by default, on any model with flags
     python recipes/reinforce.py                                     # the lab, baseline = running mean
     python recipes/reinforce.py --baseline none --output_dir runs/reinforce-none
     python recipes/reinforce.py --baseline group --grad_variance_every 5
+    python recipes/reinforce.py --baseline none --reward_offset 5   # the chapter's case for a baseline
     accelerate launch recipes/reinforce.py --config my_reinforce.yaml
     python recipes/reinforce.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_model_name_or_path <rm> --use_peft --output_dir runs/reinforce-qwen
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser
 
 from hf_rlhf_ext.callbacks.grad_variance import GradientVarianceCallback
-from hf_rlhf_ext.recipe_utils import RLScriptArguments, prepare_rl_run, train_and_report
+from hf_rlhf_ext.recipe_utils import RLScriptArguments, cpu_parser_defaults, prepare_rl_run, train_and_report
 from hf_rlhf_ext.results import write_metrics
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
@@ -29,8 +30,8 @@ LAB_DEFAULTS = dict(
     per_device_train_batch_size=32,
     num_generations=4,
     max_completion_length=24,
-    learning_rate=5e-5,
-    beta=0.05,
+    learning_rate=1e-4,
+    beta=0.1,
     max_steps=60,
     temperature=1.0,
     logging_steps=5,
@@ -47,6 +48,9 @@ class ReinforceScriptArguments(RLScriptArguments):
     Args:
         grad_variance_every: measure the policy-gradient variance every this many optimizer steps (0 = off).
         grad_variance_estimates: number of disjoint slices of the generation batch (K) per measurement.
+        reward_offset: a constant added to the optimised reward (as one more reward function, weight 1, logged as
+            ``rewards/reward_offset/mean``). It changes no expected gradient, only the variance without a baseline:
+            compare ``--baseline none --reward_offset 5`` with ``--baseline running_mean --reward_offset 5``.
     """
 
     grad_variance_every: int = field(
@@ -55,6 +59,10 @@ class ReinforceScriptArguments(RLScriptArguments):
     grad_variance_estimates: int = field(
         default=4, metadata={"help": "Disjoint slices of the generation batch per measurement (K >= 2)."}
     )
+    reward_offset: float = field(
+        default=0.0,
+        metadata={"help": "Constant added to every reward (the chapter's experiment: b = 0 is then a bad baseline)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,8 +70,21 @@ class ReinforceScriptArguments(RLScriptArguments):
             raise ValueError(f"grad_variance_every must be >= 0, got {self.grad_variance_every}.")
 
 
+def constant_reward(value: float):
+    """A reward function that returns ``value`` for every completion (named ``reward_offset`` in the logs)."""
+
+    def reward_offset(prompts=None, completions=None, **kwargs) -> list[float]:
+        return [float(value)] * len(completions)
+
+    return reward_offset
+
+
 def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
+    if script_args.reward_offset:
+        setup.reward_funcs.append(constant_reward(script_args.reward_offset))
+        setup.reward_weights.append(1.0)
+        training_args.reward_weights = setup.reward_weights
     trainer = ReinforceTrainer(
         model=setup.model,
         reward_funcs=setup.reward_funcs,
@@ -80,7 +101,11 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
         )
         trainer.add_callback(variance)
     metrics = train_and_report(trainer, setup, script_args, training_args)
-    extra = {"baseline": training_args.baseline, "aggregation": training_args.aggregation}
+    extra = {
+        "baseline": training_args.baseline,
+        "aggregation": training_args.aggregation,
+        "reward_offset": script_args.reward_offset,
+    }
     if variance is not None:
         extra["grad_variance"] = {
             **variance.summary(),
@@ -95,7 +120,7 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
 
 def make_parser() -> TrlParser:
     parser = TrlParser((ReinforceScriptArguments, ReinforceConfig, ModelConfig))
-    parser.set_defaults(**LAB_DEFAULTS)
+    parser.set_defaults(**LAB_DEFAULTS, **cpu_parser_defaults())
     return parser
 
 

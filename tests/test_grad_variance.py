@@ -150,7 +150,7 @@ def test_clear_errors(model_path, tmp_path):
         model=AutoModelForCausalLM.from_pretrained(model_path),
         args=TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none"),
     )
-    with pytest.raises(UnsupportedTrainerError, match="supports trl.GRPOTrainer and trl.RLOOTrainer"):
+    with pytest.raises(UnsupportedTrainerError, match="GradientVarianceCallback.*GRPOTrainer"):
         GradientVarianceCallback(plain)
     trainer = reinforce_trainer(model_path, str(tmp_path / "r"))
     with pytest.raises(ValueError, match="at least 2"):

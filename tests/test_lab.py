@@ -3,6 +3,7 @@ for the fast tests; the real default lab, with its acceptance numbers, under ``-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -87,7 +88,8 @@ def test_gold_best_reply_reaches_the_maximum():
         ("we will send a replacement kettle .", "no polite ending"),
         ("we will send a replacement kettle . whatever . thank you .", "rude word"),
         ("we will send a replacement kettle kettle kettle . thank you .", "repeated bigram"),
-        ("we will send a replacement kettle . our store opens at nine . we love our customers . thank you .", "too long"),
+        ("we will send a replacement kettle . our store opens at nine . we love our customers . thank you .",
+         "too long"),
     ],
 )
 def test_each_penalty_lowers_the_score(worse, why):
@@ -148,7 +150,7 @@ def test_sft_corpus_is_mediocre():
     assert all(r["completion"].startswith(" ") for r in rows)
 
 
-# ---------------------------------------------------------------------------------------------------------- splits, labels
+# ------------------------------------------------------------------------------------------------------ splits, labels
 def test_prompt_splits_are_disjoint_and_deterministic():
     train, test = task.split_prompts(0.2, seed=0)
     tr, te = {r["prompt"] for r in train}, {r["prompt"] for r in test}
@@ -229,10 +231,12 @@ def test_tiny_lab_saves_and_reloads_every_artifact(tiny_lab):
         # stored gold = gold recomputed from the text and the sampled ids
         again = gold_reward([row["prompt"]], [row[side]], completion_ids=[reply_ids])[0]
         assert row[f"{side}_gold"] == pytest.approx(again)
-    assert prefs["train"]["label_flipped"] == [c < r for c, r in zip(prefs["train"]["chosen_gold"], prefs["train"]["rejected_gold"])]
+    train = prefs["train"]
+    assert train["label_flipped"] == [c < r for c, r in zip(train["chosen_gold"], train["rejected_gold"])]
 
     m = tiny_lab.metrics
-    for key in ("sft_test_gold_mean", "sft_test_eos_rate", "rm_test_accuracy", "rm_test_gold_accuracy", "rm_test_corr_gold"):
+    for key in ("sft_test_gold_mean", "sft_test_eos_rate", "rm_test_accuracy", "rm_test_gold_accuracy",
+                "rm_test_corr_gold", "rm_train_accuracy", "pairs_train_flip_rate"):
         assert key in m
     assert m["build_times"]["total_s"] > 0
     assert 0.0 <= m["rm_test_accuracy"] <= 1.0
@@ -251,15 +255,42 @@ def test_tiny_lab_cache_is_reused(tiny_lab):
     assert Lab.from_dir(tiny_lab.root).config == TINY
     # a directory holding another config's lab is not silently overwritten
     with pytest.raises(FileExistsError):
-        build_lab(LabConfig(seed=5, **{k: v for k, v in TINY.to_dict().items() if k != "seed"}), output_dir=tiny_lab.root)
+        build_lab(dataclasses.replace(TINY, seed=5), output_dir=tiny_lab.root)
 
 
 def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path):
+    stale, fresh = tmp_path / "again.building-killed", tmp_path / "again.building-running"
+    stale.mkdir(), fresh.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     other = build_lab(TINY, output_dir=str(tmp_path / "again"))
+    assert not stale.exists() and fresh.exists()  # leftovers of a killed build are cleaned, a live one is not
     assert other.root != tiny_lab.root
     for split in ("train", "test"):
         assert other.load_prompts()[split].to_list() == tiny_lab.load_prompts()[split].to_list()
         assert other.load_preferences()[split].to_list() == tiny_lab.load_preferences()[split].to_list()
+
+
+def test_tiny_lab_works_in_trl_grpo_with_a_reference_model(tiny_lab, tmp_path):
+    """The saved policy has a real _name_or_path (GRPO with beta > 0 reloads its reference from it) and the reward
+    model and gold reward get clean metric names."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
+        max_steps=1, beta=0.05, reward_weights=[0.0, 1.0], bf16=False, gradient_checkpointing=False, use_cpu=True,
+        report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=tiny_lab.policy_path,
+        reward_funcs=[gold_reward, tiny_lab.reward_model_path],
+        args=args,
+        train_dataset=tiny_lab.load_prompts()["train"].select(range(8)),
+        processing_class=tiny_lab.load_tokenizer(),
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    assert "rewards/gold_reward/mean" in logs and "rewards/reward_model/mean" in logs
+    assert "kl" in logs
 
 
 def test_default_lab_dir_honours_the_home_variable(tmp_path, monkeypatch):

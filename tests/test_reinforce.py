@@ -4,7 +4,7 @@ reward with a large constant offset) and learning on a simple task."""
 
 from __future__ import annotations
 
-import glob
+import json
 import os
 
 import pytest
@@ -245,8 +245,6 @@ def test_running_mean_state_survives_save_and_resume(model_path, tmp_path):
     full, states = run(str(tmp_path / "full"))
     ckpt = os.path.join(str(tmp_path / "full"), "checkpoint-2")
     with open(os.path.join(ckpt, BASELINE_STATE_FILE)) as f:
-        import json
-
         saved = json.load(f)["running_mean"]
     assert saved == states[2] and saved["num_updates"] == 2
 
@@ -298,3 +296,80 @@ def test_reinforce_with_a_baseline_learns_a_simple_task(model_path, tmp_path):
     assert len(rewards) == 40
     early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert late > early + 0.2, (early, late)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The recipe, on the lab
+# ------------------------------------------------------------------------------------------------------------------
+def _load_recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "reinforce.py"
+    spec = importlib.util.spec_from_file_location("recipe_reinforce", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_runs_on_the_lab_and_reports_the_gradient_variance(lab, tmp_path):
+    from hf_rlhf_ext.results import read_log_history, read_metrics
+
+    recipe = _load_recipe()
+    out = str(tmp_path / "run")
+    argv = [
+        "--lab_dir", lab.root, "--output_dir", out, "--baseline", "group", "--max_steps", "3", "--logging_steps", "1",
+        "--per_device_train_batch_size", "8", "--max_completion_length", "12", "--num_eval_prompts", "8",
+        "--grad_variance_every", "2", "--disable_tqdm", "true", "--reward_offset", "5",
+    ]
+    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(argv)
+    assert training_args.baseline == "group"
+    recipe.main(script_args, training_args, model_args)
+
+    metrics = read_metrics(out)
+    assert metrics["baseline"] == "group" and metrics["global_step"] == 3
+    gv = metrics["grad_variance"]
+    assert [m["step"] for m in gv["measurements"]] == [0, 2]
+    assert gv["grad_var/total"] > 0 and gv["grad_var/num_measurements"] == 2
+    assert "proxy_reward_before" in metrics and "proxy_reward_after" in metrics
+    history = read_log_history(out)
+    measured = [h for h in history if "grad_var/total" in h]
+    assert [h["step"] for h in measured] == [1, 3]
+    assert measured[0]["grad_var/total"] == pytest.approx(gv["measurements"][0]["total"])
+    trained = [h for h in history if "loss" in h]
+    assert all("reinforce/baseline" in h for h in trained)
+    # the offset is one more reward function: optimised (in "reward"), not evaluated as a task reward
+    assert all(h["rewards/reward_offset/mean"] == 5.0 for h in trained)
+    assert all(h["reward"] == pytest.approx(h["rewards/proxy_reward/mean"] + 5.0, abs=1e-4) for h in trained)
+    assert metrics["reward_offset"] == 5.0 and "reward_offset_after" not in metrics
+
+
+def test_on_the_lab_a_baseline_matters_when_the_mean_reward_is_far_from_zero(lab, tmp_path):
+    """The lab's proxy RM scores are centred near 0, so b = 0 is already a fair baseline there; add 5 to every reward
+    and the variance without a baseline explodes while the baselined estimates do not move. One generation batch
+    (64 completions of the SFT policy), all variants measured on it."""
+    from hf_rlhf_ext.callbacks.grad_variance import measure_gradient_variance
+    from hf_rlhf_ext.rewards import RewardModelFunction
+
+    torch.manual_seed(0)
+    args = tiny_args(str(tmp_path), config_cls=ReinforceConfig, baseline="none", per_device_train_batch_size=64,
+                     max_completion_length=24, temperature=1.0)
+    trainer = ReinforceTrainer(
+        model=lab.policy_path, reward_funcs=RewardModelFunction(lab.reward_model_path, name="proxy_reward"),
+        args=args, train_dataset=lab.load_prompts()["train"],
+    )
+    trainer.model.train()
+    prompts = list(lab.load_prompts()["train"]["prompt"][:16])
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(4)])
+    rewards = batch["advantages"].clone()  # baseline "none": the proxy scores
+    assert abs(rewards.mean().item()) < 0.5  # centred RM
+
+    def total(r, baseline):
+        adv, _ = reinforce_advantages(r, 4, baseline, running_mean=None)
+        return measure_gradient_variance(trainer, dict(batch, advantages=adv), num_estimates=8).total
+
+    none0, none5 = total(rewards, "none"), total(rewards + 5.0, "none")
+    group5, running5 = total(rewards + 5.0, "group"), total(rewards + 5.0, "running_mean")
+    assert none5 > 10 * none0
+    assert none5 >= 2 * group5 and none5 >= 2 * running5
+    assert group5 == pytest.approx(total(rewards, "group"), rel=1e-3)  # a baseline makes the offset irrelevant

@@ -28,7 +28,8 @@ Between measuring steps the callback does nothing.
 Works with ``trl.GRPOTrainer`` and ``trl.RLOOTrainer`` and their subclasses (our REINFORCE and PPO trainers), on a
 single process or per process under DDP (each rank measures its own shard; rank 0's numbers are logged).
 DeepSpeed and FSDP shard gradients, and reentrant gradient checkpointing does not support ``autograd.grad``: all
-three are refused with a clear error.
+three are refused with a clear error. Text batches only: vision batches (pixel tensors not laid out per completion
+along dim 0) are not sliced correctly.
 """
 
 from __future__ import annotations

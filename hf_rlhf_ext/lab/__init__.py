@@ -15,4 +15,6 @@ from .build import Lab, build_lab, default_lab_dir, lab_home
 from .config import LabConfig
 from .task import GOLD_MAX, GOLD_MIN, gold_range, gold_reward
 
-__all__ = ["GOLD_MAX", "GOLD_MIN", "Lab", "LabConfig", "build_lab", "default_lab_dir", "gold_range", "gold_reward", "lab_home"]
+__all__ = [
+    "GOLD_MAX", "GOLD_MIN", "Lab", "LabConfig", "build_lab", "default_lab_dir", "gold_range", "gold_reward", "lab_home",
+]  # fmt: skip

@@ -443,7 +443,11 @@ def _build(config: LabConfig, work: str) -> dict[str, Any]:
     from .tokenizer import save_tokenizer
 
     t0, c0 = time.perf_counter(), time.process_time()
-    metrics: dict[str, Any] = {"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "torch_threads": torch.get_num_threads()}
+    metrics: dict[str, Any] = {
+        "lab_version": LAB_VERSION,
+        "cache_key": config.cache_key(),
+        "torch_threads": torch.get_num_threads(),
+    }
     times: dict[str, float] = {}
 
     def lap(name: str, start: float) -> float:
@@ -472,18 +476,16 @@ def _build(config: LabConfig, work: str) -> dict[str, Any]:
     metrics["gold_min"], metrics["gold_max"] = task.gold_range()
     s = lap("sft_eval_s", s)
 
-    pairs = DatasetDict(
-        {
-            "train": Dataset.from_list(make_pairs(policy, tokenizer, train_rows, config.n_pairs_train, config, config.seed + 101)),
-            "test": Dataset.from_list(make_pairs(policy, tokenizer, test_rows, config.n_pairs_test, config, config.seed + 202)),
-        }
-    )
+    train_pairs = make_pairs(policy, tokenizer, train_rows, config.n_pairs_train, config, config.seed + 101)
+    test_pairs = make_pairs(policy, tokenizer, test_rows, config.n_pairs_test, config, config.seed + 202)
+    pairs = DatasetDict({"train": Dataset.from_list(train_pairs), "test": Dataset.from_list(test_pairs)})
     pairs.save_to_disk(os.path.join(work, PREFERENCES_DIR))
     for split in ("train", "test"):
         d = pairs[split]
         metrics[f"pairs_{split}_n"] = len(d)
         metrics[f"pairs_{split}_flip_rate"] = task.mean(d["label_flipped"])
-        metrics[f"pairs_{split}_tie_rate"] = task.mean(float(a == b) for a, b in zip(d["chosen_gold"], d["rejected_gold"]))
+        ties = [float(a == b) for a, b in zip(d["chosen_gold"], d["rejected_gold"])]
+        metrics[f"pairs_{split}_tie_rate"] = task.mean(ties)
     s = lap("pairs_s", s)
 
     metrics.update(_train_rm(config, tokenizer, pairs, work, pol_dir, rm_dir))
@@ -521,6 +523,7 @@ def build_lab(config: LabConfig | None = None, output_dir: str | None = None, fo
         )
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_builds(root)
     work = tempfile.mkdtemp(prefix=os.path.basename(root) + ".building-", dir=parent)
     os.chmod(work, 0o755)  # mkdtemp makes it private; the lab is meant to be shared
     import datasets
@@ -532,17 +535,40 @@ def build_lab(config: LabConfig | None = None, output_dir: str | None = None, fo
         with open(os.path.join(work, METRICS_FILE), "w") as f:
             json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
         with open(os.path.join(work, CONFIG_FILE), "w") as f:
-            json.dump({"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "config": config.to_dict()}, f, indent=2)
+            saved = {"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "config": config.to_dict()}
+            json.dump(saved, f, indent=2)
         for run in ("sft_run", "rm_run"):  # trainer scratch dirs (no checkpoints are saved)
             shutil.rmtree(os.path.join(work, run), ignore_errors=True)
         with open(os.path.join(work, COMPLETE_MARKER), "w") as f:
             json.dump({"cache_key": config.cache_key(), "lab_version": LAB_VERSION}, f)
-        _publish(work, root)
+        if force or not is_complete(root, config):  # a concurrent build of the same config may have finished first
+            _publish(work, root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if bars_were_on:
             datasets.enable_progress_bars()
     return Lab.from_dir(root)
+
+
+STALE_BUILD_S = 3600.0  # a build directory untouched this long belongs to a build that was killed
+
+
+def _remove_stale_builds(root: str) -> None:
+    """Removes leftovers of killed builds of this lab (``<root>.building-*`` / ``.old-*`` untouched for an hour)."""
+    parent, name = os.path.dirname(root), os.path.basename(root)
+    now = time.time()
+    for entry in os.listdir(parent):
+        if entry.startswith((name + ".building-", name + ".old-")):
+            path = os.path.join(parent, entry)
+            try:
+                newest = max(
+                    [os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs]
+                    + [os.path.getmtime(path)]
+                )
+            except OSError:
+                continue
+            if now - newest > STALE_BUILD_S:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _jsonable(x: Any) -> Any:

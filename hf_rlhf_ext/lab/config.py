@@ -27,6 +27,8 @@ class LabConfig:
     Policy (tiny GPT-2) and its SFT warm start (``trl.SFTTrainer``):
         n_embd, n_layer, n_head, n_positions: the policy architecture (n_embd 64 never learns to copy the item).
         sft_epochs, sft_batch_size, sft_lr, sft_warmup: one-cycle-like schedule (linear warm-up, cosine decay).
+            The default (20k replies, 2 epochs = 626 steps of 64, lr 3e-3, 10% warm-up) learns to copy the item
+            (~60% of test replies name it); 3 epochs at 2e-3 did too (53%) at 1.5x the cost.
     Preference pairs:
         n_pairs_train, n_pairs_test: pairs of two policy samples for one prompt (train pairs from train prompts,
             test pairs from test prompts).
@@ -50,9 +52,9 @@ class LabConfig:
     n_layer: int = 2
     n_head: int = 2
     n_positions: int = 128
-    sft_epochs: float = 3.0
+    sft_epochs: float = 2.0
     sft_batch_size: int = 64
-    sft_lr: float = 2e-3
+    sft_lr: float = 3e-3
     sft_warmup: float = 0.1
     # preference pairs
     n_pairs_train: int = 1000

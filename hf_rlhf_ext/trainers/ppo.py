@@ -192,11 +192,13 @@ class PPOConfig(GRPOConfig):
         if requested == 1:
             if self.num_generations_eval is None:
                 self.num_generations_eval = 1
-            stand_in = self.generation_batch_size or (
-                self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1")) * self.steps_per_generation
-            )
+            # per-process rollout size: divides the generation batch whatever the number of processes
+            stand_in = self.generation_batch_size or self.per_device_train_batch_size * self.steps_per_generation
             if stand_in < 2:
-                raise ValueError("PPO needs at least 2 completions per rollout (advantages are whitened over them)")
+                raise ValueError(
+                    "PPO needs at least 2 completions per rollout and process (advantages are whitened over them): "
+                    "raise per_device_train_batch_size, gradient_accumulation_steps or num_mini_batches."
+                )
             self.num_generations = stand_in
         try:
             super().__post_init__()
