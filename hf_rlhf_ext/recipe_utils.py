@@ -168,8 +168,9 @@ def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: 
         if script_args.dataset_train_split not in data:
             raise ValueError(f"{script_args.dataset_name} has no split {script_args.dataset_train_split!r} ({list(data)})")
         train = data[script_args.dataset_train_split]
+        require_prompt_column(train)  # before any split: a wrong column should fail with its own message
         test = data.get(script_args.dataset_test_split)
-        if test is None and script_args.num_eval_prompts > 0:
+        if test is None and script_args.num_eval_prompts > 0 and len(train) > 1:
             n_test = min(script_args.num_eval_prompts, max(1, len(train) // 10))
             split = train.train_test_split(test_size=n_test, seed=seed)
             train, test = split["train"], split["test"]

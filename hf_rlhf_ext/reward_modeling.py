@@ -24,13 +24,15 @@ from .validation import DataValidationError, require_preference_columns
 CHOSEN_GOLD, REJECTED_GOLD = "chosen_gold", "rejected_gold"
 
 
-def train_reward_model(model, tokenizer, train_dataset, eval_dataset=None, args=None, callbacks=None, quiet=False):
+def train_reward_model(
+    model, tokenizer, train_dataset, eval_dataset=None, args=None, callbacks=None, quiet=False, peft_config=None
+):
     """Builds a ``trl.RewardTrainer``, trains it and returns it (the trained model is ``trainer.model``).
 
     Validates first, so that a wrong column name or an empty split fails before any model work: both data sets need
     ``chosen`` and ``rejected`` (or pre-tokenised ``chosen_ids`` / ``rejected_ids``); the model needs one label.
     Pairs longer than ``args.max_length`` are *dropped* by TRL (not truncated): the number kept is in
-    ``trainer.train_dataset``. ``quiet=True`` removes the console printer/progress bar (logs still reach callbacks).
+    ``trainer.train_dataset``. ``peft_config`` trains a LoRA adapter (TRL wraps the model). ``quiet=True`` removes the console printer/progress bar (logs still reach callbacks).
     """
     from trl import RewardConfig, RewardTrainer
 
@@ -55,6 +57,7 @@ def train_reward_model(model, tokenizer, train_dataset, eval_dataset=None, args=
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
+        peft_config=peft_config,
     )
     if quiet:
         from transformers.trainer_callback import PrinterCallback, ProgressCallback

@@ -68,7 +68,8 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: RewardConfi
         return model, tokenizer
     from hf_rlhf_ext.lab.build import new_reward_model
 
-    return new_reward_model(lab.config, lab.load_tokenizer()), lab.load_tokenizer()
+    tokenizer = lab.load_tokenizer()
+    return new_reward_model(lab.config, tokenizer, lab.policy_path), tokenizer
 
 
 def load_preferences(script_args: RewardScriptArguments, lab=None):

@@ -416,6 +416,25 @@ def test_overoptimization_logs_mode_on_grpo(policy_path, tmp_path):
     assert (tmp_path / "overoptimization.json").exists() and (tmp_path / "overoptimization.png").exists()
 
 
+def test_overoptimization_with_an_ensemble_judge_as_gold(policy_path, tmp_path):
+    """No gold reward: a held-out judge (an ensemble penalised by its disagreement) tracked at weight 0 stands in."""
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+    from hf_rlhf_ext.rewards import ensemble_judge, tracking
+
+    judge = ensemble_judge([polite_reward, tracking(good_reward, "good_again")], penalty=0.5, name="judge")
+    trainer = _grpo(
+        policy_path, tmp_path, reward_funcs=[good_reward, judge], reward_weights=[1.0, 0.0], max_steps=3,
+    )
+    cb = OveroptimizationCallback(trainer, save_peak=False)
+    assert cb.gold_key == "rewards/judge/mean"
+    trainer.add_callback(cb)
+    trainer.train()
+    assert cb.findings().gold_name == "judge" and len(cb.points) == 3
+    assert [p["gold"] for p in cb.points] == pytest.approx([v for _, v in _logged(trainer, "rewards/judge/mean")])
+    assert all(v >= 0 for _, v in _logged(trainer, "judge/disagreement"))
+    assert len(_logged(trainer, "judge/disagreement")) == 3
+
+
 def test_overoptimization_needs_a_gold(policy_path, tmp_path):
     from hf_rlhf_ext.callbacks import OveroptimizationCallback
 

@@ -25,13 +25,16 @@ def model_path(tmp_path_factory) -> str:
 
 def reinforce_trainer(model_path: str, output_dir: str, **overrides) -> ReinforceTrainer:
     args = tiny_args(output_dir, config_cls=ReinforceConfig, **overrides)
-    return ReinforceTrainer(model=model_path, reward_funcs=target_word_reward(1.0), args=args, train_dataset=prompt_dataset())
+    return ReinforceTrainer(
+        model=model_path, reward_funcs=target_word_reward(1.0), args=args, train_dataset=prompt_dataset()
+    )
 
 
 def fresh_batch(trainer) -> dict:
     prompts = prompt_dataset(trainer.args.generation_batch_size // trainer.num_generations)["prompt"]
     trainer.model.train()
-    return trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(trainer.num_generations)])
+    inputs = [{"prompt": p} for p in prompts for _ in range(trainer.num_generations)]
+    return trainer._generate_and_score_completions(inputs)
 
 
 def test_measurement_equals_brute_force(model_path, tmp_path):
@@ -90,7 +93,9 @@ def test_measurement_leaves_grads_params_metrics_and_rng_alone(model_path, tmp_p
 def _train(model_path, output_dir, trainer_cls, config_cls, with_callback, **overrides):
     torch.manual_seed(0)
     args = tiny_args(output_dir, config_cls=config_cls, **{"max_steps": 3, **overrides})
-    trainer = trainer_cls(model=model_path, reward_funcs=target_word_reward(5.0), args=args, train_dataset=prompt_dataset())
+    trainer = trainer_cls(
+        model=model_path, reward_funcs=target_word_reward(5.0), args=args, train_dataset=prompt_dataset()
+    )
     callback = None
     if with_callback:
         callback = GradientVarianceCallback(trainer, every_n_steps=1, num_estimates=4)

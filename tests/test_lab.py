@@ -262,7 +262,16 @@ def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path):
     stale, fresh = tmp_path / "again.building-killed", tmp_path / "again.building-running"
     stale.mkdir(), fresh.mkdir()
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    other = build_lab(TINY, output_dir=str(tmp_path / "again"))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the build pins its own thread count, so the caller's setting must not matter
+    try:
+        other = build_lab(TINY, output_dir=str(tmp_path / "again"))
+        assert torch.get_num_threads() == 2  # and restores the caller's
+    finally:
+        torch.set_num_threads(threads)
+    assert other.metrics["torch_threads"] == 1
     assert not stale.exists() and fresh.exists()  # leftovers of a killed build are cleaned, a live one is not
     assert other.root != tiny_lab.root
     for split in ("train", "test"):

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _recipe():
     spec = importlib.util.spec_from_file_location("reward_recipe", ROOT / "recipes" / "reward.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
     spec.loader.exec_module(module)
     return module
 

@@ -144,7 +144,8 @@ def test_config_rejects_bad_settings(tmp_path, overrides, message):
 def test_trainer_needs_a_reinforce_config(model_path, tmp_path):
     with pytest.raises(TypeError, match="needs a ReinforceConfig"):
         ReinforceTrainer(
-            model=model_path, reward_funcs=target_word_reward(), args=tiny_args(str(tmp_path)), train_dataset=prompt_dataset()
+            model=model_path, reward_funcs=target_word_reward(), args=tiny_args(str(tmp_path)),
+            train_dataset=prompt_dataset(),
         )
 
 
@@ -195,7 +196,8 @@ def test_loss_gradient_is_exactly_the_reinforce_estimator(model_path, tmp_path, 
 
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention, batch["completion_ids"].size(1))
+    length = batch["completion_ids"].size(1)
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention, length)
     mask = batch["completion_mask"]
     seq_logp = (logps * mask).sum(1)  # log π(y | x)
     if aggregation == "sequence":
@@ -265,7 +267,9 @@ def test_baseline_cuts_the_gradient_variance(model_path, tmp_path):
     from hf_rlhf_ext.callbacks.grad_variance import measure_gradient_variance
 
     torch.manual_seed(0)
-    trainer = make_trainer(model_path, str(tmp_path), reward_offset=5.0, baseline="none", per_device_train_batch_size=32)
+    trainer = make_trainer(
+        model_path, str(tmp_path), reward_offset=5.0, baseline="none", per_device_train_batch_size=32
+    )
     # the running mean sees two earlier batches of the same policy, as it would during training
     running = RunningMeanBaseline(decay=0.9)
     for i in range(2):

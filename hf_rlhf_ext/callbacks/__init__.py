@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "GroupAdvantageViolation": "group_advantage",
     "expected_advantages": "group_advantage",
     "GradientVarianceCallback": "grad_variance",
+    "GradVarianceMeasurement": "grad_variance",
+    "measure_gradient_variance": "grad_variance",
     "UnsupportedTrainerError": "_trainer_access",
     "HeldOutSampler": "_trainer_access",
 }

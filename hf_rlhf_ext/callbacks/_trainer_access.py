@@ -210,7 +210,10 @@ class HeldOutSampler:
     # -- helpers -------------------------------------------------------------------------------------------------------
     def _indices_for_this_process(self) -> list[int]:
         acc = self.trainer.accelerator
-        idx = [i % len(self.prompts) for i in range(self.num_samples)]
+        # every process gets the same number of prompts (rounded up), so that sharded models (ZeRO-3, FSDP) run the
+        # same number of forward passes on every rank
+        n = -(-self.num_samples // acc.num_processes) * acc.num_processes
+        idx = [i % len(self.prompts) for i in range(n)]
         return idx[acc.process_index :: acc.num_processes]
 
     def _eos_ids(self) -> list[int]:
@@ -390,6 +393,12 @@ class ReferencePolicy:
         elif getattr(trainer, "ref_model", None) is not None:
             self.kind = "trainer_ref_model"
         elif allow_copy:
+            plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+            if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+                raise ValueError(
+                    f"{who}: a frozen copy of a ZeRO-3-partitioned policy cannot be made; train with LoRA (the "
+                    "reference is then the adapter disabled) or with beta > 0 (TRL's reference model is reused)."
+                )
             self.kind = "frozen_copy"
         else:
             raise ValueError(

@@ -135,7 +135,8 @@ def select_samples(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]
 
 def _slice_normaliser(trainer: Any, part: dict[str, Any]) -> dict[str, Any]:
     """Make losses normalised by the batch's token count (GRPO 'dapo', 'cispo', 'vespo') a mean over this slice."""
-    if isinstance(part.get("num_items_in_batch"), torch.Tensor) and isinstance(part.get("completion_mask"), torch.Tensor):
+    num_items, mask = part.get("num_items_in_batch"), part.get("completion_mask")
+    if isinstance(num_items, torch.Tensor) and isinstance(mask, torch.Tensor):
         tokens = part["completion_mask"].sum().to(part["num_items_in_batch"].dtype)
         # in eval mode GRPO divides by num_items_in_batch / num_processes
         part = dict(part, num_items_in_batch=tokens * trainer.accelerator.num_processes)
@@ -160,7 +161,9 @@ def measure_gradient_variance(
     if batch is None:
         buffered = getattr(trainer, "_buffered_inputs", None)
         if not buffered:
-            raise ValueError("The trainer has no buffered generation batch yet; pass `batch` or measure during training.")
+            raise ValueError(
+                "The trainer has no buffered generation batch yet; pass `batch` or measure during training."
+            )
         batch = concat_generation_batch(buffered)
     size = _batch_size(batch)
     if size < num_estimates:

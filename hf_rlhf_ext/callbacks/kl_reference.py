@@ -87,7 +87,8 @@ class KLToReferenceCallback(TrainerCallback):
         trainer: a ``trl.GRPOTrainer`` / ``trl.RLOOTrainer`` (or subclass).
         eval_prompts: held-out prompts (list of strings or chat messages, or a Dataset with a "prompt" column).
         every_n_steps: measure when ``global_step % every_n_steps == 0``.
-        num_samples: completions per measurement (one per prompt, cycling over the prompt set).
+        num_samples: completions per measurement (one per prompt, cycling over the prompt set; rounded up to a
+            multiple of the number of processes, each sampling its share).
         allow_reference_copy: allow a frozen copy of the initial policy as π_ref when there is no cheaper one.
         measure_at_start: also measure at train begin (step 0; ≈ 0 by construction, a sanity check).
         batch_size, max_new_tokens, temperature, seed: sampling settings (defaults: the trainer's length and

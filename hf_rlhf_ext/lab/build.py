@@ -37,6 +37,10 @@ METRICS_FILE = "lab_metrics.json"
 TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR = "tokenizer", "policy", "reward_model"
 PROMPTS_DIR, PREFERENCES_DIR, LOGS_DIR = "prompts", "preferences", "logs"
 HOME_ENV = "HF_RLHF_EXT_HOME"
+#: The build runs single-threaded, whatever OMP_NUM_THREADS says. Float reductions depend on the thread count, so
+#: pinning it makes the same seed give the same lab on every machine (one cache key = one lab). The matrices are tiny
+#: (width 128): a second thread saved little even on an idle machine, and on a shared one it made SFT 4x slower.
+BUILD_THREADS = 1
 
 
 def lab_home() -> str:
@@ -375,17 +379,16 @@ def _train_sft(config: LabConfig, tokenizer, train_rows, work: str, out_dir: str
     }
 
 
-def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, out_dir: str) -> dict[str, Any]:
-    """Proxy RM with ``trl.RewardTrainer`` on pre-tokenised pairs; saves model + tokenizer to out_dir."""
+def new_reward_model(config: LabConfig, tokenizer, policy_dir: str | None = None):
+    """A fresh lab-sized proxy RM (``num_labels=1``), seeded from the lab config: a small GPT-2 from scratch, or the
+    SFT policy's backbone with a new head when ``config.rm_init == "sft"`` (then ``policy_dir`` is needed)."""
     import torch
     from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
-    from trl import RewardConfig
-
-    from ..reward_modeling import train_reward_model
-    from ..results import ResultsCallback
 
     torch.manual_seed(config.seed + 7)
     if config.rm_init == "sft":
+        if policy_dir is None:
+            raise ValueError("rm_init='sft' needs the SFT policy's directory.")
         model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
     else:
         rm_config = GPT2Config(
@@ -404,6 +407,17 @@ def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, o
         )
         model = GPT2ForSequenceClassification(rm_config)
     model.config.pad_token_id = tokenizer.pad_token_id  # the RM scores the last non-pad token
+    return model
+
+
+def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, out_dir: str) -> dict[str, Any]:
+    """Proxy RM with ``trl.RewardTrainer`` on pre-tokenised pairs; saves model + tokenizer to out_dir."""
+    from trl import RewardConfig
+
+    from ..reward_modeling import train_reward_model
+    from ..results import ResultsCallback
+
+    model = new_reward_model(config, tokenizer, policy_dir)
     args = RewardConfig(
         output_dir=os.path.join(work, "rm_run"),
         num_train_epochs=config.rm_epochs,
@@ -527,9 +541,12 @@ def build_lab(config: LabConfig | None = None, output_dir: str | None = None, fo
     work = tempfile.mkdtemp(prefix=os.path.basename(root) + ".building-", dir=parent)
     os.chmod(work, 0o755)  # mkdtemp makes it private; the lab is meant to be shared
     import datasets
+    import torch
 
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # dozens of tiny maps and saves: the bars would drown the useful output
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
     try:
         metrics = _build(config, work)
         with open(os.path.join(work, METRICS_FILE), "w") as f:
@@ -545,6 +562,7 @@ def build_lab(config: LabConfig | None = None, output_dir: str | None = None, fo
             _publish(work, root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        torch.set_num_threads(threads)
         if bars_were_on:
             datasets.enable_progress_bars()
     return Lab.from_dir(root)

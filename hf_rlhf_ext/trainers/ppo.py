@@ -99,9 +99,10 @@ class PPOConfig(GRPOConfig):
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the critic's parameter groups (default: ``learning_rate``); the schedule is shared.
         logprobs_from_sampling (`bool`, *optional*, defaults to `True`):
-            Take the rollout's per-token log-probs (for the KL, and as old log-probs when GRPO does not compute them)
-            from the logits seen while sampling instead of one more forward pass (≈ 6% of a step). They differ from a
-            full forward by float rounding only (more in bf16); set `False` to recompute them.
+            Take the rollout's per-token log-probs (for the KL penalty; with several PPO epochs in full precision
+            also as π_old) from the logits seen while sampling instead of one more forward pass (≈ 6% of a step).
+            They differ from a full forward by float rounding only; under bf16/fp16 π_old still comes from GRPO's
+            forward pass. Set `False` to recompute everything with forward passes.
 
     > [!NOTE]
     > Defaults that differ from ``GRPOConfig``: ``num_generations=1`` (PPO needs no groups; ``GRPOConfig`` rejects
@@ -560,7 +561,26 @@ class PPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         self._rollout_rewards, self._sampling_logps = None, None
-        out = super()._generate_and_score_completions(inputs)
+        # Several PPO epochs need π_old; GRPO gets it with one more forward pass. In full precision the sampler's
+        # log-probs equal that forward up to float rounding (≈1e-6), so take them instead (as a bare PPO loop does):
+        # GRPO only looks at num_iterations to decide on that pass. Under bf16/fp16 the difference is ~1e-2 and
+        # would show as clipping on the first pass, so GRPO's forward is kept there.
+        skip_old_forward = (
+            mode == "train" and self.num_iterations > 1 and self.args.logprobs_from_sampling and not self.use_vllm
+            and not self.use_transformers_continuous_batching and not (self.args.bf16 or self.args.fp16)
+            and self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
+        )
+        num_iterations = self.num_iterations
+        if skip_old_forward:
+            self.num_iterations = 1
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            self.num_iterations = num_iterations
+        if skip_old_forward and self._sampling_logps is not None:
+            T = out["completion_ids"].size(1)
+            sampled = self._sampling_logps.to(self.accelerator.device)[:, :T]
+            out["old_per_token_logps"] = torch.nn.functional.pad(sampled, (0, T - sampled.size(1)))
         args, device = self.args, self.accelerator.device
 
         prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
@@ -590,8 +610,8 @@ class PPOTrainer(GRPOTrainer):
             rollout_logps = old_logps
         elif self._sampling_logps is not None:
             rollout_logps = self._sampling_logps.to(device)[:, :T]
-            if rollout_logps.size(1) < T:  # completions padded beyond the generated length (pad_to_multiple_of)
-                rollout_logps = torch.nn.functional.pad(rollout_logps, (0, T - rollout_logps.size(1)))
+            # completions may be padded beyond the generated length (pad_to_multiple_of)
+            rollout_logps = torch.nn.functional.pad(rollout_logps, (0, T - rollout_logps.size(1)))
         else:
             with torch.no_grad():
                 rollout_logps, _, _ = super()._get_per_token_logps_and_entropies(

@@ -102,7 +102,9 @@ def reinforce_advantages(
         b = torch.full_like(rewards, value)
     elif bool(torch.isfinite(rewards).all()):
         if group_size < 2:
-            raise ValueError(f"The 'group' baseline needs at least 2 completions per prompt, got group_size={group_size}.")
+            raise ValueError(
+                f"The 'group' baseline needs at least 2 completions per prompt, got group_size={group_size}."
+            )
         # RLOO: R_i − mean_{j≠i} R_j = G/(G−1)·(R_i − mean_group); groups of equal rewards give exactly 0
         advantages = group_advantages(rewards, group_size, scale="none") * (group_size / (group_size - 1))
         return advantages, rewards - advantages
@@ -348,7 +350,8 @@ class ReinforceTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, BASELINE_STATE_FILE), "w") as f:
                 json.dump({"baseline": self.baseline, "running_mean": self.running_baseline.state_dict()}, f)
