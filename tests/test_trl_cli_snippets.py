@@ -1,8 +1,8 @@
 """The "Use with your TRL script" snippets run for real, at tiny scale, on the lab: the Python snippet with our
 callbacks, and TRL's own ``trl grpo`` command line with our reward functions given by dotted path.
 
-The section is read from README.md when it has one ("## Use with your TRL script"), else from docs/use_with_trl.md, so
-the documentation users read is what is tested. Each snippet is scaled down by exact text substitutions; a
+The section is read from README.md ("## Use with your TRL script"), so the documentation users read is what is
+tested. Each snippet is scaled down by exact text substitutions; a
 substitution that no longer matches fails the test (the snippet changed: update the test with it).
 """
 
@@ -29,14 +29,11 @@ ENV = {
 
 
 def section_text() -> str:
-    readme = os.path.join(ROOT, "README.md")
-    if os.path.isfile(readme):
-        text = open(readme, encoding="utf-8").read()
-        if SECTION in text:
-            body = text.split(SECTION, 1)[1]
-            nxt = re.search(r"^## ", body, flags=re.M)  # up to the next level-2 heading
-            return body[: nxt.start()] if nxt else body
-    return open(os.path.join(ROOT, "docs", "use_with_trl.md"), encoding="utf-8").read()
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert SECTION in text, f"README.md lost its {SECTION!r} section"
+    body = text.split(SECTION, 1)[1]
+    nxt = re.search(r"^## ", body, flags=re.M)  # up to the next level-2 heading
+    return body[: nxt.start()] if nxt else body
 
 
 def code_blocks(lang: str) -> list[str]:

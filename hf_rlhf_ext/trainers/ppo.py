@@ -295,6 +295,19 @@ class PPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "ppo", "hf-rlhf-ext"]
     _name = "PPO"
+    _paper = {  # cited in the model card (GRPO's would otherwise be inherited)
+        "title": "Fine-Tuning Language Models from Human Preferences",
+        "id": "1909.08593",
+        "citation": (
+            "@article{ziegler2019finetuning,\n"
+            "    title  = {{Fine-Tuning Language Models from Human Preferences}},\n"
+            "    author = {Daniel M. Ziegler and Nisan Stiennon and Jeffrey Wu and Tom B. Brown and Alec Radford and "
+            "Dario Amodei and Paul Christiano and Geoffrey Irving},\n"
+            "    year   = 2019,\n"
+            "    eprint = {arXiv:1909.08593},\n"
+            "}"
+        ),
+    }
 
     def __init__(
         self,
