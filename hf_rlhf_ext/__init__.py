@@ -1,31 +1,48 @@
 """hf-rlhf-ext: the experiments of an RLHF chapter, real and measured, as thin extensions of TRL.
 
-Sub-modules are imported lazily so that ``import hf_rlhf_ext`` stays cheap (tokenizer-only tools and the CLI do not pay
-for torch + transformers + trl).
+The public API is re-exported here and imported lazily, so ``import hf_rlhf_ext`` stays cheap:
+
+    from hf_rlhf_ext import build_lab, PPOConfig, PPOTrainer, OveroptimizationCallback
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> sub-module that defines it
 _EXPORTS = {
+    # results contract and input checks
     "write_metrics": "results",
     "read_metrics": "results",
     "read_log_history": "results",
     "ResultsCallback": "results",
     "DataValidationError": "validation",
+    # the offline lab
+    "LabConfig": "lab",
+    "Lab": "lab",
+    "build_lab": "lab",
+    "gold_reward": "lab",
+    # reward models and reward functions
+    "train_reward_model": "reward_modeling",
+    "pairwise_report": "reward_modeling",
+    "RewardModelFunction": "rewards",
+    # trainers and KL control
+    "PPOConfig": "trainers",
+    "PPOTrainer": "trainers",
+    "ReinforceConfig": "trainers",
+    "ReinforceTrainer": "trainers",
+    "AdaptiveKLController": "trainers",
+    "FixedKLController": "trainers",
+    "AdaptiveKLCallback": "trainers",
+    # callbacks for any TRL GRPO/RLOO script
+    "OveroptimizationCallback": "callbacks",
+    "KLToReferenceCallback": "callbacks",
+    "GroupAdvantageCheckCallback": "callbacks",
+    "GradientVarianceCallback": "callbacks",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -5,8 +5,7 @@ Names are resolved lazily so that importing this package does not import transfo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_exports
 
 # public name -> sub-module that defines it
 _EXPORTS: dict[str, str] = {
@@ -22,15 +21,6 @@ _EXPORTS.update({"PPOConfig": "ppo", "PPOTrainer": "ppo", "ValueModel": "value_m
 _EXPORTS.update({"ReinforceConfig": "reinforce", "ReinforceTrainer": "reinforce", "RunningMeanBaseline": "reinforce"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)
