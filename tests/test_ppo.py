@@ -350,3 +350,22 @@ def test_logprobs_from_sampling_match_a_forward_pass(world, tmp_path):
         forward, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, ids.size(1) - out["prompt_ids"].size(1))
     mask = out["completion_mask"].bool()
     torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_logprobs_are_checked_against_the_forward_pass(world, tmp_path):
+    """Left-padded prompts on GPT-2 (absolute positions): generate() and the trainer's forward pass disagree, so the
+    shortcut must switch itself off and the first-rollout KL (policy = reference) must be ~0, not biased."""
+    from datasets import Dataset
+
+    texts = ["customer : my kettle is late agent :", "help agent :", "customer : my order is broken please agent :",
+             "thanks agent :"] * 4
+    trainer = _trainer(world, tmp_path, max_steps=1, train_dataset=Dataset.from_dict({"prompt": texts}))
+    trainer.train()
+    assert trainer._sampling_logps_ok is False
+    first = trainer.state.log_history[0]
+    assert first["sampling/logp_max_diff"] > 1e-3
+    assert abs(first["objective/kl"]) < 1e-4
+    # equal-length prompts: the shortcut holds and is kept
+    same = _trainer(world, tmp_path / "same", max_steps=1)
+    same.train()
+    assert same._sampling_logps_ok is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-3

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import resource
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ from ..objectives import clipped_surrogate, clipped_value_loss, explained_varian
 from .kl_control import AdaptiveKLController, FixedKLController
 from .value_model import ValueModel, _base_transformer, share_weights_copy
 
+logger = logging.getLogger(__name__)
+
 VALUE_MODEL_DIR = "value_model"
+SAMPLING_LOGPS_TOLERANCE = 1e-3  # max |log π_sampler − log π_forward| accepted for the logprobs_from_sampling shortcut
 PPO_STATE_FILE = "ppo_state.json"
 
 __all__ = ["PPOConfig", "PPOTrainer", "token_level_rewards", "VALUE_MODEL_DIR", "PPO_STATE_FILE"]
@@ -387,6 +391,7 @@ class PPOTrainer(GRPOTrainer):
         self._sampling_logps: torch.Tensor | None = None
         self._last_policy_logps: torch.Tensor | None = None
         self._last_rollout: dict[str, Any] = {}
+        self._sampling_logps_ok: bool | None = None  # checked against a forward pass on the first rollout
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -529,7 +534,8 @@ class PPOTrainer(GRPOTrainer):
     # Rollout: generation (old log-probs for free), rewards, values, GAE
     # ------------------------------------------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if self.use_vllm or self.use_transformers_continuous_batching or not self.args.logprobs_from_sampling:
+        if (self.use_vllm or self.use_transformers_continuous_batching or not self.args.logprobs_from_sampling
+                or self._sampling_logps_ok is False):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         recorder = _SampledLogProbs(self.temperature)
         unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
@@ -558,6 +564,30 @@ class PPOTrainer(GRPOTrainer):
         return logps, entropies, aux
 
     @torch.no_grad()
+    def _verify_sampling_logps(self, input_ids, attention_mask, completion_mask, T: int, batch_size: int) -> None:
+        """Checks once that the sampler's log-probs equal those of the forward pass used for π and π_ref.
+
+        They can differ beyond rounding: under bf16, or with left-padded prompts on a model with absolute position
+        embeddings (GPT-2), where ``generate`` derives positions from the attention mask and the trainer's forward
+        pass does not. A KL between the two conventions is biased (≈ 0.3 nats per completion at step 0 on the lab),
+        so on a mismatch the rollout log-probs come from forward passes from then on.
+        """
+        forward, _, _ = super()._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, T, batch_size=batch_size
+        )
+        mask = completion_mask.bool()
+        diff = (forward - self._sampling_logps).abs().masked_fill(~mask, 0.0).max().reshape(1)
+        diff = float(self.accelerator.gather(diff).max())  # the same decision on every process
+        self._sampling_logps_ok = diff <= SAMPLING_LOGPS_TOLERANCE
+        self._metrics["train"]["sampling/logp_max_diff"].append(diff)
+        if not self._sampling_logps_ok:
+            logger.warning(
+                "The sampler's log-probs differ from the forward pass by up to %.3g (bf16, or left padding with "
+                "absolute position embeddings): taking the rollout log-probs from forward passes instead.", diff
+            )
+            self._sampling_logps = forward
+
+    @torch.no_grad()
     def _critic_values(self, input_ids, attention_mask, completion_length: int, batch_size: int) -> torch.Tensor:
         chunks = []
         with self.accelerator.autocast():
@@ -579,7 +609,8 @@ class PPOTrainer(GRPOTrainer):
         # GRPO only looks at num_iterations to decide on that pass. Under bf16/fp16 the difference is ~1e-2 and
         # would show as clipping on the first pass, so GRPO's forward is kept there.
         skip_old_forward = (
-            mode == "train" and self.num_iterations > 1 and self.args.logprobs_from_sampling and not self.use_vllm
+            mode == "train" and self.num_iterations > 1 and self._sampling_logps_ok is not False
+            and self.args.logprobs_from_sampling and not self.use_vllm
             and not self.use_transformers_continuous_batching and not (self.args.bf16 or self.args.fp16)
             and self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
         )
@@ -590,10 +621,6 @@ class PPOTrainer(GRPOTrainer):
             out = super()._generate_and_score_completions(inputs)
         finally:
             self.num_iterations = num_iterations
-        if skip_old_forward and self._sampling_logps is not None:
-            T = out["completion_ids"].size(1)
-            sampled = self._sampling_logps.to(self.accelerator.device)[:, :T]
-            out["old_per_token_logps"] = torch.nn.functional.pad(sampled, (0, T - sampled.size(1)))
         args, device = self.args, self.accelerator.device
 
         prompt_ids, prompt_mask = out["prompt_ids"], out["prompt_mask"]
@@ -602,6 +629,21 @@ class PPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+
+        if self._sampling_logps is not None:
+            sampled = self._sampling_logps.to(device)[:, :T]
+            # completions may be padded beyond the generated length (pad_to_multiple_of)
+            self._sampling_logps = torch.nn.functional.pad(sampled, (0, T - sampled.size(1)))
+            if self._sampling_logps_ok is None:  # on a mismatch this replaces them with the forward pass's
+                self._verify_sampling_logps(input_ids, attention_mask, completion_mask, T, batch_size)
+        if skip_old_forward:
+            if self._sampling_logps is not None:
+                out["old_per_token_logps"] = self._sampling_logps
+            else:  # the check just failed: π_old from a forward pass, as GRPO would have done
+                with torch.no_grad():
+                    out["old_per_token_logps"], _, _ = super()._get_per_token_logps_and_entropies(
+                        self.model, input_ids, attention_mask, T, batch_size=batch_size
+                    )
 
         # Sequence score: weighted sum of the reward functions (this process's slice of the gathered rewards).
         rewards_per_func = self._rollout_rewards
@@ -622,9 +664,7 @@ class PPOTrainer(GRPOTrainer):
         if old_logps is not None:
             rollout_logps = old_logps
         elif self._sampling_logps is not None:
-            rollout_logps = self._sampling_logps.to(device)[:, :T]
-            # completions may be padded beyond the generated length (pad_to_multiple_of)
-            rollout_logps = torch.nn.functional.pad(rollout_logps, (0, T - rollout_logps.size(1)))
+            rollout_logps = self._sampling_logps
         else:
             with torch.no_grad():
                 rollout_logps, _, _ = super()._get_per_token_logps_and_entropies(
