@@ -38,6 +38,8 @@ __all__ = [
     "import_reward_func",
     "build_reward_funcs",
     "prepare_rl_run",
+    "make_trainer",
+    "make_recipe_parser",
     "evaluate_policy",
     "train_and_report",
 ]
@@ -274,6 +276,30 @@ def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_arg
         reward_weights=weights, eval_rewards=eval_rewards, peft_config=get_peft_config(model_args),
         callbacks=[ResultsCallback(training_args.output_dir)], lab=lab, on_lab=on_lab,
     )
+
+
+def make_trainer(trainer_cls: type, setup: RLSetup, training_args: Any, **kwargs: Any) -> Any:
+    """A ``GRPOTrainer`` (or subclass) wired to the resolved policy, rewards, prompts, PEFT config and callbacks."""
+    return trainer_cls(
+        model=setup.model,
+        reward_funcs=setup.reward_funcs,
+        args=training_args,
+        train_dataset=setup.train_dataset,
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+        callbacks=setup.callbacks,
+        **kwargs,
+    )
+
+
+def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any]):
+    """A ``TrlParser`` (so ``--config file.yaml`` works) over (script args, trainer config, ``ModelConfig``) with the
+    recipe's lab defaults and the CPU defaults; explicit flags and config files override both."""
+    from trl import ModelConfig, TrlParser
+
+    parser = TrlParser((script_args_cls, config_cls, ModelConfig))
+    parser.set_defaults(**defaults, **cpu_parser_defaults())
+    return parser
 
 
 # ----------------------------------------------------------------------------------------------------------------------

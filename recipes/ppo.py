@@ -8,9 +8,15 @@
 Writes <output_dir>/{metrics.json, log_history.jsonl}, the policy and <output_dir>/value_model (the critic).
 """
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
-from hf_rlhf_ext.recipe_utils import RLScriptArguments, cpu_parser_defaults, prepare_rl_run, train_and_report
+from hf_rlhf_ext.recipe_utils import (
+    RLScriptArguments,
+    make_recipe_parser,
+    make_trainer,
+    prepare_rl_run,
+    train_and_report,
+)
 from hf_rlhf_ext.trainers.ppo import PPOConfig, PPOTrainer
 
 # The lab run (≈ 2 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
@@ -33,22 +39,12 @@ LAB_DEFAULTS = dict(
 
 def main(script_args: RLScriptArguments, training_args: PPOConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
-    trainer = PPOTrainer(
-        model=setup.model,
-        reward_funcs=setup.reward_funcs,
-        args=training_args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-        callbacks=setup.callbacks,
-    )
+    trainer = make_trainer(PPOTrainer, setup, training_args)
     return train_and_report(trainer, setup, script_args, training_args)
 
 
-def make_parser() -> TrlParser:
-    parser = TrlParser((RLScriptArguments, PPOConfig, ModelConfig))
-    parser.set_defaults(**LAB_DEFAULTS, **cpu_parser_defaults())
-    return parser
+def make_parser():
+    return make_recipe_parser(RLScriptArguments, PPOConfig, LAB_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,16 @@ mean over the run and every measurement — run two baselines and compare ``grad
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from hf_rlhf_ext.callbacks.grad_variance import GradientVarianceCallback
-from hf_rlhf_ext.recipe_utils import RLScriptArguments, cpu_parser_defaults, prepare_rl_run, train_and_report
+from hf_rlhf_ext.recipe_utils import (
+    RLScriptArguments,
+    make_recipe_parser,
+    make_trainer,
+    prepare_rl_run,
+    train_and_report,
+)
 from hf_rlhf_ext.results import write_metrics
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
@@ -85,15 +91,7 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
         setup.reward_funcs.append(constant_reward(script_args.reward_offset))
         setup.reward_weights.append(1.0)
         training_args.reward_weights = setup.reward_weights
-    trainer = ReinforceTrainer(
-        model=setup.model,
-        reward_funcs=setup.reward_funcs,
-        args=training_args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-        callbacks=setup.callbacks,
-    )
+    trainer = make_trainer(ReinforceTrainer, setup, training_args)
     variance = None
     if script_args.grad_variance_every > 0:
         variance = GradientVarianceCallback(
@@ -118,10 +116,8 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
     return {**metrics, **extra}
 
 
-def make_parser() -> TrlParser:
-    parser = TrlParser((ReinforceScriptArguments, ReinforceConfig, ModelConfig))
-    parser.set_defaults(**LAB_DEFAULTS, **cpu_parser_defaults())
-    return parser
+def make_parser():
+    return make_recipe_parser(ReinforceScriptArguments, ReinforceConfig, LAB_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, RewardConfig, ScriptArguments, TrlParser, get_peft_config
+from trl import ModelConfig, RewardConfig, ScriptArguments, get_peft_config
 
-from hf_rlhf_ext.recipe_utils import apply_cpu_defaults, cpu_parser_defaults, load_lab
+from hf_rlhf_ext.recipe_utils import apply_cpu_defaults, load_lab, make_recipe_parser
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
 
 # The lab's RM schedule (≈ 10 s on 2 CPU cores). A --config file or flags override any of these.
@@ -115,10 +115,8 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
     return metrics
 
 
-def make_parser() -> TrlParser:
-    parser = TrlParser((RewardScriptArguments, RewardConfig, ModelConfig))
-    parser.set_defaults(**LAB_DEFAULTS, **cpu_parser_defaults())
-    return parser
+def make_parser():
+    return make_recipe_parser(RewardScriptArguments, RewardConfig, LAB_DEFAULTS)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def test_cpu_two_process_config_starts_two_gloo_ranks():
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    probes = [json.loads(line.split("PROBE ", 1)[1]) for line in out.stdout.splitlines() if "PROBE " in line]
+    # the two ranks share one stdout, so their lines may interleave: find each JSON object after its marker
+    probes = [json.loads(m) for m in re.findall(r"PROBE (\{[^{}]*\})", out.stdout)]
     assert sorted(p["rank"] for p in probes) == [0, 1]
     assert all(p["world"] == 2 and p["backend"] == "gloo" for p in probes)
     assert all(p["sum"] == 3.0 for p in probes)  # the all-reduce really crossed processes

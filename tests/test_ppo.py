@@ -4,7 +4,6 @@ G = 1 and 2, LoRA (with and without a critic on the shared base), checkpoints, r
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The results contract: metrics.json merges, log_history.jsonl gets every record, including keys added by later
 callbacks, and only from the main process."""
 
-import json
 import math
 from types import SimpleNamespace
 

@@ -33,7 +33,7 @@ import logging
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
