@@ -42,6 +42,7 @@ __all__ = [
     "make_recipe_parser",
     "evaluate_policy",
     "train_and_report",
+    "summary_text",
 ]
 
 
@@ -411,6 +412,21 @@ def _reference_for_eval(trainer: Any) -> Any:
     return trainer.accelerator.unwrap_model(ref) if ref is not None else None
 
 
+def summary_text(metrics: dict[str, Any]) -> str:
+    """A few console lines for a person: each reward before -> after on held-out prompts, the KL to the initial
+    policy, and sample completions before and after (the numbers themselves live in ``metrics.json``)."""
+    lines = ["", f"held-out evaluation ({metrics.get('num_eval_prompts', 0)} completions, {metrics.get('eval_sampling')}):"]
+    for name in metrics.get("reward_funcs", []):
+        if f"{name}_before" in metrics:
+            lines.append(f"  {name:<24} {metrics[f'{name}_before']:+.3f} -> {metrics[f'{name}_after']:+.3f}")
+    if "kl_after" in metrics:
+        lines.append(f"  {'KL to initial policy':<24} {metrics['kl_after']:.3f} nats per completion")
+    before, after = metrics.get("samples_before", []), metrics.get("samples_after", [])
+    for b, a in zip(before, after):
+        lines += [f"  prompt: {b['prompt']}", f"    before: {b['completion']}", f"    after:  {a['completion']}"]
+    return "\n".join(lines)
+
+
 def train_and_report(trainer: Any, setup: RLSetup, script_args: RLScriptArguments, training_args: Any) -> dict[str, Any]:
     """Evaluates, trains, evaluates again, saves (policy, and the critic for PPO), writes ``metrics.json`` and
     pushes to the Hub when asked. Returns the metrics written."""
@@ -456,6 +472,7 @@ def train_and_report(trainer: Any, setup: RLSetup, script_args: RLScriptArgument
         metrics["kl_after"] = after["kl_to_reference"]
     if accelerator.is_main_process:
         write_metrics(training_args.output_dir, metrics)
+        print(summary_text(metrics))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name or "hf-rlhf-ext lab prompts")
     accelerator.wait_for_everyone()

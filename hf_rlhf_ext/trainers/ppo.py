@@ -152,6 +152,9 @@ class PPOConfig(GRPOConfig):
     logprobs_from_sampling: bool = field(
         default=True, metadata={"help": "Rollout log-probs from the sampling logits (saves one forward pass)."}
     )
+    fast_generation: bool = field(
+        default=True, metadata={"help": "Without vLLM: a KV-cache sampling loop instead of model.generate (same draws)."}
+    )
 
     def __post_init__(self):
         cuda = torch.cuda.is_available() and not self.use_cpu
@@ -392,6 +395,7 @@ class PPOTrainer(GRPOTrainer):
         self._last_policy_logps: torch.Tensor | None = None
         self._last_rollout: dict[str, Any] = {}
         self._sampling_logps_ok: bool | None = None  # checked against a forward pass on the first rollout
+        self._fast_generation = args.fast_generation and self._fast_generation_supported()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -472,6 +476,24 @@ class PPOTrainer(GRPOTrainer):
                 "generation_kwargs={'eos_token_id': None} instead of min_new_tokens."
             )
 
+    # Generation settings the KV-cache sampler reproduces; anything else in generation_kwargs goes through generate().
+    _FAST_GENERATION_KEYS = frozenset({
+        "max_new_tokens", "do_sample", "pad_token_id", "bos_token_id", "eos_token_id", "temperature", "top_p", "top_k",
+        "min_p", "repetition_penalty", "cache_implementation", "disable_compile", "use_cache",
+    })
+
+    def _fast_generation_supported(self) -> bool:
+        """Whether ``_sample_with_kv_cache`` draws exactly what ``generate`` would (checked once, at construction).
+        The distribution-changing settings are already refused by ``_check_sampling_distribution``."""
+        kwargs = self.generation_kwargs or {}
+        return (
+            not self.use_vllm and not self.use_transformers_continuous_batching and not self._is_vlm
+            and set(kwargs) <= self._FAST_GENERATION_KEYS and kwargs.get("cache_implementation") is None
+            and kwargs.get("do_sample", True) is True and kwargs.get("use_cache", True) is not False
+            and self.temperature is not None and self.temperature > 0
+            and not self.accelerator.unwrap_model(self.model).config.is_encoder_decoder
+        )
+
     # ------------------------------------------------------------------------------------------------------------------
     # Optimizer, gradients, checkpoints
     # ------------------------------------------------------------------------------------------------------------------
@@ -534,6 +556,8 @@ class PPOTrainer(GRPOTrainer):
     # Rollout: generation (old log-probs for free), rewards, values, GAE
     # ------------------------------------------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._fast_generation and images is None and not multimodal_fields and not has_tool_images:
+            return self._fast_generate_single_turn(prompt_ids)
         if (self.use_vllm or self.use_transformers_continuous_batching or not self.args.logprobs_from_sampling
                 or self._sampling_logps_ok is False):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
@@ -552,6 +576,102 @@ class PPOTrainer(GRPOTrainer):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         finally:
             del unwrapped.generate  # back to the class method
+
+    def _fast_generate_single_turn(self, prompt_ids):
+        """``fast_generation``: GRPO's plain-transformers generation path with ``_sample_with_kv_cache`` in place of
+        ``model.generate``. Returns the completions as GRPO does (cut after the first EOS) and keeps the sampled
+        tokens' log-probs in ``self._sampling_logps`` when ``logprobs_from_sampling`` asks for them."""
+        from trl.models.utils import unwrap_model_for_generation
+        from trl.trainer.utils import pad
+
+        device = self.accelerator.device
+        prompts = [torch.tensor(ids) for ids in prompt_ids]
+        input_ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+                        pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        prompt_mask = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left",
+                          pad_to_multiple_of=self.pad_to_multiple_of).to(device)
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            completion_ids, logps = self._sample_with_kv_cache(unwrapped, input_ids, prompt_mask)
+
+        # As GRPO: everything after the first EOS (any of the trainer's EOS ids) is dropped.
+        is_eos = torch.isin(completion_ids, self._eos_ids)
+        lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1)).tolist()
+        rows = completion_ids.tolist()
+        if (self.args.logprobs_from_sampling and self._sampling_logps_ok is not False
+                and not (self.args.bf16 or self.args.fp16) or self._sampling_logps_ok is None):
+            self._sampling_logps = logps
+        return [row[:n] for row, n in zip(rows, lengths)], None
+
+    def _sample_with_kv_cache(self, model, input_ids, prompt_mask):
+        """Ancestral sampling exactly as ``generate(do_sample=True)`` does it with a temperature warper only:
+        one prefill, then one token per step through the KV cache; position ids from the attention mask (left
+        padding), the mask dropped when the prompts are unpadded; ``multinomial(softmax(logits / T))``; finished
+        rows continue with the pad token; stops when every row has hit an EOS (of the generation config) or after
+        ``max_new_tokens``. Returns (tokens (B, n), log π(token) (B, n), float32, from the same logits)."""
+        kwargs = self.generation_kwargs or {}
+        max_new = int(kwargs.get("max_new_tokens", self.max_completion_length))
+        temperature = float(self.temperature)
+        pad_id = kwargs.get("pad_token_id", self._tokenizer.pad_token_id)
+        stop = kwargs.get("eos_token_id", self.eos_token_ids)
+        stop = [stop] if isinstance(stop, int) else list(stop or [])
+        stop_ids = torch.tensor(stop, device=input_ids.device, dtype=torch.long) if stop else None
+        B, P = input_ids.shape
+        step_kwargs = self._fast_step_kwargs(model)
+        padded = not bool(prompt_mask.all())
+        attention = None
+        if padded:
+            attention = torch.ones((B, P + max_new), dtype=prompt_mask.dtype, device=input_ids.device)
+            attention[:, :P] = prompt_mask
+        position = None
+        if "position_ids" in step_kwargs:
+            position = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+        tokens = torch.empty((B, max_new), dtype=torch.long, device=input_ids.device)
+        logps = torch.empty((B, max_new), dtype=torch.float32, device=input_ids.device)
+        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+        step_input, cache, n = input_ids, None, 0
+        for t in range(max_new):
+            out = model(
+                input_ids=step_input, attention_mask=attention[:, : P + t] if padded else None,
+                position_ids=position, past_key_values=cache, use_cache=True, return_dict=True,
+                **({"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}),
+            )
+            cache = out.past_key_values
+            scores = out.logits[:, -1, :].float() / temperature
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            logps[:, t] = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+            if stop_ids is not None:
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+                unfinished &= ~torch.isin(next_tokens, stop_ids)
+            tokens[:, t] = next_tokens
+            n = t + 1
+            if stop_ids is not None and not bool(unfinished.any()):
+                break
+            step_input = next_tokens[:, None]
+            if position is not None:
+                position = position[:, -1:] + 1
+        return tokens[:, :n], logps[:, :n]
+
+    def _fast_step_kwargs(self, model) -> frozenset:
+        """The optional arguments the policy's forward takes (position_ids, logits_to_keep), looked up once."""
+        cached = getattr(self, "_fast_step_kwargs_cache", None)
+        if cached is None or cached[0] is not type(model):
+            import inspect
+
+            base = self.accelerator.unwrap_model(model)
+            if hasattr(base, "get_base_model"):  # PEFT: the wrapped model's signature
+                base = base.get_base_model()
+            params = set(inspect.signature(type(base).forward).parameters)
+            cached = (type(model), frozenset(params & {"position_ids", "logits_to_keep"}))
+            self._fast_step_kwargs_cache = cached
+        return cached[1]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
