@@ -163,11 +163,9 @@ def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: 
     """(train, test) prompt data sets, each with a ``prompt`` column (validated). Default: the lab's prompts. A
     ``--dataset_name`` without the test split gets ``num_eval_prompts`` held out of its train split."""
     if script_args.dataset_name:
-        from datasets import DatasetDict, load_dataset
+        from .data import load_dataset_dict
 
-        data = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-        if not isinstance(data, DatasetDict):
-            data = DatasetDict({script_args.dataset_train_split: data})
+        data = load_dataset_dict(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
         if script_args.dataset_train_split not in data:
             raise ValueError(f"{script_args.dataset_name} has no split {script_args.dataset_train_split!r} ({list(data)})")
         train = data[script_args.dataset_train_split]
