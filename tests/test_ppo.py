@@ -368,3 +368,155 @@ def test_sampling_logprobs_are_checked_against_the_forward_pass(world, tmp_path)
     same = _trainer(world, tmp_path / "same", max_steps=1)
     same.train()
     assert same._sampling_logps_ok is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fast_generation (KV-cache sampler) and the reused rollout critic pass
+# ----------------------------------------------------------------------------------------------------------------------
+_PADDED = ["customer : my kettle is late agent :", "help agent :", "customer : my order is broken please agent :",
+           "thanks agent :"]
+
+
+def _sample(trainer, texts, seed):
+    prompt_ids = trainer._tokenize_prompts(list(texts))[0]
+    trainer._sampling_logps = None
+    torch.manual_seed(seed)
+    completions, _ = trainer._generate_single_turn(prompt_ids, None, {}, 1)
+    return prompt_ids, completions, trainer._sampling_logps
+
+
+@pytest.mark.parametrize("texts", [prompts(8)["prompt"], _PADDED * 2], ids=["equal_length", "left_padded"])
+@pytest.mark.parametrize("eos", [True, False], ids=["eos_stops", "fixed_length"])
+def test_fast_generation_draws_the_same_tokens_as_generate(world, tmp_path, texts, eos):
+    kw = {} if eos else {"generation_kwargs": {"eos_token_id": None}}
+    fast = _trainer(world, tmp_path / "fast", max_completion_length=10, **kw)
+    slow = _trainer(world, tmp_path / "slow", max_completion_length=10, fast_generation=False, **kw)
+    assert fast._fast_generation and not slow._fast_generation
+    fast.model.train(), slow.model.train()
+    for seed in range(3):
+        _, got, _ = _sample(fast, texts, seed)
+        _, want, _ = _sample(slow, texts, seed)
+        assert got == want  # same RNG draws from the same distribution: the same tokens
+
+
+def test_fast_generation_logprobs_equal_the_training_forward(world, tmp_path):
+    trainer = _trainer(world, tmp_path, max_completion_length=10)
+    trainer.model.train()
+    prompt_ids, completions, logps = _sample(trainer, prompts(8)["prompt"], 0)
+    from trl.trainer.utils import pad
+
+    ids = pad([torch.tensor(p + c) for p, c in zip(prompt_ids, completions)], padding_value=0, padding_side="right")
+    att = pad([torch.ones(len(p) + len(c), dtype=torch.long) for p, c in zip(prompt_ids, completions)],
+              padding_value=0, padding_side="right")
+    T = ids.size(1) - len(prompt_ids[0])
+    with torch.no_grad():
+        forward, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, T)
+    mask = att[:, -T:].bool()
+    assert logps.shape[1] >= T
+    torch.testing.assert_close(logps[:, :T][mask], forward[mask], atol=1e-5, rtol=0)
+
+
+def test_fast_generation_samples_softmax_of_logits_over_temperature(world, tmp_path):
+    """The first sampled token's frequencies over many draws match softmax(logits / T) of the policy."""
+    trainer = _trainer(world, tmp_path, max_completion_length=1, temperature=1.3,
+                       generation_kwargs={"eos_token_id": None})
+    trainer.model.train()
+    text = prompts(1)["prompt"][0]
+    n = 4000
+    prompt_ids, completions, _ = _sample(trainer, [text] * n, 0)
+    counts = torch.bincount(torch.tensor([c[0] for c in completions]), minlength=trainer.model.config.vocab_size)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=torch.tensor(prompt_ids[:1])).logits[0, -1]
+    probs = torch.softmax(logits / 1.3, dim=-1)
+    assert float((counts / n - probs).abs().max()) < 4 * float((probs * (1 - probs) / n).sqrt().max())
+
+
+def test_fast_generation_on_left_padding_keeps_the_check_and_an_unbiased_first_kl(world, tmp_path):
+    from datasets import Dataset
+
+    trainer = _trainer(world, tmp_path, max_steps=1, train_dataset=Dataset.from_dict({"prompt": _PADDED * 4}))
+    assert trainer._fast_generation
+    trainer.train()
+    first = trainer.state.log_history[0]
+    # generate()'s positions (from the mask) differ from the forward pass's: detected, forward log-probs used
+    assert trainer._sampling_logps_ok is False and first["sampling/logp_max_diff"] > 1e-3
+    assert abs(first["objective/kl"]) < 1e-4
+    same = _trainer(world, tmp_path / "same", max_steps=1)
+    same.train()
+    assert same._sampling_logps_ok is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-5
+    assert abs(same.state.log_history[0]["objective/kl"]) < 1e-4
+
+
+def test_fast_generation_steps_aside_for_settings_it_does_not_cover(world, tmp_path):
+    assert not _trainer(world, tmp_path, generation_kwargs={"output_scores": True})._fast_generation
+    assert not _trainer(world, tmp_path, generation_kwargs={"cache_implementation": "static"})._fast_generation
+    assert _trainer(world, tmp_path, generation_kwargs={"eos_token_id": None})._fast_generation
+
+
+def test_rollout_critic_pass_is_reused_by_the_first_step_only(world, tmp_path):
+    """One mini-batch: the first step backpropagates through the rollout's critic pass; the gradients equal those
+    of a fresh critic forward. Later PPO epochs on the same rollout run their own forward."""
+    from hf_rlhf_ext.trainers.ppo import _CRITIC_VALUES_KEY
+
+    trainer = _trainer(world, tmp_path, num_ppo_epochs=2)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    cached = batch[_CRITIC_VALUES_KEY]
+    assert cached.requires_grad
+    mask = batch["completion_mask"].float()
+    torch.testing.assert_close(cached.detach() * mask, batch["old_values"])
+    with torch.no_grad():  # give the head a non-zero weight so that every critic parameter gets a gradient
+        trainer.value_model.value_head.weight.normal_()
+    batch2 = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    fresh = {k: v for k, v in batch2.items() if k != _CRITIC_VALUES_KEY}
+
+    def grads(b):
+        trainer.value_model.zero_grad(set_to_none=True)
+        trainer.model.zero_grad(set_to_none=True)
+        trainer._compute_loss(trainer.model, b).backward()
+        return [p.grad.clone() for p in trainer.value_model.parameters() if p.grad is not None]
+
+    reused = grads(batch2)
+    assert _CRITIC_VALUES_KEY not in batch2  # consumed: a second PPO epoch recomputes
+    for a, b in zip(reused, grads(fresh)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    grads(batch2)  # no stale graph is reused (it would raise "backward through the graph a second time")
+    trainer.args.steps_per_generation = 2  # several micro-batches per rollout: no reuse
+    assert _CRITIC_VALUES_KEY not in trainer._generate_and_score_completions(
+        [{"prompt": p} for p in prompts(4)["prompt"]])
+
+
+def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
+    """Small logits: log-probs and entropies from the plain LM head equal GRPO's fused head (rounding only), with 0
+    on padded positions, and so do the policy gradients; large ones (or bf16) go through the fused head."""
+    import hf_rlhf_ext.trainers.ppo as ppo_module
+    from trl import GRPOTrainer
+
+    trainer = _trainer(world, tmp_path, max_completion_length=8)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    att[0, -3:] = 0  # a shorter completion
+    T = batch["completion_ids"].size(1)
+
+    def run(fn):
+        trainer.model.zero_grad(set_to_none=True)
+        logps, ent, _ = fn(trainer, trainer.model, ids, att, T, batch_size=2, compute_entropy=True)
+        (logps * att[:, -T:]).sum().backward()
+        return logps.detach(), ent.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    plain = run(PPOTrainer._per_token_logps)
+    fused = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    torch.testing.assert_close(plain[0], fused[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain[1], fused[1], atol=1e-5, rtol=0)
+    assert float(plain[0][0, -3:].abs().max()) == 0.0 and float(plain[1][0, -3:].abs().max()) == 0.0
+    for a, b in zip(plain[2], fused[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    limit = ppo_module.PLAIN_LOGITS_MAX_ELEMENTS
+    try:  # above the size limit: GRPO's fused head, bit for bit
+        ppo_module.PLAIN_LOGITS_MAX_ELEMENTS = 0
+        torch.testing.assert_close(run(PPOTrainer._per_token_logps)[0], fused[0], atol=0, rtol=0)
+    finally:
+        ppo_module.PLAIN_LOGITS_MAX_ELEMENTS = limit

@@ -30,6 +30,8 @@ p.add_argument("--lr", type=float, default=5e-5)
 p.add_argument("--beta", type=float, default=0.05)
 p.add_argument("--logprobs", default="sampling", choices=["sampling", "forward"],
                help="rollout log-probs from the sampling logits (default) or from one extra forward pass")
+p.add_argument("--generation", default="fast", choices=["fast", "generate"],
+               help="PPOConfig.fast_generation: the KV-cache sampling loop (default) or model.generate")
 p.add_argument("--tag", default="ours")
 p.add_argument("--out", default=None)
 a = p.parse_args()
@@ -61,6 +63,7 @@ args = PPOConfig(
     max_completion_length=a.len, temperature=0.7, top_k=0, top_p=1.0, generation_kwargs={"eos_token_id": None},
     kl_coef=a.beta, learning_rate=a.lr, max_steps=steps, logging_steps=1, save_strategy="no", disable_tqdm=True,
     seed=0, dataloader_num_workers=0, logprobs_from_sampling=a.logprobs == "sampling",
+    fast_generation=a.generation == "fast",
     value_model_name_or_path=paths["value"],
 )
 trainer = PPOTrainer(model=policy, reward_funcs=reward_model, args=args, train_dataset=ds, processing_class=tok,
@@ -84,7 +87,7 @@ def avg(rows, k):
 samples = trainer.state.global_step // a.epochs * a.bs
 q = max(1, len(hist) // 4)
 res = dict(
-    tool="ppo_ours", tag=a.tag, h=a.h, bs=a.bs, G=1, len=a.len, epochs=a.epochs, beta=a.beta, logprobs=a.logprobs,
+    tool="ppo_ours", tag=a.tag, h=a.h, bs=a.bs, G=1, len=a.len, epochs=a.epochs, beta=a.beta, logprobs=a.logprobs, generation=a.generation,
     episodes=samples, optimizer_steps=trainer.state.global_step, train_wall_s=round(wall, 3),
     samples_per_s=round(samples / wall, 2), peak_rss_mb=round(task.peak_rss_mb(), 1),
     first_quarter={k: avg(hist[:q], k) for k in keys}, last_quarter={k: avg(hist[-q:], k) for k in keys},

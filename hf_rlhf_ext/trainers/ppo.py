@@ -22,6 +22,12 @@ clipped here (the Trainer only touches the policy), it is saved in every checkpo
 it restarts from its initial weights while the optimizer state is restored), under DDP the *wrapped* critic is called
 (otherwise its gradients are never all-reduced), and generation settings that change the sampling distribution are
 refused (they make the KL estimate meaningless — see ``_check_sampling_distribution``).
+
+Speed, with the same results: without vLLM the rollout is sampled by a KV-cache loop that draws exactly what
+``generate`` draws and keeps the sampled tokens' log-probs (``fast_generation``); the rollout's critic pass is reused,
+with its graph, by the first optimizer step when that step's micro-batch is the whole rollout (one critic forward less
+per rollout); and in full precision, when the logits are small, the policy's log-probs come from the plain LM head
+instead of GRPO's chunked one (``PLAIN_LOGITS_MAX_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ logger = logging.getLogger(__name__)
 VALUE_MODEL_DIR = "value_model"
 SAMPLING_LOGPS_TOLERANCE = 1e-3  # max |log π_sampler − log π_forward| accepted for the logprobs_from_sampling shortcut
 PPO_STATE_FILE = "ppo_state.json"
+# Above this many logits per forward chunk (rows × (T+1) × vocab) the policy's log-probs use GRPO's fused LM head.
+PLAIN_LOGITS_MAX_ELEMENTS = 1 << 24
+_CRITIC_VALUES_KEY = "_ppo_critic_values"  # rollout critic values with their graph, consumed by the first step
 
 __all__ = ["PPOConfig", "PPOTrainer", "token_level_rewards", "VALUE_MODEL_DIR", "PPO_STATE_FILE"]
 
@@ -395,6 +404,7 @@ class PPOTrainer(GRPOTrainer):
         self._last_policy_logps: torch.Tensor | None = None
         self._last_rollout: dict[str, Any] = {}
         self._sampling_logps_ok: bool | None = None  # checked against a forward pass on the first rollout
+        self._critic_values_step: int | None = None  # step whose rollout critic pass kept its graph for the loss
         self._fast_generation = args.fast_generation and self._fast_generation_supported()
 
     # ------------------------------------------------------------------------------------------------------------------
@@ -605,8 +615,7 @@ class PPOTrainer(GRPOTrainer):
         is_eos = torch.isin(completion_ids, self._eos_ids)
         lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1)).tolist()
         rows = completion_ids.tolist()
-        if (self.args.logprobs_from_sampling and self._sampling_logps_ok is not False
-                and not (self.args.bf16 or self.args.fp16) or self._sampling_logps_ok is None):
+        if self.args.logprobs_from_sampling and self._sampling_logps_ok is not False:
             self._sampling_logps = logps
         return [row[:n] for row, n in zip(rows, lengths)], None
 
@@ -625,6 +634,8 @@ class PPOTrainer(GRPOTrainer):
         stop_ids = torch.tensor(stop, device=input_ids.device, dtype=torch.long) if stop else None
         B, P = input_ids.shape
         step_kwargs = self._fast_step_kwargs(model)
+        cache_name = "cache" if "cache" in step_kwargs else "past_key_values"  # renamed in transformers 5.x
+        logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}
         padded = not bool(prompt_mask.all())
         attention = None
         if padded:
@@ -638,12 +649,12 @@ class PPOTrainer(GRPOTrainer):
         unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
         step_input, cache, n = input_ids, None, 0
         for t in range(max_new):
-            out = model(
-                input_ids=step_input, attention_mask=attention[:, : P + t] if padded else None,
-                position_ids=position, past_key_values=cache, use_cache=True, return_dict=True,
-                **({"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}),
-            )
-            cache = out.past_key_values
+            extra = {cache_name: cache} if cache is not None else {}
+            if position is not None:
+                extra["position_ids"] = position
+            out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if padded else None,
+                        use_cache=True, return_dict=True, **extra, **logits_kw)
+            cache = out.get(cache_name)
             scores = out.logits[:, -1, :].float() / temperature
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
             logps[:, t] = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
@@ -660,7 +671,7 @@ class PPOTrainer(GRPOTrainer):
         return tokens[:, :n], logps[:, :n]
 
     def _fast_step_kwargs(self, model) -> frozenset:
-        """The optional arguments the policy's forward takes (position_ids, logits_to_keep), looked up once."""
+        """The optional arguments the policy's forward takes (position_ids, logits_to_keep, cache), looked up once."""
         cached = getattr(self, "_fast_step_kwargs_cache", None)
         if cached is None or cached[0] is not type(model):
             import inspect
@@ -669,7 +680,7 @@ class PPOTrainer(GRPOTrainer):
             if hasattr(base, "get_base_model"):  # PEFT: the wrapped model's signature
                 base = base.get_base_model()
             params = set(inspect.signature(type(base).forward).parameters)
-            cached = (type(model), frozenset(params & {"position_ids", "logits_to_keep"}))
+            cached = (type(model), frozenset(params & {"position_ids", "logits_to_keep", "cache"}))
             self._fast_step_kwargs_cache = cached
         return cached[1]
 
@@ -679,9 +690,55 @@ class PPOTrainer(GRPOTrainer):
         return rewards
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        logps, entropies, aux = self._per_token_logps(model, *args, **kwargs)
         self._last_policy_logps = logps.detach()  # the last call is the loss's: read there for the ratio statistics
         return logps, entropies, aux
+
+    def _per_token_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                         compute_entropy=False, compute_aux_loss=False, **extra):
+        """Per-token log-probs (and entropies) of the completion tokens: GRPO's fused, chunked LM head, or — for a
+        text-only batch in full precision whose logits are small (``PLAIN_LOGITS_MAX_ELEMENTS`` per chunk) — the
+        plain LM head: log_softmax(logits / T). The fused head exists to avoid materialising the (B, T, V) logits;
+        below that size it only costs time (≈ 1/3 of a small policy's forward + backward). Same maths; the values
+        differ by float rounding (≈ 1e-7); like the fused head, padded positions get 0."""
+        batch_size = batch_size or input_ids.size(0)
+        plain = (
+            not compute_aux_loss and all(v is None for v in extra.values())
+            and not (self.args.bf16 or self.args.fp16 or getattr(self.args, "cast_lm_head_to_fp32", False))
+            and min(batch_size, input_ids.size(0)) * (logits_to_keep + 1) * self._vocab_size() <= PLAIN_LOGITS_MAX_ELEMENTS
+            and next(model.parameters()).dtype == torch.float32
+        )
+        if not plain:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra,
+            )
+        keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in self._fast_step_kwargs(model) else {}
+        entropy_grad = torch.is_grad_enabled() and bool(getattr(self, "_entropy_bonus_enabled", False))
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            with self.accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=att, use_cache=False, **keep).logits
+            logits = logits[:, -logits_to_keep - 1 : -1].float() / self.temperature
+            logp_all = torch.log_softmax(logits, dim=-1)
+            padding = att[:, -logits_to_keep:] == 0
+            logps = logp_all.gather(-1, ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1)
+            all_logps.append(logps.masked_fill(padding, 0.0))
+            if compute_entropy:
+                with torch.set_grad_enabled(entropy_grad):
+                    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+                all_entropies.append(entropy.masked_fill(padding, 0.0))
+        entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
+        return torch.cat(all_logps, dim=0), entropies, None
+
+    def _vocab_size(self) -> int:
+        size = getattr(self, "_vocab_size_cache", None)
+        if size is None:
+            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+            size = int(head.weight.shape[0]) if head is not None else 1 << 62
+            self._vocab_size_cache = size
+        return size
 
     @torch.no_grad()
     def _verify_sampling_logps(self, input_ids, attention_mask, completion_mask, T: int, batch_size: int) -> None:
@@ -692,7 +749,7 @@ class PPOTrainer(GRPOTrainer):
         pass does not. A KL between the two conventions is biased (≈ 0.3 nats per completion at step 0 on the lab),
         so on a mismatch the rollout log-probs come from forward passes from then on.
         """
-        forward, _, _ = super()._get_per_token_logps_and_entropies(
+        forward, _, _ = self._per_token_logps(
             self.model, input_ids, attention_mask, T, batch_size=batch_size
         )
         mask = completion_mask.bool()
@@ -720,6 +777,17 @@ class PPOTrainer(GRPOTrainer):
                     )
                 )
         return torch.cat(chunks, dim=0)
+
+    def _can_reuse_critic_forward(self, mode: str, B: int, batch_size: int, completion_mask: torch.Tensor) -> bool:
+        """Whether the rollout's critic values can serve as the first training step's values (one critic forward
+        less per rollout). Holds when that step's micro-batch is this whole rollout (one mini-batch, no gradient
+        accumulation), on one process (a DDP critic must be called by the step that backpropagates), with no
+        dropout (the same values) and every completion scorable (the loss then sees the same attention mask)."""
+        return (
+            mode == "train" and self.args.steps_per_generation == 1 and B == batch_size
+            and self.value_model_wrapped is self.value_model and self.args.disable_dropout
+            and bool(completion_mask.any(dim=1).all())
+        )
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
@@ -761,7 +829,7 @@ class PPOTrainer(GRPOTrainer):
                 out["old_per_token_logps"] = self._sampling_logps
             else:  # the check just failed: π_old from a forward pass, as GRPO would have done
                 with torch.no_grad():
-                    out["old_per_token_logps"], _, _ = super()._get_per_token_logps_and_entropies(
+                    out["old_per_token_logps"], _, _ = self._per_token_logps(
                         self.model, input_ids, attention_mask, T, batch_size=batch_size
                     )
 
@@ -787,11 +855,20 @@ class PPOTrainer(GRPOTrainer):
             rollout_logps = self._sampling_logps
         else:
             with torch.no_grad():
-                rollout_logps, _, _ = super()._get_per_token_logps_and_entropies(
+                rollout_logps, _, _ = self._per_token_logps(
                     self.model, input_ids, attention_mask, T, batch_size=batch_size
                 )
         ref_logps = out.get("ref_per_token_logps")
-        old_values = self._critic_values(input_ids, attention_mask, T, batch_size) * mask  # one critic pass
+        if self._can_reuse_critic_forward(mode, B, batch_size, completion_mask):
+            # The next training step sees exactly this batch (shuffled) with these critic weights: run the rollout's
+            # critic pass with autograd on and let _compute_loss backpropagate through it instead of a second pass.
+            with torch.enable_grad(), self.accelerator.autocast():
+                values = self.value_model(input_ids, attention_mask, completion_length=T)
+            out[_CRITIC_VALUES_KEY] = values  # permuted with the other rows by GRPO's shuffle (graph kept)
+            self._critic_values_step = self.state.global_step
+            old_values = values.detach() * mask
+        else:
+            old_values = self._critic_values(input_ids, attention_mask, T, batch_size) * mask  # one critic pass
 
         # r_t = −β·KL_t, plus the score at the last completion token (Ziegler et al. 2019; InstructGPT).
         beta = float(self.kl_ctl.value)
@@ -885,8 +962,14 @@ class PPOTrainer(GRPOTrainer):
         sync = contextlib.nullcontext()
         if mode == "train" and not self.accelerator.sync_gradients and hasattr(critic, "no_sync"):
             sync = critic.no_sync()  # accumulate locally; all-reduce on the micro-batch that steps the optimizer
-        with sync, self.accelerator.autocast():
-            values = critic(input_ids, attention_mask, completion_length=T)
+        values = inputs.pop(_CRITIC_VALUES_KEY, None)
+        if values is not None and (mode != "train" or self._critic_values_step != self.state.global_step
+                                   or values.shape != completion_ids.shape):
+            values = None  # a later step on the same rollout: the critic has moved since
+        self._critic_values_step = None
+        if values is None:
+            with sync, self.accelerator.autocast():
+                values = critic(input_ids, attention_mask, completion_length=T)
         old_values, returns = inputs["old_values"], inputs["returns"]
         vf_loss = clipped_value_loss(values, old_values, returns, self.args.cliprange_value, mask)
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
