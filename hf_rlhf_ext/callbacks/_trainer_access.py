@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..sampling import kv_cache_sampling_supported, sample_with_kv_cache
+
 __all__ = [
     "UnsupportedTrainerError",
     "check_supported_trainer",
@@ -142,6 +144,9 @@ class HeldOutBatch:
     completion_mask: torch.Tensor  # 1 up to and including the first EOS
     completion_ids_list: list[list[int]]
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    # log π(token) (N, C) at the sampling temperature, 0 where masked, read off the logits sampled from; None when
+    # the completions came from ``generate`` (then a forward pass computes them)
+    logps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -181,6 +186,10 @@ class HeldOutSampler:
     over training compare like with like; the sampling seed is ``seed + global_step``. Sampling is pure temperature
     sampling at the trainer's temperature (no top-k/top-p), so that the log-probabilities we compute are those of the
     distribution we sampled from. In a multi-process run each process samples its share.
+
+    With ``use_kv_cache`` (default) decoder-only models are sampled by :func:`hf_rlhf_ext.sampling.sample_with_kv_cache`
+    — the same draws as ``generate`` with the same seed, faster, and the policy's log-probs come with them (no
+    forward pass for them); ``use_kv_cache=False`` or an encoder-decoder model goes through ``generate``.
     """
 
     def __init__(
@@ -192,8 +201,10 @@ class HeldOutSampler:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         seed: int = 1234,
+        use_kv_cache: bool = True,
     ) -> None:
         self.trainer = trainer
+        self.use_kv_cache = use_kv_cache
         self.prompts, self.columns = _normalise_prompts(eval_prompts)
         self.num_samples = int(num_samples or len(self.prompts))
         if self.num_samples < 1:
@@ -279,7 +290,8 @@ class HeldOutSampler:
             eos_token_id=eos_ids or None,
             bos_token_id=self.tokenizer.bos_token_id,
         )
-        p_ids, p_mask, c_ids, c_mask, c_lists, texts = [], [], [], [], [], []
+        p_ids, p_mask, c_ids, c_mask, c_lists, texts, logps = [], [], [], [], [], [], []
+        use_kv_cache = self.use_kv_cache and kv_cache_sampling_supported(policy)
         devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + int(step) * 1009 + self.trainer.accelerator.process_index)
@@ -287,10 +299,16 @@ class HeldOutSampler:
                 chunk = prompts[start : start + self.batch_size]
                 ids, mask = self._tokenize(chunk)
                 ids, mask = ids.to(device), mask.to(device)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
-                comp = out[:, ids.shape[1] :]
+                if use_kv_cache:
+                    comp, logp = sample_with_kv_cache(
+                        policy, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                        pad_token_id=pad_id, eos_token_ids=eos_ids,
+                    )
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+                    comp, logp = out[:, ids.shape[1] :], None
                 # Mask after the first EOS (the EOS itself is part of the completion, as in TRL).
                 is_eos = torch.zeros_like(comp, dtype=torch.bool)
                 for e in eos_ids:
@@ -303,6 +321,8 @@ class HeldOutSampler:
                 p_mask.append(mask)
                 c_ids.append(comp)
                 c_mask.append(cmask)
+                if logp is not None:
+                    logps.append(logp * cmask)
                 for row, m in zip(comp, cmask):
                     c_lists.append(row[m.bool()].tolist())
                 texts.extend(self.tokenizer.batch_decode(comp * cmask + pad_id * (1 - cmask), skip_special_tokens=True))
@@ -316,6 +336,7 @@ class HeldOutSampler:
             completion_mask=_pad_cat(c_mask, 0, left=False),
             completion_ids_list=c_lists,
             columns=columns,
+            logps=_pad_cat(logps, 0, left=False) if use_kv_cache and logps else None,
         )
 
     def score(self, funcs: Sequence[Callable[..., Any]], batch: HeldOutBatch, state: Any = None) -> list[list[float]]:

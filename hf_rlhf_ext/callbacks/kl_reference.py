@@ -16,7 +16,8 @@ made one (β > 0), else a frozen copy of the initial policy made at train begin 
 ``allow_reference_copy=True`` (it doubles the policy's memory), a clear error otherwise.
 
 Cost: nothing between measuring steps (one modulo); at a measuring step one generation of ``num_samples``
-completions plus two forward passes (policy, reference).
+completions (the KV-cache sampler of :mod:`hf_rlhf_ext.sampling`, whose logits give log π) and one forward pass of the
+reference; with ``generate`` (encoder-decoders, ``use_kv_cache=False``) one more forward pass for log π.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ def measure_sequence_kl(
         b = batch if batch is not None else sampler.sample(policy_model, step)
         if len(b) == 0:
             return [], [], [], []
-        logp = per_token_logps(
-            policy_model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, sampler.temperature,
-            sampler.batch_size,
-        )
+        if b.logps is not None:  # read off the sampler's logits: same positions as the forward below
+            logp = b.logps
+        else:
+            logp = per_token_logps(
+                policy_model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, sampler.temperature,
+                sampler.batch_size,
+            )
         with reference.model(policy_model) as ref_model:
             dev = next(ref_model.parameters()).device
             ref_logp = per_token_logps(

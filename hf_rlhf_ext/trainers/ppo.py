@@ -48,6 +48,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ..objectives import clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean, whiten
+from ..sampling import forward_kwargs, sample_with_kv_cache
 from .kl_control import AdaptiveKLController, FixedKLController
 from .value_model import ValueModel, _base_transformer, share_weights_copy
 
@@ -620,69 +621,20 @@ class PPOTrainer(GRPOTrainer):
         return [row[:n] for row, n in zip(rows, lengths)], None
 
     def _sample_with_kv_cache(self, model, input_ids, prompt_mask):
-        """Ancestral sampling exactly as ``generate(do_sample=True)`` does it with a temperature warper only:
-        one prefill, then one token per step through the KV cache; position ids from the attention mask (left
-        padding), the mask dropped when the prompts are unpadded; ``multinomial(softmax(logits / T))``; finished
-        rows continue with the pad token; stops when every row has hit an EOS (of the generation config) or after
-        ``max_new_tokens``. Returns (tokens (B, n), log π(token) (B, n), float32, from the same logits)."""
+        """:func:`hf_rlhf_ext.sampling.sample_with_kv_cache` with the trainer's generation settings: draws exactly
+        what GRPO's ``generate`` call would. Returns (tokens (B, n), log π(token) (B, n), float32)."""
         kwargs = self.generation_kwargs or {}
-        max_new = int(kwargs.get("max_new_tokens", self.max_completion_length))
-        temperature = float(self.temperature)
-        pad_id = kwargs.get("pad_token_id", self._tokenizer.pad_token_id)
-        stop = kwargs.get("eos_token_id", self.eos_token_ids)
-        stop = [stop] if isinstance(stop, int) else list(stop or [])
-        stop_ids = torch.tensor(stop, device=input_ids.device, dtype=torch.long) if stop else None
-        B, P = input_ids.shape
-        step_kwargs = self._fast_step_kwargs(model)
-        cache_name = "cache" if "cache" in step_kwargs else "past_key_values"  # renamed in transformers 5.x
-        logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}
-        padded = not bool(prompt_mask.all())
-        attention = None
-        if padded:
-            attention = torch.ones((B, P + max_new), dtype=prompt_mask.dtype, device=input_ids.device)
-            attention[:, :P] = prompt_mask
-        position = None
-        if "position_ids" in step_kwargs:
-            position = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
-        tokens = torch.empty((B, max_new), dtype=torch.long, device=input_ids.device)
-        logps = torch.empty((B, max_new), dtype=torch.float32, device=input_ids.device)
-        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-        step_input, cache, n = input_ids, None, 0
-        for t in range(max_new):
-            extra = {cache_name: cache} if cache is not None else {}
-            if position is not None:
-                extra["position_ids"] = position
-            out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if padded else None,
-                        use_cache=True, return_dict=True, **extra, **logits_kw)
-            cache = out.get(cache_name)
-            scores = out.logits[:, -1, :].float() / temperature
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-            logps[:, t] = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
-            if stop_ids is not None:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
-                unfinished &= ~torch.isin(next_tokens, stop_ids)
-            tokens[:, t] = next_tokens
-            n = t + 1
-            if stop_ids is not None and not bool(unfinished.any()):
-                break
-            step_input = next_tokens[:, None]
-            if position is not None:
-                position = position[:, -1:] + 1
-        return tokens[:, :n], logps[:, :n]
+        return sample_with_kv_cache(
+            model, input_ids, prompt_mask,
+            max_new_tokens=int(kwargs.get("max_new_tokens", self.max_completion_length)),
+            temperature=float(self.temperature),
+            pad_token_id=kwargs.get("pad_token_id", self._tokenizer.pad_token_id),
+            eos_token_ids=kwargs.get("eos_token_id", self.eos_token_ids),
+        )
 
     def _fast_step_kwargs(self, model) -> frozenset:
-        """The optional arguments the policy's forward takes (position_ids, logits_to_keep, cache), looked up once."""
-        cached = getattr(self, "_fast_step_kwargs_cache", None)
-        if cached is None or cached[0] is not type(model):
-            import inspect
-
-            base = self.accelerator.unwrap_model(model)
-            if hasattr(base, "get_base_model"):  # PEFT: the wrapped model's signature
-                base = base.get_base_model()
-            params = set(inspect.signature(type(base).forward).parameters)
-            cached = (type(model), frozenset(params & {"position_ids", "logits_to_keep", "cache"}))
-            self._fast_step_kwargs_cache = cached
-        return cached[1]
+        """The optional arguments the policy's forward takes (position_ids, logits_to_keep, cache)."""
+        return forward_kwargs(self.accelerator.unwrap_model(model))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -1,0 +1,125 @@
+"""Ancestral sampling through the KV cache, returning the sampled tokens' log-probabilities with them.
+
+Why not ``model.generate``: for the small models and short completions of RL experiments, ``generate``'s per-step
+machinery (logits processors, stopping criteria, cache bookkeeping) costs as much as the model itself, and a caller
+that needs log π(token) must either add a logits processor or run one more forward pass. This loop does one prefill
+and one cached forward per token, and reads log π(token) from the logits it samples from.
+
+It draws *exactly* the tokens ``generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)`` draws with the same
+seed (``multinomial(softmax(logits / T))`` at every step, finished rows continued with the pad token), so swapping it
+in changes nothing but the time. Used by the PPO trainer's rollouts and by the callbacks' held-out sampling.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["forward_kwargs", "kv_cache_sampling_supported", "sample_with_kv_cache"]
+
+_OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/accelerate wrappers and PEFT."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT: the wrapped model's signature
+        model = model.get_base_model()
+    return model
+
+
+def forward_kwargs(model: nn.Module) -> frozenset[str]:
+    """The optional arguments among ``position_ids``, ``logits_to_keep`` and ``cache`` (the KV cache's name since
+    transformers 5.x; ``past_key_values`` before) that the model's forward accepts."""
+    return _forward_kwargs_of(type(_base_model(model)))
+
+
+_FORWARD_KWARGS_CACHE: dict[type, frozenset[str]] = {}
+
+
+def _forward_kwargs_of(cls: type) -> frozenset[str]:
+    cached = _FORWARD_KWARGS_CACHE.get(cls)
+    if cached is None:
+        cached = frozenset(set(inspect.signature(cls.forward).parameters) & _OPTIONAL_FORWARD_ARGS)
+        _FORWARD_KWARGS_CACHE[cls] = cached
+    return cached
+
+
+def kv_cache_sampling_supported(model: nn.Module) -> bool:
+    """Whether the loop applies: a decoder-only model (encoder-decoders need ``generate``'s encoder pass)."""
+    config = getattr(_base_model(model), "config", None)
+    return config is not None and not getattr(config, "is_encoder_decoder", False)
+
+
+@torch.no_grad()
+def sample_with_kv_cache(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int] | int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples up to ``max_new_tokens`` tokens after left-padded prompts ``input_ids`` (B, P).
+
+    One prefill, then one token per step through the KV cache; position ids follow the attention mask (left padding
+    does not shift positions); the mask is dropped when no prompt is padded; finished rows continue with
+    ``pad_token_id``; stops when every row has emitted one of ``eos_token_ids`` or after ``max_new_tokens``.
+
+    Returns ``(tokens, logps)``, both (B, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
+    float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
+    EOS hold the pad token and a meaningless log-prob: mask them.
+    """
+    if temperature is None or temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if input_ids.shape != prompt_mask.shape:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} differ.")
+    temperature = float(temperature)
+    stop = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
+    device = input_ids.device
+    stop_ids = torch.tensor(stop, device=device, dtype=torch.long) if stop else None
+    B, P = input_ids.shape
+    step_kwargs = forward_kwargs(model)
+    cache_name = "cache" if "cache" in step_kwargs else "past_key_values"
+    logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}
+    padded = not bool(prompt_mask.all())
+    attention = None
+    if padded:
+        attention = torch.ones((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+        attention[:, :P] = prompt_mask
+    position = None
+    if "position_ids" in step_kwargs:
+        position = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+    tokens = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
+    logps = torch.empty((B, max_new_tokens), dtype=torch.float32, device=device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    step_input, cache, n = input_ids, None, 0
+    for t in range(max_new_tokens):
+        extra = {cache_name: cache} if cache is not None else {}
+        if position is not None:
+            extra["position_ids"] = position
+        out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if padded else None,
+                    use_cache=True, return_dict=True, **extra, **logits_kw)
+        cache = out.get(cache_name)
+        scores = out.logits[:, -1, :].float() / temperature
+        next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        logps[:, t] = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+        if stop_ids is not None:
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            unfinished &= ~torch.isin(next_tokens, stop_ids)
+        tokens[:, t] = next_tokens
+        n = t + 1
+        if stop_ids is not None and not bool(unfinished.any()):
+            break
+        step_input = next_tokens[:, None]
+        if position is not None:
+            position = position[:, -1:] + 1
+    return tokens[:, :n], logps[:, :n]
