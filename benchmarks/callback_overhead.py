@@ -54,7 +54,10 @@ class StepTimer(TrainerCallback):
 
 
 def time_hooks(obj, names: tuple[str, ...], acc: dict[str, float], timer: "StepTimer") -> None:
-    """Adds the CPU time spent in ``obj``'s methods ``names`` (inside the timed window) to ``acc["s"]``."""
+    """Adds the CPU time spent in ``obj``'s methods ``names`` (inside the timed window) to ``acc["s"]`` and to
+    ``acc[<class name>]``."""
+    key = type(obj).__name__
+    acc.setdefault(key, 0.0)
     for name in names:
         method = getattr(obj, name)
 
@@ -64,7 +67,9 @@ def time_hooks(obj, names: tuple[str, ...], acc: dict[str, float], timer: "StepT
                 return __method(*args, **kwargs)
             finally:
                 if timer.start is not None:
-                    acc["s"] += time.process_time() - t0
+                    spent = time.process_time() - t0
+                    acc["s"] += spent
+                    acc[key] += spent
 
         setattr(obj, name, wrapped)
 
@@ -107,7 +112,7 @@ def run(
         warnings.simplefilter("ignore")
         trainer.train()
     gold = [r["rewards/lab_gold_reward/mean"] for r in trainer.state.log_history if "rewards/lab_gold_reward/mean" in r]
-    return timer.per_step(0), timer.per_step(1), gold, inside["s"] / timer.steps
+    return timer.per_step(0), timer.per_step(1), gold, {k: v / timer.steps for k, v in inside.items()}
 
 
 def main() -> None:
@@ -136,15 +141,20 @@ def main() -> None:
                 "repeat": r, "off_wall_s_per_step": wall[False], "on_wall_s_per_step": wall[True],
                 "wall_ratio": wall[True] / wall[False], "off_cpu_s_per_step": cpu[False],
                 "on_cpu_s_per_step": cpu[True], "cpu_ratio": cpu[True] / cpu[False], "same_training": same,
-                "callback_cpu_s_per_step": inside[True],
+                "callback_cpu_s_per_step": inside[True]["s"],
                 # the same run without the time spent inside the callbacks: a noise-free estimate of the ratio
-                "inside_ratio": cpu[True] / (cpu[True] - inside[True]),
+                "inside_ratio": cpu[True] / (cpu[True] - inside[True]["s"]),
+                # each callback's share, as a fraction of the time per step without it
+                "share_per_callback": {
+                    k: v / (cpu[True] - inside[True]["s"]) for k, v in inside[True].items() if k != "s"
+                },
             }
             rows.append(row)
             print(
                 f"repeat {r}: wall off {wall[False]:.4f} / on {wall[True]:.4f} s/step = {row['wall_ratio']:.3f}; "
                 f"cpu off {cpu[False]:.4f} / on {cpu[True]:.4f} s/step = {row['cpu_ratio']:.3f}; "
-                f"inside callbacks {inside[True]:.4f} s/step -> {row['inside_ratio']:.3f}"
+                f"inside callbacks {inside[True]['s']:.4f} s/step -> {row['inside_ratio']:.3f} ("
+                + ", ".join(f"{k} {v:+.1%}" for k, v in row["share_per_callback"].items()) + ")"
                 f"{'' if same else '  (WARNING: the two runs trained differently)'}",
                 flush=True,
             )

@@ -65,6 +65,7 @@ def sample_with_kv_cache(
     temperature: float,
     pad_token_id: int,
     eos_token_ids: Sequence[int] | int | None,
+    drop_finished: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples up to ``max_new_tokens`` tokens after left-padded prompts ``input_ids`` (B, P).
 
@@ -72,9 +73,14 @@ def sample_with_kv_cache(
     does not shift positions); the mask is dropped when no prompt is padded; finished rows continue with
     ``pad_token_id``; stops when every row has emitted one of ``eos_token_ids`` or after ``max_new_tokens``.
 
+    ``drop_finished``: rows that have emitted an EOS leave the batch (and the KV cache) once a quarter of it has
+    finished, so the remaining steps compute only the unfinished rows — cheaper when lengths vary, the same
+    distribution, but other draws than ``generate`` for the same seed (the random numbers are consumed per row still
+    running). Applied only to a plain ``DynamicCache``; other caches keep every row.
+
     Returns ``(tokens, logps)``, both (B, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
     float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
-    EOS hold the pad token and a meaningless log-prob: mask them.
+    EOS hold the pad token and log-prob 0.
     """
     if temperature is None or temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}.")
@@ -90,36 +96,56 @@ def sample_with_kv_cache(
     step_kwargs = forward_kwargs(model)
     cache_name = "cache" if "cache" in step_kwargs else "past_key_values"
     logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}
-    padded = not bool(prompt_mask.all())
     attention = None
-    if padded:
+    if not bool(prompt_mask.all()):
         attention = torch.ones((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
         attention[:, :P] = prompt_mask
     position = None
     if "position_ids" in step_kwargs:
         position = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
-    tokens = torch.empty((B, max_new_tokens), dtype=torch.long, device=device)
-    logps = torch.empty((B, max_new_tokens), dtype=torch.float32, device=device)
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # which original rows the current batch holds
     step_input, cache, n = input_ids, None, 0
     for t in range(max_new_tokens):
         extra = {cache_name: cache} if cache is not None else {}
         if position is not None:
             extra["position_ids"] = position
-        out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if padded else None,
+        out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if attention is not None else None,
                     use_cache=True, return_dict=True, **extra, **logits_kw)
         cache = out.get(cache_name)
         scores = out.logits[:, -1, :].float() / temperature
         next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        logps[:, t] = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+        step_logps = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
         if stop_ids is not None:
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            step_logps = step_logps.masked_fill(~unfinished, 0.0)
             unfinished &= ~torch.isin(next_tokens, stop_ids)
-        tokens[:, t] = next_tokens
+        tokens[rows, t] = next_tokens
+        logps[rows, t] = step_logps
         n = t + 1
-        if stop_ids is not None and not bool(unfinished.any()):
-            break
+        if stop_ids is not None:
+            n_left = int(unfinished.sum())
+            if n_left == 0:
+                break
+            if drop_finished and n_left <= 0.75 * unfinished.numel() and _can_drop_rows(cache):
+                keep = unfinished.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, unfinished, next_tokens = rows[keep], unfinished[keep], next_tokens[keep]
+                if attention is not None:
+                    attention = attention[keep]
+                if position is not None:
+                    position = position[keep]
         step_input = next_tokens[:, None]
         if position is not None:
             position = position[:, -1:] + 1
     return tokens[:, :n], logps[:, :n]
+
+
+def _can_drop_rows(cache) -> bool:
+    """Rows can leave a plain ``DynamicCache`` whose layers all hold key/value tensors (not linear-attention or
+    static caches, whose row selection differs)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(isinstance(layer, DynamicLayer) for layer in cache.layers)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..sampling import kv_cache_sampling_supported, sample_with_kv_cache
+from ..sampling import forward_kwargs, kv_cache_sampling_supported, sample_with_kv_cache
 
 __all__ = [
     "UnsupportedTrainerError",
@@ -166,14 +166,16 @@ def per_token_logps(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask.new_ones(completion_mask.shape)], dim=1).long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    p_len = prompt_ids.shape[1]
+    p_len, c_len = prompt_ids.shape[1], completion_ids.shape[1]
+    # the LM head only where a completion token is predicted (the last prompt position onwards)
+    keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
     out = []
     for start in range(0, input_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         logits = model(
-            input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=position_ids[sl]
+            input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=position_ids[sl], **keep
         ).logits
-        logits = logits[:, p_len - 1 : -1, :].float() / temperature
+        logits = logits[:, -c_len - 1 : -1, :].float() / temperature
         logps = torch.log_softmax(logits, dim=-1)
         out.append(torch.gather(logps, 2, input_ids[sl, p_len:].unsqueeze(-1)).squeeze(-1))
     return torch.cat(out, dim=0) * completion_mask
@@ -188,8 +190,9 @@ class HeldOutSampler:
     distribution we sampled from. In a multi-process run each process samples its share.
 
     With ``use_kv_cache`` (default) decoder-only models are sampled by :func:`hf_rlhf_ext.sampling.sample_with_kv_cache`
-    — the same draws as ``generate`` with the same seed, faster, and the policy's log-probs come with them (no
-    forward pass for them); ``use_kv_cache=False`` or an encoder-decoder model goes through ``generate``.
+    with finished rows leaving the batch — the same distribution as ``generate``, faster, and the policy's log-probs
+    come with the tokens (no forward pass for them); ``use_kv_cache=False`` or an encoder-decoder model goes through
+    ``generate``.
     """
 
     def __init__(
@@ -302,7 +305,7 @@ class HeldOutSampler:
                 if use_kv_cache:
                     comp, logp = sample_with_kv_cache(
                         policy, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                        pad_token_id=pad_id, eos_token_ids=eos_ids,
+                        pad_token_id=pad_id, eos_token_ids=eos_ids, drop_finished=True,
                     )
                 else:
                     with warnings.catch_warnings():

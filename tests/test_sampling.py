@@ -1,0 +1,138 @@
+"""The KV-cache sampler: same draws as ``generate``, log-probs equal to a forward pass, finished rows leaving the batch
+without changing what the others draw until then."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _callbacks_helpers import build_policy, build_tokenizer, prompts
+
+from hf_rlhf_ext.callbacks._trainer_access import per_token_logps
+from hf_rlhf_ext.sampling import forward_kwargs, kv_cache_sampling_supported, sample_with_kv_cache
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = build_policy(str(tmp_path_factory.mktemp("sampling") / "policy"), seed=3)
+    tok = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    texts = prompts(5) + ["customer : lamp agent :", "customer : my chair is late sorry thank you good bad agent :"]
+    enc = tok(text=texts, padding=True, padding_side="left", return_tensors="pt")
+    return model, tok, enc["input_ids"], enc["attention_mask"]
+
+
+def _sample(world, seed, drop=False, temperature=1.3, max_new=30):
+    model, tok, ids, mask = world
+    torch.manual_seed(seed)
+    return sample_with_kv_cache(
+        model, ids, mask, max_new_tokens=max_new, temperature=temperature, pad_token_id=tok.pad_token_id,
+        eos_token_ids=[tok.eos_token_id], drop_finished=drop,
+    )
+
+
+def _completion_mask(tokens, eos_id):
+    is_eos = tokens == eos_id
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(tokens[:, 0], tokens.shape[1]))
+    return (torch.arange(tokens.shape[1])[None, :] <= first[:, None]).long()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_tokens_as_generate(world, seed):
+    from transformers import GenerationConfig
+
+    model, tok, ids, mask = world
+    tokens, _ = _sample(world, seed)
+    torch.manual_seed(seed)
+    config = GenerationConfig(
+        max_new_tokens=30, do_sample=True, temperature=1.3, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id],
+    )
+    reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    assert mask.min() == 0  # left padding exercised
+    assert torch.equal(tokens, reference)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_log_probs_equal_a_forward_pass(world, drop):
+    model, tok, ids, mask = world
+    tokens, logps = _sample(world, seed=5, drop=drop)
+    cmask = _completion_mask(tokens, tok.eos_token_id)
+    forward = per_token_logps(model, ids, mask, tokens, cmask, temperature=1.3)
+    torch.testing.assert_close(logps * cmask, forward, atol=1e-5, rtol=0)
+    assert float((logps * cmask).sum()) < -1.0
+
+
+def test_dropping_finished_rows_keeps_draws_until_the_first_drop(world):
+    tok = world[1]
+    kept, _ = _sample(world, seed=7, drop=False)
+    dropped, logps = _sample(world, seed=7, drop=True)
+    cmask = _completion_mask(kept, tok.eos_token_id)
+    lengths = cmask.sum(1)
+    assert lengths.min() < lengths.max() <= kept.shape[1]
+    # the first drop happens after the step at which a quarter of the rows have finished
+    first_drop = int(lengths.sort().values[(len(lengths) + 3) // 4 - 1])
+    assert torch.equal(dropped[:, :first_drop], kept[:, :first_drop])
+    # after a row's EOS: pad tokens and log-prob 0
+    dmask = _completion_mask(dropped, tok.eos_token_id)
+    assert (dropped[dmask == 0] == tok.pad_token_id).all()
+    assert (logps[dmask == 0] == 0).all()
+
+
+def test_dropping_finished_rows_keeps_the_distribution(world):
+    """Over many seeds the mean completion length and the first-token frequencies agree with and without dropping."""
+    tok = world[1]
+
+    def stats(drop):
+        lengths, second = [], []
+        for seed in range(40):
+            tokens, _ = _sample(world, seed=100 + seed, drop=drop, max_new=20)
+            lengths.append(_completion_mask(tokens, tok.eos_token_id).sum(1).float())
+            second.append(tokens[:, min(5, tokens.shape[1] - 1)])
+        return torch.cat(lengths).mean(), torch.cat(second)
+
+    len_keep, tok_keep = stats(False)
+    len_drop, tok_drop = stats(True)
+    assert abs(float(len_keep - len_drop)) < 0.1 * float(len_keep)
+    # the pad share at step 5 (rows already finished) agrees too
+    share = lambda t: float((t == tok.pad_token_id).float().mean())  # noqa: E731
+    assert abs(share(tok_keep) - share(tok_drop)) < 0.1
+
+
+def test_no_eos_runs_to_max_new_tokens(world):
+    model, tok, ids, mask = world
+    torch.manual_seed(0)
+    tokens, logps = sample_with_kv_cache(
+        model, ids, mask, max_new_tokens=7, temperature=1.0, pad_token_id=tok.pad_token_id, eos_token_ids=None,
+        drop_finished=True,
+    )
+    assert tokens.shape == logps.shape == (ids.shape[0], 7)
+    assert (logps < 0).all()
+
+
+def test_bad_arguments_are_refused(world):
+    model, tok, ids, mask = world
+    common = dict(pad_token_id=tok.pad_token_id, eos_token_ids=tok.eos_token_id)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_with_kv_cache(model, ids, mask, max_new_tokens=3, temperature=0.0, **common)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample_with_kv_cache(model, ids, mask, max_new_tokens=0, temperature=1.0, **common)
+    with pytest.raises(ValueError, match="differ"):
+        sample_with_kv_cache(model, ids, mask[:, 1:], max_new_tokens=3, temperature=1.0, **common)
+
+
+def test_forward_kwargs_and_support(world):
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = world[0]
+    assert {"position_ids", "logits_to_keep"} <= forward_kwargs(model)
+    lora = get_peft_model(
+        type(model)(model.config), LoraConfig(r=2, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    )
+    assert forward_kwargs(lora) == forward_kwargs(model)
+    assert kv_cache_sampling_supported(model) and kv_cache_sampling_supported(lora)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
+    assert not kv_cache_sampling_supported(t5)
