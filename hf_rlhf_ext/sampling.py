@@ -73,10 +73,11 @@ def sample_with_kv_cache(
     does not shift positions); the mask is dropped when no prompt is padded; finished rows continue with
     ``pad_token_id``; stops when every row has emitted one of ``eos_token_ids`` or after ``max_new_tokens``.
 
-    ``drop_finished``: rows that have emitted an EOS leave the batch (and the KV cache) once a quarter of it has
-    finished, so the remaining steps compute only the unfinished rows — cheaper when lengths vary, the same
-    distribution, but other draws than ``generate`` for the same seed (the random numbers are consumed per row still
-    running). Applied only to a plain ``DynamicCache``; other caches keep every row.
+    ``drop_finished``: a row that has emitted an EOS leaves the batch (and the KV cache) at once, so the remaining
+    steps compute only the unfinished rows (a step costs far more than the few index operations of a drop) — cheaper
+    when lengths vary, the same distribution, but other draws than ``generate`` for the same seed once a row has left
+    (the random numbers are consumed per row still running). Applied only to a plain ``DynamicCache``; other caches
+    keep every row.
 
     Returns ``(tokens, logps)``, both (B, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
     float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
@@ -106,7 +107,7 @@ def sample_with_kv_cache(
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    rows = torch.arange(B, device=device)  # which original rows the current batch holds
+    rows: torch.Tensor | None = None  # which original rows the batch holds, once some have left it
     step_input, cache, n = input_ids, None, 0
     for t in range(max_new_tokens):
         extra = {cache_name: cache} if cache is not None else {}
@@ -115,24 +116,32 @@ def sample_with_kv_cache(
         out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if attention is not None else None,
                     use_cache=True, return_dict=True, **extra, **logits_kw)
         cache = out.get(cache_name)
-        scores = out.logits[:, -1, :].float() / temperature
+        scores = out.logits[:, -1, :].float()
+        if temperature != 1.0:
+            scores = scores / temperature
         next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         step_logps = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
         if stop_ids is not None:
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            step_logps = step_logps.masked_fill(~unfinished, 0.0)
-            unfinished &= ~torch.isin(next_tokens, stop_ids)
-        tokens[rows, t] = next_tokens
-        logps[rows, t] = step_logps
+            finished = ~unfinished
+            next_tokens.masked_fill_(finished, pad_token_id)
+            step_logps.masked_fill_(finished, 0.0)
+            unfinished &= (next_tokens != stop_ids[0]) if len(stop) == 1 else ~torch.isin(next_tokens, stop_ids)
+        if rows is None:
+            tokens[:, t] = next_tokens
+            logps[:, t] = step_logps
+        else:
+            tokens[rows, t] = next_tokens
+            logps[rows, t] = step_logps
         n = t + 1
         if stop_ids is not None:
             n_left = int(unfinished.sum())
             if n_left == 0:
                 break
-            if drop_finished and n_left <= 0.75 * unfinished.numel() and _can_drop_rows(cache):
+            if drop_finished and n_left < unfinished.numel() and _can_drop_rows(cache):
                 keep = unfinished.nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
-                rows, unfinished, next_tokens = rows[keep], unfinished[keep], next_tokens[keep]
+                rows = keep if rows is None else rows[keep]
+                unfinished, next_tokens = unfinished[keep], next_tokens[keep]
                 if attention is not None:
                     attention = attention[keep]
                 if position is not None:

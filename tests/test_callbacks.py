@@ -119,7 +119,8 @@ def test_held_out_sampler_kv_cache_matches_forward_log_probs(policy_path, tmp_pa
         again, other = fast.sample(policy, step=3), fast.sample(policy, step=4)
         forward = per_token_logps(policy, a.prompt_ids, a.prompt_mask, a.completion_ids, a.completion_mask, 0.7)
     assert b.logps is None and a.logps is not None
-    assert torch.equal(a.completion_ids[:, 0], b.completion_ids[:, 0])  # no row has left the batch yet
+    # the first chunk's first draws come before any row has left the batch (later chunks follow other RNG draws)
+    assert torch.equal(a.completion_ids[:5, 0], b.completion_ids[:5, 0])
     assert again.completion_ids_list == a.completion_ids_list and other.completion_ids_list != a.completion_ids_list
     assert a.prompt_mask.min() == 0  # padding was exercised
     lengths = a.completion_mask.sum(1)

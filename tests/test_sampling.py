@@ -72,9 +72,10 @@ def test_dropping_finished_rows_keeps_draws_until_the_first_drop(world):
     cmask = _completion_mask(kept, tok.eos_token_id)
     lengths = cmask.sum(1)
     assert lengths.min() < lengths.max() <= kept.shape[1]
-    # the first drop happens after the step at which a quarter of the rows have finished
-    first_drop = int(lengths.sort().values[(len(lengths) + 3) // 4 - 1])
+    # the first row to finish leaves after its EOS step: every draw up to and including that step is shared
+    first_drop = int(lengths.min())
     assert torch.equal(dropped[:, :first_drop], kept[:, :first_drop])
+    assert not torch.equal(dropped, kept)  # rows did leave (later draws are consumed by fewer rows)
     # after a row's EOS: pad tokens and log-prob 0
     dmask = _completion_mask(dropped, tok.eos_token_id)
     assert (dropped[dmask == 0] == tok.pad_token_id).all()

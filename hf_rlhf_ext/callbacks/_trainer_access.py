@@ -220,6 +220,7 @@ class HeldOutSampler:
         self.seed = seed
         self.tokenizer = getattr(trainer, "_tokenizer", None) or getattr(trainer.processing_class, "tokenizer", None)
         self.tokenizer = self.tokenizer or trainer.processing_class
+        self._encoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- helpers -------------------------------------------------------------------------------------------------------
     def _indices_for_this_process(self) -> list[int]:
@@ -300,8 +301,10 @@ class HeldOutSampler:
             torch.manual_seed(self.seed + int(step) * 1009 + self.trainer.accelerator.process_index)
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start : start + self.batch_size]
-                ids, mask = self._tokenize(chunk)
-                ids, mask = ids.to(device), mask.to(device)
+                key = (tuple(idx[start : start + self.batch_size]), device)
+                if key not in self._encoded:  # the prompt set is fixed: tokenise each chunk once
+                    self._encoded[key] = tuple(t.to(device) for t in self._tokenize(chunk))
+                ids, mask = self._encoded[key]
                 if use_kv_cache:
                     comp, logp = sample_with_kv_cache(
                         policy, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
