@@ -184,6 +184,10 @@ def per_token_logps(
 class HeldOutSampler:
     """Samples completions for a fixed held-out prompt set with the trainer's policy.
 
+    ``num_samples`` defaults to one training generation batch (``args.generation_batch_size``, all processes): a
+    measurement then costs about what the trainer spends generating one batch, i.e. well under one optimizer step.
+    ``batch_size`` (completions sampled at once per process) defaults to the trainer's per-process generation batch.
+
     The prompt set is fixed (the same ``num_samples`` prompts every time, cycling if there are fewer) so that curves
     over training compare like with like; the sampling seed is ``seed + global_step``. Sampling is pure temperature
     sampling at the trainer's temperature (no top-k/top-p), so that the log-probabilities we compute are those of the
@@ -200,7 +204,7 @@ class HeldOutSampler:
         trainer: Any,
         eval_prompts: Any,
         num_samples: int | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         seed: int = 1234,
@@ -209,12 +213,15 @@ class HeldOutSampler:
         self.trainer = trainer
         self.use_kv_cache = use_kv_cache
         self.prompts, self.columns = _normalise_prompts(eval_prompts)
-        self.num_samples = int(num_samples or len(self.prompts))
+        generation_batch = generation_batch_size(trainer)
+        self.num_samples = int(num_samples if num_samples is not None else (generation_batch or len(self.prompts)))
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        if batch_size is None:  # as many at once as the trainer generates per process
+            batch_size = max(1, (generation_batch or 32) // trainer.accelerator.num_processes)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens or getattr(trainer, "max_completion_length", None) or 64)
         self.temperature = float(temperature if temperature is not None else getattr(trainer, "temperature", 1.0))
         self.seed = seed
@@ -379,6 +386,13 @@ class HeldOutSampler:
         from accelerate.utils import gather_object
 
         return list(gather_object(list(values)))
+
+
+def generation_batch_size(trainer: Any) -> int | None:
+    """Completions the trainer generates per generation batch, over all processes (GRPO/RLOO
+    ``args.generation_batch_size``), or None when it does not say."""
+    value = getattr(getattr(trainer, "args", None), "generation_batch_size", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _pad_cat(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tensor:

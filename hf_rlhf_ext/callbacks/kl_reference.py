@@ -92,11 +92,12 @@ class KLToReferenceCallback(TrainerCallback):
         eval_prompts: held-out prompts (list of strings or chat messages, or a Dataset with a "prompt" column).
         every_n_steps: measure when ``global_step % every_n_steps == 0``.
         num_samples: completions per measurement (one per prompt, cycling over the prompt set; rounded up to a
-            multiple of the number of processes, each sampling its share).
+            multiple of the number of processes, each sampling its share). Default: one training generation batch
+            (``args.generation_batch_size``), so that a measurement costs about one batch's generation.
         allow_reference_copy: allow a frozen copy of the initial policy as π_ref when there is no cheaper one.
         measure_at_start: also measure at train begin (step 0; ≈ 0 by construction, a sanity check).
-        batch_size, max_new_tokens, temperature, seed: sampling settings (defaults: the trainer's length and
-            temperature).
+        batch_size, max_new_tokens, temperature, seed: sampling settings (defaults: the trainer's per-process
+            generation batch, completion length and temperature).
 
     ``history`` holds every measurement as ``{"step": ..., "kl_ref/k1_seq": ..., ...}``.
     """
@@ -106,10 +107,10 @@ class KLToReferenceCallback(TrainerCallback):
         trainer: Any,
         eval_prompts: Any,
         every_n_steps: int = 10,
-        num_samples: int = 64,
+        num_samples: int | None = None,
         allow_reference_copy: bool = False,
         measure_at_start: bool = True,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         seed: int = 1234,

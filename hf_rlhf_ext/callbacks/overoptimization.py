@@ -114,7 +114,8 @@ class OveroptimizationCallback(TrainerCallback):
             function with weight 0.
         eval_prompts: held-out prompts; given → sample mode (see the module docstring).
         mode: "auto" (sample mode iff ``eval_prompts`` is given), "logs" or "sample".
-        every_n_steps, num_samples, batch_size, max_new_tokens, temperature, seed: sample-mode settings.
+        every_n_steps, num_samples, batch_size, max_new_tokens, temperature, seed: sample-mode settings (defaults
+            as :class:`KLToReferenceCallback`: one training generation batch, the trainer's length and temperature).
         kl_key: log key for KL in logs mode (default: ``kl_ref/k1_seq`` if logged, else ``kl``).
         measure_kl: sample mode: measure sequence KL on the same samples (default: when a reference exists without a
             copy, or ``allow_reference_copy``).
@@ -135,7 +136,7 @@ class OveroptimizationCallback(TrainerCallback):
         eval_prompts: Any = None,
         mode: Literal["auto", "logs", "sample"] = "auto",
         every_n_steps: int = 10,
-        num_samples: int = 64,
+        num_samples: int | None = None,
         kl_key: str | None = None,
         measure_kl: bool | None = None,
         allow_reference_copy: bool = False,
@@ -150,7 +151,7 @@ class OveroptimizationCallback(TrainerCallback):
         output_dir: str | None = None,
         plot: bool = True,
         measure_at_start: bool = True,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         seed: int = 1234,
