@@ -23,6 +23,7 @@ import torch
 from trl import ScriptArguments
 
 from .results import ResultsCallback, write_metrics
+from .sampling import per_token_logps
 from .validation import require_prompt_column, validated_reward_func
 
 logger = logging.getLogger(__name__)
@@ -384,21 +385,15 @@ def evaluate_policy(
 
 def _sequence_kl(model, reference, sequences, prompt_mask, completion_mask) -> torch.Tensor:
     """Σ_t log π(y_t) − log π_ref(y_t) over each sampled completion (k1; unbiased for KL(π‖π_ref) at temperature 1)."""
-    attention = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
-    T = completion_mask.size(1)
-    targets = sequences[:, -T:]
-
-    def logps(m) -> torch.Tensor:
-        logits = m(input_ids=sequences, attention_mask=attention).logits[:, -T - 1 : -1].float()
-        return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-    policy_logps = logps(model)
+    P = prompt_mask.size(1)
+    args = (sequences[:, :P], prompt_mask, sequences[:, P:], completion_mask)
+    policy_logps = per_token_logps(model, *args)
     if reference == "disable_adapter":
         with model.disable_adapter():
-            ref_logps = logps(model)
+            ref_logps = per_token_logps(model, *args)
     else:
-        ref_logps = logps(reference)
-    return ((policy_logps - ref_logps) * completion_mask).sum(dim=1)
+        ref_logps = per_token_logps(reference, *args)
+    return (policy_logps - ref_logps).sum(dim=1)
 
 
 def _reference_for_eval(trainer: Any) -> Any:

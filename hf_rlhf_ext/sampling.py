@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["forward_kwargs", "kv_cache_sampling_supported", "sample_with_kv_cache"]
+__all__ = ["forward_kwargs", "kv_cache_sampling_supported", "per_token_logps", "sample_with_kv_cache"]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
 
@@ -158,3 +158,32 @@ def _can_drop_rows(cache) -> bool:
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     return type(cache) is DynamicCache and all(isinstance(layer, DynamicLayer) for layer in cache.layers)
+
+
+def per_token_logps(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
+    logits / T). Position ids follow the attention mask so left padding does not shift positions."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask.new_ones(completion_mask.shape)], dim=1).long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    p_len, c_len = prompt_ids.shape[1], completion_ids.shape[1]
+    # the LM head only where a completion token is predicted (the last prompt position onwards)
+    keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
+    out = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        logits = model(
+            input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=position_ids[sl], **keep
+        ).logits
+        logits = logits[:, -c_len - 1 : -1, :].float() / temperature
+        logps = torch.log_softmax(logits, dim=-1)
+        out.append(torch.gather(logps, 2, input_ids[sl, p_len:].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(out, dim=0) * completion_mask

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..sampling import forward_kwargs, kv_cache_sampling_supported, sample_with_kv_cache
+from ..sampling import kv_cache_sampling_supported, per_token_logps, sample_with_kv_cache
 
 __all__ = [
     "UnsupportedTrainerError",
@@ -152,35 +152,6 @@ class HeldOutBatch:
         return len(self.prompts)
 
 
-def per_token_logps(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    temperature: float = 1.0,
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
-    logits / T). Position ids follow the attention mask so left padding does not shift positions."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask.new_ones(completion_mask.shape)], dim=1).long()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    p_len, c_len = prompt_ids.shape[1], completion_ids.shape[1]
-    # the LM head only where a completion token is predicted (the last prompt position onwards)
-    keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
-    out = []
-    for start in range(0, input_ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(
-            input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=position_ids[sl], **keep
-        ).logits
-        logits = logits[:, -c_len - 1 : -1, :].float() / temperature
-        logps = torch.log_softmax(logits, dim=-1)
-        out.append(torch.gather(logps, 2, input_ids[sl, p_len:].unsqueeze(-1)).squeeze(-1))
-    return torch.cat(out, dim=0) * completion_mask
-
-
 class HeldOutSampler:
     """Samples completions for a fixed held-out prompt set with the trainer's policy.
 
@@ -280,8 +251,6 @@ class HeldOutSampler:
     @torch.no_grad()
     def sample(self, policy: nn.Module, step: int) -> HeldOutBatch:
         """Samples one completion per selected held-out prompt on this process."""
-        from transformers import GenerationConfig
-
         device = next(policy.parameters()).device
         idx = self._indices_for_this_process()
         prompts = [self.prompts[i] for i in idx]
@@ -291,16 +260,6 @@ class HeldOutSampler:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = eos_ids[0] if eos_ids else 0
-        gen_config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=True,
-            temperature=self.temperature,
-            top_k=0,
-            top_p=1.0,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids or None,
-            bos_token_id=self.tokenizer.bos_token_id,
-        )
         p_ids, p_mask, c_ids, c_mask, c_lists, texts, logps = [], [], [], [], [], [], []
         use_kv_cache = self.use_kv_cache and kv_cache_sampling_supported(policy)
         devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
@@ -318,6 +277,18 @@ class HeldOutSampler:
                         pad_token_id=pad_id, eos_token_ids=eos_ids, drop_finished=True,
                     )
                 else:
+                    from transformers import GenerationConfig
+
+                    gen_config = GenerationConfig(
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=True,
+                        temperature=self.temperature,
+                        top_k=0,
+                        top_p=1.0,
+                        pad_token_id=pad_id,
+                        eos_token_id=eos_ids or None,
+                        bos_token_id=self.tokenizer.bos_token_id,
+                    )
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)

@@ -632,10 +632,6 @@ class PPOTrainer(GRPOTrainer):
             eos_token_ids=kwargs.get("eos_token_id", self.eos_token_ids),
         )
 
-    def _fast_step_kwargs(self, model) -> frozenset:
-        """The optional arguments the policy's forward takes (position_ids, logits_to_keep, cache)."""
-        return forward_kwargs(self.accelerator.unwrap_model(model))
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._rollout_rewards = rewards  # gathered (B_global, n_funcs); GRPO keeps only group advantages
@@ -665,7 +661,7 @@ class PPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra,
             )
-        keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in self._fast_step_kwargs(model) else {}
+        keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in forward_kwargs(model) else {}
         entropy_grad = torch.is_grad_enabled() and bool(getattr(self, "_entropy_bonus_enabled", False))
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
