@@ -20,11 +20,15 @@ Sources (see also ``REFERENCES.md``)
 * Group-relative advantages: GRPO (DeepSeekMath, arXiv 2402.03300); "batch"/"none" scalings as in TRL's
   ``GRPOTrainer`` (``scale_rewards``) after Dr. GRPO (arXiv 2503.20783).
 * KL estimators k1/k2/k3: J. Schulman, "Approximating KL divergence" (2020, http://joschu.net/blog/kl-approx.html).
+* Best-of-N KL ln N − (N−1)/N and the over-optimisation forms R(d) = d(α − β ln d) (RL), d(α − β d) (best-of-N) with
+  d = sqrt(KL): Gao, Schulman and Hilton 2022 (arXiv 2210.10760), eqs. 1–2; the KL formula from Stiennon et al. 2020.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,9 @@ __all__ = [
     "kl_k3",
     "kl_estimate",
     "KL_ESTIMATORS",
+    "best_of_n_kl",
+    "GaoFit",
+    "fit_gao",
 ]
 
 
@@ -426,3 +433,87 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: Literal["k1", 
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp shape {tuple(logp.shape)} does not match ref_logp shape {tuple(ref_logp.shape)}")
     return estimator(logp, ref_logp)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Over-optimisation scaling laws (Gao, Schulman and Hilton 2022)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(π_bon ‖ π) = ln N − (N − 1)/N nats: the analytic KL of best-of-N sampling to the base policy (Stiennon et
+    al. 2020, appendix; exact for a continuous reward without ties, an upper bound otherwise)."""
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}.")
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass(frozen=True)
+class GaoFit:
+    """A least-squares fit of a Gao et al. (2022) over-optimisation form to gold-reward gains against d = sqrt(KL).
+
+    ``form`` "rl": R(d) = d(α − β ln d), peak at d* = exp(α/β − 1); "bon": R(d) = d(α − β d), peak at d* = α / (2β).
+    ``r2`` is the coefficient of determination of R(d) itself (not of R/d); ``peak_d`` is None when the fitted curve
+    has no interior maximum (β ≤ 0: the gain never turns down over the data's range)."""
+
+    form: str
+    alpha: float
+    beta: float
+    r2: float
+    n_points: int
+
+    def predict(self, d: Sequence[float] | float) -> list[float] | float:
+        """R(d) of the fitted form (R(0) = 0)."""
+        if isinstance(d, (int, float)):
+            return self._one(float(d))
+        return [self._one(float(x)) for x in d]
+
+    def _one(self, d: float) -> float:
+        if d <= 0:
+            return 0.0
+        return d * (self.alpha - self.beta * (math.log(d) if self.form == "rl" else d))
+
+    @property
+    def peak_d(self) -> float | None:
+        if self.beta <= 0:
+            return None
+        return math.exp(self.alpha / self.beta - 1.0) if self.form == "rl" else self.alpha / (2.0 * self.beta)
+
+    @property
+    def peak_kl(self) -> float | None:
+        """KL at the predicted peak (d*²)."""
+        return None if self.peak_d is None else self.peak_d**2
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "alpha": self.alpha, "beta": self.beta, "r2": self.r2, "n_points": self.n_points,
+                "peak_d": self.peak_d, "peak_kl": self.peak_kl}
+
+
+def fit_gao(d: Sequence[float], gain: Sequence[float], form: Literal["rl", "bon"] = "rl") -> GaoFit:
+    """Fits R(d) = d(α − β·f(d)) to gold gains ``gain`` (gold minus the reference policy's gold) at d = sqrt(KL).
+
+    Both forms are linear in (α, β) after dividing by d: R/d = α − β·f(d) with f = ln d ("rl") or f = d ("bon"), so
+    this is ordinary least squares on (f(d), R/d) — no optimiser. Points with d ≤ 1e-6 carry no information about
+    the slope (R(0) = 0 by construction) and are left out; at least two distinct f(d) are needed.
+    """
+    if form not in ("rl", "bon"):
+        raise ValueError(f"form must be 'rl' or 'bon', got {form!r}.")
+    if len(d) != len(gain):
+        raise ValueError(f"{len(d)} distances for {len(gain)} gains.")
+    pts = [(float(x), float(r)) for x, r in zip(d, gain) if x > 1e-6 and math.isfinite(x) and math.isfinite(r)]
+    if len(pts) < 2:
+        raise ValueError(f"fit_gao needs at least 2 points with d > 0, got {len(pts)}.")
+    xs = torch.tensor([math.log(x) if form == "rl" else x for x, _ in pts], dtype=torch.float64)
+    ys = torch.tensor([r / x for x, r in pts], dtype=torch.float64)
+    if float(xs.max() - xs.min()) < 1e-12:
+        raise ValueError("fit_gao needs at least 2 distinct values of d.")
+    design = torch.stack([torch.ones_like(xs), -xs], dim=1)  # R/d = α·1 + β·(−f(d))
+    alpha, beta = torch.linalg.lstsq(design, ys[:, None]).solution[:, 0].tolist()
+    fit = GaoFit(form=form, alpha=alpha, beta=beta, r2=float("nan"), n_points=len(pts))
+    observed = [r for _, r in pts]
+    predicted = fit.predict([x for x, _ in pts])
+    mean = sum(observed) / len(observed)
+    ss_tot = sum((r - mean) ** 2 for r in observed)
+    ss_res = sum((r - p) ** 2 for r, p in zip(observed, predicted))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    return GaoFit(form=form, alpha=alpha, beta=beta, r2=r2, n_points=len(pts))

@@ -355,3 +355,60 @@ def test_k1_and_k3_are_unbiased_monte_carlo():
         assert abs(est.mean().item() - true_kl) < 4 * se, kind
     # k3 has lower variance than k1 here (Schulman's point)
     assert kl_k3(logp, ref).var() < kl_k1(logp, ref).var()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gao et al. (2022) forms and the best-of-N KL
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_best_of_n_kl_matches_formula_values():
+    from hf_rlhf_ext.objectives import best_of_n_kl
+
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(0.693147 - 0.5, abs=1e-6)
+    assert best_of_n_kl(64) == pytest.approx(4.158883 - 63 / 64, abs=1e-6)
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+@pytest.mark.parametrize("form", ["rl", "bon"])
+def test_fit_gao_recovers_known_coefficients_under_noise(form):
+    import math
+
+    from hf_rlhf_ext.objectives import fit_gao
+
+    alpha, beta = 1.2, 0.5
+    gen = torch.Generator().manual_seed(0)
+    d = torch.linspace(0.2, 5.0, 40).tolist()
+    f = [math.log(x) if form == "rl" else x for x in d]
+    noise = (0.01 * torch.randn(40, generator=gen)).tolist()
+    gain = [x * (alpha - beta * fx) + e for x, fx, e in zip(d, f, noise)]
+    fit = fit_gao(d, gain, form=form)
+    assert fit.alpha == pytest.approx(alpha, abs=0.02)
+    assert fit.beta == pytest.approx(beta, abs=0.02)
+    assert fit.r2 > 0.99
+    expected_peak = math.exp(alpha / beta - 1) if form == "rl" else alpha / (2 * beta)
+    assert fit.peak_d == pytest.approx(expected_peak, rel=0.05)
+    assert fit.predict(fit.peak_d) >= max(fit.predict(d))  # the peak is the curve's maximum
+
+
+def test_fit_gao_drops_zero_distance_and_refuses_degenerate_input():
+    from hf_rlhf_ext.objectives import fit_gao
+
+    fit = fit_gao([0.0, 1.0, 2.0], [5.0, 1.0, 1.0], form="bon")  # the d = 0 point would divide by zero
+    assert fit.n_points == 2
+    assert fit.alpha == pytest.approx(1.5) and fit.beta == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_gao([0.0, 1.0], [0.0, 1.0])
+    with pytest.raises(ValueError, match="distinct"):
+        fit_gao([1.0, 1.0], [0.5, 0.6])
+    with pytest.raises(ValueError, match="form"):
+        fit_gao([1.0, 2.0], [0.5, 0.6], form="linear")
+
+
+def test_fit_gao_without_a_turn_has_no_peak():
+    from hf_rlhf_ext.objectives import fit_gao
+
+    fit = fit_gao([1.0, 2.0, 3.0], [1.0, 2.2, 3.6], form="bon")  # gain/d rises with d: β < 0
+    assert fit.beta < 0 and fit.peak_d is None
