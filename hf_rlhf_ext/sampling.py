@@ -66,6 +66,7 @@ def sample_with_kv_cache(
     pad_token_id: int,
     eos_token_ids: Sequence[int] | int | None,
     drop_finished: bool = False,
+    num_return_sequences: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples up to ``max_new_tokens`` tokens after left-padded prompts ``input_ids`` (B, P).
 
@@ -79,7 +80,11 @@ def sample_with_kv_cache(
     (the random numbers are consumed per row still running). Applied only to a plain ``DynamicCache``; other caches
     keep every row.
 
-    Returns ``(tokens, logps)``, both (B, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
+    ``num_return_sequences`` = M: M completions per prompt (rows i·M … i·M + M − 1 belong to prompt i), as
+    ``generate(num_return_sequences=M)`` draws them — but each prompt is prefilled once and its KV cache repeated, so
+    best-of-N pools pay for the prompts once (a plain ``DynamicCache``; other caches prefill every copy).
+
+    Returns ``(tokens, logps)``, both (B·M, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
     float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
     EOS hold the pad token and log-prob 0.
     """
@@ -89,17 +94,20 @@ def sample_with_kv_cache(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if input_ids.shape != prompt_mask.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} differ.")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}.")
+    repeats = num_return_sequences
     temperature = float(temperature)
     stop = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     device = input_ids.device
     stop_ids = torch.tensor(stop, device=device, dtype=torch.long) if stop else None
-    B, P = input_ids.shape
+    B, P = input_ids.shape[0] * repeats, input_ids.shape[1]
     step_kwargs = forward_kwargs(model)
     cache_name = "cache" if "cache" in step_kwargs else "past_key_values"
     logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}
     attention = None
     if not bool(prompt_mask.all()):
-        attention = torch.ones((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+        attention = torch.ones((B // repeats, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
         attention[:, :P] = prompt_mask
     position = None
     if "position_ids" in step_kwargs:
@@ -117,6 +125,11 @@ def sample_with_kv_cache(
                     use_cache=True, return_dict=True, **extra, **logits_kw)
         cache = out.get(cache_name)
         scores = out.logits[:, -1, :].float()
+        if t == 0 and repeats > 1:  # the prompts were prefilled once: now each becomes M rows
+            scores = scores.repeat_interleave(repeats, dim=0)
+            cache = _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, cache_name, logits_kw)
+            attention = attention.repeat_interleave(repeats, dim=0) if attention is not None else None
+            position = position.repeat_interleave(repeats, dim=0) if position is not None else None
         if temperature != 1.0:
             scores = scores / temperature
         next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -150,6 +163,19 @@ def sample_with_kv_cache(
         if position is not None:
             position = position[:, -1:] + 1
     return tokens[:, :n], logps[:, :n]
+
+
+def _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, cache_name, logits_kw):
+    """The prefill cache with each row repeated ``repeats`` times; caches without row repetition are rebuilt by
+    prefilling the repeated prompts (same result, more compute)."""
+    if hasattr(cache, "batch_repeat_interleave") and _can_drop_rows(cache):
+        cache.batch_repeat_interleave(repeats)
+        return cache
+    extra = {"position_ids": position.repeat_interleave(repeats, dim=0)} if position is not None else {}
+    mask = prompt_mask.repeat_interleave(repeats, dim=0)
+    out = model(input_ids=input_ids.repeat_interleave(repeats, dim=0), attention_mask=None if bool(mask.all()) else mask,
+                use_cache=True, return_dict=True, **extra, **logits_kw)
+    return out.get(cache_name)
 
 
 def _can_drop_rows(cache) -> bool:

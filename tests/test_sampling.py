@@ -137,3 +137,36 @@ def test_forward_kwargs_and_support(world):
     assert kv_cache_sampling_supported(model) and kv_cache_sampling_supported(lora)
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2))
     assert not kv_cache_sampling_supported(t5)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_prompts_prefilled_once_draw_what_generate_draws_with_num_return_sequences(world, seed):
+    """M samples per prompt from one prefill (the cache repeated) = generate(num_return_sequences=M)."""
+    from transformers import GenerationConfig
+
+    model, tok, ids, mask = world
+    torch.manual_seed(seed)
+    tokens, logps = sample_with_kv_cache(
+        model, ids, mask, max_new_tokens=20, temperature=1.3, pad_token_id=tok.pad_token_id,
+        eos_token_ids=[tok.eos_token_id], num_return_sequences=3,
+    )
+    torch.manual_seed(seed)
+    config = GenerationConfig(
+        max_new_tokens=20, do_sample=True, temperature=1.3, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id], num_return_sequences=3,
+    )
+    reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    assert tokens.shape[0] == 3 * ids.shape[0]
+    assert torch.equal(tokens, reference)
+    assert not torch.equal(tokens[0], tokens[1]) or not torch.equal(tokens[1], tokens[2])  # three draws, not copies
+    rep_ids, rep_mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    cmask = _completion_mask(tokens, tok.eos_token_id)
+    want = per_token_logps(model, rep_ids, rep_mask, tokens, cmask, temperature=1.3)
+    torch.testing.assert_close(logps * cmask, want, atol=1e-4, rtol=1e-4)
+
+
+def test_num_return_sequences_must_be_positive(world):
+    model, tok, ids, mask = world
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        sample_with_kv_cache(model, ids, mask, max_new_tokens=3, temperature=1.0, pad_token_id=tok.pad_token_id,
+                             eos_token_ids=[tok.eos_token_id], num_return_sequences=0)
