@@ -236,7 +236,8 @@ def best_of_n_expectation(select: torch.Tensor, values: torch.Tensor, n: int) ->
     sel_sorted, val_sorted = select.gather(1, order), values.gather(1, order)
     val_sorted = _mean_over_ties(sel_sorted, val_sorted)
     i = torch.arange(1, M + 1, dtype=torch.float64)
-    log_w = _log_comb(i - 1, torch.tensor(float(n - 1))) - _log_comb(torch.tensor(float(M)), torch.tensor(float(n)))
+    as64 = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+    log_w = _log_comb(i - 1, as64(n - 1)) - _log_comb(as64(M), as64(n))
     weights = torch.where(i >= n, torch.exp(log_w), torch.zeros_like(i))
     return (val_sorted * weights).sum(dim=1)
 

@@ -1,0 +1,194 @@
+"""Best-of-N and its distillation (hf_rlhf_ext.best_of_n) — on the offline lab by default, on any model with flags.
+
+    python recipes/best_of_n.py                                   # the lab: SFT policy, proxy RM selects, gold tracked
+    python recipes/best_of_n.py --n 8 --rounds 3 --output_dir runs/bon-ei     # expert iteration, 3 rounds
+    accelerate launch recipes/best_of_n.py --config recipes/configs/best_of_n_lab.yaml
+    python recipes/best_of_n.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
+        --reward_model_name_or_path <rm> --use_peft --output_dir runs/bon-qwen
+
+1. Best-of-N's own over-optimisation curve on held-out prompts: one pool of ``pool_size`` samples per prompt, the
+   expected proxy and gold of the best of n for n = 1, 2, 4, …, pool_size (unbiased, no resampling), against
+   sqrt(KL_bon), with the Gao best-of-N form fitted to the gold gain  ->  bon_curve.png
+2. Best-of-N distillation: sample ``n`` per training prompt, keep the best by the first reward, fine-tune with
+   ``trl.SFTTrainer`` (this script's training arguments are ``SFTConfig``'s), ``rounds`` times  ->  distillation.png
+3. Held-out proxy, gold and KL (to the initial policy) of the initial policy, of best-of-N at inference and of the
+   distilled model after each round.
+
+Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png} and the distilled model.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from trl import ModelConfig, SFTConfig
+
+from hf_rlhf_ext.recipe_utils import (
+    RLScriptArguments,
+    apply_cpu_defaults,
+    build_reward_funcs,
+    load_lab,
+    load_prompt_datasets,
+    make_recipe_parser,
+    resolve_policy,
+)
+
+# The lab run (≈ 1 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
+LAB_DEFAULTS = dict(
+    output_dir="runs/best-of-n-lab",
+    learning_rate=5e-4,
+    num_train_epochs=3,
+    per_device_train_batch_size=32,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.1,
+    logging_steps=5,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    seed=0,
+    num_eval_prompts=80,
+)
+
+
+@dataclass
+class BestOfNScriptArguments(RLScriptArguments):
+    """The RL recipes' arguments (policy, prompts, rewards, evaluation) plus best-of-N's own.
+
+    Args:
+        n: samples per training prompt in distillation, and the N of best-of-N at inference.
+        pool_size: samples per held-out prompt for the best-of-n curve (n = 1, 2, 4, …, pool_size).
+        rounds: distillation rounds (expert iteration: each round samples from the last round's model).
+        max_new_tokens: completion length limit.
+        eval_samples_per_prompt: samples per held-out prompt when evaluating a policy.
+        sampling_batch_size: sequences per forward pass when sampling.
+        select: the reward that picks the best (default: the first, i.e. the optimised RM / function).
+    """
+
+    n: int = field(default=8, metadata={"help": "Best of N: samples per prompt."})
+    pool_size: int = field(default=64, metadata={"help": "Samples per held-out prompt for the best-of-n curve."})
+    rounds: int = field(default=2, metadata={"help": "Distillation rounds (expert iteration)."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Completion length limit."})
+    eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt in evaluations."})
+    sampling_batch_size: int = field(default=256, metadata={"help": "Sequences per forward pass when sampling."})
+    select: str | None = field(default=None, metadata={"help": "Reward that picks the best (default: the first)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("n", "pool_size", "rounds", "max_new_tokens", "eval_samples_per_prompt", "sampling_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_eval_prompts < 1:
+            raise ValueError("--num_eval_prompts must be >= 1: best-of-N is measured on held-out prompts.")
+
+
+def load_models(path: str, training_args: SFTConfig, use_peft: bool) -> tuple[Any, Any]:
+    """(policy to distil, reference = the initial policy): a frozen second copy, or "disable_adapter" with LoRA
+    (the reference is then the same model with its adapter off)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = None  # used here: SFTTrainer is handed the model itself
+    policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if use_peft:
+        return policy, "disable_adapter"
+    reference = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    reference.requires_grad_(False)
+    return policy, reference
+
+
+def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
+    from trl import get_peft_config
+
+    from hf_rlhf_ext.best_of_n import BestOfNSampler, distill_best_of_n, evaluate_samples
+    from hf_rlhf_ext.objectives import best_of_n_kl
+    from hf_rlhf_ext.plots import plot_best_of_n_curve, plot_distillation
+    from hf_rlhf_ext.results import write_metrics
+
+    start = time.time()
+    apply_cpu_defaults(training_args)
+    needs_lab = not (model_args.model_name_or_path and script_args.dataset_name and
+                     (script_args.reward_model_name_or_path or script_args.reward_funcs))
+    lab = load_lab(script_args) if needs_lab else None
+    on_lab = not script_args.dataset_name and lab is not None
+    path, tokenizer = resolve_policy(model_args, training_args, lab)
+    train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)
+    _, _, rewards = build_reward_funcs(script_args, SimpleNamespace(reward_weights=None), lab, on_lab=on_lab)
+    gold = "gold_reward" if on_lab and script_args.track_gold else None
+    select = script_args.select or next(iter(rewards))
+    if test is None or not len(test):
+        raise ValueError("Best-of-N is measured on held-out prompts: give the data set a test split.")
+    pool = list(test["prompt"])
+    eval_prompts = [pool[i % len(pool)] for i in range(script_args.num_eval_prompts)]
+    policy, reference = load_models(path, training_args, model_args.use_peft)
+    sampling = dict(select=select, max_new_tokens=script_args.max_new_tokens,
+                    batch_size=script_args.sampling_batch_size)
+
+    # 1. best-of-N's curve on held-out prompts, from one pool of pool_size samples per prompt
+    sampler = BestOfNSampler(policy, tokenizer, rewards, n=script_args.n, **sampling)
+    curve, _, _ = sampler.curve(eval_prompts, script_args.pool_size, gold=gold, seed=training_args.seed)
+    at_n = next((p for p in curve.points if p["n"] == script_args.n), None)
+
+    # 2. the initial policy, then distillation rounds, each evaluated the same way
+    def evaluate(model: Any, round_index: int) -> dict[str, float]:
+        return evaluate_samples(model, tokenizer, eval_prompts, rewards, script_args.max_new_tokens,
+                                reference=None if round_index == 0 else reference,
+                                num_samples=script_args.eval_samples_per_prompt, seed=training_args.seed + 1000,
+                                batch_size=script_args.sampling_batch_size)
+
+    initial = evaluate(policy, 0)
+    peft_config = get_peft_config(model_args)
+    model, rounds = distill_best_of_n(
+        policy, tokenizer, list(train["prompt"]), {**sampling, "reward_funcs": rewards, "n": script_args.n},
+        training_args, rounds=script_args.rounds, evaluate=evaluate, peft_config=peft_config, seed=training_args.seed,
+    )
+    model.save_pretrained(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+
+    metrics = {
+        "select": select, "gold": gold, "n": script_args.n, "pool_size": script_args.pool_size,
+        "rounds": script_args.rounds, "num_eval_prompts": len(eval_prompts),
+        "eval_samples_per_prompt": script_args.eval_samples_per_prompt,
+        "initial": initial,
+        "best_of_n": {**(at_n or {}), "kl": best_of_n_kl(script_args.n)},
+        "distilled": [r.to_dict() for r in rounds],
+        "curve": curve.to_dict(),
+        "seconds": round(time.time() - start, 1),
+    }
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        plot_best_of_n_curve(curve, os.path.join(training_args.output_dir, "bon_curve.png"))
+        plot_distillation(metrics, list(rewards), os.path.join(training_args.output_dir, "distillation.png"))
+        write_metrics(training_args.output_dir, metrics)
+        print(summary_text(metrics, list(rewards), training_args.output_dir))
+    return metrics
+
+
+def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str) -> str:
+    """Console lines: each reward and the KL for the initial policy, best-of-N and every distilled round."""
+    rows = [("initial policy", metrics["initial"], 0.0),
+            (f"best-of-{metrics['n']} (inference)", metrics["best_of_n"], metrics["best_of_n"]["kl"])]
+    rows += [(f"distilled, round {r['round']}", r["eval"], r["eval"].get("kl")) for r in metrics["distilled"]]
+    header = f"  {'':<28}" + "".join(f"{n:>14}" for n in names) + f"{'KL (nats)':>12}"
+    lines = ["", f"held-out ({metrics['num_eval_prompts']} prompts):", header]
+    for label, values, kl in rows:
+        cells = "".join(f"{values.get(n, float('nan')):>+14.3f}" for n in names)
+        lines.append(f"  {label:<28}{cells}{kl if kl is not None else float('nan'):>12.3f}")
+    fit = metrics["curve"].get("fit")
+    if fit:
+        peak = f"{fit['peak_kl']:.2f} nats" if fit["peak_kl"] is not None else "none in range"
+        lines.append(f"  Gao best-of-N fit to the gold gain: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, "
+                     f"R^2 {fit['r2']:.3f}, predicted peak at KL {peak}")
+    lines.append(f"wrote {output_dir}/metrics.json, bon_curve.png, distillation.png and the distilled model "
+                 f"({metrics['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def make_parser():
+    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, LAB_DEFAULTS)
+
+
+if __name__ == "__main__":
+    script_args, training_args, model_args = make_parser().parse_args_and_config()
+    main(script_args, training_args, model_args)
