@@ -241,13 +241,14 @@ def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
 
 
 def ppo_update(policy, optimizer, batch, ref_logps, adv, args: MiniLoopArguments) -> dict[str, float]:
-    """``ppo_epochs`` gradient steps on one batch: maximise the clipped surrogate minus β·k3 per token."""
+    """``ppo_epochs`` gradient steps on one batch: maximise the clipped surrogate minus β·k3 per token. Returns the
+    last epoch's loss and clip fraction (share of tokens whose ratio was outside 1 ± ε before that epoch's step)."""
     mask = batch["completion_mask"]
     inputs = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask)
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs):
         new_logps = per_token_logps(policy, *inputs)
-        ratio = torch.exp(new_logps - batch["logps"])  # π_new / π_old per token; 1 on the first epoch
+        ratio = torch.exp(new_logps - batch["logps"])  # π_new / π_old per token; 1 in the first epoch
         # the clip removes the incentive to move the ratio beyond 1 ± ε on one batch: no over-reaching on noise
         surrogate = clipped_surrogate(ratio, adv[:, None], epsilon=args.clip_eps)
         # k3 ≥ 0 per token, unbiased for KL(π‖π_ref): the leash that keeps the policy near the reference
