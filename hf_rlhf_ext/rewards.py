@@ -33,6 +33,11 @@ __all__ = [
     "lab_proxy_reward",
     "tracking",
     "ensemble_judge",
+    "ensemble_reward",
+    "ENSEMBLE_OBJECTIVES",
+    "lab_ensemble_mean",
+    "lab_ensemble_min",
+    "lab_ensemble_uwo",
     "LAB_DIR_ENV",
 ]
 
@@ -276,24 +281,43 @@ def tracking(func: Any, name: str | None = None) -> Callable[..., list[float]]:
     return tracked
 
 
-def ensemble_judge(
-    funcs: Sequence[Callable[..., Any]], penalty: float = 1.0, name: str = "ensemble_judge"
-) -> Callable[..., list[float]]:
-    """A held-out judge from an ensemble of reward functions: mean − ``penalty`` · std across members, per completion.
+ENSEMBLE_OBJECTIVES = ("mean", "min", "mean_minus_std")
 
-    Where there is no gold reward, this is a stand-in that falls when the members start to disagree — which is what
-    happens off the data the reward models were trained on, where a policy exploiting one RM goes (uncertainty-weighted
-    objective, Coste et al. 2023, arXiv 2310.02743). The mean disagreement (std) is also logged through TRL's
-    ``log_metric`` as ``<name>/disagreement`` when TRL passes it.
+
+def ensemble_reward(
+    funcs: Sequence[Callable[..., Any]],
+    objective: Literal["mean", "min", "mean_minus_std"] = "mean",
+    penalty: float = 1.0,
+    name: str | None = None,
+) -> Callable[..., list[float]]:
+    """One reward from an ensemble of reward functions (Coste et al. 2023, arXiv 2310.02743), per completion:
+
+    * ``"mean"``: the members' mean — averages out each member's idiosyncratic errors;
+    * ``"min"``: the worst case — a completion scores only what every member grants it;
+    * ``"mean_minus_std"``: uncertainty-weighted, mean − ``penalty`` · std across members — falls where the members
+      disagree, which is off their training data, where a policy exploiting one reward model goes.
+
+    Members that return None for a completion are left out of its statistics (all None → None). The mean
+    disagreement (std) is logged through TRL's ``log_metric`` as ``<name>/disagreement`` when TRL passes it.
     """
     funcs = list(funcs)
     if len(funcs) < 2:
-        raise ValueError(f"ensemble_judge needs at least 2 reward functions, got {len(funcs)}.")
+        raise ValueError(f"An ensemble needs at least 2 reward functions, got {len(funcs)}.")
+    if objective not in ENSEMBLE_OBJECTIVES:
+        raise ValueError(f"objective must be one of {ENSEMBLE_OBJECTIVES}, got {objective!r}.")
     if penalty < 0 or not math.isfinite(penalty):
         raise ValueError(f"penalty must be a finite number >= 0, got {penalty}.")
+    name = name or f"ensemble_{objective}"
     names = [getattr(f, "__name__", type(f).__name__) for f in funcs]
 
-    def judge(prompts=None, completions=None, log_metric=None, **kwargs):
+    def combine(vals: list[float]) -> tuple[float, float]:
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        if objective == "min":
+            return min(vals), std
+        return (mean - penalty * std if objective == "mean_minus_std" else mean), std
+
+    def ensemble(prompts=None, completions=None, log_metric=None, **kwargs):
         columns = []
         for f, n in zip(funcs, names):
             vals = check_rewards(f(prompts=prompts, completions=completions, **kwargs), len(completions), n)
@@ -305,14 +329,65 @@ def ensemble_judge(
             if not vals:
                 out.append(None)
                 continue
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            value, std = combine(vals)
             stds.append(std)
-            out.append(mean - penalty * std)
+            out.append(value)
         if log_metric is not None and stds:
             log_metric(f"{name}/disagreement", sum(stds) / len(stds))
         return check_rewards(out, len(completions), name)
 
-    judge.__name__ = judge.__qualname__ = name
-    judge.members = names  # type: ignore[attr-defined]
-    return judge
+    ensemble.__name__ = ensemble.__qualname__ = name
+    ensemble.members = names  # type: ignore[attr-defined]
+    ensemble.objective = objective  # type: ignore[attr-defined]
+    return ensemble
+
+
+def ensemble_judge(
+    funcs: Sequence[Callable[..., Any]], penalty: float = 1.0, name: str = "ensemble_judge"
+) -> Callable[..., list[float]]:
+    """A held-out judge from an ensemble of reward functions: mean − ``penalty`` · std across members, per completion
+    (``ensemble_reward(funcs, "mean_minus_std", penalty, name)``).
+
+    Where there is no gold reward, this is a stand-in that falls when the members start to disagree — which is what
+    happens off the data the reward models were trained on, where a policy exploiting one RM goes.
+    """
+    return ensemble_reward(funcs, "mean_minus_std", penalty=penalty, name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The lab's reward-model ensemble as ready-made objectives (dotted paths for --reward_funcs)
+
+LAB_ENSEMBLE_SIZE = 3
+_lab_ensemble: list[RewardModelFunction] | None = None
+
+
+def _lab_ensemble_members() -> list[RewardModelFunction]:
+    """The lab's ``LAB_ENSEMBLE_SIZE`` bootstrap proxy RMs (built once, then cached beside the lab), loaded once."""
+    global _lab_ensemble
+    if _lab_ensemble is None:
+        with _lab_proxy_lock:
+            if _lab_ensemble is None:
+                from .lab import Lab, LabConfig, build_lab
+                from .lab.ensemble import build_reward_ensemble
+
+                root = os.environ.get(LAB_DIR_ENV)
+                lab = Lab.from_dir(root) if root else build_lab(LabConfig())
+                paths = build_reward_ensemble(lab, LAB_ENSEMBLE_SIZE)
+                _lab_ensemble = [RewardModelFunction(p, name=f"lab_rm_{i}") for i, p in enumerate(paths)]
+    return _lab_ensemble
+
+
+def _lab_ensemble_objective(objective: str, name: str, penalty: float = 1.0) -> Callable[..., list[float]]:
+    def reward(prompts=None, completions=None, **kwargs):
+        return ensemble_reward(_lab_ensemble_members(), objective, penalty, name)(
+            prompts=prompts, completions=completions, **kwargs
+        )
+
+    reward.__name__ = reward.__qualname__ = name
+    reward.__doc__ = f"The lab's {LAB_ENSEMBLE_SIZE}-RM ensemble, objective {objective!r} (see ensemble_reward)."
+    return reward
+
+
+lab_ensemble_mean = _lab_ensemble_objective("mean", "lab_ensemble_mean")
+lab_ensemble_min = _lab_ensemble_objective("min", "lab_ensemble_min")
+lab_ensemble_uwo = _lab_ensemble_objective("mean_minus_std", "lab_ensemble_uwo")

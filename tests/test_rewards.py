@@ -120,6 +120,42 @@ def test_ensemble_judge_penalises_disagreement():
         ensemble_judge([a])
 
 
+@pytest.mark.parametrize(
+    "objective, expected",
+    [("mean", [2.0, 2.0, 5.0]), ("min", [1.0, 0.0, 5.0]), ("mean_minus_std", [2.0 - 1.0, 2.0 - 2.0, 5.0])],
+)
+def test_ensemble_reward_objectives_per_completion(objective, expected):
+    from hf_rlhf_ext.rewards import ensemble_reward
+
+    members = [
+        lambda prompts, completions, **kw: [1.0, 0.0, 5.0],
+        lambda prompts, completions, **kw: [2.0, 2.0, None],  # cannot score the third: left out of its statistics
+        lambda prompts, completions, **kw: [3.0, 4.0, 5.0],
+    ]
+    reward = ensemble_reward(members, objective, penalty=1.0)
+    out = reward(prompts=["p"] * 3, completions=["a", "b", "c"])
+    assert out == pytest.approx(expected)
+    assert reward.__name__ == f"ensemble_{objective}"
+
+
+def test_ensemble_reward_min_never_exceeds_mean_and_uwo_orders_by_disagreement():
+    from hf_rlhf_ext.rewards import ensemble_reward
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 50, generator=gen).tolist()
+    members = [lambda prompts, completions, s=s, **kw: s for s in scores]
+    args = dict(prompts=["p"] * 50, completions=["c"] * 50)
+    mean, low = ensemble_reward(members, "mean")(**args), ensemble_reward(members, "min")(**args)
+    uwo = ensemble_reward(members, "mean_minus_std", penalty=2.0)(**args)
+    assert all(lo <= m + 1e-12 for lo, m in zip(low, mean)) and any(lo < m - 0.1 for lo, m in zip(low, mean))
+    stds = torch.tensor(scores).std(dim=0)
+    assert torch.tensor(mean) - torch.tensor(uwo) == pytest.approx((2.0 * stds).tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match="objective"):
+        ensemble_reward(members, "median")
+    with pytest.raises(ValueError, match="penalty"):
+        ensemble_reward(members, "mean_minus_std", penalty=-1)
+
+
 def test_lab_gold_reward_is_the_lab_gold():
     from hf_rlhf_ext.lab import gold_reward
     from hf_rlhf_ext.rewards import lab_gold_reward
