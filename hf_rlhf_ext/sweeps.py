@@ -1,0 +1,653 @@
+"""The β sweep: the same RL run (PPO or GRPO) once per KL coefficient β and seed, measured on held-out prompts, and
+the Gao, Schulman & Hilton (2022, arXiv 2210.10760) over-optimisation form fitted to the result.
+
+Why a sweep: one run shows one trajectory; the KL leash is a trade-off only visible across β. Each point records, at
+step 0 (the SFT policy) and every ``eval_every`` steps, the sequence-level KL to the reference (k3, as
+``KLToReferenceCallback`` measures it), and the proxy and gold rewards of the *same* fresh held-out samples.
+
+Points are independent processes of the recipe plumbing (``recipe_utils.prepare_rl_run`` / ``make_trainer``): a point's
+result depends only on its (β, seed) and the config, never on run order. Each finished point is one JSON line of
+``<output_dir>/results.jsonl``; a rerun skips the points already there (a truncated last line is dropped) and refuses a
+file written with another config (the first line holds its fingerprint).
+
+At the end ``sweep.md``, ``frontier.png`` and ``metrics.json`` are written from ``results.jsonl`` alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterable, Sequence
+
+from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
+from .recipe_utils import RLScriptArguments, cpu_parser_defaults
+
+__all__ = [
+    "SweepArguments",
+    "LAB_DEFAULTS",
+    "HeldOutProbeCallback",
+    "make_sweep_parser",
+    "parse_sweep_argv",
+    "run_point",
+    "run_sweep",
+    "config_fingerprint",
+    "read_results",
+    "append_result",
+    "spearman",
+    "summarise",
+    "write_report",
+    "RESULTS_FILE",
+]
+
+RESULTS_FILE = "results.jsonl"
+TRAINERS = ("grpo", "ppo")
+BACKENDS = ("local", "ray")
+BETA_FIELD = {"grpo": "beta", "ppo": "kl_coef"}
+DEFAULT_BETAS = [0.0, 0.005, 0.02, 0.05, 0.2, 1.0]
+
+# Lab settings per trainer (a GRPO point: ≈ 20 s on one core). Flags and --config override them. 256 held-out
+# completions per measurement: the gold of one completion has a standard deviation of ≈ 0.55, so a mean over 64 moves by
+# ±0.07 between measurements — as much as the hump itself; 256 halve that.
+_COMMON = dict(
+    per_device_train_batch_size=32, max_completion_length=24, temperature=1.0, logging_steps=5,
+    save_strategy="no", report_to="none", disable_tqdm=True, num_eval_prompts=256,
+)
+LAB_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grpo": dict(_COMMON, output_dir="runs/beta-sweep-grpo", num_generations=8, learning_rate=3e-4,
+                 loss_type="dapo", scale_rewards="none", max_steps=60, disable_dropout=True),
+    "ppo": dict(_COMMON, output_dir="runs/beta-sweep-ppo", num_generations=1, learning_rate=1e-4,
+                critic_learning_rate=1e-3, num_ppo_epochs=1, max_steps=60),
+}
+
+
+@dataclass
+class SweepArguments:
+    """What the sweep varies and how it runs; everything else is the trainer's own config, shared by all points.
+
+    Args:
+        trainer: "grpo" (TRL's ``GRPOTrainer``, β = ``beta``) or "ppo" (our ``PPOTrainer``, β = ``kl_coef``).
+        betas: the grid of β. seeds: training seeds (each β runs once per seed).
+        max_parallel: points running at once (local backend). backend: "local" (processes) or "ray" (one task per
+            point). cpus_per_point: torch threads of a point (and its Ray CPUs). gpus_per_point: its Ray GPUs.
+        eval_every: steps between held-out measurements (step 0 and the last step are always measured); the held-out
+            completions per measurement are ``num_eval_prompts`` (test prompts, cycled).
+        fit_min_kl: points with a smaller KL are left out of the Gao fit (their gain is noise divided by a tiny d).
+    """
+
+    trainer: str = field(default="grpo", metadata={"help": "grpo or ppo."})
+    betas: list[float] = field(default_factory=lambda: list(DEFAULT_BETAS), metadata={"help": "The β grid."})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Training seeds (one run per β and seed)."})
+    max_parallel: int = field(default=1, metadata={"help": "Points running at once (local backend)."})
+    backend: str = field(default="local", metadata={"help": "local or ray."})
+    cpus_per_point: int = field(default=1, metadata={"help": "torch threads per point (and Ray CPUs)."})
+    gpus_per_point: float = field(default=0.0, metadata={"help": "Ray GPUs per point."})
+    eval_every: int = field(default=5, metadata={"help": "Steps between held-out measurements."})
+    fit_min_kl: float = field(default=0.01, metadata={"help": "Smallest KL (nats) of a point used in the Gao fit."})
+
+    def __post_init__(self):
+        validate_sweep(self)
+
+
+def validate_sweep(sweep: SweepArguments) -> None:
+    """Clear errors before any training."""
+    if sweep.trainer not in TRAINERS:
+        raise ValueError(f"--trainer must be one of {TRAINERS}, got {sweep.trainer!r}.")
+    if sweep.backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {sweep.backend!r}.")
+    if not sweep.betas:
+        raise ValueError("--betas is empty: give at least one β.")
+    bad = [b for b in sweep.betas if not (math.isfinite(float(b)) and float(b) >= 0)]
+    if bad:
+        raise ValueError(f"β must be finite and >= 0, got {bad}.")
+    if len(set(map(float, sweep.betas))) != len(sweep.betas) or len(set(sweep.seeds)) != len(sweep.seeds):
+        raise ValueError(f"Repeated β or seed in the grid: betas {sweep.betas}, seeds {sweep.seeds}.")
+    if not sweep.seeds:
+        raise ValueError("--seeds is empty: give at least one seed.")
+    for name in ("max_parallel", "cpus_per_point", "eval_every"):
+        if getattr(sweep, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(sweep, name)}.")
+    if sweep.gpus_per_point < 0 or sweep.fit_min_kl < 0:
+        raise ValueError("--gpus_per_point and --fit_min_kl must be >= 0.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing: the parent and every point parse the same argv, so a point is configured exactly like the recipe
+# ----------------------------------------------------------------------------------------------------------------------
+def config_class(trainer: str) -> type:
+    if trainer == "ppo":
+        from .trainers.ppo import PPOConfig
+
+        return PPOConfig
+    if trainer == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    raise ValueError(f"--trainer must be one of {TRAINERS}, got {trainer!r}.")
+
+
+def trainer_from_argv(argv: Sequence[str]) -> str:
+    """The ``--trainer`` of a command line (or of its ``--config`` file); it decides the config class to parse."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--trainer="):
+            return arg.split("=", 1)[1]
+        if arg == "--trainer" and i + 1 < len(argv):
+            return argv[i + 1]
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as f:
+            return str((yaml.safe_load(f) or {}).get("trainer", "grpo"))
+    return "grpo"
+
+
+def make_sweep_parser(trainer: str):
+    """A ``TrlParser`` over (sweep, script, trainer config, ``ModelConfig``) with the lab defaults of ``trainer``."""
+    from trl import ModelConfig, TrlParser
+
+    if trainer not in TRAINERS:
+        raise ValueError(f"--trainer must be one of {TRAINERS}, got {trainer!r}.")
+    parser = TrlParser((SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig))
+    parser.set_defaults(**LAB_DEFAULTS[trainer], **cpu_parser_defaults())
+    return parser
+
+
+def parse_sweep_argv(argv: Sequence[str]) -> tuple[Any, Any, Any, Any]:
+    """(sweep, script, training, model) arguments of a sweep command line."""
+    return make_sweep_parser(trainer_from_argv(argv)).parse_args_and_config(args=list(argv))
+
+
+def _absolute_paths(argv: Sequence[str]) -> list[str]:
+    """``--config`` and ``--output_dir`` made absolute, so that workers in another directory read the same files."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in ("--config", "--output_dir"):
+            out[i + 1] = os.path.abspath(out[i + 1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One point
+# ----------------------------------------------------------------------------------------------------------------------
+class HeldOutProbeCallback(KLToReferenceCallback):
+    """``KLToReferenceCallback`` that also scores its held-out samples with the proxy and the gold reward, so that
+    KL, proxy and gold of a measurement come from the same completions (one sampling instead of two)."""
+
+    def __init__(self, trainer: Any, eval_prompts: Any, proxy: Sequence[tuple[Callable, float]], gold: Callable,
+                 every_n_steps: int, seed: int = 1234) -> None:
+        super().__init__(trainer, eval_prompts, every_n_steps=every_n_steps, num_samples=len(eval_prompts),
+                         allow_reference_copy=True, seed=seed)
+        self.proxy, self.gold = list(proxy), gold
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.reference.snapshot()
+        _own_forward(getattr(self.reference, "_copy", None))
+        return super().on_train_begin(args, state, control, **kwargs)
+
+    def measure(self, step: int) -> dict[str, float]:
+        sampler = self.sampler
+        with sampler.policy_for_generation() as policy:
+            batch = sampler.sample(policy, step)
+            scores = sampler.score([f for f, _ in self.proxy] + [self.gold], batch)
+            stats = measure_sequence_kl(sampler, self.reference, step, batch=batch, policy=policy)
+        scores = [sampler.gather(s) for s in scores]
+        proxy = [sum(w * s[i] for (_, w), s in zip(self.proxy, scores)) for i in range(len(scores[-1]))]
+        stats["sweep/proxy"], stats["sweep/gold"] = _finite_mean(proxy), _finite_mean(scores[-1])
+        self.history.append({"step": int(step), **stats})
+        self._last_step = int(step)
+        return stats
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._last_step != state.global_step:  # the last step is part of the curve whatever eval_every is
+            self.measure(state.global_step)
+
+
+def _own_forward(model: Any) -> None:
+    """Makes a deep copy of a trainer's policy run its own forward. TRL 1.16 replaces ``model.forward`` by a wrapper
+    closing over the original bound ``forward``; ``copy.deepcopy`` keeps that closure, so the "frozen" copy would
+    still call the live policy and measure KL ≈ 0 at β = 0. Dropping the instance attribute restores the class's
+    forward on the copy's own weights."""
+    if model is not None and "forward" in vars(model):
+        del model.forward
+
+
+def _finite_mean(values: Iterable[float]) -> float | None:
+    vals = [v for v in values if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _split_rewards(setup: Any) -> tuple[list[tuple[Callable, float]], Callable]:
+    """(weighted proxy functions, gold function): the gold is the one reward function with weight 0."""
+    pairs = list(zip(setup.reward_funcs, setup.reward_weights))
+    gold = [f for f, w in pairs if w == 0]
+    if len(gold) != 1:
+        raise ValueError(
+            "The sweep needs exactly one gold reward (or held-out judge): a reward function with weight 0 "
+            f"(on the lab the gold reward is added for you); got {len(gold)} with weight 0."
+        )
+    return [(f, float(w)) for f, w in pairs if w != 0], gold[0]
+
+
+def point_dir(output_dir: str, trainer: str, beta: float, seed: int) -> str:
+    return os.path.join(output_dir, "points", f"{trainer}_beta{float(beta):g}_seed{seed}")
+
+
+def run_point(argv: Sequence[str], beta: float, seed: int) -> dict[str, Any]:
+    """Trains one (β, seed) point with the sweep's argv and returns its result line (no files but its own dir)."""
+    import torch
+
+    from .recipe_utils import make_trainer, prepare_rl_run
+
+    start = time.perf_counter()
+    trainer_name = trainer_from_argv(argv)
+    sweep, _, base_args, _ = parse_sweep_argv(argv)
+    out = point_dir(base_args.output_dir, trainer_name, beta, seed)
+    overrides = ["--seed", str(seed), f"--{BETA_FIELD[trainer_name]}", repr(float(beta)), "--output_dir", out]
+    _, script_args, training_args, model_args = parse_sweep_argv(list(argv) + overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(sweep.cpus_per_point)
+    try:
+        setup = prepare_rl_run(script_args, training_args, model_args)
+        if not setup.eval_prompts:
+            raise ValueError("The sweep measures on held-out prompts: give a test split and --num_eval_prompts > 0.")
+        proxy, gold = _split_rewards(setup)
+        trainer = make_trainer(_trainer_class(trainer_name), setup, training_args)
+        probe = HeldOutProbeCallback(trainer, setup.eval_prompts, proxy, gold, every_n_steps=sweep.eval_every)
+        trainer.add_callback(probe)
+        trainer.train()
+        if hasattr(trainer, "end"):
+            trainer.end()
+    finally:
+        torch.set_num_threads(threads)
+    curve = [{"step": h["step"], "kl": h["kl_ref/k3_seq"], "kl_k1": h["kl_ref/k1_seq"], "proxy": h["sweep/proxy"],
+              "gold": h["sweep/gold"]} for h in probe.history]
+    return {"trainer": trainer_name, "beta": float(beta), "seed": int(seed), **curve_summary(curve),
+            "curve": curve, "seconds": time.perf_counter() - start}
+
+
+def _trainer_class(trainer: str) -> type:
+    if trainer == "ppo":
+        from .trainers.ppo import PPOTrainer
+
+        return PPOTrainer
+    from trl import GRPOTrainer
+
+    return GRPOTrainer
+
+
+def curve_summary(curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Final values, the reference (step 0) values and the gold peak (highest measured gold) of one point's curve."""
+    first, last = curve[0], curve[-1]
+    peak = max(curve, key=lambda p: p["gold"] if p["gold"] is not None else -math.inf)
+    return {
+        "final_kl": last["kl"], "final_gold": last["gold"], "final_proxy": last["proxy"],
+        "ref_gold": first["gold"], "ref_proxy": first["proxy"],
+        "peak_gold": peak["gold"], "peak_step": peak["step"], "proxy_at_peak": peak["proxy"], "kl_at_peak": peak["kl"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# results.jsonl: a header line with the config fingerprint, then one line per finished point
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings that cannot change a point's result: where it writes, how it logs, and what the sweep varies per point.
+_NOT_IN_FINGERPRINT = {
+    "output_dir", "logging_dir", "run_name", "seed", "beta", "kl_coef", "disable_tqdm", "report_to", "logging_steps",
+    "logging_first_step", "logging_strategy", "push_to_hub", "hub_model_id", "hub_token", "hub_strategy",
+    "hub_private_repo", "betas", "seeds", "max_parallel", "backend", "gpus_per_point", "fit_min_kl",
+}
+
+
+def sweep_config(sweep: Any, script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
+    """Everything a point's result depends on besides (β, seed), as plain JSON values."""
+    from .results import _jsonable
+
+    parts = {"sweep": asdict(sweep), "script": asdict(script_args), "training": training_args.to_dict(),
+             "model": asdict(model_args)}
+    return _jsonable({name: {k: v for k, v in sorted(part.items()) if k not in _NOT_IN_FINGERPRINT}
+                      for name, part in parts.items()})
+
+
+def config_fingerprint(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = sorted({(p, k) for p in set(a) | set(b) for k in set(a.get(p, {})) | set(b.get(p, {}))})
+    return [f"{p}.{k}: {a.get(p, {}).get(k)!r} -> {b.get(p, {}).get(k)!r}" for p, k in keys
+            if a.get(p, {}).get(k) != b.get(p, {}).get(k)]
+
+
+def read_results(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The finished points of ``path`` (created with a header when missing). A truncated last line (a killed write) is
+    cut off the file; a header of another config is refused."""
+    fingerprint = config_fingerprint(config)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(json.dumps({"header": True, "fingerprint": fingerprint, "config": config}) + "\n")
+        return []
+    with open(path) as f:
+        text = f.read()
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]  # after the last "\n": empty, or a line whose write was cut short
+    records = []
+    for i, line in enumerate(complete):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(complete) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON ({err}); it is not a truncated last line.") from err
+            tail = line  # a cut-off line followed by a newline: drop it the same way
+            complete = complete[:-1]
+    if tail.strip() or len(records) < len(complete):
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in complete))
+        os.replace(path + ".tmp", path)
+    header, points = (records[0], records[1:]) if records and records[0].get("header") else (None, records)
+    if header is None or header.get("fingerprint") != fingerprint:
+        diff = _config_diff(header.get("config", {}), config) if header else ["no header line"]
+        raise ValueError(
+            f"{path} was written by a sweep with a different config (fingerprint "
+            f"{header.get('fingerprint') if header else None} vs {fingerprint}): {'; '.join(diff[:8])}. Resume with "
+            "the same settings, or give another --output_dir (or remove the file) to start a new sweep."
+        )
+    return points
+
+
+def append_result(path: str, result: dict[str, Any]) -> None:
+    """One line per point, flushed and synced: a kill leaves at most one truncated last line."""
+    from .results import _jsonable
+
+    with open(path, "a") as f:
+        f.write(json.dumps(_jsonable(result)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _key(trainer: str, beta: float, seed: int) -> tuple[str, float, int]:
+    return trainer, float(beta), int(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running the points
+# ----------------------------------------------------------------------------------------------------------------------
+def _run_local(argv: list[str], todo: list[tuple[float, int]], max_parallel: int, on_result: Callable) -> None:
+    """In this process one after the other, or in ``max_parallel`` spawned processes (fork is unsafe with torch)."""
+    if max_parallel == 1 or len(todo) <= 1:
+        for beta, seed in todo:
+            on_result(run_point(argv, beta, seed))
+        return
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(max_parallel, len(todo)), mp_context=ctx) as pool:
+        pending = {pool.submit(run_point, argv, beta, seed) for beta, seed in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_result(future.result())
+
+
+def _run_ray(argv: list[str], todo: list[tuple[float, int]], sweep: SweepArguments, on_result: Callable) -> None:
+    """One Ray task per point, with ``cpus_per_point`` / ``gpus_per_point``; uses the running Ray cluster (or starts
+    a local one)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("--backend ray needs Ray: pip install 'hf-rlhf-ext[ray]'.") from err
+    if not ray.is_initialized():
+        ray.init()
+    task = ray.remote(num_cpus=sweep.cpus_per_point, num_gpus=sweep.gpus_per_point)(run_point)
+    pending = [task.remote(argv, beta, seed) for beta, seed in todo]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        on_result(ray.get(done[0]))
+
+
+def run_sweep(argv: Sequence[str], progress: bool = True) -> dict[str, Any]:
+    """Runs the points of ``argv`` not yet in ``results.jsonl``, then writes the report. Returns ``metrics.json``."""
+    start = time.perf_counter()
+    argv = _absolute_paths(argv)
+    sweep, script_args, training_args, model_args = parse_sweep_argv(argv)
+    out = training_args.output_dir
+    path = os.path.join(out, RESULTS_FILE)
+    config = sweep_config(sweep, script_args, training_args, model_args)
+    done = {_key(r["trainer"], r["beta"], r["seed"]): r for r in read_results(path, config)}
+    grid = [(float(b), int(s)) for b in sweep.betas for s in sweep.seeds]
+    todo = [(b, s) for b, s in grid if _key(sweep.trainer, b, s) not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"β sweep ({sweep.trainer})", unit="point",
+               disable=not progress)
+
+    def on_result(result: dict[str, Any]) -> None:
+        result["fingerprint"] = config_fingerprint(config)
+        append_result(path, result)
+        done[_key(result["trainer"], result["beta"], result["seed"])] = result
+        bar.update(1)
+
+    try:
+        if sweep.backend == "ray":
+            _run_ray(argv, todo, sweep, on_result)
+        else:
+            _run_local(argv, todo, sweep.max_parallel, on_result)
+    finally:
+        bar.close()
+    results = [done[_key(sweep.trainer, b, s)] for b, s in grid]
+    metrics = summarise(results, fit_min_kl=sweep.fit_min_kl)
+    metrics["seconds"] = {"this_run": time.perf_counter() - start, "points_total": sum(r["seconds"] for r in results),
+                          "points_run_now": len(todo)}
+    write_report(out, results, metrics)
+    print(summary_lines(out, metrics))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analysis: per-β summaries, Spearman ρ(β, KL), the hump at the lowest β, the Gao fit
+# ----------------------------------------------------------------------------------------------------------------------
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's ρ: the Pearson correlation of the (tie-averaged) ranks; None when either side is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} x values for {len(y)} y values.")
+    if len(x) < 2:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+_SUMMARY_FIELDS = ("final_kl", "final_proxy", "final_gold", "peak_gold", "peak_step", "proxy_at_peak", "ref_gold")
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def per_beta(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and min–max over seeds of each point summary, one entry per β (ascending)."""
+    betas = sorted({float(r["beta"]) for r in results})
+    rows = []
+    for beta in betas:
+        runs = [r for r in results if float(r["beta"]) == beta]
+        row = {"beta": beta, "seeds": sorted(r["seed"] for r in runs)}
+        row.update({name: _stats([float(r[name]) for r in runs]) for name in _SUMMARY_FIELDS})
+        rows.append(row)
+    return rows
+
+
+def fit_points(results: Sequence[dict[str, Any]], min_kl: float) -> list[tuple[float, float]]:
+    """(d = sqrt(KL), gold gain over the run's step-0 gold) of every measurement after step 0 with KL >= ``min_kl``."""
+    pts = []
+    for r in results:
+        for p in r["curve"][1:]:
+            if p["kl"] is not None and p["gold"] is not None and p["kl"] >= min_kl:
+                pts.append((math.sqrt(p["kl"]), p["gold"] - r["ref_gold"]))
+    return pts
+
+
+def _hump(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The over-optimisation signature of one β: proxy ends above its value at the gold peak, gold below its peak."""
+    mean = lambda k: sum(float(r[k]) for r in runs) / len(runs)  # noqa: E731
+    out = {k: mean(k) for k in ("peak_gold", "peak_step", "final_gold", "proxy_at_peak", "final_proxy", "ref_gold")}
+    out["gold_drop"] = out["peak_gold"] - out["final_gold"]
+    out["proxy_rise_after_peak"] = out["final_proxy"] - out["proxy_at_peak"]
+    out["hump"] = out["gold_drop"] > 0 and out["proxy_rise_after_peak"] > 0
+    out["per_seed"] = [{"seed": r["seed"], "hump": r["final_proxy"] > r["proxy_at_peak"] and r["final_gold"] < r["peak_gold"],
+                        "peak_step": r["peak_step"]} for r in runs]
+    return out
+
+
+def summarise(results: Sequence[dict[str, Any]], fit_min_kl: float = 0.01) -> dict[str, Any]:
+    """The sweep's numbers (``metrics.json``), computed from the result lines alone (order does not matter)."""
+    from .objectives import fit_gao
+
+    results = sorted(results, key=lambda r: (float(r["beta"]), r["seed"]))
+    rows = per_beta(results)
+    lowest = [r for r in results if float(r["beta"]) == rows[0]["beta"]]
+    highest = [r for r in results if float(r["beta"]) == rows[-1]["beta"]]
+    pts = fit_points(results, fit_min_kl)
+    try:
+        fit = fit_gao([d for d, _ in pts], [g for _, g in pts], form="rl").to_dict()
+    except ValueError as err:
+        fit = {"error": str(err)}
+    fit["min_kl"] = fit_min_kl
+    return {
+        "trainer": results[0]["trainer"], "betas": [row["beta"] for row in rows],
+        "seeds": sorted({r["seed"] for r in results}), "per_beta": rows,
+        "spearman_beta_final_kl": spearman([row["beta"] for row in rows], [row["final_kl"]["mean"] for row in rows]),
+        "spearman_beta_final_kl_all_points": spearman([r["beta"] for r in results], [r["final_kl"] for r in results]),
+        "lowest_beta": {"beta": rows[0]["beta"], **_hump(lowest)},
+        "highest_beta": {"beta": rows[-1]["beta"], "final_kl": rows[-1]["final_kl"]["mean"],
+                         "gold_change": _hump(highest)["final_gold"] - _hump(highest)["ref_gold"]},
+        "gao_fit": fit,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report: sweep.md, frontier.png, metrics.json
+# ----------------------------------------------------------------------------------------------------------------------
+def _cell(s: dict[str, float], fmt: str = "{:.3f}") -> str:
+    if s["min"] == s["max"]:
+        return fmt.format(s["mean"])
+    return f"{fmt.format(s['mean'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    """``sweep.md``: one row per β (mean [min, max] over seeds), ρ, the hump at the lowest β and the fit."""
+    lines = [f"# β sweep ({metrics['trainer']})", "",
+             f"β grid {metrics['betas']}, seeds {metrics['seeds']}. Held-out measurements: KL = sequence k3 to the "
+             "reference (nats), proxy and gold = mean rewards of the same samples. Cells: mean [min, max] over seeds.",
+             "", "| β | final KL | final proxy | final gold | gold peak | peak step | proxy at peak |",
+             "|---|---|---|---|---|---|---|"]
+    for row in metrics["per_beta"]:
+        lines.append(f"| {row['beta']:g} | {_cell(row['final_kl'])} | {_cell(row['final_proxy'])} | "
+                     f"{_cell(row['final_gold'])} | {_cell(row['peak_gold'])} | {_cell(row['peak_step'], '{:.0f}')} | "
+                     f"{_cell(row['proxy_at_peak'])} |")
+    rho, low, high, fit = (metrics["spearman_beta_final_kl"], metrics["lowest_beta"], metrics["highest_beta"],
+                           metrics["gao_fit"])
+    lines += ["", f"Reference (step 0) gold: {metrics['per_beta'][0]['ref_gold']['mean']:.3f}.",
+              f"Spearman ρ(β, mean final KL) = {_fmt(rho)} (all points: {_fmt(metrics['spearman_beta_final_kl_all_points'])}).",
+              f"Lowest β = {low['beta']:g}: gold peaks at {low['peak_gold']:.3f} (step {low['peak_step']:.0f}) and ends at "
+              f"{low['final_gold']:.3f}; the proxy goes from {low['proxy_at_peak']:.3f} at the peak to "
+              f"{low['final_proxy']:.3f} — {'a hump' if low['hump'] else 'no hump'}.",
+              f"Highest β = {high['beta']:g}: final KL {high['final_kl']:.3f}, gold change {high['gold_change']:+.3f}.", ""]
+    if "error" in fit:
+        lines.append(f"Gao fit: not possible ({fit['error']}).")
+    else:
+        lines.append(f"Gao et al. RL form R(d) = d(α − β_fit ln d) on the gold gain, d = sqrt(KL), {fit['n_points']} "
+                     f"measurements with KL ≥ {fit['min_kl']:g}: α = {fit['alpha']:.4f}, β_fit = {fit['beta']:.4f}, "
+                     f"R² = {_fmt(fit['r2'])}, peak d* = {_fmt(fit['peak_d'])} (KL* = {_fmt(fit['peak_kl'])} nats).")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+def plot_frontier(path: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> str:
+    """Proxy and gold against sqrt(KL): each run's trajectory (faint), its end point (one per β and seed), and the
+    fitted Gao curve (reference gold + R(d)) on the gold panel (matplotlib Agg)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharex=True)
+    betas = metrics["betas"]
+    cmap = colormaps["viridis"]
+    for r in sorted(results, key=lambda r: (r["beta"], r["seed"])):
+        colour = cmap(betas.index(float(r["beta"])) / max(1, len(betas) - 1))
+        d = [math.sqrt(max(p["kl"], 0.0)) for p in r["curve"]]
+        for ax, key in zip(axes, ("proxy", "gold")):
+            ax.plot(d, [p[key] for p in r["curve"]], color=colour, alpha=0.25, lw=1)
+            ax.scatter([d[-1]], [r["curve"][-1][key]], color=colour, s=25, zorder=3,
+                       label=f"β={r['beta']:g}" if r["seed"] == metrics["seeds"][0] and key == "gold" else None)
+    fit = metrics["gao_fit"]
+    if "error" not in fit:
+        from .objectives import GaoFit
+
+        gao = GaoFit(fit["form"], fit["alpha"], fit["beta"], fit["r2"] or float("nan"), fit["n_points"])
+        top = max(math.sqrt(max(p["kl"], 0.0)) for r in results for p in r["curve"])
+        xs = [top * i / 100 for i in range(101)]
+        ref = metrics["per_beta"][0]["ref_gold"]["mean"]
+        axes[1].plot(xs, [ref + y for y in gao.predict(xs)], color="black", lw=1.5, ls="--", label="Gao fit")
+    for ax, name in zip(axes, ("proxy reward", "gold reward")):
+        ax.set_xlabel("sqrt(KL to reference)")
+        ax.set_ylabel(f"held-out {name}")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"β sweep ({metrics['trainer']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
+    """Writes ``sweep.md``, ``frontier.png`` and ``metrics.json``; returns their paths."""
+    from .results import write_metrics
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"sweep.md": os.path.join(output_dir, "sweep.md"), "frontier.png": os.path.join(output_dir, "frontier.png")}
+    with open(paths["sweep.md"], "w") as f:
+        f.write(report_markdown(metrics))
+    plot_frontier(paths["frontier.png"], results, metrics)
+    paths["metrics.json"] = write_metrics(output_dir, metrics, merge=False)
+    return paths
+
+
+def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
+    """A few console lines: ρ, the hump, the fit, and where the files are."""
+    low, fit = metrics["lowest_beta"], metrics["gao_fit"]
+    lines = ["", f"β sweep ({metrics['trainer']}): {len(metrics['betas'])} β × {len(metrics['seeds'])} seed(s)"]
+    for row in metrics["per_beta"]:
+        lines.append(f"  β={row['beta']:<7g} KL {row['final_kl']['mean']:7.3f}  proxy {row['final_proxy']['mean']:+.3f}"
+                     f"  gold {row['final_gold']['mean']:+.3f}  peak {row['peak_gold']['mean']:+.3f}")
+    lines.append(f"  ρ(β, final KL) = {_fmt(metrics['spearman_beta_final_kl'])}; hump at β={low['beta']:g}: {low['hump']}")
+    if "error" not in fit:
+        lines.append(f"  Gao fit: α={fit['alpha']:.3f} β_fit={fit['beta']:.3f} R²={_fmt(fit['r2'])} d*={_fmt(fit['peak_d'])}")
+    lines.append(f"  files: {os.path.join(output_dir, 'sweep.md')}, frontier.png, metrics.json, {RESULTS_FILE}")
+    return "\n".join(lines)

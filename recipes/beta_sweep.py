@@ -1,0 +1,25 @@
+"""The β sweep: PPO or GRPO trained once per KL coefficient β (and seed), everything else identical; held-out KL,
+proxy and gold per measurement, the Gao et al. (2022) fit, and a report — on the offline lab by default.
+
+    python recipes/beta_sweep.py                                     # GRPO on the lab, β ∈ {0, .005, .02, .05, .2, 1}
+    python recipes/beta_sweep.py --config recipes/configs/beta_sweep_lab.yaml --max_parallel 2
+    python recipes/beta_sweep.py --trainer ppo --betas 0 0.05 0.2 --seeds 0 1 2 --output_dir runs/sweep-ppo
+    python recipes/beta_sweep.py --backend ray --cpus_per_point 4 --gpus_per_point 1 \\
+        --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr --reward_funcs my_pkg.rm my_pkg.judge \\
+        --reward_weights 1 0 --use_peft --output_dir runs/sweep-qwen
+
+Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerunning the same command resumes.
+"""
+
+import sys
+
+from hf_rlhf_ext.sweeps import make_sweep_parser, run_sweep, trainer_from_argv
+
+
+def main(argv: list[str]) -> dict:
+    make_sweep_parser(trainer_from_argv(argv)).parse_args_and_config(args=list(argv))  # bad input fails here
+    return run_sweep(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

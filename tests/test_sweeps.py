@@ -1,0 +1,274 @@
+"""The β sweep (hf_rlhf_ext.sweeps, recipes/beta_sweep.py).
+
+Fast tests: the results file (resume, truncated last line, config fingerprint), Spearman's ρ against hand-computed
+values, the report from synthetic results, bad arguments, and real points on the tiny world of ``_ppo_helpers``. The
+lab experiment and the resume-equals-uninterrupted check with parallel processes are ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from _ppo_helpers import build_world, prompts
+from hf_rlhf_ext import sweeps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def word_count(prompts=None, completions=None, **kwargs):
+    """A proxy for the tiny world that varies from the first step (the target word is rare before training)."""
+    return [len((c[0]["content"] if isinstance(c, list) else c).split()) / 10 for c in completions]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Synthetic results: a Gao curve with known α, β_fit
+# ----------------------------------------------------------------------------------------------------------------------
+ALPHA, BETA_FIT, REF_GOLD = 0.5, 0.4, 0.2
+
+
+def _gain(kl: float) -> float:
+    d = math.sqrt(kl)
+    return d * (ALPHA - BETA_FIT * math.log(d)) if d > 0 else 0.0
+
+
+def fake_result(beta: float, seed: int, trainer: str = "grpo") -> dict:
+    """A point whose gold follows the Gao curve exactly; KL grows with steps, more slowly for larger β."""
+    curve = []
+    for step in range(0, 25, 5):
+        kl = step / 4 / (1 + 20 * beta) + (0.001 * seed if step else 0.0)
+        curve.append({"step": step, "kl": kl, "kl_k1": kl, "proxy": 0.1 * step + beta, "gold": REF_GOLD + _gain(kl)})
+    return {"trainer": trainer, "beta": beta, "seed": seed, **sweeps.curve_summary(curve), "curve": curve,
+            "seconds": 1.0}
+
+
+@pytest.fixture
+def fake_points(monkeypatch):
+    calls = []
+
+    def run_point(argv, beta, seed):
+        calls.append((beta, seed))
+        return fake_result(beta, seed)
+
+    monkeypatch.setattr(sweeps, "run_point", run_point)
+    return calls
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _argv(out, *extra: str) -> list[str]:
+    return ["--output_dir", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# results.jsonl: resume, truncated lines, fingerprint
+# ----------------------------------------------------------------------------------------------------------------------
+def test_rerun_skips_finished_points_and_runs_only_new_ones(tmp_path, fake_points):
+    sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "1"), progress=False)
+    assert sorted(fake_points) == [(0.0, 0), (1.0, 0)]
+    sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "0.5", "1"), progress=False)
+    assert sorted(fake_points) == [(0.0, 0), (0.5, 0), (1.0, 0)]  # only β = 0.5 was new
+    lines = _lines(tmp_path / "results.jsonl")
+    assert lines[0]["header"] is True
+    assert sorted(r["beta"] for r in lines[1:]) == [0.0, 0.5, 1.0]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["betas"] == [0.0, 0.5, 1.0]
+
+
+def test_a_truncated_last_line_is_dropped_and_its_point_rerun(tmp_path, fake_points):
+    sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "1", "--seeds", "0", "1"), progress=False)
+    path = tmp_path / "results.jsonl"
+    text = path.read_text()
+    last = json.loads(text.splitlines()[-1])
+    path.write_text(text[: len(text) - 40])  # a kill in the middle of the last write
+    del fake_points[:]
+    sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "1", "--seeds", "0", "1"), progress=False)
+    assert fake_points == [(last["beta"], last["seed"])]
+    lines = _lines(path)  # every line is JSON again
+    assert sorted((r["beta"], r["seed"]) for r in lines[1:]) == [(0.0, 0), (0.0, 1), (1.0, 0), (1.0, 1)]
+
+
+def test_read_results_tolerates_a_cut_line_followed_by_a_newline(tmp_path):
+    path = str(tmp_path / "results.jsonl")
+    config = {"training": {"learning_rate": 1e-4}}
+    assert sweeps.read_results(path, config) == []
+    sweeps.append_result(path, {"trainer": "grpo", "beta": 0.0, "seed": 0})
+    with open(path, "a") as f:
+        f.write('{"trainer": "grpo", "beta": 1.0, "se\n')
+    assert [r["beta"] for r in sweeps.read_results(path, config)] == [0.0]
+    with open(path, "a") as f:  # a corrupt line that is not the last one is not silently dropped
+        f.write("garbage\n" + json.dumps({"beta": 2.0}) + "\n")
+    with pytest.raises(ValueError, match="line 3 is not JSON"):
+        sweeps.read_results(path, config)
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, fake_points):
+    sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "--learning_rate", "1e-4"), progress=False)
+    with pytest.raises(ValueError, match=r"different config.*learning_rate: 0\.0001 -> 0\.0002"):
+        sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "1", "--learning_rate", "2e-4"), progress=False)
+    with pytest.raises(ValueError, match=r"different config.*trainer: 'grpo' -> 'ppo'"):
+        sweeps.run_sweep(_argv(tmp_path, "--trainer", "ppo", "--betas", "0"), progress=False)
+    assert fake_points == [(0.0, 0)]  # nothing ran for the refused sweeps
+    # settings that cannot change a point (grid, parallelism, logging) keep the fingerprint
+    sweeps.run_sweep(_argv(tmp_path, "--betas", "0", "--learning_rate", "1e-4", "--max_parallel", "2",
+                           "--logging_steps", "1"), progress=False)
+    assert fake_points == [(0.0, 0)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Spearman
+# ----------------------------------------------------------------------------------------------------------------------
+def test_spearman_against_hand_computed_values():
+    assert sweeps.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 − 6·4 / (5·24)
+    assert sweeps.spearman([0, 0.005, 0.02, 1.0], [9.0, 4.0, 1.5, 0.1]) == pytest.approx(-1.0)
+    # ties: y ranks (1, 2, 3.5, 5, 3.5) → ρ = 8 / sqrt(10 · 9.5)
+    assert sweeps.spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]) == pytest.approx(8 / math.sqrt(95))
+    # ties in x (several seeds per β): x ranks (1.5, 1.5, 3.5, 3.5), y ranks (4, 3, 2, 1) → ρ = −4 / sqrt(4 · 5)
+    assert sweeps.spearman([0, 0, 1, 1], [4, 3, 2, 1]) == pytest.approx(-4 / math.sqrt(20))
+    assert sweeps.spearman([1, 2, 3], [7, 7, 7]) is None
+    with pytest.raises(ValueError):
+        sweeps.spearman([1, 2], [1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+def test_report_from_synthetic_results_recovers_the_gao_curve(tmp_path):
+    results = [fake_result(b, s) for b in (0.0, 0.05, 1.0) for s in (0, 1)]
+    metrics = sweeps.summarise(results[::-1], fit_min_kl=0.01)  # order does not matter
+    fit = metrics["gao_fit"]
+    assert fit["alpha"] == pytest.approx(ALPHA, abs=1e-6) and fit["beta"] == pytest.approx(BETA_FIT, abs=1e-6)
+    assert fit["peak_d"] == pytest.approx(math.exp(ALPHA / BETA_FIT - 1), rel=1e-6)
+    # fit points: steps > 0 with KL ≥ 0.01 — β = 1.0's curve has KL = step/84 (+ 0.001·seed): all 8 kept
+    assert fit["n_points"] == 3 * 2 * 4
+    assert metrics["spearman_beta_final_kl"] == pytest.approx(-1.0)
+    row = metrics["per_beta"][0]
+    assert row["final_kl"]["min"] == pytest.approx(5.0) and row["final_kl"]["max"] == pytest.approx(5.001)
+    paths = sweeps.write_report(str(tmp_path), results, metrics)
+    md = Path(paths["sweep.md"]).read_text()
+    assert "| 1 | 0.239 [0.238, 0.239] |" in md  # KL = 20/4/21 = 0.2381, +0.001 for seed 1
+    assert f"α = {ALPHA:.4f}, β_fit = {BETA_FIT:.4f}" in md
+    assert Path(paths["frontier.png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(Path(paths["metrics.json"]).read_text())["gao_fit"]["n_points"] == 24
+
+
+def test_hump_at_the_lowest_beta():
+    hump = fake_result(0.0, 0)
+    for p, gold in zip(hump["curve"], (0.2, 0.5, 0.7, 0.4, 0.3)):
+        p["gold"] = gold
+    hump.update(sweeps.curve_summary(hump["curve"]))
+    assert (hump["peak_step"], hump["peak_gold"], hump["proxy_at_peak"]) == (10, 0.7, 1.0)
+    flat = fake_result(1.0, 0)  # gold rises to the end: no hump
+    metrics = sweeps.summarise([hump, flat])
+    assert metrics["lowest_beta"]["hump"] is True
+    assert metrics["lowest_beta"]["gold_drop"] == pytest.approx(0.4)
+    assert metrics["lowest_beta"]["proxy_rise_after_peak"] == pytest.approx(1.0)
+    assert sweeps.summarise([flat])["lowest_beta"]["hump"] is False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad arguments: refused before any training
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--betas", "0", "-0.1"], "β must be finite and >= 0"),
+    (["--trainer", "dqn"], "--trainer must be one of"),
+    (["--backend", "slurm"], "--backend must be one of"),
+    (["--betas", "0.1", "0.1"], "Repeated β"),
+    (["--max_parallel", "0"], "--max_parallel must be >= 1"),
+])
+def test_bad_arguments_fail_before_training(tmp_path, fake_points, argv, message):
+    with pytest.raises(ValueError, match=message):
+        sweeps.run_sweep(_argv(tmp_path, *argv), progress=False)
+    assert fake_points == [] and not (tmp_path / "results.jsonl").exists()
+
+
+def test_an_empty_grid_from_a_config_file_is_refused(tmp_path, fake_points):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("betas: []\n")
+    with pytest.raises(ValueError, match="--betas is empty"):
+        sweeps.run_sweep(["--config", str(config), "--output_dir", str(tmp_path)], progress=False)
+    with pytest.raises(ValueError, match="--seeds is empty"):
+        sweeps.SweepArguments(seeds=[])
+
+
+def test_lab_config_file_spells_out_the_defaults(tmp_path):
+    from_file = sweeps.parse_sweep_argv(["--config", str(ROOT / "recipes/configs/beta_sweep_lab.yaml")])
+    default = sweeps.parse_sweep_argv([])
+    for a, b in zip(from_file, default):
+        assert (a.to_dict() if hasattr(a, "to_dict") else vars(a)) == (b.to_dict() if hasattr(b, "to_dict") else vars(b))
+    assert from_file[0].betas == [0.0, 0.005, 0.02, 0.05, 0.2, 1.0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Real points on the tiny world
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_world")
+    paths = build_world(str(root))
+    data = root / "prompts"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as f:
+        for p in prompts(16)["prompt"]:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    return {**paths, "data": str(data)}
+
+
+def _tiny_argv(tiny, out, *extra: str) -> list[str]:
+    return ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"],
+            "--reward_funcs", "test_sweeps.word_count", "_ppo_helpers.target_word", "--reward_weights", "1", "0",
+            "--output_dir", str(out), "--max_steps", "3", "--eval_every", "2", "--per_device_train_batch_size", "8",
+            "--num_generations", "4", "--max_completion_length", "6", "--num_eval_prompts", "8",
+            "--learning_rate", "0.05", *extra]
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
+def test_a_point_measures_kl_to_the_initial_policy_also_at_beta_zero(tiny, tmp_path, trainer):
+    """β = 0: no TRL reference model, so the probe keeps its own copy of the initial policy — which must not follow
+    the policy as it trains (a deep copy of a TRL-patched model would, and measure KL = 0)."""
+    argv = _tiny_argv(tiny, tmp_path, "--trainer", trainer)
+    result = sweeps.run_point(sweeps._absolute_paths(argv), 0.0, 0)
+    assert [p["step"] for p in result["curve"]] == [0, 2, 3]  # step 0, every 2 steps, and the last step
+    assert abs(result["curve"][0]["kl"]) < 1e-4  # the policy is its own reference at step 0
+    assert result["final_kl"] > 0.05  # lr 0.05 moves a 1-layer model far in 3 steps
+    assert result["ref_gold"] == result["curve"][0]["gold"]
+    log = (tmp_path / "points" / f"{trainer}_beta0_seed0" / "log_history.jsonl").read_text()
+    assert "sweep/gold" in log
+
+
+def _deterministic(path: Path) -> list[dict]:
+    rows = [r for r in _lines(path) if not r.get("header")]
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return sorted(rows, key=lambda r: (r["beta"], r["seed"]))
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_to_the_same_results(tiny, tmp_path):
+    """Grid prefix first (as if killed after one point), then the full grid — against one uninterrupted run in two
+    spawned processes: the same result lines, field for field (all but the wall-clock seconds)."""
+    sweeps.run_sweep(_tiny_argv(tiny, tmp_path / "resumed", "--betas", "0"), progress=False)
+    sweeps.run_sweep(_tiny_argv(tiny, tmp_path / "resumed", "--betas", "0", "1.0"), progress=False)
+    sweeps.run_sweep(_tiny_argv(tiny, tmp_path / "whole", "--betas", "0", "1.0", "--max_parallel", "2"),
+                     progress=False)
+    resumed, whole = (_deterministic(tmp_path / k / "results.jsonl") for k in ("resumed", "whole"))
+    assert [(r["beta"], r["seed"]) for r in whole] == [(0.0, 0), (1.0, 0)]
+    assert resumed == whole
+    assert whole[0]["final_kl"] != whole[1]["final_kl"]  # the two points really differ
+
+
+def test_ray_backend_runs_each_point_as_a_task(tiny, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(__file__)}})  # the test's reward functions
+    try:
+        sweeps.run_sweep(_tiny_argv(tiny, tmp_path / "ray", "--betas", "0", "1.0", "--backend", "ray"), progress=False)
+    finally:
+        ray.shutdown()
+    sweeps.run_sweep(_tiny_argv(tiny, tmp_path / "local", "--betas", "0", "1.0"), progress=False)
+    assert _deterministic(tmp_path / "ray" / "results.jsonl") == _deterministic(tmp_path / "local" / "results.jsonl")
