@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-__all__ = ["plot_best_of_n_curve", "plot_distillation"]
+__all__ = ["plot_best_of_n_curve", "plot_distillation", "plot_compare", "plot_baselines", "plot_clip_gradients"]
 
 
 def _pyplot():
@@ -61,6 +61,80 @@ def plot_distillation(metrics: dict[str, Any], names: Sequence[str], path: str) 
     ax.set_xlabel("KL to the initial policy (nats per completion)")
     ax.set_ylabel("mean held-out reward")
     ax.set_title("Best-of-N at inference vs distilled into the policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _band(ax, xs: Sequence[float], mean: Sequence, low: Sequence, high: Sequence, label: str, colour: str) -> None:
+    """A mean line with a shaded min–max band (None values drawn as gaps)."""
+    nan = lambda v: math.nan if v is None else v  # noqa: E731
+    ax.plot(xs, [nan(v) for v in mean], color=colour, lw=2, label=label)
+    ax.fill_between(xs, [nan(v) for v in low], [nan(v) for v in high], color=colour, alpha=0.2, lw=0)
+
+
+def plot_compare(metrics: dict[str, Any], path: str) -> str:
+    """Held-out gold (top) and KL to the reference (bottom) against step for each trainer: the mean over seeds and
+    the min–max band."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
+    for (name, t), colour in zip(metrics["trainers"].items(), ("tab:blue", "tab:orange", "tab:green")):
+        c = t["curve"]
+        label = f"{name.upper()} ({t['prompts_per_step']}×{t['completions_per_prompt']}, β={t['beta']:g}, n={t['num_runs']})"
+        _band(top, c["step"], c["gold_mean"], c["gold_min"], c["gold_max"], label, colour)
+        _band(bottom, c["step"], c["kl_mean"], c["kl_min"], c["kl_max"], label, colour)
+    top.set_ylabel("held-out gold reward")
+    top.set_title("PPO vs GRPO: mean over seeds, band = min–max")
+    bottom.set_ylabel("KL(π‖π_ref), k3, nats / completion")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_baselines(metrics: dict[str, Any], path: str) -> str:
+    """REINFORCE baselines: the training reward (top) and the measured gradient variance (bottom, log scale) against
+    step for each baseline: the mean over seeds and the min–max band."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
+    offset = metrics.get("settings", {}).get("reward_offset", 0.0)
+    for (name, b), colour in zip(metrics["baselines"].items(), ("tab:red", "tab:blue", "tab:green")):
+        label = f"{name} (n={b['num_runs']})"
+        r, v = b["reward_curve"], b["grad_variance_curve"]
+        _band(top, r["step"], r["mean"], r["min"], r["max"], label, colour)
+        _band(bottom, v["step"], v["mean"], v["min"], v["max"], label, colour)
+    top.set_ylabel(f"training reward (offset {offset:g} removed)")
+    top.set_title("REINFORCE baselines: mean over seeds, band = min–max")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("gradient variance (tr Cov)")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_clip_gradients(ratio: Sequence[float], grad_pos: Sequence[float], grad_neg: Sequence[float], epsilon: float,
+                        path: str) -> str:
+    """∂L_clip/∂ρ against the ratio ρ for A = +1 and A = −1, with the clip range shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    ax.axvspan(1 - epsilon, 1 + epsilon, color="gray", alpha=0.15, label=f"1 ± ε (ε = {epsilon})")
+    ax.plot(ratio, grad_pos, label="A = +1")
+    ax.plot(ratio, grad_neg, label="A = −1")
+    ax.set_xlabel("ratio ρ = π / π_old")
+    ax.set_ylabel("∂ objective / ∂ρ")
+    ax.set_title("PPO-clip: zero gradient once far enough in the favourable direction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,0 +1,151 @@
+"""The chapter's report: claims decided by measured statistics, kept in ``claims.json``, and ``report.md``.
+
+A claim is a sentence of the RLHF chapter, the statistic that decides it, the threshold, the measured values and the
+verdict — never a verdict without its numbers. A claim whose data are missing (e.g. it needs the lab's gold reward and
+the run used another model without a judge) is *skipped* with the reason, not faked.
+
+Stages of a long pipeline keep their results in ``<output_dir>/stages/<name>.json`` (:class:`StageStore`); a rerun
+after a kill redoes only the stages without a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from .results import _jsonable
+
+__all__ = ["Claim", "Finding", "StageStore", "write_claims", "read_claims", "render_report", "Section"]
+
+CLAIMS_FILE = "claims.json"
+REPORT_FILE = "report.md"
+
+
+@dataclass
+class Claim:
+    """One claim of the chapter and its verdict. ``holds`` is None when the claim was skipped (``skipped`` says why)."""
+
+    id: str
+    exercise: str
+    statement: str
+    statistic: str
+    threshold: Any
+    values: dict[str, Any]
+    holds: bool | None
+    skipped: str | None = None
+
+    @classmethod
+    def skip(cls, id: str, exercise: str, statement: str, statistic: str, threshold: Any, reason: str) -> "Claim":
+        return cls(id, exercise, statement, statistic, threshold, {}, None, skipped=reason)
+
+    def verdict(self) -> str:
+        if self.holds is None:
+            return f"skipped ({self.skipped})"
+        return "holds" if self.holds else "does NOT hold"
+
+
+@dataclass
+class Finding:
+    """A measured result reported without a pass/fail threshold (a fit, an honest comparison)."""
+
+    id: str
+    statement: str
+    values: dict[str, Any]
+
+
+@dataclass
+class Section:
+    """One experiment in the report: title, the paragraph that reads its result, its numbers, its plots."""
+
+    title: str
+    reading: str
+    table: list[tuple[str, Any]] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+
+
+class StageStore:
+    """``<output_dir>/stages/<name>.json`` per finished stage; each stage's files go to ``<output_dir>/<name>/``."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self.root = os.path.join(output_dir, "stages")
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, f"{name}.json")
+
+    def stage_dir(self, name: str) -> str:
+        path = os.path.join(self.output_dir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def done(self, name: str) -> bool:
+        return os.path.isfile(self._path(name))
+
+    def load(self, name: str) -> dict[str, Any]:
+        with open(self._path(name)) as f:
+            return json.load(f)
+
+    def save(self, name: str, result: dict[str, Any]) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        tmp = self._path(name) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(_jsonable(result), f, indent=2, sort_keys=True)
+        os.replace(tmp, self._path(name))  # a killed stage leaves no result, so it is redone
+
+    def run(self, name: str, stage: Callable[[str], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """(result, reused): the stored result, or ``stage(stage_dir)`` run and stored."""
+        if self.done(name):
+            return self.load(name), True
+        start = time.perf_counter()
+        result = stage(self.stage_dir(name))
+        self.save(name, {**result, "stage_seconds": round(time.perf_counter() - start, 1)})
+        return self.load(name), False
+
+
+def write_claims(output_dir: str, claims: Sequence[Claim], findings: Sequence[Finding], seconds: float,
+                 quick: bool, extra: dict[str, Any] | None = None) -> str:
+    path = os.path.join(output_dir, CLAIMS_FILE)
+    payload = {"claims": [asdict(c) for c in claims], "findings": [asdict(f) for f in findings],
+               "seconds": round(seconds, 1), "quick": quick, **(extra or {})}
+    with open(path, "w") as f:
+        json.dump(_jsonable(payload), f, indent=2)
+    return path
+
+
+def read_claims(output_dir: str) -> dict[str, Any]:
+    with open(os.path.join(output_dir, CLAIMS_FILE)) as f:
+        return json.load(f)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def render_report(title: str, intro: str, sections: Sequence[Section], claims: Sequence[Claim],
+                  findings: Sequence[Finding], concepts: str = "") -> str:
+    """``report.md``: the claims table first (what held), then one section per experiment in the chapter's order."""
+    lines = [f"# {title}", "", intro, "", "## Claims", "",
+             "| # | exercise | claim | statistic | threshold | measured | verdict |", "|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(claims, 1):
+        lines.append(f"| {i} | {c.exercise} | {c.statement} | {c.statistic} | {_fmt(c.threshold)} | "
+                     f"{_fmt(c.values) if c.values else '—'} | **{c.verdict()}** |")
+    if findings:
+        lines += ["", "## Findings", ""]
+        lines += [f"- **{f.id}**: {f.statement} ({_fmt(f.values)})" for f in findings]
+    if concepts:
+        lines += ["", "## Concepts, shown on this run", "", concepts]
+    for s in sections:
+        lines += ["", f"## {s.title}", "", s.reading, ""]
+        if s.table:
+            lines += ["| quantity | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in s.table] + [""]
+        lines += [f"![{os.path.basename(p)}]({p})" for p in s.plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,528 @@
+"""The stages of ``recipes/pipeline.py`` (one function each, in the chapter's order), the claims they decide and the
+report they make. Each stage takes the pipeline's arguments and its own output folder and returns a JSON-able dict of
+numbers; the claims and the report read only those dicts, so a report can be rebuilt from stored results."""
+
+import importlib.util
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+RECIPES = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    run: Callable[[Any, str], dict]
+
+
+def _recipe(name: str):
+    """A sibling recipe as a module (registered, so its dataclasses resolve their annotations)."""
+    key = f"_recipe_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, RECIPES / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def _parse(name: str, argv: list[str]):
+    return _recipe(name).make_parser().parse_args_and_config(args=argv)
+
+
+def _rl_flags(args: Any) -> list[str]:
+    """Policy, prompts, optimised reward and held-out judge for the TRL-based recipes (empty on the lab). A judge goes
+    in as one more reward function with weight 0: tracked, never optimised."""
+    flags: list[str] = []
+    if args.model_name_or_path:
+        flags += ["--model_name_or_path", args.model_name_or_path]
+    if args.dataset_name:
+        flags += ["--dataset_name", args.dataset_name]
+    if args.reward_model_name_or_path:
+        flags += ["--reward_model_name_or_path", args.reward_model_name_or_path]
+    funcs = list(args.reward_funcs or [])
+    if args.gold_funcs and not args.on_lab:
+        n_main = len(funcs) + bool(args.reward_model_name_or_path)
+        flags += ["--reward_weights", *(["1"] * n_main), *(["0"] * len(args.gold_funcs))]
+        funcs += args.gold_funcs
+    if funcs:
+        flags += ["--reward_funcs", *funcs]
+    if args.use_peft:
+        flags += ["--use_peft"]
+    return flags
+
+
+def has_gold(args: Any) -> bool:
+    return args.on_lab or bool(args.gold_funcs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------------
+def stage_lab(args: Any, out: str) -> dict:
+    """The lab world (built once, cached): its SFT policy's quality is the baseline every experiment starts from."""
+    from hf_rlhf_ext.lab import build_lab
+
+    lab = build_lab()
+    keep = ("sft_test_gold_mean", "sft_test_eos_rate", "sft_test_mean_words", "sft_test_item_rate", "policy_params",
+            "rm_params", "pairs_train_n", "pairs_train_flip_rate", "n_train_prompts", "n_test_prompts")
+    return {"root": lab.root, **{k: lab.metrics.get(k) for k in keep}}
+
+
+def stage_reward_model(args: Any, out: str) -> dict:
+    """A Bradley–Terry RM trained with ``trl.RewardTrainer`` on the lab's noisy pairs; held-out pairwise accuracy."""
+    if not args.on_lab:
+        return {"skipped": "needs the lab's gold-labelled preference pairs (run recipes/reward.py on your own pairs)"}
+    metrics = _recipe("reward").main(*_parse("reward", ["--output_dir", out, "--seed", str(args.seed)]))
+    return {"test": metrics["test"], "n_train_pairs": metrics["n_train_pairs"]}
+
+
+def stage_clip(args: Any, out: str) -> dict:
+    """PPO's clipped objective on synthetic ratios: its gradient (autograd) against ρ for A = +1 and A = −1."""
+    import torch
+
+    from hf_rlhf_ext.objectives import clipped_surrogate, clipped_surrogate_ratio_grad
+    from hf_rlhf_ext.plots import plot_clip_gradients
+
+    eps = 0.2
+    ratio = torch.linspace(0.0, 2.0, 201, dtype=torch.float64, requires_grad=True)
+    rows = {}
+    for sign in (1.0, -1.0):
+        adv = torch.full_like(ratio, sign)
+        (grad,) = torch.autograd.grad(clipped_surrogate(ratio, adv, eps).sum(), ratio)
+        rows[sign] = grad.detach()
+        closed = clipped_surrogate_ratio_grad(ratio.detach(), adv, eps)
+        rows[f"closed_{sign}"] = float((closed - grad).abs().max())
+    r = ratio.detach()
+    favourable = {1.0: r > 1 + eps, -1.0: r < 1 - eps}  # moved far enough in the direction A rewards: clipped
+    unfavourable = {1.0: r < 1 - eps, -1.0: r > 1 + eps}  # moved the wrong way: never clipped, always corrected
+    table = [{"ratio": round(float(x), 2), "grad_A_pos": float(rows[1.0][i]), "grad_A_neg": float(rows[-1.0][i])}
+             for i, x in enumerate(r) if round(float(x), 2) in (0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5)]
+    plot = plot_clip_gradients(r.tolist(), rows[1.0].tolist(), rows[-1.0].tolist(), eps, os.path.join(out, "clip.png"))
+    return {
+        "epsilon": eps, "table": table, "plot": plot,
+        "max_abs_grad_favourable": max(float(rows[s][favourable[s]].abs().max()) for s in (1.0, -1.0)),
+        "max_abs_grad_minus_A_unfavourable": max(float((rows[s][unfavourable[s]] - s).abs().max()) for s in (1.0, -1.0)),
+        "closed_form_vs_autograd": max(rows["closed_1.0"], rows["closed_-1.0"]),
+    }
+
+
+def _grpo_setup(args: Any, out: str, extra: list[str]):
+    """A GRPO trainer on the pipeline's policy, prompts and rewards, built through the GRPO recipe's own parser."""
+    from trl import GRPOTrainer
+
+    from hf_rlhf_ext.recipe_utils import make_trainer, prepare_rl_run
+
+    script_args, training_args, model_args = _parse("grpo", ["--output_dir", out, "--seed", str(args.seed),
+                                                             "--num_eval_prompts", "64", *_rl_flags(args), *extra])
+    setup = prepare_rl_run(script_args, training_args, model_args)
+    return make_trainer(GRPOTrainer, setup, training_args), setup
+
+
+def stage_group_advantages(args: Any, out: str) -> dict:
+    """GRPO's group-relative advantages recomputed and checked on every real training batch."""
+    from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
+
+    trainer, _ = _grpo_setup(args, out, ["--max_steps", "6" if args.quick else "12", "--disable_tqdm", "true"])
+    check = GroupAdvantageCheckCallback(trainer, on_violation="warn", every_n_steps=1)
+    trainer.add_callback(check)
+    trainer.train()
+    hist = check.history
+    return {
+        "batches": len(hist), "num_generations": int(trainer.num_generations),
+        "max_abs_group_mean": max(h["max_abs_group_mean"] for h in hist),
+        "max_sign_mismatch_frac": max(h["sign_mismatch_frac"] for h in hist),
+        "max_abs_diff_recomputed": max(h["max_abs_diff"] for h in hist),
+        "mean_zero_std_frac": sum(h["zero_std_frac"] for h in hist) / len(hist),
+        "violations": len(check.violations),
+    }
+
+
+def stage_best_of_n(args: Any, out: str) -> dict:
+    """Best-of-N's own over-optimisation curve and its distillation (``recipes/best_of_n.py``)."""
+    argv = ["--output_dir", out, "--seed", str(args.seed), *_rl_flags(args)]
+    argv += ["--rounds", "1", "--pool_size", "32"] if args.quick else []
+    m = _recipe("best_of_n").main(*_parse("best_of_n", argv))
+    return {k: m[k] for k in ("select", "gold", "n", "pool_size", "rounds", "initial", "best_of_n", "distilled",
+                              "curve", "seconds")} | {"plots": [os.path.join(out, "bon_curve.png"),
+                                                                 os.path.join(out, "distillation.png")],
+                                                       "model_dir": out}
+
+
+def stage_mini_loop(args: Any, out: str) -> dict:
+    """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``)."""
+    argv = ["--output_dir", out, "--seed", str(args.seed)]
+    if args.model_name_or_path:
+        argv += ["--model_name_or_path", args.model_name_or_path]
+    if args.dataset_name:
+        argv += ["--dataset_name", args.dataset_name]
+    if args.use_peft:
+        argv += ["--use_peft", "true"]
+    m = _recipe("mini_loop").main(*_parse("mini_loop", argv))
+    keep = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
+            "steps", "seconds", "samples_before", "samples_after")
+    return {k: m.get(k) for k in keep} | {"plots": [m["files"]["plot"]]}
+
+
+def stage_overoptimization(args: Any, out: str) -> dict:
+    """β too low: GRPO on the proxy with a weak KL leash, held-out proxy and gold watched by
+    ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens)."""
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    if not has_gold(args):
+        return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
+    steps = "80" if args.quick else "150"
+    trainer, setup = _grpo_setup(args, out, ["--beta", "0.005", "--learning_rate", "3e-4", "--loss_type", "dapo",
+                                             "--max_steps", steps, "--max_completion_length", "32",
+                                             "--disable_tqdm", "true", "--logging_steps", "10"])
+    proxy = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w != 0)
+    gold = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w == 0)
+    monitor = OveroptimizationCallback(trainer, proxy=proxy, gold=gold, eval_prompts=setup.eval_prompts,
+                                       every_n_steps=5, patience=3, output_dir=out)
+    trainer.add_callback(monitor)
+    trainer.train()
+    findings = monitor.findings()
+    return {"beta": 0.005, "steps": int(steps), "findings": vars(findings) if hasattr(findings, "__dict__") else
+            dict(findings), "points": monitor.points, "plots": [os.path.join(out, "overoptimization.png")]}
+
+
+def stage_concepts(args: Any, out: str) -> dict:
+    """The four models of PPO read off a real ``PPOTrainer`` (which train, which are frozen), and the RL view of text
+    generation on one sampled completion: state, action, per-token KL terms and the final score."""
+    from hf_rlhf_ext.recipe_utils import make_trainer, prepare_rl_run
+    from hf_rlhf_ext.trainers.ppo import PPOTrainer
+
+    script_args, training_args, model_args = _parse("ppo", ["--output_dir", out, "--max_steps", "1",
+                                                            *_rl_flags(args)])
+    setup = prepare_rl_run(script_args, training_args, model_args)
+    trainer = make_trainer(PPOTrainer, setup, training_args)
+    reward_model = getattr(setup.reward_funcs[0], "model", None)
+    optimizer = trainer.create_optimizer()  # what train() would update: the truth about "trained"
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    models = {"policy (actor)": trainer.model, "reference policy": trainer.ref_model,
+              "value model (critic)": trainer.value_model, "reward model": reward_model}
+    table = [_model_row(role, m, optimized) for role, m in models.items()]
+    return {"models": table, "trajectory": _trajectory(args, setup, trainer, float(training_args.kl_coef))}
+
+
+def _model_row(role: str, model: Any, optimized: set[int]) -> dict:
+    if model is None:
+        return {"role": role, "class": None, "params": 0, "trainable": 0, "trained": False}
+    params = list(model.parameters())
+    trained = sum(p.numel() for p in params if id(p) in optimized)
+    return {"role": role, "class": type(model).__name__, "params": sum(p.numel() for p in params),
+            "trainable": trained, "trained": trained > 0}
+
+
+def _trajectory(args: Any, setup: Any, trainer: Any, kl_coef: float) -> dict:
+    """One held-out prompt, one completion sampled from the best-of-N distilled policy when that stage ran (else the
+    SFT policy), its per-token log-ratio to the reference and the per-token rewards PPO would train on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_rlhf_ext.best_of_n import sample_pool
+    from hf_rlhf_ext.sampling import per_token_logps
+    from hf_rlhf_ext.trainers.ppo import token_level_rewards
+
+    tok = setup.tokenizer
+    bon_dir = os.path.join(args.output_dir, "best_of_n")
+    source = bon_dir if os.path.isfile(os.path.join(bon_dir, "config.json")) else None
+    policy = AutoModelForCausalLM.from_pretrained(source) if source else trainer.ref_model
+    reference = trainer.ref_model
+    pool = sample_pool(policy, tok, setup.eval_prompts[:1], 1, max_new_tokens=24, seed=args.seed)
+    ids = pool.completion_ids[0]
+    prompt = torch.tensor([pool.prompt_ids[0]])
+    comp, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
+    with torch.no_grad():  # k1 per token: log π(a_t | s_t) − log π_ref(a_t | s_t)
+        kl = per_token_logps(policy, prompt, torch.ones_like(prompt), comp, mask) - per_token_logps(
+            reference, prompt, torch.ones_like(prompt), comp, mask)
+    score = float(setup.reward_funcs[0](prompts=pool.prompts, completions=pool.completions,
+                                        completion_ids=pool.completion_ids)[0])
+    rewards, _ = token_level_rewards(torch.tensor([score]), kl, mask, kl_coef)
+    tokens = tok.convert_ids_to_tokens(ids)
+    steps = [{"t": t, "action": tokens[t], "log_ratio": float(kl[0, t]), "reward": float(rewards[0, t])}
+             for t in range(len(ids))]
+    return {"policy": "best-of-N distilled" if source else "SFT", "prompt": pool.prompts[0],
+            "completion": pool.completions[0], "score": score, "kl_coef": kl_coef, "steps": steps,
+            "return": float(rewards.sum())}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Claims: each decided by a statistic of a stage's result, with the threshold stated here
+# ----------------------------------------------------------------------------------------------------------------------
+def _missing(results: dict, name: str) -> str | None:
+    r = results.get(name)
+    if r is None:
+        return f"stage {name!r} has not run"
+    return r.get("skipped")
+
+
+def claim_reward_model(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("rm_accuracy", "12–13", "The reward model's held-out pairwise accuracy is above chance and below 1",
+            "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n)", {"z": ">= 2", "acc": "< 1"})
+    if reason := _missing(results, "reward_model"):
+        return Claim.skip(*args, reason)
+    t = results["reward_model"]["test"]
+    acc, n = t["accuracy"], t["n_pairs"]
+    z = (acc - 0.5) / math.sqrt(0.25 / n)
+    values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": t.get("gold_accuracy")}
+    return Claim(*args, values, holds=z >= 2 and acc < 1)
+
+
+def claim_clip(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("clip_gradient", "16", "The clipped objective gives zero gradient beyond 1 ± ε in the favourable direction "
+            "and the full gradient A in the unfavourable one", "max |∂L/∂ρ| where clipped; max |∂L/∂ρ − A| where not",
+            {"both": "<= 1e-12"})
+    if reason := _missing(results, "clip"):
+        return Claim.skip(*args, reason)
+    r = results["clip"]
+    values = {k: r[k] for k in ("max_abs_grad_favourable", "max_abs_grad_minus_A_unfavourable", "epsilon")}
+    return Claim(*args, values, holds=r["max_abs_grad_favourable"] <= 1e-12
+                 and r["max_abs_grad_minus_A_unfavourable"] <= 1e-12)
+
+
+def claim_group_advantages(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("grpo_advantages", "19", "GRPO's advantages on real training batches have zero mean per group and the sign "
+            "of r − group mean", "max over batches of |group mean of A|; fraction of sign mismatches",
+            {"max_abs_group_mean": "< 1e-6", "sign_mismatch": "= 0"})
+    if reason := _missing(results, "group_advantages"):
+        return Claim.skip(*args, reason)
+    r = results["group_advantages"]
+    values = {k: r[k] for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "batches", "max_abs_diff_recomputed")}
+    return Claim(*args, values, holds=r["max_abs_group_mean"] < 1e-6 and r["max_sign_mismatch_frac"] == 0)
+
+
+BON_MARGIN = 0.1
+
+
+def claim_best_of_n(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("bon_distillation", "21", "Best-of-N distillation raises the policy's held-out gold over the SFT model",
+            "held-out gold after one round − SFT gold", f">= {BON_MARGIN}")
+    if reason := _missing(results, "best_of_n"):
+        return Claim.skip(*args, reason)
+    r = results["best_of_n"]
+    if not r.get("gold"):
+        return Claim.skip(*args, "no gold reward (pass --gold_funcs)")
+    gold = r["gold"]
+    initial, first = r["initial"][gold], r["distilled"][0]["eval"][gold]
+    values = {"sft_gold": initial, "distilled_gold": first, "gain": first - initial,
+              "distilled_kl": r["distilled"][0]["eval"].get("kl"), "best_of_n_gold": r["best_of_n"].get(gold)}
+    return Claim(*args, values, holds=first - initial >= BON_MARGIN)
+
+
+POLITE_GAIN, POLITE_KL = 0.3, 5.0
+
+
+def claim_mini_loop(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("mini_loop", "18", "The mini loop raises the share of polite endings while KL stays bounded",
+            "held-out polite share after − before; KL to the reference after (nats per reply)",
+            {"gain": f">= {POLITE_GAIN}", "kl": f"<= {POLITE_KL}"})
+    if reason := _missing(results, "mini_loop"):
+        return Claim.skip(*args, reason)
+    r = results["mini_loop"]
+    gain = r["polite_share_after"] - r["polite_share_before"]
+    values = {"before": r["polite_share_before"], "after": r["polite_share_after"], "gain": gain, "kl": r["kl_after"]}
+    return Claim(*args, values, holds=gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL)
+
+
+HACK_MARGIN = 0.1
+
+
+def claim_overoptimization(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("beta_too_low", "9, 10, 22", "With β too low the proxy keeps rising while gold peaks and falls",
+            "OveroptimizationCallback: gold peak found before the end; end gold below the peak; end proxy above the "
+            "proxy at the gold peak (smoothed held-out values)", {"peak_gold - end_gold": f">= {HACK_MARGIN}",
+                                                                  "end_proxy - proxy_at_peak": "> 0"})
+    if reason := _missing(results, "overoptimization"):
+        return Claim.skip(*args, reason)
+    f = results["overoptimization"]["findings"]
+    last_step = results["overoptimization"]["points"][-1]["step"]
+    fall = f["peak_gold"] - f["final_gold"] if f["peak_gold"] is not None else None
+    rise = f["final_proxy"] - f["proxy_at_peak"] if f["proxy_at_peak"] is not None else None
+    values = {"peak_step": f["peak_step"], "last_step": last_step, "peak_gold": f["peak_gold"],
+              "end_gold": f["final_gold"], "proxy_at_peak": f["proxy_at_peak"], "end_proxy": f["final_proxy"],
+              "kl_at_peak": f["kl_at_peak"], "end_kl": f["final_kl"], "detected_step": f["detected_step"]}
+    holds = f["peak_step"] is not None and f["peak_step"] < last_step and fall is not None and fall >= HACK_MARGIN \
+        and rise is not None and rise > 0
+    return Claim(*args, values, holds=holds)
+
+
+CLAIMS = [claim_reward_model, claim_clip, claim_group_advantages, claim_best_of_n, claim_mini_loop,
+          claim_overoptimization]
+
+
+def findings(results: dict) -> list:
+    from hf_rlhf_ext.report import Finding
+
+    out = []
+    bon = results.get("best_of_n")
+    if bon and bon.get("curve", {}).get("fit"):
+        fit = bon["curve"]["fit"]
+        out.append(Finding("bon_gao_fit", "Gao best-of-N form R(d) = d(α − β d) fitted to best-of-N's gold gain",
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report: one section per stage, in the chapter's order
+# ----------------------------------------------------------------------------------------------------------------------
+def _rel(args: Any, path: str) -> str:
+    return os.path.relpath(path, args.output_dir)
+
+
+def section_lab(args, r):
+    from hf_rlhf_ext.report import Section
+
+    return Section("The lab", "An offline world small enough for a CPU where over-optimisation emerges for real: a tiny "
+                   "GPT-2 warm-started with SFT on customer-support replies, a programmatic gold reward, and a proxy "
+                   f"reward model trained on {r.get('pairs_train_n')} gold-labelled noisy pairs.",
+                   [("SFT mean gold (held-out)", r.get("sft_test_gold_mean")), ("SFT EOS rate", r.get("sft_test_eos_rate")),
+                    ("policy parameters", r.get("policy_params")), ("label flip rate", r.get("pairs_train_flip_rate"))])
+
+
+def section_reward_model(args, r):
+    from hf_rlhf_ext.report import Section
+
+    t = r["test"]
+    return Section("Reward model (exercises 12–13)", f"Trained with a Bradley–Terry loss on noisy labels, the RM orders "
+                   f"{t['accuracy']:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%}"
+                   " of clearly separated pairs like the gold reward: well above chance, far from perfect — a proxy.",
+                   [(k, t.get(k)) for k in ("accuracy", "gold_accuracy", "corr_gold", "n_pairs")])
+
+
+def section_clip(args, r):
+    from hf_rlhf_ext.report import Section
+
+    rows = [(f"ρ = {row['ratio']}", {"A=+1": row["grad_A_pos"], "A=−1": row["grad_A_neg"]}) for row in r["table"]]
+    return Section("The clipped objective (exercise 16)", f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
+                   "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
+                   "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
+                   "them.", rows, [_rel(args, r["plot"])])
+
+
+def section_group_advantages(args, r):
+    from hf_rlhf_ext.report import Section
+
+    return Section("GRPO's group advantages (exercise 19)", f"On {r['batches']} real training batches (groups of "
+                   f"{r['num_generations']}), the advantages were recomputed from the logged rewards and checked: the "
+                   f"largest |group mean| was {r['max_abs_group_mean']:.1e}, sign mismatches "
+                   f"{r['max_sign_mismatch_frac']:.0%}; {r['mean_zero_std_frac']:.0%} of groups had identical rewards "
+                   "(no signal).", [(k, r[k]) for k in ("max_abs_group_mean", "max_sign_mismatch_frac",
+                                                        "max_abs_diff_recomputed", "mean_zero_std_frac", "violations")])
+
+
+def section_best_of_n(args, r):
+    from hf_rlhf_ext.report import Section
+
+    gold, proxy = r.get("gold"), r["select"]
+    pts = r["curve"]["points"]
+    peak = max(pts, key=lambda p: p[gold]) if gold else None
+    text = (f"From one pool of {r['pool_size']} samples per held-out prompt, the best of N by {proxy} rises at every N "
+            f"({pts[0][proxy]:.2f} → {pts[-1][proxy]:.2f})")
+    if gold:
+        text += (f" while gold peaks at N = {peak['n']} ({peak[gold]:.2f}, KL {peak['kl']:.2f} nats) and ends at "
+                 f"{pts[-1][gold]:.2f}. One round of distillation moves the policy itself from gold "
+                 f"{r['initial'][gold]:.2f} to {r['distilled'][0]['eval'][gold]:.2f}.")
+    table = [(f"N = {p['n']}", {k: p[k] for k in p if k not in ("n", "sqrt_kl")}) for p in pts]
+    table += [(f"distilled round {d['round']}", d["eval"]) for d in r["distilled"]]
+    return Section("Best-of-N and its distillation (exercise 21)", text, table, [_rel(args, p) for p in r["plots"]])
+
+
+def section_mini_loop(args, r):
+    from hf_rlhf_ext.report import Section
+
+    return Section("The mini loop that ends politely (exercise 18)", f"Plain PyTorch: sample, score 'ends with a polite "
+                   f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps the "
+                   f"held-out polite share went {r['polite_share_before']:.2f} → {r['polite_share_after']:.2f} at "
+                   f"{r['kl_after']:.2f} nats.", [(k, r.get(k)) for k in ("polite_share_before", "polite_share_after",
+                                                                         "kl_after", "gold_before", "gold_after")],
+                   [_rel(args, p) for p in r["plots"]])
+
+
+def section_overoptimization(args, r):
+    from hf_rlhf_ext.report import Section
+
+    f = r["findings"]
+    text = (f"GRPO at β = {r['beta']} for {r['steps']} steps. The monitor found the gold peak at step {f['peak_step']} "
+            f"(smoothed gold {f['peak_gold']:.2f}, KL {f['kl_at_peak'] or float('nan'):.2f}); by the end gold was "
+            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}: "
+            "Goodhart's law, measured.") if f["peak_step"] is not None else "No gold peak was found."
+    return Section("β too low hacks the reward (exercises 9, 10, 22)", text,
+                   [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
+                                         "kl_at_peak", "final_kl", "detected_step")], [_rel(args, p) for p in r["plots"]])
+
+
+def concepts_text(r: dict) -> str:
+    lines = ["**The four models of PPO**, read off the `PPOTrainer` this run built:", "",
+             "| role | class | parameters | updated by the optimizer | trained? |", "|---|---|---|---|---|"]
+    lines += [f"| {m['role']} | {m['class']} | {m['params']:,} | {m['trainable']:,} | "
+              f"{'yes' if m['trained'] else 'frozen'} |" for m in r["models"]]
+    t = r["trajectory"]
+    lines += ["", f"**Text generation as RL**, on one completion sampled from the {t['policy']} policy. The state s_t is "
+              f"the prompt plus the tokens so far, the action a_t the next token, the trajectory the whole reply; the "
+              f"reward of each token is −β·(log π − log π_ref) (β = {t['kl_coef']}) and the reward model's score "
+              f"({t['score']:.3f}) is added at the last token.", "", f"prompt: `{t['prompt']}`", "",
+              "| t | action a_t | log π − log π_ref | r_t |", "|---|---|---|---|"]
+    lines += [f"| {s['t']} | `{s['action']}` | {s['log_ratio']:+.3f} | {s['reward']:+.3f} |" for s in t["steps"]]
+    lines += ["", f"Return Σ r_t = {t['return']:.3f}."]
+    return "\n".join(lines)
+
+
+SECTIONS = {"lab": section_lab, "reward_model": section_reward_model, "clip": section_clip,
+            "group_advantages": section_group_advantages, "best_of_n": section_best_of_n,
+            "mini_loop": section_mini_loop, "overoptimization": section_overoptimization}
+
+STAGES = [
+    Stage("lab", "The lab", stage_lab),
+    Stage("reward_model", "Reward model", stage_reward_model),
+    Stage("clip", "The clipped objective", stage_clip),
+    Stage("group_advantages", "GRPO's group advantages", stage_group_advantages),
+    Stage("best_of_n", "Best-of-N and distillation", stage_best_of_n),
+    Stage("mini_loop", "The mini loop", stage_mini_loop),
+    Stage("overoptimization", "β too low", stage_overoptimization),
+    Stage("concepts", "Concepts", stage_concepts),
+]
+NAMES = [s.name for s in STAGES]
+
+
+def write_report(args: Any, results: dict, seconds: float) -> dict:
+    """claims.json and report.md from the stages' results; prints the verdicts. Returns the claims payload."""
+    from hf_rlhf_ext.report import read_claims, render_report, write_claims
+
+    claims = [build(results) for build in CLAIMS]
+    found = findings(results)
+    sections = [SECTIONS[name](args, results[name]) for name in NAMES
+                if name in SECTIONS and name in results and not results[name].get("skipped")]
+    concepts = concepts_text(results["concepts"]) if "concepts" in results else ""
+    total = sum(r.get("stage_seconds") or 0 for r in results.values())
+    intro = (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
+             f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'} in {total / 60:.1f} "
+             "minutes of stage time. Each claim below is decided by the statistic next to it; the numbers come from "
+             "this run.")
+    with open(os.path.join(args.output_dir, "report.md"), "w") as f:
+        f.write(render_report("The RLHF chapter, measured", intro, sections, claims, found, concepts))
+    stage_seconds = {name: r.get("stage_seconds") for name, r in results.items()}
+    total = sum(v for v in stage_seconds.values() if v)  # all stages' time, also when some ran before a resume
+    write_claims(args.output_dir, claims, found, total, args.quick,
+                 {"on_lab": args.on_lab, "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1)})
+    for c in claims:
+        print(f"  [{c.verdict():>13}] {c.statement}")
+    print(f"wrote {args.output_dir}/report.md and claims.json ({seconds:.0f} s now, {total:.0f} s of stages)")
+    return read_claims(args.output_dir)
