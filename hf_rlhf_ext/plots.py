@@ -141,3 +141,32 @@ def plot_clip_gradients(ratio: Sequence[float], grad_pos: Sequence[float], grad_
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_rm_ensemble(metrics: dict[str, Any], runs: dict[str, Sequence[dict[str, Any]]], path: str) -> str:
+    """Reward-model ensembles: held-out gold against step per optimised reward (mean over seeds, band = min–max), and
+    each run's gold against sqrt(KL) — a hump that an ensemble flattens shows in both."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {"single": "tab:red", "mean": "tab:blue", "min": "tab:green", "uwo": "tab:purple"}
+    for name, o in metrics["objectives"].items():
+        c, colour = o["curve"], colours.get(name, "tab:gray")
+        left.plot(c["step"], c["gold_mean"], color=colour, lw=2, label=f"{name} (n={len(o['seeds'])})")
+        left.fill_between(c["step"], c["gold_min"], c["gold_max"], color=colour, alpha=0.2, lw=0)
+        for i, r in enumerate(runs[name]):
+            d = [math.sqrt(max(p["kl"], 0.0)) for p in r["curve"]]
+            right.plot(d, [p["gold"] for p in r["curve"]], color=colour, alpha=0.6, lw=1, marker=".",
+                       label=name if i == 0 else None)
+    s = metrics["settings"]
+    left.set_title(f"held-out gold, β = {s['beta']:g}: mean over seeds, band = min–max")
+    left.set_xlabel("optimizer step")
+    right.set_title("each run: gold against KL to the reference")
+    right.set_xlabel("sqrt(KL), KL = sequence k3, nats")
+    for ax in (left, right):
+        ax.set_ylabel("held-out gold reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

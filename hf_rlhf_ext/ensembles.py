@@ -1,0 +1,432 @@
+"""Reward-model ensembles against over-optimisation (Coste et al. 2023, arXiv 2310.02743), measured with the β sweep.
+
+The same GRPO (or PPO) run, at one low β where a single proxy RM over-optimises, once per optimised reward:
+
+* ``single``: one proxy RM (the lab's proxy RM; off the lab, the first ``--ensemble_reward_models`` member);
+* ``mean``: the ensemble's mean;  ``min``: its worst case;  ``uwo``: mean − λ·std (uncertainty weighted).
+
+Each objective is one sweep (``hf_rlhf_ext.sweeps.run_sweep``) with a single β in ``<output_dir>/<objective>/``: the
+sweep trains, measures held-out KL / proxy / gold on the same fresh samples, and resumes. This module only builds
+the sweeps' command lines, runs them (objectives in parallel up to ``max_parallel``) and compares their results.
+
+The ensemble objectives are the dotted-path rewards ``hf_rlhf_ext.ensembles.ensemble_{mean,min,uwo}``: their members
+and λ come from the environment variable ``HF_RLHF_EXT_ENSEMBLE`` (JSON ``{"members": [dirs], "penalty": λ}``), set
+here before any run starts. They work in any recipe: set the variable and pass the dotted path to ``--reward_funcs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+from .rewards import ensemble_reward
+
+__all__ = [
+    "OBJECTIVES",
+    "ENSEMBLE_ENV",
+    "EnsembleArguments",
+    "ensemble_mean",
+    "ensemble_min",
+    "ensemble_uwo",
+    "make_parser",
+    "run_experiment",
+    "summarise",
+    "report_markdown",
+    "write_report",
+]
+
+OBJECTIVES = ("single", "mean", "min", "uwo")
+ENSEMBLE_ENV = "HF_RLHF_EXT_ENSEMBLE"
+_ENSEMBLE_OBJECTIVE = {"mean": "mean", "min": "min", "uwo": "mean_minus_std"}
+_OWN_FLAGS = ("objectives", "penalty", "k", "ensemble_reward_models", "gold_reward")
+# Lab defaults of the experiment on top of the sweep's: a β at which the single proxy RM over-optimises within the run
+# (gold rises then falls), three seeds, 80 steps.
+LAB_DEFAULTS = {"output_dir": "runs/rm-ensemble", "seeds": [0, 1, 2], "max_steps": 80, "eval_every": 5}
+LAB_BETA = 0.005
+
+
+@dataclass
+class EnsembleArguments:
+    """What the experiment compares; the rest (trainer, β, seeds, steps, parallelism) is the sweep's and trainer's.
+
+    Args:
+        objectives: optimised rewards to compare: single, mean, min, uwo (mean − penalty·std).
+        penalty: λ of uwo (>= 0). k: lab ensemble size (>= 2; built once and cached beside the lab).
+        ensemble_reward_models: reward-model directories to use as the ensemble instead of the lab's.
+        gold_reward: dotted path of the held-out gold reward (weight 0); needed off the lab.
+    """
+
+    objectives: list[str] = field(default_factory=lambda: list(OBJECTIVES), metadata={"help": "single mean min uwo"})
+    penalty: float = field(default=1.0, metadata={"help": "λ of uwo = mean − λ·std."})
+    k: int = field(default=3, metadata={"help": "Members of the lab ensemble."})
+    ensemble_reward_models: list[str] | None = field(default=None, metadata={"help": "Own reward-model dirs."})
+    gold_reward: str | None = field(default=None, metadata={"help": "Gold reward (dotted path), weight 0."})
+
+    def __post_init__(self):
+        validate(self)
+
+
+def validate(args: EnsembleArguments) -> None:
+    """Clear errors before any training."""
+    unknown = [o for o in args.objectives if o not in OBJECTIVES]
+    if unknown or not args.objectives:
+        raise ValueError(f"--objectives must be a non-empty subset of {OBJECTIVES}, got {args.objectives}.")
+    if len(set(args.objectives)) != len(args.objectives):
+        raise ValueError(f"Repeated objective in {args.objectives}.")
+    if not (math.isfinite(args.penalty) and args.penalty >= 0):
+        raise ValueError(f"--penalty must be a finite number >= 0, got {args.penalty}.")
+    if args.k < 2:
+        raise ValueError(f"--k must be >= 2 (an ensemble needs two members), got {args.k}.")
+    if args.ensemble_reward_models is not None and len(args.ensemble_reward_models) < 2:
+        raise ValueError(f"--ensemble_reward_models needs at least 2 directories, got {args.ensemble_reward_models}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ensemble objectives as dotted-path rewards (members and λ from the environment)
+# ----------------------------------------------------------------------------------------------------------------------
+_loaded: dict[tuple[str, ...], list] = {}
+
+
+def ensemble_spec(members: Sequence[str], penalty: float) -> str:
+    """The JSON value of ``HF_RLHF_EXT_ENSEMBLE`` for these members and λ."""
+    return json.dumps({"members": [os.path.abspath(m) for m in members], "penalty": float(penalty)})
+
+
+def _spec_from_env() -> tuple[tuple[str, ...], float]:
+    raw = os.environ.get(ENSEMBLE_ENV)
+    if not raw:
+        raise ValueError(f"{ENSEMBLE_ENV} is not set: give it as JSON {{\"members\": [reward-model dirs], \"penalty\": λ}}.")
+    spec = json.loads(raw)
+    members, penalty = tuple(spec.get("members") or ()), float(spec.get("penalty", 1.0))
+    if len(members) < 2:
+        raise ValueError(f"{ENSEMBLE_ENV} names {len(members)} members; an ensemble needs at least 2.")
+    return members, penalty
+
+
+def _members(paths: tuple[str, ...]) -> list:
+    """Reward models loaded once per process and member list."""
+    if paths not in _loaded:
+        from .rewards import RewardModelFunction
+
+        _loaded[paths] = [RewardModelFunction(p, name=f"member_{i}") for i, p in enumerate(paths)]
+    return _loaded[paths]
+
+
+def _env_objective(objective: str, name: str):
+    def reward(prompts=None, completions=None, **kwargs):
+        paths, penalty = _spec_from_env()
+        func = ensemble_reward(_members(paths), _ENSEMBLE_OBJECTIVE[objective], penalty, name)
+        return func(prompts=prompts, completions=completions, **kwargs)
+
+    reward.__name__ = reward.__qualname__ = name
+    reward.__doc__ = f"Ensemble objective {objective!r} over the members of ${ENSEMBLE_ENV} (see ensemble_reward)."
+    return reward
+
+
+ensemble_mean = _env_objective("mean", "ensemble_mean")
+ensemble_min = _env_objective("min", "ensemble_min")
+ensemble_uwo = _env_objective("uwo", "ensemble_uwo")
+
+
+@contextlib.contextmanager
+def ensemble_env(members: Sequence[str], penalty: float) -> Iterator[None]:
+    """Sets ``HF_RLHF_EXT_ENSEMBLE`` for the runs inside (spawned workers inherit it), then restores it."""
+    old = os.environ.get(ENSEMBLE_ENV)
+    os.environ[ENSEMBLE_ENV] = ensemble_spec(members, penalty)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENSEMBLE_ENV, None)
+        else:
+            os.environ[ENSEMBLE_ENV] = old
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing: the experiment's flags on top of the sweep's; each objective's sweep gets the rest of the command line
+# ----------------------------------------------------------------------------------------------------------------------
+def make_parser(trainer: str = "grpo"):
+    """A ``TrlParser`` over (experiment, sweep, script, trainer config, ``ModelConfig``) with the lab defaults; β is
+    the trainer's own field (``--beta`` for GRPO, ``--kl_coef`` for PPO)."""
+    from trl import ModelConfig, TrlParser
+
+    from .recipe_utils import RLScriptArguments, cpu_parser_defaults
+    from .sweeps import BETA_FIELD, LAB_DEFAULTS as SWEEP_DEFAULTS, SweepArguments, config_class
+
+    parser = TrlParser((EnsembleArguments, SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig))
+    parser.set_defaults(**{**SWEEP_DEFAULTS[trainer], **LAB_DEFAULTS, BETA_FIELD[trainer]: LAB_BETA},
+                        **cpu_parser_defaults())
+    return parser
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[Any, ...]:
+    """(experiment, sweep, script, training, model) arguments; flags the experiment sets itself are refused."""
+    from .sweeps import trainer_from_argv
+
+    argv = list(argv)
+    config = _read_config(argv)
+    for flag in ("betas", "reward_funcs", "reward_model_name_or_path", "reward_weights"):
+        if f"--{flag}" in argv or any(a.startswith(f"--{flag}=") for a in argv) or flag in config:
+            raise ValueError(f"--{flag} is set by the experiment: use --beta / --kl_coef for β, --objectives and "
+                             "--ensemble_reward_models for the rewards, --gold_reward for the gold reward.")
+    return make_parser(trainer_from_argv(argv)).parse_args_and_config(args=argv)
+
+
+def _read_config(argv: Sequence[str]) -> dict[str, Any]:
+    if "--config" not in argv:
+        return {}
+    import yaml
+
+    with open(argv[list(argv).index("--config") + 1]) as f:
+        return dict(yaml.safe_load(f) or {})
+
+
+def _sweep_base_argv(argv: Sequence[str], output_dir: str) -> list[str]:
+    """``argv`` without the experiment's own flags; a ``--config`` is replaced by a copy without its keys (written
+    to ``output_dir``), since the sweep's parser refuses unknown keys."""
+    out, skip = [], False
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name is not None:
+            skip = name in _OWN_FLAGS
+        if skip or (i > 0 and argv[i - 1] == "--config"):
+            continue
+        out.append(arg)
+    if "--config" in out:
+        import yaml
+
+        config = {k: v for k, v in _read_config(argv).items() if k not in _OWN_FLAGS}
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "sweep_config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        out.insert(out.index("--config") + 1, path)
+    return out
+
+
+def objective_argv(base: Sequence[str], objective: str, ens: EnsembleArguments, sweep: Any, training: Any,
+                   single_rm: str, max_parallel: int) -> list[str]:
+    """The sweep command line of one objective: one β, the experiment's seeds and steps, its own reward and dir."""
+    from .sweeps import BETA_FIELD
+
+    beta = float(getattr(training, BETA_FIELD[sweep.trainer]))
+    argv = list(base) + ["--betas", repr(beta), "--seeds", *map(str, sweep.seeds), "--max_steps",
+                         str(training.max_steps), "--eval_every", str(sweep.eval_every), "--max_parallel",
+                         str(max_parallel), "--output_dir", os.path.join(training.output_dir, objective)]
+    funcs = [] if objective == "single" else [f"{__name__}.ensemble_{objective}"]
+    if objective == "single":
+        argv += ["--reward_model_name_or_path", single_rm]
+    if ens.gold_reward:
+        funcs.append(ens.gold_reward)
+        argv += ["--reward_weights", "1", "0", "--track_gold", "false"]
+    return argv + (["--reward_funcs", *funcs] if funcs else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running: one sweep per objective (resumable: each sweep skips its finished points)
+# ----------------------------------------------------------------------------------------------------------------------
+def resolve_members(ens: EnsembleArguments, script: Any) -> tuple[list[str], str]:
+    """(ensemble member dirs, the single RM): the given dirs (single = the first), or the lab's k bootstrap RMs and
+    its proxy RM."""
+    if ens.ensemble_reward_models:
+        return [os.path.abspath(p) for p in ens.ensemble_reward_models], os.path.abspath(ens.ensemble_reward_models[0])
+    from .lab.ensemble import build_reward_ensemble
+    from .recipe_utils import load_lab
+
+    lab = load_lab(script)
+    members = build_reward_ensemble(lab, ens.k) if set(ens.objectives) - {"single"} else []
+    return members, lab.reward_model_path
+
+
+def _check_spec(objective_dir: str, spec: dict[str, Any]) -> None:
+    """What an objective's reward depends on beyond its sweep config (members, λ), kept beside its results; a resume
+    with other members or another λ is refused like a sweep with another config."""
+    path = os.path.join(objective_dir, "ensemble.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != spec:
+            raise ValueError(f"{path}: these results were optimised with {old}, not {spec}. Give another "
+                             "--output_dir (or remove the objective's directory) to start again.")
+        return
+    os.makedirs(objective_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(spec, f, indent=2)
+
+
+def _objective_spec(objective: str, members: Sequence[str], single_rm: str, penalty: float) -> dict[str, Any]:
+    if objective == "single":
+        return {"reward_model": single_rm}
+    return {"members": list(members), **({"penalty": penalty} if objective == "uwo" else {})}
+
+
+def _run_sweeps(jobs: Sequence[list[str]], workers: int) -> None:
+    """Each objective's sweep, ``workers`` at a time in spawned processes (fork is unsafe with torch)."""
+    from .sweeps import run_sweep
+
+    if workers == 1:
+        for argv in jobs:
+            run_sweep(argv, progress=False)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(run_sweep, argv, False) for argv in jobs]:
+            future.result()
+
+
+def read_runs(objective_dir: str, beta: float, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The result lines of one objective's sweep for β and ``seeds`` (one per seed, in seed order)."""
+    from .sweeps import RESULTS_FILE
+
+    found: dict[int, dict[str, Any]] = {}
+    with open(os.path.join(objective_dir, RESULTS_FILE)) as f:
+        for line in f:
+            rec = json.loads(line) if line.strip() else {}
+            if not rec.get("header") and rec and float(rec["beta"]) == beta and rec["seed"] in seeds:
+                found[rec["seed"]] = rec
+    missing = [s for s in seeds if s not in found]
+    if missing:
+        raise RuntimeError(f"{objective_dir}: no results for seeds {missing} at β = {beta:g}.")
+    return [found[s] for s in seeds]
+
+
+def run_experiment(argv: Sequence[str]) -> dict[str, Any]:
+    """Runs the objectives' sweeps not yet finished, then writes ``ensemble.md``, ``ensemble.png`` and
+    ``metrics.json`` to the output dir and prints where they are. Returns the metrics."""
+    from .sweeps import BETA_FIELD
+
+    ens, sweep, script, training, _ = parse_argv(argv)
+    out = os.path.abspath(training.output_dir)
+    training.output_dir = out
+    if script.dataset_name and not ens.gold_reward:
+        raise ValueError("Off the lab the experiment needs a held-out gold reward: give --gold_reward <dotted path>.")
+    members, single_rm = resolve_members(ens, script)
+    workers = min(sweep.max_parallel, len(ens.objectives))
+    base = _sweep_base_argv(argv, out)
+    jobs = []
+    for objective in ens.objectives:
+        _check_spec(os.path.join(out, objective), _objective_spec(objective, members, single_rm, ens.penalty))
+        jobs.append(objective_argv(base, objective, ens, sweep, training, single_rm,
+                                   max(1, sweep.max_parallel // workers)))
+    with ensemble_env(members, ens.penalty) if members else contextlib.nullcontext():
+        _run_sweeps(jobs, workers)
+    beta = float(getattr(training, BETA_FIELD[sweep.trainer]))
+    runs = {o: read_runs(os.path.join(out, o), beta, sweep.seeds) for o in ens.objectives}
+    settings = {"trainer": sweep.trainer, "beta": beta, "seeds": list(sweep.seeds), "penalty": ens.penalty,
+                "k": len(members), "members": members, "single_reward_model": single_rm,
+                "max_steps": training.max_steps, "learning_rate": training.learning_rate}
+    metrics = summarise(runs, settings)
+    write_report(out, runs, metrics)
+    print(summary_lines(out, metrics))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Analysis and report, from the result lines alone
+# ----------------------------------------------------------------------------------------------------------------------
+_FIELDS = ("end_gold", "peak_gold", "fall", "final_kl", "final_optimised", "ref_gold", "peak_step")
+
+
+def run_numbers(run: dict[str, Any]) -> dict[str, float]:
+    """One run's numbers: gold at the end and at its peak, the fall from the peak, final KL and optimised reward."""
+    golds = [p["gold"] for p in run["curve"] if p["gold"] is not None]
+    peak = max(range(len(golds)), key=lambda i: golds[i])
+    end = run["curve"][-1]
+    return {"end_gold": end["gold"], "peak_gold": golds[peak], "fall": golds[peak] - end["gold"],
+            "final_kl": end["kl"], "final_optimised": end["proxy"], "ref_gold": run["curve"][0]["gold"],
+            "peak_step": run["curve"][peak]["step"]}
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def gold_curve(runs: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """Held-out gold and KL per measured step over seeds (mean, min, max); steps every run measured."""
+    steps = sorted(set.intersection(*({p["step"] for p in r["curve"]} for r in runs)))
+    at = [{p["step"]: p for p in r["curve"]} for r in runs]
+    curve: dict[str, list] = {"step": steps}
+    for key in ("gold", "kl"):
+        cols = [[a[s][key] for a in at] for s in steps]
+        curve[f"{key}_mean"] = [sum(c) / len(c) for c in cols]
+        curve[f"{key}_min"], curve[f"{key}_max"] = [min(c) for c in cols], [max(c) for c in cols]
+    return curve
+
+
+def summarise(runs: dict[str, Sequence[dict[str, Any]]], settings: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.json``: per objective, mean and min–max over seeds of each run's numbers, and the curve."""
+    objectives = {}
+    for name, rs in runs.items():
+        nums = [run_numbers(r) for r in rs]
+        objectives[name] = {"seeds": [r["seed"] for r in rs], **{k: _stats([n[k] for n in nums]) for k in _FIELDS},
+                            "per_seed": [{"seed": r["seed"], **n} for r, n in zip(rs, nums)],
+                            "curve": gold_curve(rs)}
+    out = {"settings": settings, "objectives": objectives}
+    if "single" in objectives:
+        base = objectives["single"]["fall"]["mean"]
+        out["fall_vs_single"] = {n: o["fall"]["mean"] - base for n, o in objectives.items() if n != "single"}
+    return out
+
+
+def _cell(s: dict[str, float], fmt: str = "{:.3f}") -> str:
+    if s["min"] == s["max"]:
+        return fmt.format(s["mean"])
+    return f"{fmt.format(s['mean'])} [{fmt.format(s['min'])}, {fmt.format(s['max'])}]"
+
+
+_LABELS = {"single": "single RM", "mean": "ensemble mean", "min": "ensemble min (worst case)",
+           "uwo": "mean − λ·std (uncertainty weighted)"}
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    """``ensemble.md``: one row per objective, cells mean [min, max] over seeds."""
+    s = metrics["settings"]
+    lines = [f"# Reward-model ensembles at β = {s['beta']:g} ({s['trainer']})", "",
+             f"Seeds {s['seeds']}, {s['max_steps']} steps, ensemble of k = {s['k']}, λ = {s['penalty']:g}. Held-out "
+             "measurements on the same fresh samples: gold, KL (sequence k3 to the reference, nats), optimised reward "
+             "(each objective's own). Fall = peak gold − end gold. Cells: mean [min, max] over seeds.", "",
+             "| objective | end gold | peak gold | fall from peak | peak step | final KL | final optimised reward |",
+             "|---|---|---|---|---|---|---|"]
+    for name, o in metrics["objectives"].items():
+        lines.append(f"| {_LABELS.get(name, name)} | {_cell(o['end_gold'])} | {_cell(o['peak_gold'])} | "
+                     f"{_cell(o['fall'])} | {_cell(o['peak_step'], '{:.0f}')} | {_cell(o['final_kl'])} | "
+                     f"{_cell(o['final_optimised'])} |")
+    first = next(iter(metrics["objectives"].values()))
+    lines += ["", f"Reference (step 0) gold: {first['ref_gold']['mean']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(output_dir: str, runs: dict[str, Sequence[dict[str, Any]]], metrics: dict[str, Any]) -> dict[str, str]:
+    """Writes ``ensemble.md``, ``ensemble.png`` and ``metrics.json``; returns their paths."""
+    from .plots import plot_rm_ensemble
+    from .results import write_metrics
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"ensemble.md": os.path.join(output_dir, "ensemble.md"),
+             "ensemble.png": os.path.join(output_dir, "ensemble.png")}
+    with open(paths["ensemble.md"], "w") as f:
+        f.write(report_markdown(metrics))
+    plot_rm_ensemble(metrics, runs, paths["ensemble.png"])
+    paths["metrics.json"] = write_metrics(output_dir, metrics, merge=False)
+    return paths
+
+
+def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
+    """A few console lines: per objective end gold, fall from the peak, final KL, and where the files are."""
+    s = metrics["settings"]
+    lines = ["", f"Reward-model ensembles at β = {s['beta']:g}: {len(metrics['objectives'])} objective(s) × "
+                 f"{len(s['seeds'])} seed(s)"]
+    for name, o in metrics["objectives"].items():
+        lines.append(f"  {name:<7} end gold {o['end_gold']['mean']:+.3f}  peak {o['peak_gold']['mean']:+.3f}  "
+                     f"fall {o['fall']['mean']:.3f}  KL {o['final_kl']['mean']:.2f}  "
+                     f"optimised {o['final_optimised']['mean']:+.3f}")
+    lines.append(f"  files: {os.path.join(output_dir, 'ensemble.md')}, ensemble.png, metrics.json; "
+                 "per objective: <objective>/results.jsonl")
+    return "\n".join(lines)
