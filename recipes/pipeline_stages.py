@@ -121,7 +121,15 @@ def _grpo_setup(args: Any, out: str, extra: list[str]):
     script_args, training_args, model_args = _parse("grpo", ["--output_dir", out, "--seed", str(args.seed),
                                                              "--num_eval_prompts", "64", *_rl_flags(args), *extra])
     setup = prepare_rl_run(script_args, training_args, model_args)
-    return make_trainer(GRPOTrainer, setup, training_args), setup
+    return _quiet(make_trainer(GRPOTrainer, setup, training_args)), setup
+
+
+def _quiet(trainer: Any) -> Any:
+    """No per-step log dicts on the console: the stage bar shows progress, the numbers go to the stage's files."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def stage_group_advantages(args: Any, out: str) -> dict:
@@ -200,7 +208,7 @@ def stage_concepts(args: Any, out: str) -> dict:
     script_args, training_args, model_args = _parse("ppo", ["--output_dir", out, "--max_steps", "1",
                                                             *_rl_flags(args)])
     setup = prepare_rl_run(script_args, training_args, model_args)
-    trainer = make_trainer(PPOTrainer, setup, training_args)
+    trainer = _quiet(make_trainer(PPOTrainer, setup, training_args))
     reward_model = getattr(setup.reward_funcs[0], "model", None)
     optimizer = trainer.create_optimizer()  # what train() would update: the truth about "trained"
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}

@@ -1,0 +1,157 @@
+"""The chapter pipeline (recipes/pipeline.py, hf_rlhf_ext.report, the hf-rlhf-ext console entry point): stages kept
+and reused, claims decided from stage results (and skipped, not faked, without their data), the report; on the lab
+(slow): the quick run's claims and a rerun after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hf_rlhf_ext.report import Claim, StageStore, render_report
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+import pipeline_stages as stages  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONWARNINGS": "ignore"}
+
+
+def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path):
+    store = StageStore(str(tmp_path))
+    calls = []
+
+    def stage(out):
+        calls.append(out)
+        return {"value": len(calls)}
+
+    first, reused = store.run("a", stage)
+    again, reused_again = store.run("a", stage)
+    assert (first["value"], reused, again["value"], reused_again) == (1, False, 1, True)
+    assert len(calls) == 1 and os.path.isdir(calls[0])
+
+    def killed(out):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.run("b", killed)
+    assert not store.done("b")  # a stage that did not finish leaves no result
+    assert store.run("b", stage)[0]["value"] == 2
+
+
+def _results(**overrides):
+    base = {
+        "reward_model": {"test": {"accuracy": 0.69, "n_pairs": 400, "gold_accuracy": 0.8}},
+        "clip": {"epsilon": 0.2, "max_abs_grad_favourable": 0.0, "max_abs_grad_minus_A_unfavourable": 0.0},
+        "group_advantages": {"max_abs_group_mean": 3e-7, "max_sign_mismatch_frac": 0.0, "batches": 4,
+                             "max_abs_diff_recomputed": 0.0},
+        "mini_loop": {"polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 1.1},
+    }
+    base.update(overrides)
+    return base
+
+
+def test_claims_are_decided_by_their_statistics():
+    ok = {c.id: c for c in (build(_results()) for build in stages.CLAIMS)}
+    assert ok["rm_accuracy"].holds and ok["rm_accuracy"].values["z"] == pytest.approx(0.19 / 0.025)
+    assert ok["clip_gradient"].holds and ok["grpo_advantages"].holds and ok["mini_loop"].holds
+    bad = _results(reward_model={"test": {"accuracy": 0.53, "n_pairs": 400}},  # z = 1.2: not above chance
+                   group_advantages={"max_abs_group_mean": 2e-6, "max_sign_mismatch_frac": 0.0, "batches": 4,
+                                     "max_abs_diff_recomputed": 0.0},
+                   mini_loop={"polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 7.0})
+    verdicts = {c.id: c.holds for c in (build(bad) for build in stages.CLAIMS)}
+    assert verdicts["rm_accuracy"] is False and verdicts["grpo_advantages"] is False
+    assert verdicts["mini_loop"] is False  # the share rose, but the KL bound broke
+
+
+def test_claims_without_their_data_are_skipped_with_the_reason():
+    claims = {c.id: c for c in (build({"best_of_n": {"skipped": "needs a gold reward"}}) for build in stages.CLAIMS)}
+    assert claims["bon_distillation"].holds is None and claims["bon_distillation"].skipped == "needs a gold reward"
+    assert claims["rm_accuracy"].skipped == "stage 'reward_model' has not run"
+    assert "skipped (needs a gold reward)" in claims["bon_distillation"].verdict()
+
+
+def test_rl_flags_track_a_judge_at_weight_zero():
+    args = SimpleNamespace(model_name_or_path="m", dataset_name="d", reward_model_name_or_path="rm",
+                           reward_funcs=["pkg.r"], gold_funcs=["pkg.judge"], use_peft=True, on_lab=False)
+    flags = stages._rl_flags(args)
+    weights = flags[flags.index("--reward_weights") + 1 : flags.index("--reward_funcs")]
+    assert weights == ["1", "1", "0"]  # the RM and pkg.r optimised, the judge only tracked
+    assert flags[flags.index("--reward_funcs") + 1 :][:2] == ["pkg.r", "pkg.judge"] and "--use_peft" in flags
+
+
+def test_report_lists_every_claim_with_its_numbers():
+    claims = [Claim("a", "1", "it holds", "x", "> 0", {"x": 0.5}, True),
+              Claim.skip("b", "2", "needs gold", "y", "> 0", "no gold")]
+    text = render_report("T", "intro", [], claims, [])
+    assert "| 1 | 1 | it holds | x | > 0 | x 0.5 | **holds** |" in text
+    assert "**skipped (no gold)**" in text
+
+
+def test_unknown_stage_is_refused():
+    pipeline = pytest.importorskip("pipeline")
+    with pytest.raises(ValueError, match="Unknown stage"):
+        pipeline.PipelineArguments(stages=["lab", "nope"])
+
+
+def test_console_entry_point_lists_commands_and_refuses_unknown_ones(capsys):
+    from hf_rlhf_ext.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("lab build", "report", "sweep", "best-of-n"))
+    assert main(["nope"]) == 2
+    assert main(["report", "--help"]) == 0 and "--quick" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# On the lab
+# ----------------------------------------------------------------------------------------------------------------------
+def _pipeline(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "recipes" / "pipeline.py"), "--quick", "--output_dir",
+                             str(out), *extra], env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
+    out = tmp_path / "chapter"
+    proc = _pipeline(out)
+    stages_dir = out / "stages"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(stages_dir.glob("*.json"))) < 3 and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-way, inside a later stage
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in stages_dir.glob("*.json")}
+    assert 3 <= len(done_before) < len(stages.NAMES)
+
+    proc = _pipeline(out)
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in stages_dir.glob("*.json") if p.name in done_before} == done_before
+    assert log.count("reused its stored result") == len(done_before)
+
+    payload = json.loads((out / "claims.json").read_text())
+    claims = {c["id"]: c for c in payload["claims"]}
+    assert payload["quick"] is True and all(c["holds"] for c in claims.values()), log[-3000:]
+    v = claims["rm_accuracy"]["values"]
+    assert 0.6 <= v["accuracy"] < 0.8 and v["z"] >= 2  # the lab RM: 0.695 on 400 held-out pairs
+    assert claims["grpo_advantages"]["values"]["max_abs_group_mean"] < 1e-6
+    assert claims["bon_distillation"]["values"]["gain"] >= stages.BON_MARGIN
+    v = claims["beta_too_low"]["values"]
+    assert v["peak_step"] < v["last_step"] and v["peak_gold"] - v["end_gold"] >= stages.HACK_MARGIN
+    assert v["end_proxy"] > v["proxy_at_peak"]
+    v = claims["mini_loop"]["values"]
+    assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl"] <= stages.POLITE_KL
+    report = (out / "report.md").read_text()
+    assert "## Claims" in report and "reference policy" in report
+    assert all((out / p).is_file() for p in ("clip/clip.png", "best_of_n/bon_curve.png", "mini_loop/mini_loop.png"))
