@@ -41,6 +41,16 @@ _EXPORTS = {
     "KLToReferenceCallback": "callbacks",
     "GroupAdvantageCheckCallback": "callbacks",
     "GradientVarianceCallback": "callbacks",
+    # experiments
+    "BestOfNSampler": "best_of_n",
+    "best_of_n_curve": "best_of_n",
+    "distill_best_of_n": "best_of_n",
+    "fit_gao": "objectives",
+    "best_of_n_kl": "objectives",
+    "ensemble_reward": "rewards",
+    "build_reward_ensemble": "lab.ensemble",
+    "run_sweep": "sweeps",
+    "Claim": "report",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
