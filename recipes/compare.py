@@ -1,0 +1,32 @@
+"""PPO (policy + critic) against GRPO (TRL's GRPOTrainer) over several seeds, on the same prompts and the same number
+of sampled completions per step — on the offline lab by default, on any model with flags.
+
+    python recipes/compare.py                                 # the lab: 3 seeds × {PPO 32×1, GRPO 4×8}, 60 steps
+    python recipes/compare.py --config recipes/configs/compare_lab.yaml
+    python recipes/compare.py --seeds 0 1 --max_steps 30 --ppo_kl_coef 0.05 --grpo_beta 0.05
+    python recipes/compare.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
+        --reward_model_name_or_path <rm> --gold_reward <held-out judge> --use_peft --output_dir runs/compare-qwen
+
+Every flag other than the comparison's own (``--seeds``, ``--ppo_kl_coef``, ``--grpo_beta``,
+``--grpo_num_generations``, ``--eval_every``, ``--gold_reward``, ``--threads_per_run``) goes to both trainers;
+PPO-only flags (``--critic_learning_rate``, ...) to PPO only. Each run is its own process (its own peak memory).
+
+Writes <output_dir>/{compare.md, compare.png, metrics.json} and, per run, runs/<trainer>_seed<k>/log_history.jsonl.
+"""
+
+import sys
+
+from hf_rlhf_ext.compare import run_compare, summary_lines
+
+
+def main(argv: list[str]) -> dict:
+    from hf_rlhf_ext.compare import parse_compare_argv
+
+    metrics = run_compare(argv)
+    _, training_args, _ = parse_compare_argv(argv, "ppo")
+    print(summary_lines(training_args.output_dir, metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
