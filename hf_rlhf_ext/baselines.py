@@ -1,0 +1,288 @@
+"""REINFORCE baselines over a whole training run: ``none`` / ``running_mean`` / ``group``, several seeds each, on a
+reward with a constant offset.
+
+Why: a baseline b leaves the expected policy gradient unchanged and is worth having only if it lowers the variance
+of the estimate. With R = proxy + offset (offset 5 by default), b = 0 multiplies every ∇log π by ≈ 5, so the useful
+signal is a small difference between large pushes. This module measures that over training rather than on one batch:
+``GradientVarianceCallback`` every ``grad_variance_every`` steps (tr Cov of the gradient over disjoint slices of the
+generation batch), and the training reward (the optimised reward minus the offset) at every logging step.
+
+What the baselines are (``trainers.reinforce``): ``running_mean`` is a bias-corrected exponential moving average of
+the mean reward of *past* batches (on the first batch, which has no past, the batch's own mean); ``group`` is the
+leave-one-out mean of the other completions of the same prompt (RLOO).
+
+Runs go one after the other in this process (no memory is measured here). Each run's console output and
+``log_history.jsonl`` land in ``<output_dir>/runs/<baseline>_seed<k>/``; ``baselines.md``, ``baselines.png`` and
+``metrics.json`` in ``<output_dir>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from .recipe_utils import RLScriptArguments
+
+__all__ = [
+    "BaselinesArguments",
+    "LAB_DEFAULTS",
+    "offset_reward",
+    "parse_baselines_argv",
+    "run_baseline",
+    "run_baselines",
+    "summarise",
+    "report_markdown",
+    "write_report",
+]
+
+BASELINE_CHOICES = ("none", "running_mean", "group")
+RESERVED_FLAGS = {"baseline": "--baselines", "seed": "--seeds"}
+
+# The lab run (2 CPU cores: ≈ 0.2 s per step). A --config file or flags override any of these.
+LAB_DEFAULTS = dict(
+    output_dir="runs/reinforce-baselines", per_device_train_batch_size=32, num_generations=4,
+    max_completion_length=24, temperature=1.0, learning_rate=1e-4, beta=0.1, max_steps=60, logging_steps=1,
+    save_strategy="no", report_to="none", disable_tqdm=True, num_eval_prompts=0,
+)
+
+
+@dataclass
+class BaselinesArguments(RLScriptArguments):
+    """What the study varies and measures; every other flag is a ``ReinforceConfig`` flag, the same for every run.
+
+    Args:
+        baselines: the baselines compared (each once per seed).
+        seeds: training seeds.
+        reward_offset: a constant added to every reward (one more reward function, weight 1). It changes no expected
+            gradient, only the variance without a baseline.
+        grad_variance_every: measure the gradient variance every this many optimizer steps (from step 0).
+        grad_variance_estimates: disjoint slices of the generation batch per measurement (K >= 2).
+        final_window: the final reward is the mean training reward of the last this many logged steps.
+    """
+
+    baselines: list[str] = field(default_factory=lambda: list(BASELINE_CHOICES), metadata={"help": "Baselines."})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Training seeds."})
+    reward_offset: float = field(default=5.0, metadata={"help": "Constant added to every reward."})
+    grad_variance_every: int = field(default=2, metadata={"help": "Steps between gradient-variance measurements."})
+    grad_variance_estimates: int = field(default=4, metadata={"help": "Slices per measurement (K >= 2)."})
+    final_window: int = field(default=10, metadata={"help": "Logged steps averaged into the final reward."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [b for b in self.baselines if b not in BASELINE_CHOICES]
+        if not self.baselines or unknown or len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines must be distinct values among {list(BASELINE_CHOICES)}, got {self.baselines}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}.")
+        if self.grad_variance_every < 1:
+            raise ValueError(f"grad_variance_every must be >= 1, got {self.grad_variance_every}.")
+        if self.final_window < 1:
+            raise ValueError(f"final_window must be >= 1, got {self.final_window}.")
+
+
+def offset_reward(value: float) -> Callable[..., list[float]]:
+    """A reward function that returns ``value`` for every completion (logged as ``rewards/reward_offset/mean``)."""
+
+    def reward_offset(prompts=None, completions=None, **kwargs) -> list[float]:
+        return [float(value)] * len(completions)
+
+    return reward_offset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------------
+def make_baselines_parser():
+    from .recipe_utils import make_recipe_parser
+    from .trainers.reinforce import ReinforceConfig
+
+    return make_recipe_parser(BaselinesArguments, ReinforceConfig, LAB_DEFAULTS)
+
+
+def parse_baselines_argv(argv: Sequence[str], baseline: str | None = None, seed: int | None = None):
+    """(study args, ``ReinforceConfig``, ``ModelConfig``); with ``baseline`` and ``seed``: that run's config."""
+    from .compare import given_keys
+
+    for key in sorted(given_keys(argv) & set(RESERVED_FLAGS)):
+        raise ValueError(f"--{key} is set per run by the study; use {RESERVED_FLAGS[key]} instead.")
+    argv = list(argv)
+    if baseline is not None:
+        study, training_args, _ = make_baselines_parser().parse_args_and_config(argv)
+        argv += ["--baseline", baseline, "--seed", str(seed),
+                 "--output_dir", run_dir(training_args.output_dir, baseline, seed)]
+    return tuple(make_baselines_parser().parse_args_and_config(argv))
+
+
+def run_dir(output_dir: str, baseline: str, seed: int) -> str:
+    return os.path.join(output_dir, "runs", f"{baseline}_seed{seed}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------------------------------
+def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any]:
+    """Trains REINFORCE with one baseline and seed; returns its reward curve and gradient-variance measurements."""
+    from .callbacks.grad_variance import GradientVarianceCallback
+    from .recipe_utils import make_trainer, prepare_rl_run
+    from .trainers.reinforce import ReinforceTrainer
+
+    study, training_args, model_args = parse_baselines_argv(argv, baseline, seed)
+    setup = prepare_rl_run(study, training_args, model_args)
+    if study.reward_offset:
+        setup.reward_funcs.append(offset_reward(study.reward_offset))
+        setup.reward_weights.append(1.0)
+        training_args.reward_weights = setup.reward_weights
+    trainer = make_trainer(ReinforceTrainer, setup, training_args)
+    variance = GradientVarianceCallback(
+        trainer, every_n_steps=study.grad_variance_every, num_estimates=study.grad_variance_estimates
+    )
+    trainer.add_callback(variance)
+    trainer.train()
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return run_result(baseline, seed, study, trainer.state.log_history, variance.measurements)
+
+
+def run_result(baseline: str, seed: int, study: BaselinesArguments, log_history: list[dict],
+               measurements: Sequence[Any]) -> dict[str, Any]:
+    """One run's row: the training reward without the offset per logged step, the gold reward where it was tracked,
+    every gradient-variance measurement, their median and the final reward."""
+    curve = [{"step": h["step"], "reward": h["reward"] - study.reward_offset, "gold": h.get("rewards/gold_reward/mean")}
+             for h in log_history if "reward" in h]
+    variance = [{"step": m.step, "total": m.total, "snr": m.snr} for m in measurements]
+    tail = curve[-study.final_window:]
+    golds = [p["gold"] for p in tail if p["gold"] is not None]
+    return {
+        "baseline": baseline, "seed": seed, "reward_offset": study.reward_offset, "curve": curve,
+        "grad_variance": variance, "median_grad_variance": statistics.median(v["total"] for v in variance),
+        "final_reward": statistics.fmean(p["reward"] for p in tail),
+        "final_gold": statistics.fmean(golds) if golds else None,
+    }
+
+
+def run_logged(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any]:
+    """``run_baseline`` with its console output (the trainer's log lines) in ``<run dir>/train.log``."""
+    study, training_args, _ = parse_baselines_argv(argv)
+    out = run_dir(training_args.output_dir, baseline, seed)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train.log"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        return run_baseline(argv, baseline, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------------------------------
+def run_baselines(argv: Sequence[str], progress: bool = True, runner: Callable | None = None) -> dict[str, Any]:
+    """Runs every (baseline, seed), then writes the report. Returns the metrics written."""
+    from tqdm.auto import tqdm
+
+    argv = list(argv)
+    study, training_args, _ = parse_baselines_argv(argv)
+    for baseline in study.baselines:  # every argument error before the first run
+        parse_baselines_argv(argv, baseline, study.seeds[0])
+    runner = runner or run_logged
+    todo = [(b, s) for s in study.seeds for b in study.baselines]
+    results = [runner(argv, b, s) for b, s in tqdm(todo, desc="baseline runs", disable=not progress)]
+    metrics = summarise(results)
+    metrics["settings"] = {"argv": argv, "seeds": study.seeds, "reward_offset": study.reward_offset,
+                           "grad_variance_every": study.grad_variance_every,
+                           "grad_variance_estimates": study.grad_variance_estimates, "final_window": study.final_window}
+    write_report(training_args.output_dir, results, metrics)
+    return metrics
+
+
+def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per baseline: the median gradient variance of each run and its median / min / max over seeds, the ratio of
+    the medians to ``none``'s, the final reward and gold over seeds, and the curves (mean, min, max over seeds)."""
+    from .compare import spread
+
+    out: dict[str, Any] = {"baselines": {}, "runs": list(results)}
+    for name in dict.fromkeys(r["baseline"] for r in results):
+        runs = [r for r in results if r["baseline"] == name]
+        medians = [r["median_grad_variance"] for r in runs]
+        out["baselines"][name] = {
+            "num_runs": len(runs),
+            "median_grad_variance": {**spread(medians), "median": statistics.median(medians)},
+            "final_reward": spread([r["final_reward"] for r in runs]),
+            "final_gold": spread([r["final_gold"] for r in runs]),
+            "reward_curve": band([r["curve"] for r in runs], "reward"),
+            "grad_variance_curve": band([r["grad_variance"] for r in runs], "total"),
+        }
+    if "none" in out["baselines"]:
+        none = out["baselines"]["none"]["median_grad_variance"]["median"]
+        for b in out["baselines"].values():
+            b["variance_vs_none"] = b["median_grad_variance"]["median"] / none if none else None
+    return out
+
+
+def band(curves: Sequence[Sequence[dict[str, Any]]], key: str) -> dict[str, list]:
+    """Mean, min and max over runs of ``key`` at each step present in every run."""
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
+    at = [[next(p[key] for p in c if p["step"] == s) for c in curves] for s in steps]
+    return {"step": steps, "mean": [statistics.fmean(v) for v in at], "min": [min(v) for v in at],
+            "max": [max(v) for v in at]}
+
+
+def _sci(x: float | None) -> str:
+    return "–" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def report_markdown(metrics: dict[str, Any]) -> str:
+    """One table: a row per baseline."""
+    s = metrics["settings"]
+    lines = [
+        "| baseline | seeds | median gradient variance (min–max over seeds) | ÷ none | final reward | final gold |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, b in metrics["baselines"].items():
+        v, r, g = b["median_grad_variance"], b["final_reward"], b["final_gold"]
+        ratio = b.get("variance_vs_none")
+        lines.append(
+            f"| {name} | {b['num_runs']} | {_sci(v['median'])} ({_sci(v['min'])}–{_sci(v['max'])}) "
+            f"| {'–' if ratio is None else f'{ratio:.3f}'} | {_pm(r)} | {_pm(g)} |"
+        )
+    lines += ["", f"Reward = proxy + {s['reward_offset']:g}. Gradient variance: tr Cov of the policy gradient over "
+              f"{s['grad_variance_estimates']} disjoint slices of the generation batch, measured every "
+              f"{s['grad_variance_every']} steps; each run's median, then the median over seeds. Final reward: the "
+              f"training reward without the offset, mean of the last {s['final_window']} logged steps, mean ± standard "
+              "deviation over seeds; final gold: the lab's gold reward of the same batches (tracked, not optimised)."]
+    return "\n".join(lines) + "\n"
+
+
+def _pm(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "–"
+    return f"{s['mean']:+.3f}" + (f" ± {s['std']:.3f}" if s["n"] > 1 else "")
+
+
+def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
+    """``baselines.md`` (the table), ``baselines.png`` (reward and variance curves) and ``metrics.json``."""
+    from .plots import plot_baselines
+    from .results import write_metrics
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"table": os.path.join(output_dir, "baselines.md"), "plot": os.path.join(output_dir, "baselines.png")}
+    with open(paths["table"], "w") as f:
+        f.write(report_markdown(metrics))
+    plot_baselines(metrics, paths["plot"])
+    paths["metrics"] = write_metrics(output_dir, metrics, merge=False)
+    return paths
+
+
+def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
+    """A few console lines: each baseline's gradient variance and final reward, and where the files are."""
+    lines = [""]
+    for name, b in metrics["baselines"].items():
+        ratio = b.get("variance_vs_none")
+        lines.append(
+            f"{name:<13} median gradient variance {_sci(b['median_grad_variance']['median'])}"
+            f"{'' if ratio is None else f' ({ratio:.3f} × none)'}, final reward {_pm(b['final_reward'])}"
+        )
+    lines += [f"table: {os.path.join(output_dir, 'baselines.md')}", f"plot: {os.path.join(output_dir, 'baselines.png')}",
+              f"numbers: {os.path.join(output_dir, 'metrics.json')}; each run's log: runs/<baseline>_seed<k>/"]
+    return "\n".join(lines)
