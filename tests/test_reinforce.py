@@ -350,8 +350,9 @@ def test_recipe_runs_on_the_lab_and_reports_the_gradient_variance(lab, tmp_path)
 
 def test_on_the_lab_a_baseline_matters_when_the_mean_reward_is_far_from_zero(lab, tmp_path):
     """The lab's proxy RM scores are centred near 0, so b = 0 is already a fair baseline there; add 5 to every reward
-    and the variance without a baseline explodes while the baselined estimates do not move. One generation batch
-    (64 completions of the SFT policy), all variants measured on it."""
+    and the variance without a baseline explodes while the baselined estimates (leave-one-out group mean, and the
+    batch's own mean) do not move. One generation batch (64 completions of the SFT policy), all variants measured on
+    it; the running mean of past batches over training is measured in tests/test_reinforce_baselines.py."""
     from hf_rlhf_ext.callbacks.grad_variance import measure_gradient_variance
     from hf_rlhf_ext.rewards import RewardModelFunction
 
@@ -369,11 +370,13 @@ def test_on_the_lab_a_baseline_matters_when_the_mean_reward_is_far_from_zero(lab
     assert abs(rewards.mean().item()) < 0.5  # centred RM
 
     def total(r, baseline):
+        # running_mean=None: "running_mean" subtracts this batch's own mean (what the running-mean baseline does on
+        # its first batch only, when there is no past), not a running mean of past batches
         adv, _ = reinforce_advantages(r, 4, baseline, running_mean=None)
         return measure_gradient_variance(trainer, dict(batch, advantages=adv), num_estimates=8).total
 
     none0, none5 = total(rewards, "none"), total(rewards + 5.0, "none")
-    group5, running5 = total(rewards + 5.0, "group"), total(rewards + 5.0, "running_mean")
+    group5, batch_mean5 = total(rewards + 5.0, "group"), total(rewards + 5.0, "running_mean")
     assert none5 > 10 * none0
-    assert none5 >= 2 * group5 and none5 >= 2 * running5
+    assert none5 >= 2 * group5 and none5 >= 2 * batch_mean5
     assert group5 == pytest.approx(total(rewards, "group"), rel=1e-3)  # a baseline makes the offset irrelevant
