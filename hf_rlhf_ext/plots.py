@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-__all__ = ["plot_best_of_n_curve", "plot_distillation", "plot_compare", "plot_baselines", "plot_clip_gradients"]
+__all__ = ["plot_best_of_n_curve", "plot_distillation", "plot_compare", "plot_baselines", "plot_clip_gradients",
+           "plot_rm_ensemble"]
 
 
 def _pyplot():
