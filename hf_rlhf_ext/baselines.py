@@ -107,8 +107,9 @@ def parse_baselines_argv(argv: Sequence[str], baseline: str | None = None, seed:
     """(study args, ``ReinforceConfig``, ``ModelConfig``); with ``baseline`` and ``seed``: that run's config."""
     from .compare import given_keys
 
-    for key in sorted(given_keys(argv) & set(RESERVED_FLAGS)):
-        raise ValueError(f"--{key} is set per run by the study; use {RESERVED_FLAGS[key]} instead.")
+    reserved = sorted(given_keys(argv) & set(RESERVED_FLAGS))
+    if reserved:
+        raise ValueError(f"--{reserved[0]} is set per run by the study; use {RESERVED_FLAGS[reserved[0]]} instead.")
     argv = list(argv)
     if baseline is not None:
         study, training_args, _ = make_baselines_parser().parse_args_and_config(argv)
@@ -249,8 +250,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     lines += ["", f"Reward = proxy + {s['reward_offset']:g}. Gradient variance: tr Cov of the policy gradient over "
               f"{s['grad_variance_estimates']} disjoint slices of the generation batch, measured every "
               f"{s['grad_variance_every']} steps; each run's median, then the median over seeds. Final reward: the "
-              f"training reward without the offset, mean of the last {s['final_window']} logged steps, mean ± standard "
-              "deviation over seeds; final gold: the lab's gold reward of the same batches (tracked, not optimised)."]
+              f"training reward without the offset, mean of the last {s['final_window']} logged steps, mean ± "
+              "standard deviation over seeds; final gold: the lab's gold reward of the same batches (tracked, not optimised)."]
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +284,7 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
             f"{name:<13} median gradient variance {_sci(b['median_grad_variance']['median'])}"
             f"{'' if ratio is None else f' ({ratio:.3f} × none)'}, final reward {_pm(b['final_reward'])}"
         )
-    lines += [f"table: {os.path.join(output_dir, 'baselines.md')}", f"plot: {os.path.join(output_dir, 'baselines.png')}",
+    lines += [f"table: {os.path.join(output_dir, 'baselines.md')}",
+              f"plot: {os.path.join(output_dir, 'baselines.png')}",
               f"numbers: {os.path.join(output_dir, 'metrics.json')}; each run's log: runs/<baseline>_seed<k>/"]
     return "\n".join(lines)

@@ -84,7 +84,8 @@ def plot_compare(metrics: dict[str, Any], path: str) -> str:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 6.0), sharex=True)
     for (name, t), colour in zip(metrics["trainers"].items(), ("tab:blue", "tab:orange", "tab:green")):
         c = t["curve"]
-        label = f"{name.upper()} ({t['prompts_per_step']}×{t['completions_per_prompt']}, β={t['beta']:g}, n={t['num_runs']})"
+        size = f"{t['prompts_per_step']}×{t['completions_per_prompt']}"
+        label = f"{name.upper()} ({size}, β={t['beta']:g}, n={t['num_runs']})"
         _band(top, c["step"], c["gold_mean"], c["gold_min"], c["gold_max"], label, colour)
         _band(bottom, c["step"], c["kl_mean"], c["kl_min"], c["kl_max"], label, colour)
     top.set_ylabel("held-out gold reward")

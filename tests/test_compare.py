@@ -56,6 +56,7 @@ def test_each_trainer_gets_its_own_beta_group_size_seed_and_directory(tmp_path):
         (["--seeds", "1", "1"], "distinct seeds"),
         (["--num_eval_prompts", "0"], "num_eval_prompts must be >= 1"),
         (["--no_such_flag", "1"], "no_such_flag"),
+        (["--dataset_name", "some/prompts", "--reward_funcs", "trl.rewards.think_format_reward"], "--gold_reward"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_run(tmp_path, argv, message):
@@ -97,7 +98,8 @@ def test_held_out_proxy_is_the_weighted_sum_and_gold_the_weight_zero_function():
 def _run(trainer, seed, golds, kls, memory, seconds):
     from hf_rlhf_ext.compare import curve_numbers
 
-    curve = [{"step": 5 * i, "gold": g, "proxy": 10 * g, "kl": k, "kl_k1": k} for i, (g, k) in enumerate(zip(golds, kls))]
+    curve = [{"step": 5 * i, "gold": g, "proxy": 10 * g, "kl": k, "kl_k1": k}
+             for i, (g, k) in enumerate(zip(golds, kls))]
     g = 1 if trainer == "ppo" else 8
     return {"trainer": trainer, "seed": seed, "beta": 0.1, "prompts_per_step": 32 // g, "completions_per_prompt": g,
             "steps": 10, "curve": curve, **curve_numbers(curve), "peak_memory_mb": memory,
