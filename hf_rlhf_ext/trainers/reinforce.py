@@ -165,7 +165,8 @@ class ReinforceConfig(GRPOConfig):
             `"none"` (advantage = raw reward), `"running_mean"` (exponential moving average of past batch-mean
             rewards) or `"group"` (leave-one-out mean of the other completions of the same prompt, as RLOO).
         baseline_decay (`float`, *optional*, defaults to `0.9`):
-            Decay of the running mean (`"running_mean"` only): b ← decay·b + (1 − decay)·mean reward of the batch.
+            Decay of the running mean (`"running_mean"` only): m ← decay·m + (1 − decay)·mean reward of the batch,
+            after the batch is used; the baseline is the bias-corrected b = m / (1 − decay^n) after n batches.
         aggregation (`str`, *optional*, defaults to `"sequence"`):
             `"sequence"`: loss = −mean_i A_i Σ_t log π(y_i,t), the textbook REINFORCE estimator (GRPO's
             `loss_type="luspo"`). `"token"`: the same sum divided by the number of completion tokens in the batch
@@ -185,7 +186,10 @@ class ReinforceConfig(GRPOConfig):
         metadata={"help": "REINFORCE baseline.", "choices": list(BASELINES)},
     )
     baseline_decay: float = field(
-        default=0.9, metadata={"help": "Decay of the running-mean baseline (b ← decay·b + (1 − decay)·batch mean)."}
+        default=0.9,
+        metadata={
+            "help": "Decay of the running-mean baseline (m ← decay·m + (1 − decay)·batch mean; b = m / (1 − decay^n))."
+        },
     )
     aggregation: str = field(
         default="sequence",
