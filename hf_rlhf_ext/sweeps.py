@@ -185,11 +185,6 @@ class HeldOutProbeCallback(KLToReferenceCallback):
                          allow_reference_copy=True, seed=seed)
         self.proxy, self.gold = list(proxy), gold
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.reference.snapshot()
-        _own_forward(getattr(self.reference, "_copy", None))
-        return super().on_train_begin(args, state, control, **kwargs)
-
     def measure(self, step: int) -> dict[str, float]:
         sampler = self.sampler
         with sampler.policy_for_generation() as policy:
@@ -206,15 +201,6 @@ class HeldOutProbeCallback(KLToReferenceCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self._last_step != state.global_step:  # the last step is part of the curve whatever eval_every is
             self.measure(state.global_step)
-
-
-def _own_forward(model: Any) -> None:
-    """Makes a deep copy of a trainer's policy run its own forward. TRL 1.16 replaces ``model.forward`` by a wrapper
-    closing over the original bound ``forward``; ``copy.deepcopy`` keeps that closure, so the "frozen" copy would
-    still call the live policy and measure KL ≈ 0 at β = 0. Dropping the instance attribute restores the class's
-    forward on the copy's own weights."""
-    if model is not None and "forward" in vars(model):
-        del model.forward
 
 
 def _finite_mean(values: Iterable[float]) -> float | None:

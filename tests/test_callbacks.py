@@ -135,7 +135,7 @@ def test_held_out_sampler_kv_cache_matches_forward_log_probs(policy_path, tmp_pa
 def test_kl_callback_needs_reference_or_permission(policy_path, tmp_path):
     from hf_rlhf_ext.callbacks import KLToReferenceCallback
 
-    trainer = _grpo(policy_path, tmp_path, max_steps=2)  # beta = 0, no PEFT: no reference anywhere
+    trainer = _grpo(policy_path, tmp_path, max_steps=4, learning_rate=5e-2)  # beta = 0, no PEFT: no reference
     with pytest.raises(ValueError, match="allow_reference_copy=True"):
         KLToReferenceCallback(trainer, prompts(4))
     cb = KLToReferenceCallback(trainer, prompts(4), every_n_steps=2, num_samples=8, allow_reference_copy=True)
@@ -145,9 +145,13 @@ def test_kl_callback_needs_reference_or_permission(policy_path, tmp_path):
     assert abs(cb.history[0]["kl_ref/k1_seq"]) < 1e-6
     ref = cb.reference._copy
     assert all(not p.requires_grad for p in ref.parameters())
-    # the copy is the *initial* policy: the trained policy's weights differ from it
+    # the copy is the *initial* policy: the trained policy's weights differ from it ...
     trained = dict(trainer.model.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in ref.named_parameters())
+    # ... and its forward runs its own weights (a deep copy of TRL's wrapped forward would run the live policy's)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert not torch.allclose(ref(input_ids=ids).logits, trainer.model(input_ids=ids).logits)
+    assert cb.history[-1]["kl_ref/k3_seq"] > 1e-3
 
 
 def test_kl_callback_uses_trl_reference_when_beta_positive(policy_path, tmp_path):

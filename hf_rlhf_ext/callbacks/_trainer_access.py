@@ -427,6 +427,11 @@ class ReferencePolicy:
             return
         unwrapped = self.trainer.accelerator.unwrap_model(self.trainer.model)
         ref = copy.deepcopy(unwrapped)
+        if "forward" in vars(ref):
+            # TRL (and accelerate's mixed precision) replace ``model.forward`` on the instance by a wrapper closing over
+            # the original *bound* forward; a deep copy keeps that closure, so the "frozen" copy would run the live
+            # policy's weights and measure KL ≈ 0. Dropping the instance attribute restores the class's forward.
+            del ref.forward
         ref.eval()
         for p in ref.parameters():
             p.requires_grad_(False)
