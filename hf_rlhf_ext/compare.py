@@ -257,25 +257,39 @@ def held_out_rewards(setup: Any, compare: CompareArguments) -> tuple[Callable, C
     return proxy, tracked[0]
 
 
-def _memory_baseline() -> tuple[str, float]:
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: ``VmHWM`` of /proc/self/status, which belongs to the process's own
+    address space — ``ru_maxrss`` also carries the peak of the process that forked it across exec, so a run spawned
+    from a large parent (e.g. the chapter pipeline) would read the parent's peak. Elsewhere: ``ru_maxrss``."""
     import resource
+    import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, kB on Linux
+
+
+def _memory_baseline() -> tuple[str, float]:
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         return "cuda_max_allocated", 0.0
-    return "rss_above_imports", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return "peak_rss_above_imports", _peak_rss_mb()
 
 
 def _memory_peak(method: str, baseline: float) -> float:
-    import resource
-
     import torch
 
     if method == "cuda_max_allocated":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    return _peak_rss_mb() - baseline
 
 
 def run_one(argv: Sequence[str], trainer_name: str, seed: int) -> dict[str, Any]:
@@ -459,7 +473,7 @@ def report_markdown(metrics: dict[str, Any]) -> str:
 
 
 MEMORY_NOTE = {
-    "rss_above_imports": "peak RSS of the run's own process above its RSS after the imports",
+    "peak_rss_above_imports": "peak RSS (VmHWM) of the run's own process above its peak after the imports",
     "cuda_max_allocated": "torch.cuda.max_memory_allocated of the run's own process",
 }
 

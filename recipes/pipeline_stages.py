@@ -260,6 +260,68 @@ def _trajectory(args: Any, setup: Any, trainer: Any, kl_coef: float) -> dict:
             "return": float(rewards.sum())}
 
 
+def _seeds(args: Any, full: int) -> list[str]:
+    return [str(args.seed + i) for i in range(1 if args.quick else full)]
+
+
+def stage_reinforce(args: Any, out: str) -> dict:
+    """REINFORCE with and without a baseline on a reward with an offset (+5): gradient variance and reward over
+    training (``hf_rlhf_ext.baselines``)."""
+    from hf_rlhf_ext.baselines import run_baselines
+
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 2), *_rl_flags(args)]
+    argv += ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
+    m = run_baselines(argv, progress=False)
+    keep = {name: {k: b[k] for k in ("median_grad_variance", "final_reward", "final_gold", "variance_vs_none")}
+            | {"first_reward": b["reward_curve"]["mean"][0]} for name, b in m["baselines"].items()}
+    return {"baselines": keep, "seeds": m["settings"]["seeds"], "reward_offset": m["settings"]["reward_offset"],
+            "plots": [os.path.join(out, "baselines.png")]}
+
+
+def stage_beta_sweep(args: Any, out: str) -> dict:
+    """One GRPO run per β (held-out k3 KL, proxy, gold), the Gao RL-form fit (``hf_rlhf_ext.sweeps``)."""
+    from hf_rlhf_ext.sweeps import run_sweep
+
+    argv = ["--output_dir", out, "--seeds", str(args.seed), *_rl_flags(args)]
+    argv += ["--betas", "0", "0.02", "0.2", "1.0"] if args.quick else []
+    m = run_sweep(argv, progress=False)
+    keep = ("betas", "per_beta", "spearman_beta_final_kl", "spearman_beta_final_kl_all_points", "lowest_beta",
+            "highest_beta", "gao_fit")
+    return {k: m[k] for k in keep} | {"plots": [os.path.join(out, "frontier.png")]}
+
+
+def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
+    """PPO (with a critic) and GRPO on the same prompts and sampled completions per step (``hf_rlhf_ext.compare``);
+    each run in its own process, so peak memory is measured alike."""
+    from hf_rlhf_ext.compare import run_compare
+
+    if not has_gold(args):
+        return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
+    flags = _rl_flags(args) if args.on_lab else [*_rl_flags(args), "--gold_reward", args.gold_funcs[0]]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 2), *[f for f in flags if f != "--reward_weights"]]
+    m = run_compare(argv, progress=False)
+    keep = ("gold_start", "gold_peak", "gold_end", "kl_end", "proxy_end", "peak_memory_mb", "seconds_per_step",
+            "collapsed_fraction", "memory_method")
+    trainers = {t: {k: v[k] for k in keep if k in v} for t, v in m["trainers"].items()}
+    return {"trainers": trainers, "seeds": m["settings"]["seeds"], "plots": [os.path.join(out, "compare.png")]}
+
+
+def stage_ensembles(args: Any, out: str) -> dict:
+    """The single proxy RM against ensembles of RMs (mean, worst case, mean − λ·std) at the same low β
+    (``hf_rlhf_ext.ensembles``): a finding, reported whichever way it comes out."""
+    from hf_rlhf_ext.ensembles import run_experiment
+
+    if not args.on_lab:
+        return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
+    argv = ["--output_dir", out, "--seeds", str(args.seed), "--max_parallel", str(args.max_parallel)]
+    argv += ["--objectives", "single", "min", "--max_steps", "40"] if args.quick else []
+    m = run_experiment(argv)
+    keep = ("end_gold", "peak_gold", "fall", "final_kl")
+    return {"objectives": {o: {k: v[k] for k in keep} for o, v in m["objectives"].items()},
+            "settings": {k: m["settings"][k] for k in ("beta", "seeds", "max_steps", "k", "penalty")},
+            "plots": [os.path.join(out, "ensemble.png")]}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Claims: each decided by a statistic of a stage's result, with the threshold stated here
 # ----------------------------------------------------------------------------------------------------------------------
@@ -372,8 +434,61 @@ def claim_overoptimization(results: dict):
     return Claim(*args, values, holds=holds)
 
 
-CLAIMS = [claim_reward_model, claim_clip, claim_group_advantages, claim_best_of_n, claim_mini_loop,
-          claim_overoptimization]
+VARIANCE_CUT = 2.0
+
+
+def claim_reinforce(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("reinforce_baseline", "14–15", "REINFORCE raises the mean reward; a baseline cuts the measured gradient "
+            "variance at least 2×", "running-mean baseline: final − first training reward; median gradient variance "
+            "of none ÷ running mean", {"reward_gain": "> 0", "variance_cut": f">= {VARIANCE_CUT}"})
+    if reason := _missing(results, "reinforce"):
+        return Claim.skip(*args, reason)
+    b = results["reinforce"]["baselines"]
+    rm, none = b["running_mean"], b["none"]
+    gain = rm["final_reward"]["mean"] - rm["first_reward"]
+    cut = none["median_grad_variance"]["median"] / rm["median_grad_variance"]["median"]
+    values = {"first_reward": rm["first_reward"], "final_reward": rm["final_reward"]["mean"], "reward_gain": gain,
+              "variance_none": none["median_grad_variance"]["median"],
+              "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut}
+    return Claim(*args, values, holds=gain > 0 and cut >= VARIANCE_CUT)
+
+
+def claim_kl_vs_beta(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("kl_falls_with_beta", "17", "KL to the reference falls as β rises",
+            "Spearman ρ(β, final held-out KL) over the grid", "<= -0.9")
+    if reason := _missing(results, "beta_sweep"):
+        return Claim.skip(*args, reason)
+    r = results["beta_sweep"]
+    values = {"rho": r["spearman_beta_final_kl"], "betas": r["betas"],
+              "final_kl": [row["final_kl"]["mean"] for row in r["per_beta"]]}
+    return Claim(*args, values, holds=r["spearman_beta_final_kl"] is not None and r["spearman_beta_final_kl"] <= -0.9)
+
+
+GOLD_GAIN = 0.1
+
+
+def claim_ppo_vs_grpo(results: dict):
+    from hf_rlhf_ext.report import Claim
+
+    args = ("grpo_vs_ppo", "20, 22", "GRPO trains without a critic at lower peak memory than PPO; both raise gold "
+            "over the SFT model", "peak memory (MB above the imports) of each; end − start held-out gold of each "
+            "(means over seeds)", {"grpo_memory": "< ppo_memory", "gold_gain": f">= {GOLD_GAIN}"})
+    if reason := _missing(results, "ppo_vs_grpo"):
+        return Claim.skip(*args, reason)
+    t = results["ppo_vs_grpo"]["trainers"]
+    gain = {name: v["gold_end"]["mean"] - v["gold_start"]["mean"] for name, v in t.items()}
+    values = {"ppo_memory_mb": t["ppo"]["peak_memory_mb"]["mean"], "grpo_memory_mb": t["grpo"]["peak_memory_mb"]["mean"],
+              "ppo_gold_gain": gain["ppo"], "grpo_gold_gain": gain["grpo"]}
+    holds = values["grpo_memory_mb"] < values["ppo_memory_mb"] and min(gain.values()) >= GOLD_GAIN
+    return Claim(*args, values, holds=holds)
+
+
+CLAIMS = [claim_reward_model, claim_reinforce, claim_clip, claim_kl_vs_beta, claim_overoptimization,
+          claim_group_advantages, claim_ppo_vs_grpo, claim_best_of_n, claim_mini_loop]
 
 
 def findings(results: dict) -> list:
@@ -385,6 +500,16 @@ def findings(results: dict) -> list:
         fit = bon["curve"]["fit"]
         out.append(Finding("bon_gao_fit", "Gao best-of-N form R(d) = d(α − β d) fitted to best-of-N's gold gain",
                            {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}))
+    sweep = results.get("beta_sweep")
+    if sweep and "alpha" in sweep.get("gao_fit", {}):
+        fit = sweep["gao_fit"]
+        out.append(Finding("rl_gao_fit", "Gao RL form R(d) = d(α − β ln d) fitted to the β sweep's gold gain",
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")}))
+    ens = results.get("ensembles")
+    if ens and "objectives" in ens:
+        out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "
+                           "objective (lower is better; single RM vs ensembles)",
+                           {o: v["fall"]["mean"] for o, v in ens["objectives"].items()}))
     return out
 
 
@@ -477,6 +602,64 @@ def section_overoptimization(args, r):
                                          "kl_at_peak", "final_kl", "detected_step")], [_rel(args, p) for p in r["plots"]])
 
 
+def section_reinforce(args, r):
+    from hf_rlhf_ext.report import Section
+
+    b = r["baselines"]
+    rows = [(name, {"median grad variance": v["median_grad_variance"]["median"], "× none": v["variance_vs_none"],
+                    "final reward": v["final_reward"]["mean"]}) for name, v in b.items()]
+    cut = b["none"]["median_grad_variance"]["median"] / b["running_mean"]["median_grad_variance"]["median"]
+    return Section("REINFORCE and its baseline (exercises 14–15)", f"A constant +{r['reward_offset']:g} added to every "
+                   "reward changes no expected gradient, only its variance without a baseline. Measured over seeds "
+                   f"{r['seeds']}: the running-mean baseline cuts the gradient variance {cut:.0f}×, and the run without a "
+                   "baseline barely learns in the same number of steps.", rows, [_rel(args, p) for p in r["plots"]])
+
+
+def section_beta_sweep(args, r):
+    from hf_rlhf_ext.report import Section
+
+    rows = [(f"β = {row['beta']:g}", {"final KL": row["final_kl"]["mean"], "final proxy": row["final_proxy"]["mean"],
+                                     "final gold": row["final_gold"]["mean"], "gold peak": row["peak_gold"]["mean"]})
+            for row in r["per_beta"]]
+    fit = r["gao_fit"]
+    low = r["lowest_beta"]
+    text = (f"ρ(β, final KL) = {r['spearman_beta_final_kl']:.2f}: the leash works. At β = {low['beta']:g} gold peaks at "
+            f"{low['peak_gold']:.2f} and ends at {low['final_gold']:.2f} while the proxy goes {low['proxy_at_peak']:.2f} "
+            f"→ {low['final_proxy']:.2f}; at β = {r['highest_beta']['beta']:g} the KL ends at "
+            f"{r['highest_beta']['final_kl']:.2f} nats.")
+    if "alpha" in fit:
+        text += (f" The Gao RL form fits the gold gain with α = {fit['alpha']:.2f}, β = {fit['beta']:.2f}, "
+                 f"R² = {fit['r2']:.2f}.")
+    return Section("β sweep: KL against reward (exercise 17)", text, rows, [_rel(args, p) for p in r["plots"]])
+
+
+def section_ppo_vs_grpo(args, r):
+    from hf_rlhf_ext.report import Section
+
+    t = r["trainers"]
+    rows = [(name, {k: v[k]["mean"] for k in ("gold_start", "gold_peak", "gold_end", "kl_end", "peak_memory_mb",
+                                              "seconds_per_step")}) for name, v in t.items()]
+    return Section("PPO vs GRPO (exercises 20, 22)", f"Same prompts, 32 sampled completions per step, seeds "
+                   f"{r['seeds']}. GRPO needs no critic: peak memory {t['grpo']['peak_memory_mb']['mean']:.0f} MB "
+                   f"against PPO's {t['ppo']['peak_memory_mb']['mean']:.0f} MB (measured the same way, "
+                   f"{t['ppo'].get('memory_method', 'per process')}); held-out gold "
+                   f"{t['ppo']['gold_start']['mean']:.2f} → {t['ppo']['gold_end']['mean']:.2f} (PPO) and → "
+                   f"{t['grpo']['gold_end']['mean']:.2f} (GRPO).", rows, [_rel(args, p) for p in r["plots"]])
+
+
+def section_ensembles(args, r):
+    from hf_rlhf_ext.report import Section
+
+    o = r["objectives"]
+    rows = [(name, {k: v[k]["mean"] for k in ("peak_gold", "end_gold", "fall", "final_kl")}) for name, v in o.items()]
+    best = min(o, key=lambda n: o[n]["fall"]["mean"])
+    return Section("Reward-model ensembles (a mitigation)", f"At β = {r['settings']['beta']} the single proxy RM and "
+                   f"ensembles of {r['settings']['k']} RMs were optimised alike. The smallest gold fall from its peak "
+                   f"was under '{best}' ({o[best]['fall']['mean']:.3f}); with seeds {r['settings']['seeds']} the "
+                   "differences are a finding to read with their spread (ensemble.md), not a claim.", rows,
+                   [_rel(args, p) for p in r["plots"]])
+
+
 def concepts_text(r: dict) -> str:
     lines = ["**The four models of PPO**, read off the `PPOTrainer` this run built:", "",
              "| role | class | parameters | updated by the optimizer | trained? |", "|---|---|---|---|---|"]
@@ -493,16 +676,21 @@ def concepts_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = {"lab": section_lab, "reward_model": section_reward_model, "clip": section_clip,
-            "group_advantages": section_group_advantages, "best_of_n": section_best_of_n,
+SECTIONS = {"lab": section_lab, "reward_model": section_reward_model, "reinforce": section_reinforce,
+            "clip": section_clip, "beta_sweep": section_beta_sweep, "group_advantages": section_group_advantages,
+            "ppo_vs_grpo": section_ppo_vs_grpo, "best_of_n": section_best_of_n, "ensembles": section_ensembles,
             "mini_loop": section_mini_loop, "overoptimization": section_overoptimization}
 
-STAGES = [
+STAGES = [  # the chapter's order
     Stage("lab", "The lab", stage_lab),
     Stage("reward_model", "Reward model", stage_reward_model),
+    Stage("reinforce", "REINFORCE baselines", stage_reinforce),
     Stage("clip", "The clipped objective", stage_clip),
+    Stage("beta_sweep", "β sweep", stage_beta_sweep),
     Stage("group_advantages", "GRPO's group advantages", stage_group_advantages),
+    Stage("ppo_vs_grpo", "PPO vs GRPO", stage_ppo_vs_grpo),
     Stage("best_of_n", "Best-of-N and distillation", stage_best_of_n),
+    Stage("ensembles", "Reward-model ensembles", stage_ensembles),
     Stage("mini_loop", "The mini loop", stage_mini_loop),
     Stage("overoptimization", "β too low", stage_overoptimization),
     Stage("concepts", "Concepts", stage_concepts),

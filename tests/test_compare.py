@@ -103,7 +103,7 @@ def _run(trainer, seed, golds, kls, memory, seconds):
     g = 1 if trainer == "ppo" else 8
     return {"trainer": trainer, "seed": seed, "beta": 0.1, "prompts_per_step": 32 // g, "completions_per_prompt": g,
             "steps": 10, "curve": curve, **curve_numbers(curve), "peak_memory_mb": memory,
-            "memory_method": "rss_above_imports", "seconds_per_step": seconds}
+            "memory_method": "peak_rss_above_imports", "seconds_per_step": seconds}
 
 
 RESULTS = [

@@ -150,6 +150,12 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
     v = claims["beta_too_low"]["values"]
     assert v["peak_step"] < v["last_step"] and v["peak_gold"] - v["end_gold"] >= stages.HACK_MARGIN
     assert v["end_proxy"] > v["proxy_at_peak"]
+    v = claims["reinforce_baseline"]["values"]
+    assert v["variance_cut"] >= stages.VARIANCE_CUT and v["reward_gain"] > 0  # measured: 33x, +0.35
+    v = claims["kl_falls_with_beta"]["values"]
+    assert v["rho"] <= -0.9 and v["final_kl"][0] > 3 * v["final_kl"][-1]  # β 0 → 1: 3.1 → 0.26 nats
+    v = claims["grpo_vs_ppo"]["values"]
+    assert v["grpo_memory_mb"] < v["ppo_memory_mb"] and min(v["ppo_gold_gain"], v["grpo_gold_gain"]) >= stages.GOLD_GAIN
     v = claims["mini_loop"]["values"]
     assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl"] <= stages.POLITE_KL
     report = (out / "report.md").read_text()
