@@ -269,7 +269,7 @@ def stage_reinforce(args: Any, out: str) -> dict:
     training (``hf_rlhf_ext.baselines``)."""
     from hf_rlhf_ext.baselines import run_baselines
 
-    argv = ["--output_dir", out, "--seeds", *_seeds(args, 2), *_rl_flags(args)]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
     m = run_baselines(argv, progress=False)
     keep = {name: {k: b[k] for k in ("median_grad_variance", "final_reward", "final_gold", "variance_vs_none")}
@@ -282,7 +282,7 @@ def stage_beta_sweep(args: Any, out: str) -> dict:
     """One GRPO run per β (held-out k3 KL, proxy, gold), the Gao RL-form fit (``hf_rlhf_ext.sweeps``)."""
     from hf_rlhf_ext.sweeps import run_sweep
 
-    argv = ["--output_dir", out, "--seeds", str(args.seed), *_rl_flags(args)]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--betas", "0", "0.02", "0.2", "1.0"] if args.quick else []
     m = run_sweep(argv, progress=False)
     keep = ("betas", "per_beta", "spearman_beta_final_kl", "spearman_beta_final_kl_all_points", "lowest_beta",
@@ -298,7 +298,7 @@ def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
     if not has_gold(args):
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
     flags = _rl_flags(args) if args.on_lab else [*_rl_flags(args), "--gold_reward", args.gold_funcs[0]]
-    argv = ["--output_dir", out, "--seeds", *_seeds(args, 2), *[f for f in flags if f != "--reward_weights"]]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *[f for f in flags if f != "--reward_weights"]]
     m = run_compare(argv, progress=False)
     keep = ("gold_start", "gold_peak", "gold_end", "kl_end", "proxy_end", "peak_memory_mb", "seconds_per_step",
             "collapsed_fraction", "memory_method")
@@ -313,7 +313,7 @@ def stage_ensembles(args: Any, out: str) -> dict:
 
     if not args.on_lab:
         return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
-    argv = ["--output_dir", out, "--seeds", str(args.seed), "--max_parallel", str(args.max_parallel)]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), "--max_parallel", str(args.max_parallel)]
     argv += ["--objectives", "single", "min", "--max_steps", "40"] if args.quick else []
     m = run_experiment(argv)
     keep = ("end_gold", "peak_gold", "fall", "final_kl")
