@@ -1,11 +1,12 @@
-"""Speed-up of the β sweep's parallel points: 2 points run 2 at a time (--max_parallel 2, spawned processes, one torch
-thread each) against the same 2 points one after the other in this process (--max_parallel 1), on the lab.
+"""Speed-up of the β sweep's parallel points: the points run 2 at a time (--max_parallel 2, spawned processes, one torch
+thread each) against the same points one after the other in this process (--max_parallel 1), on the lab.
 
 Repeats are interleaved (the order of the two modes alternates) after one untimed warm-up of each; the report gives
 the median and min–max of each mode's wall time and of the per-repeat ratio, and the points' own seconds (measured
 inside each point), which separate the cost of two points sharing the machine from the cost of starting the workers.
 
-    python benchmarks/sweep_parallel.py | tee benchmarks/results/sweep_parallel.txt
+    python benchmarks/sweep_parallel.py --betas 0 0.005 0.02 0.05 0.2 1.0     # the default grid: the target
+    python benchmarks/sweep_parallel.py                                        # 2 points: one per worker
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_once(max_parallel: int, max_steps: int) -> tuple[float, list[float]]:
-    """(wall seconds of a 2-point sweep, the points' own seconds)."""
+def run_once(max_parallel: int, max_steps: int, betas: list[str]) -> tuple[float, list[float]]:
+    """(wall seconds of a sweep over ``betas``, the points' own seconds)."""
     from hf_rlhf_ext.sweeps import RESULTS_FILE, run_sweep
 
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--betas", "0", "1.0", "--max_steps", str(max_steps), "--eval_every", "10", "--num_eval_prompts", "64",
+        argv = ["--betas", *betas, "--max_steps", str(max_steps), "--eval_every", "10", "--num_eval_prompts", "64",
                 "--max_parallel", str(max_parallel), "--output_dir", out]
         start = time.perf_counter()
         run_sweep(argv, progress=False)
@@ -47,14 +48,16 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--max_steps", type=int, default=20, help="GRPO steps per point")
+    parser.add_argument("--max_steps", type=int, default=60, help="GRPO steps per point (the sweep's default)")
+    parser.add_argument("--betas", nargs="+", default=["0", "1.0"],
+                        help="the grid; the default sweep's is 0 0.005 0.02 0.05 0.2 1.0 (3 points per worker)")
     args = parser.parse_args()
     import contextlib
     import io
 
     import torch
 
-    print(f"# sweep_parallel: 2 GRPO lab points of {args.max_steps} steps; {os.cpu_count()} CPUs, "
+    print(f"# sweep_parallel: {len(args.betas)} GRPO lab points (β {' '.join(args.betas)}) of {args.max_steps} steps; {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, Python {platform.python_version()}; {args.repeats} interleaved repeats")
     times: dict[int, list[float]] = {1: [], 2: []}
     point_secs: dict[int, list[float]] = {1: [], 2: []}
@@ -63,7 +66,7 @@ def main() -> None:
         order = (1, 2) if repeat % 2 == 0 else (2, 1)
         for mode in order:
             with quiet:
-                wall, points = run_once(mode, args.max_steps)
+                wall, points = run_once(mode, args.max_steps, args.betas)
             if repeat >= 0:
                 times[mode].append(wall)
                 point_secs[mode].extend(points)
@@ -73,8 +76,9 @@ def main() -> None:
     print(f"2 in parallel  : {spread(times[2])} s")
     print(f"speed-up       : {spread(ratios)}x")
     print(f"point seconds  : alone {spread(point_secs[1])}, two at once {spread(point_secs[2])}")
-    startup = [b - max(p) for b, p in zip(times[2], [point_secs[2][i:i + 2] for i in range(0, len(point_secs[2]), 2)])]
-    print(f"parallel wall − slower point (worker start-up: spawn + imports): {spread(startup)} s")
+    if len(args.betas) == 2:
+        startup = [b - max(p) for b, p in zip(times[2], [point_secs[2][i:i + 2] for i in range(0, len(point_secs[2]), 2)])]
+        print(f"parallel wall − slower point (worker start-up: spawn + imports): {spread(startup)} s")
     sys.stdout.flush()
 
 

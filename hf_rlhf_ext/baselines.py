@@ -264,15 +264,10 @@ def _pm(s: dict[str, Any]) -> str:
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """``baselines.md`` (the table), ``baselines.png`` (reward and variance curves) and ``metrics.json``."""
     from .plots import plot_baselines
-    from .results import write_metrics
+    from .results import write_experiment_files
 
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {"table": os.path.join(output_dir, "baselines.md"), "plot": os.path.join(output_dir, "baselines.png")}
-    with open(paths["table"], "w") as f:
-        f.write(report_markdown(metrics))
-    plot_baselines(metrics, paths["plot"])
-    paths["metrics"] = write_metrics(output_dir, metrics, merge=False)
-    return paths
+    return write_experiment_files(output_dir, "baselines", report_markdown(metrics),
+                                  lambda path: plot_baselines(metrics, path), metrics)
 
 
 def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:

@@ -481,15 +481,10 @@ MEMORY_NOTE = {
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """``compare.md`` (the table), ``compare.png`` (gold and KL curves) and ``metrics.json``; returns the paths."""
     from .plots import plot_compare
-    from .results import write_metrics
+    from .results import write_experiment_files
 
-    os.makedirs(output_dir, exist_ok=True)
-    paths = {"table": os.path.join(output_dir, "compare.md"), "plot": os.path.join(output_dir, "compare.png")}
-    with open(paths["table"], "w") as f:
-        f.write(report_markdown(metrics))
-    plot_compare(metrics, paths["plot"])
-    paths["metrics"] = write_metrics(output_dir, metrics, merge=False)
-    return paths
+    return write_experiment_files(output_dir, "compare", report_markdown(metrics),
+                                  lambda path: plot_compare(metrics, path), metrics)
 
 
 def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:

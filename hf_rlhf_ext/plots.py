@@ -19,6 +19,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_best_of_n_curve(curve: Any, path: str) -> str:
     """Every reward of the best of n against sqrt(KL_bon), n annotated, and the fitted Gao best-of-N form on the gold
     gain (shifted back by the n = 1 gold so it sits on the gold points)."""
@@ -40,10 +47,7 @@ def plot_best_of_n_curve(curve: Any, path: str) -> str:
     ax.set_title(f"Best-of-N, selected by {curve.select}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_distillation(metrics: dict[str, Any], names: Sequence[str], path: str) -> str:
@@ -64,10 +68,7 @@ def plot_distillation(metrics: dict[str, Any], names: Sequence[str], path: str) 
     ax.set_title("Best-of-N at inference vs distilled into the policy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _band(ax, xs: Sequence[float], mean: Sequence, low: Sequence, high: Sequence, label: str, colour: str) -> None:
@@ -95,10 +96,7 @@ def plot_compare(metrics: dict[str, Any], path: str) -> str:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     top.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_baselines(metrics: dict[str, Any], path: str) -> str:
@@ -120,10 +118,7 @@ def plot_baselines(metrics: dict[str, Any], path: str) -> str:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     top.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_clip_gradients(ratio: Sequence[float], grad_pos: Sequence[float], grad_neg: Sequence[float], epsilon: float,
@@ -139,10 +134,7 @@ def plot_clip_gradients(ratio: Sequence[float], grad_pos: Sequence[float], grad_
     ax.set_title("PPO-clip: zero gradient once far enough in the favourable direction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_rm_ensemble(metrics: dict[str, Any], runs: dict[str, Sequence[dict[str, Any]]], path: str) -> str:
@@ -168,7 +160,4 @@ def plot_rm_ensemble(metrics: dict[str, Any], runs: dict[str, Sequence[dict[str,
         ax.set_ylabel("held-out gold reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -50,6 +50,20 @@ def write_metrics(output_dir: str, metrics: Mapping[str, Any], merge: bool = Tru
     return path
 
 
+def write_experiment_files(
+    output_dir: str, stem: str, markdown: str, plot: Any, metrics: Mapping[str, Any]
+) -> dict[str, str]:
+    """An experiment's three views of its numbers: ``<stem>.md`` (the table), ``<stem>.png`` (``plot(path)`` draws it)
+    and ``metrics.json`` (replaced, not merged: it is the experiment's whole result). Returns the paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"table": os.path.join(output_dir, f"{stem}.md"), "plot": os.path.join(output_dir, f"{stem}.png")}
+    with open(paths["table"], "w") as f:
+        f.write(markdown)
+    plot(paths["plot"])
+    paths["metrics"] = write_metrics(output_dir, metrics, merge=False)
+    return paths
+
+
 def read_metrics(output_dir: str) -> dict[str, Any]:
     with open(os.path.join(output_dir, METRICS_FILE)) as f:
         return json.load(f)

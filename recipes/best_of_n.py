@@ -29,6 +29,7 @@ from hf_rlhf_ext.recipe_utils import (
     RLScriptArguments,
     apply_cpu_defaults,
     build_reward_funcs,
+    import_reward_func,
     load_lab,
     load_prompt_datasets,
     make_recipe_parser,
@@ -64,6 +65,8 @@ class BestOfNScriptArguments(RLScriptArguments):
         eval_samples_per_prompt: samples per held-out prompt when evaluating a policy.
         sampling_batch_size: sequences per forward pass when sampling.
         select: the reward that picks the best (default: the first, i.e. the optimised RM / function).
+        gold_funcs: held-out judges (dotted paths) scored alongside as "<name>_tracked", never used to pick; the first
+            stands in for gold off the lab (on the lab, the lab's gold reward is used).
     """
 
     n: int = field(default=8, metadata={"help": "Best of N: samples per prompt."})
@@ -73,6 +76,9 @@ class BestOfNScriptArguments(RLScriptArguments):
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt in evaluations."})
     sampling_batch_size: int = field(default=256, metadata={"help": "Sequences per forward pass when sampling."})
     select: str | None = field(default=None, metadata={"help": "Reward that picks the best (default: the first)."})
+    gold_funcs: list[str] | None = field(
+        default=None, metadata={"help": "Held-out judge(s) scored alongside, never used to pick (off the lab)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,6 +111,7 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
     from hf_rlhf_ext.objectives import best_of_n_kl
     from hf_rlhf_ext.plots import plot_best_of_n_curve, plot_distillation
     from hf_rlhf_ext.results import write_metrics
+    from hf_rlhf_ext.rewards import tracking
 
     start = time.time()
     apply_cpu_defaults(training_args)
@@ -116,6 +123,10 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
     train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)
     _, _, rewards = build_reward_funcs(script_args, SimpleNamespace(reward_weights=None), lab, on_lab=on_lab)
     gold = "gold_reward" if on_lab and script_args.track_gold else None
+    for name in script_args.gold_funcs or []:
+        judge = tracking(import_reward_func(name))  # renamed: the same function may also be the optimised one
+        rewards[judge.__name__] = judge
+        gold = gold or judge.__name__
     select = script_args.select or next(iter(rewards))
     if test is None or not len(test):
         raise ValueError("Best-of-N is measured on held-out prompts: give the data set a test split.")

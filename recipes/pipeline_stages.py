@@ -35,9 +35,10 @@ def _parse(name: str, argv: list[str]):
     return _recipe(name).make_parser().parse_args_and_config(args=argv)
 
 
-def _rl_flags(args: Any) -> list[str]:
-    """Policy, prompts, optimised reward and held-out judge for the TRL-based recipes (empty on the lab). A judge goes
-    in as one more reward function with weight 0: tracked, never optimised."""
+def _rl_flags(args: Any, judge_as_weights: bool = True) -> list[str]:
+    """Policy, prompts, optimised reward and held-out judge for the recipes (empty on the lab). For the TRL-based ones
+    a judge goes in as one more reward function with weight 0 (tracked, never optimised); otherwise as
+    ``--gold_funcs``."""
     flags: list[str] = []
     if args.model_name_or_path:
         flags += ["--model_name_or_path", args.model_name_or_path]
@@ -46,7 +47,9 @@ def _rl_flags(args: Any) -> list[str]:
     if args.reward_model_name_or_path:
         flags += ["--reward_model_name_or_path", args.reward_model_name_or_path]
     funcs = list(args.reward_funcs or [])
-    if args.gold_funcs and not args.on_lab:
+    if args.gold_funcs and not args.on_lab and not judge_as_weights:
+        flags += ["--gold_funcs", *args.gold_funcs]
+    elif args.gold_funcs and not args.on_lab:
         n_main = len(funcs) + bool(args.reward_model_name_or_path)
         flags += ["--reward_weights", *(["1"] * n_main), *(["0"] * len(args.gold_funcs))]
         funcs += args.gold_funcs
@@ -153,7 +156,7 @@ def stage_group_advantages(args: Any, out: str) -> dict:
 
 def stage_best_of_n(args: Any, out: str) -> dict:
     """Best-of-N's own over-optimisation curve and its distillation (``recipes/best_of_n.py``)."""
-    argv = ["--output_dir", out, "--seed", str(args.seed), *_rl_flags(args)]
+    argv = ["--output_dir", out, "--seed", str(args.seed), *_rl_flags(args, judge_as_weights=False)]
     argv += ["--rounds", "1", "--pool_size", "32"] if args.quick else []
     m = _recipe("best_of_n").main(*_parse("best_of_n", argv))
     return {k: m[k] for k in ("select", "gold", "n", "pool_size", "rounds", "initial", "best_of_n", "distilled",

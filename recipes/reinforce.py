@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
+from hf_rlhf_ext.baselines import offset_reward
 from hf_rlhf_ext.callbacks.grad_variance import GradientVarianceCallback
 from hf_rlhf_ext.recipe_utils import (
     RLScriptArguments,
@@ -76,19 +77,10 @@ class ReinforceScriptArguments(RLScriptArguments):
             raise ValueError(f"grad_variance_every must be >= 0, got {self.grad_variance_every}.")
 
 
-def constant_reward(value: float):
-    """A reward function that returns ``value`` for every completion (named ``reward_offset`` in the logs)."""
-
-    def reward_offset(prompts=None, completions=None, **kwargs) -> list[float]:
-        return [float(value)] * len(completions)
-
-    return reward_offset
-
-
 def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
     if script_args.reward_offset:
-        setup.reward_funcs.append(constant_reward(script_args.reward_offset))
+        setup.reward_funcs.append(offset_reward(script_args.reward_offset))
         setup.reward_weights.append(1.0)
         training_args.reward_weights = setup.reward_weights
     trainer = make_trainer(ReinforceTrainer, setup, training_args)

@@ -161,3 +161,28 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "reference policy" in report
     assert all((out / p).is_file() for p in ("clip/clip.png", "best_of_n/bon_curve.png", "mini_loop/mini_loop.png"))
+
+
+def test_pipeline_on_a_local_model_skips_lab_only_claims_and_tracks_the_judge(tmp_path):
+    """Own policy, prompts and reward with a held-out judge: lab-only stages are skipped with the reason, the judge
+    stands in for gold (tracked at weight 0), and the report is still written."""
+    from _ppo_helpers import build_world, prompts as tiny_prompts
+
+    pipeline = pytest.importorskip("pipeline")
+    world = build_world(str(tmp_path / "world"))
+    data = tmp_path / "prompts"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as f:
+        for p in tiny_prompts(16)["prompt"]:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    args = pipeline.PipelineArguments(
+        output_dir=str(tmp_path / "out"), stages=["reward_model", "best_of_n"], model_name_or_path=world["policy"],
+        dataset_name=str(data), reward_funcs=["_ppo_helpers.target_word"], gold_funcs=["_ppo_helpers.target_word"],
+    )
+    payload = pipeline.main(args)
+    claims = {c["id"]: c for c in payload["claims"]}
+    assert claims["rm_accuracy"]["holds"] is None and "lab" in claims["rm_accuracy"]["skipped"]
+    bon = json.loads((tmp_path / "out" / "stages" / "best_of_n.json").read_text())
+    assert bon["select"] == "target_word" and bon["gold"] == "target_word_tracked"
+    assert claims["bon_distillation"]["holds"] is not None  # decided from the judge's numbers, not skipped
+    assert payload["on_lab"] is False and (tmp_path / "out" / "report.md").is_file()

@@ -291,3 +291,18 @@ def test_lab_sweep_shows_the_kl_leash_and_the_gold_hump(tmp_path):
     assert low["peak_step"] < 60  # the gold peak is inside the run, not at its end
     # β = 1: the lab's KL floor for GRPO is ≈ 0.2–0.3 nats (reached within 5 steps); far below the free runs
     assert kl[1.0] < 0.5 and kl[1.0] < kl[0.0] / 5, kl
+
+
+def test_parallel_points_run_under_the_callers_current_environment(monkeypatch):
+    """Workers fork from a fork server started once: a variable the caller sets (or drops) later must still reach
+    each point, so the point task takes the caller's environment with it."""
+    from hf_rlhf_ext import sweeps
+
+    seen = {}
+    monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: seen.update(
+        x=os.environ.get("HF_RLHF_EXT_TEST_X"), stale=os.environ.get("HF_RLHF_EXT_TEST_STALE"), beta=beta) or {})
+    monkeypatch.setenv("HF_RLHF_EXT_TEST_STALE", "from an older environment")
+    env = {k: v for k, v in os.environ.items() if k != "HF_RLHF_EXT_TEST_STALE"} | {"HF_RLHF_EXT_TEST_X": "now"}
+    sweeps._run_point_in_env(env, [], 0.5, 0)
+    assert seen == {"x": "now", "stale": None, "beta": 0.5}
+    monkeypatch.delenv("HF_RLHF_EXT_TEST_X", raising=False)
