@@ -11,8 +11,8 @@ Conventions
 * Log-probabilities are of the *sampled* tokens, i.e. the samples come from the current policy π.
 * Nothing here calls ``.item()`` except :func:`explained_variance`, which returns a Python float for logging.
 
-Sources (see also ``REFERENCES.md``)
-------------------------------------
+Sources
+-------
 * Bradley–Terry reward-model loss: Ouyang et al. 2022 (InstructGPT, arXiv 2203.02155), eq. 1.
 * PPO-clip: Schulman et al. 2017 (arXiv 1707.06347), eq. 7; asymmetric ε_high: DAPO (arXiv 2503.14476).
 * Clipped value loss: the OpenAI baselines PPO2 implementation, as in old TRL PPO (trl ≤ 1.12).

@@ -509,7 +509,7 @@ def test_overoptimization_sample_mode_on_rloo(policy_path, tmp_path):
 
 @pytest.mark.slow
 def test_overoptimization_end_to_end_on_lab(tmp_path):
-    """GRPO, lr 3e-4, 32 completions/step, G = 8, β = 0.02 (LAB_NOTES): the gold reward peaks early and falls while
+    """GRPO, lr 3e-4, 32 completions/step, G = 8, β = 0.02: the gold reward peaks early and falls while
     the proxy keeps rising. The callback (held-out sampling every 5 steps) must find the peak, flag the fall while the
     proxy rises, and keep a checkpoint that is better on gold than the final model on fresh held-out samples."""
     from transformers import AutoModelForCausalLM
