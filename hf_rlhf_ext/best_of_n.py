@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .objectives import GaoFit, best_of_n_kl, fit_gao
 from .sampling import kv_cache_sampling_supported, per_token_logps, sample_with_kv_cache
@@ -170,9 +171,11 @@ def sample_pool(
     batch_size: int = 256,
     seed: int | None = 0,
     use_kv_cache: bool | None = None,
+    progress: bool = False,
 ) -> CompletionPool:
     """Draws ``num_samples`` completions per prompt (pure ancestral sampling, as in RL training), about
-    ``batch_size`` sequences per forward pass. ``seed`` fixes the draws without touching the caller's random state."""
+    ``batch_size`` sequences per forward pass. ``seed`` fixes the draws without touching the caller's random state;
+    ``progress`` shows a bar over the batches."""
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples, batch_size and max_new_tokens must be >= 1, got {num_samples}, {batch_size}, "
                          f"{max_new_tokens}.")
@@ -194,7 +197,8 @@ def sample_pool(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            for idx, repeats in _batches(len(prompts), num_samples, batch_size):
+            jobs = _batches(len(prompts), num_samples, batch_size)
+            for idx, repeats in tqdm(jobs, desc=f"sampling {len(prompts)}×{num_samples}", disable=not progress):
                 ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
                 tokens, tok_logps = _generate_batch(model, ids, mask, repeats, max_new_tokens, temperature, pad_id,
                                                     eos_ids, use_kv_cache)
@@ -373,6 +377,7 @@ class BestOfNSampler:
         max_new_tokens, temperature: sampling (pure ancestral sampling: no top-k/top-p).
         batch_size: sequences per forward pass.
         use_kv_cache: None = the KV-cache sampler for decoder-only models, ``generate`` otherwise.
+        progress: a progress bar while sampling.
 
     ``sampler(prompts, seed=0)`` returns a :class:`BestOfNResult`; ``sampler.pool(prompts, m)`` the raw pool and
     ``sampler.curve(prompts, m, gold=...)`` best-of-N's curve for n = 1, 2, 4, …, m.
@@ -389,6 +394,7 @@ class BestOfNSampler:
         temperature: float = 1.0,
         batch_size: int = 256,
         use_kv_cache: bool | None = None,
+        progress: bool = True,
     ) -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
@@ -400,11 +406,11 @@ class BestOfNSampler:
         if self.select not in self.reward_funcs:
             raise ValueError(f"select={self.select!r} is not one of the rewards {sorted(self.reward_funcs)}.")
         self.n, self.max_new_tokens, self.temperature = n, max_new_tokens, temperature
-        self.batch_size, self.use_kv_cache = batch_size, use_kv_cache
+        self.batch_size, self.use_kv_cache, self.progress = batch_size, use_kv_cache, progress
 
     def pool(self, prompts: Sequence[Any], num_samples: int, seed: int | None = 0) -> CompletionPool:
         return sample_pool(self.model, self.tokenizer, prompts, num_samples, self.max_new_tokens, self.temperature,
-                           self.batch_size, seed, self.use_kv_cache)
+                           self.batch_size, seed, self.use_kv_cache, self.progress)
 
     def __call__(self, prompts: Sequence[Any], seed: int | None = 0) -> BestOfNResult:
         pool = self.pool(prompts, self.n, seed)
