@@ -35,9 +35,6 @@ __all__ = [
     "ensemble_judge",
     "ensemble_reward",
     "ENSEMBLE_OBJECTIVES",
-    "lab_ensemble_mean",
-    "lab_ensemble_min",
-    "lab_ensemble_uwo",
     "LAB_DIR_ENV",
 ]
 
@@ -352,42 +349,3 @@ def ensemble_judge(
     happens off the data the reward models were trained on, where a policy exploiting one RM goes.
     """
     return ensemble_reward(funcs, "mean_minus_std", penalty=penalty, name=name)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The lab's reward-model ensemble as ready-made objectives (dotted paths for --reward_funcs)
-
-LAB_ENSEMBLE_SIZE = 3
-_lab_ensemble: list[RewardModelFunction] | None = None
-
-
-def _lab_ensemble_members() -> list[RewardModelFunction]:
-    """The lab's ``LAB_ENSEMBLE_SIZE`` bootstrap proxy RMs (built once, then cached beside the lab), loaded once."""
-    global _lab_ensemble
-    if _lab_ensemble is None:
-        with _lab_proxy_lock:
-            if _lab_ensemble is None:
-                from .lab import Lab, LabConfig, build_lab
-                from .lab.ensemble import build_reward_ensemble
-
-                root = os.environ.get(LAB_DIR_ENV)
-                lab = Lab.from_dir(root) if root else build_lab(LabConfig())
-                paths = build_reward_ensemble(lab, LAB_ENSEMBLE_SIZE)
-                _lab_ensemble = [RewardModelFunction(p, name=f"lab_rm_{i}") for i, p in enumerate(paths)]
-    return _lab_ensemble
-
-
-def _lab_ensemble_objective(objective: str, name: str, penalty: float = 1.0) -> Callable[..., list[float]]:
-    def reward(prompts=None, completions=None, **kwargs):
-        return ensemble_reward(_lab_ensemble_members(), objective, penalty, name)(
-            prompts=prompts, completions=completions, **kwargs
-        )
-
-    reward.__name__ = reward.__qualname__ = name
-    reward.__doc__ = f"The lab's {LAB_ENSEMBLE_SIZE}-RM ensemble, objective {objective!r} (see ensemble_reward)."
-    return reward
-
-
-lab_ensemble_mean = _lab_ensemble_objective("mean", "lab_ensemble_mean")
-lab_ensemble_min = _lab_ensemble_objective("min", "lab_ensemble_min")
-lab_ensemble_uwo = _lab_ensemble_objective("mean_minus_std", "lab_ensemble_uwo")
