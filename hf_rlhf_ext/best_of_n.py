@@ -27,7 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .objectives import GaoFit, best_of_n_kl, fit_gao
-from .sampling import kv_cache_sampling_supported, per_token_logps, sample_with_kv_cache
+from .sampling import (
+    encode_prompts,
+    is_conversational,
+    kv_cache_sampling_supported,
+    per_token_logps,
+    sample_with_kv_cache,
+)
 
 __all__ = [
     "CompletionPool",
@@ -81,25 +87,6 @@ class CompletionPool:
             flat = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)
             out[name] = flat.view(len(self.prompts), self.num_samples)
         return out
-
-
-def _is_conversational(prompt: Any) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
-    """Token ids of each prompt, as TRL renders them: plain text as it is, chat prompts through the chat template
-    with the generation prompt; no special tokens added."""
-    ids = []
-    for p in prompts:
-        if _is_conversational(p):
-            text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        elif isinstance(p, str):
-            text = p
-        else:
-            raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(p).__name__}.")
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
@@ -211,7 +198,7 @@ def sample_pool(
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    if _is_conversational(prompts[0]):
+    if is_conversational(prompts[0]):
         texts = [[{"role": "assistant", "content": t}] for t in texts]
     return CompletionPool(prompts=prompts, prompt_ids=encoded, completion_ids=completion_ids, completions=texts,
                           terminated=terminated, logps=logps, num_samples=num_samples)

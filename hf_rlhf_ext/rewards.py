@@ -148,14 +148,9 @@ class RewardModelFunction:
         return f"RewardModelFunction(name={self.name!r}, model={type(self.model).__name__})"
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
-        tok = self.tokenizer
-        if _is_conversational(prompt):
-            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        elif isinstance(prompt, str):
-            text = prompt
-        else:
-            raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
-        return tok(text, add_special_tokens=False)["input_ids"]
+        from .sampling import encode_prompts
+
+        return encode_prompts(self.tokenizer, [prompt])[0]
 
     def sequences(
         self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None

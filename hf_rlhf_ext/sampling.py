@@ -13,12 +13,15 @@ in changes nothing but the time. Used by the PPO trainer's rollouts and by the c
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["forward_kwargs", "kv_cache_sampling_supported", "per_token_logps", "sample_with_kv_cache"]
+__all__ = [
+    "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported", "per_token_logps",
+    "sample_with_kv_cache",
+]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
 
@@ -213,3 +216,23 @@ def per_token_logps(
         logps = torch.log_softmax(logits, dim=-1)
         out.append(torch.gather(logps, 2, input_ids[sl, p_len:].unsqueeze(-1)).squeeze(-1))
     return torch.cat(out, dim=0) * completion_mask
+
+
+def is_conversational(prompt: Any) -> bool:
+    """A chat prompt: a non-empty list of ``{"role": ..., "content": ...}`` messages."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+    """Token ids of each prompt, as TRL renders them: plain text as it is, chat prompts through the chat template
+    with the generation prompt; no special tokens added."""
+    ids = []
+    for p in prompts:
+        if is_conversational(p):
+            text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        elif isinstance(p, str):
+            text = p
+        else:
+            raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(p).__name__}.")
+        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
