@@ -93,6 +93,14 @@ def offset_reward(value: float) -> Callable[..., list[float]]:
     return reward_offset
 
 
+def add_reward_offset(setup: Any, training_args: Any, value: float) -> None:
+    """Adds ``offset_reward(value)`` to a run's optimised rewards (weight 1); nothing when ``value`` is 0."""
+    if value:
+        setup.reward_funcs.append(offset_reward(value))
+        setup.reward_weights.append(1.0)
+        training_args.reward_weights = setup.reward_weights
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------------
@@ -133,10 +141,7 @@ def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any
 
     study, training_args, model_args = parse_baselines_argv(argv, baseline, seed)
     setup = prepare_rl_run(study, training_args, model_args)
-    if study.reward_offset:
-        setup.reward_funcs.append(offset_reward(study.reward_offset))
-        setup.reward_weights.append(1.0)
-        training_args.reward_weights = setup.reward_weights
+    add_reward_offset(setup, training_args, study.reward_offset)
     trainer = make_trainer(ReinforceTrainer, setup, training_args)
     variance = GradientVarianceCallback(
         trainer, every_n_steps=study.grad_variance_every, num_estimates=study.grad_variance_estimates

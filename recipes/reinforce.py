@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
-from hf_rlhf_ext.baselines import offset_reward
+from hf_rlhf_ext.baselines import add_reward_offset
 from hf_rlhf_ext.callbacks.grad_variance import GradientVarianceCallback
 from hf_rlhf_ext.recipe_utils import (
     RLScriptArguments,
@@ -79,10 +79,7 @@ class ReinforceScriptArguments(RLScriptArguments):
 
 def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
-    if script_args.reward_offset:
-        setup.reward_funcs.append(offset_reward(script_args.reward_offset))
-        setup.reward_weights.append(1.0)
-        training_args.reward_weights = setup.reward_weights
+    add_reward_offset(setup, training_args, script_args.reward_offset)
     trainer = make_trainer(ReinforceTrainer, setup, training_args)
     variance = None
     if script_args.grad_variance_every > 0:
