@@ -58,6 +58,7 @@ from typing import Any, Callable, Literal
 
 from transformers import TrainerCallback
 
+from ..persisted_state import PersistedState
 from ._trainer_access import (
     HeldOutSampler,
     ReferencePolicy,
@@ -117,7 +118,14 @@ def _finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(float(x))
 
 
-class OveroptimizationCallback(TrainerCallback):
+# what a resume must restore: the curve and the detector's state (best-so-far, peak, patience, flags, checkpoint)
+_STATE_FIELDS = (
+    "points", "_best", "_peak_index", "_since_peak", "_flag_step", "_warned", "_detected_step", "_gold_fell",
+    "_stopped", "_checkpoint_step", "_checkpoint_dir", "kl_source", "_kl_synced_step",
+)
+
+
+class OveroptimizationCallback(TrainerCallback, PersistedState):
     """Tracks proxy reward, gold reward (or a held-out judge) and KL; finds the gold peak; saves/stops there.
 
     Args:
@@ -483,9 +491,26 @@ class OveroptimizationCallback(TrainerCallback):
             with open(os.path.join(path, "peak_info.json"), "w") as f:
                 json.dump(info, f, indent=2)
 
+    # -- state kept across a resume (in the checkpoint's trainer_state.json) ------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **{name.lstrip("_"): getattr(self, name) for name in _STATE_FIELDS},
+            "kl_by_step": {str(step): kl for step, kl in self._kl_by_step.items()},  # JSON keys are strings
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in _STATE_FIELDS:
+            setattr(self, name, state[name.lstrip("_")])
+        self._kl_by_step = {int(step): kl for step, kl in state["kl_by_step"].items()}
+
     # -- TrainerCallback events ----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self._args_output_dir = args.output_dir
+        self.restore(args, state, getattr(getattr(self.trainer, "callback_handler", None), "callbacks", None))
+        if self.reference is not None:
+            from .kl_reference import check_reference_on_resume
+
+            check_reference_on_resume(self.reference, state, type(self).__name__)
         if self.kl_source is None:
             self.kl_source = self._choose_kl_source()
         if self.reference is not None:
