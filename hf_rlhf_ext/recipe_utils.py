@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers import TrainerCallback
 from trl import ScriptArguments, TrlParser
 
 from .objectives import kl_k1, kl_k3
@@ -691,6 +692,17 @@ def log_evaluation(trainer: Any, evaluation: dict[str, Any]) -> None:
             callback.flush()  # after training no later event would write the record
 
 
+class _LogAtTrainBegin(TrainerCallback):
+    """Logs an evaluation made before training once the trainer's trackers exist: a tracker opened earlier writes
+    somewhere else (TensorBoard: ``./runs`` instead of the run's logging directory)."""
+
+    def __init__(self, trainer: Any, evaluation: dict[str, Any]):
+        self.trainer, self.evaluation = trainer, evaluation
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        log_evaluation(self.trainer, self.evaluation)
+
+
 def train_and_report(
     trainer: Any,
     setup: RLSetup,
@@ -719,8 +731,9 @@ def train_and_report(
         )
 
     before = run_eval(with_reference=False)
-    log_evaluation(trainer, before)
     accelerator.wait_for_everyone()
+    # logged once the trackers are set up (their on_train_begin), at step 0 (or the step a resumed run starts from)
+    trainer.add_callback(_LogAtTrainBegin(trainer, before))
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     after = run_eval(with_reference=True)
     log_evaluation(trainer, after)
