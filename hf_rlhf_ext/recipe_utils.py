@@ -53,7 +53,8 @@ class RLScriptArguments(ScriptArguments):
     ``dataset_config``, ``dataset_train_split``, ``dataset_test_split``).
 
     Args:
-        lab_dir: a lab directory to use (built there if missing); default: the cached default lab.
+        lab_dir: the lab directory (put there if missing); default: ``$HF_RLHF_EXT_LAB_DIR``, else the cached default
+            lab. The same directory as ``hf-rlhf-ext lab build --lab_dir``.
         reward_model_name_or_path: a reward model (``AutoModelForSequenceClassification``, ``num_labels=1``) to
             optimise; default on the lab: the lab's proxy reward model.
         reward_funcs: reward functions as dotted import paths (``my_pkg.rewards.fn``) or names in ``trl.rewards``.
@@ -65,7 +66,9 @@ class RLScriptArguments(ScriptArguments):
         num_sample_completions: sample completions stored in ``metrics.json`` before and after training.
     """
 
-    lab_dir: str | None = field(default=None, metadata={"help": "Lab directory (default: the cached default lab)."})
+    lab_dir: str | None = field(
+        default=None, metadata={"help": "Lab directory (default: $HF_RLHF_EXT_LAB_DIR, else the cached default lab)."}
+    )
     reward_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reward model to optimise (default on the lab: its proxy RM)."}
     )
@@ -121,15 +124,10 @@ def apply_cpu_defaults(training_args: Any) -> None:
 
 
 def load_lab(script_args: RLScriptArguments):
-    """The lab (built on first use, then read from its cache)."""
-    from .lab import Lab, LabConfig, build_lab
+    """The lab in ``--lab_dir`` / ``$HF_RLHF_EXT_LAB_DIR`` (put there if missing), else the cached default lab."""
+    from .lab import open_lab
 
-    if script_args.lab_dir:
-        try:
-            return Lab.from_dir(script_args.lab_dir)
-        except FileNotFoundError:
-            return build_lab(LabConfig(), output_dir=script_args.lab_dir)
-    return build_lab(LabConfig())
+    return open_lab(script_args.lab_dir)
 
 
 def resolve_policy(model_args: Any, training_args: Any, lab: Any = None) -> tuple[str, Any]:
