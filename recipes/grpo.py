@@ -13,6 +13,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from hf_rlhf_ext.recipe_utils import (
     RLScriptArguments,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
@@ -48,5 +49,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, RewardConfig, ScriptArguments, get_peft_config
 
 from hf_rlhf_ext.recipe_utils import apply_cpu_defaults, load_lab, make_recipe_parser
+from hf_rlhf_ext.recipe_utils import cli_main
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
 
 # The lab's RM schedule (≈ 10 s on 2 CPU cores). A --config file or flags override any of these.
@@ -120,5 +121,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -48,7 +48,9 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ..objectives import clipped_surrogate, clipped_value_loss, explained_variance, gae, kl_estimate, masked_mean, whiten
+from ..reward_guard import NanRewardsArguments, attach_reward_guard
 from ..sampling import forward_kwargs, sample_with_kv_cache
+from ..validation import check_trainer_prompts, validate_trainer_inputs
 from .kl_control import AdaptiveKLController, FixedKLController
 from .value_model import ValueModel, _base_transformer, share_weights_copy
 
@@ -65,7 +67,7 @@ __all__ = ["PPOConfig", "PPOTrainer", "token_level_rewards", "VALUE_MODEL_DIR", 
 
 
 @dataclass
-class PPOConfig(GRPOConfig):
+class PPOConfig(NanRewardsArguments, GRPOConfig):
     r"""
     Configuration of :class:`PPOTrainer`: every field of ``trl.GRPOConfig`` plus the PPO-specific ones below.
     Defaults follow the last TRL PPO (trl 1.12 ``PPOConfig``) where they make sense.
@@ -347,6 +349,7 @@ class PPOTrainer(GRPOTrainer):
             args = PPOConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-PPO")
         if not isinstance(args, PPOConfig):
             raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(args).__name__}")
+        validate_trainer_inputs(args, train_dataset, eval_dataset)
         unsupported = [k for k in ("tools", "rollout_func", "environment_factory") if kwargs.get(k)]
         if unsupported:
             raise NotImplementedError(f"PPOTrainer does not support {unsupported} (GAE needs contiguous completions).")
@@ -407,6 +410,8 @@ class PPOTrainer(GRPOTrainer):
         self._sampling_logps_ok: bool | None = None  # checked against a forward pass on the first rollout
         self._critic_values_step: int | None = None  # step whose rollout critic pass kept its graph for the loss
         self._fast_generation = args.fast_generation and self._fast_generation_supported()
+        check_trainer_prompts(self)
+        attach_reward_guard(self)  # NaN/inf rewards stop the run or are dropped (args.nan_rewards)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Construction helpers
