@@ -37,6 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from trl import GRPOConfig
+
 from .validation import ConfigValidationError, reward_values
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ __all__ = [
     "RewardGuard",
     "attach_reward_guard",
     "guard_reward_funcs",
+    "GuardedGRPOConfig",
 ]
 
 
@@ -92,6 +95,12 @@ class NanRewardsArguments:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+
+
+@dataclass
+class GuardedGRPOConfig(NanRewardsArguments, GRPOConfig):
+    """``trl.GRPOConfig`` plus ``nan_rewards``, for a vanilla ``GRPOTrainer`` script (``--nan_rewards drop``) whose
+    trainer gets :func:`attach_reward_guard`."""
 
 
 def check_nan_rewards_mode(mode: str) -> None:

@@ -25,6 +25,7 @@ import os
 import threading
 from typing import Any, Callable, Literal, Sequence
 
+from .lab.build import LAB_DIR_ENV
 from .validation import check_rewards, reward_model_pad_id
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "LAB_DIR_ENV",
 ]
 
-LAB_DIR_ENV = "HF_RLHF_EXT_LAB_DIR"  # a built lab directory to use instead of the default cache
 
 
 def _is_conversational(x: Any) -> bool:
@@ -228,13 +228,11 @@ _lab_proxy_lock = threading.Lock()
 
 
 def lab_reward_model_path() -> str:
-    """The proxy RM directory of the lab: ``$HF_RLHF_EXT_LAB_DIR`` if set, else the default lab (built on first use,
-    then read from ``$HF_RLHF_EXT_HOME/lab/<config hash>``)."""
-    from .lab import Lab, LabConfig, build_lab
+    """The proxy RM directory of the lab: ``$HF_RLHF_EXT_LAB_DIR`` if set, else the default lab (put in place on first
+    use, then read from ``$HF_RLHF_EXT_HOME/lab/<config hash>``)."""
+    from .lab import open_lab
 
-    root = os.environ.get(LAB_DIR_ENV)
-    lab = Lab.from_dir(root) if root else build_lab(LabConfig())
-    return lab.reward_model_path
+    return open_lab().reward_model_path
 
 
 def lab_proxy_reward(

@@ -12,13 +12,16 @@ Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy.
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from hf_rlhf_ext.recipe_utils import (
+    RecipeCard,
     RLScriptArguments,
+    add_monitors,
     cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
     train_and_report,
 )
+from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
 
 # The lab run (≈ 1 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
 LAB_DEFAULTS = dict(
@@ -35,17 +38,25 @@ LAB_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     seed=0,
+    monitor="auto",
+)
+CARD = RecipeCard(
+    script="recipes/grpo.py", method="GRPO (TRL's GRPOTrainer)", tags=("grpo",),
+    hyperparameters=("beta", "num_generations", "loss_type", "scale_rewards", "epsilon", "learning_rate",
+                     "per_device_train_batch_size", "max_completion_length", "temperature", "max_steps", "seed"),
 )
 
 
 def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
     trainer = make_trainer(GRPOTrainer, setup, training_args)
-    return train_and_report(trainer, setup, script_args, training_args)
+    monitors = add_monitors(trainer, setup, script_args)
+    return train_and_report(trainer, setup, script_args, training_args, card=CARD, monitors=monitors)
 
 
 def make_parser():
-    return make_recipe_parser(RLScriptArguments, GRPOConfig, LAB_DEFAULTS)
+    # GRPOConfig plus --nan_rewards (error | drop) for the reward guard make_trainer attaches
+    return make_recipe_parser(RLScriptArguments, GuardedGRPOConfig, LAB_DEFAULTS)
 
 
 if __name__ == "__main__":

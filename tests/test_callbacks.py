@@ -448,6 +448,74 @@ def test_overoptimization_logs_mode_on_grpo(policy_path, tmp_path):
     assert (tmp_path / "overoptimization.json").exists() and (tmp_path / "overoptimization.png").exists()
 
 
+def test_overoptimization_one_kl_series_aligned_with_its_steps(policy_path, tmp_path):
+    """β > 0 (TRL logs its training `kl` every step) and a KL monitor measuring held-out k3 every 2 steps: the default
+    monitor tracks the held-out k3 only, at the steps it was measured; one given kl_key="kl" tracks the training KL
+    only. Each monitor's overopt/* values sit in the log record of the rewards they come from."""
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback, OveroptimizationCallback
+
+    trainer = _grpo(
+        policy_path, tmp_path, reward_funcs=[good_reward, polite_reward], reward_weights=[1.0, 0.0], max_steps=4,
+        beta=0.04, learning_rate=5e-2,
+    )
+    kl_monitor = KLToReferenceCallback(trainer, prompts(8), every_n_steps=2, num_samples=8)
+    held_out = OveroptimizationCallback(trainer, save_peak=False)
+    training = OveroptimizationCallback(trainer, kl_key="kl", save_peak=False, output_dir=str(tmp_path / "train_kl"))
+    for cb in (kl_monitor, held_out, training):
+        trainer.add_callback(cb)
+    trainer.train()
+
+    measured = {h["step"]: h["kl_ref/k3_seq"] for h in kl_monitor.history}
+    assert held_out.kl_source == "held_out_k3"
+    assert [(p["step"], p["kl"]) for p in held_out.points] == [
+        (1, None), (2, pytest.approx(measured[2])), (3, None), (4, pytest.approx(measured[4]))
+    ]
+    f = held_out.findings()
+    assert f.kl_source == "held_out_k3" and f.final_kl == pytest.approx(measured[4]) and f.final_kl_step == 4
+    saved = json.loads((tmp_path / "overoptimization.json").read_text())
+    assert saved["findings"]["kl_source"] == "held_out_k3" and saved["settings"]["kl_source"] == "held_out_k3"
+
+    train_kl = dict(_logged(trainer, "kl"))
+    assert training.kl_source == "training_kl" and training.findings().kl_source == "training_kl"
+    assert [(p["step"], p["kl"]) for p in training.points] == [(s, pytest.approx(train_kl[s])) for s in (1, 2, 3, 4)]
+
+    records = [r for r in trainer.state.log_history if "rewards/polite_reward/mean" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all("overopt/gold" in r for r in records)  # same record, not the next one
+    assert records[0]["overopt/gold"] == pytest.approx(records[0]["rewards/polite_reward/mean"])  # EMA starts at raw
+    assert [r["overopt/gold"] for r in records] == pytest.approx([p["gold_smooth"] for p in training.points])
+
+
+def test_overoptimization_kl_from_logs_never_mixes_keys(tmp_path):
+    """Synthetic logs with the training `kl` every step and the held-out `kl_ref/*` every other step: the series keeps
+    the one key asked for (no sawtooth between quantities), at the steps it was logged."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    default, held_out = (
+        OveroptimizationCallback(proxy="reward", gold="gold", save_peak=False, plot=False, **kw)
+        for kw in ({}, {"kl_key": "kl_ref/k3_seq"})
+    )
+    for cb in (default, held_out):
+        state, control = TrainerState(), TrainerControl()
+        cb.on_train_begin(args, state, control)
+        for step in range(1, 7):
+            state.global_step = step
+            logs = {"reward": 0.1 * step, "rewards/gold/mean": 0.1, "kl": 0.01 * step}
+            if step % 2 == 0:
+                logs.update({"kl_ref/k1_seq": 1.0 * step, "kl_ref/k3_seq": 2.0 * step})
+            cb.on_log(args, state, control, logs=logs)
+            assert logs["overopt/gold"] == pytest.approx(0.1)  # added to the record being logged
+    assert default.kl_source == "training_kl"
+    assert [p["kl"] for p in default.points] == pytest.approx([0.01 * s for s in range(1, 7)])
+    assert held_out.kl_source == "held_out_k3"
+    assert [p["kl"] for p in held_out.points] == [None, 4.0, None, 8.0, None, 12.0]
+    f = held_out.findings()
+    assert (f.kl_at_peak, f.kl_at_peak_step, f.final_kl, f.final_kl_step) == (None, None, 12.0, 6)  # peak at step 1
+
+
 def test_overoptimization_with_an_ensemble_judge_as_gold(policy_path, tmp_path):
     """No gold reward: a held-out judge (an ensemble penalised by its disagreement) tracked at weight 0 stands in."""
     from hf_rlhf_ext.callbacks import OveroptimizationCallback

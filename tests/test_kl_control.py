@@ -190,6 +190,35 @@ def test_callback_rejects_trainers_without_beta_and_beta_zero():
         cb.on_train_begin(trainer.args, TrainerState(), TrainerControl())
 
 
+def test_callback_refuses_ppo_which_owns_its_kl_controller(tmp_path):
+    """PPO puts β·KL in the per-token reward from its own controller: a callback writing `beta` would change nothing
+    PPO trains on and overwrite its logged kl_coef, so it is refused with the PPO settings to use instead."""
+    from _ppo_helpers import build_world, ppo_args, prompts, target_word
+
+    from hf_rlhf_ext.trainers.ppo import PPOTrainer
+
+    world = build_world(str(tmp_path / "world"))
+    trainer = PPOTrainer(
+        model=world["policy"], reward_funcs=[target_word], args=ppo_args(str(tmp_path / "out"), max_steps=1),
+        train_dataset=prompts(),
+    )
+    with pytest.raises(TypeError, match=r"PPOConfig\(kl_coef=.*kl_target="):
+        AdaptiveKLCallback(trainer, AdaptiveKLController(0.1, target=1.0))
+    assert not any(isinstance(cb, AdaptiveKLCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_callback_is_the_one_writer_of_beta_and_refuses_transformers_callback_restore(tmp_path):
+    trainer = _stub_trainer(beta=0.5, output_dir=str(tmp_path))
+    cb = AdaptiveKLCallback(trainer, FixedKLController(0.25))
+    writes = []
+    cb._set_beta = lambda value: writes.append(value)
+    cb.on_train_begin(trainer.args, TrainerState(), TrainerControl())
+    assert writes == [0.25] and trainer.beta == 0.5  # every write of beta goes through _set_beta
+    trainer.args.restore_callback_states_from_checkpoint = True
+    with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint=False"):
+        AdaptiveKLCallback(trainer, FixedKLController(0.25)).on_train_begin(trainer.args, TrainerState(), TrainerControl())
+
+
 def test_callback_save_and_restore_on_a_stub(tmp_path):
     trainer = _stub_trainer(output_dir=str(tmp_path))
     cb = AdaptiveKLCallback(trainer, AdaptiveKLController(0.1, target=0.05, horizon=100))
@@ -198,14 +227,15 @@ def test_callback_save_and_restore_on_a_stub(tmp_path):
     state.global_step = 2
     _log(cb, state, {"kl": 0.2, "loss": 0.0})
     os.makedirs(tmp_path / "checkpoint-2")
-    cb.on_save(trainer.args, state, TrainerControl())
+    # what Trainer._save_checkpoint does: the stateful callbacks' state() goes into trainer_state.json
+    TrainerState(global_step=2, stateful_callbacks=[cb]).save_to_json(str(tmp_path / "checkpoint-2" / KL_STATE_FILE))
     saved = load_kl_state(str(tmp_path / "checkpoint-2"))
     assert saved["global_step"] == 2 and saved["beta"] == trainer.beta and saved["last_update_step"] == 2
 
     # a new run resumed at step 2 with a fresh controller picks the saved state up
     trainer2 = _stub_trainer(beta=0.1, output_dir=str(tmp_path))
     cb2 = AdaptiveKLCallback(trainer2, AdaptiveKLController(0.1, target=0.05, horizon=100))
-    state2 = TrainerState()
+    state2 = TrainerState.load_from_json(str(tmp_path / "checkpoint-2" / KL_STATE_FILE))  # as Trainer.train does
     state2.global_step = 2
     cb2.on_train_begin(trainer2.args, state2, TrainerControl())
     assert trainer2.beta == trainer.beta != 0.1

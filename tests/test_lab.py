@@ -198,7 +198,7 @@ def tiny_lab(tmp_path_factory) -> Lab:
 
 
 def test_tiny_lab_saves_and_reloads_every_artifact(tiny_lab):
-    from datasets import load_from_disk
+    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_lab.tokenizer_path)
@@ -213,8 +213,9 @@ def test_tiny_lab_saves_and_reloads_every_artifact(tiny_lab):
     assert AutoTokenizer.from_pretrained(tiny_lab.reward_model_path).get_vocab() == tok.get_vocab()
     assert type(tiny_lab.load_policy()) is type(policy) and tiny_lab.load_reward_model().config.num_labels == 1
 
-    prompts = load_from_disk(tiny_lab.prompts_path)
+    prompts = load_dataset(tiny_lab.prompts_path)  # as `trl grpo --dataset_name <lab>/prompts` reads them
     assert set(prompts) == {"train", "test"}
+    assert prompts["test"].to_list() == tiny_lab.load_prompts()["test"].to_list()
     assert not set(prompts["train"]["prompt"]) & set(prompts["test"]["prompt"])
     assert all(p.startswith("customer :") and p.endswith("agent :") for p in prompts["test"]["prompt"])
 
@@ -258,7 +259,7 @@ def test_tiny_lab_cache_is_reused(tiny_lab):
         build_lab(dataclasses.replace(TINY, seed=5), output_dir=tiny_lab.root)
 
 
-def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path):
+def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path, capfd):
     stale, fresh = tmp_path / "again.building-killed", tmp_path / "again.building-running"
     stale.mkdir(), fresh.mkdir()
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
@@ -272,6 +273,8 @@ def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert other.metrics["torch_threads"] == 1
+    err = capfd.readouterr().err  # a build says where it builds, how long it takes, and shows its progress
+    assert f"Building the lab in {tmp_path / 'again'}" in err and "lab: done" in err
     assert not stale.exists() and fresh.exists()  # leftovers of a killed build are cleaned, a live one is not
     assert other.root != tiny_lab.root
     for split in ("train", "test"):
@@ -305,6 +308,7 @@ def test_tiny_lab_works_in_trl_grpo_with_a_reference_model(tiny_lab, tmp_path):
 def test_default_lab_dir_honours_the_home_variable(tmp_path, monkeypatch):
     from hf_rlhf_ext.lab import default_lab_dir
 
+    monkeypatch.delenv("HF_RLHF_EXT_LAB_DIR", raising=False)
     monkeypatch.setenv("HF_RLHF_EXT_HOME", str(tmp_path))
     assert default_lab_dir(TINY) == os.path.join(str(tmp_path), "lab", TINY.cache_key())
     with pytest.raises(FileNotFoundError):
@@ -324,9 +328,57 @@ def test_cli_reuses_a_built_lab(tiny_lab, capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------- default lab
-@pytest.mark.slow
-def test_default_lab_meets_the_acceptance_numbers():
-    """The default lab (built into the cache if missing: ~2-3 minutes on 2 cores) is a usable RLHF world."""
+#: sha256 of the default lab's weights as built (seed 0) and measured for the documented experiments.
+DEFAULT_LAB_WEIGHTS = {
+    "policy/model.safetensors": "61e760a5dd8bd9d0b1159cbeae0c12dd466e0ec9b5ffc887566e39dc181abc98",
+    "reward_model/model.safetensors": "2b1fd1190cbebaf5550bec0aaff23ca6aaa20fd84636514c0dbd80bef5387e10",
+    "ensemble/k3-bootstrap/rm_0/model.safetensors": "98b16ed7cf8fffab2a19af19a95fa62fd424210c15a4c92bd4038ceb3667afd2",
+    "ensemble/k3-bootstrap/rm_1/model.safetensors": "fd1d0a336007f930943e7aade3e2b98605477834be20bbb3ce89705d89e25a8d",
+    "ensemble/k3-bootstrap/rm_2/model.safetensors": "c336b7916e2bfb5f4232ef0e56b0a6ebffe14cf7a674355bedefd075c82378e8",
+}
+
+
+def sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch):
+    """An empty cache, as on a fresh install."""
+    monkeypatch.delenv("HF_RLHF_EXT_LAB_DIR", raising=False)
+    monkeypatch.setenv("HF_RLHF_EXT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_fresh_install_gets_the_shipped_lab_in_seconds(fresh_home):
+    from hf_rlhf_ext.lab.build import PREBUILT_DIR
+
+    start = time.perf_counter()
+    lab = build_lab()
+    assert time.perf_counter() - start < 5.0  # no training: the lab shipped with the package is copied
+    assert lab.root == os.path.join(str(fresh_home), "lab", LabConfig().cache_key())
+    for rel, digest in DEFAULT_LAB_WEIGHTS.items():
+        assert sha256(os.path.join(lab.root, rel)) == digest, rel  # byte for byte the documented lab
+    shipped = [os.path.join(d, f) for d, _, fs in os.walk(PREBUILT_DIR) for f in fs]
+    assert all(not name.endswith((".pkl", ".pt", ".bin", ".arrow")) for name in shipped)  # safetensors and text only
+    assert lab.load_policy().config.n_embd == LabConfig().n_embd and len(lab.load_prompts()["test"]) == 80
+    from hf_rlhf_ext.lab.ensemble import build_reward_ensemble
+
+    start = time.perf_counter()
+    members = build_reward_ensemble(lab, k=3, split="bootstrap")  # shipped too: nothing to train
+    assert time.perf_counter() - start < 1.0 and all(os.path.isdir(m) for m in members)
+
+
+def test_default_lab_meets_the_acceptance_numbers(fresh_home):
+    """What the recipes use by default is a usable RLHF world: its numbers, measured again from its files."""
+    import torch
+
+    from hf_rlhf_ext.lab.build import policy_quality
+    from hf_rlhf_ext.reward_modeling import pairwise_report
+
     lab = build_lab()
     m = lab.metrics
     lo, hi = gold_range()
@@ -336,6 +388,43 @@ def test_default_lab_meets_the_acceptance_numbers():
     assert 0.62 <= m["rm_test_accuracy"] <= 0.85  # vs noisy labels
     assert m["rm_test_gold_accuracy"] >= 0.70  # vs the gold order of clearly separated pairs
     assert m["rm_test_corr_gold"] > 0.3
-    start = time.perf_counter()
-    build_lab()
-    assert time.perf_counter() - start <= 10.0
+    tokenizer, prefs = lab.load_tokenizer(), lab.load_preferences()
+    report = pairwise_report(lab.load_reward_model(), tokenizer, prefs["test"], gold_margin=lab.config.gold_margin)
+    assert report["accuracy"] == pytest.approx(0.695)  # 278 of the 400 held-out pairs, as documented
+    assert report["gold_accuracy"] == pytest.approx(m["rm_test_gold_accuracy"])
+    torch.manual_seed(0)
+    prompts = [r["prompt"] for r in lab.load_prompts()["test"]] * 2
+    quality = policy_quality(lab.load_policy(), tokenizer, prompts, lab.config, seed=11)
+    assert lo + 1.0 < quality["gold_mean"] < hi - 0.4 and quality["eos_rate"] > 0.9 and quality["item_rate"] > 0.5
+
+
+def test_one_lab_directory_for_the_cli_the_recipes_and_the_rewards(tiny_lab, tmp_path, monkeypatch, capsys):
+    """``lab build --lab_dir DIR``, ``$HF_RLHF_EXT_LAB_DIR``, the recipes' ``--lab_dir`` and the lab reward functions
+    all name the same directory."""
+    from hf_rlhf_ext.lab import __main__ as cli
+    from hf_rlhf_ext.lab import default_lab_dir, open_lab
+    from hf_rlhf_ext.recipe_utils import RLScriptArguments, load_lab
+    from hf_rlhf_ext.rewards import lab_reward_model_path
+
+    target = str(tmp_path / "my_lab")
+    assert cli.main(["build", "--lab_dir", target]) == 0
+    assert f"lab: {target}" in capsys.readouterr().out
+    assert load_lab(RLScriptArguments(lab_dir=target)).root == target
+    monkeypatch.setenv("HF_RLHF_EXT_LAB_DIR", target)
+    assert default_lab_dir() == target and open_lab().root == target
+    assert load_lab(RLScriptArguments()).root == target
+    assert lab_reward_model_path() == os.path.join(target, "reward_model")
+    assert cli.main(["path"]) == 0 and capsys.readouterr().out.strip() == target
+    # --lab_dir wins over the variable, and a lab of another config there is used as it is
+    assert load_lab(RLScriptArguments(lab_dir=tiny_lab.root)).config == TINY
+
+
+def test_a_lab_of_an_older_layout_is_refused_with_the_fix(tiny_lab, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_lab.root, old)
+    saved = json.loads((old / "lab_config.json").read_text())
+    (old / "lab_config.json").write_text(json.dumps({**saved, "lab_version": 1}))
+    with pytest.raises(ValueError, match="--force"):
+        Lab.from_dir(str(old))

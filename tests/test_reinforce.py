@@ -4,7 +4,6 @@ reward with a large constant offset) and learning on a simple task."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -13,11 +12,12 @@ import torch
 from _reinforce_helpers import build_tiny_model, prompt_dataset, target_word_reward, tiny_args
 
 from hf_rlhf_ext.objectives import group_advantages
+from hf_rlhf_ext.persisted_state import read_checkpoint_state
 from hf_rlhf_ext.trainers.reinforce import (
-    BASELINE_STATE_FILE,
     ReinforceConfig,
     ReinforceTrainer,
     RunningMeanBaseline,
+    RunningMeanBaselineState,
     leave_one_out_baseline,
     reinforce_advantages,
 )
@@ -246,8 +246,7 @@ def test_running_mean_state_survives_save_and_resume(model_path, tmp_path):
 
     full, states = run(str(tmp_path / "full"))
     ckpt = os.path.join(str(tmp_path / "full"), "checkpoint-2")
-    with open(os.path.join(ckpt, BASELINE_STATE_FILE)) as f:
-        saved = json.load(f)["running_mean"]
+    saved = read_checkpoint_state(ckpt, RunningMeanBaselineState.__name__)  # trainer_state.json, a stateful callback
     assert saved == states[2] and saved["num_updates"] == 2
 
     resumed, states2 = run(str(tmp_path / "full"), resume=ckpt)

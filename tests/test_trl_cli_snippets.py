@@ -98,12 +98,14 @@ def test_trl_cli_snippet_runs(tmp_path):
         ],
     )
     (tmp_path / "run.sh").write_text("set -euo pipefail\n" + script)
+    lab_dir = tmp_path / "lab"  # a fresh lab: the shipped one, put there by `lab path`
     proc = subprocess.run(
-        ["bash", "run.sh"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900
+        ["bash", "run.sh"], cwd=tmp_path, env={**ENV, "HF_RLHF_EXT_LAB_DIR": str(lab_dir)}, capture_output=True,
+        text=True, timeout=900,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert (tmp_path / "lab_prompts" / "train.jsonl").is_file()
+    assert (lab_dir / "prompts" / "train.jsonl").is_file() and (lab_dir / "policy" / "model.safetensors").is_file()
     # both reward functions were imported by dotted path, called and logged: the proxy optimised, the gold tracked
     records = [r for r in re.findall(r"\{'loss'.*?\}", out)]
     assert len(records) == 2, out[-3000:]
@@ -113,4 +115,4 @@ def test_trl_cli_snippet_runs(tmp_path):
         proxy = float(re.search(r"'rewards/lab_proxy_reward/mean': '([-0-9.e]+)'", r).group(1))
         total = float(re.search(r"'reward': '([-0-9.e]+)'", r).group(1))
         assert total == pytest.approx(proxy, rel=1e-3, abs=1e-3)
-    assert (tmp_path / "grpo_lab_cli" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "grpo_lab_cli" / "model.safetensors").is_file()

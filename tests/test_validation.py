@@ -153,11 +153,11 @@ def test_hub_ids_are_left_to_the_hub(name):
     require_existing_path(name, "--model_name_or_path", "model directory")
 
 
-def test_a_lab_dir_that_does_not_exist_is_refused_before_any_build(tmp_path):
+def test_a_lab_dir_in_a_folder_that_does_not_exist_is_refused_before_anything_is_written(tmp_path):
     from hf_rlhf_ext.recipe_utils import RLScriptArguments, load_lab
 
-    with pytest.raises(InputError, match="--lab_dir .*no such directory"):
-        load_lab(RLScriptArguments(lab_dir=str(tmp_path / "typo")))
+    with pytest.raises(InputError, match=r"--lab_dir .*typo/lab.*its folder .*typo' does not exist"):
+        load_lab(RLScriptArguments(lab_dir=str(tmp_path / "typo" / "lab")))
     assert not (tmp_path / "typo").exists()
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..persisted_state import PersistedState
 from ._trainer_access import add_metrics
 from ._trainer_access import check_supported_trainer as _check
 
@@ -226,7 +227,7 @@ def measure_gradient_variance(
     )
 
 
-class GradientVarianceCallback(TrainerCallback):
+class GradientVarianceCallback(TrainerCallback, PersistedState):
     """Every ``every_n_steps`` optimizer steps (counting from step 0, the initial policy), measures the variance of
     the policy-gradient estimate on the current generation batch and logs ``grad_var/total``,
     ``grad_var/mean_grad_sq_norm`` and ``grad_var/snr`` with that step's metrics. Measurements are kept in
@@ -252,6 +253,16 @@ class GradientVarianceCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.num_estimates = num_estimates
         self.measurements: list[GradVarianceMeasurement] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kept across a resume (in the checkpoint's trainer_state.json)."""
+        return {"measurements": [asdict(m) for m in self.measurements]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.measurements = [GradVarianceMeasurement(**m) for m in state["measurements"]]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.restore(args, state, self.trainer.callback_handler.callbacks)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if state.global_step % self.every_n_steps != 0:

@@ -40,6 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..objectives import group_advantages, zero_std_groups
+from ..persisted_state import PersistedState
 from ._trainer_access import UnsupportedTrainerError, add_metrics, check_supported_trainer, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def expected_advantages(
     return torch.nan_to_num(centred, nan=0.0), rewards
 
 
-class GroupAdvantageCheckCallback(TrainerCallback):
+class GroupAdvantageCheckCallback(TrainerCallback, PersistedState):
     """Recomputes and checks GRPO/RLOO group advantages on the trainer's own logged rewards.
 
     Args:
@@ -168,8 +169,17 @@ class GroupAdvantageCheckCallback(TrainerCallback):
         self._warned = 0
         self._original = None
 
+    # -- state kept across a resume (in the checkpoint's trainer_state.json) ------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "violations": self.violations, "warned": self._warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history, self.violations = list(state["history"]), list(state["violations"])
+        self._warned = int(state["warned"])
+
     # -- hook management -----------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
+        self.restore(args, state, self.trainer.callback_handler.callbacks)
         if self._original is not None:
             return
         trainer = self.trainer

@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..objectives import kl_k1, kl_k3, masked_mean
+from ..persisted_state import PersistedState
 from ._trainer_access import HeldOutSampler, ReferencePolicy, add_metrics, check_supported_trainer, per_token_logps
 
 __all__ = ["KLToReferenceCallback", "measure_sequence_kl"]
@@ -84,7 +85,17 @@ def measure_sequence_kl(
     }
 
 
-class KLToReferenceCallback(TrainerCallback):
+def check_reference_on_resume(reference: ReferencePolicy, state: Any, who: str) -> None:
+    """A frozen copy is taken at train begin: on resume that would be the resumed policy, not the initial one."""
+    if state.global_step > 0 and reference.kind == "frozen_copy":
+        raise ValueError(
+            f"{who}: resuming at step {state.global_step} with a frozen copy of the policy as π_ref would measure the KL "
+            "to the resumed policy, not to the initial one. Resume with a reference that survives checkpoints: a PEFT "
+            "policy (adapter disabled) or beta > 0 (TRL's reference model)."
+        )
+
+
+class KLToReferenceCallback(TrainerCallback, PersistedState):
     """Logs sequence-level KL(π ‖ π_ref) on held-out prompts every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -129,6 +140,13 @@ class KLToReferenceCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """Kept across a resume (in the checkpoint's trainer_state.json)."""
+        return {"history": self.history, "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history, self._last_step = list(state["history"]), state["last_step"]
+
     def measure(self, step: int) -> dict[str, float]:
         """Measures now, records the result in ``history`` and returns it."""
         stats = measure_sequence_kl(self.sampler, self.reference, step)
@@ -137,8 +155,10 @@ class KLToReferenceCallback(TrainerCallback):
         return stats
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.restore(args, state, self.trainer.callback_handler.callbacks)
+        check_reference_on_resume(self.reference, state, type(self).__name__)
         self.reference.snapshot()
-        if self.measure_at_start and self._last_step != state.global_step:
+        if self.measure_at_start and state.global_step == 0 and self._last_step != 0:
             self.measure(state.global_step)  # recorded in history; step 0 has no log record of its own
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -8,11 +8,17 @@ falls. A KL penalty acts much like early stopping; this callback does the early 
 Where the numbers come from:
 
 * **logs mode** (default): TRL logs each reward function's batch mean as ``rewards/<name>/mean``. Pass the gold reward
-  to the trainer with weight 0 (``reward_weights=[1, 0]``) and it is tracked without steering training. KL comes from
-  ``kl_ref/k1_seq`` (our :class:`KLToReferenceCallback`) when present, else TRL's ``kl`` (β > 0 only).
+  to the trainer with weight 0 (``reward_weights=[1, 0]``) and it is tracked without steering training.
 * **sample mode** (``eval_prompts=...``): every ``every_n_steps`` steps, completions for a fixed held-out prompt set
   are sampled and scored with the ``proxy`` and ``gold`` functions (and the sequence-level KL is measured when a
   reference is available without a copy: a PEFT policy or TRL's ``ref_model``).
+
+One KL series per run (``kl_source`` in the findings, the JSON file and the plot's axis label): the held-out
+sequence-level k3 (``"held_out_k3"``) when a KL measurement is available — measured on this callback's own held-out
+samples in sample mode, or read from a :class:`KLToReferenceCallback` on the same trainer — and then only at the steps
+where it was measured; otherwise TRL's per-token training ``kl`` (``"training_kl"``, logged only when β > 0). The two
+are different quantities (a sequence sum on fresh samples vs a token mean on the training batch) and are never mixed.
+Every value is stored with the step it was measured at.
 
 Without a gold reward, pass a held-out judge as ``gold``: a second reward model
 (``hf_rlhf_ext.rewards.RewardModelFunction``) or an ensemble penalised by its disagreement
@@ -33,9 +39,11 @@ At the end, ``overoptimization.json`` (curves and findings) and ``overoptimizati
 directory from the main process. :meth:`OveroptimizationCallback.findings` returns an
 :class:`OveroptimizationFindings`.
 
-Logged keys (into the trainer's next log record): ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``,
-``overopt/gold_peak``, ``overopt/peak_step``, ``overopt/flag``. In logs mode they appear in the log record after the one
-holding the rewards they are computed from (a callback sees a record only once it has been stored).
+Logged keys: ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``, ``overopt/gold_peak``,
+``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In logs mode they are
+added to the record that holds the rewards they come from (``state.log_history`` and the ``logs`` seen by the callbacks
+after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for reporters such as
+TensorBoard to see them too).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from typing import Any, Callable, Literal
 
 from transformers import TrainerCallback
 
+from ..persisted_state import PersistedState
 from ._trainer_access import (
     HeldOutSampler,
     ReferencePolicy,
@@ -67,6 +76,13 @@ PEAK_DIR = "gold_peak"
 RESULTS_FILE = "overoptimization.json"
 PLOT_FILE = "overoptimization.png"
 
+#: KL sources: name -> the log key it is read from
+KL_SOURCES = {"held_out_k3": "kl_ref/k3_seq", "training_kl": "kl"}
+_KL_LABELS = {
+    "held_out_k3": "held-out KL(π‖π_ref), k3 per sequence",
+    "training_kl": "training KL (TRL `kl`, k3 per token)",
+}
+
 
 @dataclass
 class OveroptimizationFindings:
@@ -80,7 +96,7 @@ class OveroptimizationFindings:
     final_gold: float | None
     proxy_at_peak: float | None
     final_proxy: float | None
-    kl_at_peak: float | None
+    kl_at_peak: float | None  # KL measured at (or last before) the peak: see kl_at_peak_step and kl_source
     final_kl: float | None
     first_flag_step: int | None  # first measurement where proxy rose while gold was below its peak
     detected_step: int | None
@@ -90,6 +106,9 @@ class OveroptimizationFindings:
     num_points: int
     gold_name: str
     proxy_name: str
+    kl_source: str | None = None  # "held_out_k3", "training_kl" or the log key given as kl_key; None: no KL
+    kl_at_peak_step: int | None = None  # the step kl_at_peak was measured at (the last measurement <= peak_step)
+    final_kl_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,7 +118,14 @@ def _finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(float(x))
 
 
-class OveroptimizationCallback(TrainerCallback):
+# what a resume must restore: the curve and the detector's state (best-so-far, peak, patience, flags, checkpoint)
+_STATE_FIELDS = (
+    "points", "_best", "_peak_index", "_since_peak", "_flag_step", "_warned", "_detected_step", "_gold_fell",
+    "_stopped", "_checkpoint_step", "_checkpoint_dir", "kl_source", "_kl_synced_step",
+)
+
+
+class OveroptimizationCallback(TrainerCallback, PersistedState):
     """Tracks proxy reward, gold reward (or a held-out judge) and KL; finds the gold peak; saves/stops there.
 
     Args:
@@ -116,7 +142,8 @@ class OveroptimizationCallback(TrainerCallback):
         mode: "auto" (sample mode iff ``eval_prompts`` is given), "logs" or "sample".
         every_n_steps, num_samples, batch_size, max_new_tokens, temperature, seed: sample-mode settings (defaults
             as :class:`KLToReferenceCallback`: one training generation batch, the trainer's length and temperature).
-        kl_key: log key for KL in logs mode (default: ``kl_ref/k1_seq`` if logged, else ``kl``).
+        kl_key: the log key of the one KL series to track (default: held-out k3 when measured — sample mode with a
+            reference, or a ``KLToReferenceCallback`` on the trainer — else TRL's training ``kl``).
         measure_kl: sample mode: measure sequence KL on the same samples (default: when a reference exists without a
             copy, or ``allow_reference_copy``).
         smoothing: "ema" (weight ``ema_alpha`` on the newest value) or "window" (mean of the last ``window``).
@@ -215,10 +242,10 @@ class OveroptimizationCallback(TrainerCallback):
         self._stopped = False
         self._checkpoint_step: int | None = None
         self._checkpoint_dir: str | None = None
-        self._last_logged_kl: float | None = None
-        self._checked_keys = False
+        self.kl_source: str | None = None  # decided at train begin, fixed for the run
+        self._kl_by_step: dict[int, float] = {}  # KL measured at a step that has no point yet
+        self._kl_synced_step = -1  # last step of the KLToReferenceCallback history already read
         self._args_output_dir: str | None = None
-        self._pending: dict[str, Any] = {}
 
     # -- configuration -------------------------------------------------------------------------------------------------
     def _reward_funcs(self) -> list[tuple[str, Any, float]]:
@@ -302,6 +329,9 @@ class OveroptimizationCallback(TrainerCallback):
         ``detected_now``)."""
         gold_s = self._smooth("gold", gold)
         proxy_s = self._smooth("proxy", proxy)
+        if kl is None:
+            kl = self._kl_by_step.pop(int(step), None)
+        self._kl_by_step = {s: v for s, v in self._kl_by_step.items() if s > step}  # earlier ones have no point
         point = {
             "step": int(step), "proxy": proxy, "gold": gold, "kl": kl, "proxy_smooth": proxy_s, "gold_smooth": gold_s,
         }
@@ -338,7 +368,9 @@ class OveroptimizationCallback(TrainerCallback):
         peak = self.points[self._peak_index] if self._peak_index is not None else None
         last_gold = next((p for p in reversed(self.points) if p["gold_smooth"] is not None), None)
         last_proxy = next((p for p in reversed(self.points) if p["proxy_smooth"] is not None), None)
-        last_kl = next((p["kl"] for p in reversed(self.points) if _finite(p["kl"])), None)
+        measured = [p for p in self.points if _finite(p["kl"])]
+        last_kl = measured[-1] if measured else None
+        kl_peak = next((p for p in reversed(measured) if peak and p["step"] <= peak["step"]), None)
         return OveroptimizationFindings(
             detected=self._detected_step is not None,
             gold_fell=self._gold_fell,
@@ -348,8 +380,8 @@ class OveroptimizationCallback(TrainerCallback):
             final_gold=last_gold["gold_smooth"] if last_gold else None,
             proxy_at_peak=peak["proxy_smooth"] if peak else None,
             final_proxy=last_proxy["proxy_smooth"] if last_proxy else None,
-            kl_at_peak=peak["kl"] if peak else None,
-            final_kl=last_kl,
+            kl_at_peak=kl_peak["kl"] if kl_peak else None,
+            final_kl=last_kl["kl"] if last_kl else None,
             first_flag_step=self._flag_step,
             detected_step=self._detected_step,
             stopped=self._stopped,
@@ -358,24 +390,64 @@ class OveroptimizationCallback(TrainerCallback):
             num_points=len(self.points),
             gold_name=self.gold_name,
             proxy_name=self.proxy_name,
+            kl_source=self.kl_source if measured else None,
+            kl_at_peak_step=kl_peak["step"] if kl_peak else None,
+            final_kl_step=last_kl["step"] if last_kl else None,
         )
 
+    # -- the one KL series -------------------------------------------------------------------------------------------
+    def _kl_monitor(self) -> Any:
+        """The trainer's ``KLToReferenceCallback`` (held-out KL measured at known steps), if one is registered."""
+        from .kl_reference import KLToReferenceCallback
+
+        handler = getattr(self.trainer, "callback_handler", None)
+        found = [cb for cb in getattr(handler, "callbacks", []) if isinstance(cb, KLToReferenceCallback)]
+        return found[0] if found else None
+
+    def _choose_kl_source(self) -> str:
+        """Held-out k3 when it is measured (by us in sample mode, or by a KLToReferenceCallback), else training KL."""
+        if self.kl_key is not None:
+            return next((name for name, key in KL_SOURCES.items() if key == self.kl_key), self.kl_key)
+        if self.reference is not None or self._kl_monitor() is not None:
+            return "held_out_k3"
+        return "training_kl"
+
+    def _record_kl(self, step: int, value: Any) -> None:
+        """Attaches a KL measured at ``step`` to the point of that step (kept until the point exists)."""
+        if not _finite(value):
+            return
+        point = next((p for p in reversed(self.points) if p["step"] == step), None)
+        if point is None:
+            self._kl_by_step[int(step)] = float(value)
+        elif point["kl"] is None:
+            point["kl"] = float(value)
+
+    def _collect_kl(self, step: int, logs: dict[str, Any]) -> None:
+        """Reads newly measured KL values: the KL monitor's history (exact steps) or this log record's KL key."""
+        if self.kl_source == "held_out_k3" and self.reference is not None:
+            return  # measured by _measure on its own samples
+        monitor = self._kl_monitor() if self.kl_source == "held_out_k3" else None
+        if monitor is not None:
+            for entry in monitor.history:
+                if entry["step"] > self._kl_synced_step:
+                    self._record_kl(entry["step"], entry[KL_SOURCES["held_out_k3"]])
+                    self._kl_synced_step = entry["step"]
+            return
+        self._record_kl(step, logs.get(KL_SOURCES.get(self.kl_source, self.kl_source)))
+
     # -- reacting to an update -----------------------------------------------------------------------------------------
+    def _point_metrics(self, point: dict[str, Any], flag: bool) -> dict[str, Any]:
+        return {
+            "overopt/gold": point["gold_smooth"],
+            "overopt/proxy": point["proxy_smooth"],
+            "overopt/kl": point["kl"] if _finite(point["kl"]) else None,
+            "overopt/gold_peak": self._best,
+            "overopt/peak_step": self.points[self._peak_index]["step"] if self._peak_index is not None else None,
+            "overopt/flag": float(flag),
+        }
+
     def _after_update(self, event: dict[str, Any], args, state, control, model=None, processing_class=None) -> None:
         point = self.points[-1]
-        if self.trainer is not None:
-            # queued, flushed into the trainer's metrics at the next on_step_end: TRL clears its metric buffer right
-            # after the on_log event, so anything added from on_log would be lost
-            self._pending.update(
-                {
-                    "overopt/gold": point["gold_smooth"],
-                    "overopt/proxy": point["proxy_smooth"],
-                    "overopt/kl": point["kl"] if _finite(point["kl"]) else None,
-                    "overopt/gold_peak": self._best,
-                    "overopt/peak_step": self.points[self._peak_index]["step"] if self._peak_index is not None else None,
-                    "overopt/flag": float(event["flag"]),
-                }
-            )
         if event["flag"] and not self._warned and is_main_process(state):
             self._warned = True
             peak = self.points[self._peak_index]
@@ -419,14 +491,32 @@ class OveroptimizationCallback(TrainerCallback):
             with open(os.path.join(path, "peak_info.json"), "w") as f:
                 json.dump(info, f, indent=2)
 
+    # -- state kept across a resume (in the checkpoint's trainer_state.json) ------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **{name.lstrip("_"): getattr(self, name) for name in _STATE_FIELDS},
+            "kl_by_step": {str(step): kl for step, kl in self._kl_by_step.items()},  # JSON keys are strings
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in _STATE_FIELDS:
+            setattr(self, name, state[name.lstrip("_")])
+        self._kl_by_step = {int(step): kl for step, kl in state["kl_by_step"].items()}
+
     # -- TrainerCallback events ----------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         self._args_output_dir = args.output_dir
+        self.restore(args, state, getattr(getattr(self.trainer, "callback_handler", None), "callbacks", None))
+        if self.reference is not None:
+            from .kl_reference import check_reference_on_resume
+
+            check_reference_on_resume(self.reference, state, type(self).__name__)
+        if self.kl_source is None:
+            self.kl_source = self._choose_kl_source()
         if self.reference is not None:
             self.reference.snapshot()
         if self.mode == "sample" and self.measure_at_start and not self.points:
-            self._measure(args, state, control, **kwargs)
-            self._pending.clear()  # the step-0 baseline has no log record of its own; it is in `points`
+            self._measure(args, state, control, **kwargs)  # the step-0 baseline: in `points`, no log record of its own
 
     def on_step_end(self, args, state, control, **kwargs):
         if (
@@ -434,13 +524,12 @@ class OveroptimizationCallback(TrainerCallback):
             and state.global_step % self.every_n_steps == 0
             and not (self.points and self.points[-1]["step"] == state.global_step)
         ):
-            self._measure(args, state, control, **kwargs)
-        if self._pending and self.trainer is not None:
-            add_metrics(self.trainer, self._pending)
-        self._pending = {}
+            event = self._measure(args, state, control, **kwargs)
+            # the log record of this step is written after on_step_end: the values land in it
+            add_metrics(self.trainer, self._point_metrics(self.points[-1], event["flag"]))
         return control
 
-    def _measure(self, args, state, control, **kwargs) -> None:
+    def _measure(self, args, state, control, **kwargs) -> dict[str, Any]:
         from .kl_reference import measure_sequence_kl
 
         sampler = self.sampler
@@ -448,24 +537,35 @@ class OveroptimizationCallback(TrainerCallback):
         with sampler.policy_for_generation() as policy:
             batch = sampler.sample(policy, state.global_step)
             proxy_vals, gold_vals = sampler.score([self.proxy_func, self.gold_func], batch, state)
-            if self.reference is not None:
+            if self.reference is not None and self.kl_source == "held_out_k3":
                 kl = measure_sequence_kl(sampler, self.reference, state.global_step, batch=batch, policy=policy)[
-                    "kl_ref/k1_seq"
+                    KL_SOURCES["held_out_k3"]
                 ]
         proxy_vals, gold_vals = sampler.gather(proxy_vals), sampler.gather(gold_vals)
         mean = lambda xs: (lambda v: sum(v) / len(v) if v else None)([x for x in xs if math.isfinite(x)])  # noqa
-        if kl is None:
-            kl = self._last_logged_kl
         event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl)
         self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
+        return event
+
+    @staticmethod
+    def _add_to_record(logs: dict[str, Any], state, values: dict[str, Any]) -> None:
+        """Adds values to the log record being handled: ``logs`` (seen by the callbacks after this one) and the copy the
+        Trainer stored in ``state.log_history`` just before calling ``on_log``."""
+        values = {k: v for k, v in values.items() if v is not None}
+        logs.update(values)
+        history = getattr(state, "log_history", None)
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(values)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or any(k.startswith("eval_") for k in logs):
             return
-        kl_key = self.kl_key or ("kl_ref/k1_seq" if "kl_ref/k1_seq" in logs else "kl")
-        if _finite(logs.get(kl_key)):
-            self._last_logged_kl = float(logs[kl_key])
-        if self.mode != "logs" or any(k.startswith("eval_") for k in logs):
+        self._collect_kl(state.global_step, logs)
+        if self.mode != "logs":
+            # sample mode: a KL that arrived after this step's measurement (training KL, a monitor's) joins its record
+            last = self.points[-1] if self.points else None
+            if last and last["step"] == state.global_step and _finite(last["kl"]) and "overopt/kl" not in logs:
+                self._add_to_record(logs, state, {"overopt/kl": last["kl"]})
             return
         has_rewards = any(k.startswith("rewards/") for k in logs) or "reward" in logs
         if not has_rewards:
@@ -478,13 +578,10 @@ class OveroptimizationCallback(TrainerCallback):
                 "(reward_funcs=[proxy, gold], reward_weights=[1, 0]) or name the logged rewards with proxy=/gold=."
             )
         proxy, gold = logs.get(self.proxy_key), logs.get(self.gold_key)
-        kl = logs.get(kl_key)
         event = self.update(
-            state.global_step,
-            float(proxy) if _finite(proxy) else None,
-            float(gold) if _finite(gold) else None,
-            float(kl) if _finite(kl) else None,
+            state.global_step, float(proxy) if _finite(proxy) else None, float(gold) if _finite(gold) else None
         )
+        self._add_to_record(logs, state, self._point_metrics(self.points[-1], event["flag"]))
         self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
         return control
 
@@ -501,6 +598,7 @@ class OveroptimizationCallback(TrainerCallback):
                 "smoothing": self.smoothing, "ema_alpha": self.ema_alpha, "window": self.window,
                 "patience": self.patience, "min_delta": self.min_delta, "proxy_min_delta": self.proxy_min_delta,
                 "every_n_steps": self.every_n_steps if self.mode == "sample" else None,
+                "kl_source": self.kl_source,
             },
         }
         from ..results import _jsonable
@@ -538,8 +636,9 @@ class OveroptimizationCallback(TrainerCallback):
         title = "over-optimisation detected" if f.detected else "no over-optimisation detected"
         ax.set_title(title)
         if has_kl:
-            axes[1].plot(steps, [p["kl"] if _finite(p["kl"]) else float("nan") for p in self.points], color="tab:red")
-            axes[1].set_ylabel("KL(π‖π_ref)")
+            measured = [p for p in self.points if _finite(p["kl"])]  # only the steps where the KL was measured
+            axes[1].plot([p["step"] for p in measured], [p["kl"] for p in measured], "o-", color="tab:red", ms=3)
+            axes[1].set_ylabel(_KL_LABELS.get(self.kl_source, f"KL ({self.kl_source})"), fontsize=8)
         axes[-1].set_xlabel("step")
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -8,19 +8,27 @@
 4. A proxy reward model (``AutoModelForSequenceClassification``, one label) trained with ``trl.RewardTrainer`` on a
    limited number of those pairs: right on-distribution, exploitable off it — the point of the lab.
 
-Every artifact is saved with ``save_pretrained`` / ``save_to_disk`` under one directory, named after the config's
-hash, with ``lab_metrics.json``, ``lab_config.json`` and a completion marker. A build is written to a temporary
-directory and moved into place only when complete, so an interrupted or concurrent build never leaves a half lab.
+Models are saved with ``save_pretrained`` (safetensors), prompts and pairs as ``train.jsonl`` / ``test.jsonl`` (so
+``datasets.load_dataset(<lab>/prompts)`` and ``trl grpo --dataset_name <lab>/prompts`` read them), under one directory
+named after the config's hash, with ``lab_metrics.json``, ``lab_config.json`` and a completion marker. A build is
+written to a temporary directory and moved into place only when complete, so an interrupted or concurrent build never
+leaves a half lab.
+
+The default lab ships with the package (``prebuilt/``: the same files a build writes, no pickle). ``build_lab()`` copies
+it into the cache in well under a second when its fingerprint matches the config; ``force=True`` (``hf-rlhf-ext lab
+build --force``) trains one from scratch instead (about 1 minute on a free CPU core, 3 on a busy one).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,7 +44,11 @@ CONFIG_FILE = "lab_config.json"
 METRICS_FILE = "lab_metrics.json"
 TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR = "tokenizer", "policy", "reward_model"
 PROMPTS_DIR, PREFERENCES_DIR, LOGS_DIR = "prompts", "preferences", "logs"
+SPLITS = ("train", "test")
 HOME_ENV = "HF_RLHF_EXT_HOME"
+LAB_DIR_ENV = "HF_RLHF_EXT_LAB_DIR"
+#: The default lab as shipped in the package: a complete lab directory of ``LabConfig()``.
+PREBUILT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prebuilt")
 #: The build runs single-threaded, whatever OMP_NUM_THREADS says. Float reductions depend on the thread count, so
 #: pinning it makes the same seed give the same lab on every machine (one cache key = one lab). The matrices are tiny
 #: (width 128): a second thread saved little even on an idle machine, and on a shared one it made SFT 4x slower.
@@ -49,8 +61,16 @@ def lab_home() -> str:
 
 
 def default_lab_dir(config: LabConfig | None = None) -> str:
-    """Cache directory of the lab built from ``config``: ``<lab_home()>/lab/<config hash>``."""
-    return os.path.join(lab_home(), "lab", (config or LabConfig()).cache_key())
+    """Where the lab lives unless a directory is given: ``$HF_RLHF_EXT_LAB_DIR`` when set (one variable points every
+    recipe, reward function and ``lab build`` at the same lab), else the cache, ``<lab_home()>/lab/<config hash>``."""
+    return os.environ.get(LAB_DIR_ENV) or os.path.join(lab_home(), "lab", (config or LabConfig()).cache_key())
+
+
+def open_lab(lab_dir: str | None = None) -> "Lab":
+    """The lab in ``lab_dir`` (any config), else in ``default_lab_dir()``; the default lab is put there first if none
+    is: what the recipes' ``--lab_dir`` and the lab reward functions use."""
+    root = lab_dir or default_lab_dir()
+    return Lab.from_dir(root) if is_complete(root) else build_lab(LabConfig(), output_dir=root)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -107,26 +127,31 @@ class Lab:
 
     def load_prompts(self):
         """DatasetDict train/test with ``prompt`` (plain text), ``item``, ``issue``; the splits share no prompt."""
-        from datasets import load_from_disk
-
-        return load_from_disk(self.prompts_path)
+        return load_splits(self.prompts_path)
 
     def load_preferences(self):
         """DatasetDict train/test of pairs: ``prompt``, ``chosen``, ``rejected`` (replies with a leading space, so
         ``prompt + chosen`` is the full text), ``chosen_gold``, ``rejected_gold``, ``chosen_eos``, ``rejected_eos``,
         ``label_flipped`` (the noisy label contradicts gold) and ``chosen_ids`` / ``rejected_ids`` (prompt + reply
         token ids as sampled; ``trl.RewardTrainer`` uses these as they are — drop them to train from strings)."""
-        from datasets import load_from_disk
-
-        return load_from_disk(self.preferences_path)
+        return load_splits(self.preferences_path)
 
     @classmethod
     def from_dir(cls, root: str) -> "Lab":
         """Opens a complete lab directory (raises ``FileNotFoundError`` if the build there never finished)."""
         if not is_complete(root):
-            raise FileNotFoundError(f"No complete lab in {root!r} (missing {COMPLETE_MARKER}); run build_lab.")
+            raise FileNotFoundError(
+                f"No complete lab in {root!r} (missing {COMPLETE_MARKER}): build one there with "
+                f"`hf-rlhf-ext lab build --lab_dir {root}`."
+            )
         with open(os.path.join(root, CONFIG_FILE)) as f:
-            config = LabConfig.from_dict(json.load(f)["config"])
+            saved = json.load(f)
+        if saved.get("lab_version") != LAB_VERSION:
+            raise ValueError(
+                f"The lab in {root!r} was built by lab version {saved.get('lab_version')}, this package reads version "
+                f"{LAB_VERSION}: rebuild it with `hf-rlhf-ext lab build --lab_dir {root} --force`."
+            )
+        config = LabConfig.from_dict(saved["config"])
         with open(os.path.join(root, METRICS_FILE)) as f:
             metrics = json.load(f)
         return cls(root=os.path.abspath(root), config=config, metrics=metrics)
@@ -144,6 +169,32 @@ def is_complete(root: str, config: LabConfig | None = None) -> bool:
             return json.load(f).get("cache_key") == config.cache_key()
     except (OSError, ValueError):
         return False
+
+
+def save_splits(splits: dict[str, Sequence[dict[str, Any]]], directory: str) -> None:
+    """One ``<split>.jsonl`` per split (``json.dumps`` per row: floats round-trip exactly)."""
+    os.makedirs(directory, exist_ok=True)
+    for name, rows in splits.items():
+        with open(os.path.join(directory, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def load_splits(directory: str):
+    """The ``DatasetDict`` of ``<split>.jsonl`` files written by ``save_splits`` (read by ``datasets``' JSON loader,
+    as ``load_dataset(directory)`` would; its progress bars stay off for these few small files)."""
+    import datasets
+
+    files = {s: os.path.join(directory, f"{s}.jsonl") for s in SPLITS}
+    files = {s: path for s, path in files.items() if os.path.isfile(path)}
+    if not files:
+        raise FileNotFoundError(f"No train.jsonl / test.jsonl in {directory!r}: not a lab data directory.")
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset("json", data_files=files)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -319,7 +370,7 @@ def sft_dataset(tokenizer, rows: Sequence[dict[str, str]]):
     return Dataset.from_dict({"input_ids": input_ids, "labels": labels, "length": [len(x) for x in input_ids]})
 
 
-def _train_sft(config: LabConfig, tokenizer, train_rows, work: str, out_dir: str) -> dict[str, Any]:
+def _train_sft(config: LabConfig, tokenizer, train_rows, work: str, out_dir: str, callbacks=()) -> dict[str, Any]:
     """SFT warm start with ``trl.SFTTrainer`` (loss on the reply tokens only); saves model + tokenizer to out_dir."""
     import torch
     from transformers import GPT2LMHeadModel
@@ -359,7 +410,7 @@ def _train_sft(config: LabConfig, tokenizer, train_rows, work: str, out_dir: str
         args=args,
         train_dataset=corpus,
         processing_class=tokenizer,
-        callbacks=[ResultsCallback(os.path.join(work, LOGS_DIR, "sft"))],
+        callbacks=[ResultsCallback(os.path.join(work, LOGS_DIR, "sft")), *callbacks],
     )
     _quiet(trainer)
     result = trainer.train()
@@ -410,7 +461,9 @@ def new_reward_model(config: LabConfig, tokenizer, policy_dir: str | None = None
     return model
 
 
-def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, out_dir: str) -> dict[str, Any]:
+def _train_rm(
+    config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, out_dir: str, callbacks=()
+) -> dict[str, Any]:
     """Proxy RM with ``trl.RewardTrainer`` on pre-tokenised pairs; saves model + tokenizer to out_dir."""
     from trl import RewardConfig
 
@@ -439,7 +492,8 @@ def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, o
     )
     train = pairs["train"].select_columns(["chosen_ids", "rejected_ids"])
     trainer = train_reward_model(
-        model, tokenizer, train, None, args, callbacks=[ResultsCallback(os.path.join(work, LOGS_DIR, "rm"))], quiet=True
+        model, tokenizer, train, None, args, quiet=True,
+        callbacks=[ResultsCallback(os.path.join(work, LOGS_DIR, "rm")), *callbacks],
     )
     model = trainer.model
     model.save_pretrained(out_dir)
@@ -447,8 +501,8 @@ def _train_rm(config: LabConfig, tokenizer, pairs, work: str, policy_dir: str, o
     return {"rm_train_pairs": len(trainer.train_dataset), "rm_dropped_pairs": len(train) - len(trainer.train_dataset)}
 
 
-def _build(config: LabConfig, work: str) -> dict[str, Any]:
-    """Runs every step into ``work``; returns the metrics."""
+def _build(config: LabConfig, work: str, progress) -> dict[str, Any]:
+    """Runs every step into ``work`` (``progress``: a ``BuildProgress``); returns the metrics."""
     import torch
     from datasets import Dataset, DatasetDict
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -464,53 +518,54 @@ def _build(config: LabConfig, work: str) -> dict[str, Any]:
     }
     times: dict[str, float] = {}
 
-    def lap(name: str, start: float) -> float:
-        times[name] = round(time.perf_counter() - start, 2)
-        return time.perf_counter()
+    @contextlib.contextmanager
+    def step(name: str):
+        start = time.perf_counter()
+        with progress.step(name):
+            yield
+        times[f"{name}_s"] = round(time.perf_counter() - start, 2)
 
-    s = time.perf_counter()
     tok_dir, pol_dir, rm_dir = (os.path.join(work, d) for d in (TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR))
-    save_tokenizer(tok_dir, model_max_length=config.n_positions)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    train_rows, test_rows = task.split_prompts(config.test_fraction, seed=config.seed)
-    DatasetDict({"train": Dataset.from_list(train_rows), "test": Dataset.from_list(test_rows)}).save_to_disk(
-        os.path.join(work, PROMPTS_DIR)
-    )
-    metrics.update(vocab_size=len(tokenizer), n_train_prompts=len(train_rows), n_test_prompts=len(test_rows))
-    s = lap("setup_s", s)
+    with step("setup"):
+        save_tokenizer(tok_dir, model_max_length=config.n_positions)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        train_rows, test_rows = task.split_prompts(config.test_fraction, seed=config.seed)
+        save_splits({"train": train_rows, "test": test_rows}, os.path.join(work, PROMPTS_DIR))
+        metrics.update(vocab_size=len(tokenizer), n_train_prompts=len(train_rows), n_test_prompts=len(test_rows))
 
-    metrics.update(_train_sft(config, tokenizer, train_rows, work, pol_dir))
-    s = lap("sft_s", s)
+    with step("sft"):
+        metrics.update(_train_sft(config, tokenizer, train_rows, work, pol_dir, [progress.training_callback("sft")]))
 
-    policy = AutoModelForCausalLM.from_pretrained(pol_dir)
-    metrics["policy_params"] = sum(p.numel() for p in policy.parameters())
-    eval_prompts = [test_rows[i % len(test_rows)]["prompt"] for i in range(config.n_eval_samples)]
-    quality = policy_quality(policy, tokenizer, eval_prompts, config, seed=config.seed + 11)
-    metrics.update({f"sft_test_{k}": v for k, v in quality.items()})
-    metrics["gold_min"], metrics["gold_max"] = task.gold_range()
-    s = lap("sft_eval_s", s)
+    with step("sft_eval"):
+        policy = AutoModelForCausalLM.from_pretrained(pol_dir)
+        metrics["policy_params"] = sum(p.numel() for p in policy.parameters())
+        eval_prompts = [test_rows[i % len(test_rows)]["prompt"] for i in range(config.n_eval_samples)]
+        quality = policy_quality(policy, tokenizer, eval_prompts, config, seed=config.seed + 11)
+        metrics.update({f"sft_test_{k}": v for k, v in quality.items()})
+        metrics["gold_min"], metrics["gold_max"] = task.gold_range()
 
-    train_pairs = make_pairs(policy, tokenizer, train_rows, config.n_pairs_train, config, config.seed + 101)
-    test_pairs = make_pairs(policy, tokenizer, test_rows, config.n_pairs_test, config, config.seed + 202)
-    pairs = DatasetDict({"train": Dataset.from_list(train_pairs), "test": Dataset.from_list(test_pairs)})
-    pairs.save_to_disk(os.path.join(work, PREFERENCES_DIR))
-    for split in ("train", "test"):
-        d = pairs[split]
-        metrics[f"pairs_{split}_n"] = len(d)
-        metrics[f"pairs_{split}_flip_rate"] = task.mean(d["label_flipped"])
-        ties = [float(a == b) for a, b in zip(d["chosen_gold"], d["rejected_gold"])]
-        metrics[f"pairs_{split}_tie_rate"] = task.mean(ties)
-    s = lap("pairs_s", s)
+    with step("pairs"):
+        train_pairs = make_pairs(policy, tokenizer, train_rows, config.n_pairs_train, config, config.seed + 101)
+        test_pairs = make_pairs(policy, tokenizer, test_rows, config.n_pairs_test, config, config.seed + 202)
+        pairs = DatasetDict({"train": Dataset.from_list(train_pairs), "test": Dataset.from_list(test_pairs)})
+        save_splits({"train": train_pairs, "test": test_pairs}, os.path.join(work, PREFERENCES_DIR))
+        for split in ("train", "test"):
+            d = pairs[split]
+            metrics[f"pairs_{split}_n"] = len(d)
+            metrics[f"pairs_{split}_flip_rate"] = task.mean(d["label_flipped"])
+            ties = [float(a == b) for a, b in zip(d["chosen_gold"], d["rejected_gold"])]
+            metrics[f"pairs_{split}_tie_rate"] = task.mean(ties)
 
-    metrics.update(_train_rm(config, tokenizer, pairs, work, pol_dir, rm_dir))
-    s = lap("rm_s", s)
+    with step("rm"):
+        rm_callbacks = [progress.training_callback("rm")]
+        metrics.update(_train_rm(config, tokenizer, pairs, work, pol_dir, rm_dir, callbacks=rm_callbacks))
 
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir)
-    metrics["rm_params"] = sum(p.numel() for p in rm.parameters())
-    for split in ("test", "train"):
-        report = pairwise_report(rm, tokenizer, pairs[split], gold_margin=config.gold_margin)
-        metrics.update({f"rm_{split}_{k}": v for k, v in report.items()})
-    lap("rm_eval_s", s)
+    with step("rm_eval"):
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+        metrics["rm_params"] = sum(p.numel() for p in rm.parameters())
+        for split in ("test", "train"):
+            report = pairwise_report(rm, tokenizer, pairs[split], gold_margin=config.gold_margin)
+            metrics.update({f"rm_{split}_{k}": v for k, v in report.items()})
 
     times["total_s"] = round(time.perf_counter() - t0, 2)
     times["total_cpu_s"] = round(time.process_time() - c0, 2)
@@ -518,12 +573,16 @@ def _build(config: LabConfig, work: str) -> dict[str, Any]:
     return metrics
 
 
-def build_lab(config: LabConfig | None = None, output_dir: str | None = None, force: bool = False) -> Lab:
-    """Builds the lab for ``config`` (default ``LabConfig()``) or returns the cached one.
+def build_lab(
+    config: LabConfig | None = None, output_dir: str | None = None, force: bool = False, prebuilt: bool = True
+) -> Lab:
+    """The lab for ``config`` (default ``LabConfig()``): reused when complete, else put in place.
 
-    ``output_dir`` defaults to ``default_lab_dir(config)``. A complete lab of the same config there is reused (no
-    training, well under a second); ``force=True`` rebuilds. An ``output_dir`` holding a lab of another config is an
-    error unless ``force=True`` (it is replaced then).
+    ``output_dir`` defaults to ``default_lab_dir(config)``. A complete lab of the same config there is reused (well
+    under a second). Otherwise the lab shipped with the package is copied there when it was built from ``config``
+    (and ``prebuilt``), else the lab is trained from scratch (about a minute on a free CPU core); ``force=True``
+    always trains. An ``output_dir`` holding a lab of another config is an error unless ``force=True`` (it is
+    replaced then).
     """
     config = config or LabConfig()
     if not isinstance(config, LabConfig):
@@ -533,39 +592,61 @@ def build_lab(config: LabConfig | None = None, output_dir: str | None = None, fo
         return Lab.from_dir(root)
     if not force and is_complete(root):
         raise FileExistsError(
-            f"{root!r} holds a lab built from another config; pass force=True to replace it or pick another output_dir."
+            f"{root!r} holds a lab built from another config (or by another version of this package): rebuild it with "
+            f"`hf-rlhf-ext lab build --lab_dir {root} --force` (force=True), or pick another directory."
         )
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_builds(root)
     work = tempfile.mkdtemp(prefix=os.path.basename(root) + ".building-", dir=parent)
     os.chmod(work, 0o755)  # mkdtemp makes it private; the lab is meant to be shared
-    import datasets
-    import torch
-
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # dozens of tiny maps and saves: the bars would drown the useful output
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
     try:
-        metrics = _build(config, work)
-        with open(os.path.join(work, METRICS_FILE), "w") as f:
-            json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
-        with open(os.path.join(work, CONFIG_FILE), "w") as f:
-            saved = {"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "config": config.to_dict()}
-            json.dump(saved, f, indent=2)
-        for run in ("sft_run", "rm_run"):  # trainer scratch dirs (no checkpoints are saved)
-            shutil.rmtree(os.path.join(work, run), ignore_errors=True)
-        with open(os.path.join(work, COMPLETE_MARKER), "w") as f:
-            json.dump({"cache_key": config.cache_key(), "lab_version": LAB_VERSION}, f)
+        from_package = prebuilt and not force and is_complete(PREBUILT_DIR, config)
+        if from_package:
+            shutil.copytree(PREBUILT_DIR, work, dirs_exist_ok=True)
+        else:
+            _train_lab(config, work, root)
         if force or not is_complete(root, config):  # a concurrent build of the same config may have finished first
             _publish(work, root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if from_package:
+        print(
+            f"hf-rlhf-ext: the default lab shipped with the package is now in {root} "
+            "(`hf-rlhf-ext lab build --force` trains it from scratch instead).",
+            file=sys.stderr,
+        )
+    return Lab.from_dir(root)
+
+
+def _train_lab(config: LabConfig, work: str, root: str) -> None:
+    """Trains every artifact into ``work`` and writes the metrics, the config and the completion marker."""
+    import datasets
+    import torch
+
+    from .progress import BuildProgress
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # dozens of tiny maps: their bars would drown the build's own
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    progress = BuildProgress(config, root)
+    try:
+        metrics = _build(config, work, progress)
+    finally:
+        progress.close()
         torch.set_num_threads(threads)
         if bars_were_on:
             datasets.enable_progress_bars()
-    return Lab.from_dir(root)
+    with open(os.path.join(work, METRICS_FILE), "w") as f:
+        json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
+    with open(os.path.join(work, CONFIG_FILE), "w") as f:
+        saved = {"lab_version": LAB_VERSION, "cache_key": config.cache_key(), "config": config.to_dict()}
+        json.dump(saved, f, indent=2)
+    for run in ("sft_run", "rm_run"):  # trainer scratch dirs (no checkpoints are saved)
+        shutil.rmtree(os.path.join(work, run), ignore_errors=True)
+    with open(os.path.join(work, COMPLETE_MARKER), "w") as f:
+        json.dump({"cache_key": config.cache_key(), "lab_version": LAB_VERSION}, f)
 
 
 STALE_BUILD_S = 3600.0  # a build directory untouched this long belongs to a build that was killed

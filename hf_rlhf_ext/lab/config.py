@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-LAB_VERSION = 1
+LAB_VERSION = 2  # 2: prompts and pairs as JSONL (load_dataset reads them), the default lab shipped
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ the change per update; the horizon (10,000 episodes in the paper) sets how fast 
 (β₀ = 0.2, target 6.0, horizon 10,000) are those of TRL's old PPO, where the KL was a *per-sequence* sum.
 
 TRL 1.x has no adaptive controller (huggingface/trl #4532). :class:`AdaptiveKLCallback` adds one to an unmodified
-``GRPOTrainer`` / ``RLOOTrainer`` by reading the logged KL and writing ``trainer.beta``. A known way to get this
+``GRPOTrainer`` / ``RLOOTrainer`` by reading the logged KL and deriving ``trainer.beta`` from the controller. A known way to get this
 wrong (trlx PR #361): feeding the controller a different KL than the one the target refers to, which made runs
 diverge exactly when the KL crossed the target. The callback therefore records every input it feeds the controller
 (:attr:`AdaptiveKLCallback.updates`) and the tests assert on it.
@@ -19,21 +19,24 @@ diverge exactly when the KL crossed the target. The callback therefore records e
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..persisted_state import TRAINER_STATE_NAME, PersistedState, StateHolderCallback, read_checkpoint_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FixedKLController", "AdaptiveKLController", "AdaptiveKLCallback", "KL_STATE_FILE", "load_kl_state"]
+__all__ = [
+    "FixedKLController", "AdaptiveKLController", "AdaptiveKLCallback", "KLControllerState", "KL_STATE_FILE",
+    "load_kl_state",
+]
 
-#: name of the JSON file the callback writes into every checkpoint directory
-KL_STATE_FILE = "kl_controller_state.json"
+#: the file of a checkpoint directory that holds the controller state (transformers' TrainerState, as a stateful
+#: callback)
+KL_STATE_FILE = TRAINER_STATE_NAME
 
 # Ziegler et al. 2019: the proportional error is clipped to ±0.2
 _ERROR_CLIP = 0.2
@@ -150,16 +153,24 @@ class AdaptiveKLController:
 KLController = FixedKLController | AdaptiveKLController
 
 
+class KLControllerState(StateHolderCallback):
+    """Carries a trainer's own KL controller (e.g. ``PPOTrainer.kl_ctl``) in its checkpoints (``trainer_state.json``)
+    and restores it on resume."""
+
+
 def load_kl_state(checkpoint_dir: str) -> dict[str, Any] | None:
-    """Reads the callback state saved in a checkpoint directory (``None`` when there is none)."""
-    path = os.path.join(checkpoint_dir, KL_STATE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The :class:`AdaptiveKLCallback` state saved in a checkpoint directory (``None`` when there is none)."""
+    return read_checkpoint_state(checkpoint_dir, AdaptiveKLCallback.__name__)
 
 
-class AdaptiveKLCallback(TrainerCallback):
+def _owns_kl_controller(trainer: Any) -> bool:
+    """Whether the trainer has its own KL controller (our PPO: β·KL is part of the per-token reward, not the loss)."""
+    from .ppo import PPOTrainer
+
+    return isinstance(trainer, PPOTrainer)
+
+
+class AdaptiveKLCallback(TrainerCallback, PersistedState):
     """Drives a TRL trainer's ``beta`` with a KL controller, from the KL the trainer logs.
 
     Usage::
@@ -182,10 +193,13 @@ class AdaptiveKLCallback(TrainerCallback):
     num_iterations`` (each generated completion counted once even when it is trained on ``num_iterations`` times);
     override with ``samples_per_step``.
 
-    At the start of training ``trainer.beta`` is set to ``controller.value`` (the controller is the source of truth).
+    The controller is the only source of β: ``trainer.beta`` is written in one place (:meth:`_set_beta`), at the
+    start of training and after each update. Our ``PPOTrainer`` has its own controller (β·KL in the per-token reward,
+    ``PPOConfig(kl_coef, kl_target, kl_horizon)``) and is refused.
     Logs gain ``kl_coef`` (the β in effect while the logged KL was measured), ``kl_coef_next`` (the β from now on),
     ``kl_target`` (adaptive controller only) and ``kl_controller_input`` (the exact value fed to the controller).
-    Each checkpoint gets ``kl_controller_state.json``; resuming from that checkpoint restores the controller.
+    The controller state is saved in each checkpoint's ``trainer_state.json`` (a stateful callback) and restored
+    when training resumes from it.
     """
 
     def __init__(
@@ -203,6 +217,12 @@ class AdaptiveKLCallback(TrainerCallback):
                 f"AdaptiveKLCallback needs a trainer with a `beta` KL coefficient (trl.GRPOTrainer, trl.RLOOTrainer or "
                 f"a subclass); {type(trainer).__name__} has none"
             )
+        if _owns_kl_controller(trainer):
+            raise TypeError(
+                f"AdaptiveKLCallback drives the `beta` of GRPO-style losses; {type(trainer).__name__} puts β·KL in the "
+                "per-token reward and owns its KL controller, which this callback would not reach. Use "
+                "PPOConfig(kl_coef=<initial β>, kl_target=<per-sequence KL>, kl_horizon=<completions>) instead."
+            )
         if not hasattr(trainer, "args"):
             raise TypeError(f"AdaptiveKLCallback needs a transformers Trainer; {type(trainer).__name__} has no `args`")
         for method in ("update", "state_dict", "load_state_dict"):
@@ -217,6 +237,7 @@ class AdaptiveKLCallback(TrainerCallback):
         self.length_key = length_key
         self._samples_per_step = samples_per_step
         self._last_update_step = 0
+        self._global_step = 0
         self._warned_missing = False
         #: one record per controller update: step, kl_logged, kl_input, n_steps, beta_before, beta_after
         self.updates: list[dict[str, float]] = []
@@ -244,9 +265,13 @@ class AdaptiveKLCallback(TrainerCallback):
         num_iterations = getattr(self.trainer, "num_iterations", None) or getattr(args, "num_iterations", 1) or 1
         return args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size / num_iterations
 
-    def _state(self, global_step: int) -> dict[str, Any]:
+    def _set_beta(self, value: float) -> None:
+        """GRPO's β, derived from the controller: the one place that writes ``trainer.beta``."""
+        self.trainer.beta = float(value)
+
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "global_step": global_step,
+            "global_step": self._global_step,
             "last_update_step": self._last_update_step,
             "beta": float(self.trainer.beta),
             "kl_key": self.kl_key,
@@ -254,26 +279,20 @@ class AdaptiveKLCallback(TrainerCallback):
             "controller": self.controller.state_dict(),
         }
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self._last_update_step = int(state["last_update_step"])
+
     def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
-        """Finds the checkpoint training resumed from and loads the controller state saved in it."""
-        candidates = []
-        resume = getattr(args, "resume_from_checkpoint", None)
-        if isinstance(resume, str) and resume:
-            candidates.append(resume)
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-        for directory in candidates:
-            saved = load_kl_state(directory)
-            if saved is not None and saved.get("global_step") == state.global_step:
-                self.controller.load_state_dict(saved["controller"])
-                self._last_update_step = int(saved["last_update_step"])
-                logger.info("AdaptiveKLCallback: restored %r from %s", self.controller, directory)
-                return
+        """Loads the controller state saved in the checkpoint training resumed from."""
+        callbacks = getattr(getattr(self.trainer, "callback_handler", None), "callbacks", None)
+        if self.restore(args, state, callbacks):
+            logger.info("AdaptiveKLCallback: restored %r from the checkpoint", self.controller)
+            return
         logger.warning(
-            "AdaptiveKLCallback: training resumes at step %d but no %s for that step was found in %s; the controller "
-            "continues from its current value %.6g",
+            "AdaptiveKLCallback: training resumes at step %d but the checkpoint's trainer_state.json holds no "
+            "AdaptiveKLCallback state; the controller continues from its current value %.6g",
             state.global_step,
-            KL_STATE_FILE,
-            candidates,
             self.controller.value,
         )
         self._last_update_step = state.global_step
@@ -292,15 +311,21 @@ class AdaptiveKLCallback(TrainerCallback):
         if state.global_step > 0:  # the Trainer has loaded trainer_state.json from the checkpoint it resumes from
             self._restore(args, state)
         else:
+            self.restore(args, state)  # checks the settings; nothing to load at step 0
             self._last_update_step = 0
+        self._global_step = state.global_step
         if self.controller.value <= 0:
             raise ValueError(
                 f"AdaptiveKLCallback: the controller's KL coefficient is {self.controller.value}; a non-positive beta "
                 "would switch off the reference model and the KL it controls"
             )
-        self.trainer.beta = float(self.controller.value)
+        self._set_beta(self.controller.value)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._global_step = state.global_step  # a checkpoint of this step saves state_dict() right after
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        self._global_step = state.global_step
         if not logs or self.kl_key not in logs:
             if logs and "loss" in logs and not self._warned_missing:
                 logger.warning("AdaptiveKLCallback: no %r in the training logs; beta is not being adapted", self.kl_key)
@@ -324,7 +349,7 @@ class AdaptiveKLCallback(TrainerCallback):
         if n_steps > 0:
             beta_after = float(self.controller.update(kl_input, n_steps))
             self._last_update_step = state.global_step
-            self.trainer.beta = beta_after
+            self._set_beta(beta_after)
             self.updates.append(
                 {
                     "step": state.global_step,
@@ -342,13 +367,3 @@ class AdaptiveKLCallback(TrainerCallback):
         # the Trainer appended a copy of `logs` to log_history before calling us: keep the history complete too
         if state.log_history and state.log_history[-1].get(self.kl_key) == kl_logged:
             state.log_history[-1].update(extra)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(directory):
-            logger.warning("AdaptiveKLCallback: checkpoint directory %s not found; KL state not saved", directory)
-            return
-        with open(os.path.join(directory, KL_STATE_FILE), "w", encoding="utf-8") as f:
-            json.dump(self._state(state.global_step), f, indent=2)

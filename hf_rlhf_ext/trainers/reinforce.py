@@ -38,24 +38,21 @@ each sequence counts):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from ..objectives import group_advantages
+from ..persisted_state import StateHolderCallback
 from ..reward_guard import NanRewardsArguments, attach_reward_guard
 from ..validation import check_trainer_prompts, validate_trainer_inputs
 
 BASELINES = ("none", "running_mean", "group")
 AGGREGATIONS = {"sequence": "luspo", "token": "dapo"}  # aggregation -> GRPO loss_type that implements it
-BASELINE_STATE_FILE = "reinforce_baseline_state.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,6 +148,10 @@ class RunningMeanBaseline:
         self.decay = float(state["decay"])
         self.ema = float(state["ema"])
         self.num_updates = int(state["num_updates"])
+
+
+class RunningMeanBaselineState(StateHolderCallback):
+    """Carries the running-mean baseline in checkpoints (``trainer_state.json``) and restores it on resume."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,6 +315,7 @@ class ReinforceTrainer(GRPOTrainer):
         attach_reward_guard(self)  # NaN/inf rewards stop the run or are dropped (args.nan_rewards)
         self.baseline = args.baseline
         self.running_baseline = RunningMeanBaseline(decay=args.baseline_decay)
+        self.add_callback(RunningMeanBaselineState(self.running_baseline))  # saved in checkpoints, restored on resume
         self._last_rewards_per_func: torch.Tensor | None = None
 
     # -- rewards: keep the gathered tensor GRPO computes (the output dict of the parent has none) --------------------
@@ -369,32 +371,13 @@ class ReinforceTrainer(GRPOTrainer):
             logged.pop()
         logged.extend(advantages.tolist())
 
-    # -- checkpointing of the running-mean state ----------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            checkpoint = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder = os.path.join(self._get_output_dir(trial=trial), checkpoint)
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, BASELINE_STATE_FILE), "w") as f:
-                json.dump({"baseline": self.baseline, "running_mean": self.running_baseline.state_dict()}, f)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, BASELINE_STATE_FILE)
-        if os.path.isfile(path):
-            with open(path) as f:
-                state = json.load(f)
-            self.running_baseline.load_state_dict(state["running_mean"])
-
 
 __all__ = [
     "BASELINES",
     "ReinforceConfig",
     "ReinforceTrainer",
     "RunningMeanBaseline",
+    "RunningMeanBaselineState",
     "leave_one_out_baseline",
     "reinforce_advantages",
 ]
