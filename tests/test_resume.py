@@ -247,3 +247,79 @@ def test_reinforce_killed_and_resumed_keeps_its_running_mean_baseline(worlds, tm
     _assert_close(a["baseline"], b["baseline"], "running-mean baseline")
     assert b["baseline"]["num_updates"] == MAX_STEPS  # restored at 2, then two more batches
     _assert_tracker_matches(a["tracker"], b["tracker"], tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The β sweep: killed between two points, rerun
+# ----------------------------------------------------------------------------------------------------------------------
+SWEEP_REWARDS = r'''
+"""Rewards of the sweep test. `held_reward` holds the process once the results file has a finished point, so that
+the kill lands inside the second point (the hold is an environment setting: it is not part of the sweep's config)."""
+import os, time
+
+
+def held_reward(prompts=None, completions=None, **kwargs):
+    path = os.environ.get("HOLD_WHEN_RESULTS_HAVE_A_POINT")
+    if path and os.path.isfile(path) and len(open(path).read().splitlines()) > 1:
+        time.sleep(600)
+    return [len((c[0]["content"] if isinstance(c, list) else c).split()) / 10 for c in completions]
+'''
+
+
+def _sweep_argv(world: dict, data: Path, out: Path) -> list[str]:
+    return ["--model_name_or_path", world["policy"], "--dataset_name", str(data), "--reward_funcs",
+            "sweep_rewards.held_reward", "_ppo_helpers.target_word", "--reward_weights", "1", "0", "--output_dir",
+            str(out), "--max_steps", "2", "--eval_every", "2", "--per_device_train_batch_size", "8",
+            "--num_generations", "4", "--max_completion_length", "6", "--num_eval_prompts", "8",
+            "--learning_rate", "0.05", "--betas", "0", "1.0"]
+
+
+def _point_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if '"header"' not in line]
+
+
+def _without_seconds(lines: list[str]) -> list[dict]:
+    rows = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return sorted(rows, key=lambda r: (r["beta"], r["seed"]))
+
+
+def test_a_sweep_killed_mid_way_reruns_only_the_unfinished_points(tmp_path, monkeypatch):
+    """SIGKILL while the second of two points trains; the rerun keeps the finished point's line as it was, trains only
+    the other one, and its results equal an uninterrupted sweep's, field for field (all but the wall-clock seconds)."""
+    from _ppo_helpers import build_world, prompts
+
+    from hf_rlhf_ext import sweeps
+
+    world = build_world(str(tmp_path / "world"))
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(16)["prompt"]))
+    (tmp_path / "sweep_rewards.py").write_text(SWEEP_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "killed"
+    results = out / "results.jsonl"
+    env = _env(HOLD_WHEN_RESULTS_HAVE_A_POINT=str(results))
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(TESTS), env["PYTHONPATH"]])
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "beta_sweep.py"),
+                                 *_sweep_argv(world, data, out)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (results.is_file() and _point_lines(results)):
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no finished point before the timeout"
+        time.sleep(0.2)
+    time.sleep(1.0)  # the second point is training (and held)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    finished = _point_lines(results)
+    assert [json.loads(line)["beta"] for line in finished] == [0.0]
+
+    sweeps.run_sweep(_sweep_argv(world, data, out), progress=False)
+    assert json.loads((out / "metrics.json").read_text())["seconds"]["points_run_now"] == 1
+    rerun = _point_lines(results)
+    assert rerun[0] == finished[0] and len(rerun) == 2  # the finished point kept as it was, not redone
+
+    sweeps.run_sweep(_sweep_argv(world, data, tmp_path / "whole"), progress=False)
+    whole = _without_seconds(_point_lines(tmp_path / "whole" / "results.jsonl"))
+    assert [(r["beta"], r["seed"]) for r in whole] == [(0.0, 0), (1.0, 0)]
+    assert _without_seconds(rerun) == whole
