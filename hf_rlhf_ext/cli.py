@@ -1,46 +1,96 @@
-"""``hf-rlhf-ext``: one console entry point for the lab and the chapter's experiments.
+"""``hf-rlhf-ext``: one console entry point for the lab and every recipe, as ``trl grpo`` is for TRL's scripts.
 
-    hf-rlhf-ext lab build [--output_dir DIR]     build (or reuse) the offline lab
-    hf-rlhf-ext report [--quick] [...]           the whole chapter: every experiment, report.md and claims.json
-    hf-rlhf-ext sweep [--trainer grpo] [...]     the β sweep
-    hf-rlhf-ext best-of-n [--n 8] [...]          best-of-N and its distillation
+    hf-rlhf-ext lab build [--lab_dir DIR] [--force]    put the offline lab in place (or reuse it)
+    hf-rlhf-ext ppo [--config ppo_lab.yaml] [...]       PPO with a critic (recipes/ppo.py; its shipped YAML config)
+    hf-rlhf-ext report [--quick] [...]                  the whole chapter: every experiment, report.md and claims.json
 
-Each subcommand takes the flags of its recipe (``hf-rlhf-ext report --help`` lists them); the recipes in ``recipes/``
-stay the ``accelerate launch`` entry points, and these subcommands run the same files.
+Each recipe subcommand hands the rest of the command line to the recipe's own parser (``hf-rlhf-ext ppo --help``
+lists its flags); ``--config NAME.yaml`` names a file, or else one of the YAML configs shipped with the recipes. The
+recipes are the package's ``hf_rlhf_ext.recipes`` (in a checkout: the top-level ``recipes/``), so
+``accelerate launch -m hf_rlhf_ext.recipes.ppo`` runs the same code on several processes.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
+import importlib.util
 import runpy
 import sys
 from pathlib import Path
 
-#: subcommand -> (recipe file, one-line help)
+#: subcommand -> (recipe module in hf_rlhf_ext.recipes, one-line help)
 RECIPES = {
-    "report": ("pipeline.py", "run every experiment of the chapter and write report.md + claims.json"),
-    "sweep": ("beta_sweep.py", "the β sweep: KL against reward, the Gao fit"),
-    "best-of-n": ("best_of_n.py", "best-of-N, its over-optimisation curve and its distillation"),
+    "reward": ("reward", "a Bradley-Terry reward model and its held-out pairwise accuracy"),
+    "ppo": ("ppo", "PPO with a critic (hf_rlhf_ext's PPOTrainer)"),
+    "grpo": ("grpo", "TRL's GRPOTrainer with the lab defaults and the held-out evaluation"),
+    "reinforce": ("reinforce", "REINFORCE with a baseline (none, running mean, group)"),
+    "best-of-n": ("best_of_n", "best-of-N, its over-optimisation curve and its distillation"),
+    "sweep": ("beta_sweep", "the β sweep: KL against reward, the Gao fit"),
+    "compare": ("compare", "PPO against GRPO on the same budget"),
+    "reinforce-baselines": ("reinforce_baselines", "REINFORCE baselines over training, gradient variance"),
+    "rm-ensemble": ("rm_ensemble", "reward-model ensembles against over-optimisation"),
+    "mini-loop": ("mini_loop", "the plain-PyTorch RLHF loop that learns to end politely"),
+    "report": ("pipeline", "run every experiment of the chapter and write report.md + claims.json"),
 }
+RECIPES_PACKAGE = "hf_rlhf_ext.recipes"
 
 
-def recipes_dir() -> Path:
-    """``recipes/`` of the source checkout this package runs from, else of the working directory."""
-    for candidate in (Path(__file__).resolve().parents[1] / "recipes", Path.cwd() / "recipes"):
-        if (candidate / "pipeline.py").is_file():
-            return candidate
-    raise FileNotFoundError(
-        "hf-rlhf-ext runs the recipes of a source checkout (recipes/pipeline.py, ...), and none was found next to the "
-        "package or in the working directory: run it from a clone of the repository, or install one with "
-        "`pip install -e .`."
-    )
+def recipes_package() -> str:
+    """Makes ``hf_rlhf_ext.recipes`` importable and returns its name. In a source checkout that is the top-level
+    ``recipes/`` beside the package (the directory the wheel installs as the subpackage), registered on first use."""
+    if RECIPES_PACKAGE in sys.modules:
+        return RECIPES_PACKAGE
+    checkout = Path(__file__).resolve().parents[1] / "recipes"
+    if (checkout / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(
+            RECIPES_PACKAGE, checkout / "__init__.py", submodule_search_locations=[str(checkout)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[RECIPES_PACKAGE] = module
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(RECIPES_PACKAGE)
+    return RECIPES_PACKAGE
+
+
+def shipped_config(path: str) -> str:
+    """``path`` if it is a file, else the recipes' shipped ``configs/<path>`` when that exists (``--config
+    ppo_lab.yaml`` works from any directory), else ``path`` unchanged (the recipe's parser reports it)."""
+    if Path(path).is_file():
+        return path
+    package = importlib.import_module(recipes_package())
+    shipped = Path(package.__file__).parent / "configs" / Path(path).name
+    return str(shipped) if shipped.is_file() else path
+
+
+def with_shipped_configs(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = shipped_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + shipped_config(arg.split("=", 1)[1])
+    return out
 
 
 def usage() -> str:
     lines = [__doc__.strip().splitlines()[0], "", "usage: hf-rlhf-ext <command> [flags]", "", "commands:",
-             f"  {'lab build':<12} build (or reuse) the offline lab; see `hf-rlhf-ext lab build --help`"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in RECIPES.items()]
+             f"  {'lab':<20} the offline lab: `lab build`, `lab path` (see `hf-rlhf-ext lab --help`)"]
+    lines += [f"  {name:<20} {help_}" for name, (_, help_) in RECIPES.items()]
     return "\n".join(lines)
+
+
+def run_recipe(module: str, prog: str, argv: list[str]) -> int:
+    """Runs ``hf_rlhf_ext.recipes.<module>`` as ``__main__`` with ``argv``, as ``python -m`` would."""
+    old_argv = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        runpy.run_module(f"{recipes_package()}.{module}", run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:  # --help and argument errors exit from inside the recipe's parser
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,18 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in RECIPES:
         print(f"hf-rlhf-ext: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    script = recipes_dir() / RECIPES[command][0]
-    old_argv = sys.argv
-    sys.argv = [f"hf-rlhf-ext {command}", *rest]
-    sys.path.insert(0, str(script.parent))
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exit_:  # --help and argument errors exit from inside the recipe's parser
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
-    finally:
-        sys.argv = old_argv
-        sys.path.remove(str(script.parent))
-    return 0
+    return run_recipe(RECIPES[command][0], f"hf-rlhf-ext {command}", with_shipped_configs(rest))
 
 
 if __name__ == "__main__":

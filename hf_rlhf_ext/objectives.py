@@ -17,6 +17,7 @@ Sources
 * PPO-clip: Schulman et al. 2017 (arXiv 1707.06347), eq. 7; asymmetric ε_high: DAPO (arXiv 2503.14476).
 * Clipped value loss: the OpenAI baselines PPO2 implementation, as in old TRL PPO (trl ≤ 1.12).
 * GAE: Schulman et al. 2015 (arXiv 1506.02438), eq. 16.
+* Token-level rewards with the KL penalty in the reward: Ziegler et al. 2019 (arXiv 1909.08593); InstructGPT.
 * Group-relative advantages: GRPO (DeepSeekMath, arXiv 2402.03300); "batch"/"none" scalings as in TRL's
   ``GRPOTrainer`` (``scale_rewards``) after Dr. GRPO (arXiv 2503.20783).
 * KL estimators k1/k2/k3: J. Schulman, "Approximating KL divergence" (2020, http://joschu.net/blog/kl-approx.html).
@@ -43,6 +44,9 @@ __all__ = [
     "clipped_surrogate_ratio_grad",
     "clipped_value_loss",
     "gae",
+    "token_level_rewards",
+    "aggregate_token_loss",
+    "LOSS_AGGREGATIONS",
     "group_advantages",
     "zero_std_groups",
     "kl_k1",
@@ -248,6 +252,60 @@ def clipped_value_loss(
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (values_clipped - returns) ** 2
     return 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+
+
+LOSS_AGGREGATIONS = ("bnpo", "grpo", "dr_grpo", "dapo")
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    kind: Literal["bnpo", "grpo", "dr_grpo", "dapo"] = "bnpo",
+    max_length: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduces a (B, T) per-token loss to a scalar, as TRL's ``loss_type`` names it:
+
+    * ``"bnpo"``: Σ ℓ·m / Σ m, the token mean over the batch (old TRL PPO; CleanRL's mean over a mini-batch);
+    * ``"grpo"``: the mean over sequences of each sequence's token mean (GRPO; long replies weigh less per token);
+    * ``"dr_grpo"``: Σ ℓ·m / (B · max_length), a constant denominator (Dr. GRPO, arXiv 2503.20783);
+    * ``"dapo"``: Σ ℓ·m / num_tokens, with ``num_tokens`` the mean token count of a micro-batch over the whole
+      rollout (DAPO's token-level sum, arXiv 2503.14476).
+    """
+    m = _as_mask(per_token, mask)
+    total = (per_token * m).sum()
+    if kind == "bnpo":
+        return total / m.sum().clamp(min=1.0)
+    if kind == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if kind == "dr_grpo":
+        if max_length is None:
+            raise ValueError("aggregate_token_loss(kind='dr_grpo') needs max_length (the maximum completion length)")
+        return total / (per_token.size(0) * max_length)
+    if kind == "dapo":
+        if num_tokens is None:
+            raise ValueError("aggregate_token_loss(kind='dapo') needs num_tokens (tokens per micro-batch)")
+        return total / num_tokens
+    raise ValueError(f"kind must be one of {LOSS_AGGREGATIONS}, got {kind!r}")
+
+
+def token_level_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards of RLHF-PPO: r_t = −β·KL_t on every completion token, plus the sequence score on the last
+    valid token (Ziegler et al. 2019, InstructGPT). Returns ``(rewards, non_score_rewards)``, both (B, T), 0 on padding.
+
+    The score lands on the last token of the completion (its EOS when it has one): the only state that has seen the
+    whole reply. A completion with no valid token gets no score.
+    """
+    mask = mask.to(kl.dtype)
+    non_score = -kl_coef * kl * mask
+    lengths = mask.sum(dim=1)
+    last = (lengths.long() - 1).clamp(min=0)
+    rewards = non_score.clone()
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last] += torch.where(lengths > 0, scores.to(rewards.dtype), torch.zeros_like(lengths))
+    return rewards, non_score
 
 
 def gae(

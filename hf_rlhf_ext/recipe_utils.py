@@ -20,13 +20,26 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from trl import ScriptArguments
+from transformers import TrainerCallback
+from trl import ScriptArguments, TrlParser
 
+from .objectives import kl_k1, kl_k3
 from .results import ResultsCallback, write_metrics
 from .sampling import per_token_logps
 from .validation import require_prompt_column, validated_reward_func
 
 logger = logging.getLogger(__name__)
+
+# --monitor names -> the hf_rlhf_ext.callbacks class each one attaches
+MONITORS = {
+    "overoptimization": "OveroptimizationCallback",
+    "kl": "KLToReferenceCallback",
+    "advantages": "GroupAdvantageCheckCallback",
+    "grad_variance": "GradientVarianceCallback",
+}
+# With --use_peft and no learning rate given, the RL recipes train LoRA at this multiple of their full-weight default:
+# on the lab PPO recipe, LoRA (r=16) at 1e-4 stays at the initial policy (KL ≈ 0); at 1e-3 it learns as full weights do.
+LORA_LEARNING_RATE_MULTIPLIER = 10.0
 
 __all__ = [
     "RLScriptArguments",
@@ -41,6 +54,13 @@ __all__ = [
     "prepare_rl_run",
     "make_trainer",
     "make_recipe_parser",
+    "RecipeParser",
+    "MONITORS",
+    "parse_monitors",
+    "add_monitors",
+    "LORA_LEARNING_RATE_MULTIPLIER",
+    "RecipeCard",
+    "write_run_card",
     "evaluate_policy",
     "train_and_report",
     "summary_text",
@@ -79,12 +99,31 @@ class RLScriptArguments(ScriptArguments):
     num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for the before/after evaluation."})
     eval_sampling: str = field(default="sample", metadata={"help": "'sample' (temperature 1) or 'greedy'."})
     num_sample_completions: int = field(default=4, metadata={"help": "Sample completions kept in metrics.json."})
+    monitor: str = field(
+        default="none",
+        metadata={"help": "Callbacks to attach, comma-separated: " + ", ".join(MONITORS) + "; 'auto' = the cheap ones "
+                  "that apply to this run; 'none'."},
+    )
+    monitor_every_n_steps: int = field(default=10, metadata={"help": "Measure every N optimizer steps (kl, "
+                                                                     "advantages, grad_variance, overoptimization)."})
+    monitor_num_samples: int | None = field(
+        default=None, metadata={"help": "Held-out completions per KL measurement (default: one generation batch)."}
+    )
+    monitor_save_peak: bool = field(
+        default=False, metadata={"help": "overoptimization: save the policy at each new gold peak to <out>/gold_peak."}
+    )
+    monitor_stop_on_overoptimization: bool = field(
+        default=False, metadata={"help": "overoptimization: stop training once gold falls while the proxy rises."}
+    )
+    # the command line the recipe was parsed from (set by the recipe parser; shown in the model card)
+    cli_args: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         if self.eval_sampling not in ("sample", "greedy"):
             raise ValueError(f"eval_sampling must be 'sample' or 'greedy', got {self.eval_sampling!r}")
         if self.num_eval_prompts < 0:
             raise ValueError("num_eval_prompts must be >= 0")
+        parse_monitors(self.monitor)  # an unknown name fails here, before any model is loaded
 
 
 @dataclass
@@ -290,14 +329,130 @@ def make_trainer(trainer_cls: type, setup: RLSetup, training_args: Any, **kwargs
     )
 
 
-def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any]):
-    """A ``TrlParser`` (so ``--config file.yaml`` works) over (script args, trainer config, ``ModelConfig``) with the
-    recipe's lab defaults and the CPU defaults; explicit flags and config files override both."""
-    from trl import ModelConfig, TrlParser
+# ----------------------------------------------------------------------------------------------------------------------
+# Monitors: our callbacks, attached from the command line (--monitor)
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_monitors(value: str | Sequence[str] | None) -> list[str] | None:
+    """The monitor names in ``--monitor`` ("a,b", or a YAML list); None for "auto", [] for "none"."""
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    names = [n.strip() for n in names if n and n.strip()]
+    if names == ["auto"]:
+        return None
+    if names in ([], ["none"]):
+        return []
+    unknown = [n for n in names if n not in MONITORS]
+    if unknown:
+        raise ValueError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} (comma-separated), "
+                         "'auto' or 'none'.")
+    return names
 
-    parser = TrlParser((script_args_cls, config_cls, ModelConfig))
+
+def _uses_trl_group_advantages(trainer: Any) -> bool:
+    """GRPO/RLOO computing TRL's own group advantages (PPO and REINFORCE compute theirs: nothing to check)."""
+    from trl import GRPOTrainer, RLOOTrainer
+
+    return any(type(trainer)._generate_and_score_completions is base._generate_and_score_completions
+               for base in (GRPOTrainer, RLOOTrainer))
+
+
+def _monitor(name: str, trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -> Any:
+    """One callback, built with the recipe's settings; raises ValueError when it does not apply to this run."""
+    from . import callbacks
+
+    every = script_args.monitor_every_n_steps
+    if name == "overoptimization":
+        return callbacks.OveroptimizationCallback(
+            trainer, mode="logs", every_n_steps=every, save_peak=script_args.monitor_save_peak,
+            stop_on_overoptimization=script_args.monitor_stop_on_overoptimization,
+        )
+    if name == "kl":
+        if not setup.eval_prompts:
+            raise ValueError("the KL monitor samples held-out prompts, and this run has none (num_eval_prompts 0)")
+        return callbacks.KLToReferenceCallback(trainer, setup.eval_prompts, every_n_steps=every,
+                                               num_samples=script_args.monitor_num_samples)
+    if name == "advantages":
+        if not _uses_trl_group_advantages(trainer):
+            raise ValueError(f"{type(trainer).__name__} does not compute TRL's group advantages")
+        return callbacks.GroupAdvantageCheckCallback(trainer, every_n_steps=every)
+    return callbacks.GradientVarianceCallback(trainer, every_n_steps=every)
+
+
+# what --monitor auto attaches where it applies: each costs little next to a training step (see the README)
+AUTO_MONITORS = ("overoptimization", "kl", "advantages")
+
+
+def add_monitors(trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -> dict[str, Any]:
+    """Attaches the ``--monitor`` callbacks to ``trainer`` and returns them by name. A named monitor that does not
+    apply to the run is an error; under "auto" it is left out (with an info line saying why)."""
+    requested = parse_monitors(script_args.monitor)
+    attached: dict[str, Any] = {}
+    for name in AUTO_MONITORS if requested is None else requested:
+        try:
+            attached[name] = _monitor(name, trainer, setup, script_args)
+        except (ValueError, TypeError) as err:  # TypeError: a trainer the callback cannot read
+            if requested is not None:
+                raise ValueError(f"--monitor {name}: {err}") from err
+            logger.info("--monitor auto: %s left out (%s).", name, err)
+            continue
+        trainer.add_callback(attached[name])
+    return attached
+
+
+def monitor_results(monitors: dict[str, Any]) -> dict[str, Any]:
+    """What the monitors concluded, for ``metrics.json``."""
+    out: dict[str, Any] = {}
+    if "overoptimization" in monitors:
+        out["overoptimization"] = monitors["overoptimization"].findings().to_dict()
+    if "kl" in monitors:
+        out["kl"] = monitors["kl"].history
+    if "advantages" in monitors:
+        cb = monitors["advantages"]
+        out["advantages"] = {"checked_batches": len(cb.history), "violations": cb.violations}
+    if "grad_variance" in monitors:
+        out["grad_variance"] = monitors["grad_variance"].summary()
+    return out
+
+
+def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any],
+                       lora_learning_rate_multiplier: float | None = LORA_LEARNING_RATE_MULTIPLIER):
+    """A ``TrlParser`` (so ``--config file.yaml`` works) over (script args, trainer config, ``ModelConfig``) with the
+    recipe's lab defaults and the CPU defaults; explicit flags and config files override both. With ``--use_peft``
+    and no learning rate in the flags or the config file, the learning rate is multiplied by
+    ``lora_learning_rate_multiplier`` (None: kept)."""
+    from trl import ModelConfig
+
+    parser = RecipeParser((script_args_cls, config_cls, ModelConfig),
+                          lora_learning_rate_multiplier=lora_learning_rate_multiplier)
     parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
+
+
+class RecipeParser(TrlParser):
+    """``TrlParser`` that remembers the command line (for the model card) and applies the LoRA learning-rate rule,
+    which needs to know whether the learning rate was given (a flag or a config key) or is the recipe's default."""
+
+    def __init__(self, dataclass_types, lora_learning_rate_multiplier: float | None = None, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.lora_learning_rate_multiplier = lora_learning_rate_multiplier
+        self._config_keys: set[str] = set()
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        self._config_keys |= set(kwargs)
+        return super().set_defaults_with_config(**kwargs)
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        argv = list(sys.argv[1:] if args is None else args)
+        outputs = super().parse_args_and_config(argv, *rest, **kwargs)
+        given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+        script_args, training_args, model_args = outputs[:3]
+        if hasattr(script_args, "cli_args"):
+            script_args.cli_args = argv
+        if (self.lora_learning_rate_multiplier and getattr(model_args, "use_peft", False)
+                and "learning_rate" not in given):
+            training_args.learning_rate *= self.lora_learning_rate_multiplier
+            logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
+                        training_args.learning_rate, self.lora_learning_rate_multiplier)
+        return outputs
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -326,7 +481,7 @@ def evaluate_policy(
 
     Returns ``{"<name>": mean reward, ..., "eos_rate", "mean_length", "kl_to_reference" (sequence k1, sampled
     completions only, when ``reference`` is given: a model, or the same PEFT model whose adapters are disabled),
-    "samples": [...]}``.
+    "kl_k3_to_reference" (the same with k3), "samples": [...]}``.
     """
     if not prompts:
         return {}
@@ -359,7 +514,7 @@ def evaluate_policy(
                 completion_ids.append(ids[:end])
             completions.extend(tokenizer.batch_decode([ids for ids in completion_ids[start:]], skip_special_tokens=True))
             if reference is not None and sampling == "sample":
-                kl.extend(_sequence_kl(model, reference, out, enc["attention_mask"], mask).tolist())
+                kl.extend(torch.stack(_sequence_kl(model, reference, out, enc["attention_mask"], mask), 1).tolist())
     finally:
         tokenizer.padding_side = side
         torch.random.set_rng_state(generator_state)
@@ -374,15 +529,17 @@ def evaluate_policy(
     result["eos_rate"] = sum(bool(ids) and ids[-1] in eos_ids for ids in completion_ids) / len(completion_ids)
     result["mean_length"] = sum(len(ids) for ids in completion_ids) / len(completion_ids)
     if kl:
-        result["kl_to_reference"] = sum(kl) / len(kl)
+        result["kl_to_reference"] = sum(k1 for k1, _ in kl) / len(kl)
+        result["kl_k3_to_reference"] = sum(k3 for _, k3 in kl) / len(kl)
     result["samples"] = [
         {"prompt": p, "completion": c} for p, c in zip(list(prompts)[:num_samples], completions[:num_samples])
     ]
     return result
 
 
-def _sequence_kl(model, reference, sequences, prompt_mask, completion_mask) -> torch.Tensor:
-    """Σ_t log π(y_t) − log π_ref(y_t) over each sampled completion (k1; unbiased for KL(π‖π_ref) at temperature 1)."""
+def _sequence_kl(model, reference, sequences, prompt_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k1, k3) summed over each sampled completion: k1 = log π − log π_ref and k3 = eˣ − 1 − x with
+    x = log π_ref − log π, both unbiased for KL(π‖π_ref) at temperature 1; k3 is ≥ 0 and has the lower variance."""
     P = prompt_mask.size(1)
     args = (sequences[:, :P], prompt_mask, sequences[:, P:], completion_mask)
     policy_logps = per_token_logps(model, *args)
@@ -391,7 +548,8 @@ def _sequence_kl(model, reference, sequences, prompt_mask, completion_mask) -> t
             ref_logps = per_token_logps(model, *args)
     else:
         ref_logps = per_token_logps(reference, *args)
-    return (policy_logps - ref_logps).sum(dim=1)
+    mask = completion_mask.to(policy_logps.dtype)
+    return (kl_k1(policy_logps, ref_logps) * mask).sum(dim=1), (kl_k3(policy_logps, ref_logps) * mask).sum(dim=1)
 
 
 def _reference_for_eval(trainer: Any) -> Any:
@@ -405,22 +563,159 @@ def _reference_for_eval(trainer: Any) -> Any:
 
 def summary_text(metrics: dict[str, Any]) -> str:
     """A few console lines for a person: each reward before -> after on held-out prompts, the KL to the initial
-    policy, and sample completions before and after (the numbers themselves live in ``metrics.json``)."""
+    policy (k3: never negative, lower variance than k1, which stays in ``metrics.json`` as ``kl_after``), and sample
+    completions before and after (the numbers themselves live in ``metrics.json``)."""
     lines = ["", f"held-out evaluation ({metrics.get('num_eval_prompts', 0)} completions, {metrics.get('eval_sampling')}):"]
     for name in metrics.get("reward_funcs", []):
         if f"{name}_before" in metrics:
             lines.append(f"  {name:<24} {metrics[f'{name}_before']:+.3f} -> {metrics[f'{name}_after']:+.3f}")
-    if "kl_after" in metrics:
-        lines.append(f"  {'KL to initial policy':<24} {metrics['kl_after']:.3f} nats per completion")
+    if "kl_k3_after" in metrics:
+        lines.append(f"  {'KL to initial policy':<24} {metrics['kl_k3_after']:.3f} nats per completion (k3)")
     before, after = metrics.get("samples_before", []), metrics.get("samples_after", [])
     for b, a in zip(before, after):
         lines += [f"  prompt: {b['prompt']}", f"    before: {b['completion']}", f"    after:  {a['completion']}"]
     return "\n".join(lines)
 
 
-def train_and_report(trainer: Any, setup: RLSetup, script_args: RLScriptArguments, training_args: Any) -> dict[str, Any]:
-    """Evaluates, trains, evaluates again, saves (policy, and the critic for PPO), writes ``metrics.json`` and
-    pushes to the Hub when asked. Returns the metrics written."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Model card of an RL recipe's output folder
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecipeCard:
+    """What a recipe's model card says beyond the run's own numbers.
+
+    Args:
+        script: the recipe (``recipes/ppo.py``).
+        method: what it trains, in words ("PPO with a critic").
+        tags: method tags for the Hub (``ppo``).
+        hyperparameters: names of the settings that matter, read from the training config or the script arguments
+            (missing names are skipped); LoRA settings are added with ``--use_peft``.
+    """
+
+    script: str
+    method: str
+    tags: tuple[str, ...]
+    hyperparameters: tuple[str, ...]
+
+
+def _command_line(script: str, cli_args: list[str] | None) -> str:
+    import shlex
+
+    if cli_args is None:
+        return f"python {script}  # run from Python: the settings are listed below"
+    return " ".join(["accelerate launch", script, *(shlex.quote(a) for a in cli_args)])
+
+
+def _settings(names: Sequence[str], *sources: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in names:
+        source = next((s for s in sources if hasattr(s, name)), None)
+        if source is not None:
+            values[name] = getattr(source, name)
+    return values
+
+
+def lora_settings(peft_config: Any) -> dict[str, Any]:
+    """The LoRA settings a card lists (empty without PEFT)."""
+    if peft_config is None:
+        return {}
+    targets = peft_config.target_modules
+    return {"lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "lora_dropout": peft_config.lora_dropout,
+            "lora_target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets or "PEFT default"}
+
+
+def _result_rows(metrics: dict[str, Any]) -> list[tuple]:
+    before, after = metrics["eval_before"], metrics["eval_after"]
+    rows: list[tuple] = []
+    for name, weight in zip(metrics["reward_funcs"], metrics["reward_weights"]):
+        role = "tracked, weight 0" if weight == 0 else f"optimised, weight {weight:g}"
+        rows.append((f"held-out {name} ({role})", before.get(name), after.get(name)))
+    if "kl_k3_to_reference" in after:
+        rows.append(("KL to the initial policy, k3 (nats per completion)", 0.0, after["kl_k3_to_reference"]))
+        rows.append(("KL to the initial policy, k1 (nats per completion)", 0.0, after["kl_to_reference"]))
+    rows += [("completions ending with EOS", before.get("eos_rate"), after.get("eos_rate")),
+             ("mean completion length (tokens)", before.get("mean_length"), after.get("mean_length"))]
+    return rows
+
+
+def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments, training_args: Any,
+                   card: RecipeCard, metrics: dict[str, Any]) -> str:
+    """Writes the training-curve plot and ``<output_dir>/README.md`` (a ``huggingface_hub.ModelCard``); returns the
+    card's path. Called after ``save_model``, so it replaces the template PEFT writes for an adapter."""
+    from .callbacks.overoptimization import PLOT_FILE as OVEROPTIMIZATION_PLOT
+    from .model_card import CARD_FILE, RunCard, hub_id_or_none, load_snippet, write_model_card
+    from .plots import plot_training_curves
+
+    out = training_args.output_dir
+    plot_training_curves(trainer.state.log_history, os.path.join(out, "training_curves.png"), title=card.method)
+    repo = _hub_repo_id(trainer, training_args) if training_args.push_to_hub else None
+    base = "the lab's SFT policy" if setup.on_lab and setup.model == getattr(setup.lab, "policy_path", None) \
+        else f"`{hub_id_or_none(setup.model) or os.path.basename(os.path.normpath(setup.model))}`"
+    data = "the lab's prompts" if setup.on_lab else f"`{script_args.dataset_name}`"
+    dataset_id = hub_id_or_none(script_args.dataset_name)
+    run = RunCard(
+        title=(repo or os.path.basename(os.path.abspath(out))).split("/")[-1],
+        summary=(f"{card.method} ({'a LoRA adapter on ' if setup.peft_config else ''}{base}), trained on {data} for "
+                 f"{metrics['global_step']} steps, rewarded by {', '.join(n for n, w in zip(metrics['reward_funcs'], metrics['reward_weights']) if w)}."),
+        recipe=card.script,
+        command=_command_line(card.script, script_args.cli_args),
+        tags=card.tags,
+        base_model=hub_id_or_none(setup.model),
+        datasets=[dataset_id] if dataset_id else [],
+        library_name="peft" if setup.peft_config is not None else "transformers",
+        hyperparameters={**_settings(card.hyperparameters, training_args, script_args),
+                         **lora_settings(setup.peft_config)},
+        metrics=_result_rows(metrics),
+        metrics_note=(f"Measured on {metrics['num_eval_prompts']} held-out completions ({metrics['eval_sampling']}), "
+                      "before and after training; all numbers are in `metrics.json`, the curves in "
+                      "`log_history.jsonl`."),
+        plots={"training_curves.png": "Reward and KL on the training batches against the optimizer step",
+               OVEROPTIMIZATION_PLOT: "Over-optimisation monitor: proxy and gold rewards and KL, gold peak marked"},
+        usage=load_snippet(repo or out, "peft" if setup.peft_config is not None else "causal_lm",
+                           with_critic=os.path.isdir(os.path.join(out, "value_model"))),
+    )
+    write_model_card(out, run)
+    return os.path.join(out, CARD_FILE)
+
+
+def log_evaluation(trainer: Any, evaluation: dict[str, Any]) -> None:
+    """Sends the held-out evaluation's numbers to the trainer's trackers (``report_to``: TensorBoard, Trackio, ...)
+    and to ``log_history.jsonl`` as ``eval_<name>`` at the current step (``eval/<name>`` in TensorBoard): the
+    evaluation before training lands at step 0, the one after at the last step."""
+    logs = {f"eval_{k}": float(v) for k, v in evaluation.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if not logs:
+        return
+    trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, logs=logs)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ResultsCallback):
+            callback.flush()  # after training no later event would write the record
+
+
+class _LogAtTrainBegin(TrainerCallback):
+    """Logs an evaluation made before training once the trainer's trackers exist: a tracker opened earlier writes
+    somewhere else (TensorBoard: ``./runs`` instead of the run's logging directory)."""
+
+    def __init__(self, trainer: Any, evaluation: dict[str, Any]):
+        self.trainer, self.evaluation = trainer, evaluation
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        log_evaluation(self.trainer, self.evaluation)
+
+
+def train_and_report(
+    trainer: Any,
+    setup: RLSetup,
+    script_args: RLScriptArguments,
+    training_args: Any,
+    card: RecipeCard | None = None,
+    monitors: dict[str, Any] | None = None,
+    extra_metrics: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Evaluates, trains, evaluates again (both evaluations also go to the trackers), saves (policy, and the critic
+    for PPO), writes ``metrics.json`` (with ``extra_metrics()`` and what the ``monitors`` found), the training-curve
+    plot and the model card (``card``), pushes the folder to the Hub when asked, and prints where everything is.
+    Returns the metrics written."""
     accelerator = trainer.accelerator
     max_new = getattr(training_args, "max_completion_length", 32) or 32
     evaluate = accelerator.is_main_process and setup.eval_prompts
@@ -437,11 +732,38 @@ def train_and_report(trainer: Any, setup: RLSetup, script_args: RLScriptArgument
 
     before = run_eval(with_reference=False)
     accelerator.wait_for_everyone()
+    # logged once the trackers are set up (their on_train_begin), at step 0 (or the step a resumed run starts from)
+    trainer.add_callback(_LogAtTrainBegin(trainer, before))
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     after = run_eval(with_reference=True)
+    log_evaluation(trainer, after)
     accelerator.wait_for_everyone()  # the evaluation runs on the main process only
-    trainer.save_model(training_args.output_dir)
+    # no push from save_model: the folder is pushed once, with its card, below
+    trainer.save_model(training_args.output_dir, _internal_call=True)
 
+    metrics = _run_metrics(trainer, setup, script_args, train_result, before, after)
+    if monitors:
+        metrics["monitors"] = monitor_results(monitors)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics())
+    if accelerator.is_main_process:
+        write_metrics(training_args.output_dir, metrics)
+        print(summary_text(metrics))
+        if card is not None:
+            write_run_card(trainer, setup, script_args, training_args, card, metrics)
+        if training_args.push_to_hub:
+            from .model_card import push_folder
+
+            push_folder(training_args.output_dir, _hub_repo_id(trainer, training_args), token=training_args.hub_token,
+                        private=training_args.hub_private_repo, revision=training_args.hub_revision)
+        print(outputs_line(training_args.output_dir, card is not None))
+    accelerator.wait_for_everyone()
+    if hasattr(trainer, "end"):
+        trainer.end()  # finishes the trackers and destroys the process group (transformers >= 5.18)
+    return metrics
+
+
+def _run_metrics(trainer, setup, script_args, train_result, before, after) -> dict[str, Any]:
     train_logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
     metrics: dict[str, Any] = {
         "train": {**(train_logs[-1] if train_logs else {}), **train_result.metrics},
@@ -461,12 +783,17 @@ def train_and_report(trainer: Any, setup: RLSetup, script_args: RLScriptArgument
             metrics[f"{name}_before"], metrics[f"{name}_after"] = before[name], after[name]
     if "kl_to_reference" in after:
         metrics["kl_after"] = after["kl_to_reference"]
-    if accelerator.is_main_process:
-        write_metrics(training_args.output_dir, metrics)
-        print(summary_text(metrics))
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name or "hf-rlhf-ext lab prompts")
-    accelerator.wait_for_everyone()
-    if hasattr(trainer, "end"):
-        trainer.end()  # finishes the trackers and destroys the process group (transformers >= 5.18)
+        metrics["kl_k3_after"] = after["kl_k3_to_reference"]
     return metrics
+
+
+def _hub_repo_id(trainer: Any, training_args: Any) -> str:
+    """The repository ``Trainer`` created for ``--push_to_hub`` (``--hub_model_id``, or the output folder's name)."""
+    return (getattr(trainer, "hub_model_id", None) or training_args.hub_model_id
+            or os.path.basename(os.path.abspath(training_args.output_dir)))
+
+
+def outputs_line(output_dir: str, with_card: bool = True) -> str:
+    """The one line a recipe ends with: where its outputs are."""
+    card = f"model card {os.path.join(output_dir, 'README.md')}, " if with_card else ""
+    return f"outputs: {output_dir} ({card}metrics {os.path.join(output_dir, 'metrics.json')})"

@@ -88,7 +88,8 @@ class ResultsCallback(TrainerCallback):
         self.output_dir = output_dir
         self._pending: tuple[str, dict[str, Any], dict[str, Any]] | None = None
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Writes the record held back (see the class docstring), if any."""
         if self._pending is None:
             return
         output_dir, header, logs = self._pending
@@ -99,7 +100,7 @@ class ResultsCallback(TrainerCallback):
             f.write(json.dumps(_jsonable(record)) + "\n")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._flush()
+        self.flush()
         if not state.is_world_process_zero or not logs:
             return
         # keep a reference to the live dict (not a copy): later callbacks' additions are written too
@@ -107,10 +108,10 @@ class ResultsCallback(TrainerCallback):
         self._pending = (self.output_dir or args.output_dir, header, logs)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._flush()
+        self.flush()
 
     def on_save(self, args, state, control, **kwargs):
-        self._flush()
+        self.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._flush()
+        self.flush()

@@ -12,7 +12,9 @@ Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy.
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from hf_rlhf_ext.recipe_utils import (
+    RecipeCard,
     RLScriptArguments,
+    add_monitors,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
@@ -34,13 +36,20 @@ LAB_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     seed=0,
+    monitor="auto",
+)
+CARD = RecipeCard(
+    script="recipes/grpo.py", method="GRPO (TRL's GRPOTrainer)", tags=("grpo",),
+    hyperparameters=("beta", "num_generations", "loss_type", "scale_rewards", "epsilon", "learning_rate",
+                     "per_device_train_batch_size", "max_completion_length", "temperature", "max_steps", "seed"),
 )
 
 
 def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
     trainer = make_trainer(GRPOTrainer, setup, training_args)
-    return train_and_report(trainer, setup, script_args, training_args)
+    monitors = add_monitors(trainer, setup, script_args)
+    return train_and_report(trainer, setup, script_args, training_args, card=CARD, monitors=monitors)
 
 
 def make_parser():

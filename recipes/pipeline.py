@@ -14,19 +14,18 @@ the lab (its gold reward, its preference pairs) are skipped with the reason, nev
 """
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from hf_rlhf_ext.report import StageStore
 
-RECIPES = Path(__file__).resolve().parent
-sys.path.insert(0, str(RECIPES))  # the stage functions and claims live beside this script
-import pipeline_stages as stages  # noqa: E402
+if __package__:  # hf_rlhf_ext.recipes.pipeline (installed, or `hf-rlhf-ext report`)
+    from . import pipeline_stages as stages
+else:  # run as a script: its directory is on sys.path
+    import pipeline_stages as stages
 
 
 @dataclass

@@ -11,7 +11,9 @@ Writes <output_dir>/{metrics.json, log_history.jsonl}, the policy and <output_di
 from trl import ModelConfig
 
 from hf_rlhf_ext.recipe_utils import (
+    RecipeCard,
     RLScriptArguments,
+    add_monitors,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
@@ -34,13 +36,22 @@ LAB_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     seed=0,
+    monitor="auto",
+)
+CARD = RecipeCard(
+    script="recipes/ppo.py", method="PPO with a critic", tags=("ppo",),
+    hyperparameters=("kl_coef", "kl_target", "kl_horizon", "kl_estimator", "gamma", "lam", "cliprange",
+                     "cliprange_value", "vf_coef", "num_ppo_epochs", "num_mini_batches", "learning_rate",
+                     "critic_learning_rate", "per_device_train_batch_size", "max_completion_length", "temperature",
+                     "max_steps", "seed"),
 )
 
 
 def main(script_args: RLScriptArguments, training_args: PPOConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
     trainer = make_trainer(PPOTrainer, setup, training_args)
-    return train_and_report(trainer, setup, script_args, training_args)
+    monitors = add_monitors(trainer, setup, script_args)
+    return train_and_report(trainer, setup, script_args, training_args, card=CARD, monitors=monitors)
 
 
 def make_parser():

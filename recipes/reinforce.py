@@ -21,13 +21,15 @@ from trl import ModelConfig
 from hf_rlhf_ext.baselines import add_reward_offset
 from hf_rlhf_ext.callbacks.grad_variance import GradientVarianceCallback
 from hf_rlhf_ext.recipe_utils import (
+    RecipeCard,
     RLScriptArguments,
+    add_monitors,
     make_recipe_parser,
     make_trainer,
+    parse_monitors,
     prepare_rl_run,
     train_and_report,
 )
-from hf_rlhf_ext.results import write_metrics
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
 # The lab run (≈ 1–2 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
@@ -45,6 +47,13 @@ LAB_DEFAULTS = dict(
     save_strategy="no",
     report_to="none",
     seed=0,
+    monitor="auto",
+)
+CARD = RecipeCard(
+    script="recipes/reinforce.py", method="REINFORCE", tags=("reinforce",),
+    hyperparameters=("baseline", "baseline_decay", "aggregation", "beta", "reward_offset", "num_generations",
+                     "learning_rate", "per_device_train_batch_size", "max_completion_length", "temperature",
+                     "max_steps", "seed"),
 )
 
 
@@ -75,6 +84,9 @@ class ReinforceScriptArguments(RLScriptArguments):
         super().__post_init__()
         if self.grad_variance_every < 0:
             raise ValueError(f"grad_variance_every must be >= 0, got {self.grad_variance_every}.")
+        if "grad_variance" in (parse_monitors(self.monitor) or []):
+            raise ValueError("REINFORCE measures the gradient variance with --grad_variance_every and "
+                             "--grad_variance_estimates: leave grad_variance out of --monitor.")
 
 
 def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig) -> dict:
@@ -87,22 +99,25 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
             trainer, every_n_steps=script_args.grad_variance_every, num_estimates=script_args.grad_variance_estimates
         )
         trainer.add_callback(variance)
-    metrics = train_and_report(trainer, setup, script_args, training_args)
-    extra = {
-        "baseline": training_args.baseline,
-        "aggregation": training_args.aggregation,
-        "reward_offset": script_args.reward_offset,
-    }
-    if variance is not None:
-        extra["grad_variance"] = {
-            **variance.summary(),
-            "every_n_steps": variance.every_n_steps,
-            "num_estimates": variance.num_estimates,
-            "measurements": [m.to_dict() for m in variance.measurements],
+    monitors = add_monitors(trainer, setup, script_args)
+
+    def extra() -> dict:
+        out = {
+            "baseline": training_args.baseline,
+            "aggregation": training_args.aggregation,
+            "reward_offset": script_args.reward_offset,
         }
-    if trainer.accelerator.is_main_process:
-        write_metrics(training_args.output_dir, extra)  # merged into the metrics.json train_and_report wrote
-    return {**metrics, **extra}
+        if variance is not None:
+            out["grad_variance"] = {
+                **variance.summary(),
+                "every_n_steps": variance.every_n_steps,
+                "num_estimates": variance.num_estimates,
+                "measurements": [m.to_dict() for m in variance.measurements],
+            }
+        return out
+
+    return train_and_report(trainer, setup, script_args, training_args, card=CARD, monitors=monitors,
+                            extra_metrics=extra)
 
 
 def make_parser():

@@ -15,3 +15,32 @@ def test_every_export_resolves():
     for name in hf_rlhf_ext.__all__:
         assert getattr(hf_rlhf_ext, name) is not None, name
     assert "PPOTrainer" in dir(hf_rlhf_ext)
+
+
+def test_pyproject_lists_every_package_and_maps_the_recipes():
+    """The package list is explicit (recipes/ is mapped to hf_rlhf_ext.recipes): a new subpackage must be added."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "hf_rlhf_ext").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"hf_rlhf_ext.recipes"}
+    assert setuptools["package-dir"] == {"hf_rlhf_ext.recipes": "recipes"}
+    assert (root / "recipes" / "__init__.py").is_file()
+
+
+def test_cli_hands_the_command_line_to_each_recipe(capsys):
+    from pathlib import Path
+
+    from hf_rlhf_ext.cli import RECIPES, main, shipped_config
+
+    root = Path(__file__).resolve().parents[1]
+    assert {module for module, _ in RECIPES.values()} == {
+        p.stem for p in (root / "recipes").glob("*.py") if p.stem not in ("__init__", "pipeline_stages")
+    }  # every recipe has a subcommand
+    assert main(["ppo", "--help"]) == 0 and "--critic_learning_rate" in capsys.readouterr().out
+    assert main(["reinforce", "--help"]) == 0 and "--baseline" in capsys.readouterr().out
+    assert main(["nope"]) == 2
+    assert shipped_config("ppo_lab.yaml") == str(root / "recipes" / "configs" / "ppo_lab.yaml")
+    assert shipped_config("no_such.yaml") == "no_such.yaml"

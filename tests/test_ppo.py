@@ -77,6 +77,19 @@ def test_token_level_rewards_put_kl_everywhere_and_the_score_on_the_last_token()
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1, -0.15, 1.8], [-0.25, -0.95, 0.0, 0.0]]))
 
 
+def test_token_loss_aggregations_match_their_definitions():
+    from hf_rlhf_ext.objectives import aggregate_token_loss
+
+    loss = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert float(aggregate_token_loss(loss, mask, "bnpo")) == pytest.approx(10.0 / 4)  # token mean
+    assert float(aggregate_token_loss(loss, mask, "grpo")) == pytest.approx((2.0 + 4.0) / 2)  # mean of row means
+    assert float(aggregate_token_loss(loss, mask, "dr_grpo", max_length=5)) == pytest.approx(10.0 / (2 * 5))
+    assert float(aggregate_token_loss(loss, mask, "dapo", num_tokens=8.0)) == pytest.approx(10.0 / 8)
+    with pytest.raises(ValueError, match="max_length"):
+        aggregate_token_loss(loss, mask, "dr_grpo")
+
+
 def test_rollout_rewards_and_returns_follow_the_kl_shaped_reward(world, tmp_path):
     """End to end on one rollout: r_t = −β·k1_t plus the weighted score at the last token, and (γ = λ = 1, V ≡ 0)
     the return at each token is the reward-to-go."""
@@ -87,22 +100,22 @@ def test_rollout_rewards_and_returns_follow_the_kl_shaped_reward(world, tmp_path
             p.add_(0.05 * torch.randn_like(p))
     trainer.model.train()
     out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
-    r = trainer._last_rollout
+    r = trainer.last_rollout
     mask = out["completion_mask"].float()
-    kl = kl_estimate(r["logps"], r["ref_logps"], "k1") * mask
+    kl = kl_estimate(r.logps, r.ref_logps, "k1") * mask
     assert kl.abs().sum() > 1e-3
-    torch.testing.assert_close(r["kl"], kl)
+    torch.testing.assert_close(r.kl, kl)
     # the score: weighted sum of the two reward functions, minus the penalty where no EOS was produced
-    rewards = trainer._rollout_rewards
+    rewards = r.rewards_per_func
     has_eos = (out["completion_ids"] == trainer.processing_class.eos_token_id).any(dim=1)
     expected_scores = rewards[:, 0] + 2.0 * rewards[:, 1] - 1.5 * (~has_eos).float()
-    torch.testing.assert_close(r["scores"], expected_scores)
+    torch.testing.assert_close(r.scores, expected_scores)
     last = mask.sum(1).long() - 1
     expected = -0.5 * kl
     expected[torch.arange(4), last] += expected_scores
-    torch.testing.assert_close(r["token_rewards"], expected)
+    torch.testing.assert_close(r.token_rewards, expected)
     reward_to_go = torch.flip(torch.cumsum(torch.flip(expected, [1]), 1), [1]) * mask
-    assert torch.count_nonzero(r["values"]) == 0  # zero-initialised critic
+    assert torch.count_nonzero(r.values) == 0  # zero-initialised critic
     torch.testing.assert_close(out["returns"], reward_to_go)
     assert out["advantages"].shape == mask.shape  # (B, T) token advantages, whitened
     assert abs(float((out["advantages"] * mask).sum() / mask.sum())) < 1e-5
@@ -131,6 +144,49 @@ def test_loss_adds_the_clipped_value_loss_and_no_grpo_kl(world, tmp_path):
     assert float(clipped) > float(unclipped) + 0.1
     torch.testing.assert_close(total - policy_only, clipped, rtol=1e-4, atol=1e-6)
     assert trainer.beta == 0.05  # restored after GRPO's loss ran with β = 0
+
+
+def test_loss_is_the_clipped_surrogate_computed_by_hand_when_the_ratio_moved(world, tmp_path):
+    """Second pass over a rollout (π_θ ≠ π_old): the loss with vf_coef = 0 is −Σ_t min(ρ_t·A_t, clip(ρ_t, 1 − ε,
+    1 + ε)·A_t)·m_t / Σ_t m_t, and the logged clip fraction counts the tokens where the clip binds."""
+    trainer = _trainer(world, tmp_path, vf_coef=0.0, cliprange=0.1, num_ppo_epochs=2, max_completion_length=8)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    assert "old_per_token_logps" in batch  # π_old of the rollout, kept for the later passes
+    with torch.no_grad():  # one "optimizer step" later: the policy has moved
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer._compute_loss(trainer.model, batch)
+
+    P, T = batch["prompt_ids"].size(1), batch["completion_ids"].size(1)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids, attention_mask=att).logits[:, P - 1 : P + T - 1] / 0.7  # temperature
+    logps = torch.log_softmax(logits, -1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"].float()
+    ratio = torch.exp(logps - batch["old_per_token_logps"])
+    adv = batch["advantages"]
+    per_token = torch.minimum(ratio * adv, torch.clamp(ratio, 0.9, 1.1) * adv)
+    expected = -(per_token * mask).sum() / mask.sum()
+    binds = (((adv > 0) & (ratio > 1.1)) | ((adv < 0) & (ratio < 0.9))).float()
+    clipfrac = float((binds * mask).sum() / mask.sum())
+    assert float(((ratio - 1).abs() * mask).max()) > 0.1 and 0.0 < clipfrac < 1.0  # some tokens clipped, not all
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert trainer._metrics["train"]["policy/clipfrac_avg"][-1] == pytest.approx(clipfrac)
+    assert trainer._metrics["train"]["val/ratio"][-1] == pytest.approx(float((ratio * mask).sum() / mask.sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"delta": 2.0}, {"off_policy_mask_threshold": 0.5}, {"top_entropy_quantile": 0.5},
+     {"use_adaptive_entropy": True}, {"use_vllm": True, "vllm_importance_sampling_correction": True}],
+)
+def test_config_refuses_grpo_loss_settings_that_ppo_does_not_implement(tmp_path, overrides):
+    name = next(k for k in overrides if k != "use_vllm")
+    with pytest.raises(ValueError, match=f"GRPO loss settings \\['{name}'\\]"):
+        ppo_args(str(tmp_path), **overrides)
 
 
 def test_critic_trains_policy_trains_reference_stays(world, tmp_path):
@@ -342,7 +398,7 @@ def test_logprobs_from_sampling_match_a_forward_pass(world, tmp_path):
     trainer = _trainer(world, tmp_path, max_completion_length=8)
     trainer.model.train()
     out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
-    sampled = trainer._last_rollout["logps"]
+    sampled = trainer.last_rollout.logps
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     with torch.no_grad():
@@ -360,14 +416,14 @@ def test_sampling_logprobs_are_checked_against_the_forward_pass(world, tmp_path)
              "thanks agent :"] * 4
     trainer = _trainer(world, tmp_path, max_steps=1, train_dataset=Dataset.from_dict({"prompt": texts}))
     trainer.train()
-    assert trainer._sampling_logps_ok is False
+    assert trainer.sampler_check.passed is False
     first = trainer.state.log_history[0]
     assert first["sampling/logp_max_diff"] > 1e-3
     assert abs(first["objective/kl"]) < 1e-4
     # equal-length prompts: the shortcut holds and is kept
     same = _trainer(world, tmp_path / "same", max_steps=1)
     same.train()
-    assert same._sampling_logps_ok is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-3
+    assert same.sampler_check.passed is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,10 +435,13 @@ _PADDED = ["customer : my kettle is late agent :", "help agent :", "customer : m
 
 def _sample(trainer, texts, seed):
     prompt_ids = trainer._tokenize_prompts(list(texts))[0]
-    trainer._sampling_logps = None
     torch.manual_seed(seed)
-    completions, _ = trainer._generate_single_turn(prompt_ids, None, {}, 1)
-    return prompt_ids, completions, trainer._sampling_logps
+    completions, logps = trainer._generate_single_turn(prompt_ids, None, {}, 1)
+    if logps is not None:  # one list per completion, as GRPO takes them: pad into a (B, T) tensor
+        from trl.trainer.utils import pad
+
+        logps = pad([torch.tensor(row) for row in logps], padding_value=0.0, padding_side="right")
+    return prompt_ids, completions, logps
 
 
 @pytest.mark.parametrize("texts", [prompts(8)["prompt"], _PADDED * 2], ids=["equal_length", "left_padded"])
@@ -439,11 +498,11 @@ def test_fast_generation_on_left_padding_keeps_the_check_and_an_unbiased_first_k
     trainer.train()
     first = trainer.state.log_history[0]
     # generate()'s positions (from the mask) differ from the forward pass's: detected, forward log-probs used
-    assert trainer._sampling_logps_ok is False and first["sampling/logp_max_diff"] > 1e-3
+    assert trainer.sampler_check.passed is False and first["sampling/logp_max_diff"] > 1e-3
     assert abs(first["objective/kl"]) < 1e-4
     same = _trainer(world, tmp_path / "same", max_steps=1)
     same.train()
-    assert same._sampling_logps_ok is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-5
+    assert same.sampler_check.passed is True and same.state.log_history[0]["sampling/logp_max_diff"] < 1e-5
     assert abs(same.state.log_history[0]["objective/kl"]) < 1e-4
 
 
@@ -456,20 +515,19 @@ def test_fast_generation_steps_aside_for_settings_it_does_not_cover(world, tmp_p
 def test_rollout_critic_pass_is_reused_by_the_first_step_only(world, tmp_path):
     """One mini-batch: the first step backpropagates through the rollout's critic pass; the gradients equal those
     of a fresh critic forward. Later PPO epochs on the same rollout run their own forward."""
-    from hf_rlhf_ext.trainers.ppo import _CRITIC_VALUES_KEY
-
     trainer = _trainer(world, tmp_path, num_ppo_epochs=2)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
-    cached = batch[_CRITIC_VALUES_KEY]
+    cached = trainer.last_rollout.critic_pass
     assert cached.requires_grad
     mask = batch["completion_mask"].float()
     torch.testing.assert_close(cached.detach() * mask, batch["old_values"])
     with torch.no_grad():  # give the head a non-zero weight so that every critic parameter gets a gradient
         trainer.value_model.value_head.weight.normal_()
     batch2 = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
-    fresh = {k: v for k, v in batch2.items() if k != _CRITIC_VALUES_KEY}
+    rollout2 = trainer.last_rollout
+    fresh = {k: v for k, v in batch2.items() if k != "rollout_row"}  # no link to the rollout's critic pass
 
     def grads(b):
         trainer.value_model.zero_grad(set_to_none=True)
@@ -478,19 +536,19 @@ def test_rollout_critic_pass_is_reused_by_the_first_step_only(world, tmp_path):
         return [p.grad.clone() for p in trainer.value_model.parameters() if p.grad is not None]
 
     reused = grads(batch2)
-    assert _CRITIC_VALUES_KEY not in batch2  # consumed: a second PPO epoch recomputes
+    assert rollout2.critic_pass is None  # consumed: a second PPO epoch recomputes
     for a, b in zip(reused, grads(fresh)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     grads(batch2)  # no stale graph is reused (it would raise "backward through the graph a second time")
     trainer.args.steps_per_generation = 2  # several micro-batches per rollout: no reuse
-    assert _CRITIC_VALUES_KEY not in trainer._generate_and_score_completions(
-        [{"prompt": p} for p in prompts(4)["prompt"]])
+    trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    assert trainer.last_rollout.critic_pass is None
 
 
 def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
     """Small logits: log-probs and entropies from the plain LM head equal GRPO's fused head (rounding only), with 0
     on padded positions, and so do the policy gradients; large ones (or bf16) go through the fused head."""
-    import hf_rlhf_ext.trainers.ppo as ppo_module
+    import hf_rlhf_ext.trainers.rollout as ppo_module
     from trl import GRPOTrainer
 
     trainer = _trainer(world, tmp_path, max_completion_length=8)
@@ -507,7 +565,7 @@ def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
         (logps * att[:, -T:]).sum().backward()
         return logps.detach(), ent.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
 
-    plain = run(PPOTrainer._per_token_logps)
+    plain = run(PPOTrainer._get_per_token_logps_and_entropies)
     fused = run(GRPOTrainer._get_per_token_logps_and_entropies)
     torch.testing.assert_close(plain[0], fused[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(plain[1], fused[1], atol=1e-5, rtol=0)
@@ -517,6 +575,6 @@ def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
     limit = ppo_module.PLAIN_LOGITS_MAX_ELEMENTS
     try:  # above the size limit: GRPO's fused head, bit for bit
         ppo_module.PLAIN_LOGITS_MAX_ELEMENTS = 0
-        torch.testing.assert_close(run(PPOTrainer._per_token_logps)[0], fused[0], atol=0, rtol=0)
+        torch.testing.assert_close(run(PPOTrainer._get_per_token_logps_and_entropies)[0], fused[0], atol=0, rtol=0)
     finally:
         ppo_module.PLAIN_LOGITS_MAX_ELEMENTS = limit

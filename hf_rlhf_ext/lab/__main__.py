@@ -1,7 +1,7 @@
 """Command line: ``python -m hf_rlhf_ext.lab build|path`` (also ``hf-rlhf-ext lab ...`` and ``hf-rlhf-lab ...``).
 
-    hf-rlhf-ext lab build [--lab_dir DIR] [--force] [--seed N] [--json]   put the lab in place; print where, and its numbers
-    hf-rlhf-ext lab path [--lab_dir DIR]                                    print only the lab's directory (for shell scripts)
+    hf-rlhf-ext lab build [--lab_dir DIR] [--force] [--seed N] [--json]   put the lab in place, print where and its numbers
+    hf-rlhf-ext lab path [--lab_dir DIR]                                    print only its directory (for shell scripts)
 
 The lab lives in ``--lab_dir`` if given, else in ``$HF_RLHF_EXT_LAB_DIR`` if set, else in the cache
 (``$HF_RLHF_EXT_HOME``, default ``~/.cache/hf_rlhf_ext``): the recipes' ``--lab_dir`` and the lab reward functions
@@ -24,7 +24,7 @@ KEY_METRICS = (
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-rlhf-ext lab", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="hf-rlhf-ext lab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="put the lab in place (or reuse it) and print its location and metrics")

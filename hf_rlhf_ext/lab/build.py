@@ -184,7 +184,8 @@ def load_splits(directory: str):
     as ``load_dataset(directory)`` would; its progress bars stay off for these few small files)."""
     import datasets
 
-    files = {s: os.path.join(directory, f"{s}.jsonl") for s in SPLITS if os.path.isfile(os.path.join(directory, f"{s}.jsonl"))}
+    files = {s: os.path.join(directory, f"{s}.jsonl") for s in SPLITS}
+    files = {s: path for s, path in files.items() if os.path.isfile(path)}
     if not files:
         raise FileNotFoundError(f"No train.jsonl / test.jsonl in {directory!r}: not a lab data directory.")
     bars_were_on = datasets.is_progress_bar_enabled()

@@ -52,15 +52,15 @@ class BuildProgress:
         total = sum(self.estimates.values())
         self.done = 0.0
         print(
-            f"Building the lab in {root}: a tiny GPT-2 SFT policy, preference pairs from its samples and a proxy reward "
-            f"model. About {_duration(total)} on a free CPU core, up to {_duration(3 * total)} on a busy one; once "
+            f"Building the lab in {root}: a tiny GPT-2 SFT policy, preference pairs from its samples and a proxy "
+            f"reward model. About {_duration(total)} on a free CPU core, up to {_duration(3 * total)} on a busy one; once "
             f"per machine (`hf-rlhf-ext lab build` reuses it).",
             file=sys.stderr,
             flush=True,
         )
+        enabled = is_progress_bar_enabled() if enabled is None else enabled
         self.bar = tqdm(
-            total=round(total, 1), unit="s", desc="lab", disable=not (is_progress_bar_enabled() if enabled is None
-                                                                       else enabled),
+            total=round(total, 1), unit="s", desc="lab", disable=not enabled,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| est. {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
         )
 

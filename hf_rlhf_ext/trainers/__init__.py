@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # PPO with a critic
-_EXPORTS.update({"PPOConfig": "ppo", "PPOTrainer": "ppo", "ValueModel": "value_model"})
+_EXPORTS.update({"PPOConfig": "ppo_config", "PPOTrainer": "ppo", "ValueModel": "value_model", "Rollout": "rollout"})
 
 # REINFORCE with and without a baseline
 _EXPORTS.update({"ReinforceConfig": "reinforce", "ReinforceTrainer": "reinforce", "RunningMeanBaseline": "reinforce"})

@@ -179,7 +179,7 @@ class ValueModel(nn.Module):
                 if name.endswith(".safetensors") and name != HEAD_WEIGHTS:
                     state.update(load_file(os.path.join(path, name)))
             missing, unexpected = self.backbone.load_state_dict(state, strict=False)
-            tied = set(getattr(self.backbone, "_tied_weights_keys", None) or ())
+            tied = set(getattr(self.backbone, "all_tied_weights_keys", None) or ())  # transformers' tied copies
             missing = [k for k in missing if k not in tied]
             if missing or unexpected:
                 raise RuntimeError(

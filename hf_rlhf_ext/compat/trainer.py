@@ -1,0 +1,238 @@
+"""``PPOTrainer`` with the old TRL constructor (trl ≤ 1.12): a thin subclass of ``hf_rlhf_ext.trainers.PPOTrainer``.
+
+The old call ``PPOTrainer(args, processing_class, model, ref_model, reward_model, train_dataset, value_model, ...)`` is
+turned into our trainer's arguments; the PPO itself (rollouts, KL-shaped rewards, GAE, losses) is the parent's.
+What the adapter keeps from the old trainer, and how:
+
+* **Tokenised data sets.** Rows hold ``input_ids``; the policy is prompted with exactly those ids (they are *not*
+  decoded and re-tokenised, which could change them: added BOS, other merges). A ``prompt`` column with the decoded
+  text is added for the logs and the completion tables.
+* **The reward model** scores prompt ids + completion ids as generated (ending at the EOS), with no text round trip,
+  at the last non-pad token — what the old trainer scored.
+* **The value model** (a sequence classifier) becomes the critic with its body *and* its ``score`` head, so the
+  critic starts as that model, as before (its weights are trained in place, as before).
+* **The reference**: a given ``ref_model``'s weights are loaded into the trainer's reference; ``None`` means a copy
+  of the policy (or, with PEFT, the policy with its adapter disabled), as before.
+* **total_episodes** becomes ``max_steps``; ``generate_completions`` and ``num_sample_generations`` print and log
+  the old completion tables (``compat.completions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..reward_modeling import score_token_ids
+from ..trainers import PPOTrainer as _PPOTrainer
+from ..trainers import ValueModel
+from .completions import SampleGenerationsCallback, completions_table, show_table
+from .config import PPOConfig
+
+__all__ = ["PPOTrainer", "TokenIdRewardModel", "critic_from_value_model"]
+
+logger = logging.getLogger(__name__)
+
+
+class TokenIdRewardModel:
+    """A sequence-classification reward model as a reward function that scores token ids: the prompt's
+    ``input_ids`` followed by the completion ids, as generated (the old trainer's reward)."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int, batch_size: int, device: Any):
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = pad_token_id  # the classifier reads the score at the last non-pad token
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.pad_token_id = model.config.pad_token_id
+        self.batch_size = batch_size
+        name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1]
+        self.__name__ = name or "reward_model"  # logged as rewards/<name>/mean
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[float]:
+        sequences = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        return score_token_ids(self.model, sequences, self.pad_token_id, self.batch_size).tolist()
+
+    def __call__(self, prompts, completions, completion_ids, input_ids=None, **kwargs) -> list[float]:
+        if input_ids is None:
+            raise ValueError("The rows carry no input_ids column: the old PPOTrainer's data sets are tokenised.")
+        return self.score(input_ids, completion_ids)
+
+
+def critic_from_value_model(value_model: nn.Module, share_weights: bool) -> ValueModel:
+    """The critic as the old trainer had it: the value model's body and its one-output ``score`` head."""
+    score = getattr(value_model, "score", None)
+    if not (isinstance(score, nn.Linear) and score.out_features == 1):
+        raise ValueError(
+            "value_model must be a sequence classifier with one output in a `score` head (e.g. "
+            "AutoModelForSequenceClassification.from_pretrained(reward_model_path, num_labels=1)), as the old "
+            f"PPOTrainer required; got {type(value_model).__name__}. Or pass an hf_rlhf_ext.trainers.ValueModel."
+        )
+    critic = ValueModel.from_model(value_model, share_weights=share_weights)
+    head = critic.value_head
+    with torch.no_grad():
+        head.weight.copy_(score.weight.to(head.weight.dtype))
+        head.bias.copy_(score.bias.to(head.bias.dtype) if score.bias is not None else torch.zeros_like(head.bias))
+    return critic
+
+
+def _with_prompt_text(dataset: Any, tokenizer: Any, num_proc: int | None, name: str) -> Any:
+    """Adds ``prompt`` (the decoded ``input_ids``, special tokens skipped) to a tokenised data set."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return {k: _with_prompt_text(v, tokenizer, num_proc, f"{name}[{k!r}]") for k, v in dataset.items()}
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(
+            f"{name} has no input_ids column (columns: {dataset.column_names}). hf_rlhf_ext.compat.PPOTrainer takes "
+            "data sets tokenised to input_ids, as the old PPOTrainer did; for a `prompt` text column use "
+            "hf_rlhf_ext.trainers.PPOTrainer."
+        )
+    if "prompt" in dataset.column_names:
+        dataset = dataset.remove_columns("prompt")
+    return dataset.map(
+        lambda batch: {"prompt": tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)},
+        batched=True, num_proc=num_proc, desc=f"Decoding {name} prompts",
+    )
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
+    )
+
+
+class PPOTrainer(_PPOTrainer):
+    """The old ``PPOTrainer(args, processing_class, model, ref_model, reward_model, train_dataset, value_model,
+    data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None)`` on
+    :class:`hf_rlhf_ext.trainers.PPOTrainer`. Methods: ``train``, ``save_model`` (policy, plus the critic in
+    ``value_model/``), ``generate_completions``, ``push_to_hub``."""
+
+    def __init__(
+        self,
+        args: PPOConfig,
+        processing_class: Any,
+        model: nn.Module,
+        ref_model: nn.Module | None,
+        reward_model: nn.Module,
+        train_dataset: Any,
+        value_model: nn.Module | None = None,
+        data_collator: Any = None,
+        eval_dataset: Any = None,
+        optimizers: tuple = (None, None),
+        callbacks: list | None = None,
+        peft_config: Any = None,
+    ) -> None:
+        self._check_old_arguments(args, processing_class, model, ref_model, reward_model, train_dataset, data_collator)
+        if peft_config is not None and ref_model is not None and not _same_weights(ref_model, model):
+            raise ValueError(
+                "ref_model with peft_config: the reference is the policy with its adapter disabled, and this ref_model "
+                "differs from the policy. Pass ref_model=None (as the old script does with PEFT), or merge the "
+                "reference into the base model you pass."
+            )
+        train_dataset = _with_prompt_text(train_dataset, processing_class, args.dataset_num_proc, "train_dataset")
+        eval_dataset = _with_prompt_text(eval_dataset, processing_class, args.dataset_num_proc, "eval_dataset")
+        self._set_training_length(args, len(train_dataset))
+        reward_fn = TokenIdRewardModel(reward_model, processing_class.pad_token_id,
+                                       args.per_device_train_batch_size, args.device)
+        critic = None
+        if isinstance(value_model, ValueModel):
+            critic = value_model
+        elif value_model is not None:  # train the given module's weights, unless it is also the reward model
+            critic = critic_from_value_model(value_model, share_weights=value_model is not reward_model)
+        self._prompt_token_ids: list[list[int]] | None = None
+        super().__init__(
+            model=model, reward_funcs=[reward_fn], args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
+            value_model=critic,
+        )
+        self.compat_reward_model = reward_fn
+        self.stop_token_id = processing_class.eos_token_id
+        if ref_model is not None and self.ref_model is not None:
+            self._load_reference(ref_model)
+        evals = eval_dataset if not isinstance(eval_dataset, dict) else next(iter(eval_dataset.values()), None)
+        self.compat_eval_prompt_ids = [list(r) for r in evals["input_ids"]] if evals is not None else []
+        if args.num_sample_generations > 0 and evals is not None:
+            every = max(1, args.num_total_batches // args.num_sample_generations)
+            self.add_callback(SampleGenerationsCallback(self, every, args.updates_per_rollout))
+
+    # -- construction ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_old_arguments(args, processing_class, model, ref_model, reward_model, train_dataset, data_collator):
+        if not isinstance(args, PPOConfig):
+            raise TypeError(f"args must be an hf_rlhf_ext.compat.PPOConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        if ref_model is not None and ref_model is model:
+            raise ValueError("`model` and `ref_model` cannot be the same object: pass a copy, or None.")
+        if not isinstance(reward_model, nn.Module):
+            raise TypeError(f"reward_model must be a model (a sequence classifier), got {type(reward_model).__name__}.")
+        if data_collator is not None:
+            raise ValueError(
+                "data_collator is not supported: PPOTrainer batches the rows itself (prompts are left-padded for "
+                "generation). Drop it and put any preprocessing into the data set's input_ids."
+            )
+        eos = processing_class.eos_token_id
+        if args.stop_token_id is not None and args.stop_token_id != eos:
+            raise ValueError(
+                f"PPOConfig.stop_token_id={args.stop_token_id} is not the tokenizer's eos_token_id ({eos}): PPOTrainer "
+                "ends completions at the EOS. Instead: stop_token='eos'; to stop at another token set "
+                "policy.generation_config.eos_token_id (the policy then stops at it and at the tokenizer's EOS)."
+            )
+
+    @staticmethod
+    def _set_training_length(args: PPOConfig, num_rows: int) -> None:
+        """total_episodes (default: num_train_epochs × rows, as before) → rollouts and optimizer steps; a max_steps
+        given instead (the Trainer's way) is kept and counted in episodes."""
+        if args.total_episodes is None and args.max_steps > 0:
+            args.num_total_batches = -(-args.max_steps // args.updates_per_rollout)
+            args.total_episodes = args.num_total_batches * args.batch_size
+            return
+        if args.total_episodes is None:
+            args.total_episodes = int(args.num_train_epochs * num_rows)
+        args.num_total_batches, args.max_steps = args.max_steps_for(args.total_episodes)
+
+    def _load_reference(self, ref_model: nn.Module) -> None:
+        """Loads the given reference's weights into the trainer's reference model (built like the policy)."""
+        target = self.accelerator.unwrap_model(self.ref_model)
+        try:
+            target.load_state_dict(ref_model.state_dict())
+        except RuntimeError as err:
+            raise ValueError(
+                "ref_model does not have the policy's architecture (its weights do not fit a copy of the policy): "
+                f"{str(err)[:300]}"
+            ) from err
+
+    # -- prompts as token ids ----------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        self._prompt_token_ids = [list(x["input_ids"]) for x in inputs]
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._prompt_token_ids = None
+
+    def _tokenize_prompts(self, prompts: list):
+        """The rows' own input_ids instead of re-tokenising the decoded text."""
+        ids = self._prompt_token_ids
+        if ids is None or len(ids) != len(prompts):
+            raise RuntimeError("compat.PPOTrainer: prompts reached the tokenizer without their input_ids.")
+        return ids, None, {}
+
+    # -- the old methods ---------------------------------------------------------------------------------------------
+    def generate_completions(self, sampling: bool = False):
+        """Completions of the eval set (the first batch only when ``sampling``) at temperature 0.01, scored by the
+        reward model: prints the first rows, logs the table; returns it as a ``pandas.DataFrame`` (None without an
+        eval set, as before)."""
+        if not self.compat_eval_prompt_ids:
+            return None
+        return show_table(self, completions_table(self, sampling=sampling))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the old ``episode`` count: prompts consumed by the rollouts so far."""
+        if "loss" in logs:
+            rollouts = -(-self.state.global_step // self.args.updates_per_rollout)
+            logs["episode"] = rollouts * self.args.batch_size
+        super().log(logs, start_time)

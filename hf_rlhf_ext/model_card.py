@@ -1,0 +1,176 @@
+"""Model cards for the output folders of the recipes and experiments, and the push of such a folder to the Hub.
+
+A card is a ``huggingface_hub.ModelCard``: YAML metadata the Hub indexes (``base_model`` only when the base is a Hub
+id, ``library_name``, ``tags``, ``datasets``) and a Markdown body that says how the folder was made (recipe and
+command), with which settings, what it measured, the plots saved beside it and how to load it. The card is written
+last, after ``save_model`` (PEFT writes its own template there) and after the plots, and is pushed as it is:
+``push_folder`` uploads the folder with ``HfApi.upload_folder`` instead of ``Trainer.push_to_hub``, whose
+``create_model_card`` would overwrite it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from huggingface_hub import ModelCard, ModelCardData
+
+__all__ = ["CARD_FILE", "LIBRARY_TAG", "RunCard", "hub_id_or_none", "load_snippet", "push_folder", "write_model_card"]
+
+CARD_FILE = "README.md"
+LIBRARY_TAG = "hf-rlhf-ext"
+# what Trainer.push_to_hub leaves out: private files and intermediate checkpoints
+PUSH_IGNORE_PATTERNS = ["_*", "checkpoint-*"]
+
+
+def hub_id_or_none(name_or_path: str | None) -> str | None:
+    """``name_or_path`` when it names a Hub repository, None for a local folder (the lab, a path): the Hub links a
+    ``base_model`` to its page, and a local path there would only leak a directory name."""
+    if not name_or_path or os.path.exists(name_or_path) or os.path.isabs(name_or_path):
+        return None
+    return name_or_path
+
+
+@dataclass
+class RunCard:
+    """What a card says about one output folder.
+
+    Args:
+        title: the card's heading (the folder or Hub repository name).
+        summary: one paragraph: what was trained or measured, on what.
+        recipe: the script that made the folder (``recipes/ppo.py``).
+        command: the command line that reproduces it.
+        tags: method tags (``ppo``, ``grpo``, ``reinforce``, ``reward-model``, ...); ``trl``, ``rlhf`` and
+            ``hf-rlhf-ext`` are always added.
+        base_model: the base model's Hub id (None: a local model, e.g. the lab's).
+        datasets: Hub data sets used (local ones are left out).
+        library_name: ``transformers``, or ``peft`` for a LoRA adapter.
+        hyperparameters: the settings that matter for this method, in order.
+        metrics: rows of the results table: (metric, before, after) or (metric, value).
+        metrics_note: one line under the table (what the numbers are measured on).
+        plots: PNG files in the folder (names relative to it), embedded with a caption each.
+        usage: Markdown saying how to load the model (``load_snippet``), or how to read the results.
+        sections: more (heading, Markdown) sections at the end.
+    """
+
+    title: str
+    summary: str
+    recipe: str
+    command: str
+    tags: Sequence[str] = ()
+    base_model: str | None = None
+    datasets: Sequence[str] = ()
+    library_name: str | None = "transformers"
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Sequence[tuple] = ()
+    metrics_note: str = ""
+    plots: Mapping[str, str] = field(default_factory=dict)  # file name -> caption
+    usage: str = ""
+    sections: Sequence[tuple[str, str]] = ()
+
+    def card_data(self) -> ModelCardData:
+        tags = ["trl", "rlhf", *self.tags, LIBRARY_TAG]
+        if self.library_name == "peft":
+            tags.append("lora")
+        return ModelCardData(
+            base_model=self.base_model,
+            library_name=self.library_name,
+            tags=list(dict.fromkeys(tags)),  # ordered, no duplicates
+            datasets=list(self.datasets) or None,
+            model_name=self.title,
+        )
+
+    def body(self) -> str:
+        parts = [f"# {self.title}", self.summary, "## How it was made",
+                 f"`{self.recipe}` of hf-rlhf-ext {_version()} (TRL {_version('trl')}):",
+                 f"```bash\n{self.command}\n```"]
+        if self.hyperparameters:
+            parts += ["### Hyperparameters", _table(["setting", "value"], list(self.hyperparameters.items()))]
+        if self.metrics:
+            headers = ["metric", "before", "after"] if any(len(r) == 3 for r in self.metrics) else ["metric", "value"]
+            parts += ["## Results", _table(headers, self.metrics)]
+            if self.metrics_note:
+                parts.append(self.metrics_note)
+        for name, caption in self.plots.items():
+            parts += [f"![{caption}]({name})", f"*{caption}*"]
+        if self.usage:
+            parts += ["## Usage", self.usage]
+        for heading, text in self.sections:
+            parts += [f"## {heading}", text]
+        return "\n\n".join(parts) + "\n"
+
+
+def _version(package: str = "hf-rlhf-ext") -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "(source tree)"
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str, run: RunCard) -> ModelCard:
+    """Writes ``<output_dir>/README.md`` (replacing any card there, e.g. PEFT's template) and returns the card.
+    Plots named in ``run.plots`` that are not in the folder are left out of the card."""
+    present = {name: caption for name, caption in run.plots.items() if os.path.isfile(os.path.join(output_dir, name))}
+    run = RunCard(**{**run.__dict__, "plots": present})
+    card = ModelCard(f"---\n{run.card_data().to_yaml()}\n---\n\n{run.body()}")
+    os.makedirs(output_dir, exist_ok=True)
+    card.save(os.path.join(output_dir, CARD_FILE))
+    return card
+
+
+def load_snippet(path: str, kind: str, with_critic: bool = False) -> str:
+    """Python that loads the model in ``path`` (a folder or Hub id). ``kind``: "causal_lm", "peft" (a LoRA adapter
+    on a causal LM), "reward" or "reward_peft" (a sequence classifier with one label)."""
+    loaders = {
+        "causal_lm": ("from transformers import AutoModelForCausalLM, AutoTokenizer",
+                      f'model = AutoModelForCausalLM.from_pretrained("{path}")'),
+        "peft": ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer",
+                 f'model = AutoPeftModelForCausalLM.from_pretrained("{path}")  # the base with the adapter\n'
+                 "merged = model.merge_and_unload()  # optional: one plain model"),
+        "reward": ("from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                   f'model = AutoModelForSequenceClassification.from_pretrained("{path}")  # logits[:, 0] = reward'),
+        "reward_peft": ("from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer",
+                        f'model = AutoPeftModelForSequenceClassification.from_pretrained("{path}")  '
+                        "# logits[:, 0] = reward"),
+    }
+    if kind not in loaders:
+        raise ValueError(f"Unknown model kind {kind!r}; expected one of {sorted(loaders)}.")
+    imports, load = loaders[kind]
+    lines = [imports, "", load, f'tokenizer = AutoTokenizer.from_pretrained("{path}")']
+    if with_critic:
+        lines += ["", "# the PPO critic (value model), saved beside the policy",
+                  "from hf_rlhf_ext.trainers import ValueModel",
+                  f'critic = ValueModel.from_pretrained("{path}/value_model")']
+    return "```python\n" + "\n".join(lines) + "\n```"
+
+
+def push_folder(output_dir: str, repo_id: str, token: str | None = None, private: bool | None = None,
+                revision: str | None = None, commit_message: str = "End of training") -> Any:
+    """Uploads ``output_dir`` as it is (card, plots, critic, metrics) to the Hub model repository ``repo_id``,
+    creating it if needed, leaving out what ``Trainer.push_to_hub`` leaves out. Returns the commit info."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(library_name=LIBRARY_TAG)
+    repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message, token=token,
+                             revision=revision, ignore_patterns=PUSH_IGNORE_PATTERNS)

@@ -1,0 +1,173 @@
+"""The critic's lifecycle in PPOTrainer: where its body comes from, how it trains, how it is saved and restored.
+
+``ValueModel`` (``value_model.py``) is the network; this module is what a trainer does with it. Each function fixes a
+trap that failed *silently* in a prototype:
+
+* the critic's parameters must join the policy's optimizer in ``create_optimizer`` (transformers 5 never calls
+  ``create_optimizer_and_scheduler``) and before the scheduler is built, or the critic never trains;
+* the Trainer zeroes and clips the policy's gradients only, so the critic's are zeroed and clipped here;
+* checkpoints must hold the critic and resuming must restore it, or it restarts from its initial weights while the
+  shared optimizer state (its moments included) is restored;
+* under DDP the *wrapped* critic must be called, or its gradients are never all-reduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .value_model import ValueModel, _base_transformer, share_weights_copy
+
+VALUE_MODEL_DIR = "value_model"
+
+__all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "add_critic_param_groups",
+           "clip_critic_grad_norm", "save_critic", "load_critic", "critic_values"]
+
+
+@dataclass
+class CriticSource:
+    """Where the critic's body comes from, captured *before* GRPO wraps the policy in its PEFT adapter.
+
+    Exactly one of the fields is used, in this order: ``value_model`` (a ValueModel, a model or a path),
+    ``shared_body`` (``critic_shares_base``: the policy's base with shared weight tensors), ``policy_body_copy`` (a
+    copy of an instantiated policy's body when no reward model can serve); else :func:`build_critic` falls back to
+    the reward model's or the policy's checkpoint.
+    """
+
+    value_model: ValueModel | PreTrainedModel | str | None = None
+    shared_body: nn.Module | None = None
+    policy_body_copy: nn.Module | None = None
+
+    @classmethod
+    def capture(cls, model: Any, reward_funcs: Any, args: Any, peft_config: Any, value_model: Any,
+                quantization_config: Any) -> tuple[Any, "CriticSource"]:
+        """Returns ``(model, source)``; ``model`` is loaded here when the critic must share its base."""
+        path = value_model if value_model is not None else args.value_model_name_or_path
+        if args.critic_shares_base:
+            if peft_config is None:
+                raise ValueError("critic_shares_base=True needs a peft_config (the critic is a LoRA adapter on the base).")
+            if path:
+                raise ValueError("critic_shares_base=True builds the critic from the policy's base; drop value_model.")
+            if isinstance(model, str):
+                model = load_policy(model, args, quantization_config)
+            # Copy the body's modules before GRPO injects the policy's adapter; the weight tensors stay shared.
+            return model, cls(shared_body=share_weights_copy(_base_transformer(model)))
+        if path:
+            return model, cls(value_model=path)
+        if not isinstance(model, str) and not has_reward_model(reward_funcs):
+            return model, cls(policy_body_copy=copy.deepcopy(_base_transformer(model)))  # before PEFT changes it
+        return model, cls()
+
+
+def load_policy(path: str, args: Any, quantization_config: Any) -> PreTrainedModel:
+    """Loads the policy as GRPOTrainer would (needed when the critic must share its base before PEFT wraps it)."""
+    from trl.trainer.utils import create_model_from_path
+
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(path, **kwargs)
+
+
+def has_reward_model(reward_funcs: Any) -> bool:
+    funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+    return any(isinstance(f, (str, nn.Module)) or isinstance(getattr(f, "model", None), nn.Module)
+               for f in funcs if f is not None)
+
+
+def build_critic(source: CriticSource, *, peft_config: Any, policy_path: str | None, reward_models: list[tuple],
+                 policy_vocab: dict, load_kwargs: dict, unwrap: Any) -> ValueModel:
+    """The critic: from ``source``; else the first reward model that reads the policy's tokens (as old TRL PPO
+    did); else the policy's checkpoint. ``reward_models`` holds ``(model_or_func, tokenizer)`` pairs."""
+    if isinstance(source.value_model, ValueModel):
+        return source.value_model
+    if isinstance(source.value_model, nn.Module):
+        return ValueModel.from_model(source.value_model)
+    if isinstance(source.value_model, str):
+        return ValueModel.from_backbone_path(source.value_model, **load_kwargs)
+    if source.shared_body is not None:
+        from peft import get_peft_model
+
+        critic_cfg = copy.deepcopy(peft_config)
+        critic_cfg.task_type = "FEATURE_EXTRACTION"
+        critic_cfg.modules_to_save = None
+        return ValueModel(get_peft_model(source.shared_body, critic_cfg))
+    for func, rm_tok in reward_models:
+        if not isinstance(func, PreTrainedModel):  # a reward function wrapping a model (rewards.RewardModelFunction)
+            func, rm_tok = getattr(func, "model", None), getattr(func, "tokenizer", None)
+        if isinstance(func, PreTrainedModel) and rm_tok is not None and rm_tok.get_vocab() == policy_vocab:
+            rm_path = func.config.name_or_path
+            if rm_path and os.path.isdir(rm_path):
+                return ValueModel.from_backbone_path(rm_path, **load_kwargs)
+            return ValueModel.from_model(unwrap(func))
+    if source.policy_body_copy is not None:
+        return ValueModel(source.policy_body_copy)
+    if not policy_path:
+        raise ValueError("Cannot build a critic: give value_model or value_model_name_or_path.")
+    return ValueModel.from_backbone_path(policy_path, **load_kwargs)
+
+
+def prepare_critic(critic: ValueModel, args: Any, accelerator: Any, distributed: str | None) -> nn.Module:
+    """Applies the trainer's settings to the critic and returns the module to call in training (DDP-wrapped when
+    the policy is: calling the *wrapped* module is what all-reduces its gradients)."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    if args.disable_dropout:
+        disable_dropout_in_model(critic)
+    if args.gradient_checkpointing and hasattr(critic.backbone, "gradient_checkpointing_enable"):
+        critic.backbone.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
+        if critic.is_peft:
+            critic.backbone.enable_input_require_grads()
+    if distributed is not None:
+        raise NotImplementedError(f"PPOTrainer's critic is not yet supported with {distributed}; use DDP.")
+    return accelerator.prepare_model(critic)
+
+
+def add_critic_param_groups(optimizer: torch.optim.Optimizer, critic: ValueModel, decay_names: set[str],
+                            lr: float, weight_decay: float) -> None:
+    """Adds the critic's trainable parameters (not already there) as extra groups of the policy's optimizer, so that
+    one scheduler drives both learning rates."""
+    present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    named = [(n, p) for n, p in critic.named_parameters() if p.requires_grad and id(p) not in present]
+    for decay, params in ((weight_decay, [p for n, p in named if n in decay_names]),
+                          (0.0, [p for n, p in named if n not in decay_names])):
+        if params:
+            optimizer.add_param_group({"params": params, "weight_decay": decay, "lr": lr})
+
+
+def clip_critic_grad_norm(critic: ValueModel, max_norm: float) -> float | None:
+    """Clips the critic's gradients (the Trainer clips the policy's only); returns their norm, None without any."""
+    params = [p for p in critic.parameters() if p.grad is not None]
+    if not params:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def save_critic(critic: ValueModel, output_dir: str) -> None:
+    critic.save_pretrained(os.path.join(output_dir, VALUE_MODEL_DIR))
+
+
+def load_critic(critic: ValueModel, checkpoint: str) -> None:
+    """Restores the critic's weights in place from a checkpoint written by :func:`save_critic`."""
+    critic_dir = os.path.join(checkpoint, VALUE_MODEL_DIR)
+    if not os.path.isdir(critic_dir):
+        raise FileNotFoundError(f"{checkpoint} has no {VALUE_MODEL_DIR}/: not a PPOTrainer checkpoint")
+    critic.load_weights_from(critic_dir)
+
+
+@torch.no_grad()
+def critic_values(critic: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_length: int,
+                  batch_size: int) -> torch.Tensor:
+    """V(s_t) of every completion token, (B, T), in chunks of ``batch_size`` rows, without a graph."""
+    chunks = [critic(input_ids[i : i + batch_size], attention_mask[i : i + batch_size],
+                     completion_length=completion_length) for i in range(0, input_ids.size(0), batch_size)]
+    return torch.cat(chunks, dim=0)

@@ -1,0 +1,263 @@
+"""PPO's rollout: the per-rollout record, and the fast path that samples it.
+
+* :class:`Rollout` — everything one rollout produces, created when the rollout starts and filled in as it is scored;
+  the trainer's hooks read and write its fields instead of attributes of the trainer.
+* Sampling with log-probs: without vLLM the rollout is sampled by a KV-cache loop that draws exactly what ``generate``
+  draws and keeps the sampled tokens' log-probs (:func:`sample_completions`); on the ``generate`` path a logits
+  processor records them (:class:`SampledLogProbs`). Either saves a forward pass per rollout.
+* The plain LM head (:func:`plain_head_logps`): in full precision, when the logits are small, the policy's log-probs
+  come from log_softmax(logits / T) instead of GRPO's chunked head, which only pays off for large logits.
+* The guards of the fast path: settings that change the sampling distribution are refused
+  (:func:`check_sampling_distribution`), and the sampler's log-probs are checked once against a forward pass
+  (:class:`SamplerLogpsCheck`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers import LogitsProcessor
+
+from ..sampling import forward_kwargs, sample_with_kv_cache
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_LOGPS_TOLERANCE = 1e-3  # max |log π_sampler − log π_forward| accepted for the logprobs_from_sampling shortcut
+# Above this many logits per forward chunk (rows × (T+1) × vocab) the policy's log-probs use GRPO's fused LM head.
+PLAIN_LOGITS_MAX_ELEMENTS = 1 << 24
+
+__all__ = ["Rollout", "SamplerLogpsCheck", "SampledLogProbs", "sample_completions", "check_sampling_distribution",
+           "fast_generation_supported", "use_plain_head", "plain_head_logps", "SAMPLING_LOGPS_TOLERANCE",
+           "PLAIN_LOGITS_MAX_ELEMENTS"]
+
+
+@dataclass
+class Rollout:
+    """One rollout on this process: what each step of scoring consumed and produced. All (B, T) tensors are in the
+    rollout's order, 0 on padding; ``B`` is this process's share.
+
+    Filled in this order: ``rewards_per_func`` by ``_calculate_rewards`` (GRPO calls it while scoring); ``logps``,
+    ``ref_logps``, ``scores``, ``mask`` by the scoring step; ``values`` (and ``critic_pass``) by the critic pass;
+    ``kl``, ``token_rewards``, ``returns``, ``advantages`` by GAE. The batch dict carries the rows the loss needs
+    (``old_values``, ``returns``, ``advantages``, ``old_per_token_logps``); this record keeps the rest for logging
+    and inspection (``PPOTrainer.last_rollout``).
+    """
+
+    mode: str  # "train" or "eval"
+    step: int  # the optimizer step the rollout was collected at
+    kl_coef: float  # β used for this rollout's rewards
+    rewards_per_func: torch.Tensor | None = None  # (B_global, n_funcs), gathered over processes; NaN = not scored
+    logps: torch.Tensor | None = None  # log π_old(y_t): the rollout policy's log-probs of the sampled tokens
+    ref_logps: torch.Tensor | None = None  # log π_ref(y_t); None when β = 0 (no reference)
+    scores: torch.Tensor | None = None  # (B,) weighted sum of the reward functions, minus missing_eos_penalty
+    has_eos: torch.Tensor | None = None  # (B,) whether each completion ended with an EOS token
+    mask: torch.Tensor | None = None  # completion tokens that count (unscorable completions masked out)
+    values: torch.Tensor | None = None  # V(s_t) at rollout time, detached
+    # The same values with their graph, when the first optimizer step's micro-batch is this whole rollout: that step
+    # backpropagates through them instead of running the critic again. Taken once (:meth:`take_critic_pass`).
+    critic_pass: torch.Tensor | None = None
+    kl: torch.Tensor | None = None  # per-token KL estimate between π_old and π_ref
+    token_rewards: torch.Tensor | None = None  # r_t = −β·KL_t, plus the score at the last token
+    non_score_rewards: torch.Tensor | None = None  # −β·KL_t alone
+    returns: torch.Tensor | None = None  # GAE λ-returns: the critic's targets
+    advantages: torch.Tensor | None = None  # GAE advantages, whitened
+
+    def take_critic_pass(self, step: int, rows: torch.Tensor, completion_length: int) -> torch.Tensor | None:
+        """The rollout's critic values with their graph for the micro-batch made of ``rows`` of this rollout, once,
+        and only while the critic has not moved since (same optimizer step) and the micro-batch is the whole rollout."""
+        values, self.critic_pass = self.critic_pass, None
+        if (values is None or self.mode != "train" or step != self.step or rows.numel() != values.size(0)
+                or values.size(1) != completion_length):
+            return None
+        return values[rows]
+
+
+@dataclass
+class SamplerLogpsCheck:
+    """Whether the sampler's log-probs can stand in for a forward pass: decided once, on the first rollout.
+
+    They can differ beyond rounding: under bf16, or with left-padded prompts on a model with absolute position
+    embeddings (GPT-2), where ``generate`` derives positions from the attention mask and the trainer's forward pass
+    does not. A KL between the two conventions is biased (≈ 0.3 nats per completion at step 0 on the lab), so on a
+    mismatch the rollout log-probs come from forward passes from then on.
+    """
+
+    passed: bool | None = None  # None until checked
+    max_diff: float | None = None
+
+    def verify(self, sampled: torch.Tensor, forward: torch.Tensor, mask: torch.Tensor, gather_max: Callable) -> bool:
+        diff = (forward - sampled).abs().masked_fill(~mask.bool(), 0.0).max().reshape(1)
+        self.max_diff = float(gather_max(diff))  # the same decision on every process
+        self.passed = self.max_diff <= SAMPLING_LOGPS_TOLERANCE
+        if not self.passed:
+            logger.warning(
+                "The sampler's log-probs differ from the forward pass by up to %.3g (bf16, or left padding with "
+                "absolute position embeddings): taking the rollout log-probs from forward passes instead.",
+                self.max_diff,
+            )
+        return self.passed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling with log-probs
+# ----------------------------------------------------------------------------------------------------------------------
+class SampledLogProbs(LogitsProcessor):
+    """Records log π(y_t) of each sampled token from the logits ``generate`` saw (no extra forward pass).
+
+    Custom processors run before transformers' temperature warper, so it divides by the temperature itself, exactly
+    as the policy's log-probs are computed in training. Keeps only one step of (B, V) log-probs in memory.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logps: torch.Tensor | None = None  # (B, generated tokens), set by finish()
+        self._prev: torch.Tensor | None = None
+        self._out: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prev is not None:
+            self._out.append(self._prev.gather(-1, input_ids[:, -1:]))  # the token sampled at the previous step
+        self._prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.LongTensor) -> torch.Tensor:
+        if self._prev is not None:
+            self._out.append(self._prev.gather(-1, sequences[:, -1:]))
+            self._prev = None
+        empty = sequences.new_zeros((sequences.size(0), 0), dtype=torch.float)
+        self.logps = torch.cat(self._out, dim=1) if self._out else empty
+        return self.logps
+
+
+def cut_after_eos(completion_ids: torch.Tensor, eos_ids: torch.Tensor) -> list[int]:
+    """Each row's length up to and including its first EOS (the whole row when it has none), as GRPO cuts them."""
+    is_eos = torch.isin(completion_ids, eos_ids)
+    return torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, completion_ids.size(1)).tolist()
+
+
+def sample_completions(model: Any, input_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                       temperature: float, pad_token_id: int, eos_token_ids: Any, eos_ids: torch.Tensor
+                       ) -> tuple[list[list[int]], list[list[float]]]:
+    """:func:`hf_rlhf_ext.sampling.sample_with_kv_cache` with GRPO's conventions: the completions cut after their
+    first EOS, and the log-prob of each kept token (float32 values as Python floats)."""
+    tokens, logps = sample_with_kv_cache(model, input_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, pad_token_id=pad_token_id,
+                                         eos_token_ids=eos_token_ids)
+    lengths = cut_after_eos(tokens, eos_ids)
+    return ([row[:n] for row, n in zip(tokens.tolist(), lengths)],
+            [row[:n] for row, n in zip(logps.tolist(), lengths)])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guards of the fast path
+# ----------------------------------------------------------------------------------------------------------------------
+SAMPLING_SETTINGS = (
+    "do_sample", "num_beams", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "sequence_bias", "min_length", "min_new_tokens", "suppress_tokens", "begin_suppress_tokens",
+    "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale",
+    "watermarking_config",
+)
+
+# Generation settings the KV-cache sampler reproduces; anything else in generation_kwargs goes through generate().
+FAST_GENERATION_KEYS = frozenset({
+    "max_new_tokens", "do_sample", "pad_token_id", "bos_token_id", "eos_token_id", "temperature", "top_p", "top_k",
+    "min_p", "repetition_penalty", "cache_implementation", "disable_compile", "use_cache",
+})
+
+
+def changes_distribution(name: str, value: Any) -> bool:
+    """Whether a generation setting makes the sampling distribution differ from softmax(logits / temperature)."""
+    if value is None:
+        return False
+    if name in ("top_k", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "min_new_tokens", "min_length"):
+        return int(value) > 0
+    if name in ("top_p", "typical_p"):
+        return float(value) < 1.0
+    if name in ("min_p", "epsilon_cutoff", "eta_cutoff"):
+        return float(value) > 0.0
+    if name in ("repetition_penalty", "encoder_repetition_penalty", "guidance_scale", "num_beams"):
+        return float(value) != 1.0
+    if name == "do_sample":
+        return value is False
+    if name in ("suppress_tokens", "begin_suppress_tokens", "bad_words_ids", "sequence_bias"):
+        return len(value) > 0
+    return True  # top_h, forced_bos_token_id, forced_eos_token_id, exponential_decay_length_penalty, watermarking
+
+
+def check_sampling_distribution(settings: dict[str, Any]) -> None:
+    """Refuses generation settings under which samples do not come from softmax(logits / temperature).
+
+    The KL penalty and the ratio are computed from the policy's own log-probs. With a logits processor in the sampler
+    (``min_new_tokens`` banning EOS, top-k/p, repetition penalty, ...) the tokens come from another distribution, and
+    E[k1] is no longer KL(π‖π_ref): it can go negative and turn into a *reward* (a prototype's policy put its mass on
+    the banned EOS, KL reached −84 and the score collapsed). Hence an error, not a warning.
+    """
+    bad = {k: settings[k] for k in SAMPLING_SETTINGS if changes_distribution(k, settings.get(k))}
+    if bad:
+        raise ValueError(
+            f"PPOTrainer refuses generation settings that change the sampling distribution: {bad}. The KL penalty "
+            "and the PPO ratio use the policy's own (temperature-scaled) log-probabilities; tokens drawn from "
+            "another distribution bias the KL estimate (it can turn negative and become a reward: with "
+            "min_new_tokens banning EOS, the policy learns to put its mass on EOS). Use top_k=0, top_p=1.0, "
+            "min_p=None, repetition_penalty=1.0 and no min_new_tokens/min_length/bad_words_ids/suppress_tokens "
+            "(check the model's generation_config.json too). For completions of a fixed length, pass "
+            "generation_kwargs={'eos_token_id': None} instead of min_new_tokens."
+        )
+
+
+def fast_generation_supported(generation_kwargs: dict | None, temperature: float | None, plain_transformers: bool,
+                              is_encoder_decoder: bool) -> bool:
+    """Whether :func:`sample_completions` draws exactly what ``generate`` would. ``plain_transformers``: neither
+    vLLM, nor continuous batching, nor a vision-language model. Distribution-changing settings are refused earlier."""
+    kwargs = generation_kwargs or {}
+    return (
+        plain_transformers and not is_encoder_decoder
+        and set(kwargs) <= FAST_GENERATION_KEYS and kwargs.get("cache_implementation") is None
+        and kwargs.get("do_sample", True) is True and kwargs.get("use_cache", True) is not False
+        and temperature is not None and temperature > 0
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The plain LM head
+# ----------------------------------------------------------------------------------------------------------------------
+def use_plain_head(model: Any, rows: int, logits_to_keep: int, vocab_size: int, low_precision: bool,
+                   extra_inputs: dict) -> bool:
+    """Whether :func:`plain_head_logps` applies: a text-only batch (no extra model inputs) in full precision whose
+    logits per chunk stay under ``PLAIN_LOGITS_MAX_ELEMENTS``."""
+    return (
+        not low_precision and all(v is None for v in extra_inputs.values())
+        and rows * (logits_to_keep + 1) * vocab_size <= PLAIN_LOGITS_MAX_ELEMENTS
+        and next(model.parameters()).dtype == torch.float32
+    )
+
+
+def plain_head_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                     batch_size: int, temperature: float, compute_entropy: bool, entropy_grad: bool,
+                     autocast: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens from log_softmax(logits / T).
+
+    The same maths as GRPO's fused head, which exists to avoid materialising the (B, T, V) logits; below that size it
+    only costs time (≈ 1/3 of a small policy's forward + backward). Values differ by float rounding (≈ 1e-7); like
+    the fused head, padded positions get 0. ``entropy_grad``: keep the entropies' graph (an entropy bonus).
+    """
+    keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in forward_kwargs(model) else {}
+    all_logps, all_entropies = [], []
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        with autocast():
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **keep).logits
+        logits = logits[:, -logits_to_keep - 1 : -1].float() / temperature
+        logp_all = torch.log_softmax(logits, dim=-1)
+        padding = att[:, -logits_to_keep:] == 0
+        logps = logp_all.gather(-1, ids[:, -logits_to_keep:].unsqueeze(-1)).squeeze(-1)
+        all_logps.append(logps.masked_fill(padding, 0.0))
+        if compute_entropy:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+            all_entropies.append(entropy.masked_fill(padding, 0.0))
+    return torch.cat(all_logps, dim=0), torch.cat(all_entropies, dim=0) if compute_entropy else None

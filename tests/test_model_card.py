@@ -1,0 +1,136 @@
+"""Model cards of the recipes' output folders (hf_rlhf_ext.model_card) and the push of such a folder to the Hub.
+
+The recipes run in-process on tiny stand-in models; the Hub is never contacted: ``HfApi.create_repo`` and
+``HfApi.upload_folder`` are replaced by fakes that record what would be sent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.hf_api import RepoUrl
+
+from _ppo_helpers import build_world, prompts
+from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, write_model_card
+from hf_rlhf_ext.results import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(name: str, argv: list[str]) -> dict:
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("card_world")
+    paths = build_world(str(root))
+    data_dir = root / "prompts"
+    data_dir.mkdir()
+    with open(data_dir / "train.jsonl", "w") as f:
+        for p in prompts(16)["prompt"]:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    return {**paths, "data": str(data_dir)}
+
+
+def _argv(tiny, out, *extra: str) -> list[str]:
+    return ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"],
+            "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(out), "--max_steps", "2",
+            "--per_device_train_batch_size", "4", "--max_completion_length", "6", "--logging_steps", "1",
+            "--num_eval_prompts", "4", "--disable_tqdm", "true", *extra]
+
+
+def test_full_weight_ppo_folder_has_a_card_with_the_runs_numbers_and_reloads(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_rlhf_ext.trainers import ValueModel
+
+    _run("ppo", _argv(tiny, tmp_path, "--kl_coef", "0.07"))
+    card = ModelCard.load(tmp_path / "README.md")
+    metrics = read_metrics(str(tmp_path))
+    assert {"trl", "rlhf", "ppo", "hf-rlhf-ext"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers"
+    assert card.data.base_model is None and card.data.datasets is None  # local model and data: no Hub ids
+    assert "| kl_coef | 0.07 |" in card.text and "| lam | 0.95 |" in card.text
+    after = metrics["eval_after"]
+    assert f"| {after['target_word']:.4g} |" in card.text
+    assert f"| {after['kl_k3_to_reference']:.4g} |" in card.text  # the headline KL is k3
+    assert "--kl_coef 0.07" in card.text  # the command that made the folder
+    assert "![" in card.text and "(training_curves.png)" in card.text
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert "ValueModel.from_pretrained" in card.text
+    AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    ValueModel.from_pretrained(str(tmp_path / "value_model"))
+
+
+def test_lora_card_is_ours_not_peft_template_and_the_adapter_reloads(tiny, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    _run("ppo", _argv(tiny, tmp_path, "--use_peft", "--lora_r", "4", "--critic_shares_base", "true"))
+    text = (tmp_path / "README.md").read_text()
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "More Information Needed" not in text and tiny["policy"] not in card.data.to_yaml()
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    assert "| lora_r | 4 |" in text and "AutoPeftModelForCausalLM" in text
+    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("recipe,tag,setting", [("grpo", "grpo", "| num_generations | 2 |"),
+                                                ("reinforce", "reinforce", "| baseline | running_mean |")])
+def test_grpo_and_reinforce_cards_name_their_method(tiny, tmp_path, recipe, tag, setting):
+    _run(recipe, _argv(tiny, tmp_path, "--num_generations", "2"))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert tag in card.data.tags and setting in card.text
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Records create_repo / upload_folder calls, and the folder's files and card at upload time."""
+    sent: dict = {"repos": [], "uploads": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        sent["repos"].append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        sent["uploads"].append({"repo_id": repo_id, "files": files, "ignore_patterns": ignore_patterns,
+                                "card": (Path(folder_path) / "README.md").read_text()})
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return sent
+
+
+def test_push_to_hub_uploads_the_folder_once_with_our_card_the_critic_and_the_plots(tiny, tmp_path, fake_hub):
+    _run("ppo", _argv(tiny, tmp_path, "--push_to_hub", "true", "--hub_model_id", "someone/ppo-tiny"))
+    assert len(fake_hub["uploads"]) == 1  # save_model's own push (without the critic, with TRL's card) is not made
+    upload = fake_hub["uploads"][0]
+    assert upload["repo_id"] == "someone/ppo-tiny"
+    assert {"README.md", "metrics.json", "training_curves.png", "model.safetensors",
+            "value_model/value_head.safetensors"} <= set(upload["files"])
+    card = ModelCard(upload["card"])
+    assert "hf-rlhf-ext" in card.data.tags and card.data.model_name == "ppo-tiny"
+    assert 'from_pretrained("someone/ppo-tiny")' in card.text  # the usage snippet points at the Hub repository
+
+
+def test_base_model_and_datasets_are_hub_ids_only(tmp_path):
+    assert hub_id_or_none("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert hub_id_or_none(str(tmp_path)) is None and hub_id_or_none("/not/there/either") is None
+    card = write_model_card(str(tmp_path), RunCard(
+        title="t", summary="s", recipe="recipes/grpo.py", command="c", tags=("grpo",),
+        base_model=hub_id_or_none("Qwen/Qwen2.5-0.5B-Instruct"), datasets=["trl-lib/tldr"],
+        metrics=[("held-out gold", 0.1, 0.25)], plots={"missing.png": "not drawn"}))
+    loaded = ModelCard.load(os.path.join(tmp_path, "README.md"))
+    assert loaded.data.base_model == "Qwen/Qwen2.5-0.5B-Instruct" and loaded.data.datasets == ["trl-lib/tldr"]
+    assert "| held-out gold | 0.1 | 0.25 |" in loaded.text
+    assert "missing.png" not in card.text  # a plot that is not in the folder is not embedded

@@ -1,0 +1,61 @@
+"""Trackers (``--report_to``): a recipe run with TensorBoard writes the reward and KL curves and the held-out
+evaluation before and after training, read back with TensorBoard's own ``EventAccumulator``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from _ppo_helpers import build_world, prompts
+from hf_rlhf_ext.results import read_log_history, read_metrics
+
+pytest.importorskip("tensorboard", reason="the tracking extra: pip install 'hf-rlhf-ext[tracking]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(name: str, argv: list[str]) -> dict:
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+
+
+def _scalars(root: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} over every event file under ``root``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for path in root.rglob("events.out.tfevents*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return out
+
+
+def test_ppo_run_with_tensorboard_holds_reward_and_kl_curves_and_the_held_out_evaluation(tmp_path):
+    world = build_world(str(tmp_path / "world"))
+    data = tmp_path / "prompts"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(16)["prompt"]))
+    out = tmp_path / "run"
+    _run("ppo", ["--model_name_or_path", world["policy"], "--dataset_name", str(data),
+                 "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(out), "--max_steps", "3",
+                 "--per_device_train_batch_size", "4", "--max_completion_length", "6", "--logging_steps", "1",
+                 "--num_eval_prompts", "4", "--disable_tqdm", "true", "--report_to", "tensorboard"])
+    scalars = _scalars(out)
+    logs = {r["step"]: r for r in read_log_history(str(out)) if "objective/kl" in r}
+    assert sorted(logs) == [1, 2, 3]
+    for tag, key in (("train/rewards/target_word/mean", "rewards/target_word/mean"), ("train/objective/kl", "objective/kl"),
+                     ("train/kl", "kl")):
+        assert set(scalars[tag]) == {1, 2, 3}, tag
+        assert all(scalars[tag][s] == pytest.approx(logs[s][key], rel=1e-5, abs=1e-7) for s in logs), tag
+    metrics = read_metrics(str(out))
+    # the evaluation before training at step 0, after training at the last step
+    assert scalars["eval/target_word"][0] == pytest.approx(metrics["eval_before"]["target_word"])
+    assert scalars["eval/target_word"][3] == pytest.approx(metrics["eval_after"]["target_word"])
+    assert scalars["eval/kl_k3_to_reference"][3] == pytest.approx(metrics["kl_k3_after"])
