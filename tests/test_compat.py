@@ -376,3 +376,37 @@ def test_a_given_ref_model_is_the_reference(lab, tmp_path):
     held = trainer.accelerator.unwrap_model(trainer.ref_model)
     assert torch.equal(held.lm_head.weight, ref.lm_head.weight)
     assert not torch.equal(held.lm_head.weight, trainer.model.lm_head.weight)
+
+
+def test_peft_without_ref_model_uses_the_adapter_free_policy_as_reference(lab, tmp_path):
+    """The old script's --use_peft branch: ref_model=None, the reference is the policy with its adapter disabled."""
+    from peft import LoraConfig
+
+    tokenizer = lab.load_tokenizer()
+    config = _config(tmp_path, total_episodes=16, learning_rate=1e-2)
+    lora = LoraConfig(r=4, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 16), ref_model=None, peft_config=lora)
+    trainer.train()
+    kls = [h["objective/kl"] for h in trainer.state.log_history if "objective/kl" in h]
+    assert kls[0] == 0.0 and kls[1] != 0.0  # LoRA starts as the identity, then moves away from its base
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+
+
+def test_push_to_hub_takes_the_old_dataset_name_argument(lab, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, RepoUrl
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploads.append({"repo_id": repo_id, "card": (Path(folder_path) / "README.md").read_text()})
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    tokenizer = lab.load_tokenizer()
+    config = _config(tmp_path, total_episodes=8, hub_model_id="someone/old-ppo")
+    trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 8))
+    trainer.train()
+    trainer.push_to_hub(dataset_name="someone/prompts")
+    assert uploads and uploads[-1]["repo_id"] == "someone/old-ppo"
+    assert "someone/prompts" in uploads[-1]["card"]

@@ -1,4 +1,4 @@
-"""``PPOConfig`` with the fields of TRL's old ``PPOConfig`` (trl ≤ 1.12), on top of ``hf_rlhf_ext.trainers.PPOConfig``.
+"""``PPOConfig`` with the fields of TRL's old ``PPOConfig`` (trl ≤ 1.12), on ``hf_rlhf_ext.trainers.PPOConfig``.
 
 Every old field is declared here with its old default so that ``HfArgumentParser((ScriptArguments, PPOConfig,
 ModelConfig))`` parses old command lines unchanged; :data:`~hf_rlhf_ext.compat.fields.OLD_FIELDS` says what each
@@ -55,13 +55,13 @@ class PPOConfig(_PPOConfig):
     are those of the parent class, with the same defaults as the old config.
     """
 
-    total_episodes: int | None = field(default=None, metadata={"help": "Total number of episodes (prompts) to train on."})
+    total_episodes: int | None = field(default=None, metadata={"help": "Total number of episodes (prompts)."})
     response_length: int = field(default=53, metadata={"help": "Length of the response (max_completion_length)."})
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Alias of response_length (give only one)."}
     )
     stop_token: Literal["eos"] | None = field(
-        default=None, metadata={"help": "'eos': completions end at the tokenizer's EOS (required unless stop_token_id)."}
+        default=None, metadata={"help": "'eos': completions end at the EOS (required unless stop_token_id)."}
     )
     stop_token_id: int | None = field(
         default=None, metadata={"help": "Stop token id; must be the tokenizer's eos_token_id."}

@@ -90,7 +90,7 @@ OLD_FIELDS: tuple[OldField, ...] = (
              "accumulation are re-split)",
              refused_when="does not divide per_device_train_batch_size × gradient_accumulation_steps (as before)",
              instead="a rollout size that num_mini_batches divides",
-             refuse=lambda c: (c.per_device_train_batch_size * c.gradient_accumulation_steps) % c.num_mini_batches != 0),
+             refuse=lambda c: c.per_device_train_batch_size * c.gradient_accumulation_steps % c.num_mini_batches != 0),
     _same("cliprange", "policy ratio clip (GRPO's `epsilon`)"),
     _same("cliprange_value"),
     _same("vf_coef"),
@@ -126,7 +126,8 @@ OLD_FIELDS: tuple[OldField, ...] = (
              refuse=lambda c: c._computed_mismatch("mini_batch_size")),
     OldField("num_total_batches", "computed", "⌈total_episodes / batch_size⌉ = number of rollouts (set by the "
              "trainer, which knows the data set)",
-             refused_when="is set", instead="set total_episodes", refuse=lambda c: c._computed_mismatch("num_total_batches")),
+             refused_when="is set", instead="set total_episodes",
+             refuse=lambda c: c._computed_mismatch("num_total_batches")),
     _same("push_to_hub", "TrainingArguments' field; `trainer.push_to_hub(dataset_name=...)` works as before"),
 )
 

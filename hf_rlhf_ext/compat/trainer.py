@@ -138,26 +138,17 @@ class PPOTrainer(_PPOTrainer):
         self._set_training_length(args, len(train_dataset))
         reward_fn = TokenIdRewardModel(reward_model, processing_class.pad_token_id,
                                        args.per_device_train_batch_size, args.device)
-        critic = None
-        if isinstance(value_model, ValueModel):
-            critic = value_model
-        elif value_model is not None:  # train the given module's weights, unless it is also the reward model
-            critic = critic_from_value_model(value_model, share_weights=value_model is not reward_model)
         self._prompt_token_ids: list[list[int]] | None = None
         super().__init__(
             model=model, reward_funcs=[reward_fn], args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
-            value_model=critic,
+            value_model=self._critic(value_model, reward_model),
         )
         self.compat_reward_model = reward_fn
         self.stop_token_id = processing_class.eos_token_id
         if ref_model is not None and self.ref_model is not None:
             self._load_reference(ref_model)
-        evals = eval_dataset if not isinstance(eval_dataset, dict) else next(iter(eval_dataset.values()), None)
-        self.compat_eval_prompt_ids = [list(r) for r in evals["input_ids"]] if evals is not None else []
-        if args.num_sample_generations > 0 and evals is not None:
-            every = max(1, args.num_total_batches // args.num_sample_generations)
-            self.add_callback(SampleGenerationsCallback(self, every, args.updates_per_rollout))
+        self._set_up_completion_tables(eval_dataset)
 
     # -- construction ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -195,6 +186,22 @@ class PPOTrainer(_PPOTrainer):
             args.total_episodes = int(args.num_train_epochs * num_rows)
         args.num_total_batches, args.max_steps = args.max_steps_for(args.total_episodes)
 
+    @staticmethod
+    def _critic(value_model: nn.Module | None, reward_model: nn.Module) -> ValueModel | None:
+        """The value model as the critic (None: the parent's default, the reward model's body)."""
+        if value_model is None or isinstance(value_model, ValueModel):
+            return value_model
+        # its own weights are trained (as before), unless it is also the reward model, which stays frozen
+        return critic_from_value_model(value_model, share_weights=value_model is not reward_model)
+
+    def _set_up_completion_tables(self, eval_dataset: Any) -> None:
+        """The eval prompts for generate_completions, and the num_sample_generations schedule."""
+        evals = eval_dataset if not isinstance(eval_dataset, dict) else next(iter(eval_dataset.values()), None)
+        self.compat_eval_prompt_ids = [[int(t) for t in r] for r in evals["input_ids"]] if evals is not None else []
+        if self.args.num_sample_generations > 0 and self.compat_eval_prompt_ids:
+            every = max(1, self.args.num_total_batches // self.args.num_sample_generations)
+            self.add_callback(SampleGenerationsCallback(self, every, self.args.updates_per_rollout))
+
     def _load_reference(self, ref_model: nn.Module) -> None:
         """Loads the given reference's weights into the trainer's reference model (built like the policy)."""
         target = self.accelerator.unwrap_model(self.ref_model)
@@ -208,7 +215,7 @@ class PPOTrainer(_PPOTrainer):
 
     # -- prompts as token ids ----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        self._prompt_token_ids = [list(x["input_ids"]) for x in inputs]
+        self._prompt_token_ids = [[int(t) for t in x["input_ids"]] for x in inputs]
         try:
             return super()._generate_and_score_completions(inputs)
         finally:
