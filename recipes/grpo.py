@@ -17,12 +17,14 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
     read_lab_config,
     train_and_report,
 )
+from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
 
 #: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
 LAB_CONFIG = Path(__file__).parent / "configs" / "grpo_lab.yaml"
@@ -41,9 +43,9 @@ def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: 
 
 
 def make_parser():
-    return make_recipe_parser(RLScriptArguments, GRPOConfig, read_lab_config(LAB_CONFIG))
+    # GRPOConfig plus --nan_rewards (error | drop) for the reward guard make_trainer attaches
+    return make_recipe_parser(RLScriptArguments, GuardedGRPOConfig, read_lab_config(LAB_CONFIG))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))
