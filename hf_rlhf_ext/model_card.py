@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
-__all__ = ["CARD_FILE", "LIBRARY_TAG", "RunCard", "hub_id_or_none", "load_snippet", "push_folder", "write_model_card"]
+__all__ = ["CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "lora_settings", "settings_from", "hub_id_or_none", "load_snippet", "push_folder", "write_model_card"]
 
 CARD_FILE = "README.md"
 LIBRARY_TAG = "hf-rlhf-ext"
@@ -102,6 +102,43 @@ class RunCard:
         return "\n\n".join(parts) + "\n"
 
 
+@dataclass(frozen=True)
+class RecipeCard:
+    """What a recipe's model card says beyond the run's own numbers.
+
+    Args:
+        script: the recipe (``recipes/ppo.py``).
+        method: what it trains, in words ("PPO with a critic").
+        tags: method tags for the Hub (``ppo``).
+        hyperparameters: names of the settings that matter, read from the training config or the script arguments
+            (missing names are skipped); LoRA settings are added with ``--use_peft``.
+    """
+
+    script: str
+    method: str
+    tags: tuple[str, ...]
+    hyperparameters: tuple[str, ...]
+
+
+def settings_from(names: Sequence[str], *sources: Any) -> dict[str, Any]:
+    """``{name: value}`` for each name found on the first source that has it (missing names are skipped)."""
+    values: dict[str, Any] = {}
+    for name in names:
+        source = next((s for s in sources if hasattr(s, name)), None)
+        if source is not None:
+            values[name] = getattr(source, name)
+    return values
+
+
+def lora_settings(peft_config: Any) -> dict[str, Any]:
+    """The LoRA settings a card lists (empty without PEFT)."""
+    if peft_config is None:
+        return {}
+    targets = peft_config.target_modules
+    return {"lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "lora_dropout": peft_config.lora_dropout,
+            "lora_target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets or "PEFT default"}
+
+
 def _version(package: str = "hf-rlhf-ext") -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -112,6 +149,10 @@ def _version(package: str = "hf-rlhf-ext") -> str:
 
 
 def _cell(value: Any) -> str:
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        value = value.value
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, float):

@@ -7,7 +7,7 @@ import math
 from typing import Any, Sequence
 
 __all__ = ["plot_best_of_n_curve", "plot_distillation", "plot_compare", "plot_baselines", "plot_clip_gradients",
-           "plot_rm_ensemble", "plot_training_curves", "TRAINING_CURVE_KL_KEYS"]
+           "plot_rm_ensemble", "plot_training_curves", "plot_reward_model_curves", "TRAINING_CURVE_KL_KEYS"]
 
 # KL keys a trainer or callback may log, with what each one is (plotted when present in the log history)
 TRAINING_CURVE_KL_KEYS = {
@@ -170,28 +170,42 @@ def plot_rm_ensemble(metrics: dict[str, Any], runs: dict[str, Sequence[dict[str,
     return _save(plt, fig, path)
 
 
-def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str, title: str = "") -> str | None:
-    """The reward curves (every ``rewards/<name>/mean``, or ``reward``) and the KL curves (``TRAINING_CURVE_KL_KEYS``)
-    against the optimizer step, from a trainer's ``log_history``. Returns None (no file) when nothing was logged."""
-    reward_keys = sorted({k for r in log_history for k in r if k.startswith("rewards/") and k.endswith("/mean")})
-    reward_keys = reward_keys or (["reward"] if any("reward" in r for r in log_history) else [])
-    kl_keys = [k for k in TRAINING_CURVE_KL_KEYS if any(k in r for r in log_history)]
-    if not reward_keys and not kl_keys:
+def _curves(log_history: Sequence[dict[str, Any]], panels: Sequence[tuple[str, Sequence[str], dict[str, str]]],
+            path: str, title: str) -> str | None:
+    """One panel per (y label, keys, key descriptions) holding logged keys, against the step; None when none do."""
+    panels = [(label, [k for k in keys if any(r.get(k) is not None for r in log_history)], notes)
+              for label, keys, notes in panels]
+    panels = [p for p in panels if p[1]]
+    if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(2 if kl_keys and reward_keys else 1, 1, figsize=(6.4, 6.0 if kl_keys else 3.6),
-                             sharex=True, squeeze=False)
-    panels = [(reward_keys, "mean reward (training batch)", {})] if reward_keys else []
-    if kl_keys:
-        panels.append((kl_keys, "KL to the reference (nats)", TRAINING_CURVE_KL_KEYS))
-    for ax, (keys, ylabel, labels) in zip(axes[:, 0], panels):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.4, 1.2 + 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (ylabel, keys, notes) in zip(axes[:, 0], panels):
         for key in keys:
             points = [(r["step"], r[key]) for r in log_history if r.get(key) is not None and "step" in r]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
-                    label=f"{key} ({labels[key]})" if key in labels else key)
+                    label=f"{key} ({notes[key]})" if key in notes else key)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("optimizer step")
-    axes[0, 0].set_title(title or "Training curves")
+    axes[0, 0].set_title(title)
     return _save(plt, fig, path)
+
+
+def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str, title: str = "Training curves") -> str | None:
+    """The reward curves (every ``rewards/<name>/mean``, or ``reward``) and the KL curves (``TRAINING_CURVE_KL_KEYS``)
+    against the optimizer step, from a trainer's ``log_history``. Returns None (no file) when nothing was logged."""
+    reward_keys = sorted({k for r in log_history for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    return _curves(log_history, [("mean reward (training batch)", reward_keys or ["reward"], {}),
+                                 ("KL to the reference (nats)", list(TRAINING_CURVE_KL_KEYS), TRAINING_CURVE_KL_KEYS)],
+                   path, title)
+
+
+def plot_reward_model_curves(log_history: Sequence[dict[str, Any]], path: str,
+                             title: str = "Reward model training") -> str | None:
+    """``trl.RewardTrainer``'s loss and pairwise accuracy / margin on the training batches against the step."""
+    return _curves(log_history, [("Bradley-Terry loss", ["loss"], {}),
+                                 ("training batch", ["accuracy", "margin"], {"accuracy": "pairwise accuracy",
+                                                                              "margin": "mean r_chosen - r_rejected"})],
+                   path, title)

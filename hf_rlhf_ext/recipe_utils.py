@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 from trl import ScriptArguments, TrlParser
 
+from .model_card import RecipeCard, lora_settings, settings_from
 from .objectives import kl_k1, kl_k3
 from .results import ResultsCallback, write_metrics
 from .sampling import per_token_logps
@@ -61,6 +62,9 @@ __all__ = [
     "LORA_LEARNING_RATE_MULTIPLIER",
     "RecipeCard",
     "write_run_card",
+    "recipe_command",
+    "log_evaluation",
+    "outputs_line",
     "evaluate_policy",
     "train_and_report",
     "summary_text",
@@ -116,7 +120,7 @@ class RLScriptArguments(ScriptArguments):
         default=False, metadata={"help": "overoptimization: stop training once gold falls while the proxy rises."}
     )
     # the command line the recipe was parsed from (set by the recipe parser; shown in the model card)
-    cli_args: list[str] = field(default_factory=list, init=False, repr=False)
+    cli_args: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.eval_sampling not in ("sample", "greedy"):
@@ -580,48 +584,13 @@ def summary_text(metrics: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Model card of an RL recipe's output folder
 # ----------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RecipeCard:
-    """What a recipe's model card says beyond the run's own numbers.
-
-    Args:
-        script: the recipe (``recipes/ppo.py``).
-        method: what it trains, in words ("PPO with a critic").
-        tags: method tags for the Hub (``ppo``).
-        hyperparameters: names of the settings that matter, read from the training config or the script arguments
-            (missing names are skipped); LoRA settings are added with ``--use_peft``.
-    """
-
-    script: str
-    method: str
-    tags: tuple[str, ...]
-    hyperparameters: tuple[str, ...]
-
-
-def _command_line(script: str, cli_args: list[str] | None) -> str:
+def recipe_command(script: str, cli_args: list[str] | None) -> str:
+    """The command line that reproduces a recipe run (``cli_args``: as parsed; None when run from Python)."""
     import shlex
 
     if cli_args is None:
         return f"python {script}  # run from Python: the settings are listed below"
     return " ".join(["accelerate launch", script, *(shlex.quote(a) for a in cli_args)])
-
-
-def _settings(names: Sequence[str], *sources: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name in names:
-        source = next((s for s in sources if hasattr(s, name)), None)
-        if source is not None:
-            values[name] = getattr(source, name)
-    return values
-
-
-def lora_settings(peft_config: Any) -> dict[str, Any]:
-    """The LoRA settings a card lists (empty without PEFT)."""
-    if peft_config is None:
-        return {}
-    targets = peft_config.target_modules
-    return {"lora_r": peft_config.r, "lora_alpha": peft_config.lora_alpha, "lora_dropout": peft_config.lora_dropout,
-            "lora_target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets or "PEFT default"}
 
 
 def _result_rows(metrics: dict[str, Any]) -> list[tuple]:
@@ -658,12 +627,12 @@ def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments,
         summary=(f"{card.method} ({'a LoRA adapter on ' if setup.peft_config else ''}{base}), trained on {data} for "
                  f"{metrics['global_step']} steps, rewarded by {', '.join(n for n, w in zip(metrics['reward_funcs'], metrics['reward_weights']) if w)}."),
         recipe=card.script,
-        command=_command_line(card.script, script_args.cli_args),
+        command=recipe_command(card.script, script_args.cli_args),
         tags=card.tags,
         base_model=hub_id_or_none(setup.model),
         datasets=[dataset_id] if dataset_id else [],
         library_name="peft" if setup.peft_config is not None else "transformers",
-        hyperparameters={**_settings(card.hyperparameters, training_args, script_args),
+        hyperparameters={**settings_from(card.hyperparameters, training_args, script_args),
                          **lora_settings(setup.peft_config)},
         metrics=_result_rows(metrics),
         metrics_note=(f"Measured on {metrics['num_eval_prompts']} held-out completions ({metrics['eval_sampling']}), "

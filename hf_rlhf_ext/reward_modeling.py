@@ -183,3 +183,44 @@ def pairwise_report(model, tokenizer, dataset, gold_margin: float = 0.5, batch_s
             report["label_gold_agreement"] = float("nan")
         report["corr_gold"] = _pearson(r_c + r_r, list(g_c) + list(g_r))
     return report
+
+
+def write_reward_model_card(trainer, metrics: dict[str, Any], card, command: str, base_model: str | None,
+                            dataset: str | None, peft_config=None, hub_repo: str | None = None) -> str:
+    """Writes the loss/accuracy plot and ``<output_dir>/README.md`` for a reward model trained by ``trainer``, with
+    the held-out ``pairwise_report`` in ``metrics["test"]``; ``card`` is the recipe's ``model_card.RecipeCard``.
+    Returns the card's path."""
+    import os
+
+    from .model_card import CARD_FILE, RunCard, hub_id_or_none, load_snippet, lora_settings, settings_from
+    from .model_card import write_model_card
+    from .plots import plot_reward_model_curves
+
+    out = trainer.args.output_dir
+    plot_reward_model_curves(trainer.state.log_history, os.path.join(out, "training_curves.png"), title=card.method)
+    report = metrics["test"]
+    rows = [("held-out pairwise accuracy (vs the labels)", report["accuracy"]),
+            ("mean margin r_chosen − r_rejected", report["mean_margin"]), ("held-out pairs", report["n_pairs"])]
+    if "gold_accuracy" in report:
+        rows += [(f"accuracy vs gold on clearly separated pairs (gold gap ≥ {report['gold_margin']:g})",
+                  report["gold_accuracy"]), ("clearly separated pairs", report["n_gold_pairs"]),
+                 ("how often the labels follow gold on those pairs", report["label_gold_agreement"]),
+                 ("correlation of reward and gold (Pearson)", report["corr_gold"])]
+    base = hub_id_or_none(base_model)
+    data_id = hub_id_or_none(dataset)
+    run = RunCard(
+        title=(hub_repo or os.path.basename(os.path.abspath(out))).split("/")[-1],
+        summary=(f"A {card.method} {'(a LoRA adapter) ' if peft_config is not None else ''}on "
+                 f"{'`' + base_model + '`' if base_model else 'the lab-sized GPT-2'}, trained on "
+                 f"{metrics['n_train_pairs']} preference pairs of {'`' + dataset + '`' if dataset else 'the lab'}. "
+                 "Its score is `logits[:, 0]` at the last non-pad token."),
+        recipe=card.script, command=command, tags=card.tags, base_model=base, datasets=[data_id] if data_id else [],
+        library_name="peft" if peft_config is not None else "transformers",
+        hyperparameters={**settings_from(card.hyperparameters, trainer.args), **lora_settings(peft_config)},
+        metrics=rows, metrics_note="On the held-out split, scored as the RewardTrainer saw the pairs; all numbers are "
+                                   "in `metrics.json`.",
+        plots={"training_curves.png": "Loss and pairwise accuracy on the training batches"},
+        usage=load_snippet(hub_repo or out, "reward_peft" if peft_config is not None else "reward"),
+    )
+    write_model_card(out, run)
+    return os.path.join(out, CARD_FILE)

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, RewardConfig, ScriptArguments, get_peft_config
 
-from hf_rlhf_ext.recipe_utils import apply_cpu_defaults, load_lab, make_recipe_parser
+from hf_rlhf_ext.model_card import push_folder
+from hf_rlhf_ext.recipe_utils import (
+    RecipeCard,
+    apply_cpu_defaults,
+    load_lab,
+    log_evaluation,
+    make_recipe_parser,
+    outputs_line,
+    recipe_command,
+)
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
 
 # The lab's RM schedule (≈ 10 s on 2 CPU cores). A --config file or flags override any of these.
@@ -35,6 +44,11 @@ LAB_DEFAULTS = dict(
     disable_dropout=True,
     seed=0,
 )
+CARD = RecipeCard(
+    script="recipes/reward.py", method="Bradley-Terry reward model (TRL's RewardTrainer)", tags=("reward-model",),
+    hyperparameters=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "lr_scheduler_type",
+                     "center_rewards_coefficient", "max_length", "seed"),
+)
 
 
 @dataclass
@@ -49,6 +63,8 @@ class RewardScriptArguments(ScriptArguments):
 
     lab_dir: str | None = field(default=None, metadata={"help": "Lab directory (default: the cached default lab)."})
     gold_margin: float = field(default=0.5, metadata={"help": "Gold gap of a 'clearly separated' pair."})
+    # the command line the recipe was parsed from (set by the recipe parser; shown in the model card)
+    cli_args: list[str] | None = field(default=None, init=False, repr=False)
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: RewardConfig, lab=None):
@@ -86,7 +102,7 @@ def load_preferences(script_args: RewardScriptArguments, lab=None):
 
 
 def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_args: ModelConfig) -> dict:
-    from hf_rlhf_ext.reward_modeling import pairwise_report, train_reward_model
+    from hf_rlhf_ext.reward_modeling import pairwise_report, train_reward_model, write_reward_model_card
 
     apply_cpu_defaults(training_args)
     on_lab = not script_args.dataset_name
@@ -97,18 +113,27 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
         model, tokenizer, train, None, training_args, callbacks=[ResultsCallback(training_args.output_dir)],
         peft_config=get_peft_config(model_args),
     )
-    trainer.save_model(training_args.output_dir)
+    # no push from save_model: the folder is pushed once, with its card, below
+    trainer.save_model(training_args.output_dir, _internal_call=True)
     metrics = {"train": trainer.state.log_history[-1], "n_train_pairs": len(trainer.train_dataset), "on_lab": on_lab}
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
         metrics["test"] = pairwise_report(model, tokenizer, test, gold_margin=script_args.gold_margin)
+        log_evaluation(trainer, metrics["test"])
         write_metrics(training_args.output_dir, metrics)
         report = metrics["test"]
         print(f"held-out pairwise accuracy {report['accuracy']:.3f} on {report['n_pairs']} pairs"
               + (f", vs gold {report['gold_accuracy']:.3f} on {report['n_gold_pairs']} clearly separated pairs"
                  if "gold_accuracy" in report else ""))
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name or "hf-rlhf-ext lab preferences")
+        repo = (getattr(trainer, "hub_model_id", None) or training_args.hub_model_id) if training_args.push_to_hub \
+            else None
+        write_reward_model_card(trainer, metrics, CARD, command=recipe_command(CARD.script, script_args.cli_args),
+                                base_model=model_args.model_name_or_path, dataset=script_args.dataset_name,
+                                peft_config=get_peft_config(model_args), hub_repo=repo)
+        if repo:
+            push_folder(training_args.output_dir, repo, token=training_args.hub_token,
+                        private=training_args.hub_private_repo, revision=training_args.hub_revision)
+        print(outputs_line(training_args.output_dir))
     trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):
         trainer.end()
@@ -116,7 +141,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
 
 
 def make_parser():
-    return make_recipe_parser(RewardScriptArguments, RewardConfig, LAB_DEFAULTS)
+    return make_recipe_parser(RewardScriptArguments, RewardConfig, LAB_DEFAULTS, lora_learning_rate_multiplier=None)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import os
 from pathlib import Path
 
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(name: str, argv: list[str]) -> dict:
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
     recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # dataclasses with string annotations look their module up
     spec.loader.exec_module(recipe)
     return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
 
@@ -134,3 +136,16 @@ def test_base_model_and_datasets_are_hub_ids_only(tmp_path):
     assert loaded.data.base_model == "Qwen/Qwen2.5-0.5B-Instruct" and loaded.data.datasets == ["trl-lib/tldr"]
     assert "| held-out gold | 0.1 | 0.25 |" in loaded.text
     assert "missing.png" not in card.text  # a plot that is not in the folder is not embedded
+
+
+def test_reward_model_card_reports_held_out_accuracy_and_reloads(lab, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    _run("reward", ["--output_dir", str(tmp_path), "--num_train_epochs", "1", "--disable_tqdm", "true"])
+    card = ModelCard.load(tmp_path / "README.md")
+    test = read_metrics(str(tmp_path))["test"]
+    assert "reward-model" in card.data.tags and card.data.base_model is None
+    assert f"| held-out pairwise accuracy (vs the labels) | {test['accuracy']:.4g} |" in card.text
+    assert f"{test['gold_accuracy']:.4g}" in card.text and "| lr_scheduler_type | cosine |" in card.text
+    assert (tmp_path / "training_curves.png").is_file()
+    assert AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).config.num_labels == 1

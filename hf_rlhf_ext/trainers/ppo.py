@@ -29,7 +29,7 @@ import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 from trl import GRPOTrainer
 
-from .._trl_compat import check_trl_contract
+from .._trl_compat import GRPO_MULTIMODAL_INPUTS, check_trl_contract
 from ..objectives import (
     aggregate_token_loss,
     clipped_surrogate,
@@ -67,9 +67,6 @@ from .rollout import (
 from .value_model import ValueModel
 
 PPO_STATE_FILE = "ppo_state.json"
-# Model inputs of vision-language batches that GRPO passes to the policy's forward.
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 __all__ = ["PPOConfig", "PPOTrainer", "Rollout", "token_level_rewards", "VALUE_MODEL_DIR", "PPO_STATE_FILE"]
 
@@ -472,7 +469,7 @@ class PPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
+            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in GRPO_MULTIMODAL_INPUTS},
         )
         old_logps = inputs.get("old_per_token_logps")
         log_ratio = logps - (logps.detach() if old_logps is None else old_logps)
