@@ -29,6 +29,7 @@ from hf_rlhf_ext.recipe_utils import (
     RLScriptArguments,
     apply_cpu_defaults,
     build_reward_funcs,
+    cli_main,
     import_reward_func,
     load_lab,
     load_prompt_datasets,
@@ -201,5 +202,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

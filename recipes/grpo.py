@@ -15,11 +15,13 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
     train_and_report,
 )
+from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
 
 # The lab run (≈ 1 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
 LAB_DEFAULTS = dict(
@@ -53,9 +55,9 @@ def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: 
 
 
 def make_parser():
-    return make_recipe_parser(RLScriptArguments, GRPOConfig, LAB_DEFAULTS)
+    # GRPOConfig plus --nan_rewards (error | drop) for the reward guard make_trainer attaches
+    return make_recipe_parser(RLScriptArguments, GuardedGRPOConfig, LAB_DEFAULTS)
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -14,6 +14,7 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
@@ -59,5 +60,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -22,6 +22,7 @@ from hf_rlhf_ext.model_card import push_folder
 from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     apply_cpu_defaults,
+    cli_main,
     load_lab,
     log_evaluation,
     make_recipe_parser,
@@ -145,5 +146,4 @@ def make_parser():
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))
