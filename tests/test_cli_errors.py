@@ -172,7 +172,8 @@ def test_a_single_jsonl_file_is_a_data_set(tiny, tmp_path):
 
 
 def test_a_reward_fault_exits_1_with_the_saved_file_named(capsys, tiny, tmp_path):
-    code, stderr = _cli(capsys, "grpo", _replace(_argv(tiny, tmp_path), "--reward_funcs", "test_reward_guard.nan_on_first"))
+    argv = _replace(_argv(tiny, tmp_path), "--reward_funcs", "test_reward_guard.nan_on_first")
+    code, stderr = _cli(capsys, "grpo", argv)
     assert code == 1
     line = _one_error_line(stderr)
     assert "Reward function 'nan_on_first' returned nan" in line
