@@ -195,6 +195,24 @@ def test_grpo_drop_mode_gives_the_dropped_sample_no_advantage(world, tmp_path):
     assert [a > 0 for a in advantages[1:]] == [False, False, True] and advantages[2] == pytest.approx(0.0, abs=1e-4)
 
 
+def test_zero_std_groups_are_counted_and_train_without_nan(world, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1,
+                      per_device_train_batch_size=4, num_generations=2, max_completion_length=6, disable_tqdm=True,
+                      logging_steps=1)
+
+    def constant(prompts=None, completions=None, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = GRPOTrainer(world["policy"], reward_funcs=[constant], args=args, train_dataset=prompts(4))
+    attach_reward_guard(trainer)
+    trainer.train()
+    (log,) = [r for r in trainer.state.log_history if "reward_guard/zero_std_groups" in r]
+    assert log["reward_guard/zero_std_groups"] == 2.0 and log["frac_reward_zero_std"] == 1.0  # 2 groups of 2
+    assert math.isfinite(log["loss"]) and list(trainer._logs["advantages"])[-4:] == [0.0] * 4
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Two processes: a fault on one rank stops both
 # ----------------------------------------------------------------------------------------------------------------------
