@@ -67,6 +67,7 @@ __all__ = [
     "prepare_rl_run",
     "make_trainer",
     "make_recipe_parser",
+    "read_lab_config",
     "RecipeParser",
     "MONITORS",
     "parse_monitors",
@@ -532,16 +533,33 @@ def monitor_results(monitors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_lab_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe's lab settings from its YAML file (``recipes/configs/<name>_lab.yaml``), the one place they are
+    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
+    return values
+
+
 def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any],
                        lora_learning_rate_multiplier: float | None = LORA_LEARNING_RATE_MULTIPLIER):
     """A ``TrlParser`` (so ``--config file.yaml`` works) over (script args, trainer config, ``ModelConfig``) with the
-    recipe's lab defaults and the CPU defaults; explicit flags and config files override both. With ``--use_peft``
-    and no learning rate in the flags or the config file, the learning rate is multiplied by
+    recipe's lab defaults (``read_lab_config``) and the CPU defaults; explicit flags and config files override both.
+    With ``--use_peft`` and no learning rate in the flags or the config file, the learning rate is multiplied by
     ``lora_learning_rate_multiplier`` (None: kept)."""
+    import dataclasses
+
     from trl import ModelConfig
 
-    parser = RecipeParser((script_args_cls, config_cls, ModelConfig),
-                          lora_learning_rate_multiplier=lora_learning_rate_multiplier)
+    classes = (script_args_cls, config_cls, ModelConfig)
+    unknown = sorted(set(defaults) - {f.name for cls in classes for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"Recipe default(s) {unknown} are not fields of {[c.__name__ for c in classes]}.")
+    parser = RecipeParser(classes, lora_learning_rate_multiplier=lora_learning_rate_multiplier)
     parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
 
