@@ -172,11 +172,24 @@ def test_a_single_jsonl_file_is_a_data_set(tiny, tmp_path):
 
 
 def test_a_reward_fault_exits_1_with_the_saved_file_named(capsys, tiny, tmp_path):
-    code, stderr = _cli(capsys, "grpo", _replace(_argv(tiny, tmp_path), "--reward_funcs", "test_reward_guard.nan_on_first"))
+    argv = _replace(_argv(tiny, tmp_path), "--reward_funcs", "test_reward_guard.nan_on_first")
+    code, stderr = _cli(capsys, "grpo", argv)
     assert code == 1
     line = _one_error_line(stderr)
     assert "Reward function 'nan_on_first' returned nan" in line
     assert str(tmp_path / "reward_faults") in line
+
+
+def test_the_grpo_recipe_drops_nan_rewards_when_asked(tiny, tmp_path):
+    from hf_rlhf_ext.results import read_log_history
+
+    recipe = _recipe("grpo")
+    argv = [*_replace(_argv(tiny, tmp_path), "--reward_funcs", "test_reward_guard.nan_on_first"),
+            "--nan_rewards", "drop", "--logging_steps", "1"]
+    recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+    (log,) = [r for r in read_log_history(str(tmp_path)) if "reward_guard/dropped" in r]
+    assert log["reward_guard/dropped"] == 1.0
+    assert not (tmp_path / "reward_faults").exists()
 
 
 def test_a_bug_keeps_its_traceback():

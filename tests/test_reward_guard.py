@@ -193,3 +193,47 @@ def test_grpo_drop_mode_gives_the_dropped_sample_no_advantage(world, tmp_path):
     assert advantages[0] == 0.0
     # the others are centred on their own mean (2), not on a mean that counts the dropped sample
     assert [a > 0 for a in advantages[1:]] == [False, False, True] and advantages[2] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_zero_std_groups_are_counted_and_train_without_nan(world, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1,
+                      per_device_train_batch_size=4, num_generations=2, max_completion_length=6, disable_tqdm=True,
+                      logging_steps=1)
+
+    def constant(prompts=None, completions=None, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = GRPOTrainer(world["policy"], reward_funcs=[constant], args=args, train_dataset=prompts(4))
+    attach_reward_guard(trainer)
+    trainer.train()
+    (log,) = [r for r in trainer.state.log_history if "reward_guard/zero_std_groups" in r]
+    assert log["reward_guard/zero_std_groups"] == 2.0 and log["frac_reward_zero_std"] == 1.0  # 2 groups of 2
+    assert math.isfinite(log["loss"]) and list(trainer._logs["advantages"])[-4:] == [0.0] * 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Two processes: a fault on one rank stops both
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.multiprocess
+def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), str(root / "tests" / "_guard_probe.py"), str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcomes = {o["rank"]: o for o in (json.loads(line[6:]) for line in run.stdout.splitlines()
+                                       if line.startswith("PROBE "))}
+    assert outcomes[1]["raised"] == "NonFiniteRewardError"
+    assert outcomes[1]["path"].endswith("step-None-non_finite-rank1.json") and os.path.isfile(outcomes[1]["path"])
+    assert outcomes[0]["raised"] == "RewardFault" and "another process" in outcomes[0]["message"]

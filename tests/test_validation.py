@@ -294,3 +294,37 @@ def test_a_reward_model_pads_with_the_id_its_config_uses():
     together = rm(prompts=["good", "the kettle is"], completions=["bad", "broken please"])
     alone = [rm(prompts=[p], completions=[c])[0] for p, c in (("good", "bad"), ("the kettle is", "broken please"))]
     assert together == pytest.approx(alone, abs=1e-5)  # padding does not change a row's score
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Safe loading
+# ----------------------------------------------------------------------------------------------------------------------
+def test_nothing_of_ours_unpickles_a_file_or_trusts_remote_code_by_default():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offending = []
+    for path in [*(root / "hf_rlhf_ext").rglob("*.py"), *(root / "recipes").glob("*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            unsafe_load = "torch.load(" in code and "weights_only=True" not in code
+            unpickles = re.search(r"import (pickle|dill|joblib)|pickle\.loads?\(", code)
+            if unsafe_load or unpickles or re.search(r"trust_remote_code\s*=\s*True", code):
+                offending.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert offending == []
+
+
+def test_recipes_leave_trust_remote_code_off_unless_asked():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "grpo.py"
+    spec = importlib.util.spec_from_file_location("recipe_grpo_trust", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, args, _ = module.make_parser().parse_args_and_config(args=["--output_dir", "/tmp/unused"])
+    assert args.trust_remote_code is False
+    _, args, _ = module.make_parser().parse_args_and_config(args=["--output_dir", "/tmp/unused",
+                                                                   "--trust_remote_code", "true"])
+    assert args.trust_remote_code is True
