@@ -11,11 +11,15 @@ Testing a new TRL release: bump the pin in ``pyproject.toml``, run ``tests/test_
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Any
 
 SUPPORTED_TRL = ">=1.16,<1.17"
 
+# Model inputs of vision-language batches that GRPO passes to the policy's forward (PPO's loss passes them on).
+GRPO_MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                          "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 # GRPOTrainer (and RLOOTrainer, for the callbacks) methods we override or call: name -> leading parameter names.
 GRPO_METHODS: dict[str, tuple[str, ...]] = {
     "_generate_and_score_completions": ("self", "inputs"),  # PPO/REINFORCE: score a rollout; group-advantage check
@@ -23,7 +27,8 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
                               "has_tool_images"),  # PPO: sampling with log-probs
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),  # PPO: the rewards
     "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep",
-                                           "batch_size", "compute_entropy", "compute_aux_loss"),  # plain LM head
+                                           "batch_size", "compute_entropy", "compute_aux_loss",
+                                           *GRPO_MULTIMODAL_INPUTS),  # PPO: plain LM head, own loss
     "_compute_loss": ("self", "model", "inputs"),  # PPO: its own loss
     "_tokenize_prompts": ("self", "prompts"),
 }
@@ -43,6 +48,25 @@ GRPO_ATTRIBUTES: dict[str, str] = {
     "_step": "micro-steps taken (PPO zeroes the critic's gradients at the start of each accumulation window)",
     "_buffered_inputs": "the current generation batch split into micro-batches (gradient-variance callback)",
 }
+
+# Undocumented (but not underscored) GRPOTrainer instance attributes PPOTrainer reads.
+GRPO_PUBLIC_ATTRIBUTES = (
+    "use_vllm", "use_transformers_continuous_batching", "generation_kwargs", "generation_config", "temperature",
+    "max_completion_length", "eos_token_ids", "pad_to_multiple_of", "reward_funcs", "reward_processing_classes",
+    "reward_weights", "num_iterations", "loss_type", "epsilon_low", "epsilon_high", "aux_loss_enabled",
+    "router_aux_loss_coef", "beta", "ref_model",
+)
+# Functions of TRL's internal modules: "module.name" -> leading parameter names.
+TRL_FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "trl.trainer.utils.pad": ("tensors", "padding_value", "padding_side", "pad_to_multiple_of"),
+    "trl.trainer.utils.use_adapter": ("model", "adapter_name"),
+    "trl.trainer.utils.disable_dropout_in_model": ("model",),
+    "trl.trainer.utils.create_model_from_path": ("model_id",),
+    "trl.models.utils.unwrap_model_for_generation": ("model", "accelerator", "gather_deepspeed3_params",
+                                                     "generation_kwargs", "gradient_checkpointing_kwargs"),
+}
+# Private attributes of transformers objects: (class, attribute) read directly (``config.name_or_path`` is public).
+TRANSFORMERS_ATTRIBUTES = (("PretrainedConfig", "_name_or_path"),)
 
 
 class TRLContractError(RuntimeError):
@@ -69,7 +93,27 @@ def _class_problems() -> tuple[str, ...]:
 
     problems = _parameter_problems(GRPOTrainer, GRPO_METHODS) + _parameter_problems(Trainer, TRAINER_METHODS)
     problems += _parameter_problems(RLOOTrainer, {"_generate_and_score_completions": ("self", "inputs")})
+    problems += _function_problems()
+    import transformers
+
+    problems += [f"transformers.{cls}().{name} is missing" for cls, name in TRANSFORMERS_ATTRIBUTES
+                 if name not in vars(getattr(transformers, cls)())]
     return tuple(problems)
+
+
+def _function_problems() -> list[str]:
+    problems = []
+    for path, expected in TRL_FUNCTIONS.items():
+        module_name, name = path.rsplit(".", 1)
+        try:
+            function = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError):
+            problems.append(f"{path} is missing")
+            continue
+        params = tuple(inspect.signature(function).parameters)
+        if params[: len(expected)] != expected:
+            problems.append(f"{path}{params} no longer starts with the parameters {expected}")
+    return problems
 
 
 def contract_problems(trainer: Any = None) -> list[str]:
@@ -78,7 +122,16 @@ def contract_problems(trainer: Any = None) -> list[str]:
     if trainer is not None:
         problems += [f"{type(trainer).__name__} instance has no {name} ({why})"
                      for name, why in GRPO_ATTRIBUTES.items() if name not in vars(trainer)]
+        if isinstance(trainer, _grpo_trainer_class()):
+            problems += [f"{type(trainer).__name__} instance has no {name}"
+                         for name in GRPO_PUBLIC_ATTRIBUTES if name not in vars(trainer)]
     return problems
+
+
+def _grpo_trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    return GRPOTrainer
 
 
 def check_trl_contract(trainer: Any = None) -> None:

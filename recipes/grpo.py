@@ -9,35 +9,25 @@ offline lab by default, on any model with flags.
 Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy.
 """
 
+from pathlib import Path
+
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
 from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
+    read_lab_config,
     train_and_report,
 )
+from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
 
-# The lab run (≈ 1 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/grpo-lab",
-    per_device_train_batch_size=32,
-    num_generations=8,
-    max_completion_length=24,
-    learning_rate=1e-4,
-    beta=0.1,
-    temperature=1.0,
-    max_steps=60,
-    logging_steps=5,
-    disable_dropout=True,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    monitor="auto",
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "grpo_lab.yaml"
 CARD = RecipeCard(
     script="recipes/grpo.py", method="GRPO (TRL's GRPOTrainer)", tags=("grpo",),
     hyperparameters=("beta", "num_generations", "loss_type", "scale_rewards", "epsilon", "learning_rate",
@@ -53,9 +43,9 @@ def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: 
 
 
 def make_parser():
-    return make_recipe_parser(RLScriptArguments, GRPOConfig, LAB_DEFAULTS)
+    # GRPOConfig plus --nan_rewards (error | drop) for the reward guard make_trainer attaches
+    return make_recipe_parser(RLScriptArguments, GuardedGRPOConfig, read_lab_config(LAB_CONFIG))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -15,6 +15,7 @@ mean over the run and every measurement — run two baselines and compare ``grad
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig
 
@@ -24,31 +25,18 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     parse_monitors,
     prepare_rl_run,
+    read_lab_config,
     train_and_report,
 )
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
-# The lab run (≈ 1–2 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/reinforce-lab",
-    baseline="running_mean",
-    per_device_train_batch_size=32,
-    num_generations=4,
-    max_completion_length=24,
-    learning_rate=1e-4,
-    beta=0.1,
-    max_steps=60,
-    temperature=1.0,
-    logging_steps=5,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    monitor="auto",
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "reinforce_lab.yaml"
 CARD = RecipeCard(
     script="recipes/reinforce.py", method="REINFORCE", tags=("reinforce",),
     hyperparameters=("baseline", "baseline_decay", "aggregation", "beta", "reward_offset", "num_generations",
@@ -121,9 +109,8 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
 
 
 def make_parser():
-    return make_recipe_parser(ReinforceScriptArguments, ReinforceConfig, LAB_DEFAULTS)
+    return make_recipe_parser(ReinforceScriptArguments, ReinforceConfig, read_lab_config(LAB_CONFIG))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_rlhf_ext.recipe_utils import LORA_LEARNING_RATE_MULTIPLIER
+from hf_rlhf_ext.recipe_utils import LORA_LEARNING_RATE_MULTIPLIER, read_lab_config
 from hf_rlhf_ext.results import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _learning_rate(name: str, *argv: str) -> float:
 
 @pytest.mark.parametrize("name", ["ppo", "grpo", "reinforce"])
 def test_lora_gets_the_multiplied_learning_rate_unless_one_is_given(name, tmp_path):
-    full = _recipe(name).LAB_DEFAULTS["learning_rate"]
+    full = read_lab_config(_recipe(name).LAB_CONFIG)["learning_rate"]
     assert _learning_rate(name) == full
     assert _learning_rate(name, "--use_peft") == pytest.approx(full * LORA_LEARNING_RATE_MULTIPLIER)
     assert _learning_rate(name, "--use_peft", "--learning_rate", "2e-4") == 2e-4
@@ -40,7 +40,7 @@ def test_lora_gets_the_multiplied_learning_rate_unless_one_is_given(name, tmp_pa
 
 
 def test_reward_recipe_keeps_its_learning_rate_with_lora():
-    assert _learning_rate("reward", "--use_peft") == _recipe("reward").LAB_DEFAULTS["learning_rate"]
+    assert _learning_rate("reward", "--use_peft") == read_lab_config(_recipe("reward").LAB_CONFIG)["learning_rate"]
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .._trl_compat import check_trl_contract
 from ..sampling import kv_cache_sampling_supported, per_token_logps, sample_with_kv_cache
 
 __all__ = [
@@ -64,6 +65,7 @@ def check_supported_trainer(trainer: Any, who: str, needs: Sequence[str] = ()) -
             f"{type(trainer).__module__}.{type(trainer).__name__}. It reads their per-sample logs (`trainer._logs`), "
             "their reward functions and their generation settings, which other trainers do not have."
         )
+    check_trl_contract(trainer)  # the private TRL names the callbacks read (a clear error naming the TRL versions)
     missing = [name for name in needs if not hasattr(trainer, name)]
     if missing:
         raise UnsupportedTrainerError(
@@ -84,7 +86,7 @@ def is_main_process(state: Any = None, trainer: Any = None) -> bool:
 def reward_func_name(func: Any) -> str:
     """The name TRL gives a reward function in its logs (``rewards/<name>/mean``)."""
     if isinstance(func, nn.Module):
-        return str(getattr(getattr(func, "config", None), "_name_or_path", "")).split("/")[-1]
+        return str(getattr(getattr(func, "config", None), "name_or_path", "") or "").split("/")[-1]
     return getattr(func, "__name__", type(func).__name__)
 
 
@@ -196,8 +198,7 @@ class HeldOutSampler:
         self.max_new_tokens = int(max_new_tokens or getattr(trainer, "max_completion_length", None) or 64)
         self.temperature = float(temperature if temperature is not None else getattr(trainer, "temperature", 1.0))
         self.seed = seed
-        self.tokenizer = getattr(trainer, "_tokenizer", None) or getattr(trainer.processing_class, "tokenizer", None)
-        self.tokenizer = self.tokenizer or trainer.processing_class
+        self.tokenizer = trainer._tokenizer  # the text tokenizer, also of a vision-language processor
         self._encoded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- helpers -------------------------------------------------------------------------------------------------------
