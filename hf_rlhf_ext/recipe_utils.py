@@ -11,11 +11,14 @@ the policy before and after training (mean reward per function, KL to the initia
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import logging
 import math
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -26,8 +29,18 @@ from trl import ScriptArguments, TrlParser
 from .model_card import RecipeCard, lora_settings, settings_from
 from .objectives import kl_k1, kl_k3
 from .results import ResultsCallback, write_metrics
+from .reward_guard import RewardFault, attach_reward_guard
 from .sampling import per_token_logps
-from .validation import require_prompt_column, validated_reward_func
+from .validation import (
+    DataValidationError,
+    InputError,
+    check_prompt_lengths,
+    check_prompt_rows,
+    model_context_length,
+    require_existing_path,
+    validate_grpo_args,
+    validated_reward_func,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +68,7 @@ __all__ = [
     "prepare_rl_run",
     "make_trainer",
     "make_recipe_parser",
+    "read_lab_config",
     "RecipeParser",
     "MONITORS",
     "parse_monitors",
@@ -68,6 +82,7 @@ __all__ = [
     "evaluate_policy",
     "train_and_report",
     "summary_text",
+    "cli_main",
 ]
 
 
@@ -150,10 +165,13 @@ class RLSetup:
 def cpu_parser_defaults() -> dict[str, Any]:
     """Parser defaults for machines without CUDA: ``use_cpu`` (without it, CPU ranks launched by accelerate do not join
     a process group and each trains alone), and bf16 / gradient checkpointing off: TRL configs default to both, and
-    ``TrainingArguments`` refuses bf16 on such a machine before any recipe code runs. Explicit flags still win."""
+    ``TrainingArguments`` refuses bf16 on such a machine before any recipe code runs. Checkpointing is turned off under
+    its current name (``activation_checkpointing``; ``gradient_checkpointing`` left unset, which transformers
+    mirrors from it without a deprecation warning). Explicit flags still win."""
     if torch.cuda.is_available():
         return {}
-    return {"bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": True}
+    return {"bf16": False, "fp16": False, "activation_checkpointing": False, "gradient_checkpointing": None,
+            "use_cpu": True}
 
 
 def apply_cpu_defaults(training_args: Any) -> None:
@@ -167,9 +185,16 @@ def apply_cpu_defaults(training_args: Any) -> None:
 
 
 def load_lab(script_args: RLScriptArguments):
-    """The lab in ``--lab_dir`` / ``$HF_RLHF_EXT_LAB_DIR`` (put there if missing), else the cached default lab."""
+    """The lab in ``--lab_dir`` / ``$HF_RLHF_EXT_LAB_DIR`` (put there if missing), else the cached default lab. A
+    ``--lab_dir`` whose parent folder does not exist is refused (a typo should not create a tree of folders)."""
     from .lab import open_lab
 
+    parent = os.path.dirname(os.path.abspath(script_args.lab_dir)) if script_args.lab_dir else None
+    if parent is not None and not os.path.isdir(parent):
+        raise InputError(
+            f"--lab_dir {script_args.lab_dir!r}: its folder {parent!r} does not exist. Give a lab directory (it is put "
+            "there if missing) in an existing folder, or drop --lab_dir for the cached default lab."
+        )
     return open_lab(script_args.lab_dir)
 
 
@@ -181,7 +206,7 @@ def resolve_policy(model_args: Any, training_args: Any, lab: Any = None) -> tupl
 
     path = model_args.model_name_or_path or (lab.policy_path if lab is not None else None)
     if not path:
-        raise ValueError("No policy: pass --model_name_or_path (or run on the lab).")
+        raise InputError("No policy: pass --model_name_or_path (or run on the lab).")
     init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -189,6 +214,7 @@ def resolve_policy(model_args: Any, training_args: Any, lab: Any = None) -> tupl
         dtype=model_args.dtype,
     )
     init_kwargs = {k: v for k, v in init_kwargs.items() if v is not None}
+    init_kwargs.update(quantization_kwargs(model_args, training_args))
     if training_args.model_init_kwargs:
         init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = init_kwargs
@@ -201,17 +227,43 @@ def resolve_policy(model_args: Any, training_args: Any, lab: Any = None) -> tupl
     return path, tokenizer
 
 
+def quantization_kwargs(model_args: Any, training_args: Any) -> dict[str, Any]:
+    """``--load_in_4bit`` / ``--load_in_8bit`` as model-loading kwargs (TRL's ``get_quantization_config``), or a clear
+    refusal where they cannot work: no CUDA or no bitsandbytes, no ``--use_peft`` (quantized weights cannot be
+    trained), or a PPO critic that would copy the quantized body."""
+    if not (getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)):
+        return {}
+    flag = "--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit"
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"{flag} needs a CUDA GPU and the bitsandbytes package, and this machine lacks "
+                         f"{'a CUDA GPU' if not torch.cuda.is_available() else 'bitsandbytes'}: drop the flag, or "
+                         "run on a GPU with `pip install bitsandbytes`.")
+    if not model_args.use_peft:
+        raise InputError(f"{flag} quantizes the policy, whose weights then cannot be trained: add --use_peft (QLoRA).")
+    if hasattr(training_args, "critic_shares_base") and not training_args.critic_shares_base and \
+            not getattr(training_args, "value_model_name_or_path", None):
+        raise InputError(f"{flag} with PPO: the critic would copy the quantized body and could not train; add "
+                         "--critic_shares_base true (a LoRA critic on the shared base) or --value_model_name_or_path.")
+    from trl import get_kbit_device_map, get_quantization_config
+
+    return {"quantization_config": get_quantization_config(model_args), "device_map": get_kbit_device_map()}
+
+
 def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: int = 0) -> tuple[Any, Any]:
-    """(train, test) prompt data sets, each with a ``prompt`` column (validated). Default: the lab's prompts. A
-    ``--dataset_name`` without the test split gets ``num_eval_prompts`` held out of its train split."""
+    """(train, test) prompt data sets, each with a ``prompt`` column and usable prompts (validated). Default: the
+    lab's prompts. A ``--dataset_name`` without the test split gets ``num_eval_prompts`` held out of its train split."""
     if script_args.dataset_name:
         from .data import load_dataset_dict
 
+        require_existing_path(script_args.dataset_name, "--dataset_name", "data file or folder")
         data = load_dataset_dict(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
         if script_args.dataset_train_split not in data:
-            raise ValueError(f"{script_args.dataset_name} has no split {script_args.dataset_train_split!r} ({list(data)})")
+            raise DataValidationError(
+                f"--dataset_name {script_args.dataset_name!r} has no split {script_args.dataset_train_split!r}; it "
+                f"has {list(data)}. Pick one with --dataset_train_split."
+            )
         train = data[script_args.dataset_train_split]
-        require_prompt_column(train)  # before any split: a wrong column should fail with its own message
+        check_prompt_rows(train, script_args.dataset_train_split)  # before any split: a wrong column fails first
         test = data.get(script_args.dataset_test_split)
         if test is None and script_args.num_eval_prompts > 0 and len(train) > 1:
             n_test = min(script_args.num_eval_prompts, max(1, len(train) // 10))
@@ -219,34 +271,57 @@ def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: 
             train, test = split["train"], split["test"]
     else:
         if lab is None:
-            raise ValueError("No prompts: pass --dataset_name (or run on the lab).")
+            raise InputError("No prompts: pass --dataset_name (or run on the lab).")
         data = lab.load_prompts()
         train, test = data["train"], data["test"]
-    require_prompt_column(train)
+    check_prompt_rows(train, script_args.dataset_train_split)
     if test is not None:
-        require_prompt_column(test)
+        check_prompt_rows(test, script_args.dataset_test_split)
     return train, test
 
 
 def import_reward_func(name: str) -> Callable:
-    """A reward function from a dotted import path (``pkg.module.fn``, cwd importable, as TRL's CLI does) or a name
-    in ``trl.rewards``; plain functions are wrapped with ``validated_reward_func`` (NaN, inf, wrong length fail)."""
-    if "." in name:
-        module_path, attr = name.rsplit(".", 1)
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        func = getattr(importlib.import_module(module_path), attr)
-    else:
+    """A reward function from a dotted import path (``pkg.module.fn``) or a name in ``trl.rewards``.
+
+    Only the module named is imported, and nothing else is tried. The working directory is importable during that
+    import only, and after the installed packages (a file there cannot shadow one of them for the rest of the run).
+    The function is returned as it is: the trainer's ``RewardGuard`` checks its values.
+    """
+    if "." not in name:
         import trl.rewards
 
         if not hasattr(trl.rewards, name):
-            raise ValueError(f"Unknown reward function {name!r}: give a dotted import path or a name in trl.rewards.")
-        func = getattr(trl.rewards, name)
+            raise InputError(f"Unknown reward function {name!r}: give a dotted import path (my_rewards.length_reward) "
+                             "or a name in trl.rewards.")
+        return getattr(trl.rewards, name)
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise InputError(f"--reward_funcs {name!r} is not a dotted import path (module.function).")
+    module_path, attr = name.rsplit(".", 1)
+    module = _import_from_cwd(module_path, name)
+    if not hasattr(module, attr):
+        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise InputError(f"--reward_funcs {name!r}: module {module_path!r} ({getattr(module, '__file__', '?')}) has "
+                         f"no attribute {attr!r}; its public callables are {public}.")
+    func = getattr(module, attr)
     if not callable(func):
-        raise TypeError(f"{name} is not callable")
-    if isinstance(func, torch.nn.Module):
-        return func
-    return validated_reward_func(func) if not hasattr(func, "model") else func
+        raise InputError(f"--reward_funcs {name!r} is a {type(func).__name__}, not a function.")
+    return func
+
+
+def _import_from_cwd(module_path: str, name: str) -> Any:
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        raise InputError(f"--reward_funcs {name!r}: cannot import module {module_path!r} ({exc}). Give the dotted path "
+                         "of an installed module, or of a .py file in the working directory, and a function in it.") \
+            from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def build_reward_funcs(
@@ -263,25 +338,28 @@ def build_reward_funcs(
 
     funcs: list = []
     if script_args.reward_model_name_or_path:
+        require_existing_path(script_args.reward_model_name_or_path, "--reward_model_name_or_path", "reward model")
         funcs.append(RewardModelFunction(script_args.reward_model_name_or_path))
     for name in script_args.reward_funcs or []:
         funcs.append(import_reward_func(name))
     if not funcs:
         if lab is None:
-            raise ValueError("No reward: pass --reward_model_name_or_path or --reward_funcs (or run on the lab).")
+            raise InputError("No reward: pass --reward_model_name_or_path or --reward_funcs (or run on the lab).")
         funcs.append(RewardModelFunction(lab.reward_model_path, name="proxy_reward"))
     n_main = len(funcs)
     weights = list(training_args.reward_weights) if training_args.reward_weights is not None else [1.0] * n_main
     if on_lab and script_args.track_gold:
         from .lab import gold_reward
 
-        funcs.append(validated_reward_func(gold_reward))  # keeps __name__ "gold_reward"
+        funcs.append(gold_reward)
         if len(weights) == n_main:
             weights.append(0.0)
     if len(weights) != len(funcs):
-        raise ValueError(f"{len(weights)} reward_weights for {len(funcs)} reward functions ({_names(funcs)}).")
+        raise InputError(f"{len(weights)} reward_weights for {len(funcs)} reward functions ({_names(funcs)}): give "
+                         "one weight per function (or per main function: the tracked gold then gets 0).")
     training_args.reward_weights = weights
-    eval_rewards = {_name(f): f for f in funcs}
+    # Training scores through the trainer's RewardGuard; the held-out evaluation refuses NaN outright.
+    eval_rewards = {_name(f): f if hasattr(f, "model") else validated_reward_func(f) for f in funcs}
     return funcs, weights, eval_rewards
 
 
@@ -298,6 +376,7 @@ def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_arg
     from trl import get_peft_config
 
     apply_cpu_defaults(training_args)
+    check_run_inputs(script_args, training_args, model_args)
     needs_lab = not (model_args.model_name_or_path and script_args.dataset_name and
                      (script_args.reward_model_name_or_path or script_args.reward_funcs))
     lab = None
@@ -307,6 +386,8 @@ def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_arg
     on_lab = not script_args.dataset_name and lab is not None
     model, tokenizer = resolve_policy(model_args, training_args, lab)
     train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)
+    check_prompt_lengths(train, tokenizer, _context_length(model, model_args, training_args),
+                         training_args.max_completion_length, script_args.dataset_train_split)
     funcs, weights, eval_rewards = build_reward_funcs(script_args, training_args, lab, on_lab=on_lab)
     eval_prompts = []
     if test is not None and len(test) and script_args.num_eval_prompts:
@@ -319,18 +400,89 @@ def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_arg
     )
 
 
+def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_args: Any) -> None:
+    """Everything checkable before loading anything: the training settings, the paths, and that a model of one's
+    own comes with its own reward and prompts (the lab's word-level proxy RM and prompts mean nothing to it)."""
+    validate_grpo_args(training_args)
+    model = model_args.model_name_or_path
+    require_existing_path(model, "--model_name_or_path", "model directory")
+    require_existing_path(getattr(training_args, "value_model_name_or_path", None), "--value_model_name_or_path",
+                          "model directory")
+    if model and not _is_lab_model(model):
+        has_reward = script_args.reward_model_name_or_path or script_args.reward_funcs
+        if not has_reward or not script_args.dataset_name:
+            missing = " and ".join(
+                flag for flag, given in (("a reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
+                                         ("prompts (--dataset_name)", script_args.dataset_name)) if not given)
+            raise InputError(
+                f"--model_name_or_path {model!r} is not the lab's policy, and no {missing} was given: the lab's "
+                "defaults (a word-level proxy reward model and word-level prompts) mean nothing to another model. "
+                "Pass them, or drop --model_name_or_path to run on the lab."
+            )
+
+
+def _is_lab_model(path: str) -> bool:
+    """Whether ``path`` is a model directory inside a built lab (its policy, or a lab-built checkpoint)."""
+    from .lab.build import is_complete
+
+    return os.path.isdir(path) and is_complete(os.path.dirname(os.path.normpath(os.path.abspath(path))))
+
+
+def _context_length(model: str, model_args: Any, training_args: Any) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=model_args.model_revision,
+                                        trust_remote_code=training_args.trust_remote_code)
+    return model_context_length(config)
+
+
 def make_trainer(trainer_cls: type, setup: RLSetup, training_args: Any, **kwargs: Any) -> Any:
-    """A ``GRPOTrainer`` (or subclass) wired to the resolved policy, rewards, prompts, PEFT config and callbacks."""
-    return trainer_cls(
-        model=setup.model,
-        reward_funcs=setup.reward_funcs,
-        args=training_args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-        callbacks=setup.callbacks,
-        **kwargs,
-    )
+    """A ``GRPOTrainer`` (or subclass) wired to the resolved policy, rewards, prompts, PEFT config and callbacks, its
+    reward functions guarded (``reward_guard``: NaN stops the run, or is dropped with ``nan_rewards="drop"``)."""
+    with expected_head_drops_unreported():  # PPO's critic is the reward model's body: its score head is dropped
+        trainer = trainer_cls(
+            model=setup.model,
+            reward_funcs=setup.reward_funcs,
+            args=training_args,
+            train_dataset=setup.train_dataset,
+            processing_class=setup.tokenizer,
+            peft_config=setup.peft_config,
+            callbacks=setup.callbacks,
+            **kwargs,
+        )
+    attach_reward_guard(trainer)  # ours attach it in __init__; a vanilla GRPOTrainer gets it here
+    return trainer
+
+
+# heads of task models: a bare body (AutoModel) loaded from such a checkpoint leaves them out, as intended
+_TASK_HEADS = ("score.", "lm_head.", "v_head.", "classifier.")
+
+
+class _ExpectedHeadDropFilter(logging.Filter):
+    """Drops transformers' load report when its only entries are task-head weights left UNEXPECTED by a bare body
+    (e.g. ``score.weight`` when a critic takes a reward model's body). Any other report passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+        entries = [(cells[0].strip(), cells[1].strip()) for cells in rows[1:] if not set(cells[0].strip()) <= {"-"}]
+        expected = bool(entries) and all(status.endswith("UNEXPECTED") and key.startswith(_TASK_HEADS)
+                                         for key, status in entries)
+        return not expected
+
+
+@contextlib.contextmanager
+def expected_head_drops_unreported():
+    """While open, a model load whose only surprise is a dropped task head reports nothing (see the filter)."""
+    loader_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _ExpectedHeadDropFilter()
+    loader_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        loader_logger.removeFilter(quiet)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,7 +498,7 @@ def parse_monitors(value: str | Sequence[str] | None) -> list[str] | None:
         return []
     unknown = [n for n in names if n not in MONITORS]
     if unknown:
-        raise ValueError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} (comma-separated), "
+        raise InputError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} (comma-separated), "
                          "'auto' or 'none'.")
     return names
 
@@ -395,7 +547,7 @@ def add_monitors(trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -
             attached[name] = _monitor(name, trainer, setup, script_args)
         except (ValueError, TypeError) as err:  # TypeError: a trainer the callback cannot read
             if requested is not None:
-                raise ValueError(f"--monitor {name}: {err}") from err
+                raise InputError(f"--monitor {name}: {err}") from err
             logger.info("--monitor auto: %s left out (%s).", name, err)
             continue
         trainer.add_callback(attached[name])
@@ -417,16 +569,33 @@ def monitor_results(monitors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_lab_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe's lab settings from its YAML file (``recipes/configs/<name>_lab.yaml``), the one place they are
+    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
+    return values
+
+
 def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any],
                        lora_learning_rate_multiplier: float | None = LORA_LEARNING_RATE_MULTIPLIER):
     """A ``TrlParser`` (so ``--config file.yaml`` works) over (script args, trainer config, ``ModelConfig``) with the
-    recipe's lab defaults and the CPU defaults; explicit flags and config files override both. With ``--use_peft``
-    and no learning rate in the flags or the config file, the learning rate is multiplied by
+    recipe's lab defaults (``read_lab_config``) and the CPU defaults; explicit flags and config files override both.
+    With ``--use_peft`` and no learning rate in the flags or the config file, the learning rate is multiplied by
     ``lora_learning_rate_multiplier`` (None: kept)."""
+    import dataclasses
+
     from trl import ModelConfig
 
-    parser = RecipeParser((script_args_cls, config_cls, ModelConfig),
-                          lora_learning_rate_multiplier=lora_learning_rate_multiplier)
+    classes = (script_args_cls, config_cls, ModelConfig)
+    unknown = sorted(set(defaults) - {f.name for cls in classes for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"Recipe default(s) {unknown} are not fields of {[c.__name__ for c in classes]}.")
+    parser = RecipeParser(classes, lora_learning_rate_multiplier=lora_learning_rate_multiplier)
     parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
 
@@ -457,6 +626,42 @@ class RecipeParser(TrlParser):
             logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
                         training_args.learning_rate, self.lora_learning_rate_multiplier)
         return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors on the command line
+# ----------------------------------------------------------------------------------------------------------------------
+#: exceptions that mean bad input, or a fault of the user's reward function: one line on stderr, no traceback
+USER_ERRORS = (InputError, RewardFault, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+#: a ValueError raised in these functions comes from checking the command line or a config's settings
+_PARSING_FRAMES = {"__post_init__", "parse_args_into_dataclasses", "parse_args_and_config", "parse_yaml_file",
+                   "parse_dict"}
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input or a reward fault (reported in one line) rather than a bug (reported with its traceback)."""
+    if isinstance(exc, USER_ERRORS):
+        return True
+    if isinstance(exc, ValueError):
+        frames = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+        return bool(frames & _PARSING_FRAMES)
+    return False
+
+
+def cli_main(entry: Callable[[], Any]) -> Any:
+    """Runs a recipe's ``main`` for the command line: bad input and reward faults print one line on stderr
+    (``<script>: error: ...``, from the first process only) and exit with code 2 (input) or 1 (a reward fault);
+    anything else is a bug and keeps its traceback. Under ``accelerate launch``, add ``-q`` to drop the launcher's
+    own traceback of the failed child."""
+    try:
+        return entry()
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1 if isinstance(exc, RewardFault) else 2) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import threading
 from typing import Any, Callable, Literal, Sequence
 
 from .lab.build import LAB_DIR_ENV
-from .validation import check_rewards
+from .validation import check_rewards, reward_model_pad_id
 
 __all__ = [
     "RewardModelFunction",
@@ -140,6 +140,7 @@ class RewardModelFunction:
         )
         self.max_length = int(limit) if limit else None
         self.name = name or default_name or "reward_model"
+        self.pad_token_id = reward_model_pad_id(model, tokenizer, self.name)
         self.__name__ = self.name  # TRL: rewards/<__name__>/mean
         self.__qualname__ = self.name
         self._torch = torch
@@ -183,6 +184,17 @@ class RewardModelFunction:
         completion_ids: Sequence[Sequence[int]] | None = None,
         **kwargs: Any,
     ) -> list[float]:
+        values = self.unchecked_rewards(prompts, completions, completion_ids)
+        return check_rewards(values, len(completions), self.name)
+
+    def unchecked_rewards(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> list[float]:
+        """The scores, NaN and inf included (``reward_guard.RewardGuard`` judges them; ``__call__`` refuses them)."""
         from .reward_modeling import score_token_ids
 
         if len(prompts) != len(completions):
@@ -190,11 +202,8 @@ class RewardModelFunction:
         if len(completions) == 0:
             return []
         seqs = self.sequences(prompts, completions, completion_ids)
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        scores = score_token_ids(self.model, seqs, pad_token_id=pad, batch_size=self.batch_size)
-        return check_rewards(scores.tolist(), len(completions), self.name)
+        scores = score_token_ids(self.model, seqs, pad_token_id=self.pad_token_id, batch_size=self.batch_size)
+        return scores.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

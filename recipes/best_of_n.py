@@ -20,6 +20,7 @@ Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png} and the dist
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,28 +30,17 @@ from hf_rlhf_ext.recipe_utils import (
     RLScriptArguments,
     apply_cpu_defaults,
     build_reward_funcs,
+    cli_main,
     import_reward_func,
     load_lab,
     load_prompt_datasets,
     make_recipe_parser,
+    read_lab_config,
     resolve_policy,
 )
 
-# The lab run (≈ 1 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/best-of-n-lab",
-    learning_rate=5e-4,
-    num_train_epochs=3,
-    per_device_train_batch_size=32,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.1,
-    logging_steps=5,
-    save_strategy="no",
-    report_to="none",
-    disable_tqdm=True,
-    seed=0,
-    num_eval_prompts=80,
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "best_of_n_lab.yaml"
 
 
 @dataclass
@@ -197,9 +187,9 @@ def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str) -> 
 
 
 def make_parser():
-    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, LAB_DEFAULTS)
+    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, read_lab_config(LAB_CONFIG),
+                              lora_learning_rate_multiplier=None)  # distillation with LoRA: not measured
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

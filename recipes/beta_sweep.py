@@ -13,6 +13,7 @@ Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerun
 
 import sys
 
+from hf_rlhf_ext.recipe_utils import cli_main
 from hf_rlhf_ext.sweeps import make_sweep_parser, run_sweep, trainer_from_argv
 
 
@@ -22,4 +23,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(lambda: main(sys.argv[1:]))

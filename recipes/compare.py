@@ -17,6 +17,7 @@ Writes <output_dir>/{compare.md, compare.png, metrics.json} and, per run, runs/<
 import sys
 
 from hf_rlhf_ext.compare import run_compare, summary_lines
+from hf_rlhf_ext.recipe_utils import cli_main
 
 
 def main(argv: list[str]) -> dict:
@@ -29,4 +30,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(lambda: main(sys.argv[1:]))

@@ -1,13 +1,18 @@
-"""GRPO (TRL's own ``GRPOTrainer``) with the project's defaults, results contract and held-out evaluation — on the
-offline lab by default, on any model with flags.
+"""GRPO (TRL's own ``GRPOTrainer``) with the project's defaults, callbacks, results contract, held-out evaluation and
+model card — on the offline lab by default, on any model with flags.
 
     python recipes/grpo.py                                  # the lab: SFT policy, proxy RM, gold tracked at weight 0
     accelerate launch recipes/grpo.py --config recipes/configs/grpo_lab.yaml
     python recipes/grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_funcs my_pkg.rewards.length_reward --use_peft --output_dir runs/grpo-qwen
 
-Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy.
+Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png} and the policy.
+Our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out prompts, the
+group-advantage check); ``--monitor none`` turns them off, ``--monitor kl,grad_variance --monitor_every_n_steps 5``
+chooses.
 """
+
+from pathlib import Path
 
 from trl import GRPOConfig, GRPOTrainer, ModelConfig
 
@@ -15,29 +20,17 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
+    read_lab_config,
     train_and_report,
 )
+from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
 
-# The lab run (≈ 1 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/grpo-lab",
-    per_device_train_batch_size=32,
-    num_generations=8,
-    max_completion_length=24,
-    learning_rate=1e-4,
-    beta=0.1,
-    temperature=1.0,
-    max_steps=60,
-    logging_steps=5,
-    disable_dropout=True,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    monitor="auto",
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "grpo_lab.yaml"
 CARD = RecipeCard(
     script="recipes/grpo.py", method="GRPO (TRL's GRPOTrainer)", tags=("grpo",),
     hyperparameters=("beta", "num_generations", "loss_type", "scale_rewards", "epsilon", "learning_rate",
@@ -53,9 +46,9 @@ def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: 
 
 
 def make_parser():
-    return make_recipe_parser(RLScriptArguments, GRPOConfig, LAB_DEFAULTS)
+    # GRPOConfig plus --nan_rewards (error | drop) for the reward guard make_trainer attaches
+    return make_recipe_parser(RLScriptArguments, GuardedGRPOConfig, read_lab_config(LAB_CONFIG))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_rlhf_ext.objectives import clipped_surrogate, kl_k1, kl_k3, masked_mean, whiten
+from hf_rlhf_ext.recipe_utils import cli_main
 from hf_rlhf_ext.results import write_metrics
 from hf_rlhf_ext.sampling import per_token_logps, sample_with_kv_cache
 
@@ -459,5 +460,4 @@ def report(args, state, curve, before, after, rows, start, train_seconds) -> dic
 
 
 if __name__ == "__main__":
-    (script_args,) = make_parser().parse_args_and_config()
-    main(script_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from hf_rlhf_ext.recipe_utils import cli_main
 from hf_rlhf_ext.report import StageStore
 
 if __package__:  # hf_rlhf_ext.recipes.pipeline (installed, or `hf-rlhf-ext report`)
@@ -91,5 +92,4 @@ def main(args: PipelineArguments) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    (pipeline_args,) = make_parser().parse_args_and_config()
-    main(pipeline_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -5,8 +5,13 @@
     python recipes/ppo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_model_name_or_path <rm> --use_peft --critic_shares_base --output_dir runs/ppo-qwen
 
-Writes <output_dir>/{metrics.json, log_history.jsonl}, the policy and <output_dir>/value_model (the critic).
+Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png}, the policy and
+<output_dir>/value_model (the critic); ``--push_to_hub --hub_model_id you/name`` uploads all of it.
+Our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out prompts);
+``--monitor none`` turns them off, ``--monitor kl,grad_variance --monitor_every_n_steps 5`` chooses.
 """
+
+from pathlib import Path
 
 from trl import ModelConfig
 
@@ -14,30 +19,17 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     prepare_rl_run,
+    read_lab_config,
     train_and_report,
 )
 from hf_rlhf_ext.trainers.ppo import PPOConfig, PPOTrainer
 
-# The lab run (≈ 2 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/ppo-lab",
-    per_device_train_batch_size=32,
-    max_completion_length=24,
-    learning_rate=1e-4,
-    critic_learning_rate=1e-3,
-    kl_coef=0.1,
-    num_ppo_epochs=1,
-    max_steps=60,
-    temperature=1.0,
-    logging_steps=5,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    monitor="auto",
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "ppo_lab.yaml"
 CARD = RecipeCard(
     script="recipes/ppo.py", method="PPO with a critic", tags=("ppo",),
     hyperparameters=("kl_coef", "kl_target", "kl_horizon", "kl_estimator", "gamma", "lam", "cliprange",
@@ -55,9 +47,8 @@ def main(script_args: RLScriptArguments, training_args: PPOConfig, model_args: M
 
 
 def make_parser():
-    return make_recipe_parser(RLScriptArguments, PPOConfig, LAB_DEFAULTS)
+    return make_recipe_parser(RLScriptArguments, PPOConfig, read_lab_config(LAB_CONFIG))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

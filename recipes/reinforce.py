@@ -9,12 +9,14 @@ measured as it trains — on the offline lab by default, on any model with flags
     python recipes/reinforce.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_model_name_or_path <rm> --use_peft --output_dir runs/reinforce-qwen
 
-Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy. ``GradientVarianceCallback`` is on by default:
+Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png} and the policy.
+``--monitor`` attaches our other callbacks (default ``auto``). ``GradientVarianceCallback`` is on by default:
 ``grad_var/*`` appears in log_history.jsonl at the measuring steps and ``metrics.json["grad_variance"]`` holds the
 mean over the run and every measurement — run two baselines and compare ``grad_variance.grad_var/total``.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig
 
@@ -24,31 +26,18 @@ from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     RLScriptArguments,
     add_monitors,
+    cli_main,
     make_recipe_parser,
     make_trainer,
     parse_monitors,
     prepare_rl_run,
+    read_lab_config,
     train_and_report,
 )
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
-# The lab run (≈ 1–2 min on 2 CPU cores once the lab is cached). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/reinforce-lab",
-    baseline="running_mean",
-    per_device_train_batch_size=32,
-    num_generations=4,
-    max_completion_length=24,
-    learning_rate=1e-4,
-    beta=0.1,
-    max_steps=60,
-    temperature=1.0,
-    logging_steps=5,
-    save_strategy="no",
-    report_to="none",
-    seed=0,
-    monitor="auto",
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "reinforce_lab.yaml"
 CARD = RecipeCard(
     script="recipes/reinforce.py", method="REINFORCE", tags=("reinforce",),
     hyperparameters=("baseline", "baseline_decay", "aggregation", "beta", "reward_offset", "num_generations",
@@ -121,9 +110,8 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
 
 
 def make_parser():
-    return make_recipe_parser(ReinforceScriptArguments, ReinforceConfig, LAB_DEFAULTS)
+    return make_recipe_parser(ReinforceScriptArguments, ReinforceConfig, read_lab_config(LAB_CONFIG))
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

@@ -17,6 +17,7 @@ Writes <output_dir>/{baselines.md, baselines.png, metrics.json} and, per run, ru
 import sys
 
 from hf_rlhf_ext.baselines import parse_baselines_argv, run_baselines, summary_lines
+from hf_rlhf_ext.recipe_utils import cli_main
 
 
 def main(argv: list[str]) -> dict:
@@ -27,4 +28,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(lambda: main(sys.argv[1:]))

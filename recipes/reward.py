@@ -15,6 +15,7 @@ model (safetensors) with its tokenizer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, ScriptArguments, get_peft_config
 
@@ -22,28 +23,18 @@ from hf_rlhf_ext.model_card import push_folder
 from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
     apply_cpu_defaults,
+    cli_main,
     load_lab,
     log_evaluation,
     make_recipe_parser,
     outputs_line,
+    read_lab_config,
     recipe_command,
 )
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
 
-# The lab's RM schedule (≈ 10 s on 2 CPU cores). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/reward-lab",
-    num_train_epochs=3,
-    per_device_train_batch_size=32,
-    learning_rate=1e-3,
-    lr_scheduler_type="cosine",
-    center_rewards_coefficient=0.01,
-    logging_steps=10,
-    save_strategy="no",
-    report_to="none",
-    disable_dropout=True,
-    seed=0,
-)
+#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+LAB_CONFIG = Path(__file__).parent / "configs" / "reward_lab.yaml"
 CARD = RecipeCard(
     script="recipes/reward.py", method="Bradley-Terry reward model (TRL's RewardTrainer)", tags=("reward-model",),
     hyperparameters=("learning_rate", "num_train_epochs", "per_device_train_batch_size", "lr_scheduler_type",
@@ -141,9 +132,10 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
 
 
 def make_parser():
-    return make_recipe_parser(RewardScriptArguments, RewardConfig, LAB_DEFAULTS, lora_learning_rate_multiplier=None)
+    return make_recipe_parser(
+        RewardScriptArguments, RewardConfig, read_lab_config(LAB_CONFIG), lora_learning_rate_multiplier=None
+    )
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = make_parser().parse_args_and_config()
-    main(script_args, training_args, model_args)
+    cli_main(lambda: main(*make_parser().parse_args_and_config()))

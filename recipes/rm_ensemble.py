@@ -14,6 +14,7 @@ Writes <output_dir>/{ensemble.md, ensemble.png, metrics.json} and one β-sweep d
 import sys
 
 from hf_rlhf_ext.ensembles import parse_argv, run_experiment
+from hf_rlhf_ext.recipe_utils import cli_main
 
 
 def main(argv: list[str]) -> dict:
@@ -22,4 +23,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(lambda: main(sys.argv[1:]))

@@ -410,3 +410,16 @@ def test_push_to_hub_takes_the_old_dataset_name_argument(lab, tmp_path, monkeypa
     trainer.push_to_hub(dataset_name="someone/prompts")
     assert uploads and uploads[-1]["repo_id"] == "someone/old-ppo"
     assert "someone/prompts" in uploads[-1]["card"]
+
+
+def test_total_episodes_run_that_many_rollouts_with_mini_batches_and_epochs(lab, tmp_path):
+    tokenizer = lab.load_tokenizer()
+    config = _config(tmp_path, total_episodes=16, per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2)
+    trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 40))
+    scored = []
+    score = trainer.compat_reward_model.score
+    trainer.compat_reward_model.score = lambda p, c: scored.append(len(p)) or score(p, c)
+    trainer.train()
+    assert scored == [8, 8]  # two rollouts of the old batch size, 8 prompts each
+    assert trainer.state.global_step == 8  # each: 2 mini-batches × 2 epochs optimizer steps
+    assert [h["episode"] for h in trainer.state.log_history if "loss" in h] == [8] * 4 + [16] * 4

@@ -3,7 +3,6 @@ G = 1 and 2, LoRA (with and without a critic on the shared base), checkpoints, r
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch
 from _ppo_helpers import build_tiny_llama, build_world, ppo_args, prompts, target_word
 from hf_rlhf_ext.objectives import clipped_value_loss, kl_estimate
 from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
-from hf_rlhf_ext.trainers.ppo import PPO_STATE_FILE, VALUE_MODEL_DIR, PPOConfig, PPOTrainer, token_level_rewards
+from hf_rlhf_ext.persisted_state import read_checkpoint_state
+from hf_rlhf_ext.trainers.ppo import VALUE_MODEL_DIR, PPOConfig, PPOTrainer, token_level_rewards
 from hf_rlhf_ext.trainers.value_model import ValueModel
 
 
@@ -276,7 +276,7 @@ def test_resume_restores_policy_critic_optimizer_and_kl_controller(world, tmp_pa
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
     assert (ckpt / VALUE_MODEL_DIR / "value_head.safetensors").is_file()
-    assert json.loads((ckpt / PPO_STATE_FILE).read_text())["kl_controller"]
+    assert read_checkpoint_state(str(ckpt), "KLControllerState")["type"] == "adaptive"  # in trainer_state.json
     # the checkpoint's critic is the trained one, not the initial zero head
     assert float(ValueModel.from_pretrained(str(ckpt / VALUE_MODEL_DIR)).value_head.weight.abs().max()) > 0
 

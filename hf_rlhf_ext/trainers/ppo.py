@@ -20,8 +20,6 @@ exactly 1 on the first) and ``num_mini_batches`` onto ``steps_per_generation``. 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import resource
 from typing import Any
 
@@ -41,6 +39,8 @@ from ..objectives import (
     token_level_rewards,
     whiten,
 )
+from ..reward_guard import attach_reward_guard
+from ..validation import check_trainer_prompts, validate_trainer_inputs
 from .critic import (
     VALUE_MODEL_DIR,
     CriticSource,
@@ -52,7 +52,7 @@ from .critic import (
     prepare_critic,
     save_critic,
 )
-from .kl_control import AdaptiveKLController, FixedKLController
+from .kl_control import AdaptiveKLController, FixedKLController, KLControllerState
 from .ppo_config import PPOConfig
 from .rollout import (
     Rollout,
@@ -66,9 +66,7 @@ from .rollout import (
 )
 from .value_model import ValueModel
 
-PPO_STATE_FILE = "ppo_state.json"
-
-__all__ = ["PPOConfig", "PPOTrainer", "Rollout", "token_level_rewards", "VALUE_MODEL_DIR", "PPO_STATE_FILE"]
+__all__ = ["PPOConfig", "PPOTrainer", "Rollout", "token_level_rewards", "VALUE_MODEL_DIR"]
 
 
 class PPOTrainer(GRPOTrainer):
@@ -80,9 +78,9 @@ class PPOTrainer(GRPOTrainer):
     path; default see ``PPOConfig.value_model_name_or_path``. Tools, environments and custom rollouts are not
     supported (their masks are not contiguous, which GAE needs).
 
-    Saved beside the policy: ``<dir>/value_model`` (:meth:`ValueModel.from_pretrained`) and ``<dir>/ppo_state.json``
-    (KL controller), in ``output_dir`` and in every checkpoint; resuming restores both. ``last_rollout`` is this
-    process's latest :class:`Rollout`.
+    Saved beside the policy: ``<dir>/value_model`` (:meth:`ValueModel.from_pretrained`), in ``output_dir`` and in
+    every checkpoint; the KL controller rides in each checkpoint's ``trainer_state.json`` (:class:`KLControllerState`).
+    Resuming restores both. ``last_rollout`` is this process's latest :class:`Rollout`.
     """
 
     _tag_names = ["trl", "ppo", "hf-rlhf-ext"]
@@ -123,6 +121,7 @@ class PPOTrainer(GRPOTrainer):
             args = PPOConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-PPO")
         if not isinstance(args, PPOConfig):
             raise TypeError(f"PPOTrainer needs a PPOConfig, got {type(args).__name__}")
+        validate_trainer_inputs(args, train_dataset, eval_dataset)
         unsupported = [k for k in ("tools", "rollout_func", "environment_factory") if kwargs.get(k)]
         if unsupported:
             raise NotImplementedError(f"PPOTrainer does not support {unsupported} (GAE needs contiguous completions).")
@@ -141,6 +140,7 @@ class PPOTrainer(GRPOTrainer):
             self.kl_ctl = AdaptiveKLController(init_kl_coef=args.kl_coef, target=args.kl_target, horizon=args.kl_horizon)
         else:
             self.kl_ctl = FixedKLController(args.kl_coef)
+        self.add_callback(KLControllerState(self.kl_ctl))  # saved in checkpoints, restored on resume
         self._set_up_critic(critic_source, model if isinstance(model, str) else None, peft_config)
         policy = self.accelerator.unwrap_model(self.model)
         self._eos_ids = torch.tensor(self.eos_token_ids, device=self.accelerator.device)
@@ -153,6 +153,8 @@ class PPOTrainer(GRPOTrainer):
             self.generation_kwargs, self.temperature, plain_transformers, policy.config.is_encoder_decoder)
         self.sampler_check = SamplerLogpsCheck()  # may the sampler's log-probs replace a forward pass? (first rollout)
         self.last_rollout: Rollout | None = None
+        check_trainer_prompts(self)
+        attach_reward_guard(self)  # NaN/inf rewards stop the run or are dropped (args.nan_rewards)
 
     def _set_up_critic(self, source: CriticSource, policy_path: str | None, peft_config: Any) -> None:
         """``value_model``: the critic; ``value_model_wrapped``: the module to call in training (DDP, FSDP2)."""
@@ -202,22 +204,15 @@ class PPOTrainer(GRPOTrainer):
         return grad_norm
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Saves the policy (as GRPO does), the critic in ``<dir>/value_model`` and the KL controller state."""
+        """Saves the policy (as GRPO does) and the critic in ``<dir>/value_model``."""
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         save_critic(self.value_model, output_dir, is_main_process=self.args.should_save)  # on every process
-        if self.args.should_save:
-            with open(os.path.join(output_dir, PPO_STATE_FILE), "w") as f:
-                json.dump({"kl_controller": self.kl_ctl.state_dict(), "kl_controller_class": type(self.kl_ctl).__name__}, f)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restores the critic and the KL controller with the policy."""
+        """Restores the critic with the policy (the KL controller: :class:`KLControllerState`)."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_critic(self.value_model, resume_from_checkpoint)
-        state_file = os.path.join(resume_from_checkpoint, PPO_STATE_FILE)
-        if os.path.isfile(state_file):
-            with open(state_file) as f:
-                self.kl_ctl.load_state_dict(json.load(f)["kl_controller"])
 
     # ------------------------------------------------------------------------------------------------------------------
     # Sampling: GRPO's generation, returning the sampled tokens' log-probs

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
+from ..reward_guard import NanRewardsArguments
+
 __all__ = ["PPOConfig"]
 
 
 @dataclass
-class PPOConfig(GRPOConfig):
+class PPOConfig(NanRewardsArguments, GRPOConfig):
     r"""
     Configuration of :class:`PPOTrainer`: every field of ``trl.GRPOConfig`` plus the PPO-specific ones below.
     Defaults follow the last TRL PPO (trl 1.12 ``PPOConfig``) where they make sense.

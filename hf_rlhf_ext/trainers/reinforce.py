@@ -48,6 +48,8 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..objectives import group_advantages
 from ..persisted_state import StateHolderCallback
+from ..reward_guard import NanRewardsArguments, attach_reward_guard
+from ..validation import check_trainer_prompts, validate_trainer_inputs
 
 BASELINES = ("none", "running_mean", "group")
 AGGREGATIONS = {"sequence": "luspo", "token": "dapo"}  # aggregation -> GRPO loss_type that implements it
@@ -156,7 +158,7 @@ class RunningMeanBaselineState(StateHolderCallback):
 # Config
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class ReinforceConfig(GRPOConfig):
+class ReinforceConfig(NanRewardsArguments, GRPOConfig):
     r"""Configuration for [`ReinforceTrainer`]: every [`~trl.GRPOConfig`] field, plus:
 
     > REINFORCE
@@ -248,7 +250,21 @@ class ReinforceConfig(GRPOConfig):
                 "REINFORCE uses the weighted sum of the raw rewards; multi_objective_aggregation must be "
                 f"'sum_then_normalize' (got {self.multi_objective_aggregation!r})."
             )
-        super().__post_init__()
+        requested = self.num_generations
+        if requested == 1 and self.baseline != "group":  # GRPOConfig refuses 1; these baselines need no groups
+            self.num_generations_eval = self.num_generations_eval or 1
+            steps = self.steps_per_generation or self.gradient_accumulation_steps
+            self.num_generations = self.generation_batch_size or self.per_device_train_batch_size * steps
+            if self.num_generations < 2:
+                raise ValueError("REINFORCE with num_generations=1 needs at least 2 completions per generation "
+                                 "batch: raise per_device_train_batch_size or gradient_accumulation_steps.")
+        elif requested is not None and requested < 2 and self.baseline == "group":
+            raise ValueError(f"The 'group' baseline needs num_generations >= 2 completions per prompt, got {requested}: "
+                             "raise num_generations, or use baseline='running_mean' (no groups needed).")
+        try:
+            super().__post_init__()  # checks the generation batch against a stand-in group size that divides it
+        finally:
+            self.num_generations = requested
         if self.gradient_accumulation_steps % self.steps_per_generation != 0:
             raise ValueError(
                 f"REINFORCE is on-policy: gradient_accumulation_steps ({self.gradient_accumulation_steps}) must be a "
@@ -293,7 +309,10 @@ class ReinforceTrainer(GRPOTrainer):
                 f"ReinforceTrainer needs a ReinforceConfig (got {type(args).__name__}); it carries the baseline and "
                 "the on-policy checks."
             )
+        validate_trainer_inputs(args, kwargs.get("train_dataset", more_args[0] if more_args else None))
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
+        check_trainer_prompts(self)
+        attach_reward_guard(self)  # NaN/inf rewards stop the run or are dropped (args.nan_rewards)
         self.baseline = args.baseline
         self.running_baseline = RunningMeanBaseline(decay=args.baseline_decay)
         self.add_callback(RunningMeanBaselineState(self.running_baseline))  # saved in checkpoints, restored on resume

@@ -1,0 +1,28 @@
+"""Launched on two gloo ranks by test_reward_guard: rank 1's reward is NaN, rank 0's is finite; each rank prints,
+as one JSON line, what its guard raised (both must stop, or rank 0 would wait forever in the next collective)."""
+
+import json
+import math
+import sys
+
+import torch.distributed as dist
+from transformers import TrainingArguments
+
+from hf_rlhf_ext.reward_guard import RewardGuard
+
+args = TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to="none")  # joins the gloo group
+rank = args.distributed_state.process_index
+
+
+def rank_reward(prompts=None, completions=None, **kwargs):
+    return [math.nan if rank == 1 else 1.0 for _ in completions]
+
+
+guard = RewardGuard([rank_reward], sys.argv[1])
+outcome = {"rank": rank, "raised": None, "path": None}
+try:
+    guard.reward_funcs[0](prompts=["p"], completions=[f"c{rank}"], log_metric=lambda *a: None)
+except Exception as exc:  # noqa: BLE001 - reported to the test
+    outcome.update(raised=type(exc).__name__, message=str(exc), path=getattr(exc, "path", None))
+print("PROBE " + json.dumps(outcome), flush=True)
+dist.destroy_process_group()
