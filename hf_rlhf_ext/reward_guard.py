@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from trl import GRPOConfig
 
-from .validation import ConfigValidationError, reward_values
+from .validation import ConfigValidationError, DataValidationError, reward_values
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +193,11 @@ class RewardGuard:
             name, exc, trace = failure
             path = self._save("error", step, prompts, completions, kwargs, range(len(completions)),
                               {"reward_function": name, "error": repr(exc), "traceback": trace})
+            problem = str(exc).rstrip(".") if isinstance(exc, DataValidationError) else \
+                f"Reward function '{name}' raised {type(exc).__name__}: {exc}"
             raise RewardFunctionError(
-                f"Reward function '{name}' failed at step {step}: {exc} The batch's {len(completions)} inputs and "
-                f"the traceback are saved in {path}. Fix the function (it must return one float or None per "
-                "completion).", path
+                f"{problem} (step {step}). The batch's {len(completions)} inputs and the traceback are saved in "
+                f"{path}. Fix the function: it must return one float (or None) per completion.", path
             ) from exc
         if bad:
             rows = sorted({i for r in bad.values() for i in r})
