@@ -264,9 +264,10 @@ def guard_reward_funcs(funcs: Any, output_dir: str, nan_rewards: str = "error") 
 
 
 def attach_reward_guard(trainer: Any, nan_rewards: str | None = None) -> RewardGuard | None:
-    """Guards a built ``GRPOTrainer`` (or subclass) in place: its reward functions are replaced by guarded proxies
-    (same names, same order). ``nan_rewards`` defaults to ``trainer.args.nan_rewards``, else ``"error"``. Idempotent:
-    a trainer already guarded keeps its guard. Async reward functions are left as they are (with a warning)."""
+    """Guards a built ``GRPOTrainer`` (or subclass): ``trainer.reward_funcs`` becomes a list of guarded proxies
+    (same names, same order; the list the trainer was given is left as it was). ``nan_rewards`` defaults to
+    ``trainer.args.nan_rewards``, else ``"error"``. Idempotent: a trainer already guarded keeps its guard. Async
+    reward functions are left as they are (with a warning)."""
     existing = getattr(trainer, "reward_guard", None)
     if existing is not None:
         if nan_rewards is not None:
@@ -291,8 +292,10 @@ def attach_reward_guard(trainer: Any, nan_rewards: str | None = None) -> RewardG
     if not funcs:
         return None
     guard = RewardGuard(funcs, trainer.args.output_dir, mode, names=[trainer.reward_func_names[i] for i in indices])
+    guarded = list(trainer.reward_funcs)  # a new list: the caller's list (TRL keeps it) stays as it was
     for i, proxy in zip(indices, guard.reward_funcs):
-        trainer.reward_funcs[i] = proxy
+        guarded[i] = proxy
+    trainer.reward_funcs = guarded
     trainer.reward_guard = guard
     return guard
 
