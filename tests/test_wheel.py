@@ -63,7 +63,9 @@ def test_installed_wheel_runs_a_recipe_outside_the_repository(tmp_path):
 
     where = run(str(python), "-c", "import hf_rlhf_ext, hf_rlhf_ext.recipes.ppo; print(hf_rlhf_ext.__file__)")
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout  # the wheel, not the checkout
-    assert "--critic_learning_rate" in run(str(python), "-m", "hf_rlhf_ext.recipes.ppo", "--help").stdout
+    launch = [str(python), "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # `accelerate launch`, run by the venv's python
+    assert "--critic_learning_rate" in run(*launch, "-m", "hf_rlhf_ext.recipes.ppo", "--help").stdout
 
     out = tmp_path / "ppo"
     run(str(venv / "bin" / "hf-rlhf-ext"), "ppo", "--config", "ppo_lab.yaml", "--max_steps", "2",

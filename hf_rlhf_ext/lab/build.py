@@ -623,21 +623,25 @@ def _train_lab(config: LabConfig, work: str, root: str) -> None:
     """Trains every artifact into ``work`` and writes the metrics, the config and the completion marker."""
     import datasets
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .progress import BuildProgress
 
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # dozens of tiny maps: their bars would drown the build's own
+    bars_were_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    progress = BuildProgress(config, root, enabled=bars_were_on[1])  # one bar, unless the user turned bars off
+    datasets.disable_progress_bars()  # dozens of tiny maps, loads and saves: their bars would drown the build's own
+    hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
-    progress = BuildProgress(config, root)
     try:
         metrics = _build(config, work, progress)
     finally:
         progress.close()
         torch.set_num_threads(threads)
-        if bars_were_on:
+        if bars_were_on[0]:
             datasets.enable_progress_bars()
+        if bars_were_on[1]:
+            hf_logging.enable_progress_bar()
     with open(os.path.join(work, METRICS_FILE), "w") as f:
         json.dump(_jsonable(metrics), f, indent=2, sort_keys=True)
     with open(os.path.join(work, CONFIG_FILE), "w") as f:

@@ -44,9 +44,8 @@ def _duration(seconds: float) -> str:
 class BuildProgress:
     """Announces the build (where, which steps, how long) and shows one bar over its steps."""
 
-    def __init__(self, config: LabConfig, root: str, enabled: bool | None = None):
+    def __init__(self, config: LabConfig, root: str, enabled: bool = True):
         from tqdm.auto import tqdm
-        from transformers.utils.logging import is_progress_bar_enabled
 
         self.estimates = step_estimates(config)
         total = sum(self.estimates.values())
@@ -58,7 +57,6 @@ class BuildProgress:
             file=sys.stderr,
             flush=True,
         )
-        enabled = is_progress_bar_enabled() if enabled is None else enabled
         self.bar = tqdm(
             total=round(total, 1), unit="s", desc="lab", disable=not enabled,
             bar_format="{desc}: {percentage:3.0f}%|{bar}| est. {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
@@ -67,7 +65,7 @@ class BuildProgress:
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         """One build step: its title on the bar while it runs, its whole estimate counted when it ends."""
-        self.bar.set_description(f"lab: {STEP_TITLES[name]}")
+        self.bar.set_description_str(f"lab: {STEP_TITLES[name]}")
         yield
         self.done += self.estimates[name]
         self.bar.n = round(min(self.done, self.bar.total), 1)
@@ -78,7 +76,7 @@ class BuildProgress:
         return _StepCallback(self, self.estimates[name])
 
     def close(self) -> None:
-        self.bar.set_description("lab: done")
+        self.bar.set_description_str("lab: done")
         self.bar.close()
 
 
