@@ -187,7 +187,8 @@ def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str) -> 
 
 
 def make_parser():
-    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, read_lab_config(LAB_CONFIG))
+    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, read_lab_config(LAB_CONFIG),
+                              lora_learning_rate_multiplier=None)  # distillation with LoRA: not measured
 
 
 if __name__ == "__main__":
