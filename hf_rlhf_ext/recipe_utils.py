@@ -412,7 +412,7 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
         has_reward = script_args.reward_model_name_or_path or script_args.reward_funcs
         if not has_reward or not script_args.dataset_name:
             missing = " and ".join(
-                flag for flag, given in (("a reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
+                flag for flag, given in (("reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
                                          ("prompts (--dataset_name)", script_args.dataset_name)) if not given)
             raise InputError(
                 f"--model_name_or_path {model!r} is not the lab's policy, and no {missing} was given: the lab's "

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from trl import GRPOConfig
 
-from .validation import ConfigValidationError, reward_values
+from .validation import ConfigValidationError, DataValidationError, reward_values
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +193,11 @@ class RewardGuard:
             name, exc, trace = failure
             path = self._save("error", step, prompts, completions, kwargs, range(len(completions)),
                               {"reward_function": name, "error": repr(exc), "traceback": trace})
+            problem = str(exc).rstrip(".") if isinstance(exc, DataValidationError) else \
+                f"Reward function '{name}' raised {type(exc).__name__}: {exc}"
             raise RewardFunctionError(
-                f"Reward function '{name}' failed at step {step}: {exc} The batch's {len(completions)} inputs and "
-                f"the traceback are saved in {path}. Fix the function (it must return one float or None per "
-                "completion).", path
+                f"{problem} (step {step}). The batch's {len(completions)} inputs and the traceback are saved in "
+                f"{path}. Fix the function: it must return one float (or None) per completion.", path
             ) from exc
         if bad:
             rows = sorted({i for r in bad.values() for i in r})
@@ -263,9 +264,10 @@ def guard_reward_funcs(funcs: Any, output_dir: str, nan_rewards: str = "error") 
 
 
 def attach_reward_guard(trainer: Any, nan_rewards: str | None = None) -> RewardGuard | None:
-    """Guards a built ``GRPOTrainer`` (or subclass) in place: its reward functions are replaced by guarded proxies
-    (same names, same order). ``nan_rewards`` defaults to ``trainer.args.nan_rewards``, else ``"error"``. Idempotent:
-    a trainer already guarded keeps its guard. Async reward functions are left as they are (with a warning)."""
+    """Guards a built ``GRPOTrainer`` (or subclass): ``trainer.reward_funcs`` becomes a list of guarded proxies
+    (same names, same order; the list the trainer was given is left as it was). ``nan_rewards`` defaults to
+    ``trainer.args.nan_rewards``, else ``"error"``. Idempotent: a trainer already guarded keeps its guard. Async
+    reward functions are left as they are (with a warning)."""
     existing = getattr(trainer, "reward_guard", None)
     if existing is not None:
         if nan_rewards is not None:
@@ -290,8 +292,10 @@ def attach_reward_guard(trainer: Any, nan_rewards: str | None = None) -> RewardG
     if not funcs:
         return None
     guard = RewardGuard(funcs, trainer.args.output_dir, mode, names=[trainer.reward_func_names[i] for i in indices])
+    guarded = list(trainer.reward_funcs)  # a new list: the caller's list (TRL keeps it) stays as it was
     for i, proxy in zip(indices, guard.reward_funcs):
-        trainer.reward_funcs[i] = proxy
+        guarded[i] = proxy
+    trainer.reward_funcs = guarded
     trainer.reward_guard = guard
     return guard
 
