@@ -199,7 +199,7 @@ class RewardGuard:
                 f"{problem} (step {step}). The batch's {len(completions)} inputs and the traceback are saved in "
                 f"{path}. Fix the function: it must return one float (or None) per completion.", path
             ) from exc
-        if bad:
+        if bad and self.nan_rewards == "error":
             rows = sorted({i for r in bad.values() for i in r})
             values = {n: [_json_number(columns[self.names.index(n)][i]) for i in rows] for n in bad}
             path = self._save("non_finite", step, prompts, completions, kwargs, rows,
