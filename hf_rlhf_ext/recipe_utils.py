@@ -619,11 +619,11 @@ class RecipeParser(TrlParser):
         argv = list(sys.argv[1:] if args is None else args)
         outputs = super().parse_args_and_config(argv, *rest, **kwargs)
         given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-        script_args, training_args, model_args = outputs[:3]
-        if hasattr(script_args, "cli_args"):
-            script_args.cli_args = argv
-        if (self.lora_learning_rate_multiplier and getattr(model_args, "use_peft", False)
+        if hasattr(outputs[0], "cli_args"):
+            outputs[0].cli_args = argv
+        if (self.lora_learning_rate_multiplier and len(outputs) >= 3 and getattr(outputs[2], "use_peft", False)
                 and "learning_rate" not in given):
+            training_args = outputs[1]
             training_args.learning_rate *= self.lora_learning_rate_multiplier
             logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
                         training_args.learning_rate, self.lora_learning_rate_multiplier)
