@@ -406,13 +406,15 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
     validate_grpo_args(training_args)
     model = model_args.model_name_or_path
     require_existing_path(model, "--model_name_or_path", "model directory")
+    require_existing_path(script_args.reward_model_name_or_path, "--reward_model_name_or_path", "reward model")
     require_existing_path(getattr(training_args, "value_model_name_or_path", None), "--value_model_name_or_path",
                           "model directory")
+    require_existing_path(script_args.dataset_name, "--dataset_name", "data file or folder")
     if model and not _is_lab_model(model):
         has_reward = script_args.reward_model_name_or_path or script_args.reward_funcs
         if not has_reward or not script_args.dataset_name:
             missing = " and ".join(
-                flag for flag, given in (("a reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
+                flag for flag, given in (("reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
                                          ("prompts (--dataset_name)", script_args.dataset_name)) if not given)
             raise InputError(
                 f"--model_name_or_path {model!r} is not the lab's policy, and no {missing} was given: the lab's "
@@ -422,7 +424,7 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
 
 
 def _is_lab_model(path: str) -> bool:
-    """Whether ``path`` is a model directory inside a built lab (its policy, or a lab-built checkpoint)."""
+    """Whether ``path`` is a model directory of a built lab (its policy, or another model the lab holds)."""
     from .lab.build import is_complete
 
     return os.path.isdir(path) and is_complete(os.path.dirname(os.path.normpath(os.path.abspath(path))))
@@ -617,11 +619,11 @@ class RecipeParser(TrlParser):
         argv = list(sys.argv[1:] if args is None else args)
         outputs = super().parse_args_and_config(argv, *rest, **kwargs)
         given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-        script_args, training_args, model_args = outputs[:3]
-        if hasattr(script_args, "cli_args"):
-            script_args.cli_args = argv
-        if (self.lora_learning_rate_multiplier and getattr(model_args, "use_peft", False)
+        if hasattr(outputs[0], "cli_args"):
+            outputs[0].cli_args = argv
+        if (self.lora_learning_rate_multiplier and len(outputs) >= 3 and getattr(outputs[2], "use_peft", False)
                 and "learning_rate" not in given):
+            training_args = outputs[1]
             training_args.learning_rate *= self.lora_learning_rate_multiplier
             logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
                         training_args.learning_rate, self.lora_learning_rate_multiplier)
