@@ -17,7 +17,10 @@ from typing import Any, Mapping, Sequence
 
 from huggingface_hub import ModelCard, ModelCardData
 
-__all__ = ["CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "lora_settings", "settings_from", "hub_id_or_none", "load_snippet", "push_folder", "write_model_card"]
+__all__ = [
+    "CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "flag_value", "hub_id_or_none", "load_snippet", "lora_settings",
+    "markdown_table", "push_folder", "settings_from", "write_experiment_card", "write_model_card",
+]
 
 CARD_FILE = "README.md"
 LIBRARY_TAG = "hf-rlhf-ext"
@@ -50,6 +53,7 @@ class RunCard:
         hyperparameters: the settings that matter for this method, in order.
         metrics: rows of the results table: (metric, before, after) or (metric, value).
         metrics_note: one line under the table (what the numbers are measured on).
+        results_markdown: an experiment's own results (its Markdown table), shown under Results as it is.
         plots: PNG files in the folder (names relative to it), embedded with a caption each.
         usage: Markdown saying how to load the model (``load_snippet``), or how to read the results.
         sections: more (heading, Markdown) sections at the end.
@@ -66,6 +70,7 @@ class RunCard:
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     metrics: Sequence[tuple] = ()
     metrics_note: str = ""
+    results_markdown: str = ""
     plots: Mapping[str, str] = field(default_factory=dict)  # file name -> caption
     usage: str = ""
     sections: Sequence[tuple[str, str]] = ()
@@ -87,12 +92,17 @@ class RunCard:
                  f"`{self.recipe}` of hf-rlhf-ext {_version()} (TRL {_version('trl')}):",
                  f"```bash\n{self.command}\n```"]
         if self.hyperparameters:
-            parts += ["### Hyperparameters", _table(["setting", "value"], list(self.hyperparameters.items()))]
+            parts += ["### Hyperparameters", markdown_table(["setting", "value"], list(self.hyperparameters.items()))]
+        if self.metrics or self.results_markdown:
+            parts.append("## Results")
         if self.metrics:
             headers = ["metric", "before", "after"] if any(len(r) == 3 for r in self.metrics) else ["metric", "value"]
-            parts += ["## Results", _table(headers, self.metrics)]
+            parts.append(markdown_table(headers, self.metrics))
             if self.metrics_note:
                 parts.append(self.metrics_note)
+        if self.results_markdown:  # its headings go under the card's "Results"
+            parts.append("\n".join("##" + line if line.startswith("#") else line
+                                   for line in self.results_markdown.strip().splitlines()))
         for name, caption in self.plots.items():
             parts += [f"![{caption}]({name})", f"*{caption}*"]
         if self.usage:
@@ -162,7 +172,8 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; floats to 4 significant digits, None / NaN as a dash."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -177,6 +188,38 @@ def write_model_card(output_dir: str, run: RunCard) -> ModelCard:
     os.makedirs(output_dir, exist_ok=True)
     card.save(os.path.join(output_dir, CARD_FILE))
     return card
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``--flag value`` or ``--flag=value`` in a command line (the last one wins), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def write_experiment_card(output_dir: str, recipe: str, argv: Sequence[str], summary: str, tags: Sequence[str],
+                          table_file: str | None = None, plots: Mapping[str, str] | None = None,
+                          settings: Mapping[str, Any] | None = None, usage: str = "",
+                          library_name: str | None = None) -> ModelCard:
+    """The card of an experiment's output folder: its command line (``python <recipe> <argv>``), its settings, its
+    own results table (``table_file`` in the folder, shown as it is) and its plots. ``base_model`` and ``datasets``
+    come from ``--model_name_or_path`` / ``--dataset_name`` when those name Hub repositories."""
+    import shlex
+
+    table_path = os.path.join(output_dir, table_file) if table_file else None
+    table = open(table_path, encoding="utf-8").read() if table_path and os.path.isfile(table_path) else ""
+    dataset = hub_id_or_none(flag_value(argv, "--dataset_name"))
+    return write_model_card(output_dir, RunCard(
+        title=os.path.basename(os.path.abspath(output_dir)), summary=summary, recipe=recipe,
+        command=" ".join(["python", recipe, *(shlex.quote(a) for a in argv)]), tags=tags,
+        base_model=hub_id_or_none(flag_value(argv, "--model_name_or_path")), datasets=[dataset] if dataset else [],
+        library_name=library_name, hyperparameters=dict(settings or {}), results_markdown=table, plots=plots or {},
+        usage=usage or f"The numbers behind the table and the plots are in `{os.path.join(output_dir, 'metrics.json')}`.",
+    ))
 
 
 def load_snippet(path: str, kind: str, with_critic: bool = False) -> str:

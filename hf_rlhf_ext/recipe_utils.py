@@ -11,6 +11,7 @@ the policy before and after training (mean reward per function, KL to the initia
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -164,10 +165,13 @@ class RLSetup:
 def cpu_parser_defaults() -> dict[str, Any]:
     """Parser defaults for machines without CUDA: ``use_cpu`` (without it, CPU ranks launched by accelerate do not join
     a process group and each trains alone), and bf16 / gradient checkpointing off: TRL configs default to both, and
-    ``TrainingArguments`` refuses bf16 on such a machine before any recipe code runs. Explicit flags still win."""
+    ``TrainingArguments`` refuses bf16 on such a machine before any recipe code runs. Checkpointing is turned off under
+    its current name (``activation_checkpointing``; ``gradient_checkpointing`` left unset, which transformers
+    mirrors from it without a deprecation warning). Explicit flags still win."""
     if torch.cuda.is_available():
         return {}
-    return {"bf16": False, "fp16": False, "gradient_checkpointing": False, "use_cpu": True}
+    return {"bf16": False, "fp16": False, "activation_checkpointing": False, "gradient_checkpointing": None,
+            "use_cpu": True}
 
 
 def apply_cpu_defaults(training_args: Any) -> None:
@@ -402,13 +406,15 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
     validate_grpo_args(training_args)
     model = model_args.model_name_or_path
     require_existing_path(model, "--model_name_or_path", "model directory")
+    require_existing_path(script_args.reward_model_name_or_path, "--reward_model_name_or_path", "reward model")
     require_existing_path(getattr(training_args, "value_model_name_or_path", None), "--value_model_name_or_path",
                           "model directory")
+    require_existing_path(script_args.dataset_name, "--dataset_name", "data file or folder")
     if model and not _is_lab_model(model):
         has_reward = script_args.reward_model_name_or_path or script_args.reward_funcs
         if not has_reward or not script_args.dataset_name:
             missing = " and ".join(
-                flag for flag, given in (("a reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
+                flag for flag, given in (("reward (--reward_funcs or --reward_model_name_or_path)", has_reward),
                                          ("prompts (--dataset_name)", script_args.dataset_name)) if not given)
             raise InputError(
                 f"--model_name_or_path {model!r} is not the lab's policy, and no {missing} was given: the lab's "
@@ -418,7 +424,7 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
 
 
 def _is_lab_model(path: str) -> bool:
-    """Whether ``path`` is a model directory inside a built lab (its policy, or a lab-built checkpoint)."""
+    """Whether ``path`` is a model directory of a built lab (its policy, or another model the lab holds)."""
     from .lab.build import is_complete
 
     return os.path.isdir(path) and is_complete(os.path.dirname(os.path.normpath(os.path.abspath(path))))
@@ -435,18 +441,50 @@ def _context_length(model: str, model_args: Any, training_args: Any) -> int | No
 def make_trainer(trainer_cls: type, setup: RLSetup, training_args: Any, **kwargs: Any) -> Any:
     """A ``GRPOTrainer`` (or subclass) wired to the resolved policy, rewards, prompts, PEFT config and callbacks, its
     reward functions guarded (``reward_guard``: NaN stops the run, or is dropped with ``nan_rewards="drop"``)."""
-    trainer = trainer_cls(
-        model=setup.model,
-        reward_funcs=setup.reward_funcs,
-        args=training_args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-        callbacks=setup.callbacks,
-        **kwargs,
-    )
+    with expected_head_drops_unreported():  # PPO's critic is the reward model's body: its score head is dropped
+        trainer = trainer_cls(
+            model=setup.model,
+            reward_funcs=setup.reward_funcs,
+            args=training_args,
+            train_dataset=setup.train_dataset,
+            processing_class=setup.tokenizer,
+            peft_config=setup.peft_config,
+            callbacks=setup.callbacks,
+            **kwargs,
+        )
     attach_reward_guard(trainer)  # ours attach it in __init__; a vanilla GRPOTrainer gets it here
     return trainer
+
+
+# heads of task models: a bare body (AutoModel) loaded from such a checkpoint leaves them out, as intended
+_TASK_HEADS = ("score.", "lm_head.", "v_head.", "classifier.")
+
+
+class _ExpectedHeadDropFilter(logging.Filter):
+    """Drops transformers' load report when its only entries are task-head weights left UNEXPECTED by a bare body
+    (e.g. ``score.weight`` when a critic takes a reward model's body). Any other report passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+        entries = [(cells[0].strip(), cells[1].strip()) for cells in rows[1:] if not set(cells[0].strip()) <= {"-"}]
+        expected = bool(entries) and all(status.endswith("UNEXPECTED") and key.startswith(_TASK_HEADS)
+                                         for key, status in entries)
+        return not expected
+
+
+@contextlib.contextmanager
+def expected_head_drops_unreported():
+    """While open, a model load whose only surprise is a dropped task head reports nothing (see the filter)."""
+    loader_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _ExpectedHeadDropFilter()
+    loader_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        loader_logger.removeFilter(quiet)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -581,11 +619,11 @@ class RecipeParser(TrlParser):
         argv = list(sys.argv[1:] if args is None else args)
         outputs = super().parse_args_and_config(argv, *rest, **kwargs)
         given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-        script_args, training_args, model_args = outputs[:3]
-        if hasattr(script_args, "cli_args"):
-            script_args.cli_args = argv
-        if (self.lora_learning_rate_multiplier and getattr(model_args, "use_peft", False)
+        if hasattr(outputs[0], "cli_args"):
+            outputs[0].cli_args = argv
+        if (self.lora_learning_rate_multiplier and len(outputs) >= 3 and getattr(outputs[2], "use_peft", False)
                 and "learning_rate" not in given):
+            training_args = outputs[1]
             training_args.learning_rate *= self.lora_learning_rate_multiplier
             logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
                         training_args.learning_rate, self.lora_learning_rate_multiplier)

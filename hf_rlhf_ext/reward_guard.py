@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 from trl import GRPOConfig
 
-from .validation import ConfigValidationError, reward_values
+from .validation import ConfigValidationError, DataValidationError, reward_values
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,13 @@ class RewardGuard:
             name, exc, trace = failure
             path = self._save("error", step, prompts, completions, kwargs, range(len(completions)),
                               {"reward_function": name, "error": repr(exc), "traceback": trace})
+            problem = str(exc).rstrip(".") if isinstance(exc, DataValidationError) else \
+                f"Reward function '{name}' raised {type(exc).__name__}: {exc}"
             raise RewardFunctionError(
-                f"Reward function '{name}' failed at step {step}: {exc} The batch's {len(completions)} inputs and "
-                f"the traceback are saved in {path}. Fix the function (it must return one float or None per "
-                "completion).", path
+                f"{problem} (step {step}). The batch's {len(completions)} inputs and the traceback are saved in "
+                f"{path}. Fix the function: it must return one float (or None) per completion.", path
             ) from exc
-        if bad:
+        if bad and self.nan_rewards == "error":
             rows = sorted({i for r in bad.values() for i in r})
             values = {n: [_json_number(columns[self.names.index(n)][i]) for i in rows] for n in bad}
             path = self._save("non_finite", step, prompts, completions, kwargs, rows,
@@ -263,9 +264,10 @@ def guard_reward_funcs(funcs: Any, output_dir: str, nan_rewards: str = "error") 
 
 
 def attach_reward_guard(trainer: Any, nan_rewards: str | None = None) -> RewardGuard | None:
-    """Guards a built ``GRPOTrainer`` (or subclass) in place: its reward functions are replaced by guarded proxies
-    (same names, same order). ``nan_rewards`` defaults to ``trainer.args.nan_rewards``, else ``"error"``. Idempotent:
-    a trainer already guarded keeps its guard. Async reward functions are left as they are (with a warning)."""
+    """Guards a built ``GRPOTrainer`` (or subclass): ``trainer.reward_funcs`` becomes a list of guarded proxies
+    (same names, same order; the list the trainer was given is left as it was). ``nan_rewards`` defaults to
+    ``trainer.args.nan_rewards``, else ``"error"``. Idempotent: a trainer already guarded keeps its guard. Async
+    reward functions are left as they are (with a warning)."""
     existing = getattr(trainer, "reward_guard", None)
     if existing is not None:
         if nan_rewards is not None:
@@ -290,8 +292,10 @@ def attach_reward_guard(trainer: Any, nan_rewards: str | None = None) -> RewardG
     if not funcs:
         return None
     guard = RewardGuard(funcs, trainer.args.output_dir, mode, names=[trainer.reward_func_names[i] for i in indices])
+    guarded = list(trainer.reward_funcs)  # a new list: the caller's list (TRL keeps it) stays as it was
     for i, proxy in zip(indices, guard.reward_funcs):
-        trainer.reward_funcs[i] = proxy
+        guarded[i] = proxy
+    trainer.reward_funcs = guarded
     trainer.reward_guard = guard
     return guard
 
@@ -315,13 +319,14 @@ def _non_finite(columns: list[list[float | None]], names: Sequence[str]) -> dict
 
 
 def _zero_std_groups(prompts: Sequence[Any], columns: list[list[float | None]]) -> int:
-    """Runs of consecutive identical prompts (TRL lays a prompt's completions out together) longer than one whose
-    rewards are equal in every function: their group advantages are all 0."""
+    """Runs of consecutive identical prompts (TRL lays a prompt's completions out together) with at least two scored
+    completions whose rewards are equal in every function: their group advantages are all 0."""
     count, start = 0, 0
     for end in range(1, len(prompts) + 1):
         if end < len(prompts) and prompts[end] == prompts[start]:
             continue
-        if end - start > 1 and all(len({column[i] for i in range(start, end)}) == 1 for column in columns):
+        scored = [i for i in range(start, end) if any(column[i] is not None for column in columns)]
+        if len(scored) > 1 and all(len({column[i] for i in scored}) == 1 for column in columns):
             count += 1
         start = end
     return count

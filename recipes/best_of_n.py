@@ -35,6 +35,8 @@ from hf_rlhf_ext.recipe_utils import (
     load_lab,
     load_prompt_datasets,
     make_recipe_parser,
+    outputs_line,
+    recipe_command,
     read_lab_config,
     resolve_policy,
 )
@@ -163,14 +165,52 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
         plot_distillation(metrics, list(rewards), os.path.join(training_args.output_dir, "distillation.png"))
         write_metrics(training_args.output_dir, metrics)
         print(summary_text(metrics, list(rewards), training_args.output_dir))
+        write_card(metrics, list(rewards), path, script_args, training_args, peft_config)
+        print(outputs_line(training_args.output_dir))
     return metrics
+
+
+def _rows(metrics: dict[str, Any]) -> list[tuple[str, dict, float | None]]:
+    """(label, rewards, KL) for the initial policy, best-of-N at inference and every distilled round."""
+    rows = [("initial policy", metrics["initial"], 0.0),
+            (f"best-of-{metrics['n']} (inference)", metrics["best_of_n"], metrics["best_of_n"]["kl"])]
+    return rows + [(f"distilled, round {r['round']}", r["eval"], r["eval"].get("kl")) for r in metrics["distilled"]]
+
+
+def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_args: BestOfNScriptArguments,
+               training_args: SFTConfig, peft_config: Any) -> None:
+    """The distilled model's card: the held-out table of ``summary_text``, both plots, how to load the model."""
+    from hf_rlhf_ext.model_card import (
+        RunCard, hub_id_or_none, load_snippet, lora_settings, markdown_table, settings_from, write_model_card,
+    )
+
+    out = training_args.output_dir
+    table = markdown_table(["held-out", *names, "KL to the initial policy (nats)"],
+                           [(label, *(values.get(n) for n in names), kl) for label, values, kl in _rows(metrics)])
+    dataset = hub_id_or_none(script_args.dataset_name)
+    write_model_card(out, RunCard(
+        title=os.path.basename(os.path.abspath(out)),
+        summary=(f"Best-of-{metrics['n']} distilled into the policy ({metrics['rounds']} round(s) of sampling "
+                 f"{metrics['n']} replies per prompt, keeping the best by `{metrics['select']}` and fine-tuning on "
+                 "it with TRL's SFTTrainer), with best-of-N's own over-optimisation curve on held-out prompts."),
+        recipe="recipes/best_of_n.py", command=recipe_command("recipes/best_of_n.py", script_args.cli_args),
+        tags=("best-of-n", "distillation", "sft"), base_model=hub_id_or_none(policy),
+        datasets=[dataset] if dataset else [], library_name="peft" if peft_config is not None else "transformers",
+        hyperparameters={**settings_from(("n", "pool_size", "rounds", "select", "max_new_tokens", "learning_rate",
+                                          "num_train_epochs", "per_device_train_batch_size", "seed"),
+                                         script_args, training_args),
+                         **lora_settings(peft_config)},
+        results_markdown=table + f"\n\nOn {metrics['num_eval_prompts']} held-out prompts × "
+                                 f"{metrics['eval_samples_per_prompt']} samples; all numbers are in `metrics.json`.",
+        plots={"bon_curve.png": "Best-of-n on held-out prompts: each reward against sqrt(KL_bon), with the Gao fit",
+               "distillation.png": "Each reward against KL: the initial policy, best-of-N and each distilled round"},
+        usage=load_snippet(out, "peft" if peft_config is not None else "causal_lm"),
+    ))
 
 
 def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str) -> str:
     """Console lines: each reward and the KL for the initial policy, best-of-N and every distilled round."""
-    rows = [("initial policy", metrics["initial"], 0.0),
-            (f"best-of-{metrics['n']} (inference)", metrics["best_of_n"], metrics["best_of_n"]["kl"])]
-    rows += [(f"distilled, round {r['round']}", r["eval"], r["eval"].get("kl")) for r in metrics["distilled"]]
+    rows = _rows(metrics)
     header = f"  {'':<28}" + "".join(f"{n:>14}" for n in names) + f"{'KL (nats)':>12}"
     lines = ["", f"held-out ({metrics['num_eval_prompts']} prompts):", header]
     for label, values, kl in rows:
@@ -187,7 +227,8 @@ def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str) -> 
 
 
 def make_parser():
-    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, read_lab_config(LAB_CONFIG))
+    return make_recipe_parser(BestOfNScriptArguments, SFTConfig, read_lab_config(LAB_CONFIG),
+                              lora_learning_rate_multiplier=None)  # distillation with LoRA: not measured
 
 
 if __name__ == "__main__":

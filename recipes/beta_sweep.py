@@ -13,13 +13,26 @@ Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerun
 
 import sys
 
-from hf_rlhf_ext.recipe_utils import cli_main
-from hf_rlhf_ext.sweeps import make_sweep_parser, run_sweep, trainer_from_argv
+from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
+from hf_rlhf_ext.sweeps import parse_sweep_argv, run_sweep
 
 
 def main(argv: list[str]) -> dict:
-    make_sweep_parser(trainer_from_argv(argv)).parse_args_and_config(args=list(argv))  # bad input fails here
-    return run_sweep(argv)
+    training_args = parse_sweep_argv(argv)[2]  # bad input fails here
+    metrics = run_sweep(argv)
+    out = training_args.output_dir
+    write_experiment_card(
+        out, "recipes/beta_sweep.py", argv, tags=(metrics["trainer"], "beta-sweep", "overoptimization"),
+        table_file="sweep.md",
+        summary=f"{metrics['trainer'].upper()} trained once per KL coefficient β (and seed), everything else "
+                "identical: held-out KL, proxy and gold per measurement, and the Gao et al. (2022) fit.",
+        plots={"frontier.png": "The frontier: proxy and gold against sqrt(KL) per run, end points per β and seed, and the "
+                               "fitted Gao curve on gold"},
+        settings={"trainer": metrics["trainer"], "betas": metrics["betas"], "seeds": metrics["seeds"]},
+    )
+    print(outputs_line(out))
+    return metrics
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Writes <output_dir>/{compare.md, compare.png, metrics.json} and, per run, runs/<
 import sys
 
 from hf_rlhf_ext.compare import run_compare, summary_lines
-from hf_rlhf_ext.recipe_utils import cli_main
+from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 
 
 def main(argv: list[str]) -> dict:
@@ -25,7 +26,16 @@ def main(argv: list[str]) -> dict:
 
     metrics = run_compare(argv)
     _, training_args, _ = parse_compare_argv(argv, "ppo")
-    print(summary_lines(training_args.output_dir, metrics))
+    out = training_args.output_dir
+    print(summary_lines(out, metrics))
+    write_experiment_card(
+        out, "recipes/compare.py", argv, tags=("ppo", "grpo", "comparison"), table_file="compare.md",
+        summary="PPO with a critic against GRPO over several seeds, on the same prompts and the same number of "
+                "sampled completions per step: held-out gold, KL to the reference, stability, memory and time.",
+        plots={"compare.png": "Held-out gold (top) and KL (bottom) against step: mean over seeds, band = min–max"},
+        settings={k: v for k, v in metrics.get("settings", {}).items() if k != "argv"},
+    )
+    print(outputs_line(out))
     return metrics
 
 

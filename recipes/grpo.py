@@ -1,12 +1,15 @@
-"""GRPO (TRL's own ``GRPOTrainer``) with the project's defaults, results contract and held-out evaluation — on the
-offline lab by default, on any model with flags.
+"""GRPO (TRL's own ``GRPOTrainer``) with the project's defaults, callbacks, results contract, held-out evaluation and
+model card — on the offline lab by default, on any model with flags.
 
     python recipes/grpo.py                                  # the lab: SFT policy, proxy RM, gold tracked at weight 0
     accelerate launch recipes/grpo.py --config recipes/configs/grpo_lab.yaml
     python recipes/grpo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_funcs my_pkg.rewards.length_reward --use_peft --output_dir runs/grpo-qwen
 
-Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy.
+Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png} and the policy.
+Our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out prompts, the
+group-advantage check); ``--monitor none`` turns them off, ``--monitor kl,grad_variance --monitor_every_n_steps 5``
+chooses.
 """
 
 from pathlib import Path

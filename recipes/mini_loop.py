@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_rlhf_ext.objectives import clipped_surrogate, kl_k1, kl_k3, masked_mean, whiten
-from hf_rlhf_ext.recipe_utils import cli_main
+from hf_rlhf_ext.recipe_utils import cli_main, outputs_line, recipe_command
 from hf_rlhf_ext.results import write_metrics
 from hf_rlhf_ext.sampling import per_token_logps, sample_with_kv_cache
 
@@ -68,6 +68,8 @@ class MiniLoopArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts sampled before and after."})
     num_samples: int = field(default=4, metadata={"help": "Held-out samples shown before/after."})
+    # the command line the script was parsed from (set by the parser; shown in the model card)
+    cli_args: list[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         check_args(self)
@@ -96,9 +98,9 @@ def check_args(args: MiniLoopArguments) -> None:
 
 
 def make_parser():
-    from trl import TrlParser
+    from hf_rlhf_ext.recipe_utils import RecipeParser
 
-    return TrlParser((MiniLoopArguments,))
+    return RecipeParser((MiniLoopArguments,))  # remembers the command line for the model card
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,7 +458,35 @@ def report(args, state, curve, before, after, rows, start, train_seconds) -> dic
             metrics.update(gold_before=before["gold_reward"], gold_after=after["gold_reward"])
     write_metrics(args.output_dir, metrics, merge=False)
     print(summary_text(metrics))
+    write_card(args, metrics)
+    print(outputs_line(args.output_dir))
     return metrics
+
+
+def write_card(args: MiniLoopArguments, metrics: dict[str, Any]) -> None:
+    """``<output_dir>/README.md``: the loop's settings, the held-out numbers before and after, the plot, and how to
+    load the trained policy from ``<output_dir>/policy``."""
+    from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, load_snippet, write_model_card
+
+    before, after = metrics["eval_before"], metrics["eval_after"]
+    rows = [(name, before.get(key), after.get(key)) for name, key in (
+        ("held-out polite share", "polite_share"), ("held-out gold reward (lab)", "gold_reward"),
+        ("completions ending with EOS", "eos_rate"), ("KL to the reference, k3 (nats per reply)", "kl_k3"),
+        ("KL to the reference, k1 (nats per reply)", "kl_k1")) if key in after]
+    settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "cli_args", "num_samples")}
+    write_model_card(args.output_dir, RunCard(
+        title=os.path.basename(os.path.abspath(args.output_dir)),
+        summary="A policy taught to end its replies politely by a miniature RLHF loop in plain PyTorch (sample, "
+                "score, KL to the reference, PPO-clip epochs), the trained model in `policy/`.",
+        recipe="recipes/mini_loop.py", command=recipe_command("recipes/mini_loop.py", args.cli_args),
+        tags=("ppo", "mini-loop"), base_model=hub_id_or_none(args.model_name_or_path),
+        datasets=[d for d in [hub_id_or_none(args.dataset_name)] if d],
+        library_name="peft" if args.use_peft else "transformers", hyperparameters=settings, metrics=rows,
+        metrics_note=f"On {args.num_eval_prompts} held-out prompts, before and after; all numbers are in "
+                     "`metrics.json`, every sampled reply in `rollouts.jsonl`.",
+        plots={"mini_loop.png": "Reward, polite share and KL against the step"},
+        usage=load_snippet(os.path.join(args.output_dir, "policy"), "peft" if args.use_peft else "causal_lm"),
+    ))
 
 
 if __name__ == "__main__":

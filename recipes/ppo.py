@@ -5,7 +5,10 @@
     python recipes/ppo.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_model_name_or_path <rm> --use_peft --critic_shares_base --output_dir runs/ppo-qwen
 
-Writes <output_dir>/{metrics.json, log_history.jsonl}, the policy and <output_dir>/value_model (the critic).
+Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png}, the policy and
+<output_dir>/value_model (the critic); ``--push_to_hub --hub_model_id you/name`` uploads all of it.
+Our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out prompts);
+``--monitor none`` turns them off, ``--monitor kl,grad_variance --monitor_every_n_steps 5`` chooses.
 """
 
 from pathlib import Path

@@ -9,7 +9,8 @@ measured as it trains — on the offline lab by default, on any model with flags
     python recipes/reinforce.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
         --reward_model_name_or_path <rm> --use_peft --output_dir runs/reinforce-qwen
 
-Writes <output_dir>/{metrics.json, log_history.jsonl} and the policy. ``GradientVarianceCallback`` is on by default:
+Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png} and the policy.
+``--monitor`` attaches our other callbacks (default ``auto``). ``GradientVarianceCallback`` is on by default:
 ``grad_var/*`` appears in log_history.jsonl at the measuring steps and ``metrics.json["grad_variance"]`` holds the
 mean over the run and every measurement — run two baselines and compare ``grad_variance.grad_var/total``.
 """

@@ -14,12 +14,24 @@ Writes <output_dir>/{ensemble.md, ensemble.png, metrics.json} and one β-sweep d
 import sys
 
 from hf_rlhf_ext.ensembles import parse_argv, run_experiment
-from hf_rlhf_ext.recipe_utils import cli_main
+from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 
 
 def main(argv: list[str]) -> dict:
-    parse_argv(argv)  # bad input fails here, before any model is loaded
-    return run_experiment(argv)
+    training_args = parse_argv(argv)[3]  # bad input fails here, before any model is loaded
+    metrics = run_experiment(argv)
+    out = training_args.output_dir
+    write_experiment_card(
+        out, "recipes/rm_ensemble.py", argv, tags=("grpo", "reward-model-ensemble", "overoptimization"),
+        table_file="ensemble.md",
+        summary="Reward-model ensembles against over-optimisation (Coste et al. 2023): the same low-β GRPO run "
+                "optimising a single proxy reward model, the ensemble's mean, its minimum, or mean − λ·std.",
+        plots={"ensemble.png": "Held-out gold against step per objective, and each run's gold against sqrt(KL)"},
+        settings=metrics.get("settings", {}),
+    )
+    print(outputs_line(out))
+    return metrics
 
 
 if __name__ == "__main__":

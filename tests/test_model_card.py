@@ -149,3 +149,62 @@ def test_reward_model_card_reports_held_out_accuracy_and_reloads(lab, tmp_path):
     assert f"{test['gold_accuracy']:.4g}" in card.text and "| lr_scheduler_type | cosine |" in card.text
     assert (tmp_path / "training_curves.png").is_file()
     assert AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).config.num_labels == 1
+
+
+def test_beta_sweep_folder_has_a_card_with_its_table_and_frontier(tmp_path, monkeypatch):
+    from hf_rlhf_ext import sweeps
+    from test_sweeps import fake_result
+
+    monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: fake_result(beta, seed))
+    spec = importlib.util.spec_from_file_location("recipe_beta_sweep", ROOT / "recipes" / "beta_sweep.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    recipe.main(["--output_dir", str(tmp_path), "--betas", "0", "0.05", "0.2", "--seeds", "0"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"grpo", "beta-sweep", "hf-rlhf-ext"} <= set(card.data.tags) and card.data.library_name is None
+    table = (tmp_path / "sweep.md").read_text().strip()
+    assert table and table.splitlines()[0] in card.text  # the experiment's own table, as it is
+    assert "(frontier.png)" in card.text and "--betas 0 0.05 0.2" in card.text
+    assert "| betas | 0.0, 0.05, 0.2 |" in card.text
+
+
+def test_flag_values_name_the_hub_base_model_of_an_experiment():
+    from hf_rlhf_ext.model_card import flag_value
+
+    argv = ["--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct", "--dataset_name=trl-lib/tldr", "--seeds", "0"]
+    assert flag_value(argv, "--model_name_or_path") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert flag_value(argv, "--dataset_name") == "trl-lib/tldr" and flag_value(argv, "--use_peft") is None
+
+
+def test_best_of_n_card_is_the_distilled_adapters_with_the_held_out_table(tiny, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    metrics = _run("best_of_n", ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"],
+                                 "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(tmp_path),
+                                 "--n", "2", "--pool_size", "2", "--rounds", "1", "--max_new_tokens", "6",
+                                 "--num_eval_prompts", "4", "--per_device_train_batch_size", "4",
+                                 "--num_train_epochs", "1", "--use_peft", "--lora_r", "4"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"best-of-n", "distillation"} <= set(card.data.tags) and card.data.library_name == "peft"
+    best = metrics["best_of_n"]
+    assert f"| best-of-2 (inference) | {best['target_word']:.4g} | {best['kl']:.4g} |" in card.text
+    assert "(bon_curve.png)" in card.text and "(distillation.png)" in card.text and "| n | 2 |" in card.text
+    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_mini_loop_card_points_at_its_policy_folder(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("recipe_mini_loop", ROOT / "recipes" / "mini_loop.py")
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe
+    spec.loader.exec_module(recipe)
+    (args,) = recipe.make_parser().parse_args_and_config(args=[
+        "--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"], "--steps", "2", "--batch_size", "8",
+        "--max_new_tokens", "6", "--num_eval_prompts", "4", "--output_dir", str(tmp_path)])
+    metrics = recipe.main(args)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "mini-loop" in card.data.tags and "--steps 2" in card.text
+    assert f"| {metrics['kl_k3_after']:.4g} |" in card.text
+    assert f'from_pretrained("{tmp_path / "policy"}")' in card.text
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))

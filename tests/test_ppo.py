@@ -578,3 +578,14 @@ def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
         torch.testing.assert_close(run(PPOTrainer._get_per_token_logps_and_entropies)[0], fused[0], atol=0, rtol=0)
     finally:
         ppo_module.PLAIN_LOGITS_MAX_ELEMENTS = limit
+
+
+def test_deepspeed_and_fsdp1_refuse_the_critic_naming_fsdp2(world, tmp_path):
+    from hf_rlhf_ext.trainers.critic import prepare_critic
+
+    critic = ValueModel.from_backbone_path(world["policy"])
+    args = ppo_args(str(tmp_path))
+    with pytest.raises(NotImplementedError, match="DeepSpeed.*FSDP2"):
+        prepare_critic(critic, args, accelerator=None, deepspeed=True)
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
+        prepare_critic(critic, args, accelerator=None, fsdp_version=1)

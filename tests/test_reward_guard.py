@@ -88,7 +88,7 @@ def test_each_function_is_called_once_per_batch(tmp_path):
 
 def test_a_function_that_raises_stops_with_all_inputs_and_the_traceback_saved(tmp_path):
     guard = RewardGuard([divides_by_words], str(tmp_path))
-    with pytest.raises(RewardFunctionError, match="'divides_by_words' failed at step None: division by zero") as info:
+    with pytest.raises(RewardFunctionError, match=r"'divides_by_words' raised ZeroDivisionError: division by zero \(step None\)") as info:
         guard.reward_funcs[0](prompts=["p0", "p1"], completions=["a b", "boom"], item=["x", "y"])
     assert isinstance(info.value.__cause__, ZeroDivisionError)
     (record,) = _faults(tmp_path)
@@ -107,7 +107,7 @@ def test_wrong_shapes_stop_with_the_function_named(tmp_path, output, message):
         return output
 
     guard = RewardGuard([shaped], str(tmp_path))
-    with pytest.raises(RewardFunctionError, match=f"'shaped' failed.*{message}"):
+    with pytest.raises(RewardFunctionError, match=rf"^Reward function 'shaped' .*{message}.*\(step None\)\. The batch's"):
         guard.reward_funcs[0](prompts=["p", "p"], completions=["a", "b"])
 
 
@@ -121,6 +121,15 @@ def test_empty_completions_and_zero_std_groups_are_counted(tmp_path):
     assert logged["reward_guard/empty_completions"] == 2.0
     assert logged["reward_guard/zero_std_groups"] == 1.0
     assert logged["reward_guard/dropped"] == 0.0
+
+
+def test_a_group_of_dropped_samples_is_not_a_zero_std_group(tmp_path):
+    logged = {}
+    guard = RewardGuard([lambda prompts, completions, **kw: [math.nan, math.nan, 1.0, 1.0]], str(tmp_path),
+                        nan_rewards="drop")
+    guard.reward_funcs[0](prompts=["a", "a", "b", "b"], completions=["x", "y", "z", "w"],
+                          log_metric=lambda name, value: logged.__setitem__(name, value))
+    assert logged["reward_guard/dropped"] == 2.0 and logged["reward_guard/zero_std_groups"] == 1.0  # group "b" only
 
 
 def test_guarded_functions_keep_their_names(tmp_path):

@@ -220,6 +220,19 @@ def test_reinforce_running_mean_accepts_one_completion_per_prompt():
     validate_grpo_args(args)
 
 
+def test_reinforce_running_mean_trains_with_one_completion_per_prompt(tmp_path):
+    from _reinforce_helpers import build_tiny_model, prompt_dataset, target_word_reward, tiny_args
+
+    from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
+
+    args = tiny_args(str(tmp_path / "out"), ReinforceConfig, num_generations=1, per_device_train_batch_size=4,
+                     max_steps=1, baseline="running_mean")
+    trainer = ReinforceTrainer(build_tiny_model(str(tmp_path / "model")), reward_funcs=[target_word_reward()],
+                               args=args, train_dataset=prompt_dataset(8))
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.running_baseline.num_updates == 1
+
+
 def test_best_of_n_refuses_n_below_one():
     import importlib.util
     from pathlib import Path

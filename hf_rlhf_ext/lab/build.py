@@ -603,7 +603,7 @@ def build_lab(
     try:
         from_package = prebuilt and not force and is_complete(PREBUILT_DIR, config)
         if from_package:
-            shutil.copytree(PREBUILT_DIR, work, dirs_exist_ok=True)
+            _copy_prebuilt(work)
         else:
             _train_lab(config, work, root)
         if force or not is_complete(root, config):  # a concurrent build of the same config may have finished first
@@ -617,6 +617,14 @@ def build_lab(
             file=sys.stderr,
         )
     return Lab.from_dir(root)
+
+
+def _copy_prebuilt(work: str) -> None:
+    """Copies the shipped lab into ``work`` as the user's own files: writable (an installed package may be read-only,
+    and ensembles are built inside the lab later), whatever the package's permissions."""
+    shutil.copytree(PREBUILT_DIR, work, dirs_exist_ok=True, copy_function=shutil.copyfile)
+    for directory, _, _ in os.walk(work):
+        os.chmod(directory, 0o755)
 
 
 def _train_lab(config: LabConfig, work: str, root: str) -> None:

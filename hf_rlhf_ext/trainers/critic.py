@@ -9,6 +9,9 @@ trap that failed *silently* in a prototype:
 * checkpoints must hold the critic and resuming must restore it, or it restarts from its initial weights while the
   shared optimizer state (its moments included) is restored;
 * under DDP the *wrapped* critic must be called, or its gradients are never all-reduced.
+
+Scaling out: DDP wraps the critic like the policy; under FSDP2 :func:`shard_critic` shards it with ``fully_shard``
+(its checkpoint is gathered on every rank and written by the main one); DeepSpeed and FSDP1 are refused.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .value_model import ValueModel, _base_transformer, share_weights_copy
 
 VALUE_MODEL_DIR = "value_model"
 
-__all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "add_critic_param_groups",
+__all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "shard_critic", "add_critic_param_groups",
            "clip_critic_grad_norm", "save_critic", "load_critic", "critic_values"]
 
 
@@ -116,20 +119,49 @@ def build_critic(source: CriticSource, *, peft_config: Any, policy_path: str | N
     return ValueModel.from_backbone_path(policy_path, **load_kwargs)
 
 
-def prepare_critic(critic: ValueModel, args: Any, accelerator: Any, distributed: str | None) -> nn.Module:
-    """Applies the trainer's settings to the critic and returns the module to call in training (DDP-wrapped when
-    the policy is: calling the *wrapped* module is what all-reduces its gradients)."""
+def prepare_critic(critic: ValueModel, args: Any, accelerator: Any, *, deepspeed: bool = False,
+                   fsdp_version: int | None = None) -> nn.Module:
+    """Applies the trainer's settings to the critic and returns the module to call in training: DDP-wrapped when
+    the policy is (calling the *wrapped* module is what all-reduces its gradients), sharded in place under FSDP2."""
     from trl.trainer.utils import disable_dropout_in_model
 
+    if deepspeed:
+        raise NotImplementedError(
+            "PPOTrainer's critic is not supported under DeepSpeed: ZeRO-3 would have to partition the policy and the "
+            "critic as one module, and the critic's parameter groups live outside DeepSpeed's engine. Use FSDP2 "
+            "(an accelerate FSDP config with fsdp_version: 2) or DDP."
+        )
+    if fsdp_version is not None and fsdp_version != 2:
+        raise NotImplementedError("PPOTrainer's critic needs FSDP2: set fsdp_version: 2 in the accelerate FSDP config.")
     if args.disable_dropout:
         disable_dropout_in_model(critic)
     if args.gradient_checkpointing and hasattr(critic.backbone, "gradient_checkpointing_enable"):
         critic.backbone.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
         if critic.is_peft:
             critic.backbone.enable_input_require_grads()
-    if distributed is not None:
-        raise NotImplementedError(f"PPOTrainer's critic is not yet supported with {distributed}; use DDP.")
+    if fsdp_version == 2:
+        return shard_critic(critic)  # over all ranks (FSDP2 without other parallelism)
     return accelerator.prepare_model(critic)
+
+
+def shard_critic(critic: ValueModel, mesh: Any = None) -> ValueModel:
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): shards each transformer block of the critic's backbone (the
+    entries of its ``ModuleList``s), then the whole critic, as accelerate shards the policy. In place: the critic
+    itself becomes the module to call; its parameters become DTensors, so build the optimizer after this."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {} if mesh is None else {"mesh": mesh}
+    for blocks in [m for m in critic.backbone.modules() if isinstance(m, nn.ModuleList)]:
+        for block in blocks:
+            fully_shard(block, **kwargs)
+    fully_shard(critic, **kwargs)
+    return critic
+
+
+def is_sharded(critic: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(critic, FSDPModule)
 
 
 def add_critic_param_groups(optimizer: torch.optim.Optimizer, critic: ValueModel, decay_names: set[str],
@@ -149,11 +181,20 @@ def clip_critic_grad_norm(critic: ValueModel, max_norm: float) -> float | None:
     params = [p for p in critic.parameters() if p.grad is not None]
     if not params:
         return None
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
 
-def save_critic(critic: ValueModel, output_dir: str) -> None:
-    critic.save_pretrained(os.path.join(output_dir, VALUE_MODEL_DIR))
+def save_critic(critic: ValueModel, output_dir: str, is_main_process: bool = True) -> None:
+    """Writes ``<output_dir>/value_model``. Call it on every process: under FSDP2 the full weights are gathered
+    (a collective) before the main process writes them."""
+    state = None
+    if is_sharded(critic):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(critic, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_main_process:
+        critic.save_pretrained(os.path.join(output_dir, VALUE_MODEL_DIR), state_dict=state)
 
 
 def load_critic(critic: ValueModel, checkpoint: str) -> None:
@@ -161,6 +202,14 @@ def load_critic(critic: ValueModel, checkpoint: str) -> None:
     critic_dir = os.path.join(checkpoint, VALUE_MODEL_DIR)
     if not os.path.isdir(critic_dir):
         raise FileNotFoundError(f"{checkpoint} has no {VALUE_MODEL_DIR}/: not a PPOTrainer checkpoint")
+    if is_sharded(critic):
+        if critic.is_peft:
+            raise NotImplementedError("Resuming a LoRA critic under FSDP2 is not supported yet; resume under DDP.")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(critic, ValueModel.read_full_weights(critic_dir),
+                             options=StateDictOptions(full_state_dict=True))
+        return
     critic.load_weights_from(critic_dir)
 
 

@@ -141,26 +141,32 @@ class PPOTrainer(GRPOTrainer):
         else:
             self.kl_ctl = FixedKLController(args.kl_coef)
         self.add_callback(KLControllerState(self.kl_ctl))  # saved in checkpoints, restored on resume
+        self._set_up_critic(critic_source, model if isinstance(model, str) else None, peft_config)
         policy = self.accelerator.unwrap_model(self.model)
-        self.value_model = build_critic(
-            critic_source, peft_config=peft_config,
-            policy_path=model if isinstance(model, str) else self.model.config.name_or_path,
-            reward_models=list(zip(self.reward_funcs, self.reward_processing_classes)),
-            policy_vocab=self._tokenizer.get_vocab(), unwrap=self.accelerator.unwrap_model,
-            load_kwargs={"trust_remote_code": args.trust_remote_code, "dtype": self.model.dtype},
-        )
-        distributed = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else None
-        self.value_model_wrapped = prepare_critic(self.value_model, args, self.accelerator, distributed)
         self._eos_ids = torch.tensor(self.eos_token_ids, device=self.accelerator.device)
         head = policy.get_output_embeddings()
         self._vocab_size = int(head.weight.shape[0]) if head is not None else 1 << 62
-        plain_transformers = not (self.use_vllm or self.use_transformers_continuous_batching or self._is_vlm)
+        # Under FSDP every rank must run the same forward passes: generate() syncs them, the KV-cache sampler does not.
+        plain_transformers = not (self.use_vllm or self.use_transformers_continuous_batching or self._is_vlm
+                                  or self.is_fsdp_enabled)
         self._fast_generation = args.fast_generation and fast_generation_supported(
             self.generation_kwargs, self.temperature, plain_transformers, policy.config.is_encoder_decoder)
         self.sampler_check = SamplerLogpsCheck()  # may the sampler's log-probs replace a forward pass? (first rollout)
         self.last_rollout: Rollout | None = None
         check_trainer_prompts(self)
         attach_reward_guard(self)  # NaN/inf rewards stop the run or are dropped (args.nan_rewards)
+
+    def _set_up_critic(self, source: CriticSource, policy_path: str | None, peft_config: Any) -> None:
+        """``value_model``: the critic; ``value_model_wrapped``: the module to call in training (DDP, FSDP2)."""
+        self.value_model = build_critic(
+            source, peft_config=peft_config, policy_path=policy_path or self.model.config.name_or_path,
+            reward_models=list(zip(self.reward_funcs, self.reward_processing_classes)),
+            policy_vocab=self._tokenizer.get_vocab(), unwrap=self.accelerator.unwrap_model,
+            load_kwargs={"trust_remote_code": self.args.trust_remote_code, "dtype": self.model.dtype},
+        )
+        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
+        self.value_model_wrapped = prepare_critic(self.value_model, self.args, self.accelerator,
+                                                  deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version)
 
     def _generation_settings(self) -> dict[str, Any]:
         """The settings the sampler will use, for :func:`check_sampling_distribution`."""
@@ -201,8 +207,7 @@ class PPOTrainer(GRPOTrainer):
         """Saves the policy (as GRPO does) and the critic in ``<dir>/value_model``."""
         super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        if self.args.should_save:
-            save_critic(self.value_model, output_dir)
+        save_critic(self.value_model, output_dir, is_main_process=self.args.should_save)  # on every process
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restores the critic with the policy (the KL controller: :class:`KLControllerState`)."""
@@ -388,11 +393,11 @@ class PPOTrainer(GRPOTrainer):
 
     def _can_reuse_critic_pass(self, rollout: Rollout, batch_size: int) -> bool:
         """Holds when the first step's micro-batch is the whole rollout (one mini-batch, no gradient accumulation), on
-        one process (a DDP critic must be called by the step that backpropagates), with no dropout (the same values)
-        and every completion scorable (the loss then sees the same attention mask)."""
+        one process (a DDP or FSDP critic must be called by the step that backpropagates), with no dropout (the same
+        values) and every completion scorable (the loss then sees the same attention mask)."""
         return (
             rollout.mode == "train" and self.args.steps_per_generation == 1 and rollout.mask.size(0) == batch_size
-            and self.value_model_wrapped is self.value_model and self.args.disable_dropout
+            and self.accelerator.num_processes == 1 and self.args.disable_dropout
             and bool(rollout.mask.any(dim=1).all())
         )
 

@@ -113,16 +113,24 @@ class ValueModel(nn.Module):
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     # -- persistence ---------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs: Any) -> None:
-        """Writes the backbone (full weights, or only the adapter for a LoRA critic) and the head, as safetensors."""
+    def save_pretrained(self, save_directory: str, is_main_process: bool = True,
+                        state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        """Writes the backbone (full weights, or only the adapter for a LoRA critic) and the head, as safetensors.
+        ``state_dict``: this module's full weights when its own are sharded (FSDP2), keys as in ``state_dict()``."""
         from safetensors.torch import save_file
 
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
         backbone_dir = os.path.join(save_directory, ADAPTER_SUBDIR) if self.is_peft else save_directory
-        self.backbone.save_pretrained(backbone_dir, safe_serialization=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        head_state = self.value_head.state_dict()
+        backbone_kwargs = {}
+        if state_dict is not None:
+            head_state = {k[len("value_head."):]: v for k, v in state_dict.items() if k.startswith("value_head.")}
+            backbone_kwargs["state_dict"] = {k[len("backbone."):]: v for k, v in state_dict.items()
+                                             if k.startswith("backbone.")}
+        self.backbone.save_pretrained(backbone_dir, safe_serialization=True, **backbone_kwargs)
+        state = {k: v.detach().cpu().contiguous() for k, v in head_state.items()}
         save_file(state, os.path.join(save_directory, HEAD_WEIGHTS))
         meta = {
             "hidden_size": self.value_head.in_features,
@@ -174,11 +182,7 @@ class ValueModel(nn.Module):
             if bad:
                 raise RuntimeError(f"LoRA critic checkpoint {path} does not match the critic: unexpected {bad[:5]}")
         else:
-            state = {}
-            for name in sorted(os.listdir(path)):
-                if name.endswith(".safetensors") and name != HEAD_WEIGHTS:
-                    state.update(load_file(os.path.join(path, name)))
-            missing, unexpected = self.backbone.load_state_dict(state, strict=False)
+            missing, unexpected = self.backbone.load_state_dict(_backbone_weights(path), strict=False)
             tied = set(getattr(self.backbone, "all_tied_weights_keys", None) or ())  # transformers' tied copies
             missing = [k for k in missing if k not in tied]
             if missing or unexpected:
@@ -188,3 +192,22 @@ class ValueModel(nn.Module):
         with torch.no_grad():
             for k, v in head.items():
                 self.value_head.state_dict()[k].copy_(v)
+
+    @staticmethod
+    def read_full_weights(path: str) -> dict[str, torch.Tensor]:
+        """The weights of a full (not LoRA) critic saved in ``path``, keyed as this module's ``state_dict()``."""
+        from safetensors.torch import load_file
+
+        state = {f"backbone.{k}": v for k, v in _backbone_weights(path).items()}
+        state.update({f"value_head.{k}": v for k, v in load_file(os.path.join(path, HEAD_WEIGHTS)).items()})
+        return state
+
+
+def _backbone_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") and name != HEAD_WEIGHTS:
+            state.update(load_file(os.path.join(path, name)))
+    return state
