@@ -406,8 +406,10 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
     validate_grpo_args(training_args)
     model = model_args.model_name_or_path
     require_existing_path(model, "--model_name_or_path", "model directory")
+    require_existing_path(script_args.reward_model_name_or_path, "--reward_model_name_or_path", "reward model")
     require_existing_path(getattr(training_args, "value_model_name_or_path", None), "--value_model_name_or_path",
                           "model directory")
+    require_existing_path(script_args.dataset_name, "--dataset_name", "data file or folder")
     if model and not _is_lab_model(model):
         has_reward = script_args.reward_model_name_or_path or script_args.reward_funcs
         if not has_reward or not script_args.dataset_name:
@@ -422,7 +424,7 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
 
 
 def _is_lab_model(path: str) -> bool:
-    """Whether ``path`` is a model directory inside a built lab (its policy, or a lab-built checkpoint)."""
+    """Whether ``path`` is a model directory of a built lab (its policy, or another model the lab holds)."""
     from .lab.build import is_complete
 
     return os.path.isdir(path) and is_complete(os.path.dirname(os.path.normpath(os.path.abspath(path))))

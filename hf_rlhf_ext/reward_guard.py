@@ -199,7 +199,7 @@ class RewardGuard:
                 f"{problem} (step {step}). The batch's {len(completions)} inputs and the traceback are saved in "
                 f"{path}. Fix the function: it must return one float (or None) per completion.", path
             ) from exc
-        if bad:
+        if bad and self.nan_rewards == "error":
             rows = sorted({i for r in bad.values() for i in r})
             values = {n: [_json_number(columns[self.names.index(n)][i]) for i in rows] for n in bad}
             path = self._save("non_finite", step, prompts, completions, kwargs, rows,
@@ -319,13 +319,14 @@ def _non_finite(columns: list[list[float | None]], names: Sequence[str]) -> dict
 
 
 def _zero_std_groups(prompts: Sequence[Any], columns: list[list[float | None]]) -> int:
-    """Runs of consecutive identical prompts (TRL lays a prompt's completions out together) longer than one whose
-    rewards are equal in every function: their group advantages are all 0."""
+    """Runs of consecutive identical prompts (TRL lays a prompt's completions out together) with at least two scored
+    completions whose rewards are equal in every function: their group advantages are all 0."""
     count, start = 0, 0
     for end in range(1, len(prompts) + 1):
         if end < len(prompts) and prompts[end] == prompts[start]:
             continue
-        if end - start > 1 and all(len({column[i] for i in range(start, end)}) == 1 for column in columns):
+        scored = [i for i in range(start, end) if any(column[i] is not None for column in columns)]
+        if len(scored) > 1 and all(len({column[i] for i in scored}) == 1 for column in columns):
             count += 1
         start = end
     return count

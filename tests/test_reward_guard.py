@@ -123,6 +123,15 @@ def test_empty_completions_and_zero_std_groups_are_counted(tmp_path):
     assert logged["reward_guard/dropped"] == 0.0
 
 
+def test_a_group_of_dropped_samples_is_not_a_zero_std_group(tmp_path):
+    logged = {}
+    guard = RewardGuard([lambda prompts, completions, **kw: [math.nan, math.nan, 1.0, 1.0]], str(tmp_path),
+                        nan_rewards="drop")
+    guard.reward_funcs[0](prompts=["a", "a", "b", "b"], completions=["x", "y", "z", "w"],
+                          log_metric=lambda name, value: logged.__setitem__(name, value))
+    assert logged["reward_guard/dropped"] == 2.0 and logged["reward_guard/zero_std_groups"] == 1.0  # group "b" only
+
+
 def test_guarded_functions_keep_their_names(tmp_path):
     funcs = guard_reward_funcs([target_word, nan_on_first], str(tmp_path))
     assert [f.__name__ for f in funcs] == ["target_word", "nan_on_first"]
