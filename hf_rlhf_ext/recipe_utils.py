@@ -131,6 +131,11 @@ class RLScriptArguments(ScriptArguments):
     monitor_save_peak: bool = field(
         default=False, metadata={"help": "overoptimization: save the policy at each new gold peak to <out>/gold_peak."}
     )
+    monitor_min_delta: float = field(
+        default=0.05,
+        metadata={"help": "overoptimization: how far the smoothed gold must fall below its peak to count (a smaller "
+                          "dip is sampling noise; ≈ 1.5 standard errors on the lab's logged batches)."},
+    )
     monitor_stop_on_overoptimization: bool = field(
         default=False, metadata={"help": "overoptimization: stop training once gold falls while the proxy rises."}
     )
@@ -521,6 +526,7 @@ def _monitor(name: str, trainer: Any, setup: RLSetup, script_args: RLScriptArgum
     if name == "overoptimization":
         return callbacks.OveroptimizationCallback(
             trainer, mode="logs", every_n_steps=every, save_peak=script_args.monitor_save_peak,
+            min_delta=script_args.monitor_min_delta,
             stop_on_overoptimization=script_args.monitor_stop_on_overoptimization,
         )
     if name == "kl":
