@@ -27,12 +27,22 @@ def test_config_loads(path):
         assert cfg.use_cpu and cfg.mixed_precision == "no"
 
 
+def _free_port() -> int:
+    """A port no one listens on now: two suites on one host must not meet on accelerate's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.multiprocess
 def test_cpu_two_process_config_starts_two_gloo_ranks():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     out = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), str(ROOT / "tests" / "_dist_probe.py")],
+         str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+         str(ROOT / "tests" / "_dist_probe.py")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -452,3 +452,20 @@ def test_the_shipped_lab_is_copied_as_writable_files(fresh_home, tmp_path, monke
     finally:
         for directory, _, _ in os.walk(package):
             os.chmod(directory, 0o755)
+
+
+@pytest.mark.slow
+def test_a_build_from_scratch_reproduces_the_shipped_lab(tmp_path):
+    """`lab build --force` trains the lab the package ships, byte for byte (one thread, fixed seeds): about 1 minute on
+    a free CPU core, 3 on a busy one."""
+    from hf_rlhf_ext.lab.build import PREBUILT_DIR
+
+    lab = build_lab(output_dir=str(tmp_path / "lab"), force=True)
+    assert lab.metrics["build_times"]["sft_s"] > 1.0  # trained, not copied
+    for rel in ("policy/model.safetensors", "reward_model/model.safetensors"):
+        assert sha256(os.path.join(lab.root, rel)) == DEFAULT_LAB_WEIGHTS[rel], rel
+    for rel in ("prompts/train.jsonl", "prompts/test.jsonl", "preferences/train.jsonl", "preferences/test.jsonl"):
+        assert sha256(os.path.join(lab.root, rel)) == sha256(os.path.join(PREBUILT_DIR, rel)), rel
+    shipped = json.load(open(os.path.join(PREBUILT_DIR, "lab_metrics.json")))
+    for key in ("rm_test_accuracy", "rm_test_gold_accuracy", "sft_test_gold_mean", "pairs_train_flip_rate"):
+        assert lab.metrics[key] == shipped[key], key

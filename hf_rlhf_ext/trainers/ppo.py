@@ -411,10 +411,31 @@ class PPOTrainer(GRPOTrainer):
         rollout.token_rewards, rollout.non_score_rewards = token_level_rewards(rollout.scores, rollout.kl, mask,
                                                                                rollout.kl_coef)
         if args.whiten_rewards and mask.sum() > 1:
-            rollout.token_rewards = whiten(rollout.token_rewards, mask, shift_mean=False)
+            rollout.token_rewards = self._whiten(rollout.token_rewards, mask, shift_mean=False)
         advantages, rollout.returns = gae(rollout.token_rewards, rollout.values, mask, gamma=args.gamma, lam=args.lam)
-        rollout.advantages = whiten(advantages, mask) if mask.sum() > 1 else advantages
+        rollout.advantages = self._whiten(advantages, mask) if mask.sum() > 1 else advantages
         batch["advantages"], batch["returns"] = rollout.advantages, rollout.returns  # (B, T) token advantages
+
+    # Batch statistics over every process's tokens, so that two ranks compute what one process holding both halves of
+    # the batch computes (on one process: the objectives functions themselves).
+    def _mean_var(self, x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        total, n = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+        mean = total / n
+        squares = self.accelerator.reduce(((x - mean) ** 2 * mask).sum(), reduction="sum")
+        return mean, squares / (n - 1 if unbiased else n)
+
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return whiten(x, mask, shift_mean=shift_mean)
+        mean, var = self._mean_var(x, mask)
+        return ((x - mean) * torch.rsqrt(var + 1e-8) + (0 if shift_mean else mean)) * mask
+
+    def _explained_variance(self, values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+        if self.accelerator.num_processes == 1:
+            return explained_variance(values, returns, mask)
+        var_returns = self._mean_var(returns, mask, unbiased=False)[1]
+        error = self._mean_var(returns - values, mask, unbiased=False)[1]
+        return float(1.0 - error / var_returns) if var_returns.item() > 0 else float("nan")
 
     def _log_rollout(self, rollout: Rollout, completion_ids: torch.Tensor) -> None:
         """Old TRL PPO's rollout metrics (sequence sums averaged over completions, over all processes); feeds the
@@ -430,7 +451,8 @@ class PPOTrainer(GRPOTrainer):
         if rollout.ref_logps is not None:
             metrics["objective/kl"].append(seq_kl)
             k3 = kl_estimate(rollout.logps, rollout.ref_logps, kind="k3")
-            metrics["kl"].append(float(self.accelerator.gather(masked_mean(k3, mask).reshape(1)).mean()))
+            k3_sum, tokens = self.accelerator.reduce(torch.stack([(k3 * mask).sum(), mask.sum()]), reduction="sum")
+            metrics["kl"].append(float(k3_sum / tokens.clamp(min=1.0)))  # token mean over all processes
         metrics["objective/entropy"].append(entropy)
         metrics["objective/non_score_reward"].append(non_score)
         metrics["objective/rlhf_reward"].append(non_score + score)
@@ -438,7 +460,7 @@ class PPOTrainer(GRPOTrainer):
         metrics["val/num_eos_tokens"].append(float(gathered[:, 4].sum()))
         metrics["kl_coef"].append(rollout.kl_coef)
         if mask.sum() > 0:
-            metrics["val/explained_variance"].append(explained_variance(rollout.values, rollout.returns, mask))
+            metrics["val/explained_variance"].append(self._explained_variance(rollout.values, rollout.returns, mask))
         if torch.cuda.is_available() and self.accelerator.device.type == "cuda":
             metrics["memory/peak_mb"].append(torch.cuda.max_memory_allocated() / 2**20)
         else:
@@ -480,7 +502,11 @@ class PPOTrainer(GRPOTrainer):
         policy_loss = -aggregate_token_loss(surrogate, mask, self.loss_type, max_length=self.max_completion_length,
                                             num_tokens=self._tokens_per_micro_batch(inputs, mode))
         values = self._values_for_loss(inputs, input_ids, attention_mask, mode)
-        value_loss = clipped_value_loss(values, inputs["old_values"], inputs["returns"], self.args.cliprange_value, mask)
+        share = self._token_share(mask)
+        if self.loss_type == "bnpo":
+            policy_loss = policy_loss * share
+        value_loss = share * clipped_value_loss(values, inputs["old_values"], inputs["returns"],
+                                                self.args.cliprange_value, mask)
         loss = policy_loss + self.args.vf_coef * value_loss
         if self.args.entropy_coef != 0:  # logged as GRPO does: the policy loss alone, and the coefficient
             loss = loss - self.args.entropy_coef * masked_mean(entropies, mask)
@@ -492,6 +518,14 @@ class PPOTrainer(GRPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather(aux_loss.detach()).mean().item())
         self._log_loss_stats(mode, mask, log_ratio, advantages, surrogate, entropies, values, inputs, value_loss)
         return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1)
+
+    def _token_share(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """P × this process's tokens / all processes' tokens (1 on one process): a token mean over this process times
+        it is its share of the token mean over all processes, once DDP averages the P ranks' gradients."""
+        if self.accelerator.num_processes == 1:
+            return 1.0
+        tokens = self.accelerator.reduce(mask.sum().detach(), reduction="sum")
+        return mask.sum().detach() * self.accelerator.num_processes / tokens.clamp(min=1.0)
 
     def _tokens_per_micro_batch(self, inputs: dict, mode: str) -> torch.Tensor | None:
         """DAPO's denominator: the rollout's loss tokens (over all processes) per process and micro-batch."""
