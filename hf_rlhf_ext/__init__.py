@@ -19,6 +19,13 @@ _EXPORTS = {
     "read_log_history": "results",
     "ResultsCallback": "results",
     "DataValidationError": "validation",
+    "InputError": "validation",
+    "validate_grpo_args": "validation",
+    # reward faults during training
+    "attach_reward_guard": "reward_guard",
+    "guard_reward_funcs": "reward_guard",
+    "NonFiniteRewardError": "reward_guard",
+    "RewardFunctionError": "reward_guard",
     # the offline lab
     "LabConfig": "lab",
     "Lab": "lab",

@@ -212,6 +212,7 @@ def resolve_policy(model_args: Any, training_args: Any, lab: Any = None) -> tupl
     path = model_args.model_name_or_path or (lab.policy_path if lab is not None else None)
     if not path:
         raise InputError("No policy: pass --model_name_or_path (or run on the lab).")
+    require_existing_path(path, "--model_name_or_path", "model directory")
     init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,

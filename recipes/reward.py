@@ -32,6 +32,7 @@ from hf_rlhf_ext.recipe_utils import (
     recipe_command,
 )
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
+from hf_rlhf_ext.validation import require_existing_path
 
 #: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
 LAB_CONFIG = Path(__file__).parent / "configs" / "reward_lab.yaml"
@@ -64,6 +65,7 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: RewardConfi
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if model_args.model_name_or_path:
+        require_existing_path(model_args.model_name_or_path, "--model_name_or_path", "model directory")
         kwargs = dict(revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **kwargs)
         if tokenizer.pad_token is None:
@@ -83,6 +85,7 @@ def load_preferences(script_args: RewardScriptArguments, lab=None):
     from hf_rlhf_ext.data import load_dataset_dict
     from hf_rlhf_ext.validation import DataValidationError, require_preference_columns
 
+    require_existing_path(script_args.dataset_name, "--dataset_name", "data file or folder")
     data = load_dataset_dict(script_args.dataset_name, script_args.dataset_config) if script_args.dataset_name \
         else lab.load_preferences()
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):

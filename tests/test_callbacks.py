@@ -154,6 +154,21 @@ def test_kl_callback_needs_reference_or_permission(policy_path, tmp_path):
     assert cb.history[-1]["kl_ref/k3_seq"] > 1e-3
 
 
+def test_resuming_with_a_frozen_copy_as_reference_is_refused(policy_path, tmp_path):
+    """The copy is taken at train begin: after a resume it would be the resumed policy, and the KL would restart at 0."""
+    from transformers import TrainerControl, TrainerState
+
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback
+
+    trainer = _grpo(policy_path, tmp_path, max_steps=4)  # beta = 0, no PEFT: only a copy can be the reference
+    cb = KLToReferenceCallback(trainer, prompts(4), num_samples=4, allow_reference_copy=True, measure_at_start=False)
+    trainer.add_callback(cb)
+    with pytest.raises(ValueError, match="frozen copy"):
+        cb.on_train_begin(trainer.args, TrainerState(global_step=2), TrainerControl())
+    cb.on_train_begin(trainer.args, TrainerState(global_step=0), TrainerControl())  # a fresh start takes the copy
+    assert cb.reference._copy is not None
+
+
 def test_kl_callback_uses_trl_reference_when_beta_positive(policy_path, tmp_path):
     from hf_rlhf_ext.callbacks import KLToReferenceCallback
 

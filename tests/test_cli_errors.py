@@ -23,6 +23,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISA
 def _recipe(name: str):
     spec = importlib.util.spec_from_file_location(f"recipe_cli_{name}", ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve a recipe's annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -202,3 +203,11 @@ def test_the_console_entry_point_returns_the_recipe_exit_code(capsys):
 
     assert main(["best-of-n", "--n", "0"]) == 2
     assert "error: --n must be >= 1, got 0." in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flag, what", [("--model_name_or_path", "no/such/rm/dir"),
+                                        ("--dataset_name", "/no/such/pairs.jsonl")])
+def test_the_reward_recipe_names_a_missing_path(capsys, tmp_path, flag, what):
+    code, stderr = _cli(capsys, "reward", ["--output_dir", str(tmp_path), flag, what])
+    assert code == 2
+    assert f"{flag} '{what}': no such file or directory" in _one_error_line(stderr)

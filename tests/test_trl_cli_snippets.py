@@ -82,8 +82,8 @@ def test_python_snippet_runs(tmp_path):
     ):
         assert key in keys, f"{key} not logged; logged: {sorted(keys)}"
     assert all(r["adv_check/violations"] == 0 for r in history if "adv_check/violations" in r)
-    assert (tmp_path / "grpo_lab" / "overoptimization.json").is_file()
-    assert (tmp_path / "grpo_lab" / "gold_peak" / "config.json").is_file()
+    assert (tmp_path / "runs" / "grpo_lab" / "overoptimization.json").is_file()
+    assert (tmp_path / "runs" / "grpo_lab" / "gold_peak" / "config.json").is_file()
 
 
 @pytest.mark.slow
