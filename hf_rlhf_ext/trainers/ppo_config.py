@@ -59,8 +59,14 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         critic_shares_base (`bool`, *optional*, defaults to `False`):
             With a PEFT ``peft_config``: the critic is its own LoRA adapter (same config) plus value head on the
             policy's frozen base, whose weights are shared, not copied (memory ≈ policy + two adapters).
+        value_head_on_policy (`bool`, *optional*, defaults to `False`):
+            No critic body: a zero-initialised linear value head reads the policy's own last hidden states, in the
+            same forward pass as the policy's log-probs (the shared-trunk actor-critic of TRL's first PPO). The value
+            loss then also trains the policy's weights (or its LoRA adapter); memory is close to GRPO's. Saved beside
+            the policy as ``value_head.safetensors`` (:class:`PolicyValueHead`). One process only.
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the critic's parameter groups (default: ``learning_rate``); the schedule is shared.
+            With ``value_head_on_policy``: the head's learning rate.
         logprobs_from_sampling (`bool`, *optional*, defaults to `True`):
             Take the rollout's per-token log-probs (for the KL penalty; with several PPO epochs in full precision
             also as π_old) from the logits seen while sampling instead of one more forward pass (≈ 6% of a step).
@@ -110,6 +116,9 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
     critic_shares_base: bool = field(
         default=False, metadata={"help": "With PEFT: critic = own LoRA adapter + head on the policy's shared base."}
     )
+    value_head_on_policy: bool = field(
+        default=False, metadata={"help": "Critic = a value head on the policy's own last hidden states (no body)."}
+    )
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic learning rate."})
     logprobs_from_sampling: bool = field(
         default=True, metadata={"help": "Rollout log-probs from the sampling logits (saves one forward pass)."}
@@ -141,6 +150,9 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
             raise ValueError("kl_target needs kl_target > 0 and an initial kl_coef > 0 (β = 0 cannot adapt)")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError("missing_eos_penalty is subtracted from the score; give a positive value")
+        if self.value_head_on_policy and (self.critic_shares_base or self.value_model_name_or_path):
+            raise ValueError("value_head_on_policy=True puts the critic on the policy itself: drop critic_shares_base "
+                             "and value_model_name_or_path (or keep them and set value_head_on_policy=False).")
         if self.loss_type not in ("bnpo", "grpo", "dr_grpo", "dapo"):
             raise ValueError(f"PPOTrainer supports the clipped losses bnpo/grpo/dr_grpo/dapo, got {self.loss_type!r}")
         if self.importance_sampling_level != "token":
