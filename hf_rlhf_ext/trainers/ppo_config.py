@@ -150,14 +150,12 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
             raise ValueError("kl_target needs kl_target > 0 and an initial kl_coef > 0 (β = 0 cannot adapt)")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ValueError("missing_eos_penalty is subtracted from the score; give a positive value")
-        if self.value_head_on_policy and (self.critic_shares_base or self.value_model_name_or_path):
-            raise ValueError("value_head_on_policy=True puts the critic on the policy itself: drop critic_shares_base "
-                             "and value_model_name_or_path (or keep them and set value_head_on_policy=False).")
         if self.loss_type not in ("bnpo", "grpo", "dr_grpo", "dapo"):
             raise ValueError(f"PPOTrainer supports the clipped losses bnpo/grpo/dr_grpo/dapo, got {self.loss_type!r}")
         if self.importance_sampling_level != "token":
             raise ValueError("PPO uses token-level ratios; importance_sampling_level must be 'token'")
         self._refuse_grpo_only_loss_settings()
+        self._check_critic_placement()
 
         # PPO names -> the GRPO fields that implement them. A GRPO name set to something else is a conflict.
         for grpo_name, grpo_default, ppo_name in (
@@ -191,6 +189,12 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         finally:
             if requested == 1:
                 self.num_generations = 1
+
+    def _check_critic_placement(self) -> None:
+        """One critic placement at a time: a value head on the policy has no body to share or load."""
+        if self.value_head_on_policy and (self.critic_shares_base or self.value_model_name_or_path):
+            raise ValueError("value_head_on_policy=True puts the critic on the policy itself: drop critic_shares_base "
+                             "and value_model_name_or_path (or keep them and set value_head_on_policy=False).")
 
     def _refuse_grpo_only_loss_settings(self) -> None:
         """PPO's loss is its own (``PPOTrainer._compute_loss``): GRPO loss settings it does not implement would be
