@@ -559,7 +559,8 @@ def add_monitors(trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -
                 raise InputError(f"--monitor {name}: {err}") from err
             logger.info("--monitor auto: %s left out (%s).", name, err)
             continue
-        trainer.add_callback(attached[name])
+        # ahead of the trackers' callbacks: what a monitor adds to a step's logs reaches them at that step
+        trainer.callback_handler.callbacks.insert(len(attached) - 1, attached[name])
     return attached
 
 
