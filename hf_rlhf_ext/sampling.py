@@ -7,20 +7,25 @@ and one cached forward per token, and reads log π(token) from the logits it sam
 
 It draws *exactly* the tokens ``generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)`` draws with the same
 seed (``multinomial(softmax(logits / T))`` at every step, finished rows continued with the pad token), so swapping it
-in changes nothing but the time. Used by the PPO trainer's rollouts and by the callbacks' held-out sampling.
+in changes nothing but the time.
+
+:func:`sample_policy` is the one way this package samples a policy (the PPO trainer's rollouts, the callbacks'
+held-out samples, the recipes' evaluation, best-of-N pools and the lab's data): this loop where it applies, ``generate``
+otherwise (encoder-decoders, greedy decoding, or when asked).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
-    "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported", "per_token_logps",
-    "sample_with_kv_cache",
+    "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported",
+    "per_token_logps", "policy_eos_ids", "sample_policy", "sample_with_kv_cache",
 ]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
@@ -166,6 +171,68 @@ def sample_with_kv_cache(
         if position is not None:
             position = position[:, -1:] + 1
     return tokens[:, :n], logps[:, :n]
+
+
+def sample_policy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int] | int | None,
+    drop_finished: bool = False,
+    num_return_sequences: int = 1,
+    use_kv_cache: bool = True,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions of the left-padded prompts ``input_ids`` (B, P): ``(tokens, logps)``, both (B·M, n), as
+    :func:`sample_with_kv_cache` returns them (its arguments mean the same).
+
+    :func:`sample_with_kv_cache` when ``use_kv_cache`` and the model is decoder-only; else ``generate`` with pure
+    sampling (``top_k=0``, ``top_p=1``), whose processed scores give the log-probs. ``greedy``: ``generate``'s greedy
+    decoding, log-probs of the argmax tokens at temperature 1.
+    """
+    if use_kv_cache and not greedy and kv_cache_sampling_supported(model):
+        return sample_with_kv_cache(
+            model, input_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+            pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, drop_finished=drop_finished,
+            num_return_sequences=num_return_sequences,
+        )
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0,
+                                                   "top_p": 1.0}
+    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generate's notes on the settings it was given
+        out = model.generate(
+            input_ids=input_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+            eos_token_id=eos or None, num_return_sequences=num_return_sequences, output_scores=True,
+            return_dict_in_generate=True, **sampling,
+        )
+    tokens = out.sequences[:, input_ids.shape[1] :]
+    scores = torch.stack(out.scores, dim=1).float()  # already divided by the temperature
+    logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return tokens, logps * completion_mask(tokens, eos)
+
+
+def completion_mask(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """1 up to and including each row's first EOS (the EOS is part of the completion, as in TRL), 0 after it."""
+    is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= tokens == e
+    no_eos = torch.full_like(is_eos[:, 0], tokens.shape[1], dtype=torch.long)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), no_eos)
+    return (torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= first[:, None]).long()
+
+
+def policy_eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The ids that end a completion: the model's ``generation_config.eos_token_id`` (one or several) and the
+    tokenizer's EOS, sorted."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    ids.discard(None)
+    return sorted(int(i) for i in ids)
 
 
 def _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, cache_name, logits_kw):
