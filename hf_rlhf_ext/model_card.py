@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 from huggingface_hub import ModelCard, ModelCardData
 
 __all__ = [
-    "CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "flag_value", "hub_id_or_none", "load_snippet", "lora_settings",
-    "markdown_table", "push_folder", "settings_from", "write_experiment_card", "write_model_card",
+    "CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "flag_value", "hub_id_or_none", "load_snippet",
+    "lora_settings", "markdown_table", "push_folder", "settings_from", "write_experiment_card", "write_model_card",
 ]
 
 CARD_FILE = "README.md"
@@ -218,7 +218,7 @@ def write_experiment_card(output_dir: str, recipe: str, argv: Sequence[str], sum
         command=" ".join(["python", recipe, *(shlex.quote(a) for a in argv)]), tags=tags,
         base_model=hub_id_or_none(flag_value(argv, "--model_name_or_path")), datasets=[dataset] if dataset else [],
         library_name=library_name, hyperparameters=dict(settings or {}), results_markdown=table, plots=plots or {},
-        usage=usage or f"The numbers behind the table and the plots are in `{os.path.join(output_dir, 'metrics.json')}`.",
+        usage=usage or f"The numbers behind the table and plots are in `{os.path.join(output_dir, 'metrics.json')}`.",
     ))
 
 
@@ -233,7 +233,8 @@ def load_snippet(path: str, kind: str, with_critic: bool = False) -> str:
                  "merged = model.merge_and_unload()  # optional: one plain model"),
         "reward": ("from transformers import AutoModelForSequenceClassification, AutoTokenizer",
                    f'model = AutoModelForSequenceClassification.from_pretrained("{path}")  # logits[:, 0] = reward'),
-        "reward_peft": ("from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer",
+        "reward_peft": ("from peft import AutoPeftModelForSequenceClassification\n"
+                        "from transformers import AutoTokenizer",
                         f'model = AutoPeftModelForSequenceClassification.from_pretrained("{path}")  '
                         "# logits[:, 0] = reward"),
     }

@@ -109,7 +109,7 @@ class RewardModelFunction:
             tok_source = path
         elif isinstance(model_or_path, nn.Module):
             model = model_or_path
-            path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+            path = str(model.config.name_or_path or "") if hasattr(model, "config") else ""
             default_name = os.path.basename(os.path.normpath(path)) if path else type(model).__name__
             tok_source = path or None
         else:

@@ -208,3 +208,16 @@ def test_mini_loop_card_points_at_its_policy_folder(tiny, tmp_path):
     assert f"| {metrics['kl_k3_after']:.4g} |" in card.text
     assert f'from_pretrained("{tmp_path / "policy"}")' in card.text
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+
+
+def test_best_of_n_push_uploads_the_distilled_folder_with_its_card(tiny, tmp_path, fake_hub):
+    _run("best_of_n", ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"],
+                       "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(tmp_path), "--n", "2",
+                       "--pool_size", "2", "--rounds", "1", "--max_new_tokens", "6", "--num_eval_prompts", "4",
+                       "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+                       "--push_to_hub", "true", "--hub_model_id", "someone/bon-tiny"])
+    uploads = fake_hub["uploads"]  # one upload: the SFT rounds push nothing of their own
+    assert len(uploads) == 1 and uploads[0]["repo_id"] == "someone/bon-tiny"
+    assert {"README.md", "model.safetensors", "bon_curve.png", "distillation.png", "metrics.json"} <= set(
+        uploads[0]["files"])
+    assert "best-of-n" in ModelCard(uploads[0]["card"]).data.tags
