@@ -509,8 +509,8 @@ def parse_monitors(value: str | Sequence[str] | None) -> list[str] | None:
         return []
     unknown = [n for n in names if n not in MONITORS]
     if unknown:
-        raise InputError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} (comma-separated), "
-                         "'auto' or 'none'.")
+        raise InputError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} "
+                         "(comma-separated), 'auto' or 'none'.")
     return names
 
 
@@ -866,10 +866,11 @@ def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments,
         else f"`{hub_id_or_none(setup.model) or os.path.basename(os.path.normpath(setup.model))}`"
     data = "the lab's prompts" if setup.on_lab else f"`{script_args.dataset_name}`"
     dataset_id = hub_id_or_none(script_args.dataset_name)
+    optimised = [name for name, weight in zip(metrics["reward_funcs"], metrics["reward_weights"]) if weight]
     run = RunCard(
         title=(repo or os.path.basename(os.path.abspath(out))).split("/")[-1],
         summary=(f"{card.method} ({'a LoRA adapter on ' if setup.peft_config else ''}{base}), trained on {data} for "
-                 f"{metrics['global_step']} steps, rewarded by {', '.join(n for n, w in zip(metrics['reward_funcs'], metrics['reward_weights']) if w)}."),
+                 f"{metrics['global_step']} steps, rewarded by {', '.join(optimised)}."),
         recipe=card.script,
         command=recipe_command(card.script, script_args.cli_args),
         tags=card.tags,
