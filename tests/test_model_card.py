@@ -57,8 +57,6 @@ def _usage_code(card_text: str) -> str:
 
 
 def test_full_weight_ppo_folder_has_a_card_with_the_runs_numbers_and_reloads(tiny, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from hf_rlhf_ext.trainers import ValueModel
 
     _run("ppo", _argv(tiny, tmp_path, "--kl_coef", "0.07"))
