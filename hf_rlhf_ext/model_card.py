@@ -242,10 +242,13 @@ def load_snippet(path: str, kind: str, with_critic: bool = False) -> str:
         raise ValueError(f"Unknown model kind {kind!r}; expected one of {sorted(loaders)}.")
     imports, load = loaders[kind]
     lines = [imports, "", load, f'tokenizer = AutoTokenizer.from_pretrained("{path}")']
-    if with_critic:
+    if with_critic:  # ValueModel reads a local folder: a Hub repository is downloaded first
+        folder = f'"{path}"' if os.path.isdir(path) or os.path.isabs(path) else f'snapshot_download("{path}")'
         lines += ["", "# the PPO critic (value model), saved beside the policy",
-                  "from hf_rlhf_ext.trainers import ValueModel",
-                  f'critic = ValueModel.from_pretrained("{path}/value_model")']
+                  "import os", "from hf_rlhf_ext.trainers import ValueModel"]
+        if folder.startswith("snapshot_download"):
+            lines.append("from huggingface_hub import snapshot_download")
+        lines.append(f'critic = ValueModel.from_pretrained(os.path.join({folder}, "value_model"))')
     return "```python\n" + "\n".join(lines) + "\n```"
 
 

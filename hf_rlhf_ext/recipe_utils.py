@@ -70,6 +70,9 @@ __all__ = [
     "make_trainer",
     "make_recipe_parser",
     "read_lab_config",
+    "shipped_config_path",
+    "read_shipped_config",
+    "check_lab_keys",
     "RecipeParser",
     "MONITORS",
     "parse_monitors",
@@ -579,16 +582,47 @@ def monitor_results(monitors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_lab_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_lab_config(path: Any) -> dict[str, Any]:
     """A recipe's lab settings from its YAML file (``recipes/configs/<name>_lab.yaml``), the one place they are
-    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run."""
+    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run.
+    ``path``: a file path, or a ``Traversable`` (``shipped_config_path``)."""
     import yaml
+    from pathlib import Path
 
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
+    source = path if hasattr(path, "read_text") else Path(path)
+    values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
     return values
+
+
+def shipped_config_path(name: str) -> Any:
+    """``configs/<name>`` of the recipes package, wherever it is: ``recipes/configs/`` in a checkout,
+    ``hf_rlhf_ext/recipes/configs/`` in an installed wheel (its package data). The library's experiments read their
+    lab defaults from there, so that the YAML file is their one copy."""
+    from importlib.resources import files
+
+    from .cli import recipes_package
+
+    path = files(recipes_package()) / "configs" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"No shipped config {name!r} in {files(recipes_package()) / 'configs'}: the package "
+                                "is incomplete; reinstall hf-rlhf-ext (its recipes/configs/*.yaml are package data).")
+    return path
+
+
+def read_shipped_config(name: str) -> dict[str, Any]:
+    """The lab settings of the shipped ``configs/<name>`` (``read_lab_config`` of ``shipped_config_path``)."""
+    return read_lab_config(shipped_config_path(name))
+
+
+def check_lab_keys(defaults: dict[str, Any], classes: Sequence[type]) -> None:
+    """Refuses lab settings that no argument class of the parser has (a typo in a YAML file would else be ignored)."""
+    import dataclasses
+
+    unknown = sorted(set(defaults) - {f.name for cls in classes for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"Recipe default(s) {unknown} are not fields of {[c.__name__ for c in classes]}.")
 
 
 def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any],
@@ -597,14 +631,10 @@ def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[s
     recipe's lab defaults (``read_lab_config``) and the CPU defaults; explicit flags and config files override both.
     With ``--use_peft`` and no learning rate in the flags or the config file, the learning rate is multiplied by
     ``lora_learning_rate_multiplier`` (None: kept)."""
-    import dataclasses
-
     from trl import ModelConfig
 
     classes = (script_args_cls, config_cls, ModelConfig)
-    unknown = sorted(set(defaults) - {f.name for cls in classes for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"Recipe default(s) {unknown} are not fields of {[c.__name__ for c in classes]}.")
+    check_lab_keys(defaults, classes)
     parser = RecipeParser(classes, lora_learning_rate_multiplier=lora_learning_rate_multiplier)
     parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
