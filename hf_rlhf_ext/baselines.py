@@ -29,7 +29,7 @@ from .recipe_utils import RLScriptArguments
 
 __all__ = [
     "BaselinesArguments",
-    "LAB_DEFAULTS",
+    "LAB_CONFIG",
     "offset_reward",
     "parse_baselines_argv",
     "run_baseline",
@@ -42,12 +42,9 @@ __all__ = [
 BASELINE_CHOICES = ("none", "running_mean", "group")
 RESERVED_FLAGS = {"baseline": "--baselines", "seed": "--seeds"}
 
-# The lab run (2 CPU cores: ≈ 0.2 s per step). A --config file or flags override any of these.
-LAB_DEFAULTS = dict(
-    output_dir="runs/reinforce-baselines", per_device_train_batch_size=32, num_generations=4,
-    max_completion_length=24, temperature=1.0, learning_rate=1e-4, beta=0.1, max_steps=60, logging_steps=1,
-    save_strategy="no", report_to="none", disable_tqdm=True, num_eval_prompts=0,
-)
+# The lab run (2 CPU cores: ≈ 0.2 s per step) is written once, in this shipped YAML file (recipes/configs/): the
+# parser's defaults. A --config file or flags override any of these.
+LAB_CONFIG = "reinforce_baselines_lab.yaml"
 
 
 @dataclass
@@ -105,10 +102,10 @@ def add_reward_offset(setup: Any, training_args: Any, value: float) -> None:
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------------
 def make_baselines_parser():
-    from .recipe_utils import make_recipe_parser
+    from .recipe_utils import make_recipe_parser, read_shipped_config
     from .trainers.reinforce import ReinforceConfig
 
-    return make_recipe_parser(BaselinesArguments, ReinforceConfig, LAB_DEFAULTS)
+    return make_recipe_parser(BaselinesArguments, ReinforceConfig, read_shipped_config(LAB_CONFIG))
 
 
 def parse_baselines_argv(argv: Sequence[str], baseline: str | None = None, seed: int | None = None):

@@ -27,12 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .objectives import GaoFit, best_of_n_kl, fit_gao
+from .reference import Reference, reference_model
 from .sampling import (
     encode_prompts,
     is_conversational,
     kv_cache_sampling_supported,
     per_token_logps,
-    sample_with_kv_cache,
+    policy_eos_ids,
+    sample_policy,
 )
 
 __all__ = [
@@ -89,13 +91,6 @@ class CompletionPool:
         return out
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    ids.discard(None)
-    return sorted(int(i) for i in ids)
-
-
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
@@ -116,22 +111,6 @@ def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
             mask[i, : len(r)] = 1
     return ids, mask
-
-
-def _generate_batch(model, ids, mask, repeats, max_new_tokens, temperature, pad_id, eos_ids, use_kv_cache):
-    """(tokens, per-token log-probs) for ``repeats`` samples of each left-padded prompt of one batch: the KV-cache
-    sampler (each prompt prefilled once), or ``generate(num_return_sequences=repeats)`` with its scores."""
-    if use_kv_cache:
-        return sample_with_kv_cache(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    pad_token_id=pad_id, eos_token_ids=eos_ids, drop_finished=True,
-                                    num_return_sequences=repeats)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-                         temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_ids,
-                         num_return_sequences=repeats, output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[:, ids.shape[1] :]
-    scores = torch.stack(out.scores, dim=1).float()  # already divided by the temperature
-    logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-    return tokens, logps
 
 
 def _batches(num_prompts: int, num_samples: int, batch_size: int) -> list[tuple[list[int], int]]:
@@ -172,7 +151,7 @@ def sample_pool(
     if use_kv_cache is None:
         use_kv_cache = kv_cache_sampling_supported(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = policy_eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     encoded = encode_prompts(tokenizer, prompts)
     completion_ids: list[list[int]] = []
@@ -187,8 +166,10 @@ def sample_pool(
             jobs = _batches(len(prompts), num_samples, batch_size)
             for idx, repeats in tqdm(jobs, desc=f"sampling {len(prompts)}×{num_samples}", disable=not progress):
                 ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
-                tokens, tok_logps = _generate_batch(model, ids, mask, repeats, max_new_tokens, temperature, pad_id,
-                                                    eos_ids, use_kv_cache)
+                tokens, tok_logps = sample_policy(
+                    model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=pad_id,
+                    eos_token_ids=eos_ids, drop_finished=True, num_return_sequences=repeats, use_kv_cache=use_kv_cache,
+                )
                 for row, row_logps in zip(tokens.tolist(), tok_logps.tolist()):
                     end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), None)
                     terminated.append(end is not None)
@@ -427,10 +408,10 @@ class BestOfNSampler:
 # Held-out evaluation and KL of a policy
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sequence_kl(policy: nn.Module, reference: nn.Module | str, pool: CompletionPool, batch_size: int = 64) -> list[float]:
+def sequence_kl(policy: nn.Module, reference: Reference, pool: CompletionPool, batch_size: int = 64) -> list[float]:
     """k1 = Σ_t log π(y_t) − log π_ref(y_t) of each completion of the pool (sampled from ``policy`` at temperature 1:
-    an unbiased estimate of KL(π ‖ π_ref) in nats per sequence). ``reference="disable_adapter"`` uses the PEFT
-    policy with its adapter disabled."""
+    an unbiased estimate of KL(π ‖ π_ref) in nats per sequence). ``reference``: a model, ``"disable_adapter"`` (the
+    PEFT policy with its adapter disabled) or a trainer's :class:`~hf_rlhf_ext.reference.ReferencePolicy`."""
     device = next(policy.parameters()).device
     pad = 0  # any id: padded positions are masked
     flat_prompt_ids = [ids for ids in pool.prompt_ids for _ in range(pool.num_samples)]
@@ -439,11 +420,8 @@ def sequence_kl(policy: nn.Module, reference: nn.Module | str, pool: CompletionP
         sl = slice(start, start + batch_size)
         prompt_ids, prompt_mask = _left_pad(flat_prompt_ids[sl], pad, device)
         comp_ids, comp_mask = _right_pad(pool.completion_ids[sl], pad, device)
-        if reference == "disable_adapter":
-            with policy.disable_adapter():
-                ref = per_token_logps(policy, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=batch_size)
-        else:
-            ref = per_token_logps(reference, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=batch_size)
+        with reference_model(policy, reference) as ref_model:
+            ref = per_token_logps(ref_model, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=batch_size)
         out.extend(float(lp) - float(r) for lp, r in zip(pool.logps[sl], ref.sum(dim=1).tolist()))
     return out
 
@@ -454,7 +432,7 @@ def evaluate_samples(
     prompts: Sequence[Any],
     reward_funcs: Mapping[str, Callable[..., Any]],
     max_new_tokens: int,
-    reference: nn.Module | str | None = None,
+    reference: Reference | None = None,
     num_samples: int = 1,
     seed: int = 0,
     batch_size: int = 256,

@@ -32,6 +32,8 @@ __all__ = [
     "ensemble_mean",
     "ensemble_min",
     "ensemble_uwo",
+    "LAB_CONFIG",
+    "lab_defaults",
     "make_parser",
     "run_experiment",
     "summarise",
@@ -43,10 +45,10 @@ OBJECTIVES = ("single", "mean", "min", "uwo")
 ENSEMBLE_ENV = "HF_RLHF_EXT_ENSEMBLE"
 _ENSEMBLE_OBJECTIVE = {"mean": "mean", "min": "min", "uwo": "mean_minus_std"}
 _OWN_FLAGS = ("objectives", "penalty", "k", "ensemble_reward_models", "gold_reward")
-# Lab defaults of the experiment on top of the sweep's: a β at which the single proxy RM over-optimises within the run
-# (gold rises then falls), three seeds, 80 steps.
-LAB_DEFAULTS = {"output_dir": "runs/rm-ensemble", "seeds": [0, 1, 2], "max_steps": 80, "eval_every": 5}
-LAB_BETA = 0.005
+# The experiment's own lab settings, on top of the β sweep's of the same trainer (``sweeps.lab_defaults``), are written
+# once, in this shipped YAML file (recipes/configs/): a β at which the single proxy RM over-optimises within the run
+# (gold rises then falls), three seeds, 80 steps. Its ``beta`` is the trainer's β (PPO's ``kl_coef``).
+LAB_CONFIG = "rm_ensemble_lab.yaml"
 
 
 @dataclass
@@ -154,13 +156,27 @@ def make_parser(trainer: str = "grpo"):
     the trainer's own field (``--beta`` for GRPO, ``--kl_coef`` for PPO)."""
     from trl import ModelConfig, TrlParser
 
-    from .recipe_utils import RLScriptArguments, cpu_parser_defaults
-    from .sweeps import BETA_FIELD, LAB_DEFAULTS as SWEEP_DEFAULTS, SweepArguments, config_class
+    from .recipe_utils import RLScriptArguments, check_lab_keys, cpu_parser_defaults
+    from .sweeps import SweepArguments, config_class
 
-    parser = TrlParser((EnsembleArguments, SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig))
-    parser.set_defaults(**{**SWEEP_DEFAULTS[trainer], **LAB_DEFAULTS, BETA_FIELD[trainer]: LAB_BETA},
-                        **cpu_parser_defaults())
+    defaults = lab_defaults(trainer)
+    classes = (EnsembleArguments, SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig)
+    check_lab_keys(defaults, classes)
+    parser = TrlParser(classes)
+    parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
+
+
+def lab_defaults(trainer: str) -> dict[str, Any]:
+    """The sweep's lab settings for ``trainer`` updated with the experiment's (``LAB_CONFIG``), whose ``beta`` goes
+    to the trainer's β field."""
+    from .recipe_utils import read_shipped_config
+    from .sweeps import BETA_FIELD, lab_defaults as sweep_lab_defaults
+
+    own = read_shipped_config(LAB_CONFIG)
+    if "beta" in own:
+        own[BETA_FIELD[trainer]] = own.pop("beta")
+    return {**sweep_lab_defaults(trainer), **own}
 
 
 def parse_argv(argv: Sequence[str]) -> tuple[Any, ...]:
@@ -200,7 +216,8 @@ def _sweep_base_argv(argv: Sequence[str], output_dir: str) -> list[str]:
     if "--config" in out:
         import yaml
 
-        config = {k: v for k, v in _read_config(argv).items() if k not in _OWN_FLAGS}
+        # β goes to each sweep as --betas under the trainer's own name; a copied `beta` would reach PPO's parser
+        config = {k: v for k, v in _read_config(argv).items() if k not in _OWN_FLAGS and k not in ("beta", "kl_coef")}
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "sweep_config.yaml")
         with open(path, "w") as f:

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 from huggingface_hub import ModelCard, ModelCardData
 
 __all__ = [
-    "CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "flag_value", "hub_id_or_none", "load_snippet", "lora_settings",
-    "markdown_table", "push_folder", "settings_from", "write_experiment_card", "write_model_card",
+    "CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "flag_value", "hub_id_or_none", "load_snippet",
+    "lora_settings", "markdown_table", "push_folder", "settings_from", "write_experiment_card", "write_model_card",
 ]
 
 CARD_FILE = "README.md"
@@ -218,7 +218,7 @@ def write_experiment_card(output_dir: str, recipe: str, argv: Sequence[str], sum
         command=" ".join(["python", recipe, *(shlex.quote(a) for a in argv)]), tags=tags,
         base_model=hub_id_or_none(flag_value(argv, "--model_name_or_path")), datasets=[dataset] if dataset else [],
         library_name=library_name, hyperparameters=dict(settings or {}), results_markdown=table, plots=plots or {},
-        usage=usage or f"The numbers behind the table and the plots are in `{os.path.join(output_dir, 'metrics.json')}`.",
+        usage=usage or f"The numbers behind the table and plots are in `{os.path.join(output_dir, 'metrics.json')}`.",
     ))
 
 
@@ -233,7 +233,8 @@ def load_snippet(path: str, kind: str, with_critic: bool = False) -> str:
                  "merged = model.merge_and_unload()  # optional: one plain model"),
         "reward": ("from transformers import AutoModelForSequenceClassification, AutoTokenizer",
                    f'model = AutoModelForSequenceClassification.from_pretrained("{path}")  # logits[:, 0] = reward'),
-        "reward_peft": ("from peft import AutoPeftModelForSequenceClassification\nfrom transformers import AutoTokenizer",
+        "reward_peft": ("from peft import AutoPeftModelForSequenceClassification\n"
+                        "from transformers import AutoTokenizer",
                         f'model = AutoPeftModelForSequenceClassification.from_pretrained("{path}")  '
                         "# logits[:, 0] = reward"),
     }
@@ -241,10 +242,13 @@ def load_snippet(path: str, kind: str, with_critic: bool = False) -> str:
         raise ValueError(f"Unknown model kind {kind!r}; expected one of {sorted(loaders)}.")
     imports, load = loaders[kind]
     lines = [imports, "", load, f'tokenizer = AutoTokenizer.from_pretrained("{path}")']
-    if with_critic:
+    if with_critic:  # ValueModel reads a local folder: a Hub repository is downloaded first
+        folder = f'"{path}"' if os.path.isdir(path) or os.path.isabs(path) else f'snapshot_download("{path}")'
         lines += ["", "# the PPO critic (value model), saved beside the policy",
-                  "from hf_rlhf_ext.trainers import ValueModel",
-                  f'critic = ValueModel.from_pretrained("{path}/value_model")']
+                  "import os", "from hf_rlhf_ext.trainers import ValueModel"]
+        if folder.startswith("snapshot_download"):
+            lines.append("from huggingface_hub import snapshot_download")
+        lines.append(f'critic = ValueModel.from_pretrained(os.path.join({folder}, "value_model"))')
     return "```python\n" + "\n".join(lines) + "\n```"
 
 

@@ -193,7 +193,8 @@ def _curves(log_history: Sequence[dict[str, Any]], panels: Sequence[tuple[str, S
     return _save(plt, fig, path)
 
 
-def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str, title: str = "Training curves") -> str | None:
+def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str,
+                         title: str = "Training curves") -> str | None:
     """The reward curves (every ``rewards/<name>/mean``, or ``reward``) and the KL curves (``TRAINING_CURVE_KL_KEYS``)
     against the optimizer step, from a trainer's ``log_history``. Returns None (no file) when nothing was logged."""
     reward_keys = sorted({k for r in log_history for k in r if k.startswith("rewards/") and k.endswith("/mean")})

@@ -30,7 +30,8 @@ from .model_card import RecipeCard, lora_settings, settings_from
 from .objectives import kl_k1, kl_k3
 from .results import ResultsCallback, write_metrics
 from .reward_guard import RewardFault, attach_reward_guard
-from .sampling import per_token_logps
+from .reference import Reference, ReferencePolicy, reference_model, resolve_reference
+from .sampling import completion_mask, per_token_logps, policy_eos_ids, sample_policy
 from .validation import (
     DataValidationError,
     InputError,
@@ -69,6 +70,9 @@ __all__ = [
     "make_trainer",
     "make_recipe_parser",
     "read_lab_config",
+    "shipped_config_path",
+    "read_shipped_config",
+    "check_lab_keys",
     "RecipeParser",
     "MONITORS",
     "parse_monitors",
@@ -506,8 +510,8 @@ def parse_monitors(value: str | Sequence[str] | None) -> list[str] | None:
         return []
     unknown = [n for n in names if n not in MONITORS]
     if unknown:
-        raise InputError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} (comma-separated), "
-                         "'auto' or 'none'.")
+        raise InputError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} "
+                         "(comma-separated), 'auto' or 'none'.")
     return names
 
 
@@ -559,7 +563,8 @@ def add_monitors(trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -
                 raise InputError(f"--monitor {name}: {err}") from err
             logger.info("--monitor auto: %s left out (%s).", name, err)
             continue
-        trainer.add_callback(attached[name])
+        # ahead of the trackers' callbacks: what a monitor adds to a step's logs reaches them at that step
+        trainer.callback_handler.callbacks.insert(len(attached) - 1, attached[name])
     return attached
 
 
@@ -578,16 +583,47 @@ def monitor_results(monitors: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_lab_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_lab_config(path: Any) -> dict[str, Any]:
     """A recipe's lab settings from its YAML file (``recipes/configs/<name>_lab.yaml``), the one place they are
-    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run."""
+    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run.
+    ``path``: a file path, or a ``Traversable`` (``shipped_config_path``)."""
     import yaml
+    from pathlib import Path
 
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
+    source = path if hasattr(path, "read_text") else Path(path)
+    values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
     return values
+
+
+def shipped_config_path(name: str) -> Any:
+    """``configs/<name>`` of the recipes package, wherever it is: ``recipes/configs/`` in a checkout,
+    ``hf_rlhf_ext/recipes/configs/`` in an installed wheel (its package data). The library's experiments read their
+    lab defaults from there, so that the YAML file is their one copy."""
+    from importlib.resources import files
+
+    from .cli import recipes_package
+
+    path = files(recipes_package()) / "configs" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"No shipped config {name!r} in {files(recipes_package()) / 'configs'}: the package "
+                                "is incomplete; reinstall hf-rlhf-ext (its recipes/configs/*.yaml are package data).")
+    return path
+
+
+def read_shipped_config(name: str) -> dict[str, Any]:
+    """The lab settings of the shipped ``configs/<name>`` (``read_lab_config`` of ``shipped_config_path``)."""
+    return read_lab_config(shipped_config_path(name))
+
+
+def check_lab_keys(defaults: dict[str, Any], classes: Sequence[type]) -> None:
+    """Refuses lab settings that no argument class of the parser has (a typo in a YAML file would else be ignored)."""
+    import dataclasses
+
+    unknown = sorted(set(defaults) - {f.name for cls in classes for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"Recipe default(s) {unknown} are not fields of {[c.__name__ for c in classes]}.")
 
 
 def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any],
@@ -596,14 +632,10 @@ def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[s
     recipe's lab defaults (``read_lab_config``) and the CPU defaults; explicit flags and config files override both.
     With ``--use_peft`` and no learning rate in the flags or the config file, the learning rate is multiplied by
     ``lora_learning_rate_multiplier`` (None: kept)."""
-    import dataclasses
-
     from trl import ModelConfig
 
     classes = (script_args_cls, config_cls, ModelConfig)
-    unknown = sorted(set(defaults) - {f.name for cls in classes for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"Recipe default(s) {unknown} are not fields of {[c.__name__ for c in classes]}.")
+    check_lab_keys(defaults, classes)
     parser = RecipeParser(classes, lora_learning_rate_multiplier=lora_learning_rate_multiplier)
     parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
@@ -690,53 +722,25 @@ def evaluate_policy(
     reward_funcs: dict[str, Callable],
     max_new_tokens: int,
     sampling: str = "sample",
-    reference: Any = None,
+    reference: Reference | None = None,
     batch_size: int = 32,
     seed: int = 0,
     num_samples: int = 4,
 ) -> dict[str, Any]:
-    """Generates one completion per held-out prompt and scores it with every reward function.
+    """Samples one completion per held-out prompt (:func:`hf_rlhf_ext.sampling.sample_policy`, at temperature 1, or
+    greedy) and scores it with every reward function.
 
     Returns ``{"<name>": mean reward, ..., "eos_rate", "mean_length", "kl_to_reference" (sequence k1, sampled
-    completions only, when ``reference`` is given: a model, or the same PEFT model whose adapters are disabled),
-    "kl_k3_to_reference" (the same with k3), "samples": [...]}``.
+    completions only, when ``reference`` is given: a model, ``"disable_adapter"`` for the same PEFT model with its
+    adapters disabled, or a trainer's :class:`~hf_rlhf_ext.reference.ReferencePolicy`), "kl_k3_to_reference" (the same
+    with k3), "samples": [...]}``.
     """
     if not prompts:
         return {}
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
-    texts = _prompt_texts(prompts, tokenizer)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    completions, completion_ids, kl = [], [], []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=sampling == "sample", temperature=1.0, top_k=0,
-                top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids),
-            )
-            gen = out[:, enc["input_ids"].size(1) :]
-            mask = torch.ones_like(gen)
-            for row in range(gen.size(0)):
-                ids = gen[row].tolist()
-                end = next((i + 1 for i, t in enumerate(ids) if t in eos_ids), len(ids))
-                mask[row, end:] = 0
-                completion_ids.append(ids[:end])
-            completions.extend(tokenizer.batch_decode([ids for ids in completion_ids[start:]], skip_special_tokens=True))
-            if reference is not None and sampling == "sample":
-                kl.extend(torch.stack(_sequence_kl(model, reference, out, enc["attention_mask"], mask), 1).tolist())
-    finally:
-        tokenizer.padding_side = side
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
+    eos_ids = policy_eos_ids(model, tokenizer)
+    completion_ids, kl = _sample_for_eval(model, tokenizer, prompts, max_new_tokens, sampling == "sample", reference,
+                                          batch_size, seed, eos_ids)
+    completions: list[Any] = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     if isinstance(prompts[0], list):
         completions = [[{"role": "assistant", "content": c}] for c in completions]
     result: dict[str, Any] = {}
@@ -755,28 +759,52 @@ def evaluate_policy(
     return result
 
 
-def _sequence_kl(model, reference, sequences, prompt_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_for_eval(model, tokenizer, prompts, max_new_tokens, sample, reference, batch_size, seed, eos_ids):
+    """(completion ids cut after the first EOS, [(k1, k3)] per completion when sampled with a reference). The
+    model's training mode and the caller's CPU random state are restored."""
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    texts = _prompt_texts(prompts, tokenizer)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    completion_ids, kl = [], []
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            tokens, logps = sample_policy(
+                model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, temperature=1.0,
+                pad_token_id=pad_id, eos_token_ids=eos_ids, greedy=not sample,
+            )
+            mask = completion_mask(tokens, eos_ids)
+            completion_ids.extend(row[m.bool()].tolist() for row, m in zip(tokens, mask))
+            if reference is not None and sample:
+                kl.extend(_sequence_kl(model, reference, enc, tokens, mask, logps))
+    finally:
+        tokenizer.padding_side = side
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return completion_ids, kl
+
+
+def _sequence_kl(model, reference, enc, tokens, mask, logps) -> list[tuple[float, float]]:
     """(k1, k3) summed over each sampled completion: k1 = log π − log π_ref and k3 = eˣ − 1 − x with
-    x = log π_ref − log π, both unbiased for KL(π‖π_ref) at temperature 1; k3 is ≥ 0 and has the lower variance."""
-    P = prompt_mask.size(1)
-    args = (sequences[:, :P], prompt_mask, sequences[:, P:], completion_mask)
-    policy_logps = per_token_logps(model, *args)
-    if reference == "disable_adapter":
-        with model.disable_adapter():
-            ref_logps = per_token_logps(model, *args)
-    else:
-        ref_logps = per_token_logps(reference, *args)
-    mask = completion_mask.to(policy_logps.dtype)
-    return (kl_k1(policy_logps, ref_logps) * mask).sum(dim=1), (kl_k3(policy_logps, ref_logps) * mask).sum(dim=1)
+    x = log π_ref − log π, both unbiased for KL(π‖π_ref) at temperature 1; k3 is ≥ 0 and has the lower variance.
+    log π comes with the samples; log π_ref from one forward pass of the reference."""
+    with reference_model(model, reference) as ref:
+        ref_logps = per_token_logps(ref, enc["input_ids"], enc["attention_mask"], tokens, mask)
+    m = mask.to(logps.dtype)
+    k1, k3 = (kl_k1(logps, ref_logps) * m).sum(dim=1), (kl_k3(logps, ref_logps) * m).sum(dim=1)
+    return [(float(a), float(b)) for a, b in zip(k1, k3)]
 
 
-def _reference_for_eval(trainer: Any) -> Any:
-    """The initial policy: the trainer's reference model, or the adapter-disabled PEFT model; None without one."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "disable_adapter"):
-        return "disable_adapter"
-    ref = getattr(trainer, "ref_model", None)
-    return trainer.accelerator.unwrap_model(ref) if ref is not None else None
+def _reference_for_eval(trainer: Any) -> ReferencePolicy | None:
+    """The initial policy, as every π_ref of this package is found (:func:`hf_rlhf_ext.reference.resolve_reference`:
+    the adapter-disabled PEFT model or the trainer's reference model); None without one (no copy is made)."""
+    return resolve_reference(trainer, allow_copy=False, who="the held-out evaluation")
 
 
 def summary_text(metrics: dict[str, Any]) -> str:
@@ -836,10 +864,11 @@ def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments,
         else f"`{hub_id_or_none(setup.model) or os.path.basename(os.path.normpath(setup.model))}`"
     data = "the lab's prompts" if setup.on_lab else f"`{script_args.dataset_name}`"
     dataset_id = hub_id_or_none(script_args.dataset_name)
+    optimised = [name for name, weight in zip(metrics["reward_funcs"], metrics["reward_weights"]) if weight]
     run = RunCard(
         title=(repo or os.path.basename(os.path.abspath(out))).split("/")[-1],
         summary=(f"{card.method} ({'a LoRA adapter on ' if setup.peft_config else ''}{base}), trained on {data} for "
-                 f"{metrics['global_step']} steps, rewarded by {', '.join(n for n, w in zip(metrics['reward_funcs'], metrics['reward_weights']) if w)}."),
+                 f"{metrics['global_step']} steps, rewarded by {', '.join(optimised)}."),
         recipe=card.script,
         command=recipe_command(card.script, script_args.cli_args),
         tags=card.tags,

@@ -1,5 +1,6 @@
-"""Reward adapters: any reward model or reward function as a TRL reward function, ready-made lab rewards importable by
-dotted path, and helpers for tracked-only (weight 0) rewards.
+"""Reward adapters: any reward model or reward function as a TRL reward function, and helpers for tracked-only
+(weight 0) rewards. The lab's ready-made rewards (``lab_gold_reward``, ``lab_proxy_reward``) belong to the lab
+(:mod:`hf_rlhf_ext.lab.rewards`) and are re-exported here, so that their documented dotted paths keep working.
 
 Why: TRL's ``GRPOTrainer`` / ``RLOOTrainer`` take reward *functions* ``f(prompts, completions, completion_ids, ...)``
 and log each one's batch mean as ``rewards/<__name__>/mean``. A function with weight 0 in ``reward_weights`` is
@@ -22,10 +23,9 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from typing import Any, Callable, Literal, Sequence
 
-from .lab.build import LAB_DIR_ENV
+from .lab.rewards import LAB_DIR_ENV, lab_gold_reward, lab_proxy_reward, lab_reward_model_path  # the lab's
 from .validation import check_rewards, reward_model_pad_id
 
 __all__ = [
@@ -109,7 +109,7 @@ class RewardModelFunction:
             tok_source = path
         elif isinstance(model_or_path, nn.Module):
             model = model_or_path
-            path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+            path = str(model.config.name_or_path or "") if hasattr(model, "config") else ""
             default_name = os.path.basename(os.path.normpath(path)) if path else type(model).__name__
             tok_source = path or None
         else:
@@ -204,49 +204,6 @@ class RewardModelFunction:
         seqs = self.sequences(prompts, completions, completion_ids)
         scores = score_token_ids(self.model, seqs, pad_token_id=self.pad_token_id, batch_size=self.batch_size)
         return scores.tolist()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Ready-made lab rewards (importable by dotted path for `trl grpo --reward_funcs ...`)
-
-
-def lab_gold_reward(
-    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None, **kwargs
-) -> list[float]:
-    """The lab's gold reward (``hf_rlhf_ext.lab.gold_reward``), logged as ``rewards/lab_gold_reward/mean``.
-
-    Uses the completion ids (which TRL passes) to tell a terminated reply from one cut off by the length limit.
-    """
-    from .lab.task import gold_reward
-
-    values = gold_reward(prompts, completions, completion_ids=completion_ids)
-    return check_rewards(values, len(completions), "lab_gold_reward")
-
-
-_lab_proxy: RewardModelFunction | None = None
-_lab_proxy_lock = threading.Lock()
-
-
-def lab_reward_model_path() -> str:
-    """The proxy RM directory of the lab: ``$HF_RLHF_EXT_LAB_DIR`` if set, else the default lab (put in place on first
-    use, then read from ``$HF_RLHF_EXT_HOME/lab/<config hash>``)."""
-    from .lab import open_lab
-
-    return open_lab().reward_model_path
-
-
-def lab_proxy_reward(
-    prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None = None, **kwargs
-) -> list[float]:
-    """The lab's proxy reward model, loaded on the first call (from ``$HF_RLHF_EXT_LAB_DIR`` or the default lab
-    cache), logged as ``rewards/lab_proxy_reward/mean``. The EOS token is shown to the RM only where the policy
-    emitted it — the format the RM was trained on."""
-    global _lab_proxy
-    if _lab_proxy is None:
-        with _lab_proxy_lock:
-            if _lab_proxy is None:
-                _lab_proxy = RewardModelFunction(lab_reward_model_path(), name="lab_proxy_reward")
-    return _lab_proxy(prompts, completions, completion_ids=completion_ids, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,20 +7,26 @@ and one cached forward per token, and reads log π(token) from the logits it sam
 
 It draws *exactly* the tokens ``generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)`` draws with the same
 seed (``multinomial(softmax(logits / T))`` at every step, finished rows continued with the pad token), so swapping it
-in changes nothing but the time. Used by the PPO trainer's rollouts and by the callbacks' held-out sampling.
+in changes nothing but the time.
+
+:func:`sample_policy` is the one way this package samples a policy (the PPO trainer's rollouts, the callbacks'
+held-out samples, the recipes' evaluation, best-of-N pools and the lab's data): this loop where it applies, ``generate``
+otherwise (encoder-decoders, greedy decoding, or when asked).
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 __all__ = [
-    "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported", "per_token_logps",
-    "sample_with_kv_cache",
+    "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported",
+    "per_token_logps", "policy_eos_ids", "sample_policy", "sample_with_kv_cache",
 ]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
@@ -91,6 +97,45 @@ def sample_with_kv_cache(
     float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
     EOS hold the pad token and log-prob 0.
     """
+    _check_sampling_args(input_ids, prompt_mask, max_new_tokens, temperature, num_return_sequences)
+    repeats, temperature = num_return_sequences, float(temperature)
+    stop = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
+    stop_ids = torch.tensor(stop, device=input_ids.device, dtype=torch.long) if stop else None
+    step_kwargs = forward_kwargs(model)
+    call = _StepCall("cache" if "cache" in step_kwargs else "past_key_values",
+                     {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {})
+    state = _DecodeState.start(input_ids, prompt_mask, max_new_tokens, repeats, pad_token_id,
+                               "position_ids" in step_kwargs)
+    n = 0
+    for t in range(max_new_tokens):
+        scores = call.scores(model, state, input_ids.shape[1] + t)
+        if t == 0 and repeats > 1:  # the prompts were prefilled once: now each becomes M rows
+            scores = scores.repeat_interleave(repeats, dim=0)
+            state.repeat_prefill(repeats, call, model, input_ids, prompt_mask)
+        next_tokens, step_logps = _draw(scores, temperature)
+        if stop_ids is not None:
+            state.mark_finished(next_tokens, step_logps, stop_ids, pad_token_id)
+        state.record(t, next_tokens, step_logps)
+        n = t + 1
+        if stop_ids is not None:
+            n_left = int(state.unfinished.sum())
+            if n_left == 0:
+                break
+            if drop_finished and n_left < state.unfinished.numel() and _can_drop_rows(state.cache):
+                next_tokens = state.keep_unfinished(next_tokens)
+        state.advance(next_tokens)
+    return state.tokens[:, :n], state.logps[:, :n]
+
+
+def _draw(scores: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(scores / T), and its log-probability at T."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return next_tokens, scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+
+
+def _check_sampling_args(input_ids, prompt_mask, max_new_tokens, temperature, num_return_sequences) -> None:
     if temperature is None or temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}.")
     if max_new_tokens < 1:
@@ -99,76 +144,161 @@ def sample_with_kv_cache(
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} differ.")
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}.")
-    repeats = num_return_sequences
-    temperature = float(temperature)
-    stop = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
-    device = input_ids.device
-    stop_ids = torch.tensor(stop, device=device, dtype=torch.long) if stop else None
-    B, P = input_ids.shape[0] * repeats, input_ids.shape[1]
-    step_kwargs = forward_kwargs(model)
-    cache_name = "cache" if "cache" in step_kwargs else "past_key_values"
-    logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in step_kwargs else {}
-    attention = None
-    if not bool(prompt_mask.all()):
-        attention = torch.ones((B // repeats, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
-        attention[:, :P] = prompt_mask
-    position = None
-    if "position_ids" in step_kwargs:
-        position = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    rows: torch.Tensor | None = None  # which original rows the batch holds, once some have left it
-    step_input, cache, n = input_ids, None, 0
-    for t in range(max_new_tokens):
-        extra = {cache_name: cache} if cache is not None else {}
-        if position is not None:
-            extra["position_ids"] = position
-        out = model(input_ids=step_input, attention_mask=attention[:, : P + t] if attention is not None else None,
-                    use_cache=True, return_dict=True, **extra, **logits_kw)
-        cache = out.get(cache_name)
-        scores = out.logits[:, -1, :].float()
-        if t == 0 and repeats > 1:  # the prompts were prefilled once: now each becomes M rows
-            scores = scores.repeat_interleave(repeats, dim=0)
-            cache = _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, cache_name, logits_kw)
-            attention = attention.repeat_interleave(repeats, dim=0) if attention is not None else None
-            position = position.repeat_interleave(repeats, dim=0) if position is not None else None
-        if temperature != 1.0:
-            scores = scores / temperature
-        next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        step_logps = scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
-        if stop_ids is not None:
-            finished = ~unfinished
-            next_tokens.masked_fill_(finished, pad_token_id)
-            step_logps.masked_fill_(finished, 0.0)
-            unfinished &= (next_tokens != stop_ids[0]) if len(stop) == 1 else ~torch.isin(next_tokens, stop_ids)
-        if rows is None:
-            tokens[:, t] = next_tokens
-            logps[:, t] = step_logps
-        else:
-            tokens[rows, t] = next_tokens
-            logps[rows, t] = step_logps
-        n = t + 1
-        if stop_ids is not None:
-            n_left = int(unfinished.sum())
-            if n_left == 0:
-                break
-            if drop_finished and n_left < unfinished.numel() and _can_drop_rows(cache):
-                keep = unfinished.nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                rows = keep if rows is None else rows[keep]
-                unfinished, next_tokens = unfinished[keep], next_tokens[keep]
-                if attention is not None:
-                    attention = attention[keep]
-                if position is not None:
-                    position = position[keep]
-        step_input = next_tokens[:, None]
-        if position is not None:
-            position = position[:, -1:] + 1
-    return tokens[:, :n], logps[:, :n]
 
 
-def _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, cache_name, logits_kw):
+@dataclass
+class _DecodeState:
+    """What the sampling loop carries from one step to the next: the output buffers (all B·M rows), the rows still
+    in the batch (``rows``: which output rows they are, once some have left), their attention mask and position ids,
+    the KV cache and the next step's input."""
+
+    tokens: torch.Tensor
+    logps: torch.Tensor
+    unfinished: torch.Tensor
+    attention: torch.Tensor | None
+    position: torch.Tensor | None
+    step_input: torch.Tensor
+    cache: Any = None
+    rows: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, input_ids, prompt_mask, max_new_tokens, repeats, pad_token_id, with_positions) -> "_DecodeState":
+        """Position ids follow the attention mask (left padding does not shift positions); the mask is dropped when
+        no prompt is padded."""
+        device, (B, P) = input_ids.device, input_ids.shape
+        attention = None
+        if not bool(prompt_mask.all()):
+            attention = torch.ones((B, P + max_new_tokens), dtype=prompt_mask.dtype, device=device)
+            attention[:, :P] = prompt_mask
+        position = None
+        if with_positions:
+            position = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+        return cls(
+            tokens=torch.full((B * repeats, max_new_tokens), pad_token_id, dtype=torch.long, device=device),
+            logps=torch.zeros((B * repeats, max_new_tokens), dtype=torch.float32, device=device),
+            unfinished=torch.ones(B * repeats, dtype=torch.bool, device=device),
+            attention=attention, position=position, step_input=input_ids,
+        )
+
+    def repeat_prefill(self, repeats, call, model, input_ids, prompt_mask) -> None:
+        """Each prompt's prefill becomes its M rows (the cache, the mask and the position ids)."""
+        self.cache = _repeat_rows(self.cache, repeats, model, input_ids, prompt_mask, self.position, call)
+        self.attention = self.attention.repeat_interleave(repeats, dim=0) if self.attention is not None else None
+        self.position = self.position.repeat_interleave(repeats, dim=0) if self.position is not None else None
+
+    def mark_finished(self, next_tokens, step_logps, stop_ids, pad_token_id) -> None:
+        """Rows that had finished get the pad token and log-prob 0 (in place); rows that emit a stop id finish."""
+        finished = ~self.unfinished
+        next_tokens.masked_fill_(finished, pad_token_id)
+        step_logps.masked_fill_(finished, 0.0)
+        hit = (next_tokens == stop_ids[0]) if len(stop_ids) == 1 else torch.isin(next_tokens, stop_ids)
+        self.unfinished &= ~hit
+
+    def record(self, t: int, next_tokens: torch.Tensor, step_logps: torch.Tensor) -> None:
+        where = slice(None) if self.rows is None else self.rows
+        self.tokens[where, t] = next_tokens
+        self.logps[where, t] = step_logps
+
+    def keep_unfinished(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Finished rows leave the batch and the KV cache; returns the kept rows' ``next_tokens``."""
+        keep = self.unfinished.nonzero().squeeze(1)
+        self.cache.batch_select_indices(keep)
+        self.rows = keep if self.rows is None else self.rows[keep]
+        self.unfinished = self.unfinished[keep]
+        if self.attention is not None:
+            self.attention = self.attention[keep]
+        if self.position is not None:
+            self.position = self.position[keep]
+        return next_tokens[keep]
+
+    def advance(self, next_tokens: torch.Tensor) -> None:
+        self.step_input = next_tokens[:, None]
+        if self.position is not None:
+            self.position = self.position[:, -1:] + 1
+
+
+@dataclass(frozen=True)
+class _StepCall:
+    """How this model's forward is called for one step: the KV cache's argument name and ``logits_to_keep``."""
+
+    cache_name: str
+    logits_kw: dict[str, int]
+
+    def scores(self, model: nn.Module, state: _DecodeState, length: int) -> torch.Tensor:
+        """The next-token logits (float32) of the rows in the batch; updates the state's cache."""
+        extra = {self.cache_name: state.cache} if state.cache is not None else {}
+        if state.position is not None:
+            extra["position_ids"] = state.position
+        attention = state.attention[:, :length] if state.attention is not None else None
+        out = model(input_ids=state.step_input, attention_mask=attention, use_cache=True, return_dict=True, **extra,
+                    **self.logits_kw)
+        state.cache = out.get(self.cache_name)
+        return out.logits[:, -1, :].float()
+
+
+def sample_policy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    pad_token_id: int,
+    eos_token_ids: Sequence[int] | int | None,
+    drop_finished: bool = False,
+    num_return_sequences: int = 1,
+    use_kv_cache: bool = True,
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions of the left-padded prompts ``input_ids`` (B, P): ``(tokens, logps)``, both (B·M, n), as
+    :func:`sample_with_kv_cache` returns them (its arguments mean the same).
+
+    :func:`sample_with_kv_cache` when ``use_kv_cache`` and the model is decoder-only; else ``generate`` with pure
+    sampling (``top_k=0``, ``top_p=1``), whose processed scores give the log-probs. ``greedy``: ``generate``'s greedy
+    decoding, log-probs of the argmax tokens at temperature 1.
+    """
+    if use_kv_cache and not greedy and kv_cache_sampling_supported(model):
+        return sample_with_kv_cache(
+            model, input_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+            pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, drop_finished=drop_finished,
+            num_return_sequences=num_return_sequences,
+        )
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0,
+                                                   "top_p": 1.0}
+    eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generate's notes on the settings it was given
+        out = model.generate(
+            input_ids=input_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+            eos_token_id=eos or None, num_return_sequences=num_return_sequences, output_scores=True,
+            return_dict_in_generate=True, **sampling,
+        )
+    tokens = out.sequences[:, input_ids.shape[1] :]
+    scores = torch.stack(out.scores, dim=1).float()  # already divided by the temperature
+    logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return tokens, logps * completion_mask(tokens, eos)
+
+
+def completion_mask(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """1 up to and including each row's first EOS (the EOS is part of the completion, as in TRL), 0 after it."""
+    is_eos = torch.zeros_like(tokens, dtype=torch.bool)
+    for e in eos_token_ids:
+        is_eos |= tokens == e
+    no_eos = torch.full_like(is_eos[:, 0], tokens.shape[1], dtype=torch.long)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), no_eos)
+    return (torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= first[:, None]).long()
+
+
+def policy_eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The ids that end a completion: the model's ``generation_config.eos_token_id`` (one or several) and the
+    tokenizer's EOS, sorted."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    ids.discard(None)
+    return sorted(int(i) for i in ids)
+
+
+def _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, call: _StepCall):
     """The prefill cache with each row repeated ``repeats`` times; caches without row repetition are rebuilt by
     prefilling the repeated prompts (same result, more compute)."""
     if hasattr(cache, "batch_repeat_interleave") and _can_drop_rows(cache):
@@ -177,8 +307,8 @@ def _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, cache_
     extra = {"position_ids": position.repeat_interleave(repeats, dim=0)} if position is not None else {}
     mask = prompt_mask.repeat_interleave(repeats, dim=0)
     out = model(input_ids=input_ids.repeat_interleave(repeats, dim=0), attention_mask=None if bool(mask.all()) else mask,
-                use_cache=True, return_dict=True, **extra, **logits_kw)
-    return out.get(cache_name)
+                use_cache=True, return_dict=True, **extra, **call.logits_kw)
+    return out.get(call.cache_name)
 
 
 def _can_drop_rows(cache) -> bool:

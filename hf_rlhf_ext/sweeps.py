@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Sequence
 
 from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
-from .recipe_utils import RLScriptArguments, cpu_parser_defaults
+from .recipe_utils import RLScriptArguments, check_lab_keys, cpu_parser_defaults
 
 __all__ = [
     "SweepArguments",
-    "LAB_DEFAULTS",
+    "LAB_CONFIGS",
+    "lab_defaults",
     "HeldOutProbeCallback",
     "make_sweep_parser",
     "parse_sweep_argv",
@@ -51,19 +52,20 @@ BACKENDS = ("local", "ray")
 BETA_FIELD = {"grpo": "beta", "ppo": "kl_coef"}
 DEFAULT_BETAS = [0.0, 0.005, 0.02, 0.05, 0.2, 1.0]
 
-# Lab settings per trainer (a GRPO point: ≈ 20 s on one core). Flags and --config override them. 256 held-out
-# completions per measurement: the gold of one completion has a standard deviation of ≈ 0.55, so a mean over 64 moves by
-# ±0.07 between measurements — as much as the hump itself; 256 halve that.
-_COMMON = dict(
-    per_device_train_batch_size=32, max_completion_length=24, temperature=1.0, logging_steps=5,
-    save_strategy="no", report_to="none", disable_tqdm=True, num_eval_prompts=256,
-)
-LAB_DEFAULTS: dict[str, dict[str, Any]] = {
-    "grpo": dict(_COMMON, output_dir="runs/beta-sweep-grpo", num_generations=8, learning_rate=3e-4,
-                 loss_type="dapo", scale_rewards="none", max_steps=60, disable_dropout=True),
-    "ppo": dict(_COMMON, output_dir="runs/beta-sweep-ppo", num_generations=1, learning_rate=1e-4,
-                critic_learning_rate=1e-3, num_ppo_epochs=1, max_steps=60),
-}
+# The lab settings per trainer live in these shipped YAML files (recipes/configs/), their one copy: the parser's
+# defaults, overridden by flags and --config. A GRPO point: ≈ 20 s on one core. 256 held-out completions per
+# measurement: the gold of one completion has a standard deviation of ≈ 0.55, so a mean over 64 moves by ±0.07 between
+# measurements — as much as the hump itself; 256 halve that.
+LAB_CONFIGS = {"grpo": "beta_sweep_lab.yaml", "ppo": "beta_sweep_ppo_lab.yaml"}
+
+
+def lab_defaults(trainer: str) -> dict[str, Any]:
+    """The sweep's lab settings for ``trainer``, read from its shipped YAML file."""
+    from .recipe_utils import read_shipped_config
+
+    if trainer not in TRAINERS:
+        raise ValueError(f"--trainer must be one of {TRAINERS}, got {trainer!r}.")
+    return read_shipped_config(LAB_CONFIGS[trainer])
 
 
 @dataclass
@@ -151,10 +153,11 @@ def make_sweep_parser(trainer: str):
     """A ``TrlParser`` over (sweep, script, trainer config, ``ModelConfig``) with the lab defaults of ``trainer``."""
     from trl import ModelConfig, TrlParser
 
-    if trainer not in TRAINERS:
-        raise ValueError(f"--trainer must be one of {TRAINERS}, got {trainer!r}.")
-    parser = TrlParser((SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig))
-    parser.set_defaults(**LAB_DEFAULTS[trainer], **cpu_parser_defaults())
+    defaults = lab_defaults(trainer)
+    classes = (SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig)
+    check_lab_keys(defaults, classes)
+    parser = TrlParser(classes)
+    parser.set_defaults(**defaults, **cpu_parser_defaults())
     return parser
 
 

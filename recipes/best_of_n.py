@@ -100,6 +100,7 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
     from trl import get_peft_config
 
     from hf_rlhf_ext.best_of_n import BestOfNSampler, distill_best_of_n, evaluate_samples
+    from hf_rlhf_ext.model_card import push_folder
     from hf_rlhf_ext.objectives import best_of_n_kl
     from hf_rlhf_ext.plots import plot_best_of_n_curve, plot_distillation
     from hf_rlhf_ext.results import write_metrics
@@ -165,7 +166,12 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
         plot_distillation(metrics, list(rewards), os.path.join(training_args.output_dir, "distillation.png"))
         write_metrics(training_args.output_dir, metrics)
         print(summary_text(metrics, list(rewards), training_args.output_dir))
-        write_card(metrics, list(rewards), path, script_args, training_args, peft_config)
+        repo = (training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+                if training_args.push_to_hub else None)
+        write_card(metrics, list(rewards), path, script_args, training_args, peft_config, repo)
+        if repo:  # the folder as it is: model, card, plots, metrics
+            push_folder(training_args.output_dir, repo, token=training_args.hub_token,
+                        private=training_args.hub_private_repo, revision=training_args.hub_revision)
         print(outputs_line(training_args.output_dir))
     return metrics
 
@@ -178,8 +184,9 @@ def _rows(metrics: dict[str, Any]) -> list[tuple[str, dict, float | None]]:
 
 
 def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_args: BestOfNScriptArguments,
-               training_args: SFTConfig, peft_config: Any) -> None:
-    """The distilled model's card: the held-out table of ``summary_text``, both plots, how to load the model."""
+               training_args: SFTConfig, peft_config: Any, hub_repo: str | None = None) -> None:
+    """The distilled model's card: the held-out table of ``summary_text``, both plots, how to load the model (from
+    ``hub_repo`` when it is pushed there)."""
     from hf_rlhf_ext.model_card import (
         RunCard, hub_id_or_none, load_snippet, lora_settings, markdown_table, settings_from, write_model_card,
     )
@@ -189,7 +196,7 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
                            [(label, *(values.get(n) for n in names), kl) for label, values, kl in _rows(metrics)])
     dataset = hub_id_or_none(script_args.dataset_name)
     write_model_card(out, RunCard(
-        title=os.path.basename(os.path.abspath(out)),
+        title=(hub_repo or os.path.basename(os.path.abspath(out))).split("/")[-1],
         summary=(f"Best-of-{metrics['n']} distilled into the policy ({metrics['rounds']} round(s) of sampling "
                  f"{metrics['n']} replies per prompt, keeping the best by `{metrics['select']}` and fine-tuning on "
                  "it with TRL's SFTTrainer), with best-of-N's own over-optimisation curve on held-out prompts."),
@@ -204,7 +211,7 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
                                  f"{metrics['eval_samples_per_prompt']} samples; all numbers are in `metrics.json`.",
         plots={"bon_curve.png": "Best-of-n on held-out prompts: each reward against sqrt(KL_bon), with the Gao fit",
                "distillation.png": "Each reward against KL: the initial policy, best-of-N and each distilled round"},
-        usage=load_snippet(out, "peft" if peft_config is not None else "causal_lm"),
+        usage=load_snippet(hub_repo or out, "peft" if peft_config is not None else "causal_lm"),
     ))
 
 

@@ -2,7 +2,8 @@
 proxy and gold per measurement, the Gao et al. (2022) fit, and a report — on the offline lab by default.
 
     python recipes/beta_sweep.py                                     # GRPO on the lab, β ∈ {0, .005, .02, .05, .2, 1}
-    python recipes/beta_sweep.py --config recipes/configs/beta_sweep_lab.yaml --max_parallel 2
+    python recipes/beta_sweep.py --config recipes/configs/beta_sweep_lab.yaml --max_parallel 2     # = the defaults
+    python recipes/beta_sweep.py --config recipes/configs/beta_sweep_ppo_lab.yaml                  # = --trainer ppo
     python recipes/beta_sweep.py --trainer ppo --betas 0 0.05 0.2 --seeds 0 1 2 --output_dir runs/sweep-ppo
     python recipes/beta_sweep.py --backend ray --cpus_per_point 4 --gpus_per_point 1 \\
         --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr --reward_funcs my_pkg.rm my_pkg.judge \\

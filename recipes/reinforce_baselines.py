@@ -3,6 +3,7 @@ the measured policy-gradient variance over training and the reward curves — on
 model with flags.
 
     python recipes/reinforce_baselines.py                         # the lab: 3 baselines × 3 seeds, reward = proxy + 5
+    python recipes/reinforce_baselines.py --config recipes/configs/reinforce_baselines_lab.yaml  # the same
     python recipes/reinforce_baselines.py --baselines none running_mean --seeds 0 1 --max_steps 30
     python recipes/reinforce_baselines.py --reward_offset 0 --output_dir runs/baselines-no-offset
     python recipes/reinforce_baselines.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\

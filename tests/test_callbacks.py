@@ -178,7 +178,7 @@ def test_kl_callback_uses_trl_reference_when_beta_positive(policy_path, tmp_path
     trainer.add_callback(cb)
     trainer.train()
     assert [h["step"] for h in cb.history] == [2]
-    assert math.isfinite(cb.history[0]["kl_ref/k3_seq"]) and cb.history[0]["kl_ref/k3_seq"] >= 0
+    assert cb.history[0]["kl_ref/k3_seq"] > 1e-5  # two updates moved the policy away from TRL's frozen reference
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -240,7 +240,6 @@ def test_tiny_lab_saves_and_reloads_every_artifact(tiny_lab):
                 "rm_test_corr_gold", "rm_train_accuracy", "pairs_train_flip_rate"):
         assert key in m
     assert m["build_times"]["total_s"] > 0
-    assert 0.0 <= m["rm_test_accuracy"] <= 1.0
     with open(os.path.join(tiny_lab.root, "lab_metrics.json")) as f:
         assert json.load(f) == m
 

@@ -50,9 +50,13 @@ def _argv(tiny, out, *extra: str) -> list[str]:
             "--num_eval_prompts", "4", "--disable_tqdm", "true", *extra]
 
 
-def test_full_weight_ppo_folder_has_a_card_with_the_runs_numbers_and_reloads(tiny, tmp_path):
-    from transformers import AutoModelForCausalLM
+def _usage_code(card_text: str) -> str:
+    """The Python block of the card's Usage section."""
+    usage = card_text.split("## Usage", 1)[1]
+    return usage.split("```python\n", 1)[1].split("```", 1)[0]
 
+
+def test_full_weight_ppo_folder_has_a_card_with_the_runs_numbers_and_reloads(tiny, tmp_path):
     from hf_rlhf_ext.trainers import ValueModel
 
     _run("ppo", _argv(tiny, tmp_path, "--kl_coef", "0.07"))
@@ -68,21 +72,24 @@ def test_full_weight_ppo_folder_has_a_card_with_the_runs_numbers_and_reloads(tin
     assert "--kl_coef 0.07" in card.text  # the command that made the folder
     assert "![" in card.text and "(training_curves.png)" in card.text
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
-    assert "ValueModel.from_pretrained" in card.text
-    AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    ValueModel.from_pretrained(str(tmp_path / "value_model"))
+    namespace: dict = {}
+    exec(_usage_code(card.text), namespace)  # the card's own usage snippet loads the policy and the critic
+    assert type(namespace["model"]).__name__ == "GPT2LMHeadModel" and isinstance(namespace["critic"], ValueModel)
 
 
 def test_lora_card_is_ours_not_peft_template_and_the_adapter_reloads(tiny, tmp_path):
-    from peft import AutoPeftModelForCausalLM
+    from hf_rlhf_ext.trainers import ValueModel
 
     _run("ppo", _argv(tiny, tmp_path, "--use_peft", "--lora_r", "4", "--critic_shares_base", "true"))
     text = (tmp_path / "README.md").read_text()
     card = ModelCard.load(tmp_path / "README.md")
     assert "More Information Needed" not in text and tiny["policy"] not in card.data.to_yaml()
     assert card.data.library_name == "peft" and "lora" in card.data.tags
-    assert "| lora_r | 4 |" in text and "AutoPeftModelForCausalLM" in text
-    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path))
+    assert "| lora_r | 4 |" in text
+    namespace: dict = {}
+    exec(_usage_code(card.text), namespace)
+    assert type(namespace["model"]).__name__ == "PeftModelForCausalLM"
+    assert isinstance(namespace["critic"], ValueModel) and namespace["critic"].is_peft  # the LoRA critic
 
 
 @pytest.mark.parametrize("recipe,tag,setting", [("grpo", "grpo", "| num_generations | 2 |"),
@@ -123,6 +130,7 @@ def test_push_to_hub_uploads_the_folder_once_with_our_card_the_critic_and_the_pl
     card = ModelCard(upload["card"])
     assert "hf-rlhf-ext" in card.data.tags and card.data.model_name == "ppo-tiny"
     assert 'from_pretrained("someone/ppo-tiny")' in card.text  # the usage snippet points at the Hub repository
+    assert 'ValueModel.from_pretrained(os.path.join(snapshot_download("someone/ppo-tiny"), "value_model"))' in card.text
 
 
 def test_base_model_and_datasets_are_hub_ids_only(tmp_path):
@@ -208,3 +216,16 @@ def test_mini_loop_card_points_at_its_policy_folder(tiny, tmp_path):
     assert f"| {metrics['kl_k3_after']:.4g} |" in card.text
     assert f'from_pretrained("{tmp_path / "policy"}")' in card.text
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+
+
+def test_best_of_n_push_uploads_the_distilled_folder_with_its_card(tiny, tmp_path, fake_hub):
+    _run("best_of_n", ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"],
+                       "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(tmp_path), "--n", "2",
+                       "--pool_size", "2", "--rounds", "1", "--max_new_tokens", "6", "--num_eval_prompts", "4",
+                       "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+                       "--push_to_hub", "true", "--hub_model_id", "someone/bon-tiny"])
+    uploads = fake_hub["uploads"]  # one upload: the SFT rounds push nothing of their own
+    assert len(uploads) == 1 and uploads[0]["repo_id"] == "someone/bon-tiny"
+    assert {"README.md", "model.safetensors", "bon_curve.png", "distillation.png", "metrics.json"} <= set(
+        uploads[0]["files"])
+    assert "best-of-n" in ModelCard(uploads[0]["card"]).data.tags

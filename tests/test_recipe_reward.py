@@ -71,7 +71,7 @@ def test_local_model_and_dataset_by_path(tmp_path, local_model_and_data):
           str(local_model_and_data / "prefs"), "--output_dir", str(out), "--num_train_epochs", "1",
           "--learning_rate", "1e-3"])
     report = json.loads((out / "metrics.json").read_text())["test"]
-    assert report["n_pairs"] == 200 and 0.0 <= report["accuracy"] <= 1.0
+    assert report["n_pairs"] == 200 and report["accuracy"] > 0.55, report  # it learnt from the local pairs
     assert not report.get("gold_accuracy")  # text-only data has no gold columns
     assert json.loads((out / "metrics.json").read_text())["on_lab"] is False
 

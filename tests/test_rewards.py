@@ -170,6 +170,7 @@ def test_lab_gold_reward_is_the_lab_gold():
 
 
 def test_lab_proxy_reward_loads_lazily(rm_path, monkeypatch):
+    import hf_rlhf_ext.lab.rewards as lab_rewards
     import hf_rlhf_ext.rewards as rewards
 
     calls = []
@@ -178,13 +179,13 @@ def test_lab_proxy_reward_loads_lazily(rm_path, monkeypatch):
         calls.append(1)
         return rm_path
 
-    monkeypatch.setattr(rewards, "lab_reward_model_path", fake_path)
-    monkeypatch.setattr(rewards, "_lab_proxy", None)
+    monkeypatch.setattr(lab_rewards, "lab_reward_model_path", fake_path)
+    monkeypatch.setattr(lab_rewards, "_lab_proxy", None)
     p, c = ["customer : my lamp is late agent :"], ["sorry"]
     first = rewards.lab_proxy_reward(prompts=p, completions=c)
     second = rewards.lab_proxy_reward(prompts=p, completions=c)
     assert calls == [1] and first == second and len(first) == 1
-    assert rewards._lab_proxy.__name__ == "lab_proxy_reward"
+    assert lab_rewards._lab_proxy.__name__ == "lab_proxy_reward"
 
 
 def test_weight_zero_reward_model_is_logged_not_optimised(rm_path, tmp_path):

@@ -14,8 +14,6 @@ and everything runs under ``torch.no_grad``.
 from __future__ import annotations
 
 import contextlib
-import copy
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,7 +21,8 @@ import torch
 from torch import nn
 
 from .._trl_compat import check_trl_contract
-from ..sampling import kv_cache_sampling_supported, per_token_logps, sample_with_kv_cache
+from ..reference import ReferencePolicy  # the one π_ref resolver, re-exported for the callbacks
+from ..sampling import completion_mask, kv_cache_sampling_supported, per_token_logps, sample_policy
 
 __all__ = [
     "UnsupportedTrainerError",
@@ -249,79 +248,64 @@ class HeldOutSampler:
                     trainer.model.train()
 
     # -- sampling ------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, policy: nn.Module, step: int) -> HeldOutBatch:
-        """Samples one completion per selected held-out prompt on this process."""
-        device = next(policy.parameters()).device
-        idx = self._indices_for_this_process()
-        prompts = [self.prompts[i] for i in idx]
-        columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
-        conversational = bool(prompts) and _is_conversational(prompts[0])
-        eos_ids = self._eos_ids()
+    def _pad_id(self, eos_ids: list[int]) -> int:
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = eos_ids[0] if eos_ids else 0
-        p_ids, p_mask, c_ids, c_mask, c_lists, texts, logps = [], [], [], [], [], [], []
+        return pad_id
+
+    def _encoded_chunk(self, idx: list[int], start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's left-padded prompt ids and mask; the prompt set is fixed, so each chunk is tokenised once."""
+        key = (tuple(idx[start : start + self.batch_size]), device)
+        if key not in self._encoded:
+            chunk = [self.prompts[i] for i in key[0]]
+            self._encoded[key] = tuple(t.to(device) for t in self._tokenize(chunk))
+        return self._encoded[key]
+
+    @torch.no_grad()
+    def sample(self, policy: nn.Module, step: int) -> HeldOutBatch:
+        """Samples one completion per selected held-out prompt on this process (:func:`hf_rlhf_ext.sampling.
+        sample_policy`, with its own seed: the caller's random state is left as it was)."""
+        device = next(policy.parameters()).device
+        idx = self._indices_for_this_process()
+        prompts = [self.prompts[i] for i in idx]
+        eos_ids = self._eos_ids()
+        pad_id = self._pad_id(eos_ids)
         use_kv_cache = self.use_kv_cache and kv_cache_sampling_supported(policy)
+        parts: dict[str, list] = {"p_ids": [], "p_mask": [], "c_ids": [], "c_mask": [], "logps": []}
         devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + int(step) * 1009 + self.trainer.accelerator.process_index)
             for start in range(0, len(prompts), self.batch_size):
-                chunk = prompts[start : start + self.batch_size]
-                key = (tuple(idx[start : start + self.batch_size]), device)
-                if key not in self._encoded:  # the prompt set is fixed: tokenise each chunk once
-                    self._encoded[key] = tuple(t.to(device) for t in self._tokenize(chunk))
-                ids, mask = self._encoded[key]
-                if use_kv_cache:
-                    comp, logp = sample_with_kv_cache(
-                        policy, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                        pad_token_id=pad_id, eos_token_ids=eos_ids, drop_finished=True,
-                    )
-                else:
-                    from transformers import GenerationConfig
-
-                    gen_config = GenerationConfig(
-                        max_new_tokens=self.max_new_tokens,
-                        do_sample=True,
-                        temperature=self.temperature,
-                        top_k=0,
-                        top_p=1.0,
-                        pad_token_id=pad_id,
-                        eos_token_id=eos_ids or None,
-                        bos_token_id=self.tokenizer.bos_token_id,
-                    )
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        out = policy.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
-                    comp, logp = out[:, ids.shape[1] :], None
-                # Mask after the first EOS (the EOS itself is part of the completion, as in TRL).
-                is_eos = torch.zeros_like(comp, dtype=torch.bool)
-                for e in eos_ids:
-                    is_eos |= comp == e
-                first = torch.where(
-                    is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], comp.shape[1], dtype=torch.long)
+                ids, mask = self._encoded_chunk(idx, start, device)
+                comp, logp = sample_policy(
+                    policy, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                    pad_token_id=pad_id, eos_token_ids=eos_ids, drop_finished=True, use_kv_cache=use_kv_cache,
                 )
-                cmask = (torch.arange(comp.shape[1], device=device)[None, :] <= first[:, None]).long()
-                p_ids.append(ids)
-                p_mask.append(mask)
-                c_ids.append(comp)
-                c_mask.append(cmask)
-                if logp is not None:
-                    logps.append(logp * cmask)
-                for row, m in zip(comp, cmask):
-                    c_lists.append(row[m.bool()].tolist())
-                texts.extend(self.tokenizer.batch_decode(comp * cmask + pad_id * (1 - cmask), skip_special_tokens=True))
+                cmask = completion_mask(comp, eos_ids)
+                for key, value in zip(parts, (ids, mask, comp, cmask, logp * cmask)):
+                    parts[key].append(value)
+        return self._batch(prompts, idx, parts, pad_id, with_logps=use_kv_cache)
+
+    def _batch(self, prompts: list[Any], idx: list[int], parts: dict[str, list], pad_id: int,
+               with_logps: bool) -> HeldOutBatch:
+        """The sampled chunks as one batch: the completions as text (chat messages for chat prompts) and ids."""
+        c_lists = [row[m.bool()].tolist() for comp, cmask in zip(parts["c_ids"], parts["c_mask"])
+                   for row, m in zip(comp, cmask)]
+        texts = self.tokenizer.batch_decode(c_lists, skip_special_tokens=True)
+        conversational = bool(prompts) and _is_conversational(prompts[0])
         completions: list[Any] = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         return HeldOutBatch(
             prompts=prompts,
             completions=completions,
-            prompt_ids=_pad_cat(p_ids, pad_id, left=True),
-            prompt_mask=_pad_cat(p_mask, 0, left=True),
-            completion_ids=_pad_cat(c_ids, pad_id, left=False),
-            completion_mask=_pad_cat(c_mask, 0, left=False),
+            prompt_ids=_pad_cat(parts["p_ids"], pad_id, left=True),
+            prompt_mask=_pad_cat(parts["p_mask"], 0, left=True),
+            completion_ids=_pad_cat(parts["c_ids"], pad_id, left=False),
+            completion_mask=_pad_cat(parts["c_mask"], 0, left=False),
             completion_ids_list=c_lists,
-            columns=columns,
-            logps=_pad_cat(logps, 0, left=False) if use_kv_cache and logps else None,
+            columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
+            # with ``generate`` a forward pass computes log π (the measurement does not trust generate's scores)
+            logps=_pad_cat(parts["logps"], 0, left=False) if with_logps and parts["logps"] else None,
         )
 
     def score(self, funcs: Sequence[Callable[..., Any]], batch: HeldOutBatch, state: Any = None) -> list[list[float]]:
@@ -376,80 +360,3 @@ def _pad_cat(tensors: list[torch.Tensor], value: int, left: bool) -> torch.Tenso
         pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
         padded.append(torch.cat([pad, t], 1) if left else torch.cat([t, pad], 1))
     return torch.cat(padded, 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reference policy
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-class ReferencePolicy:
-    """The reference policy π_ref for a trainer, obtained without a second copy whenever possible.
-
-    In order of preference: (1) a PEFT policy → the same model with the adapter disabled (or TRL's "ref" adapter when
-    one is loaded), no extra memory; (2) the trainer's own ``ref_model`` (TRL loads one when β > 0); (3) a frozen copy
-    of the policy taken at train begin, only when ``allow_copy=True`` since it doubles the policy's memory.
-    """
-
-    def __init__(self, trainer: Any, allow_copy: bool, who: str) -> None:
-        self.trainer = trainer
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        if _is_peft_model(unwrapped):
-            self.kind = "peft_adapter_disabled"
-        elif getattr(trainer, "ref_model", None) is not None:
-            self.kind = "trainer_ref_model"
-        elif allow_copy:
-            plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-            if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
-                raise ValueError(
-                    f"{who}: a frozen copy of a ZeRO-3-partitioned policy cannot be made; train with LoRA (the "
-                    "reference is then the adapter disabled) or with beta > 0 (TRL's reference model is reused)."
-                )
-            self.kind = "frozen_copy"
-        else:
-            raise ValueError(
-                f"{who} needs a reference policy, and this trainer has none: the policy is not a PEFT model (whose "
-                "reference would be the adapter disabled) and the trainer has no ref_model (TRL creates one only when "
-                "beta > 0). Pass allow_reference_copy=True to keep a frozen copy of the initial policy, made at train "
-                "begin (it costs one more copy of the model's weights in memory), or train with LoRA (--use_peft)."
-            )
-        self._copy: nn.Module | None = None
-
-    def snapshot(self) -> None:
-        """Takes the frozen copy (kind "frozen_copy" only); called at train begin, before the first update."""
-        if self.kind != "frozen_copy" or self._copy is not None:
-            return
-        unwrapped = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        ref = copy.deepcopy(unwrapped)
-        if "forward" in vars(ref):
-            # TRL (and accelerate's mixed precision) replace ``model.forward`` on the instance by a wrapper closing over
-            # the original *bound* forward; a deep copy keeps that closure, so the "frozen" copy would run the live
-            # policy's weights and measure KL ≈ 0. Dropping the instance attribute restores the class's forward.
-            del ref.forward
-        ref.eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        self._copy = ref
-
-    @contextlib.contextmanager
-    def model(self, policy: nn.Module) -> Iterator[nn.Module]:
-        """Yields the module that computes π_ref log-probs; ``policy`` is the unwrapped policy used for sampling."""
-        if self.kind == "peft_adapter_disabled":
-            from trl.trainer.utils import use_adapter
-
-            adapter = "ref" if "ref" in getattr(policy, "peft_config", {}) else None
-            with use_adapter(policy, adapter_name=adapter):
-                yield policy
-        elif self.kind == "trainer_ref_model":
-            yield self.trainer.ref_model
-        else:
-            if self._copy is None:
-                self.snapshot()
-            yield self._copy

@@ -160,7 +160,7 @@ def measure_gradient_variance(
     if num_estimates < 2:
         raise ValueError(f"num_estimates must be at least 2 to measure a variance, got {num_estimates}.")
     if batch is None:
-        buffered = getattr(trainer, "_buffered_inputs", None)
+        buffered = trainer._buffered_inputs  # named in _trl_compat (GRPOTrainer's generation buffer)
         if not buffered:
             raise ValueError(
                 "The trainer has no buffered generation batch yet; pass `batch` or measure during training."

@@ -218,19 +218,17 @@ class GroupAdvantageCheckCallback(TrainerCallback, PersistedState):
     def _rloo_kl(self, output: dict[str, Any]) -> torch.Tensor:
         """Per-sequence k1 KL as RLOO subtracts it from the reward (old log π − log π_ref, summed), gathered."""
         t = self.trainer
-        from trl.trainer.utils import use_adapter
+        from ..reference import ReferencePolicy
 
         p_ids, p_mask = output["prompt_ids"], output["prompt_mask"]
         c_ids, c_mask = output["completion_ids"], output["completion_mask"]
         ids = torch.cat([p_ids, c_ids], dim=1)
         attn = torch.cat([p_mask, c_mask], dim=1)
         bs = t.args.per_device_train_batch_size
-        if t.ref_model is not None:
-            ref, _, _ = t._get_per_token_logps_and_entropies(t.ref_model, ids, attn, c_ids.size(1), bs)
-        else:
-            model = t.accelerator.unwrap_model(t.model)
-            with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-                ref, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, attn, c_ids.size(1), bs)
+        policy = t.accelerator.unwrap_model(t.model)
+        with ReferencePolicy(t, allow_copy=False, who=type(self).__name__).model(policy) as ref_model:
+            module = t.model if ref_model is policy else ref_model  # the PEFT policy: called as TRL calls it
+            ref, _, _ = t._get_per_token_logps_and_entropies(module, ids, attn, c_ids.size(1), bs)
         kl = output["old_logps"] - (ref * c_mask).sum(1)
         return t.accelerator.gather(kl).float().cpu()
 

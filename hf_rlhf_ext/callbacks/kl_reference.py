@@ -11,9 +11,9 @@ completions sampled from π. We log both estimators (Schulman, "Approximating KL
 Logged keys (averaged into the trainer's next log record): ``kl_ref/k1_seq``, ``kl_ref/k3_seq`` (means over
 completions), ``kl_ref/k1_seq_std``, ``kl_ref/k1_token`` (per-token mean) and ``kl_ref/completion_length``.
 
-The reference: the LoRA adapter disabled when the policy is a PEFT model (no copy), the trainer's ``ref_model`` when TRL
-made one (β > 0), else a frozen copy of the initial policy made at train begin — only with
-``allow_reference_copy=True`` (it doubles the policy's memory), a clear error otherwise.
+The reference (:class:`hf_rlhf_ext.reference.ReferencePolicy`): the LoRA adapter disabled when the policy is a PEFT
+model (no copy), the trainer's ``ref_model`` when TRL made one (β > 0), else a frozen copy of the initial policy made
+at train begin — only with ``allow_reference_copy=True`` (it doubles the policy's memory), a clear error otherwise.
 
 Cost: nothing between measuring steps (one modulo); at a measuring step one generation of ``num_samples``
 completions (the KV-cache sampler of :mod:`hf_rlhf_ext.sampling`, whose logits give log π) and one forward pass of the
@@ -30,7 +30,8 @@ from transformers import TrainerCallback
 
 from ..objectives import kl_k1, kl_k3, masked_mean
 from ..persisted_state import PersistedState
-from ._trainer_access import HeldOutSampler, ReferencePolicy, add_metrics, check_supported_trainer, per_token_logps
+from ..reference import ReferencePolicy
+from ._trainer_access import HeldOutSampler, add_metrics, check_supported_trainer, per_token_logps
 
 __all__ = ["KLToReferenceCallback", "measure_sequence_kl"]
 

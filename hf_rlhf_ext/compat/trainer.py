@@ -48,7 +48,7 @@ class TokenIdRewardModel:
             p.requires_grad_(False)
         self.pad_token_id = model.config.pad_token_id
         self.batch_size = batch_size
-        name = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1]
+        name = str(model.config.name_or_path or "").rstrip("/").split("/")[-1]
         self.__name__ = name or "reward_model"  # logged as rewards/<name>/mean
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[float]:

@@ -209,43 +209,35 @@ def sample_completions(
     seed: int = 0,
     batch_size: int = 512,
 ) -> list[list[int]]:
-    """Samples one reply per prompt (pure ancestral sampling: no top-k/top-p, as in RL training).
+    """Samples one reply per prompt (pure ancestral sampling: no top-k/top-p, as in RL training) with
+    :func:`hf_rlhf_ext.sampling.sample_policy` — the draws of ``generate`` with the same seed.
 
     Returns each reply's token ids, cut after the first EOS (kept) — a reply without EOS ran into the limit.
     Prompts are batched by token length, so no padding (and no position-id subtlety) is involved.
     """
     import torch
-    from transformers import GenerationConfig
+
+    from ..sampling import sample_policy
 
     eos = tokenizer.eos_token_id
-    gen_config = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_len.setdefault(len(ids), []).append(i)
     out: list[list[int]] = [[] for _ in prompts]
     model.eval()
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for length in sorted(by_len):
-            idx = by_len[length]
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start : start + batch_size]
-                input_ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long)
-                gen = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config
-                )
-                for row, i in zip(gen[:, length:].tolist(), chunk):
-                    out[i] = row[: row.index(eos) + 1] if eos in row else row
+    for length in sorted(by_len):
+        idx = by_len[length]
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            input_ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
+            tokens, _ = sample_policy(model, input_ids, torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                      temperature=temperature, pad_token_id=pad, eos_token_ids=eos)
+            for row, i in zip(tokens.tolist(), chunk):
+                out[i] = row[: row.index(eos) + 1] if eos in row else row
     return out
 
 

@@ -337,6 +337,8 @@ class PPOTrainer(GRPOTrainer):
         with self._grpo_old_logps_pass(skip=sampler_gives_pi_old):
             batch = super()._generate_and_score_completions(inputs)
         self._value_sink = None
+        if self.args.num_generations == 1:  # no groups: GRPO's share of zero-std groups is 1 by construction
+            self._metrics[mode].pop("frac_reward_zero_std", None)
         sampled = batch.pop("sampling_per_token_logps", None)  # ours, or vLLM's (not used: see _rollout_logps)
         T = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)

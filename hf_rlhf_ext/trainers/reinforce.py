@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from .._trl_compat import check_trl_contract
 from ..objectives import group_advantages
 from ..persisted_state import StateHolderCallback
 from ..reward_guard import NanRewardsArguments, attach_reward_guard
@@ -302,7 +303,7 @@ class ReinforceTrainer(GRPOTrainer):
         self, model, reward_funcs=None, args: ReinforceConfig | None = None, *more_args: Any, **kwargs: Any
     ) -> None:
         if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
+            name = model if isinstance(model, str) else model.config.name_or_path or "model"
             args = ReinforceConfig(f"{str(name).rstrip('/').split('/')[-1]}-REINFORCE")
         if not isinstance(args, ReinforceConfig):
             raise TypeError(
@@ -310,7 +311,9 @@ class ReinforceTrainer(GRPOTrainer):
                 "the on-policy checks."
             )
         validate_trainer_inputs(args, kwargs.get("train_dataset", more_args[0] if more_args else None))
+        check_trl_contract()  # the private TRL names this trainer overrides or reads exist in the installed TRL
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
+        check_trl_contract(self)
         check_trainer_prompts(self)
         attach_reward_guard(self)  # NaN/inf rewards stop the run or are dropped (args.nan_rewards)
         self.baseline = args.baseline

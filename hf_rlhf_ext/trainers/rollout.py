@@ -246,13 +246,17 @@ def plain_head_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     The same maths as GRPO's fused head, which exists to avoid materialising the (B, T, V) logits; below that size it
     only costs time (≈ 1/3 of a small policy's forward + backward). Values differ by float rounding (≈ 1e-7); like
     the fused head, padded positions get 0. ``entropy_grad``: keep the entropies' graph (an entropy bonus).
+    Position ids follow the attention mask, as in ``generate`` and our sampler: left padding does not shift the
+    positions of a model with absolute position embeddings (GPT-2), so these log-probs equal the sampler's.
     """
-    keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in forward_kwargs(model) else {}
+    accepted = forward_kwargs(model)
+    keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in accepted else {}
     all_logps, all_entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        positions = {"position_ids": (att.long().cumsum(-1) - 1).clamp(min=0)} if "position_ids" in accepted else {}
         with autocast():
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **keep).logits
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **keep, **positions).logits
         logits = logits[:, -logits_to_keep - 1 : -1].float() / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         padding = att[:, -logits_to_keep:] == 0
