@@ -1005,7 +1005,7 @@ def _hub_repo_id(trainer: Any, training_args: Any) -> str:
             or os.path.basename(os.path.abspath(training_args.output_dir)))
 
 
-def outputs_line(output_dir: str, with_card: bool = True) -> str:
+def outputs_line(output_dir: str, with_card: bool = True, metrics_file: str = "metrics.json") -> str:
     """The one line a recipe ends with: where its outputs are."""
     card = f"model card {os.path.join(output_dir, 'README.md')}, " if with_card else ""
-    return f"outputs: {output_dir} ({card}metrics {os.path.join(output_dir, 'metrics.json')})"
+    return f"outputs: {output_dir} ({card}metrics {os.path.join(output_dir, metrics_file)})"
