@@ -1,7 +1,8 @@
 """Peak memory of PPO (policy + critic + reference + RM) against GRPO (policy + reference + RM), with LoRA, with the
-critic as its own model or as a LoRA adapter + value head on the policy's frozen base (``--critic_shares_base``).
+critic as its own model, as a LoRA adapter + value head on the policy's frozen base (``--critic_shares_base``), or as
+a value head on the policy's own hidden states (``--value_head_on_policy``).
 
-    OMP_NUM_THREADS=1 python benchmarks/memory.py [--n_embd 512] [--n_layer 8] [--steps 3]
+    OMP_NUM_THREADS=1 python benchmarks/memory.py [--n_embd 512] [--n_layer 8] [--steps 3] [--runs grpo_lora ...]
 
 Builds a mid-size GPT-2 policy and reward model locally (so that weights, not imports, dominate), then runs each
 configuration of ``recipes/ppo.py`` / ``recipes/grpo.py`` in its own process and reads its peak RSS (CPU) or peak CUDA
@@ -24,6 +25,7 @@ RUNS = {
     "grpo_lora": ["grpo", "--use_peft", "--num_generations", "4"],
     "ppo_lora": ["ppo", "--use_peft"],
     "ppo_lora_shared_critic": ["ppo", "--use_peft", "--critic_shares_base"],
+    "ppo_lora_value_head": ["ppo", "--use_peft", "--value_head_on_policy"],
     "grpo_full": ["grpo", "--num_generations", "4"],
     "ppo_full": ["ppo"],
 }
@@ -73,14 +75,15 @@ def main() -> None:
     parser.add_argument("--n_embd", type=int, default=512)
     parser.add_argument("--n_layer", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="configurations to run")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     a = parser.parse_args()
     base = baseline_mb()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         policy, rm, prompts = build_models(tmp, a.n_embd, a.n_layer)
-        for name, argv in RUNS.items():
-            recipe, *flags = argv
+        for name in a.runs:
+            recipe, *flags = RUNS[name]
             cmd = [sys.executable, os.path.join(ROOT, "recipes", f"{recipe}.py"), "--model_name_or_path", policy,
                    "--reward_model_name_or_path", rm, "--dataset_name", prompts,
                    "--output_dir", os.path.join(tmp, name), "--max_steps", str(a.steps), "--num_eval_prompts", "0",
@@ -92,8 +95,8 @@ def main() -> None:
     print("| run | peak MB above imports | ÷ GRPO (same LoRA setting) |")
     print("|---|---|---|")
     for name, mb in rows.items():
-        ref = rows["grpo_lora"] if "lora" in name else rows["grpo_full"]
-        print(f"| {name} | {mb:.0f} | {mb / ref:.2f} |")
+        ref = rows.get("grpo_lora" if "lora" in name else "grpo_full")
+        print(f"| {name} | {mb:.0f} | {f'{mb / ref:.2f}' if ref else 'n/a'} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"baseline_mb": base, "rows": rows, "n_embd": a.n_embd, "n_layer": a.n_layer}, f, indent=2)

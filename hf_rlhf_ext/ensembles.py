@@ -216,7 +216,8 @@ def _sweep_base_argv(argv: Sequence[str], output_dir: str) -> list[str]:
     if "--config" in out:
         import yaml
 
-        config = {k: v for k, v in _read_config(argv).items() if k not in _OWN_FLAGS}
+        # β goes to each sweep as --betas under the trainer's own name; a copied `beta` would reach PPO's parser
+        config = {k: v for k, v in _read_config(argv).items() if k not in _OWN_FLAGS and k not in ("beta", "kl_coef")}
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, "sweep_config.yaml")
         with open(path, "w") as f:

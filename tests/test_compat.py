@@ -183,7 +183,7 @@ def test_old_script_trains_on_the_lab(old_script_run):
         score, value_loss = float(d["objective/scores"]), float(d["loss/value_avg"])
         assert math.isfinite(score) and score == pytest.approx(float(d["rewards/reward_model/mean"]))
         assert math.isfinite(value_loss) and value_loss > 0  # the critic is fitted to the returns
-    assert float(logs[0]["objective/kl"]) == 0.0  # first rollout: the policy is its reference
+    assert abs(float(logs[0]["objective/kl"])) < 1e-5  # first rollout: the policy is its reference (up to rounding)
     assert float(logs[1]["objective/kl"]) != 0.0  # after one update it has moved away
 
 
@@ -388,7 +388,7 @@ def test_peft_without_ref_model_uses_the_adapter_free_policy_as_reference(lab, t
     trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 16), ref_model=None, peft_config=lora)
     trainer.train()
     kls = [h["objective/kl"] for h in trainer.state.log_history if "objective/kl" in h]
-    assert kls[0] == 0.0 and kls[1] != 0.0  # LoRA starts as the identity, then moves away from its base
+    assert abs(kls[0]) < 1e-5 and kls[1] > 1e-3  # LoRA starts as the identity (up to rounding), then moves away
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "adapter_config.json").is_file()
 

@@ -141,6 +141,19 @@ def test_each_objective_gets_a_sweep_command_line_the_sweep_parses(tmp_path):
     assert u_train.output_dir == str(tmp_path / "out" / "uwo") and s_train.output_dir == str(tmp_path / "out" / "single")
 
 
+def test_the_shipped_config_runs_the_ppo_sweeps_with_its_beta_as_kl_coef(tmp_path):
+    from hf_rlhf_ext.recipe_utils import shipped_config_path
+
+    argv = ["--trainer", "ppo", "--config", str(shipped_config_path("rm_ensemble_lab.yaml")),
+            "--output_dir", str(tmp_path / "out")]
+    ens, sweep, script, training, _ = ensembles.parse_argv(argv)
+    base = ensembles._sweep_base_argv(argv, str(tmp_path / "out"))
+    s_sweep, _, s_train, _ = sweeps.parse_sweep_argv(
+        ensembles.objective_argv(base, ens.objectives[0], ens, sweep, training, "/rm/single", 1))
+    assert s_sweep.trainer == "ppo" and s_sweep.betas == [training.kl_coef] == [0.005]
+    assert s_train.max_steps == 80
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--objectives", "single", "median"], "--objectives must be a non-empty subset"),
     (["--objectives", "min", "min"], "Repeated objective"),

@@ -234,6 +234,8 @@ def test_num_generations_one_and_two_run(world, tmp_path, num_generations):
     assert trainer.args.num_generations == num_generations
     prompts_seen = list(trainer._logs["prompt"])
     assert len(prompts_seen) == 4 and len(set(prompts_seen)) == 4 // num_generations
+    # without groups GRPO's share of zero-std groups is 1 by construction: not logged
+    assert ("frac_reward_zero_std" in trainer.state.log_history[0]) == (num_generations > 1)
 
 
 def test_ppo_epochs_reuse_the_rollout_and_move_the_ratio(world, tmp_path):
@@ -407,13 +409,17 @@ def test_logprobs_from_sampling_match_a_forward_pass(world, tmp_path):
     torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_logprobs_are_checked_against_the_forward_pass(world, tmp_path):
-    """Left-padded prompts on GPT-2 (absolute positions): generate() and the trainer's forward pass disagree, so the
-    shortcut must switch itself off and the first-rollout KL (policy = reference) must be ~0, not biased."""
+def test_sampling_logprobs_are_checked_against_the_forward_pass(world, tmp_path, monkeypatch):
+    """Left-padded prompts on GPT-2 (absolute positions) through TRL's fused LM head, which passes no position ids:
+    generate() and that forward pass disagree, so the shortcut must switch itself off and the first-rollout KL
+    (policy = reference) must be ~0, not biased."""
     from datasets import Dataset
+
+    from hf_rlhf_ext.trainers import rollout
 
     texts = ["customer : my kettle is late agent :", "help agent :", "customer : my order is broken please agent :",
              "thanks agent :"] * 4
+    monkeypatch.setattr(rollout, "PLAIN_LOGITS_MAX_ELEMENTS", 0)  # TRL's head, not ours
     trainer = _trainer(world, tmp_path, max_steps=1, train_dataset=Dataset.from_dict({"prompt": texts}))
     trainer.train()
     assert trainer.sampler_check.passed is False
@@ -490,9 +496,18 @@ def test_fast_generation_samples_softmax_of_logits_over_temperature(world, tmp_p
     assert float((counts / n - probs).abs().max()) < 4 * float((probs * (1 - probs) / n).sqrt().max())
 
 
-def test_fast_generation_on_left_padding_keeps_the_check_and_an_unbiased_first_kl(world, tmp_path):
+def test_fast_generation_on_left_padding_keeps_the_check_and_an_unbiased_first_kl(world, tmp_path, monkeypatch):
     from datasets import Dataset
 
+    from hf_rlhf_ext.trainers import rollout
+
+    # our plain head passes position ids from the mask, as the sampler does: left padding agrees to rounding
+    plain = _trainer(world, tmp_path / "plain", max_steps=1, train_dataset=Dataset.from_dict({"prompt": _PADDED * 4}))
+    plain.train()
+    assert plain.sampler_check.passed is True and plain.state.log_history[0]["sampling/logp_max_diff"] < 1e-5
+    assert abs(plain.state.log_history[0]["objective/kl"]) < 1e-4
+    # TRL's fused head passes none: the mismatch is detected
+    monkeypatch.setattr(rollout, "PLAIN_LOGITS_MAX_ELEMENTS", 0)
     trainer = _trainer(world, tmp_path, max_steps=1, train_dataset=Dataset.from_dict({"prompt": _PADDED * 4}))
     assert trainer._fast_generation
     trainer.train()

@@ -3,27 +3,20 @@ evaluation before and after training, read back with TensorBoard's own ``EventAc
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from _ppo_helpers import build_world, prompts
+from _recipe_helpers import run_recipe
 from hf_rlhf_ext.results import read_log_history, read_metrics
 
 pytest.importorskip("tensorboard", reason="the tracking extra: pip install 'hf-rlhf-ext[tracking]'")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(name: str, argv: list[str]) -> dict:
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses with string annotations look their module up
-    spec.loader.exec_module(recipe)
-    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+_run = run_recipe
 
 
 def _scalars(root: Path) -> dict[str, dict[int, float]]:
@@ -46,9 +39,11 @@ def test_ppo_run_with_tensorboard_holds_reward_and_kl_curves_and_the_held_out_ev
     (data / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(16)["prompt"]))
     out = tmp_path / "run"
     _run("ppo", ["--model_name_or_path", world["policy"], "--dataset_name", str(data),
-                 "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(out), "--max_steps", "3",
+                 "--reward_funcs", "_ppo_helpers.target_word", "test_sweeps.word_count", "--reward_weights", "1", "0",
+                 "--output_dir", str(out), "--max_steps", "3",
                  "--per_device_train_batch_size", "4", "--max_completion_length", "6", "--logging_steps", "1",
-                 "--num_eval_prompts", "4", "--disable_tqdm", "true", "--report_to", "tensorboard"])
+                 "--num_eval_prompts", "4", "--disable_tqdm", "true", "--report_to", "tensorboard",
+                 "--monitor", "overoptimization,kl", "--monitor_every_n_steps", "1", "--monitor_num_samples", "4"])
     scalars = _scalars(out)
     logs = {r["step"]: r for r in read_log_history(str(out)) if "objective/kl" in r}
     assert sorted(logs) == [1, 2, 3]
@@ -56,6 +51,11 @@ def test_ppo_run_with_tensorboard_holds_reward_and_kl_curves_and_the_held_out_ev
         tag = f"train/{key}"  # transformers' TensorBoard callback files training logs under train/
         assert set(scalars[tag]) == {1, 2, 3}, tag
         assert all(scalars[tag][s] == pytest.approx(logs[s][key], rel=1e-5, abs=1e-7) for s in logs), tag
+    # the monitors' values reach the tracker at the step they were measured (monitors run ahead of the trackers)
+    for key in ("kl_ref/k3_seq", "overopt/gold"):
+        measured = {r["step"]: r[key] for r in read_log_history(str(out)) if key in r and r["step"] > 0}
+        assert sorted(measured) == [1, 2, 3] and set(scalars[f"train/{key}"]) == {1, 2, 3}, key
+        assert all(scalars[f"train/{key}"][s] == pytest.approx(measured[s], rel=1e-5) for s in measured), key
     metrics = read_metrics(str(out))
     # the evaluation before training at step 0, after training at the last step
     assert scalars["eval/target_word"][0] == pytest.approx(metrics["eval_before"]["target_word"])

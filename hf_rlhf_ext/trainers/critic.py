@@ -10,6 +10,9 @@ trap that failed *silently* in a prototype:
   shared optimizer state (its moments included) is restored;
 * under DDP the *wrapped* critic must be called, or its gradients are never all-reduced.
 
+With ``value_head_on_policy`` the critic is a :class:`PolicyValueHead` on the policy's hidden states: it has no body to
+build or wrap, joins the optimizer and is clipped like any critic, and is saved beside the policy (one process only).
+
 Scaling out: DDP wraps the critic like the policy; under FSDP2 :func:`shard_critic` shards it with ``fully_shard``
 (its checkpoint is gathered on every rank and written by the main one); DeepSpeed and FSDP1 are refused.
 """
@@ -25,12 +28,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .value_model import ValueModel, _base_transformer, share_weights_copy
+from .value_model import PolicyValueHead, ValueModel, _base_transformer, share_weights_copy
 
 VALUE_MODEL_DIR = "value_model"
 
-__all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "shard_critic", "add_critic_param_groups",
-           "clip_critic_grad_norm", "save_critic", "load_critic", "critic_values"]
+__all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "prepare_policy_value_head",
+           "shard_critic", "add_critic_param_groups", "clip_critic_grad_norm", "save_critic", "load_critic",
+           "critic_values"]
 
 
 @dataclass
@@ -52,6 +56,10 @@ class CriticSource:
                 quantization_config: Any) -> tuple[Any, "CriticSource"]:
         """Returns ``(model, source)``; ``model`` is loaded here when the critic must share its base."""
         path = value_model if value_model is not None else args.value_model_name_or_path
+        if args.value_head_on_policy:
+            if path:
+                raise ValueError("value_head_on_policy=True reads the policy's own hidden states; drop value_model.")
+            return model, cls()  # nothing to capture: the head is built on the policy GRPO loads
         if args.critic_shares_base:
             if peft_config is None:
                 raise ValueError("critic_shares_base=True needs a peft_config (the critic is a LoRA adapter on the base).")
@@ -144,6 +152,18 @@ def prepare_critic(critic: ValueModel, args: Any, accelerator: Any, *, deepspeed
     return accelerator.prepare_model(critic)
 
 
+def prepare_policy_value_head(head: PolicyValueHead, accelerator: Any, *, distributed: bool) -> PolicyValueHead:
+    """Puts the head on the policy's device. One process only: the head lives outside the policy's DDP/FSDP module,
+    so nothing would all-reduce its gradients."""
+    if distributed:
+        raise NotImplementedError(
+            "value_head_on_policy=True supports one process only (its head is not part of the wrapped policy, so its "
+            "gradients would not be all-reduced). For several processes use critic_shares_base=True with a "
+            "peft_config, or a separate critic."
+        )
+    return head.to(accelerator.device)
+
+
 def shard_critic(critic: ValueModel, mesh: Any = None) -> ValueModel:
     """FSDP2 (``torch.distributed.fsdp.fully_shard``): shards each transformer block of the critic's backbone (the
     entries of its ``ModuleList``s), then the whole critic, as accelerate shards the policy. In place: the critic
@@ -185,9 +205,13 @@ def clip_critic_grad_norm(critic: ValueModel, max_norm: float) -> float | None:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
 
-def save_critic(critic: ValueModel, output_dir: str, is_main_process: bool = True) -> None:
-    """Writes ``<output_dir>/value_model``. Call it on every process: under FSDP2 the full weights are gathered
-    (a collective) before the main process writes them."""
+def save_critic(critic: ValueModel | PolicyValueHead, output_dir: str, is_main_process: bool = True) -> None:
+    """Writes ``<output_dir>/value_model`` (a value head on the policy: ``<output_dir>/value_head.safetensors``, beside
+    the policy). Call it on every process: under FSDP2 the full weights are gathered (a collective) before the main
+    process writes them."""
+    if isinstance(critic, PolicyValueHead):
+        critic.save_pretrained(output_dir, is_main_process=is_main_process)
+        return
     state = None
     if is_sharded(critic):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -197,8 +221,11 @@ def save_critic(critic: ValueModel, output_dir: str, is_main_process: bool = Tru
         critic.save_pretrained(os.path.join(output_dir, VALUE_MODEL_DIR), state_dict=state)
 
 
-def load_critic(critic: ValueModel, checkpoint: str) -> None:
+def load_critic(critic: ValueModel | PolicyValueHead, checkpoint: str) -> None:
     """Restores the critic's weights in place from a checkpoint written by :func:`save_critic`."""
+    if isinstance(critic, PolicyValueHead):
+        critic.load_weights_from(checkpoint)
+        return
     critic_dir = os.path.join(checkpoint, VALUE_MODEL_DIR)
     if not os.path.isdir(critic_dir):
         raise FileNotFoundError(f"{checkpoint} has no {VALUE_MODEL_DIR}/: not a PPOTrainer checkpoint")

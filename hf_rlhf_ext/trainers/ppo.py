@@ -50,6 +50,7 @@ from .critic import (
     critic_values,
     load_critic,
     prepare_critic,
+    prepare_policy_value_head,
     save_critic,
 )
 from .kl_control import AdaptiveKLController, FixedKLController, KLControllerState
@@ -64,9 +65,18 @@ from .rollout import (
     sample_completions,
     use_plain_head,
 )
-from .value_model import ValueModel
+from .value_model import PolicyValueHead, ValueModel, capture_last_hidden_states, policy_backbone
 
 __all__ = ["PPOConfig", "PPOTrainer", "Rollout", "token_level_rewards", "VALUE_MODEL_DIR"]
+
+
+def policy_pass_values(chunks: list[torch.Tensor], backbone: torch.nn.Module) -> torch.Tensor:
+    """The values the value head read during the policy's forward pass; an error if that pass never reached the
+    policy's body (a model whose forward bypasses it cannot carry a value head on its hidden states)."""
+    if not chunks:
+        raise RuntimeError(f"value_head_on_policy: the policy's forward pass did not run {type(backbone).__name__}, "
+                           "so no hidden states were read; use a separate critic (value_head_on_policy=False).")
+    return torch.cat(chunks, dim=0)
 
 
 class PPOTrainer(GRPOTrainer):
@@ -78,8 +88,9 @@ class PPOTrainer(GRPOTrainer):
     path; default see ``PPOConfig.value_model_name_or_path``. Tools, environments and custom rollouts are not
     supported (their masks are not contiguous, which GAE needs).
 
-    Saved beside the policy: ``<dir>/value_model`` (:meth:`ValueModel.from_pretrained`), in ``output_dir`` and in
-    every checkpoint; the KL controller rides in each checkpoint's ``trainer_state.json`` (:class:`KLControllerState`).
+    Saved beside the policy: ``<dir>/value_model`` (:meth:`ValueModel.from_pretrained`) — with
+    ``value_head_on_policy``, ``<dir>/value_head.safetensors`` (:meth:`PolicyValueHead.from_pretrained`) —, in
+    ``output_dir`` and in every checkpoint; the KL controller rides in each checkpoint's ``trainer_state.json`` (:class:`KLControllerState`).
     Resuming restores both. ``last_rollout`` is this process's latest :class:`Rollout`.
     """
 
@@ -158,6 +169,14 @@ class PPOTrainer(GRPOTrainer):
 
     def _set_up_critic(self, source: CriticSource, policy_path: str | None, peft_config: Any) -> None:
         """``value_model``: the critic; ``value_model_wrapped``: the module to call in training (DDP, FSDP2)."""
+        self._value_sink: list[torch.Tensor] | None = None  # armed: the next policy forward also reads V(s_t)
+        if self.args.value_head_on_policy:
+            policy = self.accelerator.unwrap_model(self.model)
+            self._policy_backbone = policy_backbone(policy)
+            distributed = self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
+            self.value_model = self.value_model_wrapped = prepare_policy_value_head(
+                PolicyValueHead.for_policy(policy), self.accelerator, distributed=distributed)
+            return
         self.value_model = build_critic(
             source, peft_config=peft_config, policy_path=policy_path or self.model.config.name_or_path,
             reward_models=list(zip(self.reward_funcs, self.reward_processing_classes)),
@@ -280,7 +299,18 @@ class PPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **extra):
-        """GRPO's fused, chunked LM head, or the plain one (:func:`plain_head_logps`) where that is faster."""
+        """GRPO's fused, chunked LM head, or the plain one (:func:`plain_head_logps`) where that is faster. When a
+        value sink is armed (``value_head_on_policy``), the same forward pass also gives V(s_t), appended to it."""
+        sink, self._value_sink = self._value_sink, None  # armed for one call: never the reference's pass
+        if sink is None:
+            return self._policy_logps(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                                      compute_aux_loss, **extra)
+        with capture_last_hidden_states(self._policy_backbone, sink, lambda h: self.value_model(h, logits_to_keep)):
+            return self._policy_logps(model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                                      compute_aux_loss, **extra)
+
+    def _policy_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy,
+                      compute_aux_loss, **extra):
         batch_size = batch_size or input_ids.size(0)
         low_precision = self.args.bf16 or self.args.fp16 or self.args.cast_lm_head_to_fp32
         if compute_aux_loss or not use_plain_head(model, min(batch_size, input_ids.size(0)), logits_to_keep,
@@ -302,8 +332,13 @@ class PPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         rollout = self.last_rollout = Rollout(mode=mode, step=self.state.global_step, kl_coef=float(self.kl_ctl.value))
         sampler_gives_pi_old = self._sampler_gives_pi_old(mode)
+        if not sampler_gives_pi_old and self._grpo_runs_old_logps_pass():
+            self._arm_value_sink(rollout)  # its first forward is the policy's, before the reference's
         with self._grpo_old_logps_pass(skip=sampler_gives_pi_old):
             batch = super()._generate_and_score_completions(inputs)
+        self._value_sink = None
+        if self.args.num_generations == 1:  # no groups: GRPO's share of zero-std groups is 1 by construction
+            self._metrics[mode].pop("frac_reward_zero_std", None)
         sampled = batch.pop("sampling_per_token_logps", None)  # ours, or vLLM's (not used: see _rollout_logps)
         T = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -329,6 +364,15 @@ class PPOTrainer(GRPOTrainer):
             and self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
         )
 
+    def _grpo_runs_old_logps_pass(self) -> bool:
+        """GRPO's own rule (``_generate_and_score_completions``) for computing π_old with a forward pass."""
+        return self.args.gradient_accumulation_steps % (self.args.steps_per_generation * self.num_iterations) != 0
+
+    def _arm_value_sink(self, rollout: Rollout) -> None:
+        """``value_head_on_policy``: the next policy forward pass also reads the rollout's values."""
+        if self.args.value_head_on_policy:
+            self._value_sink = rollout.policy_pass_values = []
+
     @contextlib.contextmanager
     def _grpo_old_logps_pass(self, skip: bool):
         """GRPO runs its π_old forward pass whenever a rollout serves several passes, a decision it takes from
@@ -342,7 +386,10 @@ class PPOTrainer(GRPOTrainer):
             self.num_iterations = num_iterations
 
     @torch.no_grad()
-    def _forward_logps(self, input_ids, attention_mask, T: int, batch_size: int) -> torch.Tensor:
+    def _forward_logps(self, input_ids, attention_mask, T: int, batch_size: int,
+                       rollout: Rollout | None = None) -> torch.Tensor:
+        if rollout is not None:
+            self._arm_value_sink(rollout)
         return self._get_per_token_logps_and_entropies(self.model, input_ids, attention_mask, T, batch_size=batch_size)[0]
 
     def _rollout_logps(self, batch: dict, rollout: Rollout, sampled: torch.Tensor | None, sampler_gives_pi_old: bool,
@@ -350,16 +397,16 @@ class PPOTrainer(GRPOTrainer):
         """log π_old of the sampled tokens (for the KL penalty, and as π_old when ``sampler_gives_pi_old``): GRPO's
         forward pass if it ran one, else the sampler's (checked once against a forward pass), else one forward."""
         if sampled is not None and self.sampler_check.passed is None:
-            exact = self._forward_logps(*forward)
+            exact = self._forward_logps(*forward, rollout=rollout)
             if not self.sampler_check.verify(sampled, exact, batch["completion_mask"],
                                              lambda d: self.accelerator.gather(d).max()):
                 sampled = exact
             self._metrics["train"]["sampling/logp_max_diff"].append(self.sampler_check.max_diff)
         if sampler_gives_pi_old:
-            batch["old_per_token_logps"] = sampled if sampled is not None else self._forward_logps(*forward)
+            batch["old_per_token_logps"] = sampled if sampled is not None else self._forward_logps(*forward, rollout)
         rollout.logps = batch.get("old_per_token_logps")
         if rollout.logps is None:
-            rollout.logps = sampled if sampled is not None else self._forward_logps(*forward)
+            rollout.logps = sampled if sampled is not None else self._forward_logps(*forward, rollout)
         rollout.ref_logps = batch.get("ref_per_token_logps")
 
     def _score(self, batch: dict, rollout: Rollout) -> None:
@@ -381,7 +428,9 @@ class PPOTrainer(GRPOTrainer):
         """V(s_t) at rollout time. When the first optimizer step's micro-batch is this whole rollout, the pass keeps
         its graph (``rollout.critic_pass``) and that step backpropagates through it: one critic forward less."""
         input_ids, attention_mask, T, batch_size = forward
-        if self._can_reuse_critic_pass(rollout, batch_size):
+        if self.args.value_head_on_policy:
+            values = self._policy_head_values(rollout, forward)
+        elif self._can_reuse_critic_pass(rollout, batch_size):
             with torch.enable_grad(), self.accelerator.autocast():
                 rollout.critic_pass = self.value_model(input_ids, attention_mask, completion_length=T)
             values = rollout.critic_pass.detach()
@@ -390,6 +439,21 @@ class PPOTrainer(GRPOTrainer):
             with self.accelerator.autocast():
                 values = critic_values(self.value_model, input_ids, attention_mask, T, batch_size)
         rollout.values = batch["old_values"] = values * rollout.mask
+
+    @torch.no_grad()
+    def _policy_head_values(self, rollout: Rollout, forward: tuple) -> torch.Tensor:
+        """``value_head_on_policy``: the values read during the forward pass that computed log π_old; when the
+        sampler gave π_old (no such pass), a pass of the policy's body alone (no LM head)."""
+        if rollout.policy_pass_values is not None:
+            return policy_pass_values(rollout.policy_pass_values, self._policy_backbone)
+        input_ids, attention_mask, T, batch_size = forward
+        chunks = []
+        for i in range(0, input_ids.size(0), batch_size):
+            with self.accelerator.autocast():
+                out = self._policy_backbone(input_ids=input_ids[i : i + batch_size],
+                                            attention_mask=attention_mask[i : i + batch_size], use_cache=False)
+            chunks.append(self.value_model(out.last_hidden_state, T))
+        return torch.cat(chunks, dim=0)
 
     def _can_reuse_critic_pass(self, rollout: Rollout, batch_size: int) -> bool:
         """Holds when the first step's micro-batch is the whole rollout (one mini-batch, no gradient accumulation), on
@@ -490,6 +554,7 @@ class PPOTrainer(GRPOTrainer):
         completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"].float()
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        head_values = self._value_sink = [] if self.args.value_head_on_policy else None  # V from this same forward
         logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in GRPO_MULTIMODAL_INPUTS},
@@ -501,7 +566,7 @@ class PPOTrainer(GRPOTrainer):
         surrogate = clipped_surrogate(ratio, advantages, self.epsilon_low, self.epsilon_high)
         policy_loss = -aggregate_token_loss(surrogate, mask, self.loss_type, max_length=self.max_completion_length,
                                             num_tokens=self._tokens_per_micro_batch(inputs, mode))
-        values = self._values_for_loss(inputs, input_ids, attention_mask, mode)
+        values = self._values_for_loss(inputs, input_ids, attention_mask, mode, head_values)
         share = self._token_share(mask)
         if self.loss_type == "bnpo":
             policy_loss = policy_loss * share
@@ -534,9 +599,13 @@ class PPOTrainer(GRPOTrainer):
         per_process = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         return per_process / self.args.steps_per_generation if mode == "train" else per_process
 
-    def _values_for_loss(self, inputs: dict, input_ids, attention_mask, mode: str) -> torch.Tensor:
-        """V_θ(s_t) with a graph: the rollout's own critic pass on the first step that may reuse it, else a forward
-        of the (wrapped) critic — without gradient all-reduce until the micro-batch that steps the optimizer."""
+    def _values_for_loss(self, inputs: dict, input_ids, attention_mask, mode: str,
+                         head_values: list[torch.Tensor] | None) -> torch.Tensor:
+        """V_θ(s_t) with a graph: what the value head read in the policy's forward (``value_head_on_policy``); else
+        the rollout's own critic pass on the first step that may reuse it, else a forward of the (wrapped) critic —
+        without gradient all-reduce until the micro-batch that steps the optimizer."""
+        if head_values is not None:
+            return policy_pass_values(head_values, self._policy_backbone)
         T = inputs["completion_ids"].size(1)
         if mode == "train" and "rollout_row" in inputs and self.last_rollout is not None:
             values = self.last_rollout.take_critic_pass(self.state.global_step, inputs["rollout_row"], T)

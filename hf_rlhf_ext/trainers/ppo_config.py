@@ -59,8 +59,14 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         critic_shares_base (`bool`, *optional*, defaults to `False`):
             With a PEFT ``peft_config``: the critic is its own LoRA adapter (same config) plus value head on the
             policy's frozen base, whose weights are shared, not copied (memory ≈ policy + two adapters).
+        value_head_on_policy (`bool`, *optional*, defaults to `False`):
+            No critic body: a zero-initialised linear value head reads the policy's own last hidden states, in the
+            same forward pass as the policy's log-probs (the shared-trunk actor-critic of TRL's first PPO). The value
+            loss then also trains the policy's weights (or its LoRA adapter); memory is close to GRPO's. Saved beside
+            the policy as ``value_head.safetensors`` (:class:`PolicyValueHead`). One process only.
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the critic's parameter groups (default: ``learning_rate``); the schedule is shared.
+            With ``value_head_on_policy``: the head's learning rate.
         logprobs_from_sampling (`bool`, *optional*, defaults to `True`):
             Take the rollout's per-token log-probs (for the KL penalty; with several PPO epochs in full precision
             also as π_old) from the logits seen while sampling instead of one more forward pass (≈ 6% of a step).
@@ -110,6 +116,9 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
     critic_shares_base: bool = field(
         default=False, metadata={"help": "With PEFT: critic = own LoRA adapter + head on the policy's shared base."}
     )
+    value_head_on_policy: bool = field(
+        default=False, metadata={"help": "Critic = a value head on the policy's own last hidden states (no body)."}
+    )
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic learning rate."})
     logprobs_from_sampling: bool = field(
         default=True, metadata={"help": "Rollout log-probs from the sampling logits (saves one forward pass)."}
@@ -146,6 +155,7 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         if self.importance_sampling_level != "token":
             raise ValueError("PPO uses token-level ratios; importance_sampling_level must be 'token'")
         self._refuse_grpo_only_loss_settings()
+        self._check_critic_placement()
 
         # PPO names -> the GRPO fields that implement them. A GRPO name set to something else is a conflict.
         for grpo_name, grpo_default, ppo_name in (
@@ -179,6 +189,12 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         finally:
             if requested == 1:
                 self.num_generations = 1
+
+    def _check_critic_placement(self) -> None:
+        """One critic placement at a time: a value head on the policy has no body to share or load."""
+        if self.value_head_on_policy and (self.critic_shares_base or self.value_model_name_or_path):
+            raise ValueError("value_head_on_policy=True puts the critic on the policy itself: drop critic_shares_base "
+                             "and value_model_name_or_path (or keep them and set value_head_on_policy=False).")
 
     def _refuse_grpo_only_loss_settings(self) -> None:
         """PPO's loss is its own (``PPOTrainer._compute_loss``): GRPO loss settings it does not implement would be

@@ -59,6 +59,8 @@ class Rollout:
     # The same values with their graph, when the first optimizer step's micro-batch is this whole rollout: that step
     # backpropagates through them instead of running the critic again. Taken once (:meth:`take_critic_pass`).
     critic_pass: torch.Tensor | None = None
+    # value_head_on_policy: V(s_t) read from the policy forward pass that computed log π_old, when one ran (chunks).
+    policy_pass_values: list[torch.Tensor] | None = None
     kl: torch.Tensor | None = None  # per-token KL estimate between π_old and π_ref
     token_rewards: torch.Tensor | None = None  # r_t = −β·KL_t, plus the score at the last token
     non_score_rewards: torch.Tensor | None = None  # −β·KL_t alone
@@ -244,13 +246,17 @@ def plain_head_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     The same maths as GRPO's fused head, which exists to avoid materialising the (B, T, V) logits; below that size it
     only costs time (≈ 1/3 of a small policy's forward + backward). Values differ by float rounding (≈ 1e-7); like
     the fused head, padded positions get 0. ``entropy_grad``: keep the entropies' graph (an entropy bonus).
+    Position ids follow the attention mask, as in ``generate`` and our sampler: left padding does not shift the
+    positions of a model with absolute position embeddings (GPT-2), so these log-probs equal the sampler's.
     """
-    keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in forward_kwargs(model) else {}
+    accepted = forward_kwargs(model)
+    keep = {"logits_to_keep": logits_to_keep + 1} if "logits_to_keep" in accepted else {}
     all_logps, all_entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
         ids, att = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        positions = {"position_ids": (att.long().cumsum(-1) - 1).clamp(min=0)} if "position_ids" in accepted else {}
         with autocast():
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **keep).logits
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False, **keep, **positions).logits
         logits = logits[:, -logits_to_keep - 1 : -1].float() / temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         padding = att[:, -logits_to_keep:] == 0

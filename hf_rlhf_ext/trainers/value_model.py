@@ -11,6 +11,11 @@ The critic can be
 
 ``save_pretrained`` writes the backbone (or its adapter) with ``safetensors`` plus ``value_head.safetensors`` and
 ``value_head_config.json``; ``ValueModel.from_pretrained`` reads them back.
+
+:class:`PolicyValueHead` is the other placement (``PPOConfig.value_head_on_policy``): no critic body at all, only a
+linear head on the *policy's own* last hidden states, read by a forward hook (:func:`capture_last_hidden_states`)
+during the policy's forward pass — the shared-trunk actor-critic of TRL's first PPO
+(``AutoModelForCausalLMWithValueHead``). It costs one (hidden → 1) layer in memory and no extra forward pass.
 """
 
 from __future__ import annotations
@@ -211,3 +216,98 @@ def _backbone_weights(path: str) -> dict[str, torch.Tensor]:
         if name.endswith(".safetensors") and name != HEAD_WEIGHTS:
             state.update(load_file(os.path.join(path, name)))
     return state
+
+
+class PolicyValueHead(nn.Module):
+    """A zero-initialised linear value head on the policy's own last hidden states (``value_head_on_policy``).
+
+    ``forward(hidden, completion_length=T)`` maps the policy's last hidden states (B, L, H) — the backbone's
+    ``last_hidden_state``, equal to ``policy(..., output_hidden_states=True).hidden_states[-1]`` — to V(s_t) for the T
+    completion tokens, (B, T) float32, at the same positions as :meth:`ValueModel.forward`. Saved beside the policy
+    as ``value_head.safetensors`` + ``value_head_config.json`` (``"on_policy": true``)."""
+
+    def __init__(self, hidden_size: int, head_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.value_head = nn.Linear(hidden_size, 1, dtype=head_dtype)
+        nn.init.zeros_(self.value_head.weight)  # V ≡ 0 at the start, as ValueModel
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def for_policy(cls, policy: nn.Module) -> "PolicyValueHead":
+        return cls(_hidden_size(policy_backbone(policy)))
+
+    def forward(self, hidden: torch.Tensor, completion_length: int | None = None) -> torch.Tensor:
+        if completion_length is not None:
+            hidden = hidden[:, -completion_length - 1 : -1]
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs: Any) -> None:
+        from safetensors.torch import save_file
+
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        save_file(state, os.path.join(save_directory, HEAD_WEIGHTS))
+        meta = {"hidden_size": self.value_head.in_features, "on_policy": True,
+                "head_dtype": str(self.value_head.weight.dtype).replace("torch.", "")}
+        with open(os.path.join(save_directory, HEAD_CONFIG), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "PolicyValueHead":
+        """Reads a head written by :meth:`save_pretrained` (in a PPO output directory, beside the policy)."""
+        with open(_head_file(path, HEAD_CONFIG)) as f:
+            meta = json.load(f)
+        if not meta.get("on_policy"):
+            raise ValueError(f"{path} holds a ValueModel's head (a critic with its own body): use ValueModel.from_pretrained")
+        head = cls(int(meta["hidden_size"]), head_dtype=getattr(torch, meta.get("head_dtype", "float32")))
+        head.load_weights_from(path)
+        return head
+
+    def load_weights_from(self, path: str) -> None:
+        """In place (the optimizer keeps holding the same parameters): used to resume from a checkpoint."""
+        from safetensors.torch import load_file
+
+        weights = load_file(_head_file(path, HEAD_WEIGHTS))
+        with torch.no_grad():
+            for k, v in self.value_head.state_dict().items():
+                v.copy_(weights[k])
+
+
+def _head_file(path: str, name: str) -> str:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} holds no {name}: not written by a PPOTrainer with value_head_on_policy=True")
+    return file
+
+
+def policy_backbone(policy: nn.Module) -> nn.Module:
+    """The transformer body of a (possibly PEFT-wrapped) causal LM: the module whose output is the last hidden
+    states that the LM head reads."""
+    if hasattr(policy, "get_base_model"):  # peft.PeftModel: its base_model is the LoRA tuner, not the body
+        policy = policy.get_base_model()
+    return _base_transformer(policy)
+
+
+class capture_last_hidden_states:  # noqa: N801 (a context manager, used like a function)
+    """Within the block, every forward of ``backbone`` appends ``read(last hidden states)`` (with its graph) to
+    ``sink``; ``sink=None`` captures nothing. A forward hook, so the policy's own forward pass — GRPO's fused LM head
+    or the plain one, chunked or not — provides the hidden states without a second pass or ``output_hidden_states``,
+    and only what ``read`` returns (the values) outlives the pass."""
+
+    def __init__(self, backbone: nn.Module, sink: list[torch.Tensor] | None, read: Any = None):
+        self.backbone, self.sink, self.read, self.handle = backbone, sink, read or (lambda hidden: hidden), None
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        self.sink.append(self.read(hidden if hidden is not None else output[0]))
+
+    def __enter__(self) -> list[torch.Tensor] | None:
+        if self.sink is not None:
+            self.handle = self.backbone.register_forward_hook(self._hook)
+        return self.sink
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()

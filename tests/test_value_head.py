@@ -1,0 +1,213 @@
+"""PPOConfig(value_head_on_policy=True): a value head on the policy's own last hidden states, read in the policy's
+forward pass — its values against a hand computation, one forward per loss, training, save/reload and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _ppo_helpers import build_world, ppo_args, prompts, target_word
+from hf_rlhf_ext.objectives import clipped_value_loss
+from hf_rlhf_ext.trainers.ppo import PPOTrainer
+from hf_rlhf_ext.trainers.value_model import PolicyValueHead, policy_backbone
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(str(tmp_path_factory.mktemp("vhead_world")))
+
+
+def _trainer(world, out, peft_config=None, **overrides):
+    args = ppo_args(str(out), value_head_on_policy=True, **overrides)
+    return PPOTrainer(model=world["policy"], reward_funcs=[world["reward"], target_word], args=args,
+                      train_dataset=prompts(), peft_config=peft_config)
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+
+
+def _randomise_head(trainer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainer.value_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+def _hand_values(policy, batch):
+    """w·h_t + b on hidden_states[-1] of a plain forward with output_hidden_states (no hook), at the positions that
+    predict each completion token."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    hidden = policy(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[-1]
+    return hidden, ids, att
+
+
+def _rollout(trainer, n=4):
+    trainer.model.train()
+    return trainer._generate_and_score_completions([{"prompt": p} for p in prompts(n)["prompt"]])
+
+
+@pytest.mark.parametrize("logprobs_from_sampling", [True, False])
+def test_rollout_values_are_the_head_on_the_policys_last_hidden_states(world, tmp_path, logprobs_from_sampling):
+    trainer = _trainer(world, tmp_path, logprobs_from_sampling=logprobs_from_sampling)
+    _randomise_head(trainer)
+    first = _rollout(trainer)
+    # the first rollout checks the sampler's log-probs with a forward pass: the values come from that pass
+    assert trainer.last_rollout.policy_pass_values is not None
+    batch = _rollout(trainer)
+    mask = batch["completion_mask"].float()
+    T = mask.size(1)
+    with torch.no_grad():
+        hidden, _, _ = _hand_values(trainer.model, first)
+        T1, w, b = first["completion_mask"].size(1), trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
+        torch.testing.assert_close(first["old_values"], (hidden[:, -T1 - 1 : -1] @ w + b) * first["completion_mask"],
+                                   rtol=1e-5, atol=1e-5)
+        hidden, _, _ = _hand_values(trainer.model, batch)
+        w, b = trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
+        want = (hidden[:, -T - 1 : -1] @ w + b) * mask
+    assert float(want.abs().max()) > 0.1  # a random head: values far from the zero init
+    torch.testing.assert_close(batch["old_values"], want, rtol=1e-5, atol=1e-5)
+    # later rollouts: from the forward pass that computed log π_old when one ran, else from a pass of the body alone
+    assert (trainer.last_rollout.policy_pass_values is not None) == (not logprobs_from_sampling)
+    assert not batch["old_values"].requires_grad
+
+
+def test_values_come_from_grpos_old_logprob_pass_not_the_reference_pass(world, tmp_path):
+    """Several PPO epochs without the sampler's log-probs: GRPO computes π_old with a forward pass (then π_ref with
+    the LoRA adapter disabled); the values are read in the first, with the adapter on."""
+    trainer = _trainer(world, tmp_path, peft_config=_lora(), num_ppo_epochs=2, logprobs_from_sampling=False)
+    _randomise_head(trainer)
+    with torch.no_grad():  # a LoRA update that moves the policy away from its reference (the base)
+        for n, p in trainer.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    backbone = policy_backbone(trainer.model)
+    calls = []
+    handle = backbone.register_forward_hook(lambda m, a, out: calls.append(tuple(out.last_hidden_state.shape)))
+    try:
+        batch = _rollout(trainer)
+    finally:
+        handle.remove()
+    full_length = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)
+    full_passes = [shape for shape in calls if shape[1] == full_length]  # not the sampler's prefill and decode steps
+    assert "old_per_token_logps" in batch and len(full_passes) == 2  # π_old and π_ref; no third pass for the values
+    T, mask = batch["completion_mask"].size(1), batch["completion_mask"].float()
+    with torch.no_grad():
+        hidden, _, _ = _hand_values(trainer.model, batch)
+        with trainer.model.disable_adapter():
+            ref_hidden, _, _ = _hand_values(trainer.model, batch)
+        w, b = trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
+        want, ref = (hidden[:, -T - 1 : -1] @ w + b) * mask, (ref_hidden[:, -T - 1 : -1] @ w + b) * mask
+    assert float((want - ref).abs().max()) > 0.1
+    torch.testing.assert_close(batch["old_values"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_reads_policy_and_values_from_one_forward_pass(world, tmp_path):
+    trainer = _trainer(world, tmp_path, vf_coef=1.0, peft_config=_lora())
+    _randomise_head(trainer)
+    batch = _rollout(trainer)
+    mask = batch["completion_mask"].float()
+    batch["old_values"] = (batch["returns"] + 1.0) * mask  # far from the returns: the value clip binds
+    trainer.current_gradient_accumulation_steps = 1
+    backbone = policy_backbone(trainer.model)
+    calls = []
+    handle = backbone.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        total = trainer._compute_loss(trainer.model, batch)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward of the policy's body for the policy loss and the value loss
+    with torch.no_grad():
+        trainer.args.vf_coef = 0.0
+        policy_only = trainer._compute_loss(trainer.model, batch)
+        hidden, _, _ = _hand_values(trainer.model, batch)
+        T = mask.size(1)
+        w, b = trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
+        values = hidden[:, -T - 1 : -1] @ w + b
+    want = clipped_value_loss(values, batch["old_values"], batch["returns"], trainer.args.cliprange_value, mask)
+    torch.testing.assert_close(total.detach() - policy_only, want, rtol=1e-4, atol=1e-6)
+    # the value loss reaches the head and, through the shared trunk, the policy's LoRA adapter
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.args.vf_coef = 1.0
+    total.backward()
+    assert trainer.value_model.value_head.weight.grad.abs().max() > 0
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in trainer.model.named_parameters() if "lora" in n)
+
+
+def test_head_is_an_optimizer_group_with_the_critic_learning_rate_and_trains(world, tmp_path):
+    trainer = _trainer(world, tmp_path, max_steps=2, learning_rate=1e-3, critic_learning_rate=5e-2,
+                       lr_scheduler_type="constant")
+    policy0 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    groups = [g for g in trainer.optimizer.param_groups
+              if any(p is trainer.value_model.value_head.weight for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(5e-2)
+    assert float(trainer.value_model.value_head.weight.abs().max()) > 0  # moved from the zero init
+    assert max(float((p - policy0[n]).abs().max()) for n, p in trainer.model.named_parameters()) > 0
+    assert not hasattr(trainer.value_model, "backbone")  # no critic body
+    logs = [h for h in trainer.state.log_history if "loss/value_avg" in h]
+    assert len(logs) == 2 and "val/grad_norm" in logs[0] and "val/explained_variance" in logs[0]
+
+
+def test_saved_head_reloads_beside_the_policy_and_resume_restores_it(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    common = dict(max_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=1)
+    full = _trainer(world, tmp_path / "full", **common)
+    full.train()
+    full.save_model(str(tmp_path / "final"))
+    policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    head = PolicyValueHead.from_pretrained(str(tmp_path / "final"))
+    ids = torch.tensor([[4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        reloaded = head(policy(ids, output_hidden_states=True).hidden_states[-1])
+        trained = full.value_model(full.model(ids, output_hidden_states=True).hidden_states[-1])
+    assert float(trained.abs().max()) > 0
+    torch.testing.assert_close(reloaded, trained)
+
+    resumed = _trainer(world, tmp_path / "resumed", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, msg=f"policy {n}")
+    torch.testing.assert_close(full.value_model.value_head.weight, resumed.value_model.value_head.weight)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"critic_shares_base": True}, "drop critic_shares_base"),
+    ({"value_model_name_or_path": "some/critic"}, "drop critic_shares_base"),
+])
+def test_config_refuses_a_second_critic_with_the_value_head(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ppo_args(str(tmp_path), value_head_on_policy=True, **overrides)
+
+
+def test_reading_a_separate_critics_head_as_a_policy_head_is_refused(world, tmp_path):
+    trainer = PPOTrainer(model=world["policy"], reward_funcs=[world["reward"], target_word],
+                         args=ppo_args(str(tmp_path)), train_dataset=prompts())
+    trainer.save_model(str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="ValueModel.from_pretrained"):
+        PolicyValueHead.from_pretrained(str(tmp_path / "out" / "value_model"))
+    with pytest.raises(FileNotFoundError, match="value_head_on_policy"):
+        PolicyValueHead.from_pretrained(str(tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_value_head_learns_the_returns_on_the_lab(tmp_path):
+    """30 steps of the lab run (seed 0) with the head's own learning rate: the value loss falls and the explained
+    variance rises from ≈ 0 (the zero head) — the head learns more than the mean return."""
+    from hf_rlhf_ext.results import read_log_history
+    from test_recipes_rl import _run
+
+    _run("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",
+                 "--max_steps", "30", "--logging_steps", "5", "--num_eval_prompts", "0", "--monitor", "none",
+                 "--disable_tqdm", "true"])
+    logs = [r for r in read_log_history(str(tmp_path)) if "loss/value_avg" in r]
+    assert len(logs) == 6
+    value_loss = [r["loss/value_avg"] for r in logs]
+    explained = [r["val/explained_variance"] for r in logs]
+    assert value_loss[-1] < 0.8 * value_loss[0], value_loss
+    assert sum(explained[-3:]) / 3 > explained[0] + 0.04, explained
+    assert (tmp_path / "value_head.safetensors").is_file() and not (tmp_path / "value_model").exists()
