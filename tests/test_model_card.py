@@ -206,3 +206,38 @@ def test_best_of_n_push_uploads_the_distilled_folder_with_its_card(tiny, tmp_pat
     assert {"README.md", "model.safetensors", "bon_curve.png", "distillation.png", "metrics.json"} <= set(
         uploads[0]["files"])
     assert "best-of-n" in ModelCard(uploads[0]["card"]).data.tags
+
+
+def test_beta_sweep_push_uploads_its_folder_once_and_its_points_never_push(tmp_path, monkeypatch, fake_hub):
+    from hf_rlhf_ext import sweeps
+    from test_sweeps import fake_result
+
+    point_args = []
+
+    def prepare(script_args, training_args, model_args):  # run_point's first step: record and stop
+        point_args.append(training_args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hf_rlhf_ext.recipe_utils.prepare_rl_run", prepare)
+    argv = ["--output_dir", str(tmp_path), "--betas", "0", "0.2", "--seeds", "0", "--push_to_hub", "true",
+            "--hub_model_id", "someone/sweep"]
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.run_point(argv, 0.2, 0)
+    assert point_args[0].push_to_hub is False  # a point's Trainer would otherwise create and push a repository
+    monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: fake_result(beta, seed))
+    load_recipe("beta_sweep").main(argv)
+    uploads = fake_hub["uploads"]
+    assert fake_hub["repos"] == ["someone/sweep"] and len(uploads) == 1
+    assert {"README.md", "sweep.md", "frontier.png", "results.jsonl"} <= set(uploads[0]["files"])
+    assert "beta-sweep" in ModelCard(uploads[0]["card"]).data.tags
+
+
+def test_compare_and_baselines_runs_never_push():
+    from hf_rlhf_ext.baselines import parse_baselines_argv
+    from hf_rlhf_ext.compare import parse_compare_argv
+
+    push = ["--push_to_hub", "true", "--hub_model_id", "someone/x"]
+    assert parse_compare_argv(push, "ppo")[1].push_to_hub is True  # the experiment itself pushes
+    assert parse_compare_argv(push, "ppo", seed=0)[1].push_to_hub is False  # its runs do not
+    assert parse_compare_argv(push, "grpo", seed=1)[1].push_to_hub is False
+    assert parse_baselines_argv(push, "none", 0)[1].push_to_hub is False
