@@ -119,7 +119,8 @@ def parse_baselines_argv(argv: Sequence[str], baseline: str | None = None, seed:
     if baseline is not None:
         study, training_args, _ = make_baselines_parser().parse_args_and_config(argv)
         argv += ["--baseline", baseline, "--seed", str(seed),
-                 "--output_dir", run_dir(training_args.output_dir, baseline, seed)]
+                 "--output_dir", run_dir(training_args.output_dir, baseline, seed),
+                 "--push_to_hub", "false"]  # a run never pushes: the study's folder is pushed once
     return tuple(make_baselines_parser().parse_args_and_config(argv))
 
 

@@ -82,10 +82,13 @@ def usage() -> str:
 
 def run_recipe(module: str, prog: str, argv: list[str]) -> int:
     """Runs ``hf_rlhf_ext.recipes.<module>`` as ``__main__`` with ``argv``, as ``python -m`` would."""
+    from .recipe_utils import launched_as
+
     old_argv = sys.argv
     sys.argv = [prog, *argv]
     try:
-        runpy.run_module(f"{recipes_package()}.{module}", run_name="__main__", alter_sys=True)
+        with launched_as(prog):
+            runpy.run_module(f"{recipes_package()}.{module}", run_name="__main__", alter_sys=True)
     except SystemExit as exit_:  # --help and argument errors exit from inside the recipe's parser
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:

@@ -165,7 +165,8 @@ def parse_compare_argv(argv: Sequence[str], trainer: str = "ppo", seed: int | No
     own = ["--kl_coef", repr(compare.ppo_kl_coef), "--num_generations", "1"] if trainer == "ppo" else [
         "--beta", repr(compare.grpo_beta), "--num_generations", str(compare.grpo_num_generations)]
     if seed is not None:
-        own += ["--seed", str(seed), "--output_dir", run_dir(_output_dir(argv), trainer, seed)]
+        own += ["--seed", str(seed), "--output_dir", run_dir(_output_dir(argv), trainer, seed),
+                "--push_to_hub", "false"]  # a run never pushes: the comparison's folder is pushed once
     parsed = make_compare_parser(trainer).parse_args_and_config(list(argv) + own, return_remaining_strings=True)
     *parsed, rest = parsed
     unknown = [a[2:] for a in rest if a.startswith("--") and a[2:] not in _ppo_only_fields()]

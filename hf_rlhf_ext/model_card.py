@@ -19,7 +19,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 __all__ = [
     "CARD_FILE", "LIBRARY_TAG", "RecipeCard", "RunCard", "flag_value", "hub_id_or_none", "load_snippet",
-    "lora_settings", "markdown_table", "push_folder", "settings_from", "write_experiment_card", "write_model_card",
+    "lora_settings", "markdown_table", "push_experiment", "push_folder", "settings_from", "write_experiment_card",
+    "write_model_card",
 ]
 
 CARD_FILE = "README.md"
@@ -262,3 +263,12 @@ def push_folder(output_dir: str, repo_id: str, token: str | None = None, private
     repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
     return api.upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=commit_message, token=token,
                              revision=revision, ignore_patterns=PUSH_IGNORE_PATTERNS)
+
+
+def push_experiment(output_dir: str, training_args: Any) -> Any:
+    """With ``--push_to_hub``: uploads an experiment's folder (card, tables, plots, metrics) once, to
+    ``--hub_model_id`` or a repository named after the folder. Its inner runs never push. Returns the commit info."""
+    if not training_args.push_to_hub:
+        return None
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    return push_folder(output_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)

@@ -641,11 +641,28 @@ def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[s
     return parser
 
 
+#: The command a recipe was started with when not as its script (``hf-rlhf-ext ppo``); see :func:`launched_as`.
+_LAUNCHER: list[str] = []
+
+
+@contextlib.contextmanager
+def launched_as(command: str):
+    """Recipes run inside this context name ``command`` in their usage line and model card (the console entry point
+    runs them as modules, whose ``sys.argv[0]`` is the module's file)."""
+    _LAUNCHER.append(command)
+    try:
+        yield
+    finally:
+        _LAUNCHER.pop()
+
+
 class RecipeParser(TrlParser):
     """``TrlParser`` that remembers the command line (for the model card) and applies the LoRA learning-rate rule,
     which needs to know whether the learning rate was given (a flag or a config key) or is the recipe's default."""
 
     def __init__(self, dataclass_types, lora_learning_rate_multiplier: float | None = None, **kwargs):
+        if _LAUNCHER:
+            kwargs.setdefault("prog", _LAUNCHER[-1])
         super().__init__(dataclass_types, **kwargs)
         self.lora_learning_rate_multiplier = lora_learning_rate_multiplier
         self._config_keys: set[str] = set()
@@ -832,7 +849,8 @@ def recipe_command(script: str, cli_args: list[str] | None) -> str:
 
     if cli_args is None:
         return f"python {script}  # run from Python: the settings are listed below"
-    return " ".join(["accelerate launch", script, *(shlex.quote(a) for a in cli_args)])
+    launcher = _LAUNCHER[-1] if _LAUNCHER else f"accelerate launch {script}"
+    return " ".join([launcher, *(shlex.quote(a) for a in cli_args)])
 
 
 def _result_rows(metrics: dict[str, Any]) -> list[tuple]:
@@ -1005,7 +1023,7 @@ def _hub_repo_id(trainer: Any, training_args: Any) -> str:
             or os.path.basename(os.path.abspath(training_args.output_dir)))
 
 
-def outputs_line(output_dir: str, with_card: bool = True) -> str:
+def outputs_line(output_dir: str, with_card: bool = True, metrics_file: str = "metrics.json") -> str:
     """The one line a recipe ends with: where its outputs are."""
     card = f"model card {os.path.join(output_dir, 'README.md')}, " if with_card else ""
-    return f"outputs: {output_dir} ({card}metrics {os.path.join(output_dir, 'metrics.json')})"
+    return f"outputs: {output_dir} ({card}metrics {os.path.join(output_dir, metrics_file)})"

@@ -185,7 +185,7 @@ class RewardGuard:
         for column in columns:
             for i in dropped:
                 column[i] = None
-        self._record(prompts, completions, kwargs, columns, len(dropped), bad)
+        self._record(prompts, completions, kwargs, columns, len(dropped), bad, in_trainer)
         return _Batch(prompts, completions, columns)
 
     def _raise(self, failure, bad, columns, prompts, completions, kwargs, step) -> None:
@@ -234,10 +234,12 @@ class RewardGuard:
             json.dump(record, f, indent=1, default=repr)
         return path
 
-    def _record(self, prompts, completions, kwargs, columns, num_dropped: int, bad) -> None:
-        """Counts drops, empty completions and zero-std groups; logs them through TRL's ``log_metric``."""
+    def _record(self, prompts, completions, kwargs, columns, num_dropped: int, bad, collective: bool) -> None:
+        """Counts drops, empty completions and zero-std groups over all processes; logs them through TRL's
+        ``log_metric``."""
         empty = sum(1 for c in completions if not _completion_text(c).strip())
         zero_std = _zero_std_groups(prompts, columns)
+        num_dropped, empty, zero_std = (int(v) for v in _sum_over_processes([num_dropped, empty, zero_std], collective))
         self.counts.update(dropped=num_dropped, empty_completions=empty, zero_std_groups=zero_std, batches=1)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
@@ -334,16 +336,21 @@ def _zero_std_groups(prompts: Sequence[Any], columns: list[list[float | None]]) 
 
 def _any_process(flag: bool, collective: bool) -> bool:
     """Whether ``flag`` is true on any process (every process must call this when ``collective``)."""
+    return _sum_over_processes([1.0 if flag else 0.0], collective)[0] > 0
+
+
+def _sum_over_processes(values: Sequence[float], collective: bool) -> list[float]:
+    """``values`` summed over all processes (every process must call this when ``collective``)."""
     import torch.distributed as dist
 
     if not collective or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
+        return [float(v) for v in values]
     import torch
     from accelerate import PartialState
 
-    value = torch.tensor([1.0 if flag else 0.0], device=PartialState().device)
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
+    total = torch.tensor([float(v) for v in values], device=PartialState().device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def _process_index() -> int:

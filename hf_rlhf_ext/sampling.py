@@ -237,32 +237,25 @@ class _StepCall:
 
 
 def sample_policy(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    pad_token_id: int,
-    eos_token_ids: Sequence[int] | int | None,
-    drop_finished: bool = False,
-    num_return_sequences: int = 1,
-    use_kv_cache: bool = True,
-    greedy: bool = False,
+    model: nn.Module, input_ids: torch.Tensor, prompt_mask: torch.Tensor, *, use_kv_cache: bool = True,
+    greedy: bool = False, **settings: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of the left-padded prompts ``input_ids`` (B, P): ``(tokens, logps)``, both (B·M, n), as
-    :func:`sample_with_kv_cache` returns them (its arguments mean the same).
+    :func:`sample_with_kv_cache` returns them; ``settings`` are its keyword arguments (``max_new_tokens``,
+    ``temperature``, ``pad_token_id``, ``eos_token_ids``, ``drop_finished``, ``num_return_sequences``).
 
     :func:`sample_with_kv_cache` when ``use_kv_cache`` and the model is decoder-only; else ``generate`` with pure
     sampling (``top_k=0``, ``top_p=1``), whose processed scores give the log-probs. ``greedy``: ``generate``'s greedy
     decoding, log-probs of the argmax tokens at temperature 1.
     """
     if use_kv_cache and not greedy and kv_cache_sampling_supported(model):
-        return sample_with_kv_cache(
-            model, input_ids, prompt_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-            pad_token_id=pad_token_id, eos_token_ids=eos_token_ids, drop_finished=drop_finished,
-            num_return_sequences=num_return_sequences,
-        )
+        return sample_with_kv_cache(model, input_ids, prompt_mask, **settings)
+    return _sample_with_generate(model, input_ids, prompt_mask, greedy=greedy, **settings)
+
+
+def _sample_with_generate(model, input_ids, prompt_mask, *, max_new_tokens, temperature, pad_token_id, eos_token_ids,
+                          num_return_sequences=1, greedy=False, drop_finished=False):
+    """``generate``'s draws and their log-probs (``drop_finished`` is the KV-cache loop's; ``generate`` keeps rows)."""
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0,
                                                    "top_p": 1.0}
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])

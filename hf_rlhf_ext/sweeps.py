@@ -237,7 +237,8 @@ def run_point(argv: Sequence[str], beta: float, seed: int) -> dict[str, Any]:
     trainer_name = trainer_from_argv(argv)
     sweep, _, base_args, _ = parse_sweep_argv(argv)
     out = point_dir(base_args.output_dir, trainer_name, beta, seed)
-    overrides = ["--seed", str(seed), f"--{BETA_FIELD[trainer_name]}", repr(float(beta)), "--output_dir", out]
+    overrides = ["--seed", str(seed), f"--{BETA_FIELD[trainer_name]}", repr(float(beta)), "--output_dir", out,
+                 "--push_to_hub", "false"]  # a point never pushes: the sweep's folder is pushed once, at the end
     _, script_args, training_args, model_args = parse_sweep_argv(list(argv) + overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(sweep.cpus_per_point)

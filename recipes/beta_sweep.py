@@ -14,7 +14,7 @@ Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerun
 
 import sys
 
-from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
 from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 from hf_rlhf_ext.sweeps import parse_sweep_argv, run_sweep
 
@@ -32,6 +32,7 @@ def main(argv: list[str]) -> dict:
                                "fitted Gao curve on gold"},
         settings={"trainer": metrics["trainer"], "betas": metrics["betas"], "seeds": metrics["seeds"]},
     )
+    push_experiment(out, training_args)
     print(outputs_line(out))
     return metrics
 

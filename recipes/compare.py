@@ -17,7 +17,7 @@ Writes <output_dir>/{compare.md, compare.png, metrics.json} and, per run, runs/<
 import sys
 
 from hf_rlhf_ext.compare import run_compare, summary_lines
-from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
 from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> dict:
         plots={"compare.png": "Held-out gold (top) and KL (bottom) against step: mean over seeds, band = min–max"},
         settings={k: v for k, v in metrics.get("settings", {}).items() if k != "argv"},
     )
+    push_experiment(out, training_args)
     print(outputs_line(out))
     return metrics
 

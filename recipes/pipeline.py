@@ -14,13 +14,14 @@ the lab (its gold reward, its preference pairs) are skipped with the reason, nev
 """
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from hf_rlhf_ext.recipe_utils import cli_main
+from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 from hf_rlhf_ext.report import StageStore
 
 if __package__:  # hf_rlhf_ext.recipes.pipeline (installed, or `hf-rlhf-ext report`)
@@ -88,7 +89,31 @@ def main(args: PipelineArguments) -> dict[str, Any]:
     for name in stages.NAMES:  # earlier runs' stages still count in the report
         if name not in results and store.done(name):
             results[name] = store.load(name)
-    return stages.write_report(args, results, seconds=time.time() - start)
+    payload = stages.write_report(args, results, seconds=time.time() - start)
+    write_card(args, payload)
+    print(outputs_line(args.output_dir, metrics_file="claims.json"))
+    return payload
+
+
+def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:
+    """README.md of the output folder: the claims and their verdicts, the findings, how the run was made."""
+    from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, markdown_table, write_model_card
+
+    claims = [(c["id"], c["exercise"], c["statement"], "skipped" if c["holds"] is None else
+               ("holds" if c["holds"] else "does NOT hold")) for c in payload["claims"]]
+    findings = [(f["id"], f["statement"]) for f in payload["findings"]]
+    write_model_card(args.output_dir, RunCard(
+        title=os.path.basename(os.path.abspath(args.output_dir)), recipe="recipes/pipeline.py",
+        summary="Every experiment of the RLHF chapter in one command; each claim is decided by the measured "
+                "statistic in claims.json, and report.md reads every number and plot.",
+        command="accelerate launch recipes/pipeline.py " + " ".join(sys.argv[1:]),
+        tags=("rlhf-chapter", "report"), base_model=hub_id_or_none(args.model_name_or_path),
+        datasets=[d for d in [hub_id_or_none(args.dataset_name)] if d], library_name=None,
+        hyperparameters={"quick": args.quick, "seed": args.seed, "on the lab": args.on_lab},
+        results_markdown=markdown_table(["claim", "exercise", "statement", "verdict"], claims)
+        + ("\n\n" + markdown_table(["finding", "statement"], findings) if findings else ""),
+        usage="The statistics behind each verdict are in `claims.json`; the full reading is in `report.md`.",
+    ))
 
 
 if __name__ == "__main__":

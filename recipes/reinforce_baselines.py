@@ -18,7 +18,7 @@ Writes <output_dir>/{baselines.md, baselines.png, metrics.json} and, per run, ru
 import sys
 
 from hf_rlhf_ext.baselines import parse_baselines_argv, run_baselines, summary_lines
-from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
 from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 
 
@@ -35,6 +35,7 @@ def main(argv: list[str]) -> dict:
                                 "seeds, band = min–max"},
         settings={k: v for k, v in metrics.get("settings", {}).items() if k != "argv"},
     )
+    push_experiment(out, training_args)
     print(outputs_line(out))
     return metrics
 

@@ -14,7 +14,7 @@ Writes <output_dir>/{ensemble.md, ensemble.png, metrics.json} and one β-sweep d
 import sys
 
 from hf_rlhf_ext.ensembles import parse_argv, run_experiment
-from hf_rlhf_ext.model_card import write_experiment_card
+from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
 from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
 
 
@@ -30,6 +30,7 @@ def main(argv: list[str]) -> dict:
         plots={"ensemble.png": "Held-out gold against step per objective, and each run's gold against sqrt(KL)"},
         settings=metrics.get("settings", {}),
     )
+    push_experiment(out, training_args)
     print(outputs_line(out))
     return metrics
 

@@ -1,5 +1,6 @@
-"""Launched on two gloo ranks by test_reward_guard: rank 1's reward is NaN, rank 0's is finite; each rank prints,
-as one JSON line, what its guard raised (both must stop, or rank 0 would wait forever in the next collective)."""
+"""Launched on two gloo ranks by test_reward_guard. First a clean batch where only rank 1's completion is empty (the
+logged counts must cover both ranks), then rank 1's reward is NaN, rank 0's finite; each rank prints, as one JSON
+line, what it logged and what its guard raised (both must stop, or rank 0 would wait forever in the next collective)."""
 
 import json
 import math
@@ -15,13 +16,15 @@ rank = args.distributed_state.process_index
 
 
 def rank_reward(prompts=None, completions=None, **kwargs):
-    return [math.nan if rank == 1 else 1.0 for _ in completions]
+    return [math.nan if rank == 1 and c == "nan" else 1.0 for c in completions]
 
 
 guard = RewardGuard([rank_reward], sys.argv[1])
-outcome = {"rank": rank, "raised": None, "path": None}
+logged = {}
+guard.reward_funcs[0](prompts=["p"], completions=["" if rank == 1 else "ok"], log_metric=logged.__setitem__)
+outcome = {"rank": rank, "raised": None, "path": None, "logged": logged}
 try:
-    guard.reward_funcs[0](prompts=["p"], completions=[f"c{rank}"], log_metric=lambda *a: None)
+    guard.reward_funcs[0](prompts=["p"], completions=["nan"], log_metric=lambda *a: None)
 except Exception as exc:  # noqa: BLE001 - reported to the test
     outcome.update(raised=type(exc).__name__, message=str(exc), path=getattr(exc, "path", None))
 print("PROBE " + json.dumps(outcome), flush=True)

@@ -3,24 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
+from _recipe_helpers import load_recipe
 from hf_rlhf_ext.recipe_utils import LORA_LEARNING_RATE_MULTIPLIER, read_lab_config
 from hf_rlhf_ext.results import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses with string annotations look their module up
-    spec.loader.exec_module(module)
-    return module
+_recipe = load_recipe
 
 
 def _learning_rate(name: str, *argv: str) -> float:

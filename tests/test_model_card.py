@@ -6,9 +6,6 @@ The recipes run in-process on tiny stand-in models; the Hub is never contacted: 
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 import os
 from pathlib import Path
 
@@ -16,31 +13,17 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 
-from _ppo_helpers import build_world, prompts
+from _recipe_helpers import load_recipe, recipe_world, run_recipe
 from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, write_model_card
 from hf_rlhf_ext.results import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _run(name: str, argv: list[str]) -> dict:
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses with string annotations look their module up
-    spec.loader.exec_module(recipe)
-    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+_run = run_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("card_world")
-    paths = build_world(str(root))
-    data_dir = root / "prompts"
-    data_dir.mkdir()
-    with open(data_dir / "train.jsonl", "w") as f:
-        for p in prompts(16)["prompt"]:
-            f.write(json.dumps({"prompt": p}) + "\n")
-    return {**paths, "data": str(data_dir)}
+    return recipe_world(tmp_path_factory.mktemp("card_world"))
 
 
 def _argv(tiny, out, *extra: str) -> list[str]:
@@ -164,10 +147,7 @@ def test_beta_sweep_folder_has_a_card_with_its_table_and_frontier(tmp_path, monk
     from test_sweeps import fake_result
 
     monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: fake_result(beta, seed))
-    spec = importlib.util.spec_from_file_location("recipe_beta_sweep", ROOT / "recipes" / "beta_sweep.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    recipe.main(["--output_dir", str(tmp_path), "--betas", "0", "0.05", "0.2", "--seeds", "0"])
+    load_recipe("beta_sweep").main(["--output_dir", str(tmp_path), "--betas", "0", "0.05", "0.2", "--seeds", "0"])
     card = ModelCard.load(tmp_path / "README.md")
     assert {"grpo", "beta-sweep", "hf-rlhf-ext"} <= set(card.data.tags) and card.data.library_name is None
     table = (tmp_path / "sweep.md").read_text().strip()
@@ -203,10 +183,7 @@ def test_best_of_n_card_is_the_distilled_adapters_with_the_held_out_table(tiny, 
 def test_mini_loop_card_points_at_its_policy_folder(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    spec = importlib.util.spec_from_file_location("recipe_mini_loop", ROOT / "recipes" / "mini_loop.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("mini_loop")
     (args,) = recipe.make_parser().parse_args_and_config(args=[
         "--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"], "--steps", "2", "--batch_size", "8",
         "--max_new_tokens", "6", "--num_eval_prompts", "4", "--output_dir", str(tmp_path)])
@@ -229,3 +206,38 @@ def test_best_of_n_push_uploads_the_distilled_folder_with_its_card(tiny, tmp_pat
     assert {"README.md", "model.safetensors", "bon_curve.png", "distillation.png", "metrics.json"} <= set(
         uploads[0]["files"])
     assert "best-of-n" in ModelCard(uploads[0]["card"]).data.tags
+
+
+def test_beta_sweep_push_uploads_its_folder_once_and_its_points_never_push(tmp_path, monkeypatch, fake_hub):
+    from hf_rlhf_ext import sweeps
+    from test_sweeps import fake_result
+
+    point_args = []
+
+    def prepare(script_args, training_args, model_args):  # run_point's first step: record and stop
+        point_args.append(training_args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("hf_rlhf_ext.recipe_utils.prepare_rl_run", prepare)
+    argv = ["--output_dir", str(tmp_path), "--betas", "0", "0.2", "--seeds", "0", "--push_to_hub", "true",
+            "--hub_model_id", "someone/sweep"]
+    with pytest.raises(KeyboardInterrupt):
+        sweeps.run_point(argv, 0.2, 0)
+    assert point_args[0].push_to_hub is False  # a point's Trainer would otherwise create and push a repository
+    monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: fake_result(beta, seed))
+    load_recipe("beta_sweep").main(argv)
+    uploads = fake_hub["uploads"]
+    assert fake_hub["repos"] == ["someone/sweep"] and len(uploads) == 1
+    assert {"README.md", "sweep.md", "frontier.png", "results.jsonl"} <= set(uploads[0]["files"])
+    assert "beta-sweep" in ModelCard(uploads[0]["card"]).data.tags
+
+
+def test_compare_and_baselines_runs_never_push():
+    from hf_rlhf_ext.baselines import parse_baselines_argv
+    from hf_rlhf_ext.compare import parse_compare_argv
+
+    push = ["--push_to_hub", "true", "--hub_model_id", "someone/x"]
+    assert parse_compare_argv(push, "ppo")[1].push_to_hub is True  # the experiment itself pushes
+    assert parse_compare_argv(push, "ppo", seed=0)[1].push_to_hub is False  # its runs do not
+    assert parse_compare_argv(push, "grpo", seed=1)[1].push_to_hub is False
+    assert parse_baselines_argv(push, "none", 0)[1].push_to_hub is False

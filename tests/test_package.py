@@ -39,8 +39,19 @@ def test_cli_hands_the_command_line_to_each_recipe(capsys):
     assert {module for module, _ in RECIPES.values()} == {
         p.stem for p in (root / "recipes").glob("*.py") if p.stem not in ("__init__", "pipeline_stages")
     }  # every recipe has a subcommand
-    assert main(["ppo", "--help"]) == 0 and "--critic_learning_rate" in capsys.readouterr().out
+    out = (main(["ppo", "--help"]), capsys.readouterr().out)
+    assert out[0] == 0 and "--critic_learning_rate" in out[1]
+    assert out[1].startswith("usage: hf-rlhf-ext ppo ")  # the command the user typed, not the module's file
     assert main(["reinforce", "--help"]) == 0 and "--baseline" in capsys.readouterr().out
     assert main(["nope"]) == 2
     assert shipped_config("ppo_lab.yaml") == str(root / "recipes" / "configs" / "ppo_lab.yaml")
     assert shipped_config("no_such.yaml") == "no_such.yaml"
+
+
+def test_a_card_names_the_command_the_recipe_was_started_with():
+    from hf_rlhf_ext.recipe_utils import launched_as, recipe_command
+
+    assert recipe_command("recipes/ppo.py", ["--beta", "0.1"]) == "accelerate launch recipes/ppo.py --beta 0.1"
+    with launched_as("hf-rlhf-ext ppo"):
+        assert recipe_command("recipes/ppo.py", ["--beta", "0.1"]) == "hf-rlhf-ext ppo --beta 0.1"
+    assert recipe_command("recipes/ppo.py", []) == "accelerate launch recipes/ppo.py"

@@ -186,3 +186,19 @@ def test_pipeline_on_a_local_model_skips_lab_only_claims_and_tracks_the_judge(tm
     assert bon["select"] == "target_word" and bon["gold"] == "target_word_tracked"
     assert claims["bon_distillation"]["holds"] is not None  # decided from the judge's numbers, not skipped
     assert payload["on_lab"] is False and (tmp_path / "out" / "report.md").is_file()
+
+
+def test_the_output_folder_has_a_card_with_every_verdict(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    pipeline = pytest.importorskip("pipeline")
+    (args,) = pipeline.make_parser().parse_args_and_config(
+        args=["--output_dir", str(tmp_path), "--stages", "clip", "--quick"])
+    pipeline.main(args)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"rlhf-chapter", "report", "hf-rlhf-ext"} <= set(card.data.tags)
+    assert card.data.base_model is None  # the lab: no Hub base model
+    rows = [line for line in card.text.splitlines() if line.startswith("| ")]
+    assert any("clip_gradient" in r and r.endswith("| holds |") for r in rows)  # stage run: its verdict
+    assert any("rm_accuracy" in r and r.endswith("| skipped |") for r in rows)  # not run: skipped, not faked
+    assert f"outputs: {tmp_path}" in capsys.readouterr().out

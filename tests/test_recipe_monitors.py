@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from _ppo_helpers import build_world, prompts
+from _recipe_helpers import load_recipe, recipe_world, run_recipe
 from hf_rlhf_ext.recipe_utils import parse_monitors
 from hf_rlhf_ext.results import read_log_history, read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(name: str, argv: list[str]) -> dict:
-    recipe = _recipe(name)
-    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+_recipe, _run = load_recipe, run_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("monitor_world")
-    paths = build_world(str(root))
-    data = root / "prompts"
-    data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(16)["prompt"]))
-    return {**paths, "data": str(data)}
+    return recipe_world(tmp_path_factory.mktemp("monitor_world"))
 
 
 def _argv(tiny, out, *extra: str) -> list[str]:

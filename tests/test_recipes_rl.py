@@ -7,7 +7,6 @@ gloo ranks (``multiprocess``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _ppo_helpers import build_world, prompts
+from _recipe_helpers import load_recipe, recipe_world, run_recipe
 from hf_rlhf_ext.results import read_log_history, read_metrics
 from hf_rlhf_ext.validation import DataValidationError
 
@@ -25,33 +24,18 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISA
        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
-def _recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(name: str, argv: list[str]) -> dict:
-    recipe = _recipe(name)
-    script_args, training_args, model_args = recipe.make_parser().parse_args_and_config(args=argv)
-    return recipe.main(script_args, training_args, model_args)
+_recipe, _run = load_recipe, run_recipe
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe_world")
-    paths = build_world(str(root))
-    data_dir = root / "prompts"
-    data_dir.mkdir()
-    with open(data_dir / "train.jsonl", "w") as f:
-        for p in prompts(16)["prompt"]:
-            f.write(json.dumps({"prompt": p}) + "\n")
+    paths = recipe_world(root)
     bad_dir = root / "bad"
     bad_dir.mkdir()
     with open(bad_dir / "train.jsonl", "w") as f:
         f.write(json.dumps({"question": "hello"}) + "\n")
-    return {**paths, "data": str(data_dir), "bad": str(bad_dir)}
+    return {**paths, "bad": str(bad_dir)}
 
 
 def _tiny_argv(tiny, out, *extra: str) -> list[str]:

@@ -243,6 +243,8 @@ def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     outcomes = {o["rank"]: o for o in (json.loads(line[6:]) for line in run.stdout.splitlines()
                                        if line.startswith("PROBE "))}
+    # counts are over all processes: the one empty completion (rank 1's) is logged as 1 on both ranks
+    assert [outcomes[r]["logged"]["reward_guard/empty_completions"] for r in (0, 1)] == [1.0, 1.0]
     assert outcomes[1]["raised"] == "NonFiniteRewardError"
     assert outcomes[1]["path"].endswith("step-None-non_finite-rank1.json") and os.path.isfile(outcomes[1]["path"])
     assert outcomes[0]["raised"] == "RewardFault" and "another process" in outcomes[0]["message"]

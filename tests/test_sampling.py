@@ -170,3 +170,64 @@ def test_num_return_sequences_must_be_positive(world):
     with pytest.raises(ValueError, match="num_return_sequences"):
         sample_with_kv_cache(model, ids, mask, max_new_tokens=3, temperature=1.0, pad_token_id=tok.pad_token_id,
                              eos_token_ids=[tok.eos_token_id], num_return_sequences=0)
+
+
+def test_sample_policy_through_generate_draws_the_same_tokens_with_their_log_probs(world):
+    """The fallback (``use_kv_cache=False``) draws what the KV-cache loop draws for the same seed, and its log-probs
+    (from ``generate``'s scores) equal a forward pass, 0 after each row's EOS."""
+    from hf_rlhf_ext.sampling import completion_mask, sample_policy
+
+    model, tok, ids, mask = world
+    settings = dict(max_new_tokens=30, temperature=1.3, pad_token_id=tok.pad_token_id, eos_token_ids=[tok.eos_token_id])
+    torch.manual_seed(4)
+    fast, fast_logps = sample_policy(model, ids, mask, **settings)
+    torch.manual_seed(4)
+    slow, slow_logps = sample_policy(model, ids, mask, use_kv_cache=False, **settings)
+    assert torch.equal(fast, slow)
+    cmask = completion_mask(slow, [tok.eos_token_id])
+    assert cmask.sum(1).min() < cmask.sum(1).max()  # rows ended at different steps
+    forward = per_token_logps(model, ids, mask, slow, cmask, temperature=1.3)
+    torch.testing.assert_close(slow_logps, forward, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_logps, forward, atol=1e-5, rtol=0)
+
+
+def test_sample_policy_greedy_is_generate_greedy(world):
+    from hf_rlhf_ext.sampling import sample_policy
+
+    model, tok, ids, mask = world
+    tokens, _ = sample_policy(model, ids, mask, greedy=True, max_new_tokens=12, temperature=1.0,
+                              pad_token_id=tok.pad_token_id, eos_token_ids=[tok.eos_token_id])
+    reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                               pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id])[:, ids.shape[1]:]
+    assert torch.equal(tokens, reference)
+
+
+def test_completion_mask_keeps_the_first_eos_and_nothing_after():
+    from hf_rlhf_ext.sampling import completion_mask
+
+    tokens = torch.tensor([[5, 3, 7, 3], [5, 6, 7, 8], [4, 9, 5, 5]])
+    assert completion_mask(tokens, [3, 9]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_lab_sampler_draws_what_generate_draws(world):
+    """The lab's data are sampled by the package's one sampler: the same replies as ``generate`` for the same seed."""
+    from transformers import GenerationConfig
+
+    from hf_rlhf_ext.lab.build import sample_completions
+
+    model, tok, _, _ = world
+    texts = prompts(4) + ["customer : lamp agent :"]
+    got = sample_completions(model, tok, texts, max_new_tokens=10, temperature=1.0, seed=7)
+    torch.manual_seed(7)
+    config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=10, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    encoded = {t: tok(t, add_special_tokens=False)["input_ids"] for t in texts}
+    expected = {}
+    for length in sorted({len(v) for v in encoded.values()}):  # batched by prompt length, as the lab does
+        group = [t for t in texts if len(encoded[t]) == length]
+        ids = torch.tensor([encoded[t] for t in group])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        for t, row in zip(group, out[:, length:].tolist()):
+            expected[t] = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+    assert got == [expected[t] for t in texts]
+    assert any(r and r[-1] == tok.eos_token_id for r in got) and len({tuple(r) for r in got}) > 1

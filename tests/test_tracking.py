@@ -3,27 +3,20 @@ evaluation before and after training, read back with TensorBoard's own ``EventAc
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from _ppo_helpers import build_world, prompts
+from _recipe_helpers import run_recipe
 from hf_rlhf_ext.results import read_log_history, read_metrics
 
 pytest.importorskip("tensorboard", reason="the tracking extra: pip install 'hf-rlhf-ext[tracking]'")
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(name: str, argv: list[str]) -> dict:
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses with string annotations look their module up
-    spec.loader.exec_module(recipe)
-    return recipe.main(*recipe.make_parser().parse_args_and_config(args=argv))
+_run = run_recipe
 
 
 def _scalars(root: Path) -> dict[str, dict[int, float]]:

@@ -165,10 +165,10 @@ class HeldOutSampler:
     sampling at the trainer's temperature (no top-k/top-p), so that the log-probabilities we compute are those of the
     distribution we sampled from. In a multi-process run each process samples its share.
 
-    With ``use_kv_cache`` (default) decoder-only models are sampled by :func:`hf_rlhf_ext.sampling.sample_with_kv_cache`
-    with finished rows leaving the batch — the same distribution as ``generate``, faster, and the policy's log-probs
-    come with the tokens (no forward pass for them); ``use_kv_cache=False`` or an encoder-decoder model goes through
-    ``generate``.
+    Sampling is :func:`hf_rlhf_ext.sampling.sample_policy`: with ``use_kv_cache`` (default) decoder-only models go
+    through the KV-cache loop with finished rows leaving the batch — the same distribution as ``generate``, faster,
+    and the policy's log-probs come with the tokens (no forward pass for them); ``use_kv_cache=False`` or an
+    encoder-decoder model goes through ``generate`` (log π then comes from a forward pass).
     """
 
     def __init__(

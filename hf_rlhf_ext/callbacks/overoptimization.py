@@ -457,8 +457,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 f"{peak['step']}) while the gold '{self.gold_name}' fell from {self._best:.4g} to "
                 f"{point['gold_smooth']:.4g}."
             )
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)  # once: not also through the logger
         if event["new_peak"] and self.save_peak and state.global_step > 0:
             self._save_peak(args, state, model, processing_class)
         if event["detected_now"] and self.stop_on_overoptimization:
