@@ -212,10 +212,10 @@ def test_reading_a_separate_critics_head_as_a_policy_head_is_refused(world, tmp_
 def test_value_head_learns_the_returns_on_the_lab(tmp_path):
     """30 steps of the lab run (seed 0) with the head's own learning rate: the value loss falls and the explained
     variance rises from ≈ 0 (the zero head) — the head learns more than the mean return."""
+    from _recipe_helpers import run_recipe
     from hf_rlhf_ext.results import read_log_history
-    from test_recipes_rl import _run
 
-    _run("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",
+    run_recipe("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",
                  "--max_steps", "30", "--logging_steps", "5", "--num_eval_prompts", "0", "--monitor", "none",
                  "--disable_tqdm", "true"])
     logs = [r for r in read_log_history(str(tmp_path)) if "loss/value_avg" in r]
