@@ -59,20 +59,28 @@ def run(mode: str) -> None:
     for step in range(steps):
         batch = trainer._generate_and_score_completions(rows)
         trainer._compute_loss(trainer.model, batch).backward()
-        # The sharded critic's gradient must be the mean over ranks of each rank's own value-loss gradient.
+        # The sharded critic's gradient must be that of the value loss token-averaged over *both* ranks' tokens, as
+        # one process holding the whole batch computes it (and as DDP gets it): the ranks' completions end at
+        # different lengths, so this is not the mean of the ranks' own token means. Reference: each rank's
+        # unsharded copy backpropagates its summed token losses / all ranks' tokens; the sum over ranks is the
+        # gradient of the global token mean.
         reference_critic.load_state_dict({k: full(v) for k, v in trainer.value_model.state_dict().items()})
         reference_critic.zero_grad(set_to_none=True)
         ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         att = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        mask = batch["completion_mask"].float()
+        tokens = mask.sum()
+        all_tokens = tokens.clone()
+        dist.all_reduce(all_tokens)
         values = reference_critic(ids, att, completion_length=batch["completion_ids"].size(1))
-        clipped_value_loss(values, batch["old_values"], batch["returns"], args.cliprange_value,
-                           batch["completion_mask"].float()).backward()
+        local_mean = clipped_value_loss(values, batch["old_values"], batch["returns"], args.cliprange_value, mask)
+        (local_mean * tokens / all_tokens).backward()
         grad_err, grad_max, compared = 0.0, 0.0, 0
         for p, q in zip(trainer.value_model.parameters(), reference_critic.parameters()):
             if q.grad is not None:
                 dist.all_reduce(q.grad)
-                grad_err = max(grad_err, float((full(p.grad) - q.grad / 2).abs().max()))
-                grad_max, compared = max(grad_max, float(q.grad.abs().max() / 2)), compared + 1
+                grad_err = max(grad_err, float((full(p.grad) - q.grad).abs().max()))
+                grad_max, compared = max(grad_max, float(q.grad.abs().max())), compared + 1
         trainer._clip_grad_norm(trainer.model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -83,6 +91,7 @@ def run(mode: str) -> None:
             "policy_moved": after[0] != before[0], "critic_moved": after[1] != before[1],
             "policy_sharded": sharded(trainer.model), "critic_sharded": sharded(trainer.value_model),
             "critic_grad_err": grad_err, "critic_grad_max": grad_max, "critic_grads_compared": compared,
+            "tokens": int(tokens),
         }), flush=True)
         before = after
     # Checkpoint round trip: every rank gathers the full critic, rank 0 writes it; loading restores the shards.
