@@ -102,7 +102,7 @@ def add_reward_offset(setup: Any, training_args: Any, value: float) -> None:
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------------
 def make_baselines_parser():
-    from .recipe_utils import make_recipe_parser, read_shipped_config
+    from .recipe_parsing import make_recipe_parser, read_shipped_config
     from .trainers.reinforce import ReinforceConfig
 
     return make_recipe_parser(BaselinesArguments, ReinforceConfig, read_shipped_config(LAB_CONFIG))

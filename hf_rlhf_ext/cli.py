@@ -82,7 +82,7 @@ def usage() -> str:
 
 def run_recipe(module: str, prog: str, argv: list[str]) -> int:
     """Runs ``hf_rlhf_ext.recipes.<module>`` as ``__main__`` with ``argv``, as ``python -m`` would."""
-    from .recipe_utils import launched_as
+    from .recipe_parsing import launched_as
 
     old_argv = sys.argv
     sys.argv = [prog, *argv]

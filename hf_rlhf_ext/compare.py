@@ -123,7 +123,7 @@ def _ppo_only_fields() -> set[str]:
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The comparison's lab settings for ``trainer`` from ``LAB_CONFIG``: all of them for PPO, GRPO's without the
     PPO-only ones (``critic_learning_rate``, ...)."""
-    from .recipe_utils import read_shipped_config
+    from .recipe_parsing import read_shipped_config
 
     values = read_shipped_config(LAB_CONFIG)
     return values if trainer == "ppo" else {k: v for k, v in values.items() if k not in _ppo_only_fields()}
@@ -150,7 +150,7 @@ def check_argv(argv: Sequence[str]) -> None:
 
 def make_compare_parser(trainer: str):
     """``TrlParser`` over (comparison arguments, the trainer's config, ``ModelConfig``) with the lab defaults."""
-    from .recipe_utils import make_recipe_parser
+    from .recipe_parsing import make_recipe_parser
 
     if trainer not in TRAINERS:
         raise ValueError(f"Unknown trainer {trainer!r}; choose one of {list(TRAINERS)}.")

@@ -156,7 +156,8 @@ def make_parser(trainer: str = "grpo"):
     the trainer's own field (``--beta`` for GRPO, ``--kl_coef`` for PPO)."""
     from trl import ModelConfig, TrlParser
 
-    from .recipe_utils import RLScriptArguments, check_lab_keys, cpu_parser_defaults
+    from .recipe_parsing import check_lab_keys, cpu_parser_defaults
+    from .recipe_utils import RLScriptArguments
     from .sweeps import SweepArguments, config_class
 
     defaults = lab_defaults(trainer)
@@ -170,7 +171,7 @@ def make_parser(trainer: str = "grpo"):
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The sweep's lab settings for ``trainer`` updated with the experiment's (``LAB_CONFIG``), whose ``beta`` goes
     to the trainer's β field."""
-    from .recipe_utils import read_shipped_config
+    from .recipe_parsing import read_shipped_config
     from .sweeps import BETA_FIELD, lab_defaults as sweep_lab_defaults
 
     own = read_shipped_config(LAB_CONFIG)

@@ -230,6 +230,10 @@ class _StepCall:
         if state.position is not None:
             extra["position_ids"] = state.position
         attention = state.attention[:, :length] if state.attention is not None else None
+        if attention is None and state.cache is not None:
+            # decode steps of unpadded prompts: finished rows are fed the pad id (as in generate) and a row may sample
+            # it; an all-ones mask says it is not padding, which transformers would otherwise warn about on every run
+            attention = torch.ones(state.step_input.shape[0], length, dtype=torch.long, device=state.step_input.device)
         out = model(input_ids=state.step_input, attention_mask=attention, use_cache=True, return_dict=True, **extra,
                     **self.logits_kw)
         state.cache = out.get(self.cache_name)

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Sequence
 
 from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
-from .recipe_utils import RLScriptArguments, check_lab_keys, cpu_parser_defaults
+from .recipe_parsing import check_lab_keys, cpu_parser_defaults
+from .recipe_utils import RLScriptArguments
 
 __all__ = [
     "SweepArguments",
@@ -61,7 +62,7 @@ LAB_CONFIGS = {"grpo": "beta_sweep_lab.yaml", "ppo": "beta_sweep_ppo_lab.yaml"}
 
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The sweep's lab settings for ``trainer``, read from its shipped YAML file."""
-    from .recipe_utils import read_shipped_config
+    from .recipe_parsing import read_shipped_config
 
     if trainer not in TRAINERS:
         raise ValueError(f"--trainer must be one of {TRAINERS}, got {trainer!r}.")

@@ -130,12 +130,12 @@ def test_the_sweep_defaults_differ_by_trainer():
 
 def edited_copy(tmp_path, monkeypatch, name: str, **changes) -> None:
     """Serves an edited copy of the shipped ``name`` to the library (the others stay as shipped)."""
-    from hf_rlhf_ext import recipe_utils
+    from hf_rlhf_ext import recipe_parsing
 
     edited = tmp_path / name
     edited.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / name).read_text()), **changes}))
-    shipped = recipe_utils.shipped_config_path
-    monkeypatch.setattr(recipe_utils, "shipped_config_path", lambda n: edited if n == name else shipped(n))
+    shipped = recipe_parsing.shipped_config_path
+    monkeypatch.setattr(recipe_parsing, "shipped_config_path", lambda n: edited if n == name else shipped(n))
 
 
 def test_an_edit_of_the_yaml_file_is_what_the_experiment_runs_with(tmp_path, monkeypatch):

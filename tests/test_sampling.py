@@ -231,3 +231,30 @@ def test_lab_sampler_draws_what_generate_draws(world):
             expected[t] = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
     assert got == [expected[t] for t in texts]
     assert any(r and r[-1] == tok.eos_token_id for r in got) and len({tuple(r) for r in got}) > 1
+
+
+def test_finished_rows_fed_the_pad_raise_no_padding_notice(world):
+    """Equal-length prompts (the attention mask is dropped): rows that finished are fed the pad id, as in generate;
+    transformers' one-time "input ids may be padded" notice would be a false alarm on every default run."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, tok, ids, mask = world
+    same = ids[mask.all(1)][:2].repeat(4, 1)  # unpadded rows only
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # the notice is shown once per process: make it showable again
+    try:
+        torch.manual_seed(0)
+        tokens, _ = sample_with_kv_cache(model, same, torch.ones_like(same), max_new_tokens=30, temperature=1.3,
+                                         pad_token_id=tok.pad_token_id, eos_token_ids=[tok.eos_token_id])
+        assert (tokens == tok.pad_token_id).any()  # some rows finished early and were fed the pad
+        assert not [m for m in records if "attention_mask" in m]
+        model(input_ids=tokens[:, -1:])  # the notice is still there for inputs that hold the pad id without a mask
+        assert [m for m in records if "attention_mask" in m]
+    finally:
+        logger.removeHandler(handler)
