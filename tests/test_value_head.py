@@ -105,7 +105,10 @@ def test_values_come_from_grpos_old_logprob_pass_not_the_reference_pass(world, t
     torch.testing.assert_close(batch["old_values"], want, rtol=1e-5, atol=1e-5)
 
 
-def test_loss_reads_policy_and_values_from_one_forward_pass(world, tmp_path):
+@pytest.mark.parametrize("lm_head", ["plain", "grpo_fused"])
+def test_loss_reads_policy_and_values_from_one_forward_pass(world, tmp_path, monkeypatch, lm_head):
+    if lm_head == "grpo_fused":  # GRPO's chunked, fused LM head (large vocabularies, bf16) instead of the plain one
+        monkeypatch.setattr("hf_rlhf_ext.trainers.ppo.use_plain_head", lambda *a, **k: False)
     trainer = _trainer(world, tmp_path, vf_coef=1.0, peft_config=_lora())
     _randomise_head(trainer)
     batch = _rollout(trainer)
