@@ -184,6 +184,20 @@ def test_config_refuses_a_second_critic_with_the_value_head(tmp_path, overrides,
         ppo_args(str(tmp_path), value_head_on_policy=True, **overrides)
 
 
+def test_value_head_under_deepspeed_or_fsdp_is_refused_naming_the_alternatives():
+    from types import SimpleNamespace
+
+    from hf_rlhf_ext.trainers.critic import prepare_policy_value_head
+
+    one_process = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="critic_shares_base"):
+        prepare_policy_value_head(PolicyValueHead(8), one_process, sharded=True, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm > 0"):
+        prepare_policy_value_head(PolicyValueHead(8), SimpleNamespace(num_processes=2, device=torch.device("cpu")),
+                                  sharded=False, max_grad_norm=0.0)
+    assert prepare_policy_value_head(PolicyValueHead(8), one_process, sharded=False, max_grad_norm=0.0) is not None
+
+
 def test_reading_a_separate_critics_head_as_a_policy_head_is_refused(world, tmp_path):
     trainer = PPOTrainer(model=world["policy"], reward_funcs=[world["reward"], target_word],
                          args=ppo_args(str(tmp_path)), train_dataset=prompts())
@@ -198,10 +212,10 @@ def test_reading_a_separate_critics_head_as_a_policy_head_is_refused(world, tmp_
 def test_value_head_learns_the_returns_on_the_lab(tmp_path):
     """30 steps of the lab run (seed 0) with the head's own learning rate: the value loss falls and the explained
     variance rises from ≈ 0 (the zero head) — the head learns more than the mean return."""
+    from _recipe_helpers import run_recipe
     from hf_rlhf_ext.results import read_log_history
-    from test_recipes_rl import _run
 
-    _run("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",
+    run_recipe("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",
                  "--max_steps", "30", "--logging_steps", "5", "--num_eval_prompts", "0", "--monitor", "none",
                  "--disable_tqdm", "true"])
     logs = [r for r in read_log_history(str(tmp_path)) if "loss/value_avg" in r]
@@ -211,3 +225,26 @@ def test_value_head_learns_the_returns_on_the_lab(tmp_path):
     assert value_loss[-1] < 0.8 * value_loss[0], value_loss
     assert sum(explained[-3:]) / 3 > explained[0] + 0.04, explained
     assert (tmp_path / "value_head.safetensors").is_file() and not (tmp_path / "value_model").exists()
+
+
+@pytest.mark.multiprocess
+def test_value_head_under_ddp_on_two_ranks_stays_identical(tmp_path):
+    """Each rank trains on its own prompts; the head lives outside the DDP-wrapped policy, so only the averaging of
+    its gradients keeps the two ranks' heads equal."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    world = build_world(str(tmp_path / "world"))
+    probe = Path(__file__).parent / "_value_head_ddp_probe.py"
+    out = subprocess.run([sys.executable, str(probe), os.path.dirname(world["policy"]), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = {rank: json.loads((tmp_path / "out" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert ranks[0]["ddp"] == ranks[1]["ddp"] == "DistributedDataParallel"
+    assert ranks[0]["local_returns"] != pytest.approx(ranks[1]["local_returns"])  # different data on each rank
+    assert max(abs(v) for v in ranks[0]["head"]) > 1e-3  # the head trained
+    assert ranks[0]["head"] == pytest.approx(ranks[1]["head"], abs=1e-7)
+    assert ranks[0]["policy"] == pytest.approx(ranks[1]["policy"], rel=1e-9)

@@ -11,7 +11,8 @@ trap that failed *silently* in a prototype:
 * under DDP the *wrapped* critic must be called, or its gradients are never all-reduced.
 
 With ``value_head_on_policy`` the critic is a :class:`PolicyValueHead` on the policy's hidden states: it has no body to
-build or wrap, joins the optimizer and is clipped like any critic, and is saved beside the policy (one process only).
+build or wrap, joins the optimizer and is clipped like any critic, and is saved beside the policy. Under DDP its
+gradients are averaged over the processes by :func:`average_head_gradients`; DeepSpeed and FSDP are refused.
 
 Scaling out: DDP wraps the critic like the policy; under FSDP2 :func:`shard_critic` shards it with ``fully_shard``
 (its checkpoint is gathered on every rank and written by the main one); DeepSpeed and FSDP1 are refused.
@@ -33,7 +34,7 @@ from .value_model import PolicyValueHead, ValueModel, _base_transformer, share_w
 VALUE_MODEL_DIR = "value_model"
 
 __all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "prepare_policy_value_head",
-           "shard_critic", "add_critic_param_groups", "clip_critic_grad_norm", "save_critic", "load_critic",
+           "average_head_gradients",           "shard_critic", "add_critic_param_groups", "clip_critic_grad_norm", "save_critic", "load_critic",
            "critic_values"]
 
 
@@ -152,16 +153,30 @@ def prepare_critic(critic: ValueModel, args: Any, accelerator: Any, *, deepspeed
     return accelerator.prepare_model(critic)
 
 
-def prepare_policy_value_head(head: PolicyValueHead, accelerator: Any, *, distributed: bool) -> PolicyValueHead:
-    """Puts the head on the policy's device. One process only: the head lives outside the policy's DDP/FSDP module,
-    so nothing would all-reduce its gradients."""
-    if distributed:
+def prepare_policy_value_head(head: PolicyValueHead, accelerator: Any, *, sharded: bool,
+                              max_grad_norm: float) -> PolicyValueHead:
+    """Puts the head on the policy's device. Under DeepSpeed or FSDP (``sharded``) the policy's body is partitioned
+    and read through the engine's own forward, which this head's hook does not cover: refused. Under DDP the head's
+    gradients are averaged in the Trainer's clipping step, which runs only with ``max_grad_norm > 0``."""
+    if sharded:
         raise NotImplementedError(
-            "value_head_on_policy=True supports one process only (its head is not part of the wrapped policy, so its "
-            "gradients would not be all-reduced). For several processes use critic_shares_base=True with a "
-            "peft_config, or a separate critic."
+            "value_head_on_policy=True is supported on one process and under DDP, not under DeepSpeed or FSDP. "
+            "Use critic_shares_base=True with a peft_config, or a separate critic, there."
         )
+    if accelerator.num_processes > 1 and not max_grad_norm > 0:
+        raise ValueError("value_head_on_policy=True on several processes averages the head's gradients in the "
+                         "gradient-clipping step: set max_grad_norm > 0 (e.g. 1.0).")
     return head.to(accelerator.device)
+
+
+def average_head_gradients(head: PolicyValueHead, accelerator: Any) -> None:
+    """DDP averages the policy's gradients over the processes; the head lives outside the wrapped policy, so its
+    gradients are averaged here, once per optimizer step (before clipping), the same way."""
+    if accelerator.num_processes == 1:
+        return
+    for p in head.parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)  # every process joins the collective
+        p.grad = accelerator.reduce(grad, reduction="mean")
 
 
 def shard_critic(critic: ValueModel, mesh: Any = None) -> ValueModel:

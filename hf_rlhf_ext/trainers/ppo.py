@@ -45,6 +45,7 @@ from .critic import (
     VALUE_MODEL_DIR,
     CriticSource,
     add_critic_param_groups,
+    average_head_gradients,
     build_critic,
     clip_critic_grad_norm,
     critic_values,
@@ -173,9 +174,9 @@ class PPOTrainer(GRPOTrainer):
         if self.args.value_head_on_policy:
             policy = self.accelerator.unwrap_model(self.model)
             self._policy_backbone = policy_backbone(policy)
-            distributed = self.accelerator.num_processes > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
             self.value_model = self.value_model_wrapped = prepare_policy_value_head(
-                PolicyValueHead.for_policy(policy), self.accelerator, distributed=distributed)
+                PolicyValueHead.for_policy(policy), self.accelerator,
+                sharded=self.is_deepspeed_enabled or self.is_fsdp_enabled, max_grad_norm=self.args.max_grad_norm)
             return
         self.value_model = build_critic(
             source, peft_config=peft_config, policy_path=policy_path or self.model.config.name_or_path,
@@ -217,6 +218,8 @@ class PPOTrainer(GRPOTrainer):
 
     def _clip_grad_norm(self, model):
         grad_norm = super()._clip_grad_norm(model)  # also unscales every group of the shared optimizer under fp16
+        if self.args.value_head_on_policy:
+            average_head_gradients(self.value_model, self.accelerator)
         critic_norm = clip_critic_grad_norm(self.value_model, self.args.max_grad_norm)
         if critic_norm is not None:
             self._metrics["train"]["val/grad_norm"].append(critic_norm)

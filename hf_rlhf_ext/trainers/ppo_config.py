@@ -63,7 +63,7 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
             No critic body: a zero-initialised linear value head reads the policy's own last hidden states, in the
             same forward pass as the policy's log-probs (the shared-trunk actor-critic of TRL's first PPO). The value
             loss then also trains the policy's weights (or its LoRA adapter); memory is close to GRPO's. Saved beside
-            the policy as ``value_head.safetensors`` (:class:`PolicyValueHead`). One process only.
+            the policy as ``value_head.safetensors`` (:class:`PolicyValueHead`). One process or DDP (not DeepSpeed/FSDP).
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the critic's parameter groups (default: ``learning_rate``); the schedule is shared.
             With ``value_head_on_policy``: the head's learning rate.
