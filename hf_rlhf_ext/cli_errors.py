@@ -1,5 +1,6 @@
 """A recipe's command line fails once, readably: bad input prints one line and exits 2, a reward fault names the file
-its inputs were saved to and exits 1; a real bug keeps its one traceback."""
+its inputs were saved to and exits 1; a real bug keeps its one traceback. And it prints no warning the user cannot
+act on."""
 
 from __future__ import annotations
 
@@ -7,13 +8,11 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from typing import Any, Callable
 
-
 from .reward_guard import RewardFault
-from .validation import (
-    InputError,
-)
+from .validation import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +38,8 @@ def cli_main(entry: Callable[[], Any]) -> Any:
     (``<script>: error: ...``, from the first process only) and exit with code 2 (input) or 1 (a reward fault);
     anything else is a bug and keeps its traceback. Under ``accelerate launch``, add ``-q`` to drop the launcher's
     own traceback of the failed child."""
+    # TRL's own call of a transformers property renamed in 5.x: nothing a user of the recipe can change
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return entry()
     except Exception as exc:

@@ -47,3 +47,19 @@ def test_other_load_reports_still_show_inside_the_context(tmp_path, reports):
     with expected_head_drops_unreported():  # a new score head on the policy: MISSING, not an expected drop
         AutoModelForSequenceClassification.from_pretrained(world["policy"], num_labels=1)
     assert any("score.weight" in m and "MISSING" in m for m in reports())
+
+
+def test_the_command_line_drops_only_the_deprecation_trl_triggers():
+    """TRL 1.16 reads a transformers property renamed in 5.x on every step; the user cannot act on that warning."""
+    import warnings
+
+    from hf_rlhf_ext.recipe_utils import cli_main
+
+    def entry():
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something the user can fix", FutureWarning)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(entry)
+    assert [str(w.message) for w in caught] == ["something the user can fix"]
