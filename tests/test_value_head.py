@@ -50,29 +50,49 @@ def _rollout(trainer, n=4):
     return trainer._generate_and_score_completions([{"prompt": p} for p in prompts(n)["prompt"]])
 
 
-@pytest.mark.parametrize("logprobs_from_sampling", [True, False])
-def test_rollout_values_are_the_head_on_the_policys_last_hidden_states(world, tmp_path, logprobs_from_sampling):
-    trainer = _trainer(world, tmp_path, logprobs_from_sampling=logprobs_from_sampling)
+def _head_values(trainer, batch):
+    """w·h + b on the hidden states of a fresh full forward, at the positions that predict each completion token."""
+    T = batch["completion_ids"].size(1)
+    hidden, _, _ = _hand_values(trainer.model, batch)
+    w, b = trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
+    return (hidden[:, -T - 1 : -1] @ w + b) * batch["completion_mask"]
+
+
+def _rollout_counting_full_passes(trainer):
+    """A rollout, and how many forwards of the policy's body saw whole prompt + completion rows (not the sampler's
+    prefill and decoding steps)."""
+    shapes = []
+    handle = policy_backbone(trainer.model).register_forward_hook(
+        lambda m, a, out: shapes.append(out.last_hidden_state.size(1)))
+    try:
+        batch = _rollout(trainer)
+    finally:
+        handle.remove()
+    full_length = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)
+    return batch, sum(length == full_length for length in shapes)
+
+
+@pytest.mark.parametrize("source, overrides", [
+    ("sampler", {}),  # the KV-cache sampler's own forwards: no pass at all
+    ("forward", {"logprobs_from_sampling": False}),  # the forward pass that computes log π_old
+    ("body", {"fast_generation": False}),  # generate() with recorded log-probs: one pass of the body alone
+])
+def test_rollout_values_are_the_head_on_the_policys_last_hidden_states(world, tmp_path, source, overrides):
+    trainer = _trainer(world, tmp_path, **overrides)
     _randomise_head(trainer)
     first = _rollout(trainer)
-    # the first rollout checks the sampler's log-probs with a forward pass: the values come from that pass
-    assert trainer.last_rollout.policy_pass_values is not None
-    batch = _rollout(trainer)
-    mask = batch["completion_mask"].float()
-    T = mask.size(1)
     with torch.no_grad():
-        hidden, _, _ = _hand_values(trainer.model, first)
-        T1, w, b = first["completion_mask"].size(1), trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
-        torch.testing.assert_close(first["old_values"], (hidden[:, -T1 - 1 : -1] @ w + b) * first["completion_mask"],
-                                   rtol=1e-5, atol=1e-5)
-        hidden, _, _ = _hand_values(trainer.model, batch)
-        w, b = trainer.value_model.value_head.weight[0], trainer.value_model.value_head.bias[0]
-        want = (hidden[:, -T - 1 : -1] @ w + b) * mask
+        torch.testing.assert_close(first["old_values"], _head_values(trainer, first), rtol=1e-5, atol=1e-5)
+    batch, full_passes = _rollout_counting_full_passes(trainer)  # after the first rollout's sampler check
+    with torch.no_grad():
+        want = _head_values(trainer, batch)
     assert float(want.abs().max()) > 0.1  # a random head: values far from the zero init
     torch.testing.assert_close(batch["old_values"], want, rtol=1e-5, atol=1e-5)
-    # later rollouts: from the forward pass that computed log π_old when one ran, else from a pass of the body alone
-    assert (trainer.last_rollout.policy_pass_values is not None) == (not logprobs_from_sampling)
     assert not batch["old_values"].requires_grad
+    rollout = trainer.last_rollout
+    assert full_passes == (0 if source == "sampler" else 1)
+    assert (rollout.policy_pass_values is not None) == (source == "forward")
+    assert (rollout.sampler_values is not None) == (source != "body")  # read, but the forward pass's are used
 
 
 def test_values_come_from_grpos_old_logprob_pass_not_the_reference_pass(world, tmp_path):
@@ -84,16 +104,8 @@ def test_values_come_from_grpos_old_logprob_pass_not_the_reference_pass(world, t
         for n, p in trainer.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    backbone = policy_backbone(trainer.model)
-    calls = []
-    handle = backbone.register_forward_hook(lambda m, a, out: calls.append(tuple(out.last_hidden_state.shape)))
-    try:
-        batch = _rollout(trainer)
-    finally:
-        handle.remove()
-    full_length = batch["prompt_ids"].size(1) + batch["completion_ids"].size(1)
-    full_passes = [shape for shape in calls if shape[1] == full_length]  # not the sampler's prefill and decode steps
-    assert "old_per_token_logps" in batch and len(full_passes) == 2  # π_old and π_ref; no third pass for the values
+    batch, full_passes = _rollout_counting_full_passes(trainer)
+    assert "old_per_token_logps" in batch and full_passes == 2  # π_old and π_ref; no third pass for the values
     T, mask = batch["completion_mask"].size(1), batch["completion_mask"].float()
     with torch.no_grad():
         hidden, _, _ = _hand_values(trainer.model, batch)

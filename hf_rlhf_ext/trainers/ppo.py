@@ -269,7 +269,8 @@ class PPOTrainer(GRPOTrainer):
 
     def _sample_with_kv_cache(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
         """``fast_generation``: GRPO's plain-transformers generation with the KV-cache sampler in place of
-        ``model.generate`` (the same draws, see :func:`sample_completions`)."""
+        ``model.generate`` (the same draws, see :func:`sample_completions`). With ``value_head_on_policy`` the head
+        also reads the sampler's hidden states: V(s_t) of the rollout without another pass (:meth:`_sampler_values`)."""
         from trl.models.utils import unwrap_model_for_generation
         from trl.trainer.utils import pad
 
@@ -287,13 +288,24 @@ class PPOTrainer(GRPOTrainer):
             ) as unwrapped,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            self._sampler_values() as sink,
         ):
-            return sample_completions(
+            completions = sample_completions(
                 unwrapped, input_ids, prompt_mask, eos_ids=self._eos_ids, temperature=float(self.temperature),
                 max_new_tokens=int(kwargs.get("max_new_tokens", self.max_completion_length)),
                 pad_token_id=kwargs.get("pad_token_id", self._tokenizer.pad_token_id),
                 eos_token_ids=kwargs.get("eos_token_id", self.eos_token_ids),
             )
+        if sink and self.last_rollout is not None:
+            self.last_rollout.sampler_values = torch.cat(sink, dim=1)  # (B, n): prefill's last position, then steps
+        return completions
+
+    def _sampler_values(self) -> capture_last_hidden_states:
+        """``value_head_on_policy``: V at the last position of each sampler forward — the prefill's last prompt
+        position (the state before completion token 0), then each decoding step's (before token t + 1)."""
+        sink = [] if self.args.value_head_on_policy else None
+        return capture_last_hidden_states(getattr(self, "_policy_backbone", None), sink,
+                                          lambda hidden: self.value_model(hidden[:, -1:]))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -446,10 +458,14 @@ class PPOTrainer(GRPOTrainer):
     @torch.no_grad()
     def _policy_head_values(self, rollout: Rollout, forward: tuple) -> torch.Tensor:
         """``value_head_on_policy``: the values read during the forward pass that computed log π_old; when the
-        sampler gave π_old (no such pass), a pass of the policy's body alone (no LM head)."""
+        sampler gave π_old (no such pass), those read while sampling (KV cache: equal up to float rounding); else a
+        pass of the policy's body alone (no LM head)."""
+        input_ids, attention_mask, T, batch_size = forward
         if rollout.policy_pass_values is not None:
             return policy_pass_values(rollout.policy_pass_values, self._policy_backbone)
-        input_ids, attention_mask, T, batch_size = forward
+        sampled = rollout.sampler_values
+        if sampled is not None and sampled.size(0) == input_ids.size(0) and sampled.size(1) >= T:
+            return sampled[:, :T]
         chunks = []
         for i in range(0, input_ids.size(0), batch_size):
             with self.accelerator.autocast():

@@ -61,6 +61,8 @@ class Rollout:
     critic_pass: torch.Tensor | None = None
     # value_head_on_policy: V(s_t) read from the policy forward pass that computed log π_old, when one ran (chunks).
     policy_pass_values: list[torch.Tensor] | None = None
+    # value_head_on_policy: V(s_t) read while the KV-cache sampler drew the rollout, (B, sampled length).
+    sampler_values: torch.Tensor | None = None
     kl: torch.Tensor | None = None  # per-token KL estimate between π_old and π_ref
     token_rewards: torch.Tensor | None = None  # r_t = −β·KL_t, plus the score at the last token
     non_score_rewards: torch.Tensor | None = None  # −β·KL_t alone
