@@ -171,6 +171,7 @@ class PPOTrainer(GRPOTrainer):
     def _set_up_critic(self, source: CriticSource, policy_path: str | None, peft_config: Any) -> None:
         """``value_model``: the critic; ``value_model_wrapped``: the module to call in training (DDP, FSDP2)."""
         self._value_sink: list[torch.Tensor] | None = None  # armed: the next policy forward also reads V(s_t)
+        self._policy_backbone: torch.nn.Module | None = None  # value_head_on_policy: the body the head reads
         if self.args.value_head_on_policy:
             policy = self.accelerator.unwrap_model(self.model)
             self._policy_backbone = policy_backbone(policy)
@@ -304,7 +305,7 @@ class PPOTrainer(GRPOTrainer):
         """``value_head_on_policy``: V at the last position of each sampler forward — the prefill's last prompt
         position (the state before completion token 0), then each decoding step's (before token t + 1)."""
         sink = [] if self.args.value_head_on_policy else None
-        return capture_last_hidden_states(getattr(self, "_policy_backbone", None), sink,
+        return capture_last_hidden_states(self._policy_backbone, sink,
                                           lambda hidden: self.value_model(hidden[:, -1:]))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
