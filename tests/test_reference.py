@@ -30,7 +30,7 @@ def _logits(model, ids):
 
 
 def test_each_trainer_gets_its_cheapest_reference(policy_path, tmp_path):
-    from hf_rlhf_ext.recipe_utils import _reference_for_eval
+    from hf_rlhf_ext.recipe_reporting import _reference_for_eval
     from hf_rlhf_ext.reference import ReferencePolicy, resolve_reference
 
     full = _grpo(policy_path, tmp_path / "full", beta=0.0)
@@ -92,7 +92,7 @@ def test_reference_model_takes_a_module_or_the_adapter_switch(policy_path):
 def test_evaluation_kl_to_the_adapter_disabled_reference(policy_path, tmp_path):
     """The recipes' held-out KL uses the same resolver: ≈ 0 for a fresh LoRA policy (its adapter starts at zero),
     positive once the adapter moved."""
-    from hf_rlhf_ext.recipe_utils import _reference_for_eval, evaluate_policy
+    from hf_rlhf_ext.recipe_reporting import _reference_for_eval, evaluate_policy
 
     lora = _grpo(policy_path, tmp_path / "lora", peft=True)
     policy = lora.accelerator.unwrap_model(lora.model)
