@@ -23,10 +23,15 @@ class _Records(logging.Handler):
 @pytest.fixture
 def reports():
     """Load reports as transformers' loader logs them (its loggers do not propagate to pytest's caplog)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # a Trainer built with log_level="error" earlier in the session lowers it
     handler, loader = _Records(), logging.getLogger("transformers.modeling_utils")
     loader.addHandler(handler)
     yield lambda: [m for m in handler.messages if "LOAD REPORT" in m]
     loader.removeHandler(handler)
+    hf_logging.set_verbosity(verbosity)
 
 
 def test_a_body_loaded_from_a_reward_model_reports_nothing_inside_the_context(tmp_path, reports):
