@@ -328,3 +328,14 @@ def outputs_line(output_dir: str, with_card: bool = True, metrics_file: str = "m
     """The one line a recipe ends with: where its outputs are."""
     card = f"model card {os.path.join(output_dir, 'README.md')}, " if with_card else ""
     return f"outputs: {output_dir} ({card}metrics {os.path.join(output_dir, metrics_file)})"
+
+
+def finish_experiment(training_args: Any, recipe: str, argv: Sequence[str], **card: Any) -> None:
+    """How an experiment's recipe ends: its card (:func:`~hf_rlhf_ext.model_card.write_experiment_card`, with
+    ``card``'s summary, tags, table and plots), the upload with ``--push_to_hub``, and the line saying where it all is."""
+    from .model_card import push_experiment, write_experiment_card
+
+    out = training_args.output_dir
+    write_experiment_card(out, recipe, argv, **card)
+    push_experiment(out, training_args)
+    print(outputs_line(out))

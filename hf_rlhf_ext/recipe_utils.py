@@ -44,6 +44,7 @@ from .recipe_parsing import (
 )
 from .recipe_reporting import (
     evaluate_policy,
+    finish_experiment,
     log_evaluation,
     outputs_line,
     recipe_command,
@@ -98,6 +99,7 @@ __all__ = [
     "train_and_report",
     "summary_text",
     "cli_main",
+    "finish_experiment",
     "is_user_error",
     "monitor_results",
     "launched_as",

@@ -14,17 +14,15 @@ Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerun
 
 import sys
 
-from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
-from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
+from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
 from hf_rlhf_ext.sweeps import parse_sweep_argv, run_sweep
 
 
 def main(argv: list[str]) -> dict:
     training_args = parse_sweep_argv(argv)[2]  # bad input fails here
     metrics = run_sweep(argv)
-    out = training_args.output_dir
-    write_experiment_card(
-        out, "recipes/beta_sweep.py", argv, tags=(metrics["trainer"], "beta-sweep", "overoptimization"),
+    finish_experiment(
+        training_args, "recipes/beta_sweep.py", argv, tags=(metrics["trainer"], "beta-sweep", "overoptimization"),
         table_file="sweep.md",
         summary=f"{metrics['trainer'].upper()} trained once per KL coefficient β (and seed), everything else "
                 "identical: held-out KL, proxy and gold per measurement, and the Gao et al. (2022) fit.",
@@ -32,8 +30,6 @@ def main(argv: list[str]) -> dict:
                                "fitted Gao curve on gold"},
         settings={"trainer": metrics["trainer"], "betas": metrics["betas"], "seeds": metrics["seeds"]},
     )
-    push_experiment(out, training_args)
-    print(outputs_line(out))
     return metrics
 
 

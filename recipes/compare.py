@@ -17,8 +17,7 @@ Writes <output_dir>/{compare.md, compare.png, metrics.json} and, per run, runs/<
 import sys
 
 from hf_rlhf_ext.compare import run_compare, summary_lines
-from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
-from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
+from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
 
 
 def main(argv: list[str]) -> dict:
@@ -26,17 +25,14 @@ def main(argv: list[str]) -> dict:
 
     metrics = run_compare(argv)
     _, training_args, _ = parse_compare_argv(argv, "ppo")
-    out = training_args.output_dir
-    print(summary_lines(out, metrics))
-    write_experiment_card(
-        out, "recipes/compare.py", argv, tags=("ppo", "grpo", "comparison"), table_file="compare.md",
+    print(summary_lines(training_args.output_dir, metrics))
+    finish_experiment(
+        training_args, "recipes/compare.py", argv, tags=("ppo", "grpo", "comparison"), table_file="compare.md",
         summary="PPO with a critic against GRPO over several seeds, on the same prompts and the same number of "
                 "sampled completions per step: held-out gold, KL to the reference, stability, memory and time.",
         plots={"compare.png": "Held-out gold (top) and KL (bottom) against step: mean over seeds, band = min–max"},
         settings={k: v for k, v in metrics.get("settings", {}).items() if k != "argv"},
     )
-    push_experiment(out, training_args)
-    print(outputs_line(out))
     return metrics
 
 

@@ -18,25 +18,21 @@ Writes <output_dir>/{baselines.md, baselines.png, metrics.json} and, per run, ru
 import sys
 
 from hf_rlhf_ext.baselines import parse_baselines_argv, run_baselines, summary_lines
-from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
-from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
+from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
 
 
 def main(argv: list[str]) -> dict:
     metrics = run_baselines(argv)
     _, training_args, _ = parse_baselines_argv(argv)
-    out = training_args.output_dir
-    print(summary_lines(out, metrics))
-    write_experiment_card(
-        out, "recipes/reinforce_baselines.py", argv, tags=("reinforce", "baselines"), table_file="baselines.md",
+    print(summary_lines(training_args.output_dir, metrics))
+    finish_experiment(
+        training_args, "recipes/reinforce_baselines.py", argv, tags=("reinforce", "baselines"), table_file="baselines.md",
         summary="REINFORCE with each baseline over several seeds, on a reward with a constant offset: the measured "
                 "policy-gradient variance over training and the reward curves.",
         plots={"baselines.png": "Training reward (top) and gradient variance (bottom, log) against step: mean over "
                                 "seeds, band = min–max"},
         settings={k: v for k, v in metrics.get("settings", {}).items() if k != "argv"},
     )
-    push_experiment(out, training_args)
-    print(outputs_line(out))
     return metrics
 
 

@@ -14,24 +14,20 @@ Writes <output_dir>/{ensemble.md, ensemble.png, metrics.json} and one β-sweep d
 import sys
 
 from hf_rlhf_ext.ensembles import parse_argv, run_experiment
-from hf_rlhf_ext.model_card import push_experiment, write_experiment_card
-from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
+from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
 
 
 def main(argv: list[str]) -> dict:
     training_args = parse_argv(argv)[3]  # bad input fails here, before any model is loaded
     metrics = run_experiment(argv)
-    out = training_args.output_dir
-    write_experiment_card(
-        out, "recipes/rm_ensemble.py", argv, tags=("grpo", "reward-model-ensemble", "overoptimization"),
+    finish_experiment(
+        training_args, "recipes/rm_ensemble.py", argv, tags=("grpo", "reward-model-ensemble", "overoptimization"),
         table_file="ensemble.md",
         summary="Reward-model ensembles against over-optimisation (Coste et al. 2023): the same low-β GRPO run "
                 "optimising a single proxy reward model, the ensemble's mean, its minimum, or mean − λ·std.",
         plots={"ensemble.png": "Held-out gold against step per objective, and each run's gold against sqrt(KL)"},
         settings=metrics.get("settings", {}),
     )
-    push_experiment(out, training_args)
-    print(outputs_line(out))
     return metrics
 
 
