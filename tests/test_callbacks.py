@@ -391,6 +391,30 @@ def test_overoptimization_ema_smoothing_tolerates_noise(tmp_path):
     assert f.peak_gold > f.final_gold + 0.5
 
 
+def test_overoptimization_ema_weights_the_newest_value_by_alpha(tmp_path):
+    """smoothed_t = α·x_t + (1 − α)·smoothed_{t−1}, with α = 0.2 so that swapping α and 1 − α shows."""
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", ema_alpha=0.2, min_delta=0.0, save_peak=False)
+    _feed(cb, [(0, 0.0, 0.0), (5, 1.0, 1.0), (10, 1.0, 1.0)], tmp_path)
+    assert [p["gold_smooth"] for p in cb.points] == pytest.approx([0.0, 0.2, 0.36])
+    assert [p["proxy_smooth"] for p in cb.points] == pytest.approx([0.0, 0.2, 0.36])
+
+
+def test_overoptimization_a_rise_below_min_delta_does_not_move_the_peak(tmp_path):
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
+    series = [(0, 0.0, 0.0), (5, 0.1, 1.0), (10, 0.2, 1.03), (15, 0.3, 1.04), (20, 0.4, 1.07)]
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", smoothing="window", window=1, min_delta=0.05,
+                                  save_peak=False)
+    _feed(cb, series[:4], tmp_path)
+    assert cb.findings().peak_step == 5  # +0.03 and +0.04 are inside min_delta: not a new peak
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", smoothing="window", window=1, min_delta=0.05,
+                                  save_peak=False)
+    _feed(cb, series, tmp_path)
+    assert cb.findings().peak_step == 20  # +0.07 over the peak is
+
+
 def test_overoptimization_not_flagged_when_gold_keeps_rising(tmp_path):
     from hf_rlhf_ext.callbacks import OveroptimizationCallback
 

@@ -279,6 +279,8 @@ def test_same_seed_gives_the_same_lab(tiny_lab, tmp_path, capfd):
     for split in ("train", "test"):
         assert other.load_prompts()[split].to_list() == tiny_lab.load_prompts()[split].to_list()
         assert other.load_preferences()[split].to_list() == tiny_lab.load_preferences()[split].to_list()
+    for rel in ("policy/model.safetensors", "reward_model/model.safetensors"):  # one machine: byte for byte
+        assert sha256(os.path.join(other.root, rel)) == sha256(os.path.join(tiny_lab.root, rel)), rel
 
 
 def test_tiny_lab_works_in_trl_grpo_with_a_reference_model(tiny_lab, tmp_path):
@@ -344,6 +346,17 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _near_tie_pairs(reward_model, tokenizer, pairs, tol: float = 1e-3) -> list[int]:
+    """Indices of the pairs whose chosen and rejected scores differ by less than ``tol``: float noise of the size
+    that CPU kernels differ by (about 1e-6 here) can order these either way, no other pair."""
+    from hf_rlhf_ext.reward_modeling import _pair_sequences, score_token_ids
+
+    pad = tokenizer.pad_token_id
+    chosen = score_token_ids(reward_model, _pair_sequences(pairs, tokenizer, "chosen"), pad, 64)
+    rejected = score_token_ids(reward_model, _pair_sequences(pairs, tokenizer, "rejected"), pad, 64)
+    return [i for i, d in enumerate((chosen - rejected).abs().tolist()) if d < tol]
+
+
 @pytest.fixture
 def fresh_home(tmp_path, monkeypatch):
     """An empty cache, as on a fresh install."""
@@ -388,9 +401,14 @@ def test_default_lab_meets_the_acceptance_numbers(fresh_home):
     assert m["rm_test_gold_accuracy"] >= 0.70  # vs the gold order of clearly separated pairs
     assert m["rm_test_corr_gold"] > 0.3
     tokenizer, prefs = lab.load_tokenizer(), lab.load_preferences()
-    report = pairwise_report(lab.load_reward_model(), tokenizer, prefs["test"], gold_margin=lab.config.gold_margin)
-    assert report["accuracy"] == pytest.approx(0.695)  # 278 of the 400 held-out pairs, as documented
-    assert report["gold_accuracy"] == pytest.approx(m["rm_test_gold_accuracy"])
+    reward_model = lab.load_reward_model()
+    report = pairwise_report(reward_model, tokenizer, prefs["test"], gold_margin=lab.config.gold_margin)
+    # 0.695 (278 of 400 held-out pairs) as documented, up to the pairs whose two scores are within float noise of
+    # each other: another CPU's kernels may order (or tie) those differently, and nothing else
+    near_ties = _near_tie_pairs(reward_model, tokenizer, prefs["test"])
+    assert len(near_ties) <= 5  # the allowance stays small: at most 5 of 400 pairs (0.0125)
+    assert abs(report["accuracy"] - 0.695) <= len(near_ties) / report["n_pairs"] + 1e-9
+    assert abs(report["gold_accuracy"] - m["rm_test_gold_accuracy"]) <= len(near_ties) / report["n_gold_pairs"] + 1e-9
     torch.manual_seed(0)
     prompts = [r["prompt"] for r in lab.load_prompts()["test"]] * 2
     quality = policy_quality(lab.load_policy(), tokenizer, prompts, lab.config, seed=11)
@@ -454,17 +472,21 @@ def test_the_shipped_lab_is_copied_as_writable_files(fresh_home, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_a_build_from_scratch_reproduces_the_shipped_lab(tmp_path):
-    """`lab build --force` trains the lab the package ships, byte for byte (one thread, fixed seeds): about 1 minute on
-    a free CPU core, 3 on a busy one."""
+def test_a_build_from_scratch_reaches_the_shipped_labs_numbers(tmp_path):
+    """`lab build --force` trains a lab as good as the one the package ships (one thread, fixed seeds): about 1
+    minute on a free CPU core, 3 on a busy one. Byte-identical weights are a property of one machine (two builds here
+    agree: ``test_same_seed_gives_the_same_lab``); across CPUs float kernels differ, so the numbers are held to margins
+    of about two standard errors of each statistic."""
     from hf_rlhf_ext.lab.build import PREBUILT_DIR
 
     lab = build_lab(output_dir=str(tmp_path / "lab"), force=True)
     assert lab.metrics["build_times"]["sft_s"] > 1.0  # trained, not copied
-    for rel in ("policy/model.safetensors", "reward_model/model.safetensors"):
-        assert sha256(os.path.join(lab.root, rel)) == DEFAULT_LAB_WEIGHTS[rel], rel
-    for rel in ("prompts/train.jsonl", "prompts/test.jsonl", "preferences/train.jsonl", "preferences/test.jsonl"):
+    for rel in ("prompts/train.jsonl", "prompts/test.jsonl"):  # drawn by seeded Python code, no floats
         assert sha256(os.path.join(lab.root, rel)) == sha256(os.path.join(PREBUILT_DIR, rel)), rel
     shipped = json.load(open(os.path.join(PREBUILT_DIR, "lab_metrics.json")))
-    for key in ("rm_test_accuracy", "rm_test_gold_accuracy", "sft_test_gold_mean", "pairs_train_flip_rate"):
-        assert lab.metrics[key] == shipped[key], key
+    margins = {  # ~2 standard errors: binomial on 400 held-out pairs / 241 gold pairs / 1000 train labels
+        "rm_test_accuracy": 0.05, "rm_test_gold_accuracy": 0.05, "pairs_train_flip_rate": 0.025,
+        "sft_test_gold_mean": 0.15,  # mean gold of 256 samples, gold's spread about 1
+    }  # fmt: skip
+    for key, margin in margins.items():
+        assert abs(lab.metrics[key] - shipped[key]) <= margin, (key, lab.metrics[key], shipped[key])

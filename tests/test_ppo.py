@@ -124,6 +124,37 @@ def test_rollout_rewards_and_returns_follow_the_kl_shaped_reward(world, tmp_path
     torch.testing.assert_close(torch.tensor(table), (out["advantages"] * mask).sum(1) / mask.sum(1))
 
 
+def _hand_gae(rewards, values, mask, gamma, lam):
+    """GAE written out per completion, independently of ``objectives.gae``: δ_t = r_t + γ·V_{t+1} − V_t,
+    A_t = δ_t + γ·λ·A_{t+1}, nothing after the last valid token."""
+    advantages = torch.zeros_like(rewards)
+    for b in range(rewards.size(0)):
+        n, next_v, next_a = int(mask[b].sum()), 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = float(rewards[b, t]) + gamma * next_v - float(values[b, t])
+            next_a = delta + gamma * lam * next_a
+            advantages[b, t], next_v = next_a, float(values[b, t])
+    return advantages, (advantages + values) * mask
+
+
+def test_rollout_returns_are_gae_with_gamma_and_lambda_in_their_places(world, tmp_path):
+    """γ ≠ λ and a critic that predicts non-zero values: γ discounts V_{t+1} in δ_t, only the product γ·λ carries
+    A_{t+1}, so swapping the two (or dropping either) changes the returns."""
+    trainer = _trainer(world, tmp_path, gamma=0.9, lam=0.5, kl_coef=0.5, max_completion_length=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.value_model.value_head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    r, mask = trainer.last_rollout, out["completion_mask"].float()
+    assert float(r.values[mask.bool()].abs().min()) > 1e-3 and int(mask.sum(1).max()) >= 3
+    _, returns = _hand_gae(r.token_rewards, r.values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(out["returns"], returns, rtol=1e-5, atol=1e-5)
+    _, swapped = _hand_gae(r.token_rewards, r.values, mask, gamma=0.5, lam=0.9)
+    assert float((swapped - returns).abs().max()) > 1e-2  # the test can tell the two apart
+
+
 def test_loss_adds_the_clipped_value_loss_and_no_grpo_kl(world, tmp_path):
     trainer = _trainer(world, tmp_path, vf_coef=1.0, cliprange_value=0.2)
     trainer.model.train()
@@ -175,6 +206,8 @@ def test_loss_is_the_clipped_surrogate_computed_by_hand_when_the_ratio_moved(wor
     assert float(((ratio - 1).abs() * mask).max()) > 0.1 and 0.0 < clipfrac < 1.0  # some tokens clipped, not all
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
     assert trainer._metrics["train"]["policy/clipfrac_avg"][-1] == pytest.approx(clipfrac)
+    trainer.current_gradient_accumulation_steps = 3  # the Trainer does not scale this loss: the trainer does
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, batch).detach(), expected / 3, rtol=1e-4, atol=1e-6)
     assert trainer._metrics["train"]["val/ratio"][-1] == pytest.approx(float((ratio * mask).sum() / mask.sum()), rel=1e-5)
 
 
@@ -334,17 +367,33 @@ def test_default_critic_is_the_reward_model_body(world, tmp_path):
 
 
 def test_adaptive_kl_controller_is_fed_the_sequence_kl(world, tmp_path):
+    """The controller sees Σ_t k1_t averaged over the rollout's completions (old TRL PPO's objective/kl), not a token
+    mean. Checked on the value fed, recomputed from the rollout's log-probs: β itself cannot tell, since with a target
+    this small the controller's error clip (±0.2) saturates for any value fed."""
+    fed = []
+
+    class Recording(AdaptiveKLController):
+        def update(self, current_kl, n_steps):
+            fed.append((current_kl, n_steps))
+            return super().update(current_kl, n_steps)
+
     trainer = _trainer(world, tmp_path, kl_target=0.01, kl_horizon=10, kl_coef=0.2, max_steps=1)
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    trainer.kl_ctl.__class__ = Recording
     trainer.train()
+    r = trainer.last_rollout
+    mask = r.mask.float()
+    seq_kl = float(((r.logps - r.ref_logps) * mask).sum(1).mean())
+    token_mean = float(((r.logps - r.ref_logps) * mask).sum() / mask.sum())
+    assert len(fed) == 1 and fed[0][1] == 4
+    assert fed[0][0] == pytest.approx(seq_kl, rel=1e-5)
+    assert abs(seq_kl) > 1.5 * abs(token_mean)  # a token mean would be told apart
     logged = trainer.state.log_history[0]
-    expected = AdaptiveKLController(init_kl_coef=0.2, target=0.01, horizon=10)
-    expected.update(logged["objective/kl"], n_steps=4)
     assert logged["kl_coef"] == pytest.approx(0.2)  # β used for this rollout
-    assert trainer.kl_ctl.value == pytest.approx(expected.value)
-    assert trainer.kl_ctl.value != pytest.approx(0.2)
+    assert logged["objective/kl"] == pytest.approx(seq_kl, rel=1e-5)
+    assert trainer.kl_ctl.value == pytest.approx(AdaptiveKLController(0.2, target=0.01, horizon=10).update(seq_kl, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,24 @@ def clean_env(home: Path) -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}  # fmt: skip
 
 
+def make_venv_seeing_this_environment(venv: Path) -> Path:
+    """A fresh venv that sees the packages of the Python running the tests (torch, transformers, trl ...), without
+    reinstalling them and without a network. ``--system-site-packages`` alone sees only the base interpreter's
+    packages, not those of a venv the suite itself runs in, so this environment's site directories are added with a
+    ``.pth`` file (``site.addsitedir`` also runs their own ``.pth`` files)."""
+    import site
+    import sysconfig
+
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    outer = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    ask = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    inner = subprocess.run([str(venv / "bin" / "python"), "-c", ask], check=True, capture_output=True, text=True)
+    inner = inner.stdout.strip()
+    lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(outer) if os.path.isdir(d)]
+    Path(inner, "_outer_environment.pth").write_text("\n".join(lines) + "\n")
+    return venv
+
+
 def test_installed_wheel_runs_a_recipe_outside_the_repository(tmp_path):
     wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -48,8 +66,7 @@ def test_installed_wheel_runs_a_recipe_outside_the_repository(tmp_path):
         assert f"hf_rlhf_ext/{name}" in names, name
     assert not any(n.startswith(("tests/", "recipes/")) for n in names)
 
-    venv = tmp_path / "venv"  # the system's torch, transformers, trl ... are seen, not reinstalled
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    venv = make_venv_seeing_this_environment(tmp_path / "venv")
     python, work = venv / "bin" / "python", tmp_path / "work"
     work.mkdir()
     env = clean_env(tmp_path / "home")
