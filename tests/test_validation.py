@@ -39,9 +39,16 @@ def test_empty_dataset():
         require_prompt_column(DatasetDict(test=empty))
 
 
-def test_valid_data_passes():
-    require_preference_columns(Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]}))
-    require_prompt_column(DatasetDict(train=Dataset.from_dict({"prompt": ["a"]})))
+def test_valid_data_passes_and_the_same_data_one_column_short_does_not():
+    """The checks accept exactly what they name: the same rows pass with the column and fail without it."""
+    pairs = Dataset.from_dict({"chosen": ["a"], "rejected": ["b"]})
+    assert require_preference_columns(pairs) is None
+    with pytest.raises(DataValidationError, match="rejected"):
+        require_preference_columns(pairs.remove_columns("rejected"))
+    prompts = DatasetDict(train=Dataset.from_dict({"prompt": ["a"], "x": [1]}))
+    assert require_prompt_column(prompts) is None
+    with pytest.raises(DataValidationError, match="'prompt'"):
+        require_prompt_column(prompts.rename_column("prompt", "text"))
 
 
 @pytest.mark.parametrize(
@@ -149,8 +156,12 @@ def test_a_local_path_that_does_not_exist_is_named(name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "Qwen/Qwen2.5-0.5B-Instruct", "trl-lib/tldr"])
-def test_hub_ids_are_left_to_the_hub(name):
-    require_existing_path(name, "--model_name_or_path", "model directory")
+def test_hub_ids_are_left_to_the_hub(name, tmp_path, monkeypatch):
+    """A Hub id passes (the Hub says whether it exists); the same name written as a local path is checked."""
+    monkeypatch.chdir(tmp_path)
+    assert require_existing_path(name, "--model_name_or_path", "model directory") is None
+    with pytest.raises(InputError, match="no such file or directory"):
+        require_existing_path(f"./{name}", "--model_name_or_path", "model directory")
 
 
 def test_a_lab_dir_in_a_folder_that_does_not_exist_is_refused_before_anything_is_written(tmp_path):
