@@ -222,4 +222,5 @@ def test_lab_distilled_model_beats_the_sft_model_on_gold(lab, tmp_path):
     # measured over seeds 0-2: +0.21, +0.33, +0.25 held-out gold after one round of best-of-8 distillation
     assert distilled - initial >= 0.1
     assert metrics["best_of_n"]["gold_reward"] - initial >= 0.15
-    assert 0.3 < metrics["distilled"][0]["eval"]["kl"] < 5.0  # it moved, on a leash of about best-of-8's KL (1.2)
+    # it moved, on a leash of about best-of-8's KL (at most ln 8 − 7/8 = 1.20): measured 1.39 and 1.34 (seeds 0, 1)
+    assert 0.3 < metrics["distilled"][0]["eval"]["kl"] < 2.0

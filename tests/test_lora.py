@@ -46,5 +46,5 @@ def test_lora_ppo_on_the_lab_raises_held_out_gold(tmp_path):
     m = read_metrics(str(tmp_path))
     assert m["gold_reward_after"] - m["gold_reward_before"] > 0.06, m["eval_after"]  # measured +0.14; SE ≈ 0.04
     assert m["proxy_reward_after"] - m["proxy_reward_before"] > 0.2
-    assert 0.05 < m["kl_k3_after"] < 5.0
+    assert 0.05 < m["kl_k3_after"] < 0.6  # measured 0.30: the adapter moved, and no further than about twice that
     assert (tmp_path / "adapter_model.safetensors").is_file()

@@ -126,9 +126,11 @@ def test_acceptance_ppo_raises_held_out_gold_with_bounded_kl(tmp_path):
     gain = m["gold_reward_after"] - m["gold_reward_before"]
     assert gain > 0.08, m["eval_after"]  # 320 samples: the standard error of each mean is ≈ 0.035
     assert m["proxy_reward_after"] > m["proxy_reward_before"]
-    assert 0.0 < m["kl_after"] < 5.0  # nats per completion, on fresh samples
+    # nats per completion, on fresh samples: the leash holds the KL near what it was measured at (0.72; largest
+    # logged rollout KL 0.88), well below where the unpenalised runs of the β sweep end (several nats)
+    assert 0.2 < m["kl_after"] < 1.5
     logs = [r for r in read_log_history(str(tmp_path)) if "objective/kl" in r]
-    assert max(r["objective/kl"] for r in logs) < 5.0
+    assert max(r["objective/kl"] for r in logs) < 1.5
     assert logs[-1]["val/explained_variance"] > 0.0  # the critic learned something beyond the mean
 
 
