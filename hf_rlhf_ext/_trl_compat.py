@@ -31,6 +31,7 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
                                            *GRPO_MULTIMODAL_INPUTS),  # PPO: plain LM head, own loss
     "_compute_loss": ("self", "model", "inputs"),  # PPO: its own loss
     "_tokenize_prompts": ("self", "prompts"),
+    "_get_train_sampler": ("self", "dataset"),  # our trainers: a sampler whose prompt order survives a resume
 }
 # transformers.Trainer methods we override.
 TRAINER_METHODS: dict[str, tuple[str, ...]] = {
@@ -62,6 +63,9 @@ TRL_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "trl.trainer.utils.use_adapter": ("model", "adapter_name"),
     "trl.trainer.utils.disable_dropout_in_model": ("model",),
     "trl.trainer.utils.create_model_from_path": ("model_id",),
+    # its constructor's parameters are also the attributes EpochReplaySampler reads back
+    "trl.trainer.grpo_trainer.RepeatSampler": ("data_source", "mini_repeat_count", "batch_size", "repeat_count",
+                                               "shuffle", "seed"),
     "trl.models.utils.unwrap_model_for_generation": ("model", "accelerator", "gather_deepspeed3_params",
                                                      "generation_kwargs", "gradient_checkpointing_kwargs"),
 }

@@ -17,6 +17,10 @@ from .validation import InputError
 logger = logging.getLogger(__name__)
 
 
+class RunInterrupted(Exception):
+    """Training stopped by Ctrl-C; the message says where the run can resume from (exit code 130, as for SIGINT)."""
+
+
 USER_ERRORS = (InputError, RewardFault, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 #: a ValueError raised in these functions comes from checking the command line or a config's settings
 _PARSING_FRAMES = {"__post_init__", "parse_args_into_dataclasses", "parse_args_and_config", "parse_yaml_file",
@@ -42,6 +46,10 @@ def cli_main(entry: Callable[[], Any]) -> Any:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         return entry()
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{os.path.basename(sys.argv[0])}: {exc or 'interrupted'}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as exc:
         if not is_user_error(exc):
             raise

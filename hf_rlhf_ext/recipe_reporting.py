@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
+from .cli_errors import RunInterrupted
 from .model_card import RecipeCard, lora_settings, settings_from
 from .monitors import monitor_results
 from .objectives import kl_k1, kl_k3
@@ -265,7 +266,8 @@ def train_and_report(
     accelerator.wait_for_everyone()
     # logged once the trackers are set up (their on_train_begin), at step 0 (or the step a resumed run starts from)
     trainer.add_callback(_LogAtTrainBegin(trainer, before))
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_result = train_or_name_the_checkpoint(trainer, training_args, card.script if card else None,
+                                                script_args.cli_args)
     after = run_eval(with_reference=True)
     log_evaluation(trainer, after)
     accelerator.wait_for_everyone()  # the evaluation runs on the main process only
@@ -292,6 +294,46 @@ def train_and_report(
     if hasattr(trainer, "end"):
         trainer.end()  # finishes the trackers and destroys the process group (transformers >= 5.18)
     return metrics
+
+
+def train_or_name_the_checkpoint(trainer: Any, training_args: Any, script: str | None,
+                                 cli_args: list[str] | None) -> Any:
+    """``trainer.train()``; stopped by Ctrl-C, it raises :class:`RunInterrupted` naming the last checkpoint and the
+    command that resumes from it, so that the user loses at most ``save_steps`` steps and knows how to go on."""
+    try:
+        return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except KeyboardInterrupt:
+        raise RunInterrupted(resume_hint(training_args.output_dir, trainer.state.global_step, trainer.state.max_steps,
+                                         script, cli_args)) from None
+
+
+def resume_hint(output_dir: str, step: int, max_steps: int, script: str | None, cli_args: list[str] | None) -> str:
+    """One line: where an interrupted run stopped and how to resume it from its last checkpoint (if it has one)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    where = f"interrupted at step {step} of {max_steps}"
+    if last is None:
+        return f"{where}, before its first checkpoint (see --save_strategy, --save_steps): nothing to resume from."
+    if cli_args is None:  # run from Python
+        command = f"train(resume_from_checkpoint={last!r})"
+    else:  # the same command, its --resume_from_checkpoint (if any) replaced
+        kept = _without_flag(cli_args, "--resume_from_checkpoint")
+        command = recipe_command(script or "<recipe>", [*kept, "--resume_from_checkpoint", last])
+    return f"{where}; resume from its last checkpoint ({os.path.basename(last)}) with: {command}"
+
+
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    """``args`` without ``flag VALUE`` and ``flag=VALUE``."""
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] == flag:
+            i += 2
+            continue
+        if not args[i].startswith(flag + "="):
+            kept.append(args[i])
+        i += 1
+    return kept
 
 
 def _run_metrics(trainer, setup, script_args, train_result, before, after) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""GRPO (TRL's own ``GRPOTrainer``) with the project's defaults, callbacks, results contract, held-out evaluation and
-model card — on the offline lab by default, on any model with flags.
+"""GRPO (TRL's own ``GRPOTrainer``, with a prompt order that survives a resume) with the project's defaults,
+callbacks, results contract, held-out evaluation and model card — on the offline lab by default, on any model with
+flags.
 
     python recipes/grpo.py                                  # the lab: SFT policy, proxy RM, gold tracked at weight 0
     accelerate launch recipes/grpo.py --config recipes/configs/grpo_lab.yaml
@@ -14,7 +15,7 @@ chooses.
 
 from pathlib import Path
 
-from trl import GRPOConfig, GRPOTrainer, ModelConfig
+from trl import GRPOConfig, ModelConfig
 
 from hf_rlhf_ext.recipe_utils import (
     RecipeCard,
@@ -28,6 +29,7 @@ from hf_rlhf_ext.recipe_utils import (
     train_and_report,
 )
 from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
+from hf_rlhf_ext.trainers.resumable_sampling import ResumableGRPOTrainer
 
 #: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
 LAB_CONFIG = Path(__file__).parent / "configs" / "grpo_lab.yaml"
@@ -40,7 +42,7 @@ CARD = RecipeCard(
 
 def main(script_args: RLScriptArguments, training_args: GRPOConfig, model_args: ModelConfig) -> dict:
     setup = prepare_rl_run(script_args, training_args, model_args)
-    trainer = make_trainer(GRPOTrainer, setup, training_args)
+    trainer = make_trainer(ResumableGRPOTrainer, setup, training_args)
     monitors = add_monitors(trainer, setup, script_args)
     return train_and_report(trainer, setup, script_args, training_args, card=CARD, monitors=monitors)
 

@@ -323,3 +323,43 @@ def test_a_sweep_killed_mid_way_reruns_only_the_unfinished_points(tmp_path, monk
     whole = _without_seconds(_point_lines(tmp_path / "whole" / "results.jsonl"))
     assert [(r["beta"], r["seed"]) for r in whole] == [(0.0, 0), (1.0, 0)]
     assert _without_seconds(rerun) == whole
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_lab_recipe_names_the_checkpoint_and_its_resume_ends_where_the_whole_run_ends(tmp_path):
+    """The PPO recipe's defaults save every few steps; Ctrl-C (SIGINT) past an epoch boundary prints one line with the
+    command that resumes, exit code 130; that command ends with the uninterrupted run's numbers."""
+    import shlex
+
+    flags = ["--max_steps", "24", "--save_steps", "4", "--num_eval_prompts", "16", "--disable_tqdm", "true",
+             "--monitor", "none"]  # 10 steps an epoch (320 prompts, 32 a step)
+    script = str(ROOT / "recipes" / "ppo.py")
+    env = _env()
+
+    def run(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, script, *flags, "--output_dir", str(out), *extra], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    whole = run(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()[-3000:]
+    interrupted = run(tmp_path / "interrupted")
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "interrupted" / "checkpoint-12" / "trainer_state.json").is_file():
+        assert interrupted.poll() is None and time.monotonic() < deadline, interrupted.stderr.read()[-3000:]
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGINT)
+    _, err = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("ppo.py: interrupted at step "), err[-3000:]
+    command = shlex.split(line.split(" with: ", 1)[1])
+    checkpoint = command[command.index("--resume_from_checkpoint") + 1]
+    assert int(checkpoint.rsplit("-", 1)[1]) >= 12 and Path(checkpoint).is_dir()
+    args = command[command.index(script) + 1 :] if script in command else command[3:]  # after the launcher
+    resumed = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "interrupted"))
+    assert b["global_step"] == a["global_step"] == 24
+    for key in ("kl_after", "gold_reward_after", "proxy_reward_after"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key

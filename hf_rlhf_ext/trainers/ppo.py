@@ -56,6 +56,7 @@ from .critic import (
 )
 from .kl_control import AdaptiveKLController, FixedKLController, KLControllerState
 from .ppo_config import PPOConfig
+from .resumable_sampling import ResumableSampling
 from .rollout import (
     Rollout,
     SampledLogProbs,
@@ -80,7 +81,7 @@ def policy_pass_values(chunks: list[torch.Tensor], backbone: torch.nn.Module) ->
     return torch.cat(chunks, dim=0)
 
 
-class PPOTrainer(GRPOTrainer):
+class PPOTrainer(ResumableSampling, GRPOTrainer):
     """PPO with a critic, GAE and the KL penalty in the reward, on top of ``trl.GRPOTrainer``.
 
     Takes the arguments of ``GRPOTrainer`` (``model``, ``reward_funcs``, ``args`` (a :class:`PPOConfig`),

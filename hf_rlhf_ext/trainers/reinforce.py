@@ -51,6 +51,7 @@ from ..objectives import group_advantages
 from ..persisted_state import StateHolderCallback
 from ..reward_guard import NanRewardsArguments, attach_reward_guard
 from ..validation import check_trainer_prompts, validate_trainer_inputs
+from .resumable_sampling import ResumableSampling
 
 BASELINES = ("none", "running_mean", "group")
 AGGREGATIONS = {"sequence": "luspo", "token": "dapo"}  # aggregation -> GRPO loss_type that implements it
@@ -277,7 +278,7 @@ class ReinforceConfig(NanRewardsArguments, GRPOConfig):
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
-class ReinforceTrainer(GRPOTrainer):
+class ReinforceTrainer(ResumableSampling, GRPOTrainer):
     """REINFORCE (optionally with a baseline) on TRL's GRPO machinery; see the module docstring for the maths.
 
     Logged per generation batch: ``reinforce/baseline`` (mean b over the batch), ``reinforce/advantage_mean``,
