@@ -582,7 +582,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 ]
         proxy_vals, gold_vals = sampler.gather(proxy_vals), sampler.gather(gold_vals)
         mean = lambda xs: (lambda v: sum(v) / len(v) if v else None)([x for x in xs if math.isfinite(x)])  # noqa
-        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl, gold_se=standard_error(gold_vals))
+        se = standard_error(gold_vals)
+        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl, gold_se=se)
         self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
         return event
 
