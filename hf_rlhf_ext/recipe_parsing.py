@@ -5,7 +5,9 @@ the command a recipe was started with."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -101,6 +103,18 @@ def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[s
     return parser
 
 
+def check_output_dir(outputs: Sequence[Any]) -> None:
+    """Refuses an ``--output_dir`` that is an existing file before anything runs (else: a FileExistsError deep in
+    the first save)."""
+    from .validation import InputError
+
+    for parsed in outputs:
+        path = getattr(parsed, "output_dir", None)
+        if isinstance(path, str) and os.path.isfile(path):
+            raise InputError(f"--output_dir {path!r} is a file, not a folder: give a directory (it is created if "
+                             "missing) or remove the file.")
+
+
 #: The command a recipe was started with when not as its script (``hf-rlhf-ext ppo``); see :func:`launched_as`.
 _LAUNCHER: list[str] = []
 
@@ -133,7 +147,13 @@ class RecipeParser(TrlParser):
 
     def parse_args_and_config(self, args=None, *rest, **kwargs):
         argv = list(sys.argv[1:] if args is None else args)
-        outputs = super().parse_args_and_config(argv, *rest, **kwargs)
+        try:
+            outputs = super().parse_args_and_config(argv, *rest, **kwargs)
+        except ValueError as err:
+            if "arguments are not used by the HfArgumentParser" not in str(err):
+                raise
+            raise self.unknown_flags_error(argv) from None
+        check_output_dir(outputs)
         given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
         if hasattr(outputs[0], "cli_args"):
             outputs[0].cli_args = argv
@@ -144,3 +164,16 @@ class RecipeParser(TrlParser):
             logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
                         training_args.learning_rate, self.lora_learning_rate_multiplier)
         return outputs
+
+    def unknown_flags_error(self, argv: Sequence[str]) -> Exception:
+        """One line naming each flag the parser does not know, with the closest known ones (a typo costs seconds)."""
+        from .validation import InputError
+
+        known = {o for o in self._option_string_actions if o.startswith("--")} | {"--config"}
+        unknown = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+        spelled = sorted(o for o in known if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in known)
+        parts = []
+        for flag in unknown or ["?"]:
+            close = difflib.get_close_matches(flag, spelled, n=2, cutoff=0.75)
+            parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
+        return InputError(f"unknown flag(s): {', '.join(parts)}. `--help` lists every flag.")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
 from .recipe_parsing import check_lab_keys, cpu_parser_defaults
 from .recipe_utils import RLScriptArguments
+from .validation import InputError
 
 __all__ = [
     "SweepArguments",
@@ -343,7 +344,7 @@ def read_results(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
     header, points = (records[0], records[1:]) if records and records[0].get("header") else (None, records)
     if header is None or header.get("fingerprint") != fingerprint:
         diff = _config_diff(header.get("config", {}), config) if header else ["no header line"]
-        raise ValueError(
+        raise InputError(
             f"{path} was written by a sweep with a different config (fingerprint "
             f"{header.get('fingerprint') if header else None} vs {fingerprint}): {'; '.join(diff[:8])}. Resume with "
             "the same settings, or give another --output_dir (or remove the file) to start a new sweep."
