@@ -176,4 +176,4 @@ class RecipeParser(TrlParser):
         for flag in unknown or ["?"]:
             close = difflib.get_close_matches(flag, spelled, n=2, cutoff=0.75)
             parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
-        return InputError(f"unknown flag(s): {', '.join(parts)}. `--help` lists every flag.")
+        return InputError(f"unknown flag(s): {', '.join(parts)}; --help lists every flag.")

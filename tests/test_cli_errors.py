@@ -259,5 +259,5 @@ def test_resuming_a_sweep_with_another_config_exits_2(capsys, tmp_path):
 def test_an_unknown_flag_gets_the_closest_known_ones(capsys, tiny, tmp_path):
     code, stderr = _cli(capsys, "grpo", [*_argv(tiny, tmp_path), "--lerning_rate", "0.1", "--no_such_flag", "1"])
     assert code == 2
-    assert ("unknown flag(s): --lerning_rate (did you mean --learning_rate?), --no_such_flag. `--help` lists every "
+    assert ("unknown flag(s): --lerning_rate (did you mean --learning_rate?), --no_such_flag; --help lists every "
             "flag.") in _one_error_line(stderr)
