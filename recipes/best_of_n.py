@@ -239,20 +239,26 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
     ))
 
 
+def fit_text(fit: dict[str, Any]) -> str:
+    """The Gao fit in one line: its numbers only when it describes the data, else "no fit" and why."""
+    if not fit.get("valid", True):
+        return f"Gao best-of-N fit to the gold gain: no fit ({fit['reason']})"
+    peak = f"{fit['peak_kl']:.2f} nats" if fit["peak_kl"] is not None else "none in range"
+    return (f"Gao best-of-N fit to the gold gain: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, "
+            f"R^2 {fit['r2']:.3f}, predicted peak at KL {peak}")
+
+
 def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str, policy: str = "") -> str:
     """Console lines: each reward and the KL for the initial policy, best-of-N and every distilled round, and which
     round is kept."""
-    rows = _rows(metrics)
-    header = f"  {'':<28}" + "".join(f"{n:>14}" for n in names) + f"{'KL (nats)':>12}"
+    widths = [max(len(n), 9) + 2 for n in names]  # every column wider than its name: two spaces between columns
+    header = f"  {'':<28}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f"{'KL (nats)':>12}"
     lines = ["", f"held-out ({metrics['num_eval_prompts']} prompts):", header]
-    for label, values, kl in rows:
-        cells = "".join(f"{values.get(n, float('nan')):>+14.3f}" for n in names)
+    for label, values, kl in _rows(metrics):
+        cells = "".join(f"{values.get(n, float('nan')):>+{w}.3f}" for n, w in zip(names, widths))
         lines.append(f"  {label:<28}{cells}{kl if kl is not None else float('nan'):>12.3f}")
-    fit = metrics["curve"].get("fit")
-    if fit:
-        peak = f"{fit['peak_kl']:.2f} nats" if fit["peak_kl"] is not None else "none in range"
-        lines.append(f"  Gao best-of-N fit to the gold gain: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, "
-                     f"R^2 {fit['r2']:.3f}, predicted peak at KL {peak}")
+    if metrics["curve"].get("fit"):
+        lines.append("  " + fit_text(metrics["curve"]["fit"]))
     lines.append("  " + kept_text(metrics, policy or "the initial policy"))
     lines.append(f"wrote {output_dir}/metrics.json, bon_curve.png, distillation.png and the distilled model "
                  f"(round {metrics['best_round']}; {metrics['seconds']:.0f} s)")
