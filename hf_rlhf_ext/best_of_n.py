@@ -514,6 +514,7 @@ def distill_best_of_n(
         args = copy.deepcopy(sft_args)
         args.output_dir = os.path.join(sft_args.output_dir, f"round_{k}")
         args.completion_only_loss = True
+        args.push_to_hub = False  # a round's model is saved in its folder; the caller pushes what it keeps
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": False}
         trainer = SFTTrainer(model=model, args=args, train_dataset=best_of_n_sft_dataset(best, tokenizer),
                              processing_class=tokenizer, peft_config=peft_config if k == 1 else None)

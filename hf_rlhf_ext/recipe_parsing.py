@@ -130,6 +130,23 @@ def launched_as(command: str):
         _LAUNCHER.pop()
 
 
+def launch_command(script: str) -> str:
+    """How this run was started, as typed (the card's line that reproduces it): ``hf-rlhf-ext <name>`` from the
+    console entry point, else ``python`` — or ``accelerate launch``, whose launcher sets ``ACCELERATE_DYNAMO_BACKEND``
+    — with the script as given on the command line (``-m <module>`` for a module). ``script`` stands in when the
+    recipe runs inside another program (a test, a notebook)."""
+    import shlex
+
+    if _LAUNCHER:
+        return _LAUNCHER[-1]
+    prefix = "accelerate launch" if "ACCELERATE_DYNAMO_BACKEND" in os.environ else "python"
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) != os.path.basename(script):
+        return f"{prefix} {script}"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"{prefix} -m {spec.name}" if spec is not None and spec.name else f"{prefix} {shlex.quote(argv0)}"
+
+
 class RecipeParser(TrlParser):
     """``TrlParser`` that remembers the command line (for the model card) and applies the LoRA learning-rate rule,
     which needs to know whether the learning rate was given (a flag or a config key) or is the recipe's default."""

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from .model_card import RecipeCard, lora_settings, settings_from
 from .monitors import monitor_results
 from .objectives import kl_k1, kl_k3
-from .recipe_parsing import _LAUNCHER
+from .recipe_parsing import launch_command
 from .results import ResultsCallback, write_metrics
 from .reference import Reference, ReferencePolicy, reference_model, resolve_reference
 from .sampling import completion_mask, per_token_logps, policy_eos_ids, sample_policy
@@ -150,8 +150,7 @@ def recipe_command(script: str, cli_args: list[str] | None) -> str:
 
     if cli_args is None:
         return f"python {script}  # run from Python: the settings are listed below"
-    launcher = _LAUNCHER[-1] if _LAUNCHER else f"accelerate launch {script}"
-    return " ".join([launcher, *(shlex.quote(a) for a in cli_args)])
+    return " ".join([launch_command(script), *(shlex.quote(a) for a in cli_args)])
 
 
 def _result_rows(metrics: dict[str, Any]) -> list[tuple]:
