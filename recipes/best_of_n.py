@@ -194,7 +194,8 @@ def kept_text(metrics: dict[str, Any], policy: str) -> str:
     no round beat the starting policy."""
     kept = metrics["kept"]
     k, by = kept["best_round"], kept["by"]
-    where = "every round's model is in round_<k>/"
+    n = metrics["rounds"]
+    where = f"every round's model is in its folder, round_1/{f' … round_{n}/' if n > 1 else ''}"
     if by is None:
         return f"The top-level model is round {k}, the last ({kept['reason']}); {where}."
     if kept["beats_initial"] is False:
