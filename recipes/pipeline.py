@@ -69,9 +69,9 @@ class PipelineArguments:
 
 
 def make_parser():
-    from trl import TrlParser
+    from hf_rlhf_ext.recipe_utils import RecipeParser
 
-    return TrlParser((PipelineArguments,))
+    return RecipeParser((PipelineArguments,))  # unknown flags get a "did you mean"; --output_dir must be a folder
 
 
 def main(args: PipelineArguments) -> dict[str, Any]:

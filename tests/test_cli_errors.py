@@ -261,3 +261,10 @@ def test_an_unknown_flag_gets_the_closest_known_ones(capsys, tiny, tmp_path):
     assert code == 2
     assert ("unknown flag(s): --lerning_rate (did you mean --learning_rate?), --no_such_flag; --help lists every "
             "flag.") in _one_error_line(stderr)
+
+
+def test_the_report_command_suggests_a_flag_too(capsys):
+    from hf_rlhf_ext.cli import main
+
+    assert main(["report", "--quik"]) == 2
+    assert "unknown flag(s): --quik (did you mean --quick?)" in _one_error_line(capsys.readouterr().err)
