@@ -200,7 +200,8 @@ def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments,
                       "before and after training; all numbers are in `metrics.json`, the curves in "
                       "`log_history.jsonl`."),
         plots={"training_curves.png": "Reward and KL on the training batches against the optimizer step",
-               OVEROPTIMIZATION_PLOT: "Over-optimisation monitor: proxy and gold rewards and KL, the gold maximum marked"},
+               OVEROPTIMIZATION_PLOT: "Over-optimisation monitor: proxy and gold rewards and KL, gold maximum "
+                                      "marked"},
         usage=load_snippet(repo or out, "peft" if setup.peft_config is not None else "causal_lm",
                            with_critic=os.path.isdir(os.path.join(out, "value_model"))),
     )

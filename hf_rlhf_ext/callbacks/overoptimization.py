@@ -46,10 +46,10 @@ directory from the main process. :meth:`OveroptimizationCallback.findings` retur
 :class:`OveroptimizationFindings`.
 
 Logged keys: ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``, ``overopt/gold_peak``,
-``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In logs mode they are
-added to the record that holds the rewards they come from (``state.log_history`` and the ``logs`` seen by the callbacks
-after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for reporters such as
-TensorBoard to see them too).
+``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In
+logs mode they are added to the record that holds the rewards they come from (``state.log_history`` and the ``logs``
+seen by the callbacks after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for
+reporters such as TensorBoard to see them too).
 """
 
 from __future__ import annotations
