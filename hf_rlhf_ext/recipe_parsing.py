@@ -169,7 +169,7 @@ class RecipeParser(TrlParser):
         except ValueError as err:
             if "arguments are not used by the HfArgumentParser" not in str(err):
                 raise
-            raise self.unknown_flags_error(argv) from None
+            raise self.unknown_flags_error(str(err)) from None
         check_output_dir(outputs)
         given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
         if hasattr(outputs[0], "cli_args"):
@@ -182,15 +182,24 @@ class RecipeParser(TrlParser):
                         training_args.learning_rate, self.lora_learning_rate_multiplier)
         return outputs
 
-    def unknown_flags_error(self, argv: Sequence[str]) -> Exception:
-        """One line naming each flag the parser does not know, with the closest known ones (a typo costs seconds)."""
+    def unknown_flags_error(self, message: str) -> Exception:
+        """One line naming each flag the parser does not know, with the closest known ones (a typo costs seconds);
+        ``message``: HfArgumentParser's, which ends with the list of the strings it did not use."""
+        import ast
+
         from .validation import InputError
 
-        known = {o for o in self._option_string_actions if o.startswith("--")} | {"--config"}
-        unknown = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known]
+        try:
+            unused = [str(a) for a in ast.literal_eval(message[message.index("["):])]
+        except (ValueError, SyntaxError):
+            return InputError(message)
+        flags = [a.split("=", 1)[0] for a in unused if a.startswith("-")]
+        if not flags:
+            return InputError(f"unexpected value(s) {unused}: each value follows its flag (--name value).")
+        known = {o for o in self._option_string_actions if o.startswith("--")}
         spelled = sorted(o for o in known if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in known)
         parts = []
-        for flag in unknown or ["?"]:
+        for flag in flags:
             close = difflib.get_close_matches(flag, spelled, n=2, cutoff=0.75)
             parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
         return InputError(f"unknown flag(s): {', '.join(parts)}; --help lists every flag.")
