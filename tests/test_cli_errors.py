@@ -268,3 +268,9 @@ def test_the_report_command_suggests_a_flag_too(capsys):
 
     assert main(["report", "--quik"]) == 2
     assert "unknown flag(s): --quik (did you mean --quick?)" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_stray_value_is_named(capsys, tiny, tmp_path):
+    code, stderr = _cli(capsys, "grpo", [*_argv(tiny, tmp_path), "stray"])
+    assert code == 2
+    assert "unexpected value(s) ['stray']: each value follows its flag (--name value)." in _one_error_line(stderr)
