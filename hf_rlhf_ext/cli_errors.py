@@ -72,6 +72,14 @@ def user_message(exc: BaseException) -> str:
     return " ".join(message.split()) or type(exc).__name__
 
 
+def _program() -> str:
+    """The command the user typed: ``hf-rlhf-ext <name>`` from the console entry point (which runs the recipe as a
+    module, so ``sys.argv[0]`` is the module's file), else the script's name."""
+    from .recipe_parsing import _LAUNCHER
+
+    return _LAUNCHER[-1] if _LAUNCHER else os.path.basename(sys.argv[0])
+
+
 def cli_main(entry: Callable[[], Any]) -> Any:
     """Runs a recipe's ``main`` for the command line: bad input and reward faults print one line on stderr
     (``<script>: error: ...``, from the first process only) and exit with code 2 (input) or 1 (a reward fault);
@@ -86,5 +94,5 @@ def cli_main(entry: Callable[[], Any]) -> Any:
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             message = user_message(exc)
-            print(f"{os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr, flush=True)
+            print(f"{_program()}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1 if isinstance(exc, RewardFault) else 2) from None

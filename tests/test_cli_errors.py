@@ -202,7 +202,7 @@ def test_the_console_entry_point_returns_the_recipe_exit_code(capsys):
     from hf_rlhf_ext.cli import main
 
     assert main(["best-of-n", "--n", "0"]) == 2
-    assert "error: --n must be >= 1, got 0." in _one_error_line(capsys.readouterr().err)
+    assert _one_error_line(capsys.readouterr().err) == "hf-rlhf-ext best-of-n: error: --n must be >= 1, got 0."
 
 
 @pytest.mark.parametrize("flag, what", [("--model_name_or_path", "no/such/rm/dir"),
