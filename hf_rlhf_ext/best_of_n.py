@@ -47,6 +47,8 @@ __all__ = [
     "default_ns",
     "DistillationRound",
     "distill_best_of_n",
+    "choose_round",
+    "copy_model_files",
     "evaluate_samples",
     "sequence_kl",
 ]
@@ -462,10 +464,11 @@ class DistillationRound:
     train_pairs: int
     eval: dict[str, float]
     train_loss: float | None = None
+    model_dir: str | None = None  # where this round's model was saved
 
     def to_dict(self) -> dict[str, Any]:
         return {"round": self.round, "train_best": self.train_best, "train_pairs": self.train_pairs,
-                "eval": self.eval, "train_loss": self.train_loss}
+                "eval": self.eval, "train_loss": self.train_loss, "model_dir": self.model_dir}
 
 
 def best_of_n_sft_dataset(result: BestOfNResult, tokenizer: Any):
@@ -495,8 +498,9 @@ def distill_best_of_n(
     current model, keeps the best, and fine-tunes the current model on them with ``trl.SFTTrainer(args=sft_args)``
     (``completion_only_loss`` forced on). ``evaluate(model, round)`` gives each round's held-out numbers.
 
-    Returns the final model and one :class:`DistillationRound` per round. ``sft_args.output_dir`` gets a subfolder
-    ``round_<k>`` per round (TRL's run files; the caller saves the final model)."""
+    Returns the final model and one :class:`DistillationRound` per round. Each round's model (an adapter only, with
+    ``peft_config``) and tokenizer are saved to ``<sft_args.output_dir>/round_<k>``, so that a later round that is
+    worse never replaces a better one: :func:`choose_round` says which to keep."""
     import copy
 
     from trl import SFTTrainer
@@ -510,13 +514,50 @@ def distill_best_of_n(
         args = copy.deepcopy(sft_args)
         args.output_dir = os.path.join(sft_args.output_dir, f"round_{k}")
         args.completion_only_loss = True
+        args.push_to_hub = False  # a round's model is saved in its folder; the caller pushes what it keeps
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": False}
         trainer = SFTTrainer(model=model, args=args, train_dataset=best_of_n_sft_dataset(best, tokenizer),
                              processing_class=tokenizer, peft_config=peft_config if k == 1 else None)
         result = trainer.train()
+        trainer.save_model(args.output_dir)  # every process calls it; the main process writes
         model = trainer.accelerator.unwrap_model(trainer.model)
         history.append(DistillationRound(
             round=k, train_best={name: best.mean(name) for name in best.scores}, train_pairs=len(best.prompts),
             eval=evaluate(model, k) if evaluate is not None else {}, train_loss=float(result.training_loss),
+            model_dir=args.output_dir,
         ))
     return model, history
+
+
+def choose_round(initial: Mapping[str, float], rounds: Sequence[DistillationRound], gold: str | None) -> dict[str, Any]:
+    """Which round's model to keep: the one with the highest held-out ``gold`` (the earliest on a tie), since later
+    rounds of expert iteration can over-optimise the selecting reward. Without a gold reward there is nothing
+    held-out to choose by, and the last round is kept. ``beats_initial`` says whether the kept round is better than
+    the starting policy (False: the starting policy is the better model, and the caller should say so)."""
+    if not rounds:
+        raise ValueError("choose_round needs at least one distillation round.")
+    scored = [r for r in rounds if _finite(r.eval.get(gold))] if gold is not None else []
+    if not scored:
+        why = "no held-out gold reward" if gold is None else f"no round has a held-out {gold!r}"
+        return {"best_round": rounds[-1].round, "by": None, "gold": None, "initial_gold": None,
+                "beats_initial": None, "reason": f"{why}: the last round is kept"}
+    best = max(scored, key=lambda r: r.eval[gold])  # max keeps the first of equal values
+    start = initial.get(gold)
+    beats = bool(best.eval[gold] > start) if _finite(start) else None
+    return {"best_round": best.round, "by": gold, "gold": best.eval[gold], "initial_gold": start,
+            "beats_initial": beats, "reason": f"the highest held-out {gold} of the {len(rounds)} round(s)"}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def copy_model_files(src: str, dst: str) -> list[str]:
+    """Copies the model files of a round's folder (its top-level files) into ``dst``; returns their names."""
+    import shutil
+
+    os.makedirs(dst, exist_ok=True)
+    names = sorted(n for n in os.listdir(src) if os.path.isfile(os.path.join(src, n)))
+    for name in names:
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    return names

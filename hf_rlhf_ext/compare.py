@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 from transformers import TrainerCallback
 
 from .recipe_utils import RLScriptArguments
+from .validation import InputError
 
 __all__ = [
     "CompareArguments",
@@ -145,7 +146,7 @@ def check_argv(argv: Sequence[str]) -> None:
     reserved = sorted(given_keys(argv) & set(RESERVED_FLAGS))
     if reserved:
         key = reserved[0]
-        raise ValueError(f"--{key} is set per trainer by the comparison; use {RESERVED_FLAGS[key]} instead.")
+        raise InputError(f"--{key} is set per trainer by the comparison; use {RESERVED_FLAGS[key]} instead.")
 
 
 def make_compare_parser(trainer: str):
@@ -171,7 +172,7 @@ def parse_compare_argv(argv: Sequence[str], trainer: str = "ppo", seed: int | No
     *parsed, rest = parsed
     unknown = [a[2:] for a in rest if a.startswith("--") and a[2:] not in _ppo_only_fields()]
     if unknown:  # PPO-only flags (critic_learning_rate, ...) are fine; anything else was caught above
-        raise ValueError(f"Unknown arguments for {trainer}: {unknown}.")
+        raise InputError(f"Unknown arguments for {trainer}: {unknown}.")
     return tuple(parsed)
 
 
@@ -187,22 +188,22 @@ def run_dir(output_dir: str, trainer: str, seed: int) -> str:
 def validate(compare: CompareArguments, training_args: Any, model_args: Any) -> None:
     """Checks that need both argument groups; raised before any run starts."""
     if training_args.max_steps < 1 or training_args.max_steps % compare.eval_every:
-        raise ValueError(
+        raise InputError(
             f"max_steps ({training_args.max_steps}) must be a positive multiple of eval_every ({compare.eval_every}), "
             "so that the last step is measured."
         )
     if training_args.per_device_train_batch_size % compare.grpo_num_generations:
-        raise ValueError(
+        raise InputError(
             f"per_device_train_batch_size ({training_args.per_device_train_batch_size}) must be a multiple of "
             f"grpo_num_generations ({compare.grpo_num_generations}): both trainers sample the same number per step."
         )
     if compare.dataset_name and not compare.gold_reward and 0 not in (training_args.reward_weights or []):
-        raise ValueError(
+        raise InputError(
             "No gold reward off the lab: pass --gold_reward (a dotted import path or a reward-model directory) as the "
             "held-out judge, or a reward function with weight 0 in --reward_weights."
         )
     if min(compare.ppo_kl_coef, compare.grpo_beta) == 0 and not model_args.use_peft:
-        raise ValueError(
+        raise InputError(
             "β = 0 leaves the trainer without a reference model, and the held-out KL needs one: use β > 0 or "
             "--use_peft (the adapter-disabled base is then the reference)."
         )
@@ -254,7 +255,7 @@ def held_out_rewards(setup: Any, compare: CompareArguments) -> tuple[Callable, C
         return proxy, import_reward_func(compare.gold_reward)
     tracked = [f for f, w in pairs if w == 0]
     if len(tracked) != 1:
-        raise ValueError(
+        raise InputError(
             "No gold reward: pass --gold_reward (a dotted import path or a reward-model directory) as the held-out "
             "judge; on the lab the gold reward is used."
         )

@@ -506,6 +506,13 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+#: A Gao fit explaining less of the gold gain's variance than this is reported as "no fit" (its α, β and peak are
+#: not a description of the data).
+MIN_FIT_R2 = 0.8
+#: A predicted peak beyond this multiple of the largest measured KL is an extrapolation, reported as "no fit".
+MAX_PEAK_KL_FACTOR = 2.0
+
+
 @dataclass(frozen=True)
 class GaoFit:
     """A least-squares fit of a Gao et al. (2022) over-optimisation form to gold-reward gains against d = sqrt(KL).
@@ -519,6 +526,24 @@ class GaoFit:
     beta: float
     r2: float
     n_points: int
+    max_kl: float | None = None  # the largest measured KL (d²) among the fitted points
+
+    @property
+    def reason(self) -> str | None:
+        """Why the fit must not be read as a result (None: it may): R² below ``MIN_FIT_R2`` or undefined, or a
+        predicted peak far outside the measured KL range."""
+        if not math.isfinite(self.r2):
+            return "R² is undefined (the gold gain does not vary over the fitted points)"
+        if self.r2 < MIN_FIT_R2:
+            return f"R² = {self.r2:.3f} is below {MIN_FIT_R2:g}"
+        if self.peak_kl is not None and self.max_kl is not None and self.peak_kl > MAX_PEAK_KL_FACTOR * self.max_kl:
+            return (f"the predicted peak (KL {self.peak_kl:.3g} nats) is beyond {MAX_PEAK_KL_FACTOR:g}× the largest "
+                    f"measured KL ({self.max_kl:.3g} nats)")
+        return None
+
+    @property
+    def valid(self) -> bool:
+        return self.reason is None
 
     def predict(self, d: Sequence[float] | float) -> list[float] | float:
         """R(d) of the fitted form (R(0) = 0)."""
@@ -544,7 +569,8 @@ class GaoFit:
 
     def to_dict(self) -> dict:
         return {"form": self.form, "alpha": self.alpha, "beta": self.beta, "r2": self.r2, "n_points": self.n_points,
-                "peak_d": self.peak_d, "peak_kl": self.peak_kl}
+                "peak_d": self.peak_d, "peak_kl": self.peak_kl, "max_kl": self.max_kl, "valid": self.valid,
+                "reason": self.reason}
 
 
 def fit_gao(d: Sequence[float], gain: Sequence[float], form: Literal["rl", "bon"] = "rl") -> GaoFit:
@@ -574,4 +600,4 @@ def fit_gao(d: Sequence[float], gain: Sequence[float], form: Literal["rl", "bon"
     ss_tot = sum((r - mean) ** 2 for r in observed)
     ss_res = sum((r - p) ** 2 for r, p in zip(observed, predicted))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
-    return GaoFit(form=form, alpha=alpha, beta=beta, r2=r2, n_points=len(pts))
+    return GaoFit(form=form, alpha=alpha, beta=beta, r2=r2, n_points=len(pts), max_kl=max(x for x, _ in pts) ** 2)

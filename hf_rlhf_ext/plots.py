@@ -44,7 +44,7 @@ def plot_best_of_n_curve(curve: Any, path: str) -> str:
         ax.plot(d, curve.column(name), marker="o", label=name)
     for x, n, y in zip(d, curve.column("n"), curve.column(names[0])):
         ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    if curve.fit is not None:
+    if curve.fit is not None and curve.fit.valid:  # a curve that does not describe the data is not drawn
         base = curve.points[0][curve.gold]
         xs = [max(d) * i / 100 for i in range(101)]
         ax.plot(xs, [base + y for y in curve.fit.predict(xs)], "--", color="gray",

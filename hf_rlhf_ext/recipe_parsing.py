@@ -5,7 +5,9 @@ the command a recipe was started with."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -101,6 +103,18 @@ def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[s
     return parser
 
 
+def check_output_dir(outputs: Sequence[Any]) -> None:
+    """Refuses an ``--output_dir`` that is an existing file before anything runs (else: a FileExistsError deep in
+    the first save)."""
+    from .validation import InputError
+
+    for parsed in outputs:
+        path = getattr(parsed, "output_dir", None)
+        if isinstance(path, str) and os.path.isfile(path):
+            raise InputError(f"--output_dir {path!r} is a file, not a folder: give a directory (it is created if "
+                             "missing) or remove the file.")
+
+
 #: The command a recipe was started with when not as its script (``hf-rlhf-ext ppo``); see :func:`launched_as`.
 _LAUNCHER: list[str] = []
 
@@ -114,6 +128,23 @@ def launched_as(command: str):
         yield
     finally:
         _LAUNCHER.pop()
+
+
+def launch_command(script: str) -> str:
+    """How this run was started, as typed (the card's line that reproduces it): ``hf-rlhf-ext <name>`` from the
+    console entry point, else ``python`` — or ``accelerate launch``, whose launcher sets ``ACCELERATE_DYNAMO_BACKEND``
+    — with the script as given on the command line (``-m <module>`` for a module). ``script`` stands in when the
+    recipe runs inside another program (a test, a notebook)."""
+    import shlex
+
+    if _LAUNCHER:
+        return _LAUNCHER[-1]
+    prefix = "accelerate launch" if "ACCELERATE_DYNAMO_BACKEND" in os.environ else "python"
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) != os.path.basename(script):
+        return f"{prefix} {script}"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"{prefix} -m {spec.name}" if spec is not None and spec.name else f"{prefix} {shlex.quote(argv0)}"
 
 
 class RecipeParser(TrlParser):
@@ -133,7 +164,13 @@ class RecipeParser(TrlParser):
 
     def parse_args_and_config(self, args=None, *rest, **kwargs):
         argv = list(sys.argv[1:] if args is None else args)
-        outputs = super().parse_args_and_config(argv, *rest, **kwargs)
+        try:
+            outputs = super().parse_args_and_config(argv, *rest, **kwargs)
+        except ValueError as err:
+            if "arguments are not used by the HfArgumentParser" not in str(err):
+                raise
+            raise self.unknown_flags_error(str(err)) from None
+        check_output_dir(outputs)
         given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
         if hasattr(outputs[0], "cli_args"):
             outputs[0].cli_args = argv
@@ -144,3 +181,25 @@ class RecipeParser(TrlParser):
             logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
                         training_args.learning_rate, self.lora_learning_rate_multiplier)
         return outputs
+
+    def unknown_flags_error(self, message: str) -> Exception:
+        """One line naming each flag the parser does not know, with the closest known ones (a typo costs seconds);
+        ``message``: HfArgumentParser's, which ends with the list of the strings it did not use."""
+        import ast
+
+        from .validation import InputError
+
+        try:
+            unused = [str(a) for a in ast.literal_eval(message[message.index("["):])]
+        except (ValueError, SyntaxError):
+            return InputError(message)
+        flags = [a.split("=", 1)[0] for a in unused if a.startswith("-")]
+        if not flags:
+            return InputError(f"unexpected value(s) {unused}: each value follows its flag (--name value).")
+        known = {o for o in self._option_string_actions if o.startswith("--")}
+        spelled = sorted(o for o in known if "-" not in o[2:] or "--" + o[2:].replace("-", "_") not in known)
+        parts = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag, spelled, n=2, cutoff=0.75)
+            parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
+        return InputError(f"unknown flag(s): {', '.join(parts)}; --help lists every flag.")

@@ -16,7 +16,7 @@ from .cli_errors import RunInterrupted
 from .model_card import RecipeCard, lora_settings, settings_from
 from .monitors import monitor_results
 from .objectives import kl_k1, kl_k3
-from .recipe_parsing import _LAUNCHER
+from .recipe_parsing import launch_command
 from .results import ResultsCallback, write_metrics
 from .reference import Reference, ReferencePolicy, reference_model, resolve_reference
 from .sampling import completion_mask, per_token_logps, policy_eos_ids, sample_policy
@@ -151,8 +151,7 @@ def recipe_command(script: str, cli_args: list[str] | None) -> str:
 
     if cli_args is None:
         return f"python {script}  # run from Python: the settings are listed below"
-    launcher = _LAUNCHER[-1] if _LAUNCHER else f"accelerate launch {script}"
-    return " ".join([launcher, *(shlex.quote(a) for a in cli_args)])
+    return " ".join([launch_command(script), *(shlex.quote(a) for a in cli_args)])
 
 
 def _result_rows(metrics: dict[str, Any]) -> list[tuple]:
@@ -202,7 +201,8 @@ def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments,
                       "before and after training; all numbers are in `metrics.json`, the curves in "
                       "`log_history.jsonl`."),
         plots={"training_curves.png": "Reward and KL on the training batches against the optimizer step",
-               OVEROPTIMIZATION_PLOT: "Over-optimisation monitor: proxy and gold rewards and KL, gold peak marked"},
+               OVEROPTIMIZATION_PLOT: "Over-optimisation monitor: proxy and gold rewards and KL, gold maximum "
+                                      "marked"},
         usage=load_snippet(repo or out, "peft" if setup.peft_config is not None else "causal_lm",
                            with_critic=os.path.isdir(os.path.join(out, "value_model"))),
     )

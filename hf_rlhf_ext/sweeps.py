@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
 from .recipe_parsing import check_lab_keys, cpu_parser_defaults
 from .recipe_utils import RLScriptArguments
+from .validation import InputError
 
 __all__ = [
     "SweepArguments",
@@ -343,7 +344,7 @@ def read_results(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
     header, points = (records[0], records[1:]) if records and records[0].get("header") else (None, records)
     if header is None or header.get("fingerprint") != fingerprint:
         diff = _config_diff(header.get("config", {}), config) if header else ["no header line"]
-        raise ValueError(
+        raise InputError(
             f"{path} was written by a sweep with a different config (fingerprint "
             f"{header.get('fingerprint') if header else None} vs {fingerprint}): {'; '.join(diff[:8])}. Resume with "
             "the same settings, or give another --output_dir (or remove the file) to start a new sweep."
@@ -548,7 +549,7 @@ def summarise(results: Sequence[dict[str, Any]], fit_min_kl: float = 0.01) -> di
     try:
         fit = fit_gao([d for d, _ in pts], [g for _, g in pts], form="rl").to_dict()
     except ValueError as err:
-        fit = {"error": str(err)}
+        fit = {"error": str(err), "valid": False, "reason": str(err)}
     fit["min_kl"] = fit_min_kl
     return {
         "trainer": results[0]["trainer"], "betas": [row["beta"] for row in rows],
@@ -590,13 +591,27 @@ def report_markdown(metrics: dict[str, Any]) -> str:
               f"{low['final_gold']:.3f}; the proxy goes from {low['proxy_at_peak']:.3f} at the peak to "
               f"{low['final_proxy']:.3f} — {'a hump' if low['hump'] else 'no hump'}.",
               f"Highest β = {high['beta']:g}: final KL {high['final_kl']:.3f}, gold change {high['gold_change']:+.3f}.", ""]
-    if "error" in fit:
-        lines.append(f"Gao fit: not possible ({fit['error']}).")
-    else:
-        lines.append(f"Gao et al. RL form R(d) = d(α − β_fit ln d) on the gold gain, d = sqrt(KL), {fit['n_points']} "
-                     f"measurements with KL ≥ {fit['min_kl']:g}: α = {fit['alpha']:.4f}, β_fit = {fit['beta']:.4f}, "
-                     f"R² = {_fmt(fit['r2'])}, peak d* = {_fmt(fit['peak_d'])} (KL* = {_fmt(fit['peak_kl'])} nats).")
+    lines.append(_fit_sentence(fit))
     return "\n".join(lines) + "\n"
+
+
+def _fit_valid(fit: dict[str, Any]) -> bool:
+    """Whether the fit may be read as a result (metrics written before ``valid`` existed: when it has no error)."""
+    return "error" not in fit and fit.get("valid", True)
+
+
+def _fit_sentence(fit: dict[str, Any]) -> str:
+    """The fit for ``sweep.md``: its numbers and predicted peak only when it describes the data, else "no fit" and
+    why (a low R² or a peak far outside the measured KL range predicts nothing)."""
+    if "error" in fit:
+        return f"Gao fit: not possible ({fit['error']})."
+    head = (f"Gao et al. RL form R(d) = d(α − β_fit ln d) on the gold gain, d = sqrt(KL), {fit['n_points']} "
+            f"measurements with KL ≥ {fit['min_kl']:g}")
+    if not _fit_valid(fit):
+        return (f"{head}: no fit — {fit['reason']} (least squares gave α = {fit['alpha']:.4f}, β_fit = "
+                f"{fit['beta']:.4f}; no peak is predicted from it).")
+    return (f"{head}: α = {fit['alpha']:.4f}, β_fit = {fit['beta']:.4f}, R² = {_fmt(fit['r2'])}, peak d* = "
+            f"{_fmt(fit['peak_d'])} (KL* = {_fmt(fit['peak_kl'])} nats).")
 
 
 def _fmt(x: Any) -> str:
@@ -623,7 +638,7 @@ def plot_frontier(path: str, results: Sequence[dict[str, Any]], metrics: dict[st
             ax.scatter([d[-1]], [r["curve"][-1][key]], color=colour, s=25, zorder=3,
                        label=f"β={r['beta']:g}" if r["seed"] == metrics["seeds"][0] and key == "gold" else None)
     fit = metrics["gao_fit"]
-    if "error" not in fit:
+    if _fit_valid(fit):  # a curve that does not describe the data is not drawn
         from .objectives import GaoFit
 
         gao = GaoFit(fit["form"], fit["alpha"], fit["beta"], fit["r2"] or float("nan"), fit["n_points"])
@@ -662,7 +677,9 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
         lines.append(f"  β={row['beta']:<7g} KL {row['final_kl']['mean']:7.3f}  proxy {row['final_proxy']['mean']:+.3f}"
                      f"  gold {row['final_gold']['mean']:+.3f}  peak {row['peak_gold']['mean']:+.3f}")
     lines.append(f"  ρ(β, final KL) = {_fmt(metrics['spearman_beta_final_kl'])}; hump at β={low['beta']:g}: {low['hump']}")
-    if "error" not in fit:
+    if _fit_valid(fit):
         lines.append(f"  Gao fit: α={fit['alpha']:.3f} β_fit={fit['beta']:.3f} R²={_fmt(fit['r2'])} d*={_fmt(fit['peak_d'])}")
+    else:
+        lines.append(f"  Gao fit: no fit ({fit['reason']})")
     lines.append(f"  files: {os.path.join(output_dir, 'sweep.md')}, frontier.png, metrics.json, {RESULTS_FILE}")
     return "\n".join(lines)

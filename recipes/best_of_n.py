@@ -14,7 +14,10 @@
 3. Held-out proxy, gold and KL (to the initial policy) of the initial policy, of best-of-N at inference and of the
    distilled model after each round.
 
-Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png} and the distilled model.
+Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png}, each round's model in <output_dir>/round_<k>/ and,
+at the top level, the round with the best held-out gold (``best_round`` in metrics.json; without a gold reward, the last
+round). When no round beats the starting policy's held-out gold, that round is still the one kept at the top level
+(it is the best distilled model) and the console and the model card say that the starting policy is better.
 """
 
 import os
@@ -99,7 +102,9 @@ def load_models(path: str, training_args: SFTConfig, use_peft: bool) -> tuple[An
 def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     from trl import get_peft_config
 
-    from hf_rlhf_ext.best_of_n import BestOfNSampler, distill_best_of_n, evaluate_samples
+    from hf_rlhf_ext.best_of_n import (
+        BestOfNSampler, choose_round, copy_model_files, distill_best_of_n, evaluate_samples,
+    )
     from hf_rlhf_ext.model_card import push_folder
     from hf_rlhf_ext.objectives import best_of_n_kl
     from hf_rlhf_ext.plots import plot_best_of_n_curve, plot_distillation
@@ -147,8 +152,7 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
         policy, tokenizer, list(train["prompt"]), {**sampling, "reward_funcs": rewards, "n": script_args.n},
         training_args, rounds=script_args.rounds, evaluate=evaluate, peft_config=peft_config, seed=training_args.seed,
     )
-    model.save_pretrained(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
+    kept = choose_round(initial, rounds, gold)
 
     metrics = {
         "select": select, "gold": gold, "n": script_args.n, "pool_size": script_args.pool_size,
@@ -157,15 +161,17 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
         "initial": initial,
         "best_of_n": {**(at_n or {}), "kl": best_of_n_kl(script_args.n)},
         "distilled": [r.to_dict() for r in rounds],
+        "best_round": kept["best_round"],
+        "kept": kept,
         "curve": curve.to_dict(),
         "seconds": round(time.time() - start, 1),
     }
     if training_args.process_index == 0:
-        os.makedirs(training_args.output_dir, exist_ok=True)
+        copy_model_files(rounds[kept["best_round"] - 1].model_dir, training_args.output_dir)
         plot_best_of_n_curve(curve, os.path.join(training_args.output_dir, "bon_curve.png"))
         plot_distillation(metrics, list(rewards), os.path.join(training_args.output_dir, "distillation.png"))
         write_metrics(training_args.output_dir, metrics)
-        print(summary_text(metrics, list(rewards), training_args.output_dir))
+        print(summary_text(metrics, list(rewards), training_args.output_dir, path))
         repo = (training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
                 if training_args.push_to_hub else None)
         write_card(metrics, list(rewards), path, script_args, training_args, peft_config, repo)
@@ -181,6 +187,24 @@ def _rows(metrics: dict[str, Any]) -> list[tuple[str, dict, float | None]]:
     rows = [("initial policy", metrics["initial"], 0.0),
             (f"best-of-{metrics['n']} (inference)", metrics["best_of_n"], metrics["best_of_n"]["kl"])]
     return rows + [(f"distilled, round {r['round']}", r["eval"], r["eval"].get("kl")) for r in metrics["distilled"]]
+
+
+def kept_text(metrics: dict[str, Any], policy: str) -> str:
+    """Which round's model is at the top level and why, in one sentence (console and card), with a clear warning when
+    no round beat the starting policy."""
+    kept = metrics["kept"]
+    k, by = kept["best_round"], kept["by"]
+    n = metrics["rounds"]
+    where = f"every round's model is in its folder, round_1/{f' … round_{n}/' if n > 1 else ''}"
+    if by is None:
+        return f"The top-level model is round {k}, the last ({kept['reason']}); {where}."
+    if kept["beats_initial"] is False:
+        return (f"WARNING: no distilled round beat the starting policy on held-out {by} (the best, round {k}: "
+                f"{kept['gold']:.3f}; the starting policy: {kept['initial_gold']:.3f}). Round {k} is kept at the top "
+                f"level as the best distilled model, but the starting policy ({policy}) is the better model; {where}.")
+    start = f"; the starting policy: {kept['initial_gold']:.3f}" if kept["initial_gold"] is not None else ""
+    return (f"The top-level model is round {k}, the highest held-out {by} of the {metrics['rounds']} round(s) "
+            f"({kept['gold']:.3f}{start}); {where}.")
 
 
 def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_args: BestOfNScriptArguments,
@@ -199,7 +223,8 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
         title=(hub_repo or os.path.basename(os.path.abspath(out))).split("/")[-1],
         summary=(f"Best-of-{metrics['n']} distilled into the policy ({metrics['rounds']} round(s) of sampling "
                  f"{metrics['n']} replies per prompt, keeping the best by `{metrics['select']}` and fine-tuning on "
-                 "it with TRL's SFTTrainer), with best-of-N's own over-optimisation curve on held-out prompts."),
+                 "it with TRL's SFTTrainer), with best-of-N's own over-optimisation curve on held-out prompts. "
+                 + kept_text(metrics, policy)),
         recipe="recipes/best_of_n.py", command=recipe_command("recipes/best_of_n.py", script_args.cli_args),
         tags=("best-of-n", "distillation", "sft"), base_model=hub_id_or_none(policy),
         datasets=[dataset] if dataset else [], library_name="peft" if peft_config is not None else "transformers",
@@ -215,21 +240,29 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
     ))
 
 
-def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str) -> str:
-    """Console lines: each reward and the KL for the initial policy, best-of-N and every distilled round."""
-    rows = _rows(metrics)
-    header = f"  {'':<28}" + "".join(f"{n:>14}" for n in names) + f"{'KL (nats)':>12}"
+def fit_text(fit: dict[str, Any]) -> str:
+    """The Gao fit in one line: its numbers only when it describes the data, else "no fit" and why."""
+    if not fit.get("valid", True):
+        return f"Gao best-of-N fit to the gold gain: no fit ({fit['reason']})"
+    peak = f"{fit['peak_kl']:.2f} nats" if fit["peak_kl"] is not None else "none in range"
+    return (f"Gao best-of-N fit to the gold gain: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, "
+            f"R^2 {fit['r2']:.3f}, predicted peak at KL {peak}")
+
+
+def summary_text(metrics: dict[str, Any], names: list[str], output_dir: str, policy: str = "") -> str:
+    """Console lines: each reward and the KL for the initial policy, best-of-N and every distilled round, and which
+    round is kept."""
+    widths = [max(len(n), 9) + 2 for n in names]  # every column wider than its name: two spaces between columns
+    header = f"  {'':<28}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f"{'KL (nats)':>12}"
     lines = ["", f"held-out ({metrics['num_eval_prompts']} prompts):", header]
-    for label, values, kl in rows:
-        cells = "".join(f"{values.get(n, float('nan')):>+14.3f}" for n in names)
+    for label, values, kl in _rows(metrics):
+        cells = "".join(f"{values.get(n, float('nan')):>+{w}.3f}" for n, w in zip(names, widths))
         lines.append(f"  {label:<28}{cells}{kl if kl is not None else float('nan'):>12.3f}")
-    fit = metrics["curve"].get("fit")
-    if fit:
-        peak = f"{fit['peak_kl']:.2f} nats" if fit["peak_kl"] is not None else "none in range"
-        lines.append(f"  Gao best-of-N fit to the gold gain: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}, "
-                     f"R^2 {fit['r2']:.3f}, predicted peak at KL {peak}")
+    if metrics["curve"].get("fit"):
+        lines.append("  " + fit_text(metrics["curve"]["fit"]))
+    lines.append("  " + kept_text(metrics, policy or "the initial policy"))
     lines.append(f"wrote {output_dir}/metrics.json, bon_curve.png, distillation.png and the distilled model "
-                 f"({metrics['seconds']:.0f} s)")
+                 f"(round {metrics['best_round']}; {metrics['seconds']:.0f} s)")
     return "\n".join(lines)
 
 

@@ -69,9 +69,9 @@ class PipelineArguments:
 
 
 def make_parser():
-    from trl import TrlParser
+    from hf_rlhf_ext.recipe_utils import RecipeParser
 
-    return TrlParser((PipelineArguments,))
+    return RecipeParser((PipelineArguments,))  # unknown flags get a "did you mean"; --output_dir must be a folder
 
 
 def main(args: PipelineArguments) -> dict[str, Any]:
@@ -97,7 +97,10 @@ def main(args: PipelineArguments) -> dict[str, Any]:
 
 def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:
     """README.md of the output folder: the claims and their verdicts, the findings, how the run was made."""
+    import shlex
+
     from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, markdown_table, write_model_card
+    from hf_rlhf_ext.recipe_parsing import launch_command
 
     claims = [(c["id"], c["exercise"], c["statement"], "skipped" if c["holds"] is None else
                ("holds" if c["holds"] else "does NOT hold")) for c in payload["claims"]]
@@ -106,7 +109,7 @@ def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:
         title=os.path.basename(os.path.abspath(args.output_dir)), recipe="recipes/pipeline.py",
         summary="Every experiment of the RLHF chapter in one command; each claim is decided by the measured "
                 "statistic in claims.json, and report.md reads every number and plot.",
-        command="accelerate launch recipes/pipeline.py " + " ".join(sys.argv[1:]),
+        command=" ".join([launch_command("recipes/pipeline.py"), *(shlex.quote(a) for a in sys.argv[1:])]),
         tags=("rlhf-chapter", "report"), base_model=hub_id_or_none(args.model_name_or_path),
         datasets=[d for d in [hub_id_or_none(args.dataset_name)] if d], library_name=None,
         hyperparameters={"quick": args.quick, "seed": args.seed, "on the lab": args.on_lab},

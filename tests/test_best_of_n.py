@@ -16,10 +16,12 @@ import torch
 from _ppo_helpers import TARGET_WORD, build_world, prompts, target_word
 from hf_rlhf_ext.best_of_n import (
     BestOfNSampler,
+    DistillationRound,
     _batches,
     best_of_n_curve,
     best_of_n_expectation,
     best_of_n_sft_dataset,
+    choose_round,
     sample_pool,
     sequence_kl,
 )
@@ -187,6 +189,61 @@ def test_recipe_on_a_local_model_with_lora_writes_rounds_and_keeps_the_base(tiny
     reloaded = AutoModelForCausalLM.from_pretrained(tiny["policy"]).state_dict()
     assert all(torch.equal(base[k], reloaded[k]) for k in base)  # the base weights on disk were not touched
     assert json.loads((out / "metrics.json").read_text())["rounds"] == 2
+
+
+def _rounds(*golds: float) -> list[DistillationRound]:
+    return [DistillationRound(round=k, train_best={}, train_pairs=1, eval={"gold": g}) for k, g in enumerate(golds, 1)]
+
+
+def test_the_round_kept_is_the_one_with_the_best_held_out_gold():
+    kept = choose_round({"gold": 0.389}, _rounds(0.594, 0.378), "gold")  # round 2 over-optimised
+    assert (kept["best_round"], kept["gold"], kept["beats_initial"]) == (1, 0.594, True)
+    assert choose_round({"gold": 0.1}, _rounds(0.3, 0.5, 0.5), "gold")["best_round"] == 2  # the first of a tie
+    worse = choose_round({"gold": 0.7}, _rounds(0.6, 0.4), "gold")
+    assert (worse["best_round"], worse["beats_initial"]) == (1, False)
+    blind = choose_round({}, _rounds(0.6, 0.4), None)  # nothing held-out to choose by: the last round
+    assert (blind["best_round"], blind["by"], blind["beats_initial"]) == (2, None, None)
+
+
+def _metrics(initial: float, *golds: float) -> dict:
+    rounds = _rounds(*golds)
+    kept = choose_round({"gold": initial}, rounds, "gold")
+    return {"n": 8, "rounds": len(golds), "num_eval_prompts": 4, "initial": {"gold": initial},
+            "best_of_n": {"gold": 0.7, "kl": 1.2}, "distilled": [r.to_dict() for r in rounds],
+            "best_round": kept["best_round"], "kept": kept, "curve": {"fit": None}, "seconds": 1.0}
+
+
+def test_the_console_says_which_round_is_kept_and_warns_when_none_beats_the_start():
+    recipe = _recipe()
+    good = recipe.summary_text(_metrics(0.389, 0.594, 0.378), ["gold"], "out", "sft")
+    assert "The top-level model is round 1, the highest held-out gold of the 2 round(s) (0.594" in good
+    assert "WARNING" not in good
+    bad = recipe.summary_text(_metrics(0.7, 0.6, 0.4), ["gold"], "out", "sft")
+    assert "WARNING: no distilled round beat the starting policy on held-out gold" in bad
+    assert "the starting policy (sft) is the better model" in bad
+
+
+def test_recipe_saves_every_round_and_keeps_the_best_held_out_gold_at_the_top(tiny, tmp_path, monkeypatch):
+    import hf_rlhf_ext.best_of_n as bon
+
+    real, golds = bon.evaluate_samples, iter([0.389, 0.594, 0.378])  # start, round 1, round 2: round 2 overshoots
+
+    def evaluate(*args, **kwargs):
+        return {**real(*args, **kwargs), "target_word_tracked": next(golds)}
+
+    monkeypatch.setattr(bon, "evaluate_samples", evaluate)
+    out = tmp_path / "bon"
+    metrics = _run(["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"],
+                    "--reward_funcs", "_ppo_helpers.target_word", "--gold_funcs", "_ppo_helpers.target_word",
+                    "--output_dir", str(out), "--n", "2", "--pool_size", "2", "--rounds", "2",
+                    "--max_new_tokens", "4", "--num_eval_prompts", "2", "--per_device_train_batch_size", "4",
+                    "--num_train_epochs", "1", "--learning_rate", "1e-2"])
+    assert metrics["gold"] == "target_word_tracked" and metrics["best_round"] == 1
+    weights = {k: (out / f"round_{k}" / "model.safetensors").read_bytes() for k in (1, 2)}
+    assert weights[1] != weights[2]  # two different models, each in its own folder
+    assert (out / "model.safetensors").read_bytes() == weights[1]
+    assert json.loads((out / "metrics.json").read_text())["best_round"] == 1
+    assert "The top-level model is round 1" in (out / "README.md").read_text()
 
 
 @pytest.mark.parametrize("flag", ["--n", "--pool_size", "--rounds", "--num_eval_prompts"])

@@ -202,7 +202,7 @@ def test_the_console_entry_point_returns_the_recipe_exit_code(capsys):
     from hf_rlhf_ext.cli import main
 
     assert main(["best-of-n", "--n", "0"]) == 2
-    assert "error: --n must be >= 1, got 0." in _one_error_line(capsys.readouterr().err)
+    assert _one_error_line(capsys.readouterr().err) == "hf-rlhf-ext best-of-n: error: --n must be >= 1, got 0."
 
 
 @pytest.mark.parametrize("flag, what", [("--model_name_or_path", "no/such/rm/dir"),
@@ -211,3 +211,66 @@ def test_the_reward_recipe_names_a_missing_path(capsys, tmp_path, flag, what):
     code, stderr = _cli(capsys, "reward", ["--output_dir", str(tmp_path), flag, what])
     assert code == 2
     assert f"{flag} '{what}': no such file or directory" in _one_error_line(stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The last tracebacks: each is one line and exit code 2 now
+# ----------------------------------------------------------------------------------------------------------------------
+def _main_cli(capsys, name: str, argv: list[str]) -> tuple[int, str]:
+    """Runs a recipe whose ``main`` takes the raw argv (compare, sweep) as its ``__main__`` does."""
+    recipe = _recipe(name)
+    with pytest.raises(SystemExit) as info:
+        cli_main(lambda: recipe.main(argv))
+    return info.value.code, capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_runs(capsys, tiny, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    code, stderr = _cli(capsys, "grpo", _argv(tiny, existing))
+    assert code == 2
+    assert f"--output_dir '{existing}' is a file, not a folder" in _one_error_line(stderr)
+    assert existing.read_text() == "mine"
+
+
+def test_lora_target_modules_the_model_lacks_name_the_layers_it_has(capsys, tiny, tmp_path):
+    code, stderr = _cli(capsys, "grpo", [*_argv(tiny, tmp_path), "--use_peft", "--lora_target_modules", "q_proj",
+                                         "v_proj"])
+    assert code == 2
+    line = _one_error_line(stderr)
+    assert "--lora_target_modules: none of them is a layer of this model (GPT2LMHeadModel)" in line
+    assert "['c_attn', 'c_fc', 'c_proj']: e.g. --lora_target_modules c_attn, or all-linear" in line
+
+
+def test_a_flag_the_comparison_sets_per_trainer_exits_2(capsys):
+    code, stderr = _main_cli(capsys, "compare", ["--beta", "0.1"])
+    assert code == 2
+    assert _one_error_line(stderr).endswith("error: --beta is set per trainer by the comparison; use --grpo_beta "
+                                            "instead.")
+
+
+def test_resuming_a_sweep_with_another_config_exits_2(capsys, tmp_path):
+    (tmp_path / "results.jsonl").write_text(json.dumps({"header": True, "fingerprint": "0", "config": {}}) + "\n")
+    code, stderr = _main_cli(capsys, "beta_sweep", ["--output_dir", str(tmp_path)])
+    assert code == 2
+    assert "was written by a sweep with a different config" in _one_error_line(stderr)
+
+
+def test_an_unknown_flag_gets_the_closest_known_ones(capsys, tiny, tmp_path):
+    code, stderr = _cli(capsys, "grpo", [*_argv(tiny, tmp_path), "--lerning_rate", "0.1", "--no_such_flag", "1"])
+    assert code == 2
+    assert ("unknown flag(s): --lerning_rate (did you mean --learning_rate?), --no_such_flag; --help lists every "
+            "flag.") in _one_error_line(stderr)
+
+
+def test_the_report_command_suggests_a_flag_too(capsys):
+    from hf_rlhf_ext.cli import main
+
+    assert main(["report", "--quik"]) == 2
+    assert "unknown flag(s): --quik (did you mean --quick?)" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_stray_value_is_named(capsys, tiny, tmp_path):
+    code, stderr = _cli(capsys, "grpo", [*_argv(tiny, tmp_path), "stray"])
+    assert code == 2
+    assert "unexpected value(s) ['stray']: each value follows its flag (--name value)." in _one_error_line(stderr)

@@ -48,10 +48,12 @@ def test_cli_hands_the_command_line_to_each_recipe(capsys):
     assert shipped_config("no_such.yaml") == "no_such.yaml"
 
 
-def test_a_card_names_the_command_the_recipe_was_started_with():
+def test_a_card_names_the_command_the_recipe_was_started_with(monkeypatch):
     from hf_rlhf_ext.recipe_utils import launched_as, recipe_command
 
-    assert recipe_command("recipes/ppo.py", ["--beta", "0.1"]) == "accelerate launch recipes/ppo.py --beta 0.1"
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    assert recipe_command("recipes/ppo.py", ["--beta", "0.1"]) == "python recipes/ppo.py --beta 0.1"
     with launched_as("hf-rlhf-ext ppo"):
         assert recipe_command("recipes/ppo.py", ["--beta", "0.1"]) == "hf-rlhf-ext ppo --beta 0.1"
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # set by accelerate's launcher
     assert recipe_command("recipes/ppo.py", []) == "accelerate launch recipes/ppo.py"

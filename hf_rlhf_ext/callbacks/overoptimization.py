@@ -24,10 +24,16 @@ Without a gold reward, pass a held-out judge as ``gold``: a second reward model
 (``hf_rlhf_ext.rewards.RewardModelFunction``) or an ensemble penalised by its disagreement
 (``hf_rlhf_ext.rewards.ensemble_judge``; Coste et al. 2023, arXiv 2310.02743).
 
-Detection: both curves are smoothed (EMA or moving window). A new gold peak is a smoothed value above the best so far
-by more than ``min_delta``; the fall is confirmed after ``patience`` measurements without a new peak with the smoothed
-gold below ``peak − min_delta``. "Proxy still rising while gold falls" (smoothed proxy above its value at the gold peak
-while gold is below the peak) is logged as ``overopt/flag`` and warned about once; when it holds at the confirmed fall,
+Detection: both curves are smoothed (EMA or moving window). A new gold peak is a smoothed value above the peak so far
+by more than a noise threshold; the fall is confirmed after ``patience`` measurements without a new peak with the
+smoothed gold below ``peak − threshold``. The threshold is ``min_delta`` when given; by default (``min_delta=None``)
+it is the measurement's own standard error, gold's sample std / sqrt(number of scored completions) at that evaluation
+(sample mode: the held-out samples; logs mode: TRL's ``rewards/<gold>/std`` over the generation batch; 0 when neither
+is known, e.g. :meth:`update` called without ``gold_se``). A rise within the threshold does not move the peak, so the
+peak can sit below a later value: ``max_gold`` / ``max_gold_step`` in the findings are the real maximum of the
+smoothed gold series, and the plot marks that maximum, calling the detector's point "peak" only when nothing after it
+is higher. "Proxy still rising while gold falls" (smoothed proxy above its value at the peak while gold is below
+``peak − threshold``) is logged as ``overopt/flag`` and warned about once; when it holds at the confirmed fall,
 ``detected`` is set and, with ``stop_on_overoptimization=True``, training stops.
 
 Checkpoint at the gold peak (``save_peak=True``): at every new smoothed peak the model (an adapter only, for PEFT) and
@@ -40,10 +46,10 @@ directory from the main process. :meth:`OveroptimizationCallback.findings` retur
 :class:`OveroptimizationFindings`.
 
 Logged keys: ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``, ``overopt/gold_peak``,
-``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In logs mode they are
-added to the record that holds the rewards they come from (``state.log_history`` and the ``logs`` seen by the callbacks
-after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for reporters such as
-TensorBoard to see them too).
+``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In
+logs mode they are added to the record that holds the rewards they come from (``state.log_history`` and the ``logs``
+seen by the callbacks after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for
+reporters such as TensorBoard to see them too).
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ class OveroptimizationFindings:
     kl_source: str | None = None  # "held_out_k3", "training_kl" or the log key given as kl_key; None: no KL
     kl_at_peak_step: int | None = None  # the step kl_at_peak was measured at (the last measurement <= peak_step)
     final_kl_step: int | None = None
+    max_gold: float | None = None  # the highest smoothed gold measured (peak_gold can be lower: a rise within noise)
+    max_gold_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +124,16 @@ class OveroptimizationFindings:
 
 def _finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+def standard_error(values: list[float]) -> float | None:
+    """Sample std / sqrt(n) of the finite values: how much their mean moves between two draws of as many samples
+    (None for fewer than two)."""
+    v = [float(x) for x in values if _finite(x)]
+    if len(v) < 2:
+        return None
+    mean = sum(v) / len(v)
+    return math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v))
 
 
 # what a resume must restore: the curve and the detector's state (best-so-far, peak, patience, flags, checkpoint)
@@ -147,7 +165,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         measure_kl: sample mode: measure sequence KL on the same samples (default: when a reference exists without a
             copy, or ``allow_reference_copy``).
         smoothing: "ema" (weight ``ema_alpha`` on the newest value) or "window" (mean of the last ``window``).
-        patience, min_delta: peak detection (measurements without a new peak; improvement that counts).
+        patience, min_delta: peak detection (measurements without a new peak; the change of smoothed gold that counts
+            as a rise or a fall). ``min_delta=None`` (default): each measurement's own standard error of gold.
         proxy_min_delta: how much above its value at the peak the proxy must be to count as "still rising".
         save_peak: save the model + tokenizer at each new gold peak to ``<output_dir>/gold_peak``.
         stop_on_overoptimization: set ``control.should_training_stop`` once ``detected``.
@@ -171,7 +190,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         ema_alpha: float = 0.5,
         window: int = 3,
         patience: int = 3,
-        min_delta: float = 0.0,
+        min_delta: float | None = None,
         proxy_min_delta: float = 0.0,
         save_peak: bool = True,
         stop_on_overoptimization: bool = False,
@@ -191,7 +210,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}.")
         if window < 1 or patience < 1 or every_n_steps < 1:
             raise ValueError("window, patience and every_n_steps must be >= 1.")
-        if min_delta < 0 or proxy_min_delta < 0:
+        if (min_delta is not None and min_delta < 0) or proxy_min_delta < 0:
             raise ValueError("min_delta and proxy_min_delta must be >= 0.")
         self.mode = "sample" if (mode == "sample" or (mode == "auto" and eval_prompts is not None)) else "logs"
         if trainer is not None or self.mode == "sample":
@@ -324,9 +343,20 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             return float(value)
         return self.ema_alpha * float(value) + (1 - self.ema_alpha) * prev_s[-1]
 
-    def update(self, step: int, proxy: float | None, gold: float | None, kl: float | None = None) -> dict[str, Any]:
+    def _threshold(self, gold_se: float | None) -> float:
+        """The change of smoothed gold that counts: ``min_delta`` when given, else this measurement's standard error
+        (a smaller move is within the held-out measurement's own noise)."""
+        if self.min_delta is not None:
+            return self.min_delta
+        return float(gold_se) if _finite(gold_se) else 0.0
+
+    def update(
+        self, step: int, proxy: float | None, gold: float | None, kl: float | None = None, gold_se: float | None = None
+    ) -> dict[str, Any]:
         """Adds one measurement and updates peak/fall detection; returns what happened (``new_peak``, ``flag``,
-        ``detected_now``)."""
+        ``detected_now``). ``gold_se``: the standard error of ``gold`` (used as the threshold when ``min_delta`` is
+        None)."""
+        delta = self._threshold(gold_se)
         gold_s = self._smooth("gold", gold)
         proxy_s = self._smooth("proxy", proxy)
         if kl is None:
@@ -334,18 +364,19 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         self._kl_by_step = {s: v for s, v in self._kl_by_step.items() if s > step}  # earlier ones have no point
         point = {
             "step": int(step), "proxy": proxy, "gold": gold, "kl": kl, "proxy_smooth": proxy_s, "gold_smooth": gold_s,
+            "gold_se": float(gold_se) if _finite(gold_se) else None, "threshold": delta,
         }
         self.points.append(point)
         event = {"new_peak": False, "flag": False, "detected_now": False}
         if gold_s is None:
             return event
-        if self._best is None or gold_s > self._best + self.min_delta:
+        if self._best is None or gold_s > self._best + delta:
             self._best, self._peak_index, self._since_peak = gold_s, len(self.points) - 1, 0
             event["new_peak"] = True
         else:
             self._since_peak += 1
         peak = self.points[self._peak_index]
-        below = gold_s < self._best - self.min_delta
+        below = gold_s < self._best - delta
         proxy_up = (
             proxy_s is not None
             and _finite(peak["proxy_smooth"])
@@ -371,6 +402,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         measured = [p for p in self.points if _finite(p["kl"])]
         last_kl = measured[-1] if measured else None
         kl_peak = next((p for p in reversed(measured) if peak and p["step"] <= peak["step"]), None)
+        top = self._max_gold_point()
         return OveroptimizationFindings(
             detected=self._detected_step is not None,
             gold_fell=self._gold_fell,
@@ -393,7 +425,14 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             kl_source=self.kl_source if measured else None,
             kl_at_peak_step=kl_peak["step"] if kl_peak else None,
             final_kl_step=last_kl["step"] if last_kl else None,
+            max_gold=top["gold_smooth"] if top else None,
+            max_gold_step=top["step"] if top else None,
         )
+
+    def _max_gold_point(self) -> dict[str, Any] | None:
+        """The measurement with the highest smoothed gold (the first of equal ones)."""
+        scored = [p for p in self.points if _finite(p["gold_smooth"])]
+        return max(scored, key=lambda p: p["gold_smooth"]) if scored else None
 
     # -- the one KL series -------------------------------------------------------------------------------------------
     def _kl_monitor(self) -> Any:
@@ -442,6 +481,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             "overopt/proxy": point["proxy_smooth"],
             "overopt/kl": point["kl"] if _finite(point["kl"]) else None,
             "overopt/gold_peak": self._best,
+            "overopt/gold_max": (self._max_gold_point() or {}).get("gold_smooth"),
             "overopt/peak_step": self.points[self._peak_index]["step"] if self._peak_index is not None else None,
             "overopt/flag": float(flag),
         }
@@ -542,9 +582,21 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 ]
         proxy_vals, gold_vals = sampler.gather(proxy_vals), sampler.gather(gold_vals)
         mean = lambda xs: (lambda v: sum(v) / len(v) if v else None)([x for x in xs if math.isfinite(x)])  # noqa
-        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl)
+        se = standard_error(gold_vals)
+        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl, gold_se=se)
         self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
         return event
+
+    def _logged_gold_se(self, logs: dict[str, Any], args: Any) -> float | None:
+        """Standard error of a logged gold mean: TRL's ``rewards/<name>/std`` over sqrt(the generation batch), the
+        completions it was measured on (None when either is unknown)."""
+        if not self.gold_key.endswith("/mean"):
+            return None
+        std = logs.get(self.gold_key[: -len("/mean")] + "/std")
+        n = getattr(args, "generation_batch_size", None)
+        if not (_finite(std) and isinstance(n, int) and n > 1):
+            return None
+        return float(std) / math.sqrt(n)
 
     @staticmethod
     def _add_to_record(logs: dict[str, Any], state, values: dict[str, Any]) -> None:
@@ -578,7 +630,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             )
         proxy, gold = logs.get(self.proxy_key), logs.get(self.gold_key)
         event = self.update(
-            state.global_step, float(proxy) if _finite(proxy) else None, float(gold) if _finite(gold) else None
+            state.global_step, float(proxy) if _finite(proxy) else None, float(gold) if _finite(gold) else None,
+            gold_se=self._logged_gold_se(logs, args),
         )
         self._add_to_record(logs, state, self._point_metrics(self.points[-1], event["flag"]))
         self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
@@ -596,6 +649,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 "mode": self.mode, "proxy_key": self.proxy_key, "gold_key": self.gold_key,
                 "smoothing": self.smoothing, "ema_alpha": self.ema_alpha, "window": self.window,
                 "patience": self.patience, "min_delta": self.min_delta, "proxy_min_delta": self.proxy_min_delta,
+                "threshold": "min_delta" if self.min_delta is not None else "gold standard error per measurement",
                 "every_n_steps": self.every_n_steps if self.mode == "sample" else None,
                 "kl_source": self.kl_source,
             },
@@ -608,6 +662,16 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         os.replace(tmp, os.path.join(out, RESULTS_FILE))
         if self.plot and self.points:
             self.save_plot(os.path.join(out, PLOT_FILE))
+
+    def _plot_marks(self, f: OveroptimizationFindings) -> list[tuple[int, float, str]]:
+        """(step, smoothed gold, label) to mark: the maximum of the smoothed gold, called "gold peak" when the
+        detector's peak is that point; a detector peak lower than a later value is only "last rise above noise"."""
+        if f.max_gold_step is None:
+            return []
+        if f.peak_step is None or f.peak_step == f.max_gold_step or f.peak_gold >= f.max_gold:
+            return [(f.max_gold_step, f.max_gold, "gold peak")]
+        return [(f.max_gold_step, f.max_gold, "gold max (a rise within noise)"),
+                (f.peak_step, f.peak_gold, "last rise above noise")]
 
     def save_plot(self, path: str) -> str:
         """Gold and proxy (raw and smoothed) and KL against step, with the gold peak marked (matplotlib Agg)."""
@@ -626,10 +690,10 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             ax.plot(steps, raw, color=colour, alpha=0.3, lw=1)
             ax.plot(steps, sm, color=colour, lw=2, label=f"{label} ({'gold' if key == 'gold' else 'proxy'})")
         f = self.findings()
-        if f.peak_step is not None:
+        for step, value, label in self._plot_marks(f):
             for a in axes:
-                a.axvline(f.peak_step, color="grey", ls="--", lw=1)
-            ax.annotate("gold peak", (f.peak_step, f.peak_gold), textcoords="offset points", xytext=(4, 4))
+                a.axvline(step, color="grey", ls="--", lw=1)
+            ax.annotate(label, (step, value), textcoords="offset points", xytext=(4, 4))
         ax.set_ylabel("reward")
         ax.legend(loc="best", fontsize=8)
         title = "over-optimisation detected" if f.detected else "no over-optimisation detected"
