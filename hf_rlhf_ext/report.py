@@ -1,7 +1,10 @@
 """The chapter's report: claims decided by measured statistics, kept in ``claims.json``, and ``report.md``.
 
 A claim is a sentence of the RLHF chapter, the statistic that decides it, the threshold, the measured values and the
-verdict — never a verdict without its numbers. A claim whose data are missing (e.g. it needs the lab's gold reward and
+verdict — never a verdict without its numbers. An *experimental* claim also carries a control measured in the same
+invocation (a run or a planted corruption on which the effect must be absent): the claim's own rule is applied to the
+control, and the claim holds only when the rule holds on the real effect and does *not* hold on the control — a rule
+that passes on its control decides nothing. *Exact* claims (an identity checked to float precision) need no control. A claim whose data are missing (e.g. it needs the lab's gold reward and
 the run used another model without a judge) is *skipped* with the reason, not faked.
 
 Stages of a long pipeline keep their results in ``<output_dir>/stages/<name>.json`` (:class:`StageStore`); a rerun
@@ -36,24 +39,49 @@ class Claim:
     values: dict[str, Any]
     holds: bool | None
     skipped: str | None = None
+    kind: str = "experiment"
+    control: dict[str, Any] | None = None
+    control_holds: bool | None = None
+    seeds: list[int] | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("experiment", "exact"):
+            raise ValueError(f"kind must be 'experiment' or 'exact', got {self.kind!r}")
+        if self.holds and self.kind == "experiment" and self.control_holds:
+            raise ValueError(f"claim {self.id!r}: its rule also holds on its control, so it cannot hold")
 
     @classmethod
-    def skip(cls, id: str, exercise: str, statement: str, statistic: str, threshold: Any, reason: str) -> "Claim":
-        return cls(id, exercise, statement, statistic, threshold, {}, None, skipped=reason)
+    def skip(cls, id: str, exercise: str, statement: str, statistic: str, threshold: Any, reason: str,
+             kind: str = "experiment") -> "Claim":
+        return cls(id, exercise, statement, statistic, threshold, {}, None, skipped=reason, kind=kind)
+
+    @classmethod
+    def experiment(cls, id: str, exercise: str, statement: str, statistic: str, threshold: Any,
+                   values: dict[str, Any], rule_holds: bool, control: dict[str, Any] | None = None,
+                   control_holds: bool | None = None, seeds: list[int] | None = None) -> "Claim":
+        """Holds only when the rule holds on the effect and not on the control (when one was measured)."""
+        holds = bool(rule_holds) and control_holds is not True
+        return cls(id, exercise, statement, statistic, threshold, values, holds, kind="experiment", control=control,
+                   control_holds=control_holds, seeds=seeds)
 
     def verdict(self) -> str:
         if self.holds is None:
             return f"skipped ({self.skipped})"
-        return "holds" if self.holds else "does NOT hold"
+        if self.kind == "experiment" and self.control_holds:
+            return "does NOT hold (its rule also holds on the control)"
+        text = "holds" if self.holds else "does NOT hold"
+        return text + (", no control measured" if self.kind == "experiment" and self.control is None else "")
 
 
 @dataclass
 class Finding:
-    """A measured result reported without a pass/fail threshold (a fit, an honest comparison)."""
+    """A measured result reported without a pass/fail claim (a fit, an honest comparison); ``verdict`` reads it, e.g.
+    "fits" only above a stated R², else "no fit" with the reason."""
 
     id: str
     statement: str
     values: dict[str, Any]
+    verdict: str | None = None
 
 
 @dataclass
@@ -130,17 +158,28 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _control_cell(c: Claim) -> str:
+    if c.kind == "exact":
+        return "exact check"
+    if c.control is None:
+        return "—"
+    return (f"{c.control['statement']}: {_fmt(c.control.get('values', {}))}; rule "
+            f"{'holds' if c.control_holds else 'does not hold'} there")
+
+
 def render_report(title: str, intro: str, sections: Sequence[Section], claims: Sequence[Claim],
                   findings: Sequence[Finding], concepts: str = "") -> str:
     """``report.md``: the claims table first (what held), then one section per experiment in the chapter's order."""
     lines = [f"# {title}", "", intro, "", "## Claims", "",
-             "| # | exercise | claim | statistic | threshold | measured | verdict |", "|---|---|---|---|---|---|---|"]
+             "| # | exercise | claim | statistic | threshold | measured | control | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, c in enumerate(claims, 1):
         lines.append(f"| {i} | {c.exercise} | {c.statement} | {c.statistic} | {_fmt(c.threshold)} | "
-                     f"{_fmt(c.values) if c.values else '—'} | **{c.verdict()}** |")
+                     f"{_fmt(c.values) if c.values else '—'} | {_control_cell(c)} | **{c.verdict()}** |")
     if findings:
         lines += ["", "## Findings", ""]
-        lines += [f"- **{f.id}**: {f.statement} ({_fmt(f.values)})" for f in findings]
+        lines += [f"- **{f.id}**: {f.statement} ({_fmt(f.values)})" + (f": **{f.verdict}**" if f.verdict else "")
+                  for f in findings]
     if concepts:
         lines += ["", "## Concepts, shown on this run", "", concepts]
     for s in sections:

@@ -335,6 +335,16 @@ def _missing(results: dict, name: str) -> str | None:
     return r.get("skipped")
 
 
+def _claim_seeds(results: dict, name: str) -> list[int] | None:
+    """The seeds a stage's numbers come from: its own list, else the seed it ran with."""
+    r = results.get(name) or {}
+    seeds = r.get("seeds") or (r.get("settings") or {}).get("seeds")
+    if seeds:
+        return [int(x) for x in seeds]
+    seed = ((r.get("_provenance") or {}).get("fingerprint") or {}).get("seed")
+    return None if seed is None else [int(seed)]
+
+
 def claim_reward_model(results: dict):
     from hf_rlhf_ext.report import Claim
 
@@ -346,7 +356,7 @@ def claim_reward_model(results: dict):
     acc, n = t["accuracy"], t["n_pairs"]
     z = (acc - 0.5) / math.sqrt(0.25 / n)
     values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": t.get("gold_accuracy")}
-    return Claim(*args, values, holds=z >= 2 and acc < 1)
+    return Claim.experiment(*args, values, z >= 2 and acc < 1, seeds=_claim_seeds(results, "reward_model"))
 
 
 def claim_clip(results: dict):
@@ -356,11 +366,11 @@ def claim_clip(results: dict):
             "and the full gradient A in the unfavourable one", "max |∂L/∂ρ| where clipped; max |∂L/∂ρ − A| where not",
             {"both": "<= 1e-12"})
     if reason := _missing(results, "clip"):
-        return Claim.skip(*args, reason)
+        return Claim.skip(*args, reason, kind="exact")
     r = results["clip"]
     values = {k: r[k] for k in ("max_abs_grad_favourable", "max_abs_grad_minus_A_unfavourable", "epsilon")}
     return Claim(*args, values, holds=r["max_abs_grad_favourable"] <= 1e-12
-                 and r["max_abs_grad_minus_A_unfavourable"] <= 1e-12)
+                 and r["max_abs_grad_minus_A_unfavourable"] <= 1e-12, kind="exact")
 
 
 def claim_group_advantages(results: dict):
@@ -373,7 +383,8 @@ def claim_group_advantages(results: dict):
         return Claim.skip(*args, reason)
     r = results["group_advantages"]
     values = {k: r[k] for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "batches", "max_abs_diff_recomputed")}
-    return Claim(*args, values, holds=r["max_abs_group_mean"] < 1e-6 and r["max_sign_mismatch_frac"] == 0)
+    holds = r["max_abs_group_mean"] < 1e-6 and r["max_sign_mismatch_frac"] == 0
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "group_advantages"))
 
 
 BON_MARGIN = 0.1
@@ -393,7 +404,7 @@ def claim_best_of_n(results: dict):
     initial, first = r["initial"][gold], r["distilled"][0]["eval"][gold]
     values = {"sft_gold": initial, "distilled_gold": first, "gain": first - initial,
               "distilled_kl": r["distilled"][0]["eval"].get("kl"), "best_of_n_gold": r["best_of_n"].get(gold)}
-    return Claim(*args, values, holds=first - initial >= BON_MARGIN)
+    return Claim.experiment(*args, values, first - initial >= BON_MARGIN, seeds=_claim_seeds(results, "best_of_n"))
 
 
 POLITE_GAIN, POLITE_KL = 0.3, 5.0
@@ -410,7 +421,8 @@ def claim_mini_loop(results: dict):
     r = results["mini_loop"]
     gain = r["polite_share_after"] - r["polite_share_before"]
     values = {"before": r["polite_share_before"], "after": r["polite_share_after"], "gain": gain, "kl": r["kl_after"]}
-    return Claim(*args, values, holds=gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL)
+    holds = gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "mini_loop"))
 
 
 HACK_MARGIN = 0.1
@@ -434,7 +446,7 @@ def claim_overoptimization(results: dict):
               "kl_at_peak": f["kl_at_peak"], "end_kl": f["final_kl"], "detected_step": f["detected_step"]}
     holds = f["peak_step"] is not None and f["peak_step"] < last_step and fall is not None and fall >= HACK_MARGIN \
         and rise is not None and rise > 0
-    return Claim(*args, values, holds=holds)
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "overoptimization"))
 
 
 VARIANCE_CUT = 2.0
@@ -455,7 +467,7 @@ def claim_reinforce(results: dict):
     values = {"first_reward": rm["first_reward"], "final_reward": rm["final_reward"]["mean"], "reward_gain": gain,
               "variance_none": none["median_grad_variance"]["median"],
               "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut}
-    return Claim(*args, values, holds=gain > 0 and cut >= VARIANCE_CUT)
+    return Claim.experiment(*args, values, gain > 0 and cut >= VARIANCE_CUT, seeds=_claim_seeds(results, "reinforce"))
 
 
 def claim_kl_vs_beta(results: dict):
@@ -468,7 +480,8 @@ def claim_kl_vs_beta(results: dict):
     r = results["beta_sweep"]
     values = {"rho": r["spearman_beta_final_kl"], "betas": r["betas"],
               "final_kl": [row["final_kl"]["mean"] for row in r["per_beta"]]}
-    return Claim(*args, values, holds=r["spearman_beta_final_kl"] is not None and r["spearman_beta_final_kl"] <= -0.9)
+    holds = r["spearman_beta_final_kl"] is not None and r["spearman_beta_final_kl"] <= -0.9
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "beta_sweep"))
 
 
 GOLD_GAIN = 0.1
@@ -487,11 +500,21 @@ def claim_ppo_vs_grpo(results: dict):
     values = {"ppo_memory_mb": t["ppo"]["peak_memory_mb"]["mean"], "grpo_memory_mb": t["grpo"]["peak_memory_mb"]["mean"],
               "ppo_gold_gain": gain["ppo"], "grpo_gold_gain": gain["grpo"]}
     holds = values["grpo_memory_mb"] < values["ppo_memory_mb"] and min(gain.values()) >= GOLD_GAIN
-    return Claim(*args, values, holds=holds)
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "ppo_vs_grpo"))
 
 
 CLAIMS = [claim_reward_model, claim_reinforce, claim_clip, claim_kl_vs_beta, claim_overoptimization,
           claim_group_advantages, claim_ppo_vs_grpo, claim_best_of_n, claim_mini_loop]
+
+
+FIT_R2 = 0.8  # a functional form "fits" only when it explains at least this share of the variance
+
+
+def fit_verdict(r2: float | None) -> str:
+    """'fits' above the stated R², otherwise 'no fit' with the reason."""
+    if r2 is None or not math.isfinite(r2):
+        return "no fit: R² undefined"
+    return "fits" if r2 >= FIT_R2 else f"no fit: R² {r2:.2f} < {FIT_R2}"
 
 
 def findings(results: dict) -> list:
@@ -502,12 +525,13 @@ def findings(results: dict) -> list:
     if bon and bon.get("curve", {}).get("fit"):
         fit = bon["curve"]["fit"]
         out.append(Finding("bon_gao_fit", "Gao best-of-N form R(d) = d(α − β d) fitted to best-of-N's gold gain",
-                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}))
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}, fit_verdict(fit["r2"])))
     sweep = results.get("beta_sweep")
     if sweep and "alpha" in sweep.get("gao_fit", {}):
         fit = sweep["gao_fit"]
         out.append(Finding("rl_gao_fit", "Gao RL form R(d) = d(α − β ln d) fitted to the β sweep's gold gain",
-                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")}))
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")},
+                           fit_verdict(fit["r2"])))
     ens = results.get("ensembles")
     if ens and "objectives" in ens:
         out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "

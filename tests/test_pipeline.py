@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,11 +90,34 @@ def test_rl_flags_track_a_judge_at_weight_zero():
 
 
 def test_report_lists_every_claim_with_its_numbers():
-    claims = [Claim("a", "1", "it holds", "x", "> 0", {"x": 0.5}, True),
-              Claim.skip("b", "2", "needs gold", "y", "> 0", "no gold")]
+    claims = [Claim("a", "1", "it holds", "x", "> 0", {"x": 0.5}, True, kind="exact"),
+              Claim.skip("b", "2", "needs gold", "y", "> 0", "no gold"),
+              Claim.experiment("c", "3", "an effect", "x", "> 0", {"x": 0.4}, True,
+                               {"statement": "no effect", "values": {"x": -0.1}}, False, [0, 1, 2]),
+              Claim.experiment("d", "4", "no control", "x", "> 0", {"x": 0.4}, True)]
     text = render_report("T", "intro", [], claims, [])
-    assert "| 1 | 1 | it holds | x | > 0 | x 0.5 | **holds** |" in text
+    assert "| 1 | 1 | it holds | x | > 0 | x 0.5 | exact check | **holds** |" in text
     assert "**skipped (no gold)**" in text
+    assert "| no effect: x -0.1; rule does not hold there | **holds** |" in text
+    assert "**holds, no control measured**" in text  # never a silent pass without a control
+
+
+def test_an_experimental_claim_whose_rule_holds_on_its_control_does_not_hold():
+    claim = Claim.experiment("c", "3", "an effect", "x", "> 0", {"x": 0.4}, True,
+                             {"statement": "no effect", "values": {"x": 0.3}}, True)
+    assert claim.holds is False and "also holds on the control" in claim.verdict()
+    with pytest.raises(ValueError, match="cannot hold"):
+        Claim("c", "3", "s", "x", "> 0", {}, True, control={"statement": "", "values": {}}, control_holds=True)
+    payload = asdict(claim)
+    assert {"kind", "control", "control_holds", "seeds"} <= set(payload) and payload["kind"] == "experiment"
+
+
+def test_a_fit_fits_only_above_the_stated_r2():
+    found = {f.id: f for f in stages.findings({"beta_sweep": {"gao_fit": {
+        "alpha": 1.0, "beta": 0.3, "r2": 0.19, "peak_kl": 2.0, "n_points": 12}}, "best_of_n": {"curve": {"fit": {
+            "alpha": 1.0, "beta": 0.3, "r2": 0.97, "peak_kl": 1.3}}}})}
+    assert found["rl_gao_fit"].verdict == "no fit: R² 0.19 < 0.8" and found["bon_gao_fit"].verdict == "fits"
+    assert "**no fit: R² 0.19 < 0.8**" in render_report("T", "", [], [], list(found.values()))
 
 
 def test_unknown_stage_is_refused():
