@@ -60,6 +60,23 @@ def _rl_flags(args: Any, judge_as_weights: bool = True) -> list[str]:
     return flags
 
 
+FINGERPRINT_ARGS = ("quick", "seed", "model_name_or_path", "dataset_name", "reward_funcs", "reward_model_name_or_path",
+                    "gold_funcs", "use_peft")
+
+
+def fingerprint(args: Any, name: str) -> dict:
+    """What a stage's numbers depend on: package versions, the stage and the settings that change its result."""
+    import torch
+    import transformers
+    import trl
+
+    import hf_rlhf_ext
+
+    versions = {"hf_rlhf_ext": hf_rlhf_ext.__version__, "trl": trl.__version__,
+                "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}}
+
+
 def has_gold(args: Any) -> bool:
     return args.on_lab or bool(args.gold_funcs)
 
@@ -725,26 +742,54 @@ STAGES = [  # the chapter's order
 NAMES = [s.name for s in STAGES]
 
 
-def write_report(args: Any, results: dict, seconds: float) -> dict:
+CLAIM_STAGES = {"rm_accuracy": "reward_model", "reinforce_baseline": "reinforce", "clip_gradient": "clip",
+                "kl_falls_with_beta": "beta_sweep", "beta_too_low": "overoptimization",
+                "grpo_advantages": "group_advantages", "grpo_vs_ppo": "ppo_vs_grpo", "bon_distillation": "best_of_n",
+                "mini_loop": "mini_loop"}
+
+
+def _provenance(results: dict, store: Any) -> dict:
+    """Per stage: run in this invocation, reused from which one, or its stored file not used."""
+    from hf_rlhf_ext.report import PROVENANCE
+
+    return {name: store.provenance(results[name]) if PROVENANCE in results[name] else
+            {"ran": "stored file not used (no matching fingerprint)", "invocation": None, "created": None}
+            for name in NAMES if name in results}
+
+
+def _intro(args: Any, results: dict, provenance: dict) -> str:
+    total = sum(r.get("stage_seconds") or 0 for r in results.values())
+    reused = [name for name, p in provenance.items() if p["ran"] == "reused"]
+    ran = sum(p["ran"] == "this invocation" for p in provenance.values())
+    where = ("the numbers of every stage come from this invocation" if not reused else
+             f"{ran} stage(s) ran in this invocation and {len(reused)} were reused from earlier invocations with the "
+             f"same settings ({', '.join(reused)}; see 'Where the numbers come from')")
+    return (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
+            f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'} in {total / 60:.1f} "
+            f"minutes of stage time. Each claim below is decided by the statistic next to it; {where}.")
+
+
+def write_report(args: Any, results: dict, seconds: float, store: Any) -> dict:
     """claims.json and report.md from the stages' results; prints the verdicts. Returns the claims payload."""
     from hf_rlhf_ext.report import read_claims, render_report, write_claims
 
+    provenance = _provenance(results, store)
     claims = [build(results) for build in CLAIMS]
+    for c in claims:
+        c.provenance = provenance.get(CLAIM_STAGES.get(c.id, ""))
     found = findings(results)
     sections = [SECTIONS[name](args, results[name]) for name in NAMES
                 if name in SECTIONS and name in results and not results[name].get("skipped")]
-    concepts = concepts_text(results["concepts"]) if "concepts" in results else ""
-    total = sum(r.get("stage_seconds") or 0 for r in results.values())
-    intro = (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
-             f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'} in {total / 60:.1f} "
-             "minutes of stage time. Each claim below is decided by the statistic next to it; the numbers come from "
-             "this run.")
+    concepts = concepts_text(results["concepts"]) if "concepts" in results and not results["concepts"].get(
+        "skipped") else ""
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
-        f.write(render_report("The RLHF chapter, measured", intro, sections, claims, found, concepts))
+        f.write(render_report("The RLHF chapter, measured", _intro(args, results, provenance), sections, claims,
+                              found, concepts, provenance))
     stage_seconds = {name: r.get("stage_seconds") for name, r in results.items()}
     total = sum(v for v in stage_seconds.values() if v)  # all stages' time, also when some ran before a resume
     write_claims(args.output_dir, claims, found, total, args.quick,
-                 {"on_lab": args.on_lab, "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1)})
+                 {"on_lab": args.on_lab, "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1),
+                  "invocation": store.invocation, "stages": provenance})
     for c in claims:
         print(f"  [{c.verdict():>13}] {c.statement}")
     print(f"wrote {args.output_dir}/report.md and claims.json ({seconds:.0f} s now, {total:.0f} s of stages)")

@@ -26,6 +26,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
        "PYTHONWARNINGS": "ignore"}
 
 
+FP = {"stage": "a", "seed": 0, "quick": True, "versions": {"hf_rlhf_ext": "0"}}
+
+
 def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path):
     store = StageStore(str(tmp_path))
     calls = []
@@ -34,8 +37,8 @@ def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path)
         calls.append(out)
         return {"value": len(calls)}
 
-    first, reused = store.run("a", stage)
-    again, reused_again = store.run("a", stage)
+    first, reused = store.run("a", stage, FP)
+    again, reused_again = store.run("a", stage, FP)
     assert (first["value"], reused, again["value"], reused_again) == (1, False, 1, True)
     assert len(calls) == 1 and os.path.isdir(calls[0])
 
@@ -43,9 +46,27 @@ def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        store.run("b", killed)
-    assert not store.done("b")  # a stage that did not finish leaves no result
-    assert store.run("b", stage)[0]["value"] == 2
+        store.run("b", killed, FP)
+    assert not store.done("b", FP)  # a stage that did not finish leaves no result
+    assert store.run("b", stage, FP)[0]["value"] == 2
+
+
+def test_stage_store_reuses_a_result_only_with_its_fingerprint(tmp_path):
+    first = StageStore(str(tmp_path), invocation="first")
+    result, _ = first.run("a", lambda out: {"value": 1}, FP)
+    assert result["_provenance"]["invocation"] == "first" and first.provenance(result)["ran"] == "this invocation"
+    later = StageStore(str(tmp_path), invocation="later")
+    again, reused = later.run("a", lambda out: {"value": 2}, FP)
+    assert reused and again["value"] == 1
+    assert later.provenance(again) == {"ran": "reused", "invocation": "first", "created": again["_provenance"]["created"]}
+    other_seed, reused = later.run("a", lambda out: {"value": 3}, {**FP, "seed": 1})  # other settings: rerun
+    assert not reused and other_seed["value"] == 3 and later.provenance(other_seed)["ran"] == "this invocation"
+    (tmp_path / "stages" / "planted.json").write_text(json.dumps({"value": 9}))  # hand-written: no fingerprint
+    assert later.load("planted", FP) is None and "not used" in later.stale_reason("planted", FP)
+    assert later.run("planted", lambda out: {"value": 4}, FP) == ({**later.load("planted", FP)}, False)
+
+
+PLANTED_RM = {"test": {"accuracy": 0.99, "n_pairs": 4000, "gold_accuracy": 0.99}, "n_train_pairs": 1000}
 
 
 def _results(**overrides):
@@ -210,6 +231,27 @@ def test_pipeline_on_a_local_model_skips_lab_only_claims_and_tracks_the_judge(tm
     assert bon["select"] == "target_word" and bon["gold"] == "target_word_tracked"
     assert claims["bon_distillation"]["holds"] is not None  # decided from the judge's numbers, not skipped
     assert payload["on_lab"] is False and (tmp_path / "out" / "report.md").is_file()
+
+
+def test_a_planted_stage_result_is_never_reported_as_this_runs_numbers(tmp_path):
+    """A hand-written stages/reward_model.json next to a run of another stage: not used, not a verdict, and the report
+    says which stages ran in this invocation."""
+    pipeline = pytest.importorskip("pipeline")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "reward_model.json").write_text(json.dumps(PLANTED_RM))
+    (args,) = pipeline.make_parser().parse_args_and_config(
+        args=["--output_dir", str(tmp_path), "--stages", "clip", "--quick"])
+    payload = pipeline.main(args)
+    claims = {c["id"]: c for c in payload["claims"]}
+    assert claims["rm_accuracy"]["holds"] is None and "not used" in claims["rm_accuracy"]["skipped"]
+    assert payload["stages"]["clip"]["ran"] == "this invocation" and payload["invocation"]
+    assert claims["clip_gradient"]["provenance"]["invocation"] == payload["invocation"]
+    assert payload["stages"]["reward_model"]["ran"].startswith("stored file not used")
+    report = (tmp_path / "report.md").read_text()
+    assert f"| clip | this invocation | {payload['invocation']} |" in report and "accuracy 0.99" not in report
+    rerun = pipeline.main(args)  # the same settings again: the clip result is reused, and said to be
+    assert rerun["stages"]["clip"] == {**payload["stages"]["clip"], "ran": "reused"}
+    assert "reused from earlier invocations" in (tmp_path / "report.md").read_text()
 
 
 def test_the_output_folder_has_a_card_with_every_verdict(tmp_path, capsys):
