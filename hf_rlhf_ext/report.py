@@ -4,8 +4,9 @@ A claim is a sentence of the RLHF chapter, the statistic that decides it, the th
 verdict — never a verdict without its numbers. An *experimental* claim also carries a control measured in the same
 invocation (a run or a planted corruption on which the effect must be absent): the claim's own rule is applied to the
 control, and the claim holds only when the rule holds on the real effect and does *not* hold on the control — a rule
-that passes on its control decides nothing. *Exact* claims (an identity checked to float precision) need no control. A claim whose data are missing (e.g. it needs the lab's gold reward and
-the run used another model without a judge) is *skipped* with the reason, not faked.
+that passes on its control decides nothing. *Exact* claims (an identity checked to float precision) need no control.
+A claim whose data are missing (e.g. it needs the lab's gold reward and the run used another model without a judge) is
+*skipped* with the reason, not faked.
 
 Stages of a long pipeline keep their results in ``<output_dir>/stages/<name>.json`` (:class:`StageStore`) with a
 fingerprint of what made them (package versions, the stage, its settings) and the invocation that ran them. A rerun
@@ -132,7 +133,8 @@ class StageStore:
         except (OSError, ValueError):
             return None
         prov = result.get(PROVENANCE) if isinstance(result, dict) else None
-        if not isinstance(prov, dict) or prov.get("fingerprint") != _jsonable(fingerprint) or not prov.get("invocation"):
+        valid = isinstance(prov, dict) and prov.get("invocation")
+        if not valid or prov.get("fingerprint") != _jsonable(fingerprint):
             return None
         return result
 

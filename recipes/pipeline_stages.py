@@ -362,6 +362,9 @@ def _claim_seeds(results: dict, name: str) -> list[int] | None:
     return None if seed is None else [int(seed)]
 
 
+RM_Z = 2.0
+
+
 def claim_reward_model(results: dict):
     from hf_rlhf_ext.report import Claim
 
@@ -373,7 +376,7 @@ def claim_reward_model(results: dict):
     acc, n = t["accuracy"], t["n_pairs"]
     z = (acc - 0.5) / math.sqrt(0.25 / n)
     values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": t.get("gold_accuracy")}
-    return Claim.experiment(*args, values, z >= 2 and acc < 1, seeds=_claim_seeds(results, "reward_model"))
+    return Claim.experiment(*args, values, z >= RM_Z and acc < 1, seeds=_claim_seeds(results, "reward_model"))
 
 
 def claim_clip(results: dict):
@@ -574,13 +577,21 @@ def section_lab(args, r):
                     ("policy parameters", r.get("policy_params")), ("label flip rate", r.get("pairs_train_flip_rate"))])
 
 
+def _reading(holds: bool | None, yes: str, no: str) -> str:
+    """The sentence the numbers support: ``yes`` when the claim holds, else ``no``."""
+    return yes if holds else no
+
+
 def section_reward_model(args, r):
     from hf_rlhf_ext.report import Section
 
-    t = r["test"]
+    t, c = r["test"], claim_reward_model({"reward_model": r})
+    acc, z = t["accuracy"], c.values["z"]
+    chance = _reading(z >= RM_Z, f"above chance (z = {z:.1f})", f"not distinguishable from chance (z = {z:.1f})")
+    quality = "far from perfect — a proxy" if acc < 0.9 else "close to perfect on these pairs"
     return Section("Reward model (exercises 12–13)", f"Trained with a Bradley–Terry loss on noisy labels, the RM orders "
-                   f"{t['accuracy']:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%}"
-                   " of clearly separated pairs like the gold reward: well above chance, far from perfect — a proxy.",
+                   f"{acc:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%} of "
+                   f"clearly separated pairs like the gold reward: {chance}, {quality}.",
                    [(k, t.get(k)) for k in ("accuracy", "gold_accuracy", "corr_gold", "n_pairs")])
 
 
@@ -588,21 +599,45 @@ def section_clip(args, r):
     from hf_rlhf_ext.report import Section
 
     rows = [(f"ρ = {row['ratio']}", {"A=+1": row["grad_A_pos"], "A=−1": row["grad_A_neg"]}) for row in r["table"]]
-    return Section("The clipped objective (exercise 16)", f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
-                   "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
-                   "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
-                   "them.", rows, [_rel(args, r["plot"])])
+    text = _reading(claim_clip({"clip": r}).holds, f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
+                    "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
+                    "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
+                    "them.", f"On synthetic ratios with ε = {r['epsilon']} the objective does NOT behave as the chapter "
+                    f"says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped to 0, and "
+                    f"|∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full gradient.")
+    return Section("The clipped objective (exercise 16)", text, rows, [_rel(args, r["plot"])])
 
 
 def section_group_advantages(args, r):
     from hf_rlhf_ext.report import Section
 
+    verdict = _reading(claim_group_advantages({"group_advantages": r}).holds,
+                       "They are what GRPO says they are.", "They are NOT what GRPO says they are (see the claim).")
     return Section("GRPO's group advantages (exercise 19)", f"On {r['batches']} real training batches (groups of "
                    f"{r['num_generations']}), the advantages were recomputed from the logged rewards and checked: the "
                    f"largest |group mean| was {r['max_abs_group_mean']:.1e}, sign mismatches "
-                   f"{r['max_sign_mismatch_frac']:.0%}; {r['mean_zero_std_frac']:.0%} of groups had identical rewards "
-                   "(no signal).", [(k, r[k]) for k in ("max_abs_group_mean", "max_sign_mismatch_frac",
-                                                        "max_abs_diff_recomputed", "mean_zero_std_frac", "violations")])
+                   f"{r['max_sign_mismatch_frac']:.0%}, largest difference from the recomputed ones "
+                   f"{r['max_abs_diff_recomputed']:.1e}, {r['violations']} violations; {r['mean_zero_std_frac']:.0%} of "
+                   f"groups had identical rewards (no signal). {verdict}",
+                   [(k, r[k]) for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "max_abs_diff_recomputed",
+                                        "mean_zero_std_frac", "violations")])
+
+
+def _trend(values: list[float]) -> str:
+    """How a curve moves: at every step, overall, or not at all."""
+    if all(b >= a for a, b in zip(values, values[1:])) and values[-1] > values[0]:
+        return "rises at every N"
+    if values[-1] > values[0]:
+        return "rises overall, though not at every N"
+    return "does NOT rise with N"
+
+
+def _gold_shape(pts: list[dict], gold: str) -> str:
+    peak = max(pts, key=lambda p: p[gold])
+    if peak is pts[-1] or peak[gold] - pts[-1][gold] < HACK_MARGIN:
+        return f"gold ends at {pts[-1][gold]:.2f}, near its best ({peak[gold]:.2f} at N = {peak['n']}): no fall"
+    return (f"gold peaks at N = {peak['n']} ({peak[gold]:.2f}, KL {peak['kl']:.2f} nats) and falls to "
+            f"{pts[-1][gold]:.2f}")
 
 
 def section_best_of_n(args, r):
@@ -610,13 +645,13 @@ def section_best_of_n(args, r):
 
     gold, proxy = r.get("gold"), r["select"]
     pts = r["curve"]["points"]
-    peak = max(pts, key=lambda p: p[gold]) if gold else None
-    text = (f"From one pool of {r['pool_size']} samples per held-out prompt, the best of N by {proxy} rises at every N "
-            f"({pts[0][proxy]:.2f} → {pts[-1][proxy]:.2f})")
+    text = (f"From one pool of {r['pool_size']} samples per held-out prompt, the best of N by {proxy} "
+            f"{_trend([p[proxy] for p in pts])} ({pts[0][proxy]:.2f} → {pts[-1][proxy]:.2f})")
     if gold:
-        text += (f" while gold peaks at N = {peak['n']} ({peak[gold]:.2f}, KL {peak['kl']:.2f} nats) and ends at "
-                 f"{pts[-1][gold]:.2f}. One round of distillation moves the policy itself from gold "
-                 f"{r['initial'][gold]:.2f} to {r['distilled'][0]['eval'][gold]:.2f}.")
+        before, after = r["initial"][gold], r["distilled"][0]["eval"][gold]
+        moved = _reading(claim_best_of_n({"best_of_n": r}).holds, "raises", "does NOT raise (by the margin)")
+        text += (f", while {_gold_shape(pts, gold)}. One round of distillation {moved} the policy's own gold: "
+                 f"{before:.2f} → {after:.2f}.")
     table = [(f"N = {p['n']}", {k: p[k] for k in p if k not in ("n", "sqrt_kl")}) for p in pts]
     table += [(f"distilled round {d['round']}", d["eval"]) for d in r["distilled"]]
     return Section("Best-of-N and its distillation (exercise 21)", text, table, [_rel(args, p) for p in r["plots"]])
@@ -625,12 +660,14 @@ def section_best_of_n(args, r):
 def section_mini_loop(args, r):
     from hf_rlhf_ext.report import Section
 
+    verdict = _reading(claim_mini_loop({"mini_loop": r}).holds, "The loop learned the behaviour under its leash.",
+                       "The claim does NOT hold on these numbers (see the claim and its control).")
     return Section("The mini loop that ends politely (exercise 18)", f"Plain PyTorch: sample, score 'ends with a polite "
                    f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps the "
                    f"held-out polite share went {r['polite_share_before']:.2f} → {r['polite_share_after']:.2f} at "
-                   f"{r['kl_after']:.2f} nats.", [(k, r.get(k)) for k in ("polite_share_before", "polite_share_after",
-                                                                         "kl_after", "gold_before", "gold_after")],
-                   [_rel(args, p) for p in r["plots"]])
+                   f"{r['kl_after']:.2f} nats. {verdict}",
+                   [(k, r.get(k)) for k in ("polite_share_before", "polite_share_after", "kl_after", "gold_before",
+                                            "gold_after")], [_rel(args, p) for p in r["plots"]])
 
 
 def section_overoptimization(args, r):
@@ -639,8 +676,10 @@ def section_overoptimization(args, r):
     f = r["findings"]
     text = (f"GRPO at β = {r['beta']} for {r['steps']} steps. The monitor found the gold peak at step {f['peak_step']} "
             f"(smoothed gold {f['peak_gold']:.2f}, KL {f['kl_at_peak'] or float('nan'):.2f}); by the end gold was "
-            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}: "
-            "Goodhart's law, measured.") if f["peak_step"] is not None else "No gold peak was found."
+            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}"
+            ) if f["peak_step"] is not None else "No gold peak was found"
+    text += _reading(claim_overoptimization({"overoptimization": r}).holds, ": Goodhart's law, measured.",
+                     ": the rise-then-fall was NOT resolved in this run.")
     return Section("β too low hacks the reward (exercises 9, 10, 22)", text,
                    [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
                                          "kl_at_peak", "final_kl", "detected_step")], [_rel(args, p) for p in r["plots"]])
@@ -653,10 +692,24 @@ def section_reinforce(args, r):
     rows = [(name, {"median grad variance": v["median_grad_variance"]["median"], "× none": v["variance_vs_none"],
                     "final reward": v["final_reward"]["mean"]}) for name, v in b.items()]
     cut = b["none"]["median_grad_variance"]["median"] / b["running_mean"]["median_grad_variance"]["median"]
+    gain = {name: b[name]["final_reward"]["mean"] - b[name]["first_reward"] for name in ("none", "running_mean")}
+    cuts = _reading(cut >= VARIANCE_CUT, f"cuts the gradient variance {cut:.0f}×",
+                    f"does NOT cut the gradient variance (×{cut:.2f})")
+    learns = _reading(gain["none"] < 0.5 * gain["running_mean"], "the run without a baseline barely learns",
+                      "the run without a baseline learns about as much or more")
     return Section("REINFORCE and its baseline (exercises 14–15)", f"A constant +{r['reward_offset']:g} added to every "
                    "reward changes no expected gradient, only its variance without a baseline. Measured over seeds "
-                   f"{r['seeds']}: the running-mean baseline cuts the gradient variance {cut:.0f}×, and the run without a "
-                   "baseline barely learns in the same number of steps.", rows, [_rel(args, p) for p in r["plots"]])
+                   f"{r['seeds']}: the running-mean baseline {cuts}, and {learns} in the same number of steps (reward "
+                   f"gain {gain['none']:+.2f} against {gain['running_mean']:+.2f}).", rows,
+                   [_rel(args, p) for p in r["plots"]])
+
+
+def _leash(rho: float | None) -> str:
+    if rho is not None and rho <= -0.9:
+        return "KL falls as β rises: the leash works"
+    if rho is not None and rho >= 0.9:
+        return "KL RISES with β: the leash does NOT work here"
+    return "KL is not ordered by β: the leash is not shown here"
 
 
 def section_beta_sweep(args, r):
@@ -665,15 +718,17 @@ def section_beta_sweep(args, r):
     rows = [(f"β = {row['beta']:g}", {"final KL": row["final_kl"]["mean"], "final proxy": row["final_proxy"]["mean"],
                                      "final gold": row["final_gold"]["mean"], "gold peak": row["peak_gold"]["mean"]})
             for row in r["per_beta"]]
-    fit = r["gao_fit"]
-    low = r["lowest_beta"]
-    text = (f"ρ(β, final KL) = {r['spearman_beta_final_kl']:.2f}: the leash works. At β = {low['beta']:g} gold peaks at "
-            f"{low['peak_gold']:.2f} and ends at {low['final_gold']:.2f} while the proxy goes {low['proxy_at_peak']:.2f} "
-            f"→ {low['final_proxy']:.2f}; at β = {r['highest_beta']['beta']:g} the KL ends at "
-            f"{r['highest_beta']['final_kl']:.2f} nats.")
+    fit, low, rho = r["gao_fit"], r["lowest_beta"], r["spearman_beta_final_kl"]
+    fall = low["peak_gold"] - low["final_gold"]
+    gold = _reading(fall >= HACK_MARGIN, f"gold peaks at {low['peak_gold']:.2f} and falls to {low['final_gold']:.2f}",
+                    f"gold ends at {low['final_gold']:.2f}, near its peak {low['peak_gold']:.2f}")
+    text = (f"ρ(β, final KL) = {rho if rho is not None else float('nan'):.2f}: {_leash(rho)}. At β = {low['beta']:g} "
+            f"{gold} while the proxy goes {low['proxy_at_peak']:.2f} → {low['final_proxy']:.2f}; at β = "
+            f"{r['highest_beta']['beta']:g} the KL ends at {r['highest_beta']['final_kl']:.2f} nats.")
     if "alpha" in fit:
-        text += (f" The Gao RL form fits the gold gain with α = {fit['alpha']:.2f}, β = {fit['beta']:.2f}, "
-                 f"R² = {fit['r2']:.2f}.")
+        fits = fit_verdict(fit["r2"])
+        text += (f" The Gao RL form {'fits' if fits == 'fits' else 'does NOT fit'} the gold gain (α = "
+                 f"{fit['alpha']:.2f}, β = {fit['beta']:.2f}, R² = {fit['r2']:.2f}; a fit needs R² ≥ {FIT_R2}).")
     return Section("β sweep: KL against reward (exercise 17)", text, rows, [_rel(args, p) for p in r["plots"]])
 
 
@@ -683,10 +738,14 @@ def section_ppo_vs_grpo(args, r):
     t = r["trainers"]
     rows = [(name, {k: v[k]["mean"] for k in ("gold_start", "gold_peak", "gold_end", "kl_end", "peak_memory_mb",
                                               "seconds_per_step")}) for name, v in t.items()]
+    grpo_mb, ppo_mb = t["grpo"]["peak_memory_mb"]["mean"], t["ppo"]["peak_memory_mb"]["mean"]
+    memory = _reading(grpo_mb < ppo_mb, "GRPO needs no critic and peaks lower", "GRPO needs no critic, yet does NOT "
+                      "peak lower")
+    gains = {n: t[n]["gold_end"]["mean"] - t[n]["gold_start"]["mean"] for n in ("ppo", "grpo")}
+    both = _reading(min(gains.values()) >= GOLD_GAIN, "both raise gold", "gold does NOT rise by the margin under both")
     return Section("PPO vs GRPO (exercises 20, 22)", f"Same prompts, 32 sampled completions per step, seeds "
-                   f"{r['seeds']}. GRPO needs no critic: peak memory {t['grpo']['peak_memory_mb']['mean']:.0f} MB "
-                   f"against PPO's {t['ppo']['peak_memory_mb']['mean']:.0f} MB (measured the same way, "
-                   f"{t['ppo'].get('memory_method', 'per process')}); held-out gold "
+                   f"{r['seeds']}. {memory}: peak memory {grpo_mb:.0f} MB against PPO's {ppo_mb:.0f} MB (measured the "
+                   f"same way, {t['ppo'].get('memory_method', 'per process')}); {both}: held-out gold "
                    f"{t['ppo']['gold_start']['mean']:.2f} → {t['ppo']['gold_end']['mean']:.2f} (PPO) and → "
                    f"{t['grpo']['gold_end']['mean']:.2f} (GRPO).", rows, [_rel(args, p) for p in r["plots"]])
 

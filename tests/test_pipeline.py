@@ -58,7 +58,8 @@ def test_stage_store_reuses_a_result_only_with_its_fingerprint(tmp_path):
     later = StageStore(str(tmp_path), invocation="later")
     again, reused = later.run("a", lambda out: {"value": 2}, FP)
     assert reused and again["value"] == 1
-    assert later.provenance(again) == {"ran": "reused", "invocation": "first", "created": again["_provenance"]["created"]}
+    created = again["_provenance"]["created"]
+    assert later.provenance(again) == {"ran": "reused", "invocation": "first", "created": created}
     other_seed, reused = later.run("a", lambda out: {"value": 3}, {**FP, "seed": 1})  # other settings: rerun
     assert not reused and other_seed["value"] == 3 and later.provenance(other_seed)["ran"] == "this invocation"
     (tmp_path / "stages" / "planted.json").write_text(json.dumps({"value": 9}))  # hand-written: no fingerprint
@@ -268,3 +269,83 @@ def test_the_output_folder_has_a_card_with_every_verdict(tmp_path, capsys):
     assert any("clip_gradient" in r and r.endswith("| holds |") for r in rows)  # stage run: its verdict
     assert any("rm_accuracy" in r and r.endswith("| skipped |") for r in rows)  # not run: skipped, not faked
     assert f"outputs: {tmp_path}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sections' readings follow the numbers: fed contrary numbers, each says the contrary
+# ----------------------------------------------------------------------------------------------------------------------
+def _bon(proxy, gold, distilled):
+    pts = [{"n": n, "proxy": p, "gold": g, "kl": 0.5 * i} for i, (n, p, g) in enumerate(zip((1, 4, 16), proxy, gold))]
+    return {"select": "proxy", "gold": "gold", "pool_size": 16, "curve": {"points": pts}, "initial": {"gold": 0.3},
+            "distilled": [{"round": 1, "eval": {"gold": distilled}}], "best_of_n": {"gold": max(gold)}, "plots": []}
+
+
+def _sweep(rho, final_kl, low_final_gold, r2):
+    row = {"beta": 0.1} | {k: {"mean": 0.5} for k in ("final_kl", "final_proxy", "final_gold", "peak_gold")}
+    return {"per_beta": [row], "spearman_beta_final_kl": rho, "plots": [],
+            "lowest_beta": {"beta": 0.0, "peak_gold": 0.9, "final_gold": low_final_gold, "proxy_at_peak": 0.7,
+                            "final_proxy": 1.2},
+            "highest_beta": {"beta": 1.0, "final_kl": final_kl},
+            "gao_fit": {"alpha": 1.0, "beta": 0.2, "r2": r2, "peak_kl": 2.0, "n_points": 12}}
+
+
+def _reinforce(var_none, gain_none):
+    def b(var, gain):
+        return {"median_grad_variance": {"median": var}, "variance_vs_none": 1.0, "final_reward": {"mean": 1.0 + gain},
+                "first_reward": 1.0}
+    return {"baselines": {"none": b(var_none, gain_none), "running_mean": b(100.0, 0.6)}, "seeds": [0],
+            "reward_offset": 5.0, "plots": []}
+
+
+def _ppo(grpo_mb, grpo_end):
+    def t(mb, end):
+        return {k: {"mean": v} for k, v in {"gold_start": 0.3, "gold_peak": max(end, 0.3), "gold_end": end,
+                                             "kl_end": 1.0, "peak_memory_mb": mb, "seconds_per_step": 1.0}.items()}
+    return {"trainers": {"ppo": t(130.0, 0.7), "grpo": t(grpo_mb, grpo_end)}, "seeds": [0], "plots": []}
+
+
+def _over(final_gold, final_proxy):
+    f = {"peak_step": 20, "peak_gold": 0.5, "final_gold": final_gold, "proxy_at_peak": 0.7, "final_proxy": final_proxy,
+         "kl_at_peak": 1.0, "final_kl": 9.0, "detected_step": 40}
+    return {"beta": 0.005, "steps": 80, "findings": f, "points": [{"step": 80}], "plots": []}
+
+
+GA = {"batches": 4, "num_generations": 8, "max_abs_group_mean": 1e-8, "max_sign_mismatch_frac": 0.0,
+      "max_abs_diff_recomputed": 0.0, "mean_zero_std_frac": 0.1, "violations": 0}
+CLIP = {"epsilon": 0.2, "table": [], "plot": "/out/clip/clip.png", "max_abs_grad_favourable": 0.0,
+        "max_abs_grad_minus_A_unfavourable": 0.0}
+MINI = {"steps": 20, "polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 1.1, "plots": []}
+
+READINGS = [  # (section, numbers that support the chapter, numbers that contradict it, what each must say)
+    ("reward_model", {"test": {"accuracy": 0.69, "n_pairs": 400}}, {"test": {"accuracy": 0.50, "n_pairs": 400}},
+     "above chance", "not distinguishable from chance"),
+    ("clip", CLIP, {**CLIP, "max_abs_grad_favourable": 1.0}, "never clipped", "does NOT behave"),
+    ("group_advantages", GA, {**GA, "max_sign_mismatch_frac": 0.5}, "They are what GRPO", "are NOT what GRPO"),
+    ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
+     "rises at every N", "does NOT rise with N"),
+    ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
+     "peaks at N = 4", "no fall"),
+    ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
+     "distillation raises", "does NOT raise"),
+    ("mini_loop", MINI, {**MINI, "polite_share_after": 0.35}, "learned the behaviour", "does NOT hold"),
+    ("overoptimization", _over(-0.5, 1.3), _over(0.48, 1.3), "Goodhart's law, measured", "NOT resolved"),
+    ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "cuts the gradient variance 30×",
+     "does NOT cut"),
+    ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "barely learns", "learns about as much"),
+    ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "the leash works",
+     "the leash does NOT work"),
+    ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "The Gao RL form fits",
+     "does NOT fit"),
+    ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "falls to -0.50", "near its peak"),
+    ("ppo_vs_grpo", _ppo(100.0, 0.6), _ppo(160.0, 0.32), "peaks lower", "does NOT peak lower"),
+    ("ppo_vs_grpo", _ppo(100.0, 0.6), _ppo(160.0, 0.32), "both raise gold", "gold does NOT rise by the margin"),
+]
+
+
+@pytest.mark.parametrize("name, good, bad, says, says_contrary", READINGS)
+def test_each_section_reads_its_numbers_and_says_the_contrary_on_contrary_numbers(name, good, bad, says,
+                                                                                  says_contrary):
+    args = SimpleNamespace(output_dir="/out")
+    supported, contrary = stages.SECTIONS[name](args, good).reading, stages.SECTIONS[name](args, bad).reading
+    assert says in supported and says_contrary not in supported, supported
+    assert says_contrary in contrary and says not in contrary, contrary
