@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -102,8 +103,8 @@ PROVENANCE = "_provenance"
 
 
 def new_invocation_id() -> str:
-    """UTC time and process id: unique per invocation, readable in a report."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
+    """UTC time, process id and a random tag: unique per invocation (also two in one second), readable in a report."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class StageStore:

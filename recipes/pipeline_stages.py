@@ -99,7 +99,24 @@ def stage_reward_model(args: Any, out: str) -> dict:
     if not args.on_lab:
         return {"skipped": "needs the lab's gold-labelled preference pairs (run recipes/reward.py on your own pairs)"}
     metrics = _recipe("reward").main(*_parse("reward", ["--output_dir", out, "--seed", str(args.seed)]))
-    return {"test": metrics["test"], "n_train_pairs": metrics["n_train_pairs"]}
+    from hf_rlhf_ext.lab import build_lab
+
+    pairs = build_lab().load_preferences()
+    return {"test": metrics["test"], "n_train_pairs": metrics["n_train_pairs"],
+            "length_only": length_only_accuracy(_lengths(pairs["train"]), _lengths(pairs["test"])),
+            "label_flip_rate_test": sum(pairs["test"]["label_flipped"]) / len(pairs["test"])}
+
+
+def _lengths(pairs: Any) -> list[tuple[int, int]]:
+    return [(len(c), len(r)) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"])]
+
+
+def length_only_accuracy(train: list[tuple[int, int]], test: list[tuple[int, int]]) -> dict:
+    """The trivial predictor "prefer the longer (or shorter) reply", its direction fit on the training pairs; held-out
+    accuracy on the same pairs as the RM, ties counted half. An RM that only learned length is no better."""
+    longer = sum(c > r for c, r in train) >= sum(c < r for c, r in train)
+    right = sum((c > r) == longer if c != r else 0.5 for c, r in test)
+    return {"accuracy": right / len(test), "prefers": "longer" if longer else "shorter", "n_pairs": len(test)}
 
 
 def stage_clip(args: Any, out: str) -> dict:
@@ -153,11 +170,18 @@ def _quiet(trainer: Any) -> Any:
 
 
 def stage_group_advantages(args: Any, out: str) -> dict:
-    """GRPO's group-relative advantages recomputed and checked on every real training batch."""
+    """GRPO's group-relative advantages recomputed and checked on every real training batch; the last batch's rewards
+    and advantages are kept, so the same check can be shown to catch a planted corruption of real data."""
     from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
 
+    class Recording(GroupAdvantageCheckCallback):
+        def _statistics(self, logged, expected, rewards, used, g, settings):
+            self.batch = {"rewards": rewards.tolist(), "advantages": logged.tolist(), "group_size": int(g),
+                          "scale": settings["scale"]}
+            return super()._statistics(logged, expected, rewards, used, g, settings)
+
     trainer, _ = _grpo_setup(args, out, ["--max_steps", "6" if args.quick else "12", "--disable_tqdm", "true"])
-    check = GroupAdvantageCheckCallback(trainer, on_violation="warn", every_n_steps=1)
+    check = Recording(trainer, on_violation="warn", every_n_steps=1)
     trainer.add_callback(check)
     trainer.train()
     hist = check.history
@@ -167,7 +191,9 @@ def stage_group_advantages(args: Any, out: str) -> dict:
         "max_sign_mismatch_frac": max(h["sign_mismatch_frac"] for h in hist),
         "max_abs_diff_recomputed": max(h["max_abs_diff"] for h in hist),
         "mean_zero_std_frac": sum(h["zero_std_frac"] for h in hist) / len(hist),
+        "max_abs_adv": max(h["max_abs_adv"] for h in hist),
         "violations": len(check.violations),
+        "recorded_batch": getattr(check, "batch", None),
     }
 
 
@@ -362,21 +388,41 @@ def _claim_seeds(results: dict, name: str) -> list[int] | None:
     return None if seed is None else [int(seed)]
 
 
-RM_Z = 2.0
+RM_Z, RM_MARGIN = 2.0, 0.05
+
+
+def _beats(acc: float, ref: float, n: int) -> tuple[bool, float]:
+    """(rule, z): accuracy at least RM_MARGIN above a reference predictor on the same n pairs, z >= RM_Z (the variance
+    of the difference taken as the sum of both, conservative for positively correlated predictors)."""
+    se = math.sqrt(max(acc * (1 - acc) + ref * (1 - ref), 1e-12) / n)
+    z = (acc - ref) / se
+    return acc - ref >= RM_MARGIN and z >= RM_Z, z
 
 
 def claim_reward_model(results: dict):
     from hf_rlhf_ext.report import Claim
 
-    args = ("rm_accuracy", "12–13", "The reward model's held-out pairwise accuracy is above chance and below 1",
-            "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n)", {"z": ">= 2", "acc": "< 1"})
+    args = ("rm_accuracy", "12–13", "The reward model orders held-out pairs better than chance and than a length-only "
+            "predictor", "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n); margin and z "
+            "over the length-only predictor on the same pairs", {"z": f">= {RM_Z}", "acc - length_only_acc":
+                                                                 f">= {RM_MARGIN}", "z_vs_length_only": f">= {RM_Z}"})
     if reason := _missing(results, "reward_model"):
         return Claim.skip(*args, reason)
-    t = results["reward_model"]["test"]
-    acc, n = t["accuracy"], t["n_pairs"]
+    r = results["reward_model"]
+    acc, n = r["test"]["accuracy"], r["test"]["n_pairs"]
     z = (acc - 0.5) / math.sqrt(0.25 / n)
-    values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": t.get("gold_accuracy")}
-    return Claim.experiment(*args, values, z >= RM_Z and acc < 1, seeds=_claim_seeds(results, "reward_model"))
+    flips = r.get("label_flip_rate_test")
+    values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": r["test"].get("gold_accuracy"),
+              "label_flip_rate": flips, "label_noise_ceiling": None if flips is None else 1 - flips}
+    seeds = _claim_seeds(results, "reward_model")
+    if "length_only" not in r:  # a result from before the control existed: said, not hidden
+        return Claim.experiment(*args, values, z >= RM_Z, seeds=seeds)
+    ref = r["length_only"]["accuracy"]
+    beats, z_ref = _beats(acc, ref, n)
+    values |= {"length_only_accuracy": ref, "margin_over_length_only": acc - ref, "z_vs_length_only": z_ref}
+    control = {"statement": f"length-only predictor (prefers the {r['length_only']['prefers']} reply) on the same "
+               "held-out pairs, put in the RM's place", "values": r["length_only"]}
+    return Claim.experiment(*args, values, z >= RM_Z and beats, control, _beats(ref, ref, n)[0], seeds)
 
 
 def claim_clip(results: dict):
@@ -393,18 +439,70 @@ def claim_clip(results: dict):
                  and r["max_abs_grad_minus_A_unfavourable"] <= 1e-12, kind="exact")
 
 
+ADV_TOL = 1e-3  # |logged − recomputed| allowed (float32 arithmetic in TRL vs here)
+
+
+def check_advantages(rewards: list[float], advantages: list[float], group_size: int, scale: str = "group") -> dict:
+    """The callback's checks on one batch: group means, signs against r − group mean, the recompute, how many are
+    non-zero, and how many checks fail."""
+    import torch
+
+    from hf_rlhf_ext.callbacks.group_advantage import expected_advantages
+
+    r, a = torch.tensor(rewards, dtype=torch.float32), torch.tensor(advantages, dtype=torch.float32)
+    expected, _ = expected_advantages(r.unsqueeze(1), torch.ones(1), group_size, scale=scale)
+    dev = (r.view(-1, group_size) - r.view(-1, group_size).mean(dim=1, keepdim=True)).view(-1)
+    decided = (dev.abs() > 1e-6 * max(1.0, float(r.abs().max()))) & (a != 0)
+    mismatch = float(((torch.sign(a) != torch.sign(dev)) & decided).sum()) / max(int(decided.sum()), 1)
+    stats = {"max_abs_group_mean": float(a.view(-1, group_size).mean(dim=1).abs().max()),
+             "sign_mismatch_frac": mismatch,
+             "max_abs_diff_recomputed": float((a - expected).abs().max()),
+             "nonzero_frac": float((a != 0).float().mean())}
+    stats["violations"] = int(stats["max_abs_group_mean"] >= 1e-6) + int(stats["sign_mismatch_frac"] > 0) + int(
+        stats["max_abs_diff_recomputed"] > ADV_TOL)
+    return stats
+
+
+def _advantages_rule(s: dict) -> bool:
+    """Zero-mean groups, signs of r − mean, equal to the recomputed ones, no violation — and not all zero."""
+    return (s["nonzero_frac"] > 0 and s["violations"] == 0 and s["max_abs_group_mean"] < 1e-6
+            and s["sign_mismatch_frac"] == 0 and s["max_abs_diff_recomputed"] <= ADV_TOL)
+
+
+def _planted(batch: dict) -> dict:
+    """The recorded real batch with its advantages sign-flipped, and zeroed: each must fail the same check."""
+    flipped = check_advantages(batch["rewards"], [-a for a in batch["advantages"]], batch["group_size"], batch["scale"])
+    zeroed = check_advantages(batch["rewards"], [0.0] * len(batch["advantages"]), batch["group_size"], batch["scale"])
+    return {"sign_flipped": flipped, "zeroed": zeroed}
+
+
 def claim_group_advantages(results: dict):
     from hf_rlhf_ext.report import Claim
 
-    args = ("grpo_advantages", "19", "GRPO's advantages on real training batches have zero mean per group and the sign "
-            "of r − group mean", "max over batches of |group mean of A|; fraction of sign mismatches",
-            {"max_abs_group_mean": "< 1e-6", "sign_mismatch": "= 0"})
+    args = ("grpo_advantages", "19", "GRPO's advantages on real training batches are non-zero, have zero mean per "
+            "group, the sign of r − group mean and equal the recomputed ones", "over all batches: max |group mean of A|, "
+            "sign mismatches, max |A − recomputed|, the callback's violations, max |A|", {
+                "max_abs_group_mean": "< 1e-6", "sign_mismatch": "= 0", "max_abs_diff_recomputed": f"<= {ADV_TOL}",
+                "violations": "= 0", "max_abs_adv": "> 0"})
     if reason := _missing(results, "group_advantages"):
         return Claim.skip(*args, reason)
     r = results["group_advantages"]
-    values = {k: r[k] for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "batches", "max_abs_diff_recomputed")}
-    holds = r["max_abs_group_mean"] < 1e-6 and r["max_sign_mismatch_frac"] == 0
-    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "group_advantages"))
+    values = {k: r.get(k) for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "batches",
+                                    "max_abs_diff_recomputed", "violations", "max_abs_adv")}
+    real = {"max_abs_group_mean": r["max_abs_group_mean"], "sign_mismatch_frac": r["max_sign_mismatch_frac"],
+            "max_abs_diff_recomputed": r["max_abs_diff_recomputed"], "violations": r.get("violations", 0),
+            "nonzero_frac": float(r.get("max_abs_adv", 0.0) > 0)}
+    holds = r["batches"] > 0 and _advantages_rule(real)
+    seeds = _claim_seeds(results, "group_advantages")
+    if not r.get("recorded_batch"):
+        return Claim.experiment(*args, values, holds, seeds=seeds)
+    batch = r["recorded_batch"]
+    values["recorded_batch"] = check_advantages(batch["rewards"], batch["advantages"], batch["group_size"],
+                                                batch["scale"])
+    planted = _planted(batch)
+    control = {"statement": "the last real batch with its advantages sign-flipped, and zeroed", "values": planted}
+    return Claim.experiment(*args, values, holds and _advantages_rule(values["recorded_batch"]), control,
+                            any(_advantages_rule(p) for p in planted.values()), seeds)
 
 
 BON_MARGIN = 0.1
@@ -589,6 +687,12 @@ def section_reward_model(args, r):
     acc, z = t["accuracy"], c.values["z"]
     chance = _reading(z >= RM_Z, f"above chance (z = {z:.1f})", f"not distinguishable from chance (z = {z:.1f})")
     quality = "far from perfect — a proxy" if acc < 0.9 else "close to perfect on these pairs"
+    if "length_only_accuracy" in c.values:
+        ref = c.values["length_only_accuracy"]
+        quality += _reading(c.holds, f"; it beats a length-only predictor ({ref:.0%}) by the margin",
+                            f"; it does NOT beat a length-only predictor ({ref:.0%}) by the margin")
+    if c.values.get("label_noise_ceiling") is not None:
+        quality += f" (label noise caps accuracy near {c.values['label_noise_ceiling']:.0%})"
     return Section("Reward model (exercises 12–13)", f"Trained with a Bradley–Terry loss on noisy labels, the RM orders "
                    f"{acc:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%} of "
                    f"clearly separated pairs like the gold reward: {chance}, {quality}.",
@@ -602,8 +706,8 @@ def section_clip(args, r):
     text = _reading(claim_clip({"clip": r}).holds, f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
                     "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
                     "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
-                    "them.", f"On synthetic ratios with ε = {r['epsilon']} the objective does NOT behave as the chapter "
-                    f"says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped to 0, and "
+                    "them.", f"On synthetic ratios with ε = {r['epsilon']} the objective does NOT behave as the "
+                    f"chapter says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped to 0, and "
                     f"|∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full gradient.")
     return Section("The clipped objective (exercise 16)", text, rows, [_rel(args, r["plot"])])
 
@@ -617,8 +721,8 @@ def section_group_advantages(args, r):
                    f"{r['num_generations']}), the advantages were recomputed from the logged rewards and checked: the "
                    f"largest |group mean| was {r['max_abs_group_mean']:.1e}, sign mismatches "
                    f"{r['max_sign_mismatch_frac']:.0%}, largest difference from the recomputed ones "
-                   f"{r['max_abs_diff_recomputed']:.1e}, {r['violations']} violations; {r['mean_zero_std_frac']:.0%} of "
-                   f"groups had identical rewards (no signal). {verdict}",
+                   f"{r['max_abs_diff_recomputed']:.1e}, {r['violations']} violations; "
+                   f"{r['mean_zero_std_frac']:.0%} of groups had identical rewards (no signal). {verdict}",
                    [(k, r[k]) for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "max_abs_diff_recomputed",
                                         "mean_zero_std_frac", "violations")])
 

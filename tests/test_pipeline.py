@@ -75,7 +75,7 @@ def _results(**overrides):
         "reward_model": {"test": {"accuracy": 0.69, "n_pairs": 400, "gold_accuracy": 0.8}},
         "clip": {"epsilon": 0.2, "max_abs_grad_favourable": 0.0, "max_abs_grad_minus_A_unfavourable": 0.0},
         "group_advantages": {"max_abs_group_mean": 3e-7, "max_sign_mismatch_frac": 0.0, "batches": 4,
-                             "max_abs_diff_recomputed": 0.0},
+                             "max_abs_diff_recomputed": 0.0, "max_abs_adv": 2.0, "violations": 0},
         "mini_loop": {"polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 1.1},
     }
     base.update(overrides)
@@ -93,6 +93,71 @@ def test_claims_are_decided_by_their_statistics():
     verdicts = {c.id: c.holds for c in (build(bad) for build in stages.CLAIMS)}
     assert verdicts["rm_accuracy"] is False and verdicts["grpo_advantages"] is False
     assert verdicts["mini_loop"] is False  # the share rose, but the KL bound broke
+
+
+def _grpo_batch(seed=0, groups=4, g=8):
+    import torch
+
+    from hf_rlhf_ext.objectives import group_advantages
+
+    rewards = torch.randn(groups * g, generator=torch.Generator().manual_seed(seed))
+    return {"rewards": rewards.tolist(), "advantages": group_advantages(rewards, g).tolist(), "group_size": g,
+            "scale": "group"}
+
+
+GA_OK = {"max_abs_group_mean": 3e-8, "max_sign_mismatch_frac": 0.0, "batches": 6, "max_abs_diff_recomputed": 1e-7,
+         "mean_zero_std_frac": 0.1, "max_abs_adv": 2.1, "violations": 0, "num_generations": 8}
+
+
+def test_grpo_advantages_claim_on_a_real_recorded_stage_result_and_its_planted_corruptions():
+    """A --quick group_advantages result (6 real GRPO batches on the lab, the last one recorded), replayed."""
+    real = json.loads((ROOT / "tests" / "data" / "pipeline_group_advantages_quick.json").read_text())
+    claim = stages.claim_group_advantages({"group_advantages": real})
+    assert claim.holds and claim.control_holds is False and claim.values["recorded_batch"]["nonzero_frac"] > 0
+    batch = real["recorded_batch"]
+    g = batch["group_size"]
+    shuffled = [a for i in range(0, len(batch["advantages"]), g) for a in batch["advantages"][i:i + g][::-1]]
+    for corrupt in ([-a for a in batch["advantages"]], shuffled, [0.0] * len(shuffled)):
+        planted = {**real, "recorded_batch": {**batch, "advantages": corrupt}}
+        assert stages.claim_group_advantages({"group_advantages": planted}).holds is False
+
+
+def test_grpo_advantages_claim_fails_on_zeros_violations_and_a_planted_corruption_of_its_batch():
+    claim = stages.claim_group_advantages({"group_advantages": {**GA_OK, "recorded_batch": _grpo_batch()}})
+    assert claim.holds and claim.control_holds is False  # real advantages pass; flipped and zeroed ones fail
+    planted = claim.control["values"]
+    assert planted["sign_flipped"]["sign_mismatch_frac"] == 1 and planted["zeroed"]["nonzero_frac"] == 0
+    zeros = {**GA_OK, "max_abs_adv": 0.0, "recorded_batch": {**_grpo_batch(), "advantages": [0.0] * 32}}
+    assert stages.claim_group_advantages({"group_advantages": zeros}).holds is False  # all zero: no signal
+    flat = {"rewards": [0.5] * 32, "advantages": [0.0] * 32, "group_size": 8, "scale": "group"}  # nothing to learn
+    flat_claim = stages.claim_group_advantages({"group_advantages": {**GA_OK, "max_abs_adv": 0.0,
+                                                                     "recorded_batch": flat}})
+    assert flat_claim.holds is False and flat_claim.values["recorded_batch"]["violations"] == 0  # only zeros fail it
+    assert stages.claim_group_advantages({"group_advantages": {**GA_OK, "max_abs_adv": 0.0}}).holds is False
+    for broken in ({"violations": 2}, {"max_abs_diff_recomputed": 0.4}):
+        assert stages.claim_group_advantages({"group_advantages": {**GA_OK, **broken}}).holds is False
+    shuffled = _grpo_batch()
+    shuffled["advantages"] = shuffled["advantages"][1:8] + shuffled["advantages"][:1] + shuffled["advantages"][8:]
+    assert stages.claim_group_advantages({"group_advantages": {**GA_OK, "recorded_batch": shuffled}}).holds is False
+
+
+def _rm(acc, length_acc, n=400):
+    return {"reward_model": {"test": {"accuracy": acc, "n_pairs": n}, "label_flip_rate_test": 0.14,
+                             "length_only": {"accuracy": length_acc, "prefers": "shorter", "n_pairs": n}}}
+
+
+def test_rm_accuracy_claim_needs_the_rm_to_beat_a_length_only_predictor():
+    ok = stages.claim_reward_model(_rm(0.695, 0.5175))  # the lab: RM 0.695, length-only 0.5175
+    assert ok.holds and ok.control_holds is False and ok.values["label_noise_ceiling"] == pytest.approx(0.86)
+    assert stages.claim_reward_model(_rm(0.55, 0.50)).holds is False  # z = 2 over chance, not over the control
+    assert stages.claim_reward_model(_rm(0.70, 0.68)).holds is False  # length alone does as well
+    assert stages.claim_reward_model(_rm(0.50, 0.50)).holds is False
+
+
+def test_length_only_predictor_fits_its_direction_on_training_pairs():
+    train = [(5, 3), (6, 2), (2, 4)]  # chosen longer in 2 of 3: prefer the longer reply
+    assert stages.length_only_accuracy(train, [(4, 2), (2, 4), (3, 3)]) == {
+        "accuracy": 0.5, "prefers": "longer", "n_pairs": 3}
 
 
 def test_claims_without_their_data_are_skipped_with_the_reason():
@@ -212,7 +277,8 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
 def test_pipeline_on_a_local_model_skips_lab_only_claims_and_tracks_the_judge(tmp_path):
     """Own policy, prompts and reward with a held-out judge: lab-only stages are skipped with the reason, the judge
     stands in for gold (tracked at weight 0), and the report is still written."""
-    from _ppo_helpers import build_world, prompts as tiny_prompts
+    from _ppo_helpers import build_world
+    from _ppo_helpers import prompts as tiny_prompts
 
     pipeline = pytest.importorskip("pipeline")
     world = build_world(str(tmp_path / "world"))
@@ -311,7 +377,7 @@ def _over(final_gold, final_proxy):
 
 
 GA = {"batches": 4, "num_generations": 8, "max_abs_group_mean": 1e-8, "max_sign_mismatch_frac": 0.0,
-      "max_abs_diff_recomputed": 0.0, "mean_zero_std_frac": 0.1, "violations": 0}
+      "max_abs_diff_recomputed": 0.0, "mean_zero_std_frac": 0.1, "violations": 0, "max_abs_adv": 2.0}
 CLIP = {"epsilon": 0.2, "table": [], "plot": "/out/clip/clip.png", "max_abs_grad_favourable": 0.0,
         "max_abs_grad_minus_A_unfavourable": 0.0}
 MINI = {"steps": 20, "polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 1.1, "plots": []}
@@ -319,6 +385,8 @@ MINI = {"steps": 20, "polite_share_before": 0.3, "polite_share_after": 0.9, "kl_
 READINGS = [  # (section, numbers that support the chapter, numbers that contradict it, what each must say)
     ("reward_model", {"test": {"accuracy": 0.69, "n_pairs": 400}}, {"test": {"accuracy": 0.50, "n_pairs": 400}},
      "above chance", "not distinguishable from chance"),
+    ("reward_model", _rm(0.69, 0.52)["reward_model"], _rm(0.69, 0.68)["reward_model"], "; it beats a length-only",
+     "does NOT beat a length-only"),
     ("clip", CLIP, {**CLIP, "max_abs_grad_favourable": 1.0}, "never clipped", "does NOT behave"),
     ("group_advantages", GA, {**GA, "max_sign_mismatch_frac": 0.5}, "They are what GRPO", "are NOT what GRPO"),
     ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
