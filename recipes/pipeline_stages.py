@@ -208,19 +208,25 @@ def stage_best_of_n(args: Any, out: str) -> dict:
                                                        "model_dir": out}
 
 
+MINI_KEEP = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
+             "steps", "seconds", "samples_before", "samples_after")
+
+
 def stage_mini_loop(args: Any, out: str) -> dict:
-    """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``)."""
-    argv = ["--output_dir", out, "--seed", str(args.seed)]
+    """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``), and its control:
+    the same loop, seed and steps with the KL penalty off, so "KL stays bounded" is measured against no leash."""
+    argv = ["--seed", str(args.seed)]
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
     if args.dataset_name:
         argv += ["--dataset_name", args.dataset_name]
     if args.use_peft:
         argv += ["--use_peft", "true"]
-    m = _recipe("mini_loop").main(*_parse("mini_loop", argv))
-    keep = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
-            "steps", "seconds", "samples_before", "samples_after")
-    return {k: m.get(k) for k in keep} | {"plots": [m["files"]["plot"]]}
+    m = _recipe("mini_loop").main(*_parse("mini_loop", ["--output_dir", out, *argv]))
+    control = _recipe("mini_loop").main(*_parse("mini_loop", ["--output_dir", os.path.join(out, "no_kl_penalty"),
+                                                              "--kl_coef", "0", *argv]))
+    return {k: m.get(k) for k in MINI_KEEP} | {"kl_coef": m["config"]["kl_coef"], "plots": [m["files"]["plot"]],
+                                                "no_kl_penalty": {k: control.get(k) for k in MINI_KEEP}}
 
 
 def stage_overoptimization(args: Any, out: str) -> dict:
@@ -525,22 +531,36 @@ def claim_best_of_n(results: dict):
     return Claim.experiment(*args, values, first - initial >= BON_MARGIN, seeds=_claim_seeds(results, "best_of_n"))
 
 
-POLITE_GAIN, POLITE_KL = 0.3, 5.0
+POLITE_GAIN, POLITE_KL, KL_RATIO = 0.3, 5.0, 0.75
+
+
+def _mini_rule(run: dict, other: dict) -> bool:
+    """The polite share rises by POLITE_GAIN and the KL ends at most KL_RATIO × the other run's KL."""
+    gain = run["polite_share_after"] - run["polite_share_before"]
+    return gain >= POLITE_GAIN and run["kl_after"] <= KL_RATIO * other["kl_after"]
 
 
 def claim_mini_loop(results: dict):
     from hf_rlhf_ext.report import Claim
 
-    args = ("mini_loop", "18", "The mini loop raises the share of polite endings while KL stays bounded",
-            "held-out polite share after − before; KL to the reference after (nats per reply)",
-            {"gain": f">= {POLITE_GAIN}", "kl": f"<= {POLITE_KL}"})
+    args = ("mini_loop", "18", "The mini loop raises the share of polite endings while its KL penalty keeps KL "
+            "below the same loop without it", "held-out polite share after − before; KL to the reference after "
+            "(nats per reply), with the penalty ÷ without it", {"gain": f">= {POLITE_GAIN}",
+                                                               "kl / kl_without_penalty": f"<= {KL_RATIO}"})
     if reason := _missing(results, "mini_loop"):
         return Claim.skip(*args, reason)
     r = results["mini_loop"]
     gain = r["polite_share_after"] - r["polite_share_before"]
     values = {"before": r["polite_share_before"], "after": r["polite_share_after"], "gain": gain, "kl": r["kl_after"]}
-    holds = gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL
-    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "mini_loop"))
+    seeds = _claim_seeds(results, "mini_loop")
+    if not r.get("no_kl_penalty"):  # no control run: the absolute bound, said to be uncontrolled
+        return Claim.experiment(*args, values, gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL, seeds=seeds)
+    c = r["no_kl_penalty"]
+    values |= {"kl_without_penalty": c["kl_after"], "kl_ratio": r["kl_after"] / max(c["kl_after"], 1e-12)}
+    control = {"statement": "the same loop, seed and steps with kl_coef = 0 (its KL against the penalised run's)",
+               "values": {"before": c["polite_share_before"], "after": c["polite_share_after"],
+                          "gain": c["polite_share_after"] - c["polite_share_before"], "kl": c["kl_after"]}}
+    return Claim.experiment(*args, values, _mini_rule(r, c), control, _mini_rule(c, r), seeds)
 
 
 HACK_MARGIN = 0.1
@@ -766,6 +786,9 @@ def section_mini_loop(args, r):
 
     verdict = _reading(claim_mini_loop({"mini_loop": r}).holds, "The loop learned the behaviour under its leash.",
                        "The claim does NOT hold on these numbers (see the claim and its control).")
+    if c := r.get("no_kl_penalty"):
+        verdict = (f"Without the KL penalty the same loop went {c['polite_share_before']:.2f} → "
+                   f"{c['polite_share_after']:.2f} at {c['kl_after']:.2f} nats. " + verdict)
     return Section("The mini loop that ends politely (exercise 18)", f"Plain PyTorch: sample, score 'ends with a polite "
                    f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps the "
                    f"held-out polite share went {r['polite_share_before']:.2f} → {r['polite_share_after']:.2f} at "

@@ -141,6 +141,21 @@ def test_grpo_advantages_claim_fails_on_zeros_violations_and_a_planted_corruptio
     assert stages.claim_group_advantages({"group_advantages": {**GA_OK, "recorded_batch": shuffled}}).holds is False
 
 
+def _mini(after=0.91, kl=1.1, control_after=0.97, control_kl=2.67):
+    return {"mini_loop": {"polite_share_before": 0.28, "polite_share_after": after, "kl_after": kl, "no_kl_penalty": {
+        "polite_share_before": 0.28, "polite_share_after": control_after, "kl_after": control_kl}}}
+
+
+def test_mini_loop_claim_needs_its_kl_penalty_to_keep_kl_below_the_no_penalty_run():
+    ok = stages.claim_mini_loop(_mini())  # the lab: 0.28 → 0.91 at 1.1 nats; without the penalty 0.97 at 2.67
+    assert ok.holds and ok.control_holds is False and ok.values["kl_ratio"] == pytest.approx(1.1 / 2.67)
+    leash_off = stages.claim_mini_loop(_mini(kl=2.6))  # the penalty changed nothing: the audit's false pass
+    assert leash_off.holds is False
+    assert stages.claim_mini_loop(_mini(after=0.4)).holds is False  # KL held, but nothing learned
+    swapped = stages.claim_mini_loop(_mini(kl=2.67, control_kl=1.1))  # the rule holds on the control
+    assert swapped.control_holds is True and swapped.holds is False
+
+
 def _rm(acc, length_acc, n=400):
     return {"reward_model": {"test": {"accuracy": acc, "n_pairs": n}, "label_flip_rate_test": 0.14,
                              "length_only": {"accuracy": length_acc, "prefers": "shorter", "n_pairs": n}}}
@@ -256,6 +271,7 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
     assert payload["quick"] is True and all(c["holds"] for c in claims.values()), log[-3000:]
     v = claims["rm_accuracy"]["values"]
     assert 0.6 <= v["accuracy"] < 0.8 and v["z"] >= 2  # the lab RM: 0.695 on 400 held-out pairs
+    assert v["margin_over_length_only"] >= stages.RM_MARGIN  # length alone: 0.5175
     assert claims["grpo_advantages"]["values"]["max_abs_group_mean"] < 1e-6
     assert claims["bon_distillation"]["values"]["gain"] >= stages.BON_MARGIN
     v = claims["beta_too_low"]["values"]
@@ -267,8 +283,9 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
     assert v["rho"] <= -0.9 and v["final_kl"][0] > 3 * v["final_kl"][-1]  # β 0 → 1: 3.1 → 0.26 nats
     v = claims["grpo_vs_ppo"]["values"]
     assert v["grpo_memory_mb"] < v["ppo_memory_mb"] and min(v["ppo_gold_gain"], v["grpo_gold_gain"]) >= stages.GOLD_GAIN
-    v = claims["mini_loop"]["values"]
-    assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl"] <= stages.POLITE_KL
+    v = claims["mini_loop"]["values"]  # measured: 0.28 → 0.91 at 1.09 nats; without the penalty 2.67 nats
+    assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl_ratio"] <= stages.KL_RATIO
+    assert all(c["control_holds"] is False for c in claims.values() if c["control"] is not None)
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "reference policy" in report
     assert all((out / p).is_file() for p in ("clip/clip.png", "best_of_n/bon_curve.png", "mini_loop/mini_loop.png"))
@@ -396,6 +413,8 @@ READINGS = [  # (section, numbers that support the chapter, numbers that contrad
     ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
      "distillation raises", "does NOT raise"),
     ("mini_loop", MINI, {**MINI, "polite_share_after": 0.35}, "learned the behaviour", "does NOT hold"),
+    ("mini_loop", {**MINI, **_mini()["mini_loop"]}, {**MINI, **_mini(kl=2.6)["mini_loop"]}, "learned the behaviour",
+     "does NOT hold"),
     ("overoptimization", _over(-0.5, 1.3), _over(0.48, 1.3), "Goodhart's law, measured", "NOT resolved"),
     ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "cuts the gradient variance 30×",
      "does NOT cut"),
