@@ -199,13 +199,17 @@ def stage_group_advantages(args: Any, out: str) -> dict:
 
 def stage_best_of_n(args: Any, out: str) -> dict:
     """Best-of-N's own over-optimisation curve and its distillation (``recipes/best_of_n.py``)."""
-    argv = ["--output_dir", out, "--seed", str(args.seed), *_rl_flags(args, judge_as_weights=False)]
-    argv += ["--rounds", "1", "--pool_size", "32"] if args.quick else []
-    m = _recipe("best_of_n").main(*_parse("best_of_n", argv))
+    argv = ["--seed", str(args.seed), *_rl_flags(args, judge_as_weights=False)]
+    m = _recipe("best_of_n").main(*_parse("best_of_n", ["--output_dir", out, *argv, *(
+        ["--rounds", "1", "--pool_size", "32"] if args.quick else [])]))
+    # the control: one round of the same distillation on randomly chosen samples (best of 1)
+    control = _recipe("best_of_n").main(*_parse("best_of_n", ["--output_dir", os.path.join(out, "best_of_1"), *argv,
+                                                              "--n", "1", "--rounds", "1", "--pool_size", "8"]))
     return {k: m[k] for k in ("select", "gold", "n", "pool_size", "rounds", "initial", "best_of_n", "distilled",
                               "curve", "seconds")} | {"plots": [os.path.join(out, "bon_curve.png"),
                                                                  os.path.join(out, "distillation.png")],
-                                                       "model_dir": out}
+                                                       "model_dir": out,
+                                                       "best_of_1": {k: control[k] for k in ("initial", "distilled")}}
 
 
 MINI_KEEP = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
@@ -321,13 +325,20 @@ def stage_reinforce(args: Any, out: str) -> dict:
     training (``hf_rlhf_ext.baselines``)."""
     from hf_rlhf_ext.baselines import run_baselines
 
-    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
+    argv = ["--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
-    m = run_baselines(argv, progress=False)
-    keep = {name: {k: b[k] for k in ("median_grad_variance", "final_reward", "final_gold", "variance_vs_none")}
-            | {"first_reward": b["reward_curve"]["mean"][0]} for name, b in m["baselines"].items()}
-    return {"baselines": keep, "seeds": m["settings"]["seeds"], "reward_offset": m["settings"]["reward_offset"],
+    m = run_baselines(["--output_dir", out, *argv], progress=False)
+    # the variance cut again without the +5 offset, which alone inflates the no-baseline variance
+    flat = run_baselines(["--output_dir", os.path.join(out, "no_offset"), *argv, "--baselines", "none",
+                          "running_mean", "--reward_offset", "0"], progress=False)
+    return {"baselines": _keep_baselines(m), "seeds": m["settings"]["seeds"],
+            "reward_offset": m["settings"]["reward_offset"], "no_offset": _keep_baselines(flat),
             "plots": [os.path.join(out, "baselines.png")]}
+
+
+def _keep_baselines(m: dict) -> dict:
+    return {name: {k: b[k] for k in ("median_grad_variance", "final_reward", "final_gold", "variance_vs_none")}
+            | {"first_reward": b["reward_curve"]["mean"][0]} for name, b in m["baselines"].items()}
 
 
 def stage_beta_sweep(args: Any, out: str) -> dict:
@@ -528,7 +539,15 @@ def claim_best_of_n(results: dict):
     initial, first = r["initial"][gold], r["distilled"][0]["eval"][gold]
     values = {"sft_gold": initial, "distilled_gold": first, "gain": first - initial,
               "distilled_kl": r["distilled"][0]["eval"].get("kl"), "best_of_n_gold": r["best_of_n"].get(gold)}
-    return Claim.experiment(*args, values, first - initial >= BON_MARGIN, seeds=_claim_seeds(results, "best_of_n"))
+    seeds = _claim_seeds(results, "best_of_n")
+    if not r.get("best_of_1"):
+        return Claim.experiment(*args, values, first - initial >= BON_MARGIN, seeds=seeds)
+    c = r["best_of_1"]
+    c_gain = c["distilled"][0]["eval"][gold] - c["initial"][gold]
+    control = {"statement": "one round of the same distillation on randomly chosen samples (best of 1)",
+               "values": {"sft_gold": c["initial"][gold], "distilled_gold": c["distilled"][0]["eval"][gold],
+                          "gain": c_gain}}
+    return Claim.experiment(*args, values, first - initial >= BON_MARGIN, control, c_gain >= BON_MARGIN, seeds)
 
 
 POLITE_GAIN, POLITE_KL, KL_RATIO = 0.3, 5.0, 0.75
@@ -587,25 +606,34 @@ def claim_overoptimization(results: dict):
     return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "overoptimization"))
 
 
-VARIANCE_CUT = 2.0
+VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
 
 
 def claim_reinforce(results: dict):
     from hf_rlhf_ext.report import Claim
 
     args = ("reinforce_baseline", "14–15", "REINFORCE raises the mean reward; a baseline cuts the measured gradient "
-            "variance at least 2×", "running-mean baseline: final − first training reward; median gradient variance "
-            "of none ÷ running mean", {"reward_gain": "> 0", "variance_cut": f">= {VARIANCE_CUT}"})
+            "variance at least 2× on a reward with a +5 offset (the cut without the offset is reported beside it)",
+            "running-mean baseline: final − first training reward; median gradient variance of none ÷ running mean",
+            {"reward_gain": f">= {REWARD_GAIN}", "variance_cut": f">= {VARIANCE_CUT}"})
     if reason := _missing(results, "reinforce"):
         return Claim.skip(*args, reason)
-    b = results["reinforce"]["baselines"]
-    rm, none = b["running_mean"], b["none"]
+    r = results["reinforce"]
+    rm, none = r["baselines"]["running_mean"], r["baselines"]["none"]
     gain = rm["final_reward"]["mean"] - rm["first_reward"]
-    cut = none["median_grad_variance"]["median"] / rm["median_grad_variance"]["median"]
+    cut = _variance_cut(r["baselines"])
     values = {"first_reward": rm["first_reward"], "final_reward": rm["final_reward"]["mean"], "reward_gain": gain,
               "variance_none": none["median_grad_variance"]["median"],
-              "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut}
-    return Claim.experiment(*args, values, gain > 0 and cut >= VARIANCE_CUT, seeds=_claim_seeds(results, "reinforce"))
+              "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut,
+              "variance_cut_no_offset": _variance_cut(r["no_offset"]) if r.get("no_offset") else None}
+    holds = gain >= REWARD_GAIN and cut >= VARIANCE_CUT
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "reinforce"))
+
+
+def _variance_cut(baselines: dict) -> float:
+    """Median gradient variance without a baseline ÷ with the running mean."""
+    return baselines["none"]["median_grad_variance"]["median"] / baselines["running_mean"]["median_grad_variance"][
+        "median"]
 
 
 def claim_kl_vs_beta(results: dict):
@@ -776,6 +804,9 @@ def section_best_of_n(args, r):
         moved = _reading(claim_best_of_n({"best_of_n": r}).holds, "raises", "does NOT raise (by the margin)")
         text += (f", while {_gold_shape(pts, gold)}. One round of distillation {moved} the policy's own gold: "
                  f"{before:.2f} → {after:.2f}.")
+        if c := r.get("best_of_1"):
+            text += (f" Distilling randomly chosen samples (best of 1) moved it {c['initial'][gold]:.2f} → "
+                     f"{c['distilled'][0]['eval'][gold]:.2f}.")
     table = [(f"N = {p['n']}", {k: p[k] for k in p if k not in ("n", "sqrt_kl")}) for p in pts]
     table += [(f"distilled round {d['round']}", d["eval"]) for d in r["distilled"]]
     return Section("Best-of-N and its distillation (exercise 21)", text, table, [_rel(args, p) for p in r["plots"]])
@@ -822,6 +853,10 @@ def section_reinforce(args, r):
     gain = {name: b[name]["final_reward"]["mean"] - b[name]["first_reward"] for name in ("none", "running_mean")}
     cuts = _reading(cut >= VARIANCE_CUT, f"cuts the gradient variance {cut:.0f}×",
                     f"does NOT cut the gradient variance (×{cut:.2f})")
+    if r.get("no_offset"):
+        flat = _variance_cut(r["no_offset"])
+        cuts += f" (without the offset {flat:.1f}×: " + _reading(
+            flat >= VARIANCE_CUT, "a real cut, not only the offset's)", "most of the cut was the offset's)")
     learns = _reading(gain["none"] < 0.5 * gain["running_mean"], "the run without a baseline barely learns",
                       "the run without a baseline learns about as much or more")
     return Section("REINFORCE and its baseline (exercises 14–15)", f"A constant +{r['reward_offset']:g} added to every "

@@ -156,6 +156,28 @@ def test_mini_loop_claim_needs_its_kl_penalty_to_keep_kl_below_the_no_penalty_ru
     assert swapped.control_holds is True and swapped.holds is False
 
 
+def test_best_of_n_distillation_claim_fails_when_best_of_1_distils_as_well():
+    def bon(gain, control_gain):
+        r = _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.3 + gain)
+        return {"best_of_n": {**r, "best_of_1": {"initial": {"gold": 0.3},
+                                                 "distilled": [{"round": 1, "eval": {"gold": 0.3 + control_gain}}]}}}
+
+    ok = stages.claim_best_of_n(bon(0.21, 0.02))
+    assert ok.holds and ok.control_holds is False and ok.control["values"]["gain"] == pytest.approx(0.02)
+    no_selection_needed = stages.claim_best_of_n(bon(0.21, 0.15))  # random samples distil as well: not selection
+    assert no_selection_needed.control_holds and no_selection_needed.holds is False
+    assert stages.claim_best_of_n(bon(0.05, 0.0)).holds is False
+
+
+def test_reinforce_claim_needs_a_reward_margin_and_reports_the_cut_without_the_offset():
+    r = {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(120.0, 0.05)["baselines"]}
+    ok = stages.claim_reinforce({"reinforce": r})
+    assert ok.holds and ok.values["variance_cut"] == 30 and ok.values["variance_cut_no_offset"] == pytest.approx(1.2)
+    tiny = {**r, "baselines": {**r["baselines"], "running_mean": {**r["baselines"]["running_mean"],
+                                                                  "final_reward": {"mean": 1.05}}}}
+    assert stages.claim_reinforce({"reinforce": tiny}).holds is False  # +0.05: within noise, no longer "> 0"
+
+
 def _rm(acc, length_acc, n=400):
     return {"reward_model": {"test": {"accuracy": acc, "n_pairs": n}, "label_flip_rate_test": 0.14,
                              "length_only": {"accuracy": length_acc, "prefers": "shorter", "n_pairs": n}}}
@@ -419,6 +441,9 @@ READINGS = [  # (section, numbers that support the chapter, numbers that contrad
     ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "cuts the gradient variance 30×",
      "does NOT cut"),
     ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "barely learns", "learns about as much"),
+    ("reinforce", {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(300.0, 0.05)["baselines"]},
+     {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(120.0, 0.05)["baselines"]}, "a real cut",
+     "most of the cut was the offset's"),
     ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "the leash works",
      "the leash does NOT work"),
     ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "The Gao RL form fits",
