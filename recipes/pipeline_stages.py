@@ -233,15 +233,24 @@ def stage_mini_loop(args: Any, out: str) -> dict:
                                                 "no_kl_penalty": {k: control.get(k) for k in MINI_KEEP}}
 
 
+HIGH_BETA = 0.5  # on the lab: gold rises and stays (no sustained fall in 3/3 seeds)
+
+
 def stage_overoptimization(args: Any, out: str) -> dict:
     """β too low: GRPO on the proxy with a weak KL leash, held-out proxy and gold watched by
-    ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens)."""
-    from hf_rlhf_ext.callbacks import OveroptimizationCallback
-
+    ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens); the control is the same run from the
+    same start at a high β, where gold should not fall."""
     if not has_gold(args):
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
+    low = _overoptimization_run(args, out, 0.005)
+    return low | {"high_beta": _overoptimization_run(args, os.path.join(out, "high_beta"), HIGH_BETA)}
+
+
+def _overoptimization_run(args: Any, out: str, beta: float) -> dict:
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
     steps = "80" if args.quick else "150"
-    trainer, setup = _grpo_setup(args, out, ["--beta", "0.005", "--learning_rate", "3e-4", "--loss_type", "dapo",
+    trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", "3e-4", "--loss_type", "dapo",
                                              "--max_steps", steps, "--max_completion_length", "32",
                                              "--disable_tqdm", "true", "--logging_steps", "10"])
     proxy = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w != 0)
@@ -251,7 +260,7 @@ def stage_overoptimization(args: Any, out: str) -> dict:
     trainer.add_callback(monitor)
     trainer.train()
     findings = monitor.findings()
-    return {"beta": 0.005, "steps": int(steps), "findings": vars(findings) if hasattr(findings, "__dict__") else
+    return {"beta": beta, "steps": int(steps), "findings": vars(findings) if hasattr(findings, "__dict__") else
             dict(findings), "points": monitor.points, "plots": [os.path.join(out, "overoptimization.png")]}
 
 
@@ -585,25 +594,57 @@ def claim_mini_loop(results: dict):
 HACK_MARGIN = 0.1
 
 
+def gold_noise(points: list[dict]) -> float:
+    """Measurement noise (σ) of one held-out gold value, from the median |successive difference| / (√2 · 0.6745):
+    robust to the few large steps of a real fall, so a hump is not mistaken for noise."""
+    gold = [p["gold"] for p in points if p.get("gold") is not None and math.isfinite(p["gold"])]
+    diffs = sorted(abs(b - a) for a, b in zip(gold, gold[1:]))
+    if not diffs:
+        return float("inf")
+    mid = len(diffs) // 2
+    median = diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2
+    return median / (math.sqrt(2) * 0.6745)
+
+
+def _hump(run: dict) -> tuple[bool, dict]:
+    """The rule: a gold peak before the end, a fall from it larger than HACK_MARGIN and 2× the gold noise, and the
+    proxy above its value at the peak."""
+    f, last_step = run["findings"], run["points"][-1]["step"]
+    fall = f["peak_gold"] - f["final_gold"] if f["peak_gold"] is not None else None
+    rise = f["final_proxy"] - f["proxy_at_peak"] if f["proxy_at_peak"] is not None else None
+    noise = gold_noise(run["points"])
+    values = {"peak_step": f["peak_step"], "last_step": last_step, "peak_gold": f["peak_gold"],
+              "end_gold": f["final_gold"], "fall": fall, "gold_noise": noise, "proxy_at_peak": f["proxy_at_peak"],
+              "end_proxy": f["final_proxy"], "kl_at_peak": f["kl_at_peak"], "end_kl": f["final_kl"],
+              "detected_step": f["detected_step"]}
+    holds = f["peak_step"] is not None and f["peak_step"] < last_step and fall is not None \
+        and fall >= max(HACK_MARGIN, 2 * noise) and rise is not None and rise > 0
+    return holds, values
+
+
 def claim_overoptimization(results: dict):
     from hf_rlhf_ext.report import Claim
 
     args = ("beta_too_low", "9, 10, 22", "With β too low the proxy keeps rising while gold peaks and falls",
             "OveroptimizationCallback: gold peak found before the end; end gold below the peak; end proxy above the "
-            "proxy at the gold peak (smoothed held-out values)", {"peak_gold - end_gold": f">= {HACK_MARGIN}",
-                                                                  "end_proxy - proxy_at_peak": "> 0"})
+            "proxy at the gold peak (smoothed held-out values)", {
+                "peak_gold - end_gold": f">= max({HACK_MARGIN}, 2 × gold noise)", "end_proxy - proxy_at_peak": "> 0"})
     if reason := _missing(results, "overoptimization"):
         return Claim.skip(*args, reason)
-    f = results["overoptimization"]["findings"]
-    last_step = results["overoptimization"]["points"][-1]["step"]
-    fall = f["peak_gold"] - f["final_gold"] if f["peak_gold"] is not None else None
-    rise = f["final_proxy"] - f["proxy_at_peak"] if f["proxy_at_peak"] is not None else None
-    values = {"peak_step": f["peak_step"], "last_step": last_step, "peak_gold": f["peak_gold"],
-              "end_gold": f["final_gold"], "proxy_at_peak": f["proxy_at_peak"], "end_proxy": f["final_proxy"],
-              "kl_at_peak": f["kl_at_peak"], "end_kl": f["final_kl"], "detected_step": f["detected_step"]}
-    holds = f["peak_step"] is not None and f["peak_step"] < last_step and fall is not None and fall >= HACK_MARGIN \
-        and rise is not None and rise > 0
-    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "overoptimization"))
+    r = results["overoptimization"]
+    holds, values = _hump(r)
+    seeds = _claim_seeds(results, "overoptimization")
+    if not r.get("high_beta"):
+        return Claim.experiment(*args, values, holds, seeds=seeds)
+    control_holds, control_values = _hump(r["high_beta"])
+    control = {"statement": f"the same run from the same start at β = {r['high_beta']['beta']}",
+               "values": control_values}
+    fp = (r.get("_provenance") or {}).get("fingerprint") or {}
+    if not holds and not control_holds and fp.get("quick"):  # too short to resolve a hump: undecided, not false
+        reason = (f"not decided in quick mode: the fall {values['fall'] or 0:.2f} is under the bar max({HACK_MARGIN}, "
+                  f"2 × noise {values['gold_noise']:.2f}) in {values['last_step']} steps; run without --quick")
+        return Claim(*args, values, None, skipped=reason, control=control, control_holds=False, seeds=seeds)
+    return Claim.experiment(*args, values, holds, control, control_holds, seeds)
 
 
 VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
@@ -838,6 +879,10 @@ def section_overoptimization(args, r):
             ) if f["peak_step"] is not None else "No gold peak was found"
     text += _reading(claim_overoptimization({"overoptimization": r}).holds, ": Goodhart's law, measured.",
                      ": the rise-then-fall was NOT resolved in this run.")
+    if h := r.get("high_beta"):
+        g = h["findings"]
+        text += (f" From the same start at β = {h['beta']} gold ended at {g['final_gold'] or float('nan'):.2f} "
+                 f"(its peak {g['peak_gold'] or float('nan'):.2f}).")
     return Section("β too low hacks the reward (exercises 9, 10, 22)", text,
                    [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
                                          "kl_at_peak", "final_kl", "detected_step")], [_rel(args, p) for p in r["plots"]])

@@ -178,6 +178,32 @@ def test_reinforce_claim_needs_a_reward_margin_and_reports_the_cut_without_the_o
     assert stages.claim_reinforce({"reinforce": tiny}).holds is False  # +0.05: within noise, no longer "> 0"
 
 
+def _run(gold, proxy, beta, peak_step, peak_gold, final_gold, proxy_at_peak):
+    points = [{"step": 5 * (i + 1), "gold": g, "proxy": p} for i, (g, p) in enumerate(zip(gold, proxy))]
+    f = {"peak_step": peak_step, "peak_gold": peak_gold, "final_gold": final_gold, "proxy_at_peak": proxy_at_peak,
+         "final_proxy": proxy[-1], "kl_at_peak": 1.0, "final_kl": 9.0, "detected_step": None}
+    return {"beta": beta, "steps": 5 * len(gold), "findings": f, "points": points, "plots": []}
+
+
+HUMP = _run([0.4, 0.6, 0.8, 0.85, 0.7, 0.4, 0.1, -0.2], [0.2, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2], 0.005, 20, 0.8,
+            -0.1, 0.8)  # the lab at β = 0.005: gold up, then down while the proxy keeps rising
+FLAT = _run([0.5, 0.7, 0.5, 0.7, 0.5, 0.7, 0.5, 0.6], [0.2, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2], 0.005, 10, 0.66,
+            0.55, 0.5)  # gold flat within noise: the running max of the smoothed series still "falls" by 0.11
+STEADY = _run([0.4, 0.6, 0.7, 0.75, 0.78, 0.8, 0.79, 0.8], [0.2, 0.4, 0.5, 0.6, 0.6, 0.65, 0.65, 0.7], 0.5, 30, 0.79,
+              0.79, 0.6)  # high β: gold rises and stays
+
+
+def test_beta_too_low_claim_needs_a_fall_beyond_noise_and_no_fall_at_high_beta():
+    ok = stages.claim_overoptimization({"overoptimization": {**HUMP, "high_beta": STEADY}})
+    assert ok.holds and ok.control_holds is False and ok.values["fall"] >= 2 * ok.values["gold_noise"]
+    assert stages.claim_overoptimization({"overoptimization": {**FLAT, "high_beta": STEADY}}).holds is False
+    hacked_control = stages.claim_overoptimization({"overoptimization": {**HUMP, "high_beta": {**HUMP, "beta": 0.5}}})
+    assert hacked_control.control_holds and hacked_control.holds is False  # high β fell as well: not β's doing
+    quick = {**FLAT, "high_beta": STEADY, "_provenance": {"fingerprint": {"quick": True}}}
+    undecided = stages.claim_overoptimization({"overoptimization": quick})
+    assert undecided.holds is None and "not decided in quick mode" in undecided.skipped  # said, not a false fail
+
+
 def _rm(acc, length_acc, n=400):
     return {"reward_model": {"test": {"accuracy": acc, "n_pairs": n}, "label_flip_rate_test": 0.14,
                              "length_only": {"accuracy": length_acc, "prefers": "shorter", "n_pairs": n}}}
@@ -412,7 +438,9 @@ def _ppo(grpo_mb, grpo_end):
 def _over(final_gold, final_proxy):
     f = {"peak_step": 20, "peak_gold": 0.5, "final_gold": final_gold, "proxy_at_peak": 0.7, "final_proxy": final_proxy,
          "kl_at_peak": 1.0, "final_kl": 9.0, "detected_step": 40}
-    return {"beta": 0.005, "steps": 80, "findings": f, "points": [{"step": 80}], "plots": []}
+    gold = [0.3, 0.5, 0.5, 0.45, 0.4, 0.3, 0.2, final_gold]
+    return {"beta": 0.005, "steps": 80, "findings": f, "plots": [],
+            "points": [{"step": 10 * (i + 1), "gold": g} for i, g in enumerate(gold)]}
 
 
 GA = {"batches": 4, "num_generations": 8, "max_abs_group_mean": 1e-8, "max_sign_mismatch_frac": 0.0,
@@ -438,6 +466,8 @@ READINGS = [  # (section, numbers that support the chapter, numbers that contrad
     ("mini_loop", {**MINI, **_mini()["mini_loop"]}, {**MINI, **_mini(kl=2.6)["mini_loop"]}, "learned the behaviour",
      "does NOT hold"),
     ("overoptimization", _over(-0.5, 1.3), _over(0.48, 1.3), "Goodhart's law, measured", "NOT resolved"),
+    ("overoptimization", {**HUMP, "high_beta": STEADY}, {**FLAT, "high_beta": STEADY}, "Goodhart's law, measured",
+     "NOT resolved"),
     ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "cuts the gradient variance 30×",
      "does NOT cut"),
     ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "barely learns", "learns about as much"),
