@@ -316,15 +316,17 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
 
     payload = json.loads((out / "claims.json").read_text())
     claims = {c["id"]: c for c in payload["claims"]}
-    assert payload["quick"] is True and all(c["holds"] for c in claims.values()), log[-3000:]
+    undecided = {i for i, c in claims.items() if c["holds"] is None and "quick mode" in (c["skipped"] or "")}
+    assert payload["quick"] is True and all(c["holds"] for i, c in claims.items() if i not in undecided), log[-3000:]
+    assert all(c["control_holds"] is False for c in claims.values() if c["control"] is not None)
     v = claims["rm_accuracy"]["values"]
     assert 0.6 <= v["accuracy"] < 0.8 and v["z"] >= 2  # the lab RM: 0.695 on 400 held-out pairs
     assert v["margin_over_length_only"] >= stages.RM_MARGIN  # length alone: 0.5175
     assert claims["grpo_advantages"]["values"]["max_abs_group_mean"] < 1e-6
     assert claims["bon_distillation"]["values"]["gain"] >= stages.BON_MARGIN
-    v = claims["beta_too_low"]["values"]
-    assert v["peak_step"] < v["last_step"] and v["peak_gold"] - v["end_gold"] >= stages.HACK_MARGIN
-    assert v["end_proxy"] > v["proxy_at_peak"]
+    v = claims["beta_too_low"]["values"]  # seed 0: fall 0.22 against a noise of 0.09; at β = 0.5 no fall
+    assert "beta_too_low" in undecided or (v["peak_step"] < v["last_step"] and v["fall"] >= 2 * v["gold_noise"]
+                                           and v["end_proxy"] > v["proxy_at_peak"])
     v = claims["reinforce_baseline"]["values"]
     assert v["variance_cut"] >= stages.VARIANCE_CUT and v["reward_gain"] > 0  # measured: 33x, +0.35
     v = claims["kl_falls_with_beta"]["values"]
@@ -333,7 +335,6 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
     assert v["grpo_memory_mb"] < v["ppo_memory_mb"] and min(v["ppo_gold_gain"], v["grpo_gold_gain"]) >= stages.GOLD_GAIN
     v = claims["mini_loop"]["values"]  # measured: 0.28 → 0.91 at 1.09 nats; without the penalty 2.67 nats
     assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl_ratio"] <= stages.KL_RATIO
-    assert all(c["control_holds"] is False for c in claims.values() if c["control"] is not None)
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "reference policy" in report
     assert all((out / p).is_file() for p in ("clip/clip.png", "best_of_n/bon_curve.png", "mini_loop/mini_loop.png"))
