@@ -16,6 +16,7 @@ current one, so a file from other settings, an older version or no run at all (h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -102,6 +103,12 @@ class Section:
 PROVENANCE = "_provenance"
 
 
+def _digest(result: dict[str, Any]) -> str:
+    """SHA-256 of a result without its provenance: numbers edited after the run no longer match."""
+    body = {k: v for k, v in result.items() if k != PROVENANCE}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def new_invocation_id() -> str:
     """UTC time, process id and a random tag: unique per invocation (also two in one second), readable in a report."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -134,7 +141,7 @@ class StageStore:
         except (OSError, ValueError):
             return None
         prov = result.get(PROVENANCE) if isinstance(result, dict) else None
-        valid = isinstance(prov, dict) and prov.get("invocation")
+        valid = isinstance(prov, dict) and prov.get("invocation") and prov.get("digest") == _digest(result)
         if not valid or prov.get("fingerprint") != _jsonable(fingerprint):
             return None
         return result
@@ -150,7 +157,8 @@ class StageStore:
 
     def save(self, name: str, result: dict[str, Any], fingerprint: dict[str, Any]) -> None:
         os.makedirs(self.root, exist_ok=True)
-        prov = {"fingerprint": fingerprint, "invocation": self.invocation,
+        result = _jsonable(result)
+        prov = {"fingerprint": fingerprint, "invocation": self.invocation, "digest": _digest(result),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         tmp = self._path(name) + ".tmp"
         with open(tmp, "w") as f:

@@ -65,6 +65,10 @@ def test_stage_store_reuses_a_result_only_with_its_fingerprint(tmp_path):
     (tmp_path / "stages" / "planted.json").write_text(json.dumps({"value": 9}))  # hand-written: no fingerprint
     assert later.load("planted", FP) is None and "not used" in later.stale_reason("planted", FP)
     assert later.run("planted", lambda out: {"value": 4}, FP) == ({**later.load("planted", FP)}, False)
+    path = tmp_path / "stages" / "a.json"
+    edited = json.loads(path.read_text()) | {"value": 99}  # numbers changed after the run, fingerprint kept
+    path.write_text(json.dumps(edited))
+    assert later.load("a", FP) is None
 
 
 PLANTED_RM = {"test": {"accuracy": 0.99, "n_pairs": 4000, "gold_accuracy": 0.99}, "n_train_pairs": 1000}
