@@ -65,10 +65,11 @@ def test_stage_store_reuses_a_result_only_with_its_fingerprint(tmp_path):
     (tmp_path / "stages" / "planted.json").write_text(json.dumps({"value": 9}))  # hand-written: no fingerprint
     assert later.load("planted", FP) is None and "not used" in later.stale_reason("planted", FP)
     assert later.run("planted", lambda out: {"value": 4}, FP) == ({**later.load("planted", FP)}, False)
-    path = tmp_path / "stages" / "a.json"
+    path, seed_1 = tmp_path / "stages" / "a.json", {**FP, "seed": 1}
+    assert later.load("a", seed_1)["value"] == 3
     edited = json.loads(path.read_text()) | {"value": 99}  # numbers changed after the run, fingerprint kept
     path.write_text(json.dumps(edited))
-    assert later.load("a", FP) is None
+    assert later.load("a", seed_1) is None
 
 
 PLANTED_RM = {"test": {"accuracy": 0.99, "n_pairs": 4000, "gold_accuracy": 0.99}, "n_train_pairs": 1000}
