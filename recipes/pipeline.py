@@ -6,7 +6,8 @@ the measured numbers.
     hf-rlhf-ext report --quick                                    # the same, from the console entry point
 
 Writes <output_dir>/report.md, claims.json, one folder per stage (its metrics and plots) and stages/<name>.json (its
-result). Rerunning the same command after a kill redoes only the stages without a result.
+result, with a fingerprint of the settings and versions that made it). Rerunning the same command after a kill redoes
+only the stages without a result; a stored result made with other settings, or without a fingerprint, is rerun.
 
 On your own model: ``--model_name_or_path``, ``--dataset_name``, ``--reward_funcs`` / ``--reward_model_name_or_path``
 (the optimised reward) and ``--gold_funcs`` (a held-out judge standing in for gold). Stages that only make sense on
@@ -83,13 +84,20 @@ def main(args: PipelineArguments) -> dict[str, Any]:
     bar = tqdm(todo, desc="chapter", unit="stage")
     for stage in bar:
         bar.set_postfix_str(stage.name)
-        results[stage.name], reused = store.run(stage.name, lambda out, s=stage: s.run(args, out))
+        fingerprint = stages.fingerprint(args, stage.name)
+        if reason := store.stale_reason(stage.name, fingerprint):
+            tqdm.write(f"[{stage.name}] {reason}; running it")
+        results[stage.name], reused = store.run(stage.name, lambda out, s=stage: s.run(args, out), fingerprint)
         if reused:
             tqdm.write(f"[{stage.name}] reused its stored result")
-    for name in stages.NAMES:  # earlier runs' stages still count in the report
-        if name not in results and store.done(name):
-            results[name] = store.load(name)
-    payload = stages.write_report(args, results, seconds=time.time() - start)
+    for name in stages.NAMES:  # earlier invocations' stages count only when made with the same settings
+        if name in results:
+            continue
+        if (stored := store.load(name, stages.fingerprint(args, name))) is not None:
+            results[name] = stored
+        elif reason := store.stale_reason(name, stages.fingerprint(args, name)):
+            results[name] = {"skipped": reason}
+    payload = stages.write_report(args, results, seconds=time.time() - start, store=store)
     write_card(args, payload)
     print(outputs_line(args.output_dir, metrics_file="claims.json"))
     return payload

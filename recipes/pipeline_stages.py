@@ -60,6 +60,23 @@ def _rl_flags(args: Any, judge_as_weights: bool = True) -> list[str]:
     return flags
 
 
+FINGERPRINT_ARGS = ("quick", "seed", "model_name_or_path", "dataset_name", "reward_funcs", "reward_model_name_or_path",
+                    "gold_funcs", "use_peft")
+
+
+def fingerprint(args: Any, name: str) -> dict:
+    """What a stage's numbers depend on: package versions, the stage and the settings that change its result."""
+    import torch
+    import transformers
+    import trl
+
+    import hf_rlhf_ext
+
+    versions = {"hf_rlhf_ext": hf_rlhf_ext.__version__, "trl": trl.__version__,
+                "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}}
+
+
 def has_gold(args: Any) -> bool:
     return args.on_lab or bool(args.gold_funcs)
 
@@ -82,7 +99,24 @@ def stage_reward_model(args: Any, out: str) -> dict:
     if not args.on_lab:
         return {"skipped": "needs the lab's gold-labelled preference pairs (run recipes/reward.py on your own pairs)"}
     metrics = _recipe("reward").main(*_parse("reward", ["--output_dir", out, "--seed", str(args.seed)]))
-    return {"test": metrics["test"], "n_train_pairs": metrics["n_train_pairs"]}
+    from hf_rlhf_ext.lab import build_lab
+
+    pairs = build_lab().load_preferences()
+    return {"test": metrics["test"], "n_train_pairs": metrics["n_train_pairs"],
+            "length_only": length_only_accuracy(_lengths(pairs["train"]), _lengths(pairs["test"])),
+            "label_flip_rate_test": sum(pairs["test"]["label_flipped"]) / len(pairs["test"])}
+
+
+def _lengths(pairs: Any) -> list[tuple[int, int]]:
+    return [(len(c), len(r)) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"])]
+
+
+def length_only_accuracy(train: list[tuple[int, int]], test: list[tuple[int, int]]) -> dict:
+    """The trivial predictor "prefer the longer (or shorter) reply", its direction fit on the training pairs; held-out
+    accuracy on the same pairs as the RM, ties counted half. An RM that only learned length is no better."""
+    longer = sum(c > r for c, r in train) >= sum(c < r for c, r in train)
+    right = sum((c > r) == longer if c != r else 0.5 for c, r in test)
+    return {"accuracy": right / len(test), "prefers": "longer" if longer else "shorter", "n_pairs": len(test)}
 
 
 def stage_clip(args: Any, out: str) -> dict:
@@ -136,11 +170,18 @@ def _quiet(trainer: Any) -> Any:
 
 
 def stage_group_advantages(args: Any, out: str) -> dict:
-    """GRPO's group-relative advantages recomputed and checked on every real training batch."""
+    """GRPO's group-relative advantages recomputed and checked on every real training batch; the last batch's rewards
+    and advantages are kept, so the same check can be shown to catch a planted corruption of real data."""
     from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback
 
+    class Recording(GroupAdvantageCheckCallback):
+        def _statistics(self, logged, expected, rewards, used, g, settings):
+            self.batch = {"rewards": rewards.tolist(), "advantages": logged.tolist(), "group_size": int(g),
+                          "scale": settings["scale"]}
+            return super()._statistics(logged, expected, rewards, used, g, settings)
+
     trainer, _ = _grpo_setup(args, out, ["--max_steps", "6" if args.quick else "12", "--disable_tqdm", "true"])
-    check = GroupAdvantageCheckCallback(trainer, on_violation="warn", every_n_steps=1)
+    check = Recording(trainer, on_violation="warn", every_n_steps=1)
     trainer.add_callback(check)
     trainer.train()
     hist = check.history
@@ -150,45 +191,66 @@ def stage_group_advantages(args: Any, out: str) -> dict:
         "max_sign_mismatch_frac": max(h["sign_mismatch_frac"] for h in hist),
         "max_abs_diff_recomputed": max(h["max_abs_diff"] for h in hist),
         "mean_zero_std_frac": sum(h["zero_std_frac"] for h in hist) / len(hist),
+        "max_abs_adv": max(h["max_abs_adv"] for h in hist),
         "violations": len(check.violations),
+        "recorded_batch": getattr(check, "batch", None),
     }
 
 
 def stage_best_of_n(args: Any, out: str) -> dict:
     """Best-of-N's own over-optimisation curve and its distillation (``recipes/best_of_n.py``)."""
-    argv = ["--output_dir", out, "--seed", str(args.seed), *_rl_flags(args, judge_as_weights=False)]
-    argv += ["--rounds", "1", "--pool_size", "32"] if args.quick else []
-    m = _recipe("best_of_n").main(*_parse("best_of_n", argv))
+    argv = ["--seed", str(args.seed), *_rl_flags(args, judge_as_weights=False)]
+    m = _recipe("best_of_n").main(*_parse("best_of_n", ["--output_dir", out, *argv, *(
+        ["--rounds", "1", "--pool_size", "32"] if args.quick else [])]))
+    # the control: one round of the same distillation on randomly chosen samples (best of 1)
+    control = _recipe("best_of_n").main(*_parse("best_of_n", ["--output_dir", os.path.join(out, "best_of_1"), *argv,
+                                                              "--n", "1", "--rounds", "1", "--pool_size", "8"]))
     return {k: m[k] for k in ("select", "gold", "n", "pool_size", "rounds", "initial", "best_of_n", "distilled",
                               "curve", "seconds")} | {"plots": [os.path.join(out, "bon_curve.png"),
                                                                  os.path.join(out, "distillation.png")],
-                                                       "model_dir": out}
+                                                       "model_dir": out,
+                                                       "best_of_1": {k: control[k] for k in ("initial", "distilled")}}
+
+
+MINI_KEEP = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
+             "steps", "seconds", "samples_before", "samples_after")
 
 
 def stage_mini_loop(args: Any, out: str) -> dict:
-    """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``)."""
-    argv = ["--output_dir", out, "--seed", str(args.seed)]
+    """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``), and its control:
+    the same loop, seed and steps with the KL penalty off, so "KL stays bounded" is measured against no leash."""
+    argv = ["--seed", str(args.seed)]
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
     if args.dataset_name:
         argv += ["--dataset_name", args.dataset_name]
     if args.use_peft:
         argv += ["--use_peft", "true"]
-    m = _recipe("mini_loop").main(*_parse("mini_loop", argv))
-    keep = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
-            "steps", "seconds", "samples_before", "samples_after")
-    return {k: m.get(k) for k in keep} | {"plots": [m["files"]["plot"]]}
+    m = _recipe("mini_loop").main(*_parse("mini_loop", ["--output_dir", out, *argv]))
+    control = _recipe("mini_loop").main(*_parse("mini_loop", ["--output_dir", os.path.join(out, "no_kl_penalty"),
+                                                              "--kl_coef", "0", *argv]))
+    return {k: m.get(k) for k in MINI_KEEP} | {"kl_coef": m["config"]["kl_coef"], "plots": [m["files"]["plot"]],
+                                                "no_kl_penalty": {k: control.get(k) for k in MINI_KEEP}}
+
+
+HIGH_BETA = 0.5  # on the lab: gold rises and stays (no sustained fall in 3/3 seeds)
 
 
 def stage_overoptimization(args: Any, out: str) -> dict:
     """β too low: GRPO on the proxy with a weak KL leash, held-out proxy and gold watched by
-    ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens)."""
-    from hf_rlhf_ext.callbacks import OveroptimizationCallback
-
+    ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens); the control is the same run from the
+    same start at a high β, where gold should not fall."""
     if not has_gold(args):
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
+    low = _overoptimization_run(args, out, 0.005)
+    return low | {"high_beta": _overoptimization_run(args, os.path.join(out, "high_beta"), HIGH_BETA)}
+
+
+def _overoptimization_run(args: Any, out: str, beta: float) -> dict:
+    from hf_rlhf_ext.callbacks import OveroptimizationCallback
+
     steps = "80" if args.quick else "150"
-    trainer, setup = _grpo_setup(args, out, ["--beta", "0.005", "--learning_rate", "3e-4", "--loss_type", "dapo",
+    trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", "3e-4", "--loss_type", "dapo",
                                              "--max_steps", steps, "--max_completion_length", "32",
                                              "--disable_tqdm", "true", "--logging_steps", "10"])
     proxy = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w != 0)
@@ -198,7 +260,7 @@ def stage_overoptimization(args: Any, out: str) -> dict:
     trainer.add_callback(monitor)
     trainer.train()
     findings = monitor.findings()
-    return {"beta": 0.005, "steps": int(steps), "findings": vars(findings) if hasattr(findings, "__dict__") else
+    return {"beta": beta, "steps": int(steps), "findings": vars(findings) if hasattr(findings, "__dict__") else
             dict(findings), "points": monitor.points, "plots": [os.path.join(out, "overoptimization.png")]}
 
 
@@ -272,13 +334,20 @@ def stage_reinforce(args: Any, out: str) -> dict:
     training (``hf_rlhf_ext.baselines``)."""
     from hf_rlhf_ext.baselines import run_baselines
 
-    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
+    argv = ["--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
-    m = run_baselines(argv, progress=False)
-    keep = {name: {k: b[k] for k in ("median_grad_variance", "final_reward", "final_gold", "variance_vs_none")}
-            | {"first_reward": b["reward_curve"]["mean"][0]} for name, b in m["baselines"].items()}
-    return {"baselines": keep, "seeds": m["settings"]["seeds"], "reward_offset": m["settings"]["reward_offset"],
+    m = run_baselines(["--output_dir", out, *argv], progress=False)
+    # the variance cut again without the +5 offset, which alone inflates the no-baseline variance
+    flat = run_baselines(["--output_dir", os.path.join(out, "no_offset"), *argv, "--baselines", "none",
+                          "running_mean", "--reward_offset", "0"], progress=False)
+    return {"baselines": _keep_baselines(m), "seeds": m["settings"]["seeds"],
+            "reward_offset": m["settings"]["reward_offset"], "no_offset": _keep_baselines(flat),
             "plots": [os.path.join(out, "baselines.png")]}
+
+
+def _keep_baselines(m: dict) -> dict:
+    return {name: {k: b[k] for k in ("median_grad_variance", "final_reward", "final_gold", "variance_vs_none")}
+            | {"first_reward": b["reward_curve"]["mean"][0]} for name, b in m["baselines"].items()}
 
 
 def stage_beta_sweep(args: Any, out: str) -> dict:
@@ -335,18 +404,51 @@ def _missing(results: dict, name: str) -> str | None:
     return r.get("skipped")
 
 
+def _claim_seeds(results: dict, name: str) -> list[int] | None:
+    """The seeds a stage's numbers come from: its own list, else the seed it ran with."""
+    r = results.get(name) or {}
+    seeds = r.get("seeds") or (r.get("settings") or {}).get("seeds")
+    if seeds:
+        return [int(x) for x in seeds]
+    seed = ((r.get("_provenance") or {}).get("fingerprint") or {}).get("seed")
+    return None if seed is None else [int(seed)]
+
+
+RM_Z, RM_MARGIN = 2.0, 0.05
+
+
+def _beats(acc: float, ref: float, n: int) -> tuple[bool, float]:
+    """(rule, z): accuracy at least RM_MARGIN above a reference predictor on the same n pairs, z >= RM_Z (the variance
+    of the difference taken as the sum of both, conservative for positively correlated predictors)."""
+    se = math.sqrt(max(acc * (1 - acc) + ref * (1 - ref), 1e-12) / n)
+    z = (acc - ref) / se
+    return acc - ref >= RM_MARGIN and z >= RM_Z, z
+
+
 def claim_reward_model(results: dict):
     from hf_rlhf_ext.report import Claim
 
-    args = ("rm_accuracy", "12–13", "The reward model's held-out pairwise accuracy is above chance and below 1",
-            "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n)", {"z": ">= 2", "acc": "< 1"})
+    args = ("rm_accuracy", "12–13", "The reward model orders held-out pairs better than chance and than a length-only "
+            "predictor", "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n); margin and z "
+            "over the length-only predictor on the same pairs", {"z": f">= {RM_Z}", "acc - length_only_acc":
+                                                                 f">= {RM_MARGIN}", "z_vs_length_only": f">= {RM_Z}"})
     if reason := _missing(results, "reward_model"):
         return Claim.skip(*args, reason)
-    t = results["reward_model"]["test"]
-    acc, n = t["accuracy"], t["n_pairs"]
+    r = results["reward_model"]
+    acc, n = r["test"]["accuracy"], r["test"]["n_pairs"]
     z = (acc - 0.5) / math.sqrt(0.25 / n)
-    values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": t.get("gold_accuracy")}
-    return Claim(*args, values, holds=z >= 2 and acc < 1)
+    flips = r.get("label_flip_rate_test")
+    values = {"accuracy": acc, "n_pairs": n, "z": z, "gold_accuracy": r["test"].get("gold_accuracy"),
+              "label_flip_rate": flips, "label_noise_ceiling": None if flips is None else 1 - flips}
+    seeds = _claim_seeds(results, "reward_model")
+    if "length_only" not in r:  # a result from before the control existed: said, not hidden
+        return Claim.experiment(*args, values, z >= RM_Z, seeds=seeds)
+    ref = r["length_only"]["accuracy"]
+    beats, z_ref = _beats(acc, ref, n)
+    values |= {"length_only_accuracy": ref, "margin_over_length_only": acc - ref, "z_vs_length_only": z_ref}
+    control = {"statement": f"length-only predictor (prefers the {r['length_only']['prefers']} reply) on the same "
+               "held-out pairs, put in the RM's place", "values": r["length_only"]}
+    return Claim.experiment(*args, values, z >= RM_Z and beats, control, _beats(ref, ref, n)[0], seeds)
 
 
 def claim_clip(results: dict):
@@ -356,24 +458,77 @@ def claim_clip(results: dict):
             "and the full gradient A in the unfavourable one", "max |∂L/∂ρ| where clipped; max |∂L/∂ρ − A| where not",
             {"both": "<= 1e-12"})
     if reason := _missing(results, "clip"):
-        return Claim.skip(*args, reason)
+        return Claim.skip(*args, reason, kind="exact")
     r = results["clip"]
     values = {k: r[k] for k in ("max_abs_grad_favourable", "max_abs_grad_minus_A_unfavourable", "epsilon")}
     return Claim(*args, values, holds=r["max_abs_grad_favourable"] <= 1e-12
-                 and r["max_abs_grad_minus_A_unfavourable"] <= 1e-12)
+                 and r["max_abs_grad_minus_A_unfavourable"] <= 1e-12, kind="exact")
+
+
+ADV_TOL = 1e-3  # |logged − recomputed| allowed (float32 arithmetic in TRL vs here)
+
+
+def check_advantages(rewards: list[float], advantages: list[float], group_size: int, scale: str = "group") -> dict:
+    """The callback's checks on one batch: group means, signs against r − group mean, the recompute, how many are
+    non-zero, and how many checks fail."""
+    import torch
+
+    from hf_rlhf_ext.callbacks.group_advantage import expected_advantages
+
+    r, a = torch.tensor(rewards, dtype=torch.float32), torch.tensor(advantages, dtype=torch.float32)
+    expected, _ = expected_advantages(r.unsqueeze(1), torch.ones(1), group_size, scale=scale)
+    dev = (r.view(-1, group_size) - r.view(-1, group_size).mean(dim=1, keepdim=True)).view(-1)
+    decided = (dev.abs() > 1e-6 * max(1.0, float(r.abs().max()))) & (a != 0)
+    mismatch = float(((torch.sign(a) != torch.sign(dev)) & decided).sum()) / max(int(decided.sum()), 1)
+    stats = {"max_abs_group_mean": float(a.view(-1, group_size).mean(dim=1).abs().max()),
+             "sign_mismatch_frac": mismatch,
+             "max_abs_diff_recomputed": float((a - expected).abs().max()),
+             "nonzero_frac": float((a != 0).float().mean())}
+    stats["violations"] = int(stats["max_abs_group_mean"] >= 1e-6) + int(stats["sign_mismatch_frac"] > 0) + int(
+        stats["max_abs_diff_recomputed"] > ADV_TOL)
+    return stats
+
+
+def _advantages_rule(s: dict) -> bool:
+    """Zero-mean groups, signs of r − mean, equal to the recomputed ones, no violation — and not all zero."""
+    return (s["nonzero_frac"] > 0 and s["violations"] == 0 and s["max_abs_group_mean"] < 1e-6
+            and s["sign_mismatch_frac"] == 0 and s["max_abs_diff_recomputed"] <= ADV_TOL)
+
+
+def _planted(batch: dict) -> dict:
+    """The recorded real batch with its advantages sign-flipped, and zeroed: each must fail the same check."""
+    flipped = check_advantages(batch["rewards"], [-a for a in batch["advantages"]], batch["group_size"], batch["scale"])
+    zeroed = check_advantages(batch["rewards"], [0.0] * len(batch["advantages"]), batch["group_size"], batch["scale"])
+    return {"sign_flipped": flipped, "zeroed": zeroed}
 
 
 def claim_group_advantages(results: dict):
     from hf_rlhf_ext.report import Claim
 
-    args = ("grpo_advantages", "19", "GRPO's advantages on real training batches have zero mean per group and the sign "
-            "of r − group mean", "max over batches of |group mean of A|; fraction of sign mismatches",
-            {"max_abs_group_mean": "< 1e-6", "sign_mismatch": "= 0"})
+    args = ("grpo_advantages", "19", "GRPO's advantages on real training batches are non-zero, have zero mean per "
+            "group, the sign of r − group mean and equal the recomputed ones", "over all batches: max |group mean of A|, "
+            "sign mismatches, max |A − recomputed|, the callback's violations, max |A|", {
+                "max_abs_group_mean": "< 1e-6", "sign_mismatch": "= 0", "max_abs_diff_recomputed": f"<= {ADV_TOL}",
+                "violations": "= 0", "max_abs_adv": "> 0"})
     if reason := _missing(results, "group_advantages"):
         return Claim.skip(*args, reason)
     r = results["group_advantages"]
-    values = {k: r[k] for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "batches", "max_abs_diff_recomputed")}
-    return Claim(*args, values, holds=r["max_abs_group_mean"] < 1e-6 and r["max_sign_mismatch_frac"] == 0)
+    values = {k: r.get(k) for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "batches",
+                                    "max_abs_diff_recomputed", "violations", "max_abs_adv")}
+    real = {"max_abs_group_mean": r["max_abs_group_mean"], "sign_mismatch_frac": r["max_sign_mismatch_frac"],
+            "max_abs_diff_recomputed": r["max_abs_diff_recomputed"], "violations": r.get("violations", 0),
+            "nonzero_frac": float(r.get("max_abs_adv", 0.0) > 0)}
+    holds = r["batches"] > 0 and _advantages_rule(real)
+    seeds = _claim_seeds(results, "group_advantages")
+    if not r.get("recorded_batch"):
+        return Claim.experiment(*args, values, holds, seeds=seeds)
+    batch = r["recorded_batch"]
+    values["recorded_batch"] = check_advantages(batch["rewards"], batch["advantages"], batch["group_size"],
+                                                batch["scale"])
+    planted = _planted(batch)
+    control = {"statement": "the last real batch with its advantages sign-flipped, and zeroed", "values": planted}
+    return Claim.experiment(*args, values, holds and _advantages_rule(values["recorded_batch"]), control,
+                            any(_advantages_rule(p) for p in planted.values()), seeds)
 
 
 BON_MARGIN = 0.1
@@ -393,27 +548,78 @@ def claim_best_of_n(results: dict):
     initial, first = r["initial"][gold], r["distilled"][0]["eval"][gold]
     values = {"sft_gold": initial, "distilled_gold": first, "gain": first - initial,
               "distilled_kl": r["distilled"][0]["eval"].get("kl"), "best_of_n_gold": r["best_of_n"].get(gold)}
-    return Claim(*args, values, holds=first - initial >= BON_MARGIN)
+    seeds = _claim_seeds(results, "best_of_n")
+    if not r.get("best_of_1"):
+        return Claim.experiment(*args, values, first - initial >= BON_MARGIN, seeds=seeds)
+    c = r["best_of_1"]
+    c_gain = c["distilled"][0]["eval"][gold] - c["initial"][gold]
+    control = {"statement": "one round of the same distillation on randomly chosen samples (best of 1)",
+               "values": {"sft_gold": c["initial"][gold], "distilled_gold": c["distilled"][0]["eval"][gold],
+                          "gain": c_gain}}
+    return Claim.experiment(*args, values, first - initial >= BON_MARGIN, control, c_gain >= BON_MARGIN, seeds)
 
 
-POLITE_GAIN, POLITE_KL = 0.3, 5.0
+POLITE_GAIN, POLITE_KL, KL_RATIO = 0.3, 5.0, 0.75
+
+
+def _mini_rule(run: dict, other: dict) -> bool:
+    """The polite share rises by POLITE_GAIN and the KL ends at most KL_RATIO × the other run's KL."""
+    gain = run["polite_share_after"] - run["polite_share_before"]
+    return gain >= POLITE_GAIN and run["kl_after"] <= KL_RATIO * other["kl_after"]
 
 
 def claim_mini_loop(results: dict):
     from hf_rlhf_ext.report import Claim
 
-    args = ("mini_loop", "18", "The mini loop raises the share of polite endings while KL stays bounded",
-            "held-out polite share after − before; KL to the reference after (nats per reply)",
-            {"gain": f">= {POLITE_GAIN}", "kl": f"<= {POLITE_KL}"})
+    args = ("mini_loop", "18", "The mini loop raises the share of polite endings while its KL penalty keeps KL "
+            "below the same loop without it", "held-out polite share after − before; KL to the reference after "
+            "(nats per reply), with the penalty ÷ without it", {"gain": f">= {POLITE_GAIN}",
+                                                               "kl / kl_without_penalty": f"<= {KL_RATIO}"})
     if reason := _missing(results, "mini_loop"):
         return Claim.skip(*args, reason)
     r = results["mini_loop"]
     gain = r["polite_share_after"] - r["polite_share_before"]
     values = {"before": r["polite_share_before"], "after": r["polite_share_after"], "gain": gain, "kl": r["kl_after"]}
-    return Claim(*args, values, holds=gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL)
+    seeds = _claim_seeds(results, "mini_loop")
+    if not r.get("no_kl_penalty"):  # no control run: the absolute bound, said to be uncontrolled
+        return Claim.experiment(*args, values, gain >= POLITE_GAIN and r["kl_after"] <= POLITE_KL, seeds=seeds)
+    c = r["no_kl_penalty"]
+    values |= {"kl_without_penalty": c["kl_after"], "kl_ratio": r["kl_after"] / max(c["kl_after"], 1e-12)}
+    control = {"statement": "the same loop, seed and steps with kl_coef = 0 (its KL against the penalised run's)",
+               "values": {"before": c["polite_share_before"], "after": c["polite_share_after"],
+                          "gain": c["polite_share_after"] - c["polite_share_before"], "kl": c["kl_after"]}}
+    return Claim.experiment(*args, values, _mini_rule(r, c), control, _mini_rule(c, r), seeds)
 
 
 HACK_MARGIN = 0.1
+
+
+def gold_noise(points: list[dict]) -> float:
+    """Measurement noise (σ) of one held-out gold value, from the median |successive difference| / (√2 · 0.6745):
+    robust to the few large steps of a real fall, so a hump is not mistaken for noise."""
+    gold = [p["gold"] for p in points if p.get("gold") is not None and math.isfinite(p["gold"])]
+    diffs = sorted(abs(b - a) for a, b in zip(gold, gold[1:]))
+    if not diffs:
+        return float("inf")
+    mid = len(diffs) // 2
+    median = diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2
+    return median / (math.sqrt(2) * 0.6745)
+
+
+def _hump(run: dict) -> tuple[bool, dict]:
+    """The rule: a gold peak before the end, a fall from it larger than HACK_MARGIN and 2× the gold noise, and the
+    proxy above its value at the peak."""
+    f, last_step = run["findings"], run["points"][-1]["step"]
+    fall = f["peak_gold"] - f["final_gold"] if f["peak_gold"] is not None else None
+    rise = f["final_proxy"] - f["proxy_at_peak"] if f["proxy_at_peak"] is not None else None
+    noise = gold_noise(run["points"])
+    values = {"peak_step": f["peak_step"], "last_step": last_step, "peak_gold": f["peak_gold"],
+              "end_gold": f["final_gold"], "fall": fall, "gold_noise": noise, "proxy_at_peak": f["proxy_at_peak"],
+              "end_proxy": f["final_proxy"], "kl_at_peak": f["kl_at_peak"], "end_kl": f["final_kl"],
+              "detected_step": f["detected_step"]}
+    holds = f["peak_step"] is not None and f["peak_step"] < last_step and fall is not None \
+        and fall >= max(HACK_MARGIN, 2 * noise) and rise is not None and rise > 0
+    return holds, values
 
 
 def claim_overoptimization(results: dict):
@@ -421,41 +627,54 @@ def claim_overoptimization(results: dict):
 
     args = ("beta_too_low", "9, 10, 22", "With β too low the proxy keeps rising while gold peaks and falls",
             "OveroptimizationCallback: gold peak found before the end; end gold below the peak; end proxy above the "
-            "proxy at the gold peak (smoothed held-out values)", {"peak_gold - end_gold": f">= {HACK_MARGIN}",
-                                                                  "end_proxy - proxy_at_peak": "> 0"})
+            "proxy at the gold peak (smoothed held-out values)", {
+                "peak_gold - end_gold": f">= max({HACK_MARGIN}, 2 × gold noise)", "end_proxy - proxy_at_peak": "> 0"})
     if reason := _missing(results, "overoptimization"):
         return Claim.skip(*args, reason)
-    f = results["overoptimization"]["findings"]
-    last_step = results["overoptimization"]["points"][-1]["step"]
-    fall = f["peak_gold"] - f["final_gold"] if f["peak_gold"] is not None else None
-    rise = f["final_proxy"] - f["proxy_at_peak"] if f["proxy_at_peak"] is not None else None
-    values = {"peak_step": f["peak_step"], "last_step": last_step, "peak_gold": f["peak_gold"],
-              "end_gold": f["final_gold"], "proxy_at_peak": f["proxy_at_peak"], "end_proxy": f["final_proxy"],
-              "kl_at_peak": f["kl_at_peak"], "end_kl": f["final_kl"], "detected_step": f["detected_step"]}
-    holds = f["peak_step"] is not None and f["peak_step"] < last_step and fall is not None and fall >= HACK_MARGIN \
-        and rise is not None and rise > 0
-    return Claim(*args, values, holds=holds)
+    r = results["overoptimization"]
+    holds, values = _hump(r)
+    seeds = _claim_seeds(results, "overoptimization")
+    if not r.get("high_beta"):
+        return Claim.experiment(*args, values, holds, seeds=seeds)
+    control_holds, control_values = _hump(r["high_beta"])
+    control = {"statement": f"the same run from the same start at β = {r['high_beta']['beta']}",
+               "values": control_values}
+    fp = (r.get("_provenance") or {}).get("fingerprint") or {}
+    if not holds and not control_holds and fp.get("quick"):  # too short to resolve a hump: undecided, not false
+        reason = (f"not decided in quick mode: the fall {values['fall'] or 0:.2f} is under the bar max({HACK_MARGIN}, "
+                  f"2 × noise {values['gold_noise']:.2f}) in {values['last_step']} steps; run without --quick")
+        return Claim(*args, values, None, skipped=reason, control=control, control_holds=False, seeds=seeds)
+    return Claim.experiment(*args, values, holds, control, control_holds, seeds)
 
 
-VARIANCE_CUT = 2.0
+VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
 
 
 def claim_reinforce(results: dict):
     from hf_rlhf_ext.report import Claim
 
     args = ("reinforce_baseline", "14–15", "REINFORCE raises the mean reward; a baseline cuts the measured gradient "
-            "variance at least 2×", "running-mean baseline: final − first training reward; median gradient variance "
-            "of none ÷ running mean", {"reward_gain": "> 0", "variance_cut": f">= {VARIANCE_CUT}"})
+            "variance at least 2× on a reward with a +5 offset (the cut without the offset is reported beside it)",
+            "running-mean baseline: final − first training reward; median gradient variance of none ÷ running mean",
+            {"reward_gain": f">= {REWARD_GAIN}", "variance_cut": f">= {VARIANCE_CUT}"})
     if reason := _missing(results, "reinforce"):
         return Claim.skip(*args, reason)
-    b = results["reinforce"]["baselines"]
-    rm, none = b["running_mean"], b["none"]
+    r = results["reinforce"]
+    rm, none = r["baselines"]["running_mean"], r["baselines"]["none"]
     gain = rm["final_reward"]["mean"] - rm["first_reward"]
-    cut = none["median_grad_variance"]["median"] / rm["median_grad_variance"]["median"]
+    cut = _variance_cut(r["baselines"])
     values = {"first_reward": rm["first_reward"], "final_reward": rm["final_reward"]["mean"], "reward_gain": gain,
               "variance_none": none["median_grad_variance"]["median"],
-              "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut}
-    return Claim(*args, values, holds=gain > 0 and cut >= VARIANCE_CUT)
+              "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut,
+              "variance_cut_no_offset": _variance_cut(r["no_offset"]) if r.get("no_offset") else None}
+    holds = gain >= REWARD_GAIN and cut >= VARIANCE_CUT
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "reinforce"))
+
+
+def _variance_cut(baselines: dict) -> float:
+    """Median gradient variance without a baseline ÷ with the running mean."""
+    return baselines["none"]["median_grad_variance"]["median"] / baselines["running_mean"]["median_grad_variance"][
+        "median"]
 
 
 def claim_kl_vs_beta(results: dict):
@@ -468,7 +687,8 @@ def claim_kl_vs_beta(results: dict):
     r = results["beta_sweep"]
     values = {"rho": r["spearman_beta_final_kl"], "betas": r["betas"],
               "final_kl": [row["final_kl"]["mean"] for row in r["per_beta"]]}
-    return Claim(*args, values, holds=r["spearman_beta_final_kl"] is not None and r["spearman_beta_final_kl"] <= -0.9)
+    holds = r["spearman_beta_final_kl"] is not None and r["spearman_beta_final_kl"] <= -0.9
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "beta_sweep"))
 
 
 GOLD_GAIN = 0.1
@@ -487,11 +707,21 @@ def claim_ppo_vs_grpo(results: dict):
     values = {"ppo_memory_mb": t["ppo"]["peak_memory_mb"]["mean"], "grpo_memory_mb": t["grpo"]["peak_memory_mb"]["mean"],
               "ppo_gold_gain": gain["ppo"], "grpo_gold_gain": gain["grpo"]}
     holds = values["grpo_memory_mb"] < values["ppo_memory_mb"] and min(gain.values()) >= GOLD_GAIN
-    return Claim(*args, values, holds=holds)
+    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "ppo_vs_grpo"))
 
 
 CLAIMS = [claim_reward_model, claim_reinforce, claim_clip, claim_kl_vs_beta, claim_overoptimization,
           claim_group_advantages, claim_ppo_vs_grpo, claim_best_of_n, claim_mini_loop]
+
+
+FIT_R2 = 0.8  # a functional form "fits" only when it explains at least this share of the variance
+
+
+def fit_verdict(r2: float | None) -> str:
+    """'fits' above the stated R², otherwise 'no fit' with the reason."""
+    if r2 is None or not math.isfinite(r2):
+        return "no fit: R² undefined"
+    return "fits" if r2 >= FIT_R2 else f"no fit: R² {r2:.2f} < {FIT_R2}"
 
 
 def findings(results: dict) -> list:
@@ -502,12 +732,13 @@ def findings(results: dict) -> list:
     if bon and bon.get("curve", {}).get("fit"):
         fit = bon["curve"]["fit"]
         out.append(Finding("bon_gao_fit", "Gao best-of-N form R(d) = d(α − β d) fitted to best-of-N's gold gain",
-                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}))
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}, fit_verdict(fit["r2"])))
     sweep = results.get("beta_sweep")
     if sweep and "alpha" in sweep.get("gao_fit", {}):
         fit = sweep["gao_fit"]
         out.append(Finding("rl_gao_fit", "Gao RL form R(d) = d(α − β ln d) fitted to the β sweep's gold gain",
-                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")}))
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")},
+                           fit_verdict(fit["r2"])))
     ens = results.get("ensembles")
     if ens and "objectives" in ens:
         out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "
@@ -533,13 +764,27 @@ def section_lab(args, r):
                     ("policy parameters", r.get("policy_params")), ("label flip rate", r.get("pairs_train_flip_rate"))])
 
 
+def _reading(holds: bool | None, yes: str, no: str) -> str:
+    """The sentence the numbers support: ``yes`` when the claim holds, else ``no``."""
+    return yes if holds else no
+
+
 def section_reward_model(args, r):
     from hf_rlhf_ext.report import Section
 
-    t = r["test"]
+    t, c = r["test"], claim_reward_model({"reward_model": r})
+    acc, z = t["accuracy"], c.values["z"]
+    chance = _reading(z >= RM_Z, f"above chance (z = {z:.1f})", f"not distinguishable from chance (z = {z:.1f})")
+    quality = "far from perfect — a proxy" if acc < 0.9 else "close to perfect on these pairs"
+    if "length_only_accuracy" in c.values:
+        ref = c.values["length_only_accuracy"]
+        quality += _reading(c.holds, f"; it beats a length-only predictor ({ref:.0%}) by the margin",
+                            f"; it does NOT beat a length-only predictor ({ref:.0%}) by the margin")
+    if c.values.get("label_noise_ceiling") is not None:
+        quality += f" (label noise caps accuracy near {c.values['label_noise_ceiling']:.0%})"
     return Section("Reward model (exercises 12–13)", f"Trained with a Bradley–Terry loss on noisy labels, the RM orders "
-                   f"{t['accuracy']:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%}"
-                   " of clearly separated pairs like the gold reward: well above chance, far from perfect — a proxy.",
+                   f"{acc:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%} of "
+                   f"clearly separated pairs like the gold reward: {chance}, {quality}.",
                    [(k, t.get(k)) for k in ("accuracy", "gold_accuracy", "corr_gold", "n_pairs")])
 
 
@@ -547,21 +792,45 @@ def section_clip(args, r):
     from hf_rlhf_ext.report import Section
 
     rows = [(f"ρ = {row['ratio']}", {"A=+1": row["grad_A_pos"], "A=−1": row["grad_A_neg"]}) for row in r["table"]]
-    return Section("The clipped objective (exercise 16)", f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
-                   "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
-                   "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
-                   "them.", rows, [_rel(args, r["plot"])])
+    text = _reading(claim_clip({"clip": r}).holds, f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
+                    "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
+                    "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
+                    "them.", f"On synthetic ratios with ε = {r['epsilon']} the objective does NOT behave as the "
+                    f"chapter says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped to 0, and "
+                    f"|∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full gradient.")
+    return Section("The clipped objective (exercise 16)", text, rows, [_rel(args, r["plot"])])
 
 
 def section_group_advantages(args, r):
     from hf_rlhf_ext.report import Section
 
+    verdict = _reading(claim_group_advantages({"group_advantages": r}).holds,
+                       "They are what GRPO says they are.", "They are NOT what GRPO says they are (see the claim).")
     return Section("GRPO's group advantages (exercise 19)", f"On {r['batches']} real training batches (groups of "
                    f"{r['num_generations']}), the advantages were recomputed from the logged rewards and checked: the "
                    f"largest |group mean| was {r['max_abs_group_mean']:.1e}, sign mismatches "
-                   f"{r['max_sign_mismatch_frac']:.0%}; {r['mean_zero_std_frac']:.0%} of groups had identical rewards "
-                   "(no signal).", [(k, r[k]) for k in ("max_abs_group_mean", "max_sign_mismatch_frac",
-                                                        "max_abs_diff_recomputed", "mean_zero_std_frac", "violations")])
+                   f"{r['max_sign_mismatch_frac']:.0%}, largest difference from the recomputed ones "
+                   f"{r['max_abs_diff_recomputed']:.1e}, {r['violations']} violations; "
+                   f"{r['mean_zero_std_frac']:.0%} of groups had identical rewards (no signal). {verdict}",
+                   [(k, r[k]) for k in ("max_abs_group_mean", "max_sign_mismatch_frac", "max_abs_diff_recomputed",
+                                        "mean_zero_std_frac", "violations")])
+
+
+def _trend(values: list[float]) -> str:
+    """How a curve moves: at every step, overall, or not at all."""
+    if all(b >= a for a, b in zip(values, values[1:])) and values[-1] > values[0]:
+        return "rises at every N"
+    if values[-1] > values[0]:
+        return "rises overall, though not at every N"
+    return "does NOT rise with N"
+
+
+def _gold_shape(pts: list[dict], gold: str) -> str:
+    peak = max(pts, key=lambda p: p[gold])
+    if peak is pts[-1] or peak[gold] - pts[-1][gold] < HACK_MARGIN:
+        return f"gold ends at {pts[-1][gold]:.2f}, near its best ({peak[gold]:.2f} at N = {peak['n']}): no fall"
+    return (f"gold peaks at N = {peak['n']} ({peak[gold]:.2f}, KL {peak['kl']:.2f} nats) and falls to "
+            f"{pts[-1][gold]:.2f}")
 
 
 def section_best_of_n(args, r):
@@ -569,13 +838,16 @@ def section_best_of_n(args, r):
 
     gold, proxy = r.get("gold"), r["select"]
     pts = r["curve"]["points"]
-    peak = max(pts, key=lambda p: p[gold]) if gold else None
-    text = (f"From one pool of {r['pool_size']} samples per held-out prompt, the best of N by {proxy} rises at every N "
-            f"({pts[0][proxy]:.2f} → {pts[-1][proxy]:.2f})")
+    text = (f"From one pool of {r['pool_size']} samples per held-out prompt, the best of N by {proxy} "
+            f"{_trend([p[proxy] for p in pts])} ({pts[0][proxy]:.2f} → {pts[-1][proxy]:.2f})")
     if gold:
-        text += (f" while gold peaks at N = {peak['n']} ({peak[gold]:.2f}, KL {peak['kl']:.2f} nats) and ends at "
-                 f"{pts[-1][gold]:.2f}. One round of distillation moves the policy itself from gold "
-                 f"{r['initial'][gold]:.2f} to {r['distilled'][0]['eval'][gold]:.2f}.")
+        before, after = r["initial"][gold], r["distilled"][0]["eval"][gold]
+        moved = _reading(claim_best_of_n({"best_of_n": r}).holds, "raises", "does NOT raise (by the margin)")
+        text += (f", while {_gold_shape(pts, gold)}. One round of distillation {moved} the policy's own gold: "
+                 f"{before:.2f} → {after:.2f}.")
+        if c := r.get("best_of_1"):
+            text += (f" Distilling randomly chosen samples (best of 1) moved it {c['initial'][gold]:.2f} → "
+                     f"{c['distilled'][0]['eval'][gold]:.2f}.")
     table = [(f"N = {p['n']}", {k: p[k] for k in p if k not in ("n", "sqrt_kl")}) for p in pts]
     table += [(f"distilled round {d['round']}", d["eval"]) for d in r["distilled"]]
     return Section("Best-of-N and its distillation (exercise 21)", text, table, [_rel(args, p) for p in r["plots"]])
@@ -584,12 +856,17 @@ def section_best_of_n(args, r):
 def section_mini_loop(args, r):
     from hf_rlhf_ext.report import Section
 
+    verdict = _reading(claim_mini_loop({"mini_loop": r}).holds, "The loop learned the behaviour under its leash.",
+                       "The claim does NOT hold on these numbers (see the claim and its control).")
+    if c := r.get("no_kl_penalty"):
+        verdict = (f"Without the KL penalty the same loop went {c['polite_share_before']:.2f} → "
+                   f"{c['polite_share_after']:.2f} at {c['kl_after']:.2f} nats. " + verdict)
     return Section("The mini loop that ends politely (exercise 18)", f"Plain PyTorch: sample, score 'ends with a polite "
                    f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps the "
                    f"held-out polite share went {r['polite_share_before']:.2f} → {r['polite_share_after']:.2f} at "
-                   f"{r['kl_after']:.2f} nats.", [(k, r.get(k)) for k in ("polite_share_before", "polite_share_after",
-                                                                         "kl_after", "gold_before", "gold_after")],
-                   [_rel(args, p) for p in r["plots"]])
+                   f"{r['kl_after']:.2f} nats. {verdict}",
+                   [(k, r.get(k)) for k in ("polite_share_before", "polite_share_after", "kl_after", "gold_before",
+                                            "gold_after")], [_rel(args, p) for p in r["plots"]])
 
 
 def section_overoptimization(args, r):
@@ -598,8 +875,14 @@ def section_overoptimization(args, r):
     f = r["findings"]
     text = (f"GRPO at β = {r['beta']} for {r['steps']} steps. The monitor found the gold peak at step {f['peak_step']} "
             f"(smoothed gold {f['peak_gold']:.2f}, KL {f['kl_at_peak'] or float('nan'):.2f}); by the end gold was "
-            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}: "
-            "Goodhart's law, measured.") if f["peak_step"] is not None else "No gold peak was found."
+            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}"
+            ) if f["peak_step"] is not None else "No gold peak was found"
+    text += _reading(claim_overoptimization({"overoptimization": r}).holds, ": Goodhart's law, measured.",
+                     ": the rise-then-fall was NOT resolved in this run.")
+    if h := r.get("high_beta"):
+        g = h["findings"]
+        text += (f" From the same start at β = {h['beta']} gold ended at {g['final_gold'] or float('nan'):.2f} "
+                 f"(its peak {g['peak_gold'] or float('nan'):.2f}).")
     return Section("β too low hacks the reward (exercises 9, 10, 22)", text,
                    [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
                                          "kl_at_peak", "final_kl", "detected_step")], [_rel(args, p) for p in r["plots"]])
@@ -612,10 +895,28 @@ def section_reinforce(args, r):
     rows = [(name, {"median grad variance": v["median_grad_variance"]["median"], "× none": v["variance_vs_none"],
                     "final reward": v["final_reward"]["mean"]}) for name, v in b.items()]
     cut = b["none"]["median_grad_variance"]["median"] / b["running_mean"]["median_grad_variance"]["median"]
+    gain = {name: b[name]["final_reward"]["mean"] - b[name]["first_reward"] for name in ("none", "running_mean")}
+    cuts = _reading(cut >= VARIANCE_CUT, f"cuts the gradient variance {cut:.0f}×",
+                    f"does NOT cut the gradient variance (×{cut:.2f})")
+    if r.get("no_offset"):
+        flat = _variance_cut(r["no_offset"])
+        cuts += f" (without the offset {flat:.1f}×: " + _reading(
+            flat >= VARIANCE_CUT, "a real cut, not only the offset's)", "most of the cut was the offset's)")
+    learns = _reading(gain["none"] < 0.5 * gain["running_mean"], "the run without a baseline barely learns",
+                      "the run without a baseline learns about as much or more")
     return Section("REINFORCE and its baseline (exercises 14–15)", f"A constant +{r['reward_offset']:g} added to every "
                    "reward changes no expected gradient, only its variance without a baseline. Measured over seeds "
-                   f"{r['seeds']}: the running-mean baseline cuts the gradient variance {cut:.0f}×, and the run without a "
-                   "baseline barely learns in the same number of steps.", rows, [_rel(args, p) for p in r["plots"]])
+                   f"{r['seeds']}: the running-mean baseline {cuts}, and {learns} in the same number of steps (reward "
+                   f"gain {gain['none']:+.2f} against {gain['running_mean']:+.2f}).", rows,
+                   [_rel(args, p) for p in r["plots"]])
+
+
+def _leash(rho: float | None) -> str:
+    if rho is not None and rho <= -0.9:
+        return "KL falls as β rises: the leash works"
+    if rho is not None and rho >= 0.9:
+        return "KL RISES with β: the leash does NOT work here"
+    return "KL is not ordered by β: the leash is not shown here"
 
 
 def section_beta_sweep(args, r):
@@ -624,15 +925,17 @@ def section_beta_sweep(args, r):
     rows = [(f"β = {row['beta']:g}", {"final KL": row["final_kl"]["mean"], "final proxy": row["final_proxy"]["mean"],
                                      "final gold": row["final_gold"]["mean"], "gold peak": row["peak_gold"]["mean"]})
             for row in r["per_beta"]]
-    fit = r["gao_fit"]
-    low = r["lowest_beta"]
-    text = (f"ρ(β, final KL) = {r['spearman_beta_final_kl']:.2f}: the leash works. At β = {low['beta']:g} gold peaks at "
-            f"{low['peak_gold']:.2f} and ends at {low['final_gold']:.2f} while the proxy goes {low['proxy_at_peak']:.2f} "
-            f"→ {low['final_proxy']:.2f}; at β = {r['highest_beta']['beta']:g} the KL ends at "
-            f"{r['highest_beta']['final_kl']:.2f} nats.")
+    fit, low, rho = r["gao_fit"], r["lowest_beta"], r["spearman_beta_final_kl"]
+    fall = low["peak_gold"] - low["final_gold"]
+    gold = _reading(fall >= HACK_MARGIN, f"gold peaks at {low['peak_gold']:.2f} and falls to {low['final_gold']:.2f}",
+                    f"gold ends at {low['final_gold']:.2f}, near its peak {low['peak_gold']:.2f}")
+    text = (f"ρ(β, final KL) = {rho if rho is not None else float('nan'):.2f}: {_leash(rho)}. At β = {low['beta']:g} "
+            f"{gold} while the proxy goes {low['proxy_at_peak']:.2f} → {low['final_proxy']:.2f}; at β = "
+            f"{r['highest_beta']['beta']:g} the KL ends at {r['highest_beta']['final_kl']:.2f} nats.")
     if "alpha" in fit:
-        text += (f" The Gao RL form fits the gold gain with α = {fit['alpha']:.2f}, β = {fit['beta']:.2f}, "
-                 f"R² = {fit['r2']:.2f}.")
+        fits = fit_verdict(fit["r2"])
+        text += (f" The Gao RL form {'fits' if fits == 'fits' else 'does NOT fit'} the gold gain (α = "
+                 f"{fit['alpha']:.2f}, β = {fit['beta']:.2f}, R² = {fit['r2']:.2f}; a fit needs R² ≥ {FIT_R2}).")
     return Section("β sweep: KL against reward (exercise 17)", text, rows, [_rel(args, p) for p in r["plots"]])
 
 
@@ -642,10 +945,14 @@ def section_ppo_vs_grpo(args, r):
     t = r["trainers"]
     rows = [(name, {k: v[k]["mean"] for k in ("gold_start", "gold_peak", "gold_end", "kl_end", "peak_memory_mb",
                                               "seconds_per_step")}) for name, v in t.items()]
+    grpo_mb, ppo_mb = t["grpo"]["peak_memory_mb"]["mean"], t["ppo"]["peak_memory_mb"]["mean"]
+    memory = _reading(grpo_mb < ppo_mb, "GRPO needs no critic and peaks lower", "GRPO needs no critic, yet does NOT "
+                      "peak lower")
+    gains = {n: t[n]["gold_end"]["mean"] - t[n]["gold_start"]["mean"] for n in ("ppo", "grpo")}
+    both = _reading(min(gains.values()) >= GOLD_GAIN, "both raise gold", "gold does NOT rise by the margin under both")
     return Section("PPO vs GRPO (exercises 20, 22)", f"Same prompts, 32 sampled completions per step, seeds "
-                   f"{r['seeds']}. GRPO needs no critic: peak memory {t['grpo']['peak_memory_mb']['mean']:.0f} MB "
-                   f"against PPO's {t['ppo']['peak_memory_mb']['mean']:.0f} MB (measured the same way, "
-                   f"{t['ppo'].get('memory_method', 'per process')}); held-out gold "
+                   f"{r['seeds']}. {memory}: peak memory {grpo_mb:.0f} MB against PPO's {ppo_mb:.0f} MB (measured the "
+                   f"same way, {t['ppo'].get('memory_method', 'per process')}); {both}: held-out gold "
                    f"{t['ppo']['gold_start']['mean']:.2f} → {t['ppo']['gold_end']['mean']:.2f} (PPO) and → "
                    f"{t['grpo']['gold_end']['mean']:.2f} (GRPO).", rows, [_rel(args, p) for p in r["plots"]])
 
@@ -701,26 +1008,54 @@ STAGES = [  # the chapter's order
 NAMES = [s.name for s in STAGES]
 
 
-def write_report(args: Any, results: dict, seconds: float) -> dict:
+CLAIM_STAGES = {"rm_accuracy": "reward_model", "reinforce_baseline": "reinforce", "clip_gradient": "clip",
+                "kl_falls_with_beta": "beta_sweep", "beta_too_low": "overoptimization",
+                "grpo_advantages": "group_advantages", "grpo_vs_ppo": "ppo_vs_grpo", "bon_distillation": "best_of_n",
+                "mini_loop": "mini_loop"}
+
+
+def _provenance(results: dict, store: Any) -> dict:
+    """Per stage: run in this invocation, reused from which one, or its stored file not used."""
+    from hf_rlhf_ext.report import PROVENANCE
+
+    return {name: store.provenance(results[name]) if PROVENANCE in results[name] else
+            {"ran": "stored file not used (no matching fingerprint)", "invocation": None, "created": None}
+            for name in NAMES if name in results}
+
+
+def _intro(args: Any, results: dict, provenance: dict) -> str:
+    total = sum(r.get("stage_seconds") or 0 for r in results.values())
+    reused = [name for name, p in provenance.items() if p["ran"] == "reused"]
+    ran = sum(p["ran"] == "this invocation" for p in provenance.values())
+    where = ("the numbers of every stage come from this invocation" if not reused else
+             f"{ran} stage(s) ran in this invocation and {len(reused)} were reused from earlier invocations with the "
+             f"same settings ({', '.join(reused)}; see 'Where the numbers come from')")
+    return (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
+            f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'} in {total / 60:.1f} "
+            f"minutes of stage time. Each claim below is decided by the statistic next to it; {where}.")
+
+
+def write_report(args: Any, results: dict, seconds: float, store: Any) -> dict:
     """claims.json and report.md from the stages' results; prints the verdicts. Returns the claims payload."""
     from hf_rlhf_ext.report import read_claims, render_report, write_claims
 
+    provenance = _provenance(results, store)
     claims = [build(results) for build in CLAIMS]
+    for c in claims:
+        c.provenance = provenance.get(CLAIM_STAGES.get(c.id, ""))
     found = findings(results)
     sections = [SECTIONS[name](args, results[name]) for name in NAMES
                 if name in SECTIONS and name in results and not results[name].get("skipped")]
-    concepts = concepts_text(results["concepts"]) if "concepts" in results else ""
-    total = sum(r.get("stage_seconds") or 0 for r in results.values())
-    intro = (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
-             f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'} in {total / 60:.1f} "
-             "minutes of stage time. Each claim below is decided by the statistic next to it; the numbers come from "
-             "this run.")
+    concepts = concepts_text(results["concepts"]) if "concepts" in results and not results["concepts"].get(
+        "skipped") else ""
     with open(os.path.join(args.output_dir, "report.md"), "w") as f:
-        f.write(render_report("The RLHF chapter, measured", intro, sections, claims, found, concepts))
+        f.write(render_report("The RLHF chapter, measured", _intro(args, results, provenance), sections, claims,
+                              found, concepts, provenance))
     stage_seconds = {name: r.get("stage_seconds") for name, r in results.items()}
     total = sum(v for v in stage_seconds.values() if v)  # all stages' time, also when some ran before a resume
     write_claims(args.output_dir, claims, found, total, args.quick,
-                 {"on_lab": args.on_lab, "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1)})
+                 {"on_lab": args.on_lab, "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1),
+                  "invocation": store.invocation, "stages": provenance})
     for c in claims:
         print(f"  [{c.verdict():>13}] {c.statement}")
     print(f"wrote {args.output_dir}/report.md and claims.json ({seconds:.0f} s now, {total:.0f} s of stages)")

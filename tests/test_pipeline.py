@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
        "PYTHONWARNINGS": "ignore"}
 
 
+FP = {"stage": "a", "seed": 0, "quick": True, "versions": {"hf_rlhf_ext": "0"}}
+
+
 def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path):
     store = StageStore(str(tmp_path))
     calls = []
@@ -33,8 +37,8 @@ def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path)
         calls.append(out)
         return {"value": len(calls)}
 
-    first, reused = store.run("a", stage)
-    again, reused_again = store.run("a", stage)
+    first, reused = store.run("a", stage, FP)
+    again, reused_again = store.run("a", stage, FP)
     assert (first["value"], reused, again["value"], reused_again) == (1, False, 1, True)
     assert len(calls) == 1 and os.path.isdir(calls[0])
 
@@ -42,9 +46,33 @@ def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        store.run("b", killed)
-    assert not store.done("b")  # a stage that did not finish leaves no result
-    assert store.run("b", stage)[0]["value"] == 2
+        store.run("b", killed, FP)
+    assert not store.done("b", FP)  # a stage that did not finish leaves no result
+    assert store.run("b", stage, FP)[0]["value"] == 2
+
+
+def test_stage_store_reuses_a_result_only_with_its_fingerprint(tmp_path):
+    first = StageStore(str(tmp_path), invocation="first")
+    result, _ = first.run("a", lambda out: {"value": 1}, FP)
+    assert result["_provenance"]["invocation"] == "first" and first.provenance(result)["ran"] == "this invocation"
+    later = StageStore(str(tmp_path), invocation="later")
+    again, reused = later.run("a", lambda out: {"value": 2}, FP)
+    assert reused and again["value"] == 1
+    created = again["_provenance"]["created"]
+    assert later.provenance(again) == {"ran": "reused", "invocation": "first", "created": created}
+    other_seed, reused = later.run("a", lambda out: {"value": 3}, {**FP, "seed": 1})  # other settings: rerun
+    assert not reused and other_seed["value"] == 3 and later.provenance(other_seed)["ran"] == "this invocation"
+    (tmp_path / "stages" / "planted.json").write_text(json.dumps({"value": 9}))  # hand-written: no fingerprint
+    assert later.load("planted", FP) is None and "not used" in later.stale_reason("planted", FP)
+    assert later.run("planted", lambda out: {"value": 4}, FP) == ({**later.load("planted", FP)}, False)
+    path, seed_1 = tmp_path / "stages" / "a.json", {**FP, "seed": 1}
+    assert later.load("a", seed_1)["value"] == 3
+    edited = json.loads(path.read_text()) | {"value": 99}  # numbers changed after the run, fingerprint kept
+    path.write_text(json.dumps(edited))
+    assert later.load("a", seed_1) is None
+
+
+PLANTED_RM = {"test": {"accuracy": 0.99, "n_pairs": 4000, "gold_accuracy": 0.99}, "n_train_pairs": 1000}
 
 
 def _results(**overrides):
@@ -52,7 +80,7 @@ def _results(**overrides):
         "reward_model": {"test": {"accuracy": 0.69, "n_pairs": 400, "gold_accuracy": 0.8}},
         "clip": {"epsilon": 0.2, "max_abs_grad_favourable": 0.0, "max_abs_grad_minus_A_unfavourable": 0.0},
         "group_advantages": {"max_abs_group_mean": 3e-7, "max_sign_mismatch_frac": 0.0, "batches": 4,
-                             "max_abs_diff_recomputed": 0.0},
+                             "max_abs_diff_recomputed": 0.0, "max_abs_adv": 2.0, "violations": 0},
         "mini_loop": {"polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 1.1},
     }
     base.update(overrides)
@@ -72,6 +100,134 @@ def test_claims_are_decided_by_their_statistics():
     assert verdicts["mini_loop"] is False  # the share rose, but the KL bound broke
 
 
+def _grpo_batch(seed=0, groups=4, g=8):
+    import torch
+
+    from hf_rlhf_ext.objectives import group_advantages
+
+    rewards = torch.randn(groups * g, generator=torch.Generator().manual_seed(seed))
+    return {"rewards": rewards.tolist(), "advantages": group_advantages(rewards, g).tolist(), "group_size": g,
+            "scale": "group"}
+
+
+GA_OK = {"max_abs_group_mean": 3e-8, "max_sign_mismatch_frac": 0.0, "batches": 6, "max_abs_diff_recomputed": 1e-7,
+         "mean_zero_std_frac": 0.1, "max_abs_adv": 2.1, "violations": 0, "num_generations": 8}
+
+
+def test_grpo_advantages_claim_on_a_real_recorded_stage_result_and_its_planted_corruptions():
+    """A --quick group_advantages result (6 real GRPO batches on the lab, the last one recorded), replayed."""
+    real = json.loads((ROOT / "tests" / "data" / "pipeline_group_advantages_quick.json").read_text())
+    claim = stages.claim_group_advantages({"group_advantages": real})
+    assert claim.holds and claim.control_holds is False and claim.values["recorded_batch"]["nonzero_frac"] > 0
+    batch = real["recorded_batch"]
+    g = batch["group_size"]
+    shuffled = [a for i in range(0, len(batch["advantages"]), g) for a in batch["advantages"][i:i + g][::-1]]
+    for corrupt in ([-a for a in batch["advantages"]], shuffled, [0.0] * len(shuffled)):
+        planted = {**real, "recorded_batch": {**batch, "advantages": corrupt}}
+        assert stages.claim_group_advantages({"group_advantages": planted}).holds is False
+
+
+def test_grpo_advantages_claim_fails_on_zeros_violations_and_a_planted_corruption_of_its_batch():
+    claim = stages.claim_group_advantages({"group_advantages": {**GA_OK, "recorded_batch": _grpo_batch()}})
+    assert claim.holds and claim.control_holds is False  # real advantages pass; flipped and zeroed ones fail
+    planted = claim.control["values"]
+    assert planted["sign_flipped"]["sign_mismatch_frac"] == 1 and planted["zeroed"]["nonzero_frac"] == 0
+    zeros = {**GA_OK, "max_abs_adv": 0.0, "recorded_batch": {**_grpo_batch(), "advantages": [0.0] * 32}}
+    assert stages.claim_group_advantages({"group_advantages": zeros}).holds is False  # all zero: no signal
+    flat = {"rewards": [0.5] * 32, "advantages": [0.0] * 32, "group_size": 8, "scale": "group"}  # nothing to learn
+    flat_claim = stages.claim_group_advantages({"group_advantages": {**GA_OK, "max_abs_adv": 0.0,
+                                                                     "recorded_batch": flat}})
+    assert flat_claim.holds is False and flat_claim.values["recorded_batch"]["violations"] == 0  # only zeros fail it
+    assert stages.claim_group_advantages({"group_advantages": {**GA_OK, "max_abs_adv": 0.0}}).holds is False
+    for broken in ({"violations": 2}, {"max_abs_diff_recomputed": 0.4}):
+        assert stages.claim_group_advantages({"group_advantages": {**GA_OK, **broken}}).holds is False
+    shuffled = _grpo_batch()
+    shuffled["advantages"] = shuffled["advantages"][1:8] + shuffled["advantages"][:1] + shuffled["advantages"][8:]
+    assert stages.claim_group_advantages({"group_advantages": {**GA_OK, "recorded_batch": shuffled}}).holds is False
+
+
+def _mini(after=0.91, kl=1.1, control_after=0.97, control_kl=2.67):
+    return {"mini_loop": {"polite_share_before": 0.28, "polite_share_after": after, "kl_after": kl, "no_kl_penalty": {
+        "polite_share_before": 0.28, "polite_share_after": control_after, "kl_after": control_kl}}}
+
+
+def test_mini_loop_claim_needs_its_kl_penalty_to_keep_kl_below_the_no_penalty_run():
+    ok = stages.claim_mini_loop(_mini())  # the lab: 0.28 → 0.91 at 1.1 nats; without the penalty 0.97 at 2.67
+    assert ok.holds and ok.control_holds is False and ok.values["kl_ratio"] == pytest.approx(1.1 / 2.67)
+    leash_off = stages.claim_mini_loop(_mini(kl=2.6))  # the penalty changed nothing: the audit's false pass
+    assert leash_off.holds is False
+    assert stages.claim_mini_loop(_mini(after=0.4)).holds is False  # KL held, but nothing learned
+    swapped = stages.claim_mini_loop(_mini(kl=2.67, control_kl=1.1))  # the rule holds on the control
+    assert swapped.control_holds is True and swapped.holds is False
+
+
+def test_best_of_n_distillation_claim_fails_when_best_of_1_distils_as_well():
+    def bon(gain, control_gain):
+        r = _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.3 + gain)
+        return {"best_of_n": {**r, "best_of_1": {"initial": {"gold": 0.3},
+                                                 "distilled": [{"round": 1, "eval": {"gold": 0.3 + control_gain}}]}}}
+
+    ok = stages.claim_best_of_n(bon(0.21, 0.02))
+    assert ok.holds and ok.control_holds is False and ok.control["values"]["gain"] == pytest.approx(0.02)
+    no_selection_needed = stages.claim_best_of_n(bon(0.21, 0.15))  # random samples distil as well: not selection
+    assert no_selection_needed.control_holds and no_selection_needed.holds is False
+    assert stages.claim_best_of_n(bon(0.05, 0.0)).holds is False
+
+
+def test_reinforce_claim_needs_a_reward_margin_and_reports_the_cut_without_the_offset():
+    r = {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(120.0, 0.05)["baselines"]}
+    ok = stages.claim_reinforce({"reinforce": r})
+    assert ok.holds and ok.values["variance_cut"] == 30 and ok.values["variance_cut_no_offset"] == pytest.approx(1.2)
+    tiny = {**r, "baselines": {**r["baselines"], "running_mean": {**r["baselines"]["running_mean"],
+                                                                  "final_reward": {"mean": 1.05}}}}
+    assert stages.claim_reinforce({"reinforce": tiny}).holds is False  # +0.05: within noise, no longer "> 0"
+
+
+def _run(gold, proxy, beta, peak_step, peak_gold, final_gold, proxy_at_peak):
+    points = [{"step": 5 * (i + 1), "gold": g, "proxy": p} for i, (g, p) in enumerate(zip(gold, proxy))]
+    f = {"peak_step": peak_step, "peak_gold": peak_gold, "final_gold": final_gold, "proxy_at_peak": proxy_at_peak,
+         "final_proxy": proxy[-1], "kl_at_peak": 1.0, "final_kl": 9.0, "detected_step": None}
+    return {"beta": beta, "steps": 5 * len(gold), "findings": f, "points": points, "plots": []}
+
+
+HUMP = _run([0.4, 0.6, 0.8, 0.85, 0.7, 0.4, 0.1, -0.2], [0.2, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2], 0.005, 20, 0.8,
+            -0.1, 0.8)  # the lab at β = 0.005: gold up, then down while the proxy keeps rising
+FLAT = _run([0.5, 0.7, 0.5, 0.7, 0.5, 0.7, 0.5, 0.6], [0.2, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2], 0.005, 10, 0.66,
+            0.55, 0.5)  # gold flat within noise: the running max of the smoothed series still "falls" by 0.11
+STEADY = _run([0.4, 0.6, 0.7, 0.75, 0.78, 0.8, 0.79, 0.8], [0.2, 0.4, 0.5, 0.6, 0.6, 0.65, 0.65, 0.7], 0.5, 30, 0.79,
+              0.79, 0.6)  # high β: gold rises and stays
+
+
+def test_beta_too_low_claim_needs_a_fall_beyond_noise_and_no_fall_at_high_beta():
+    ok = stages.claim_overoptimization({"overoptimization": {**HUMP, "high_beta": STEADY}})
+    assert ok.holds and ok.control_holds is False and ok.values["fall"] >= 2 * ok.values["gold_noise"]
+    assert stages.claim_overoptimization({"overoptimization": {**FLAT, "high_beta": STEADY}}).holds is False
+    hacked_control = stages.claim_overoptimization({"overoptimization": {**HUMP, "high_beta": {**HUMP, "beta": 0.5}}})
+    assert hacked_control.control_holds and hacked_control.holds is False  # high β fell as well: not β's doing
+    quick = {**FLAT, "high_beta": STEADY, "_provenance": {"fingerprint": {"quick": True}}}
+    undecided = stages.claim_overoptimization({"overoptimization": quick})
+    assert undecided.holds is None and "not decided in quick mode" in undecided.skipped  # said, not a false fail
+
+
+def _rm(acc, length_acc, n=400):
+    return {"reward_model": {"test": {"accuracy": acc, "n_pairs": n}, "label_flip_rate_test": 0.14,
+                             "length_only": {"accuracy": length_acc, "prefers": "shorter", "n_pairs": n}}}
+
+
+def test_rm_accuracy_claim_needs_the_rm_to_beat_a_length_only_predictor():
+    ok = stages.claim_reward_model(_rm(0.695, 0.5175))  # the lab: RM 0.695, length-only 0.5175
+    assert ok.holds and ok.control_holds is False and ok.values["label_noise_ceiling"] == pytest.approx(0.86)
+    assert stages.claim_reward_model(_rm(0.55, 0.50)).holds is False  # z = 2 over chance, not over the control
+    assert stages.claim_reward_model(_rm(0.70, 0.68)).holds is False  # length alone does as well
+    assert stages.claim_reward_model(_rm(0.50, 0.50)).holds is False
+
+
+def test_length_only_predictor_fits_its_direction_on_training_pairs():
+    train = [(5, 3), (6, 2), (2, 4)]  # chosen longer in 2 of 3: prefer the longer reply
+    assert stages.length_only_accuracy(train, [(4, 2), (2, 4), (3, 3)]) == {
+        "accuracy": 0.5, "prefers": "longer", "n_pairs": 3}
+
+
 def test_claims_without_their_data_are_skipped_with_the_reason():
     claims = {c.id: c for c in (build({"best_of_n": {"skipped": "needs a gold reward"}}) for build in stages.CLAIMS)}
     assert claims["bon_distillation"].holds is None and claims["bon_distillation"].skipped == "needs a gold reward"
@@ -89,11 +245,34 @@ def test_rl_flags_track_a_judge_at_weight_zero():
 
 
 def test_report_lists_every_claim_with_its_numbers():
-    claims = [Claim("a", "1", "it holds", "x", "> 0", {"x": 0.5}, True),
-              Claim.skip("b", "2", "needs gold", "y", "> 0", "no gold")]
+    claims = [Claim("a", "1", "it holds", "x", "> 0", {"x": 0.5}, True, kind="exact"),
+              Claim.skip("b", "2", "needs gold", "y", "> 0", "no gold"),
+              Claim.experiment("c", "3", "an effect", "x", "> 0", {"x": 0.4}, True,
+                               {"statement": "no effect", "values": {"x": -0.1}}, False, [0, 1, 2]),
+              Claim.experiment("d", "4", "no control", "x", "> 0", {"x": 0.4}, True)]
     text = render_report("T", "intro", [], claims, [])
-    assert "| 1 | 1 | it holds | x | > 0 | x 0.5 | **holds** |" in text
+    assert "| 1 | 1 | it holds | x | > 0 | x 0.5 | exact check | **holds** |" in text
     assert "**skipped (no gold)**" in text
+    assert "| no effect: x -0.1; rule does not hold there | **holds** |" in text
+    assert "**holds, no control measured**" in text  # never a silent pass without a control
+
+
+def test_an_experimental_claim_whose_rule_holds_on_its_control_does_not_hold():
+    claim = Claim.experiment("c", "3", "an effect", "x", "> 0", {"x": 0.4}, True,
+                             {"statement": "no effect", "values": {"x": 0.3}}, True)
+    assert claim.holds is False and "also holds on the control" in claim.verdict()
+    with pytest.raises(ValueError, match="cannot hold"):
+        Claim("c", "3", "s", "x", "> 0", {}, True, control={"statement": "", "values": {}}, control_holds=True)
+    payload = asdict(claim)
+    assert {"kind", "control", "control_holds", "seeds"} <= set(payload) and payload["kind"] == "experiment"
+
+
+def test_a_fit_fits_only_above_the_stated_r2():
+    found = {f.id: f for f in stages.findings({"beta_sweep": {"gao_fit": {
+        "alpha": 1.0, "beta": 0.3, "r2": 0.19, "peak_kl": 2.0, "n_points": 12}}, "best_of_n": {"curve": {"fit": {
+            "alpha": 1.0, "beta": 0.3, "r2": 0.97, "peak_kl": 1.3}}}})}
+    assert found["rl_gao_fit"].verdict == "no fit: R² 0.19 < 0.8" and found["bon_gao_fit"].verdict == "fits"
+    assert "**no fit: R² 0.19 < 0.8**" in render_report("T", "", [], [], list(found.values()))
 
 
 def test_unknown_stage_is_refused():
@@ -142,22 +321,25 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
 
     payload = json.loads((out / "claims.json").read_text())
     claims = {c["id"]: c for c in payload["claims"]}
-    assert payload["quick"] is True and all(c["holds"] for c in claims.values()), log[-3000:]
+    undecided = {i for i, c in claims.items() if c["holds"] is None and "quick mode" in (c["skipped"] or "")}
+    assert payload["quick"] is True and all(c["holds"] for i, c in claims.items() if i not in undecided), log[-3000:]
+    assert all(c["control_holds"] is False for c in claims.values() if c["control"] is not None)
     v = claims["rm_accuracy"]["values"]
     assert 0.6 <= v["accuracy"] < 0.8 and v["z"] >= 2  # the lab RM: 0.695 on 400 held-out pairs
+    assert v["margin_over_length_only"] >= stages.RM_MARGIN  # length alone: 0.5175
     assert claims["grpo_advantages"]["values"]["max_abs_group_mean"] < 1e-6
     assert claims["bon_distillation"]["values"]["gain"] >= stages.BON_MARGIN
-    v = claims["beta_too_low"]["values"]
-    assert v["peak_step"] < v["last_step"] and v["peak_gold"] - v["end_gold"] >= stages.HACK_MARGIN
-    assert v["end_proxy"] > v["proxy_at_peak"]
+    v = claims["beta_too_low"]["values"]  # seed 0: fall 0.22 against a noise of 0.09; at β = 0.5 no fall
+    assert "beta_too_low" in undecided or (v["peak_step"] < v["last_step"] and v["fall"] >= 2 * v["gold_noise"]
+                                           and v["end_proxy"] > v["proxy_at_peak"])
     v = claims["reinforce_baseline"]["values"]
     assert v["variance_cut"] >= stages.VARIANCE_CUT and v["reward_gain"] > 0  # measured: 33x, +0.35
     v = claims["kl_falls_with_beta"]["values"]
     assert v["rho"] <= -0.9 and v["final_kl"][0] > 3 * v["final_kl"][-1]  # β 0 → 1: 3.1 → 0.26 nats
     v = claims["grpo_vs_ppo"]["values"]
     assert v["grpo_memory_mb"] < v["ppo_memory_mb"] and min(v["ppo_gold_gain"], v["grpo_gold_gain"]) >= stages.GOLD_GAIN
-    v = claims["mini_loop"]["values"]
-    assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl"] <= stages.POLITE_KL
+    v = claims["mini_loop"]["values"]  # measured: 0.28 → 0.91 at 1.09 nats; without the penalty 2.67 nats
+    assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl_ratio"] <= stages.KL_RATIO
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "reference policy" in report
     assert all((out / p).is_file() for p in ("clip/clip.png", "best_of_n/bon_curve.png", "mini_loop/mini_loop.png"))
@@ -166,7 +348,8 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
 def test_pipeline_on_a_local_model_skips_lab_only_claims_and_tracks_the_judge(tmp_path):
     """Own policy, prompts and reward with a held-out judge: lab-only stages are skipped with the reason, the judge
     stands in for gold (tracked at weight 0), and the report is still written."""
-    from _ppo_helpers import build_world, prompts as tiny_prompts
+    from _ppo_helpers import build_world
+    from _ppo_helpers import prompts as tiny_prompts
 
     pipeline = pytest.importorskip("pipeline")
     world = build_world(str(tmp_path / "world"))
@@ -188,6 +371,27 @@ def test_pipeline_on_a_local_model_skips_lab_only_claims_and_tracks_the_judge(tm
     assert payload["on_lab"] is False and (tmp_path / "out" / "report.md").is_file()
 
 
+def test_a_planted_stage_result_is_never_reported_as_this_runs_numbers(tmp_path):
+    """A hand-written stages/reward_model.json next to a run of another stage: not used, not a verdict, and the report
+    says which stages ran in this invocation."""
+    pipeline = pytest.importorskip("pipeline")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "reward_model.json").write_text(json.dumps(PLANTED_RM))
+    (args,) = pipeline.make_parser().parse_args_and_config(
+        args=["--output_dir", str(tmp_path), "--stages", "clip", "--quick"])
+    payload = pipeline.main(args)
+    claims = {c["id"]: c for c in payload["claims"]}
+    assert claims["rm_accuracy"]["holds"] is None and "not used" in claims["rm_accuracy"]["skipped"]
+    assert payload["stages"]["clip"]["ran"] == "this invocation" and payload["invocation"]
+    assert claims["clip_gradient"]["provenance"]["invocation"] == payload["invocation"]
+    assert payload["stages"]["reward_model"]["ran"].startswith("stored file not used")
+    report = (tmp_path / "report.md").read_text()
+    assert f"| clip | this invocation | {payload['invocation']} |" in report and "accuracy 0.99" not in report
+    rerun = pipeline.main(args)  # the same settings again: the clip result is reused, and said to be
+    assert rerun["stages"]["clip"] == {**payload["stages"]["clip"], "ran": "reused"}
+    assert "reused from earlier invocations" in (tmp_path / "report.md").read_text()
+
+
 def test_the_output_folder_has_a_card_with_every_verdict(tmp_path, capsys):
     from huggingface_hub import ModelCard
 
@@ -202,3 +406,94 @@ def test_the_output_folder_has_a_card_with_every_verdict(tmp_path, capsys):
     assert any("clip_gradient" in r and r.endswith("| holds |") for r in rows)  # stage run: its verdict
     assert any("rm_accuracy" in r and r.endswith("| skipped |") for r in rows)  # not run: skipped, not faked
     assert f"outputs: {tmp_path}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The sections' readings follow the numbers: fed contrary numbers, each says the contrary
+# ----------------------------------------------------------------------------------------------------------------------
+def _bon(proxy, gold, distilled):
+    pts = [{"n": n, "proxy": p, "gold": g, "kl": 0.5 * i} for i, (n, p, g) in enumerate(zip((1, 4, 16), proxy, gold))]
+    return {"select": "proxy", "gold": "gold", "pool_size": 16, "curve": {"points": pts}, "initial": {"gold": 0.3},
+            "distilled": [{"round": 1, "eval": {"gold": distilled}}], "best_of_n": {"gold": max(gold)}, "plots": []}
+
+
+def _sweep(rho, final_kl, low_final_gold, r2):
+    row = {"beta": 0.1} | {k: {"mean": 0.5} for k in ("final_kl", "final_proxy", "final_gold", "peak_gold")}
+    return {"per_beta": [row], "spearman_beta_final_kl": rho, "plots": [],
+            "lowest_beta": {"beta": 0.0, "peak_gold": 0.9, "final_gold": low_final_gold, "proxy_at_peak": 0.7,
+                            "final_proxy": 1.2},
+            "highest_beta": {"beta": 1.0, "final_kl": final_kl},
+            "gao_fit": {"alpha": 1.0, "beta": 0.2, "r2": r2, "peak_kl": 2.0, "n_points": 12}}
+
+
+def _reinforce(var_none, gain_none):
+    def b(var, gain):
+        return {"median_grad_variance": {"median": var}, "variance_vs_none": 1.0, "final_reward": {"mean": 1.0 + gain},
+                "first_reward": 1.0}
+    return {"baselines": {"none": b(var_none, gain_none), "running_mean": b(100.0, 0.6)}, "seeds": [0],
+            "reward_offset": 5.0, "plots": []}
+
+
+def _ppo(grpo_mb, grpo_end):
+    def t(mb, end):
+        return {k: {"mean": v} for k, v in {"gold_start": 0.3, "gold_peak": max(end, 0.3), "gold_end": end,
+                                             "kl_end": 1.0, "peak_memory_mb": mb, "seconds_per_step": 1.0}.items()}
+    return {"trainers": {"ppo": t(130.0, 0.7), "grpo": t(grpo_mb, grpo_end)}, "seeds": [0], "plots": []}
+
+
+def _over(final_gold, final_proxy):
+    f = {"peak_step": 20, "peak_gold": 0.5, "final_gold": final_gold, "proxy_at_peak": 0.7, "final_proxy": final_proxy,
+         "kl_at_peak": 1.0, "final_kl": 9.0, "detected_step": 40}
+    gold = [0.3, 0.5, 0.5, 0.45, 0.4, 0.3, 0.2, final_gold]
+    return {"beta": 0.005, "steps": 80, "findings": f, "plots": [],
+            "points": [{"step": 10 * (i + 1), "gold": g} for i, g in enumerate(gold)]}
+
+
+GA = {"batches": 4, "num_generations": 8, "max_abs_group_mean": 1e-8, "max_sign_mismatch_frac": 0.0,
+      "max_abs_diff_recomputed": 0.0, "mean_zero_std_frac": 0.1, "violations": 0, "max_abs_adv": 2.0}
+CLIP = {"epsilon": 0.2, "table": [], "plot": "/out/clip/clip.png", "max_abs_grad_favourable": 0.0,
+        "max_abs_grad_minus_A_unfavourable": 0.0}
+MINI = {"steps": 20, "polite_share_before": 0.3, "polite_share_after": 0.9, "kl_after": 1.1, "plots": []}
+
+READINGS = [  # (section, numbers that support the chapter, numbers that contradict it, what each must say)
+    ("reward_model", {"test": {"accuracy": 0.69, "n_pairs": 400}}, {"test": {"accuracy": 0.50, "n_pairs": 400}},
+     "above chance", "not distinguishable from chance"),
+    ("reward_model", _rm(0.69, 0.52)["reward_model"], _rm(0.69, 0.68)["reward_model"], "; it beats a length-only",
+     "does NOT beat a length-only"),
+    ("clip", CLIP, {**CLIP, "max_abs_grad_favourable": 1.0}, "never clipped", "does NOT behave"),
+    ("group_advantages", GA, {**GA, "max_sign_mismatch_frac": 0.5}, "They are what GRPO", "are NOT what GRPO"),
+    ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
+     "rises at every N", "does NOT rise with N"),
+    ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
+     "peaks at N = 4", "no fall"),
+    ("best_of_n", _bon((0.2, 0.6, 1.0), (0.3, 0.6, 0.2), 0.6), _bon((1.0, 0.6, 0.2), (0.3, 0.4, 0.5), 0.3),
+     "distillation raises", "does NOT raise"),
+    ("mini_loop", MINI, {**MINI, "polite_share_after": 0.35}, "learned the behaviour", "does NOT hold"),
+    ("mini_loop", {**MINI, **_mini()["mini_loop"]}, {**MINI, **_mini(kl=2.6)["mini_loop"]}, "learned the behaviour",
+     "does NOT hold"),
+    ("overoptimization", _over(-0.5, 1.3), _over(0.48, 1.3), "Goodhart's law, measured", "NOT resolved"),
+    ("overoptimization", {**HUMP, "high_beta": STEADY}, {**FLAT, "high_beta": STEADY}, "Goodhart's law, measured",
+     "NOT resolved"),
+    ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "cuts the gradient variance 30×",
+     "does NOT cut"),
+    ("reinforce", _reinforce(3000.0, 0.05), _reinforce(100.0, 0.8), "barely learns", "learns about as much"),
+    ("reinforce", {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(300.0, 0.05)["baselines"]},
+     {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(120.0, 0.05)["baselines"]}, "a real cut",
+     "most of the cut was the offset's"),
+    ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "the leash works",
+     "the leash does NOT work"),
+    ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "The Gao RL form fits",
+     "does NOT fit"),
+    ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "falls to -0.50", "near its peak"),
+    ("ppo_vs_grpo", _ppo(100.0, 0.6), _ppo(160.0, 0.32), "peaks lower", "does NOT peak lower"),
+    ("ppo_vs_grpo", _ppo(100.0, 0.6), _ppo(160.0, 0.32), "both raise gold", "gold does NOT rise by the margin"),
+]
+
+
+@pytest.mark.parametrize("name, good, bad, says, says_contrary", READINGS)
+def test_each_section_reads_its_numbers_and_says_the_contrary_on_contrary_numbers(name, good, bad, says,
+                                                                                  says_contrary):
+    args = SimpleNamespace(output_dir="/out")
+    supported, contrary = stages.SECTIONS[name](args, good).reading, stages.SECTIONS[name](args, bad).reading
+    assert says in supported and says_contrary not in supported, supported
+    assert says_contrary in contrary and says not in contrary, contrary
