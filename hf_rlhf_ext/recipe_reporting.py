@@ -300,6 +300,10 @@ def train_or_name_the_checkpoint(trainer: Any, training_args: Any, script: str |
                                  cli_args: list[str] | None) -> Any:
     """``trainer.train()``; stopped by Ctrl-C, it raises :class:`RunInterrupted` naming the last checkpoint and the
     command that resumes from it, so that the user loses at most ``save_steps`` steps and knows how to go on."""
+    if training_args.push_to_hub and training_args.hub_strategy == "every_save":  # transformers' default
+        # the folder is pushed once, with its card, after training; periodic checkpoints stay local (choose
+        # --hub_strategy checkpoint or all_checkpoints to upload them as well)
+        trainer.args.hub_strategy = "end"
     try:
         return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except KeyboardInterrupt:
