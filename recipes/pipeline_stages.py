@@ -799,7 +799,8 @@ def section_clip(args, r):
                     "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
                     "them.", f"On synthetic ratios with ε = {r['epsilon']} the objective does NOT behave as the "
                     f"chapter says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped "
-                    f"to 0, and |∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full gradient.")
+                    f"to 0, and |∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full "
+                    "gradient.")
     return Section("The clipped objective (exercise 16)", text, rows, [_rel(args, r["plot"])])
 
 
