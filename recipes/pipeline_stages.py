@@ -447,8 +447,9 @@ def claim_reward_model(results: dict):
     beats, z_ref = _beats(acc, ref, n)
     values |= {"length_only_accuracy": ref, "margin_over_length_only": acc - ref, "z_vs_length_only": z_ref}
     control = {"statement": f"length-only predictor (prefers the {r['length_only']['prefers']} reply) on the same "
-               "held-out pairs, put in the RM's place", "values": r["length_only"]}
-    return Claim.experiment(*args, values, z >= RM_Z and beats, control, _beats(ref, ref, n)[0], seeds)
+               "held-out pairs, put in the RM's place (and the RM in its)", "values": r["length_only"]}
+    control_holds = (ref - 0.5) / math.sqrt(0.25 / n) >= RM_Z and _beats(ref, acc, n)[0]
+    return Claim.experiment(*args, values, z >= RM_Z and beats, control, control_holds, seeds)
 
 
 def claim_clip(results: dict):
@@ -506,8 +507,9 @@ def claim_group_advantages(results: dict):
     from hf_rlhf_ext.report import Claim
 
     args = ("grpo_advantages", "19", "GRPO's advantages on real training batches are non-zero, have zero mean per "
-            "group, the sign of r − group mean and equal the recomputed ones", "over all batches: max |group mean of A|, "
-            "sign mismatches, max |A − recomputed|, the callback's violations, max |A|", {
+            "group, the sign of r − group mean and equal the recomputed ones",
+            "over all batches: max |group mean of A|, sign mismatches, max |A − recomputed|, the callback's "
+            "violations, max |A|", {
                 "max_abs_group_mean": "< 1e-6", "sign_mismatch": "= 0", "max_abs_diff_recomputed": f"<= {ADV_TOL}",
                 "violations": "= 0", "max_abs_adv": "> 0"})
     if reason := _missing(results, "group_advantages"):
@@ -796,8 +798,9 @@ def section_clip(args, r):
                     "gradient is A up to ρ = 1 + ε and 0 beyond (nothing more to gain); for A < 0 it is A down to "
                     "1 − ε and 0 below. Moves in the harmful direction are never clipped: the full gradient corrects "
                     "them.", f"On synthetic ratios with ε = {r['epsilon']} the objective does NOT behave as the "
-                    f"chapter says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped to 0, and "
-                    f"|∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full gradient.")
+                    f"chapter says: |∂L/∂ρ| reaches {r['max_abs_grad_favourable']:.3g} where it should be clipped "
+                    f"to 0, and |∂L/∂ρ − A| {r['max_abs_grad_minus_A_unfavourable']:.3g} where it should be the full "
+                    "gradient.")
     return Section("The clipped objective (exercise 16)", text, rows, [_rel(args, r["plot"])])
 
 

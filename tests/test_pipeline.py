@@ -220,6 +220,8 @@ def test_rm_accuracy_claim_needs_the_rm_to_beat_a_length_only_predictor():
     assert stages.claim_reward_model(_rm(0.55, 0.50)).holds is False  # z = 2 over chance, not over the control
     assert stages.claim_reward_model(_rm(0.70, 0.68)).holds is False  # length alone does as well
     assert stages.claim_reward_model(_rm(0.50, 0.50)).holds is False
+    length_wins = stages.claim_reward_model(_rm(0.60, 0.75))  # the rule, roles swapped, holds for length
+    assert length_wins.control_holds and length_wins.holds is False
 
 
 def test_length_only_predictor_fits_its_direction_on_training_pairs():
