@@ -27,8 +27,8 @@ GRPO does) differentiates each token's KL conditional on its prefix, but not the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,17 +36,17 @@ import torch.nn.functional as F
 from .objectives import kl_estimate
 
 __all__ = [
-    "ToyPolicy",
+    "FORWARD",
+    "NEITHER",
+    "REVERSE",
     "AuditRow",
+    "ToyPolicy",
+    "audit_markdown",
     "categorical_policy",
-    "two_step_policy",
     "exact_kl_gradients",
     "expected_gradient",
     "kl_gradient_audit",
-    "audit_markdown",
-    "FORWARD",
-    "REVERSE",
-    "NEITHER",
+    "two_step_policy",
 ]
 
 FORWARD = "KL(π‖π_ref)"
@@ -219,8 +219,9 @@ def _fmt(err: float) -> str:
 
 def audit_markdown(rows: list[AuditRow]) -> str:
     """The rows as a markdown table (errors below 1e-12 printed as such, so the table is machine-independent)."""
-    lines = ["| policy | estimator | placement | × π/π_old | gradient of | max err vs ∇KL(π‖π_ref) "
-             "| max err vs ∇KL(π_ref‖π) | max abs grad |",
+    header = ("| policy | estimator | placement | × π/π_old | gradient of | max err vs ∇KL(π‖π_ref) "
+              "| max err vs ∇KL(π_ref‖π) | max abs grad |")
+    lines = [header,
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "—" if r.ratio is None else ("yes" if r.ratio else "no")
