@@ -18,6 +18,7 @@ gradients of KL(π ‖ π_ref) and KL(π_ref ‖ π). With x = log π_ref − lo
 * ∇k2 = −x ∇log π                    → E_π[∇k2] = ∇KL(π ‖ π_ref)
 * ∇k3 = (1 − e^x) ∇log π             → E_π[∇k3] = ∇KL(π_ref ‖ π)
 * ∇(ρ·k) = ∇log π · k + ∇k at ρ = 1  → with the ratio, k1 and k3 give ∇KL(π ‖ π_ref), k2 neither.
+* in the reward, E_π[∇log π · k3] = ∇KL(π ‖ π_ref) − ∇KL(π_ref ‖ π): neither; E_π[∇log π · k2]: neither.
 
 On a sequence these hold for the estimator of the *sequence* log-ratio Σ_t x_t. Summing per-token estimators (what
 GRPO does) differentiates each token's KL conditional on its prefix, but not the prefix's effect on later tokens' KL
@@ -43,6 +44,7 @@ __all__ = [
     "ToyPolicy",
     "audit_markdown",
     "categorical_policy",
+    "default_policies",
     "exact_kl_gradients",
     "expected_gradient",
     "kl_gradient_audit",
@@ -112,18 +114,19 @@ def exact_kl_gradients(policy: ToyPolicy) -> tuple[torch.Tensor, torch.Tensor]:
 Surrogate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _reward_sequence(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """REINFORCE with r = −k1 of the whole sequence, stop-gradient on r: loss = sg(k1) · Σ_t log π_t."""
-    k1 = (logp - ref).sum(-1).detach()
-    return k1 * logp.sum(-1)
+def _in_reward(kind: str, per_token: bool) -> Surrogate:
+    """REINFORCE with r = −k, stop-gradient on r: loss = sg(k) · log π. ``per_token``: rewards r_t = −k_t, each
+    token's log-prob weighted by its return-to-go Σ_{s ≥ t} k_s (PPO's γ = 1 returns); else k of the sequence
+    log-ratio weights log π(y) = Σ_t log π_t. For k1 the two agree: by causality E[∇log π_t · k1_s] = 0 for s < t."""
 
+    def surrogate(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if per_token:
+            k = kl_estimate(logp, ref, kind).detach()
+            return (k.flip(-1).cumsum(-1).flip(-1) * logp).sum(-1)
+        k = kl_estimate(logp.sum(-1), ref.sum(-1), kind).detach()
+        return k * logp.sum(-1)
 
-def _reward_to_go(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-token rewards r_t = −k1_t, each token's log-prob weighted by its return-to-go Σ_{s ≥ t} k1_s (as PPO's
-    γ = 1 returns): by causality E[∇log π_t · k1_s] = 0 for s < t, so this is the same gradient as the sequence."""
-    k1 = (logp - ref).detach()
-    to_go = k1.flip(-1).cumsum(-1).flip(-1)
-    return (to_go * logp).sum(-1)
+    return surrogate
 
 
 def _in_loss(kind: str, ratio: bool, per_token: bool) -> Surrogate:
@@ -166,16 +169,19 @@ class AuditRow:
 
 
 def _placements(multi_token: bool) -> list[tuple[str, str, bool | None, Surrogate]]:
-    rows: list[tuple[str, str, bool | None, Surrogate]] = [("k1", "reward (sequence), REINFORCE", None,
-                                                           _reward_sequence)]
+    """(estimator, placement, ratio, surrogate) for every placement; per-token variants only on multi-token policies
+    (on one token they are the sequence ones)."""
+    kinds = ("k1", "k2", "k3")
+    rewards = [("reward (sequence), REINFORCE", False)]
+    losses = [("loss", False)]
     if multi_token:
-        rows.append(("k1", "reward (per token), return-to-go", None, _reward_to_go))
-    grains = [("loss (per token, summed)", True), ("loss (sequence log-ratio)", False)] if multi_token else [
-        ("loss", False)]
-    for placement, per_token in grains:
-        for kind in ("k1", "k2", "k3"):
-            for ratio in (False, True):
-                rows.append((kind, placement, ratio, _in_loss(kind, ratio, per_token)))
+        rewards.append(("reward (per token), return-to-go", True))
+        losses = [("loss (per token, summed)", True), ("loss (sequence log-ratio)", False)]
+    rows: list[tuple[str, str, bool | None, Surrogate]] = []
+    for placement, per_token in rewards:
+        rows += [(kind, placement, None, _in_reward(kind, per_token)) for kind in kinds]
+    for placement, per_token in losses:
+        rows += [(kind, placement, ratio, _in_loss(kind, ratio, per_token)) for kind in kinds for ratio in (False, True)]
     return rows
 
 
