@@ -114,6 +114,9 @@ def test_ties_keep_best_of_n_strictly_below_both_bounds():
     assert win == pytest.approx(5 / 8, abs=1e-12)
     assert kl < math.log(2) - 1 / 2 - 0.05 and win < 2 / 3
     assert best_of_n_exact([1.0], [7.0], 16) == (0.0, 0.5)  # one outcome: best-of-n is the base policy
+    # a top atom of 1/4: KL → ln 4 (best-of-n picks it almost surely) while the formula grows like ln N
+    kl, _ = best_of_n_exact([0.75, 0.25], [0.0, 1.0], 200)
+    assert kl == pytest.approx(math.log(4), abs=1e-9) and kl <= math.log(4)
 
 
 def test_many_distinct_rewards_reach_the_analytic_kl_and_win_rate():
