@@ -172,10 +172,10 @@ def _placements(multi_token: bool) -> list[tuple[str, str, bool | None, Surrogat
     """(estimator, placement, ratio, surrogate) for every placement; per-token variants only on multi-token policies
     (on one token they are the sequence ones)."""
     kinds = ("k1", "k2", "k3")
-    rewards = [("reward (sequence), REINFORCE", False)]
+    rewards = [("reward, REINFORCE", False)]
     losses = [("loss", False)]
     if multi_token:
-        rewards.append(("reward (per token), return-to-go", True))
+        rewards = [("reward (sequence), REINFORCE", False), ("reward (per token), return-to-go", True)]
         losses = [("loss (per token, summed)", True), ("loss (sequence log-ratio)", False)]
     rows: list[tuple[str, str, bool | None, Surrogate]] = []
     for placement, per_token in rewards:

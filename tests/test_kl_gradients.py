@@ -34,9 +34,9 @@ TOKEN, SEQUENCE = "loss (per token, summed)", "loss (sequence log-ratio)"
 # tokens' KL, so on two steps only the return-to-go reward and the sequence-level estimators keep their single-step
 # answer.
 EXPECTED = {
-    (CAT, "k1", "reward (sequence), REINFORCE", None): FORWARD,
-    (CAT, "k2", "reward (sequence), REINFORCE", None): NEITHER,
-    (CAT, "k3", "reward (sequence), REINFORCE", None): NEITHER,
+    (CAT, "k1", "reward, REINFORCE", None): FORWARD,
+    (CAT, "k2", "reward, REINFORCE", None): NEITHER,
+    (CAT, "k3", "reward, REINFORCE", None): NEITHER,
     (CAT, "k1", "loss", False): ZERO,
     (CAT, "k1", "loss", True): FORWARD,
     (CAT, "k2", "loss", False): FORWARD,
