@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .objectives import GaoFit, best_of_n_kl, fit_gao
+from .objectives import GaoFit, best_of_n_kl, best_of_n_kl_win_rate, best_of_n_win_rate_bound, fit_gao
 from .reference import Reference, reference_model
 from .sampling import (
     encode_prompts,
@@ -43,6 +43,8 @@ __all__ = [
     "BestOfNSampler",
     "BestOfNCurve",
     "best_of_n_expectation",
+    "best_of_n_pool_kl_win_rate",
+    "CURVE_STATS",
     "best_of_n_curve",
     "default_ns",
     "DistillationRound",
@@ -237,6 +239,23 @@ def _mean_over_ties(sorted_keys: torch.Tensor, sorted_values: torch.Tensor) -> t
     return out
 
 
+def best_of_n_pool_kl_win_rate(select: torch.Tensor, n: int) -> tuple[float, float]:
+    """(KL(π_bon ‖ π), win rate of best-of-n over a base sample) estimated from the pool's selecting scores, mean over
+    prompts. Each prompt's M scores are its empirical reward distribution: a score seen k ≥ 2 times is a point mass
+    k/M (ties: repeated completions, or a reward with few values), a score seen once a stretch 1/M of continuous reward.
+    Then :func:`~hf_rlhf_ext.objectives.best_of_n_kl_win_rate` gives both exactly: with no ties, ln n − (n − 1)/n and
+    n/(n + 1); each tie lowers them, which the analytic formula cannot see (Beirami et al. 2024)."""
+    if select.dim() != 2 or torch.isnan(select).any():
+        raise ValueError(f"select must be a (P, M) tensor without NaN, got {tuple(select.shape)}.")
+    kls, wins = [], []
+    for row in select.double():
+        _, counts = torch.unique(row, sorted=True, return_counts=True)
+        kl, win = best_of_n_kl_win_rate(counts.double(), counts >= 2, n)
+        kls.append(kl)
+        wins.append(win)
+    return sum(kls) / len(kls), sum(wins) / len(wins)
+
+
 def default_ns(pool_size: int) -> list[int]:
     """1, 2, 4, … up to the pool size."""
     ns, n = [], 1
@@ -244,6 +263,11 @@ def default_ns(pool_size: int) -> list[int]:
         ns.append(n)
         n *= 2
     return ns
+
+
+#: The columns of a curve point that are not rewards: n, the analytic KL and its square root, the pool's tie-aware KL
+#: and best-of-n's win rate over the base policy with its bound n/(n + 1).
+CURVE_STATS = ("n", "kl", "sqrt_kl", "kl_pool", "win_rate", "win_rate_bound")
 
 
 @dataclass
@@ -269,7 +293,9 @@ def best_of_n_curve(
     scores: Mapping[str, torch.Tensor], select: str, gold: str | None = None, ns: Sequence[int] | None = None
 ) -> BestOfNCurve:
     """The expected score of every reward in ``scores`` ((P, M) tensors of one pool) for the best of n by ``select``,
-    averaged over prompts, for each n in ``ns`` (default 1, 2, 4, …, M), with KL_bon(n) and d = sqrt(KL_bon)."""
+    averaged over prompts, for each n in ``ns`` (default 1, 2, 4, …, M), with KL_bon(n) = ln n − (n − 1)/n (``kl``, an
+    upper bound) and d = sqrt(KL_bon), the pool's tie-aware KL (``kl_pool``), and the win rate of the best of n over
+    a base sample by ``select`` (``win_rate``, ties half) with its bound n/(n + 1) (``win_rate_bound``)."""
     if select not in scores:
         raise ValueError(f"select={select!r} is not among the scores ({sorted(scores)}).")
     if gold is not None and gold not in scores:
@@ -279,7 +305,9 @@ def best_of_n_curve(
     points = []
     for n in ns:
         kl = best_of_n_kl(n)
-        point = {"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl)}
+        kl_pool, win_rate = best_of_n_pool_kl_win_rate(scores[select], n)
+        point = {"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "kl_pool": kl_pool, "win_rate": win_rate,
+                 "win_rate_bound": best_of_n_win_rate_bound(n)}
         for name, values in scores.items():
             point[name] = float(best_of_n_expectation(scores[select], values, n).mean())
         points.append(point)

@@ -21,6 +21,8 @@ Sources
 * Group-relative advantages: GRPO (DeepSeekMath, arXiv 2402.03300); "batch"/"none" scalings as in TRL's
   ``GRPOTrainer`` (``scale_rewards``) after Dr. GRPO (arXiv 2503.20783).
 * KL estimators k1/k2/k3: J. Schulman, "Approximating KL divergence" (2020, http://joschu.net/blog/kl-approx.html).
+* Best-of-N KL ln N − (N−1)/N as an upper bound, the exact KL with ties and the win rate ≤ N/(N+1): Beirami et al.
+  2024 (arXiv 2401.01879).
 * Best-of-N KL ln N − (N−1)/N and the over-optimisation forms R(d) = d(α − β ln d) (RL), d(α − β d) (best-of-N) with
   d = sqrt(KL): Gao, Schulman and Hilton 2022 (arXiv 2210.10760), eqs. 1–2; the KL formula from Stiennon et al. 2020.
 """
@@ -55,6 +57,9 @@ __all__ = [
     "kl_estimate",
     "KL_ESTIMATORS",
     "best_of_n_kl",
+    "best_of_n_exact",
+    "best_of_n_kl_win_rate",
+    "best_of_n_win_rate_bound",
     "GaoFit",
     "fit_gao",
 ]
@@ -504,6 +509,69 @@ def best_of_n_kl(n: int) -> float:
     if n < 1:
         raise ValueError(f"N must be >= 1, got {n}.")
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_win_rate_bound(n: int) -> float:
+    """N/(N + 1): the win rate of best-of-N over an independent base sample under a continuous reward (the best of
+    N + 1 i.i.d. draws is equally likely to be any one of them); an upper bound with ties counted half (Beirami et al.
+    2024, arXiv 2401.01879)."""
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}.")
+    return n / (n + 1)
+
+
+def _xlogx_pow(u: torch.Tensor, n: int) -> torch.Tensor:
+    """u^n · log u with 0 · log 0 = 0."""
+    return torch.where(u > 0, u.pow(n) * torch.log(u.clamp(min=1e-300)), torch.zeros_like(u))
+
+
+def best_of_n_kl_win_rate(masses: torch.Tensor, atoms: torch.Tensor, n: int) -> tuple[float, float]:
+    """(KL(π_bon ‖ π), P(R_bon > R) + ½·P(R_bon = R)) for a base reward distribution given as levels sorted by reward:
+    ``masses[i]`` the base probability of level i, ``atoms[i]`` whether it is a point mass (tied rewards) or a stretch
+    of continuous reward. With F the CDF at the top of a level and F₋ below it, best-of-n puts F^n − F₋^n on it:
+
+    * atom: KL term q·log(q/p), win term q·(F₋ + p/2), with q = F^n − F₋^n (ties broken at random);
+    * continuous stretch [F₋, F] of the CDF u: density n·u^(n−1) relative to the base, so its KL term is
+      ∫ n u^(n−1) log(n u^(n−1)) du = ln n·(F^n − F₋^n) + (n − 1)·[u^n ln u − u^n/n] from F₋ to F, and its win term
+      ∫ u · n u^(n−1) du = n/(n+1)·(F^(n+1) − F₋^(n+1)).
+
+    All continuous gives ln n − (n − 1)/n and n/(n + 1) (Stiennon et al. 2020; Beirami et al. 2024); every atom lowers
+    both (ties make best-of-n move less mass). Masses are normalised to sum to 1.
+    """
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}.")
+    p = torch.as_tensor(masses, dtype=torch.float64)
+    atoms = torch.as_tensor(atoms, dtype=torch.bool)
+    if p.dim() != 1 or p.shape != atoms.shape or p.numel() == 0 or bool((p < 0).any()) or not float(p.sum()) > 0:
+        raise ValueError("masses must be a non-empty 1-D tensor of non-negative numbers with a positive sum, atoms its "
+                         "1-D bool mask.")
+    p = p / p.sum()
+    upper = p.cumsum(0).clamp(max=1.0)
+    upper[-1] = 1.0
+    lower = torch.cat([upper.new_zeros(1), upper[:-1]])
+    q = upper.pow(n) - lower.pow(n)
+    atom_kl = torch.where(q > 0, q * torch.log(q.clamp(min=1e-300) / p.clamp(min=1e-300)), torch.zeros_like(q))
+    cont_kl = math.log(n) * q + (n - 1) * (_xlogx_pow(upper, n) - _xlogx_pow(lower, n) - q / n)
+    atom_win = q * (lower + p / 2)
+    cont_win = n / (n + 1) * (upper.pow(n + 1) - lower.pow(n + 1))
+    kl = torch.where(atoms, atom_kl, cont_kl).sum()
+    win = torch.where(atoms, atom_win, cont_win).sum()
+    return max(float(kl), 0.0), float(win)
+
+
+def best_of_n_exact(probs: Sequence[float] | torch.Tensor, rewards: Sequence[float] | torch.Tensor,
+                    n: int) -> tuple[float, float]:
+    """(exact KL(π_bon ‖ π), exact win rate) of best-of-n from a discrete base distribution: outcome i has probability
+    ``probs[i]`` and reward ``rewards[i]``; outcomes of equal reward are one tied level (random tie-breaking). This is
+    P_bon(level) = F^n − F₋^n and KL = Σ P_bon log(P_bon / p) over the levels — the reference the analytic
+    ln n − (n − 1)/n only bounds."""
+    p = torch.as_tensor(probs, dtype=torch.float64).flatten()
+    r = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+    if p.shape != r.shape or bool(torch.isnan(r).any()):
+        raise ValueError(f"probs {tuple(p.shape)} and rewards {tuple(r.shape)} must match, with no NaN reward.")
+    levels, inverse = torch.unique(r, sorted=True, return_inverse=True)
+    masses = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, inverse, p)
+    return best_of_n_kl_win_rate(masses, torch.ones(len(levels), dtype=torch.bool), n)
 
 
 #: A Gao fit explaining less of the gold gain's variance than this is reported as "no fit" (its α, β and peak are

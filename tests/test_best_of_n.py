@@ -15,16 +15,19 @@ import torch
 
 from _ppo_helpers import TARGET_WORD, build_world, prompts, target_word
 from hf_rlhf_ext.best_of_n import (
+    CURVE_STATS,
     BestOfNSampler,
     DistillationRound,
     _batches,
     best_of_n_curve,
     best_of_n_expectation,
+    best_of_n_pool_kl_win_rate,
     best_of_n_sft_dataset,
     choose_round,
     sample_pool,
     sequence_kl,
 )
+from hf_rlhf_ext.objectives import best_of_n_exact, best_of_n_kl_win_rate, best_of_n_win_rate_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +80,88 @@ def test_curve_points_kl_and_fit_from_scores():
     assert curve.fit is not None and curve.fit.form == "bon" and curve.fit.n_points == 4  # n = 1 has d = 0
     with pytest.raises(ValueError, match="select"):
         best_of_n_curve({"proxy": proxy}, select="gold")
+
+
+def _enumerate_best_of_n(probs, rewards, n):
+    """KL(π_bon ‖ π) over outcomes and the win rate over a base draw, by enumerating every n-tuple of draws (the best
+    reward's holders share the pick equally)."""
+    k = len(probs)
+    bon = [0.0] * k
+    for draw in itertools.product(range(k), repeat=n):
+        weight = math.prod(probs[i] for i in draw)
+        top = max(rewards[i] for i in draw)
+        holders = [i for i in draw if rewards[i] == top]
+        for i in holders:
+            bon[i] += weight / len(holders)
+    kl = sum(q * math.log(q / p) for q, p in zip(bon, probs) if q > 0)
+    win = sum(q * sum(p * ((r > s) + 0.5 * (r == s)) for p, s in zip(probs, rewards)) for q, r in zip(bon, rewards))
+    return kl, win
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_exact_best_of_n_kl_and_win_rate_equal_every_draw_enumerated(n):
+    probs, rewards = [0.1, 0.25, 0.15, 0.3, 0.2], [0.0, 1.0, 1.0, 2.0, 3.0]  # outcomes 1 and 2 tie
+    kl, win = best_of_n_exact(probs, rewards, n)
+    want_kl, want_win = _enumerate_best_of_n(probs, rewards, n)
+    assert kl == pytest.approx(want_kl, abs=1e-12) and win == pytest.approx(want_win, abs=1e-12)
+    assert kl <= math.log(n) - (n - 1) / n + 1e-12 and win <= n / (n + 1)
+
+
+def test_ties_keep_best_of_n_strictly_below_both_bounds():
+    # two equally likely rewards, N = 2: P_bon = (1/4, 3/4), KL = 3/4·ln(3/2) − 1/4·ln 2, win = 1/4·1/4 + 3/4·3/4 = 5/8
+    kl, win = best_of_n_exact([0.5, 0.5], [0.0, 1.0], 2)
+    assert kl == pytest.approx(0.75 * math.log(1.5) - 0.25 * math.log(2), abs=1e-12)
+    assert win == pytest.approx(5 / 8, abs=1e-12)
+    assert kl < math.log(2) - 1 / 2 - 0.05 and win < 2 / 3
+    assert best_of_n_exact([1.0], [7.0], 16) == (0.0, 0.5)  # one outcome: best-of-n is the base policy
+    # a top atom of 1/4: KL → ln 4 (best-of-n picks it almost surely) while the formula grows like ln N
+    kl, _ = best_of_n_exact([0.75, 0.25], [0.0, 1.0], 200)
+    assert kl == pytest.approx(math.log(4), abs=1e-9) and kl <= math.log(4)
+
+
+def test_many_distinct_rewards_reach_the_analytic_kl_and_win_rate():
+    k, n = 100_000, 4
+    kl, win = best_of_n_exact(torch.full((k,), 1 / k), torch.randperm(k, generator=torch.Generator().manual_seed(0)), n)
+    assert kl == pytest.approx(math.log(4) - 3 / 4, abs=1e-6) and kl < math.log(4) - 3 / 4
+    assert win == pytest.approx(4 / 5, abs=1e-6) and best_of_n_win_rate_bound(n) == 4 / 5
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_continuous_stretches_give_the_closed_forms(n):
+    kl, win = best_of_n_kl_win_rate(torch.ones(5), torch.zeros(5, dtype=torch.bool), n)
+    assert kl == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12) and win == pytest.approx(n / (n + 1), abs=1e-12)
+
+
+def test_pool_estimate_treats_repeated_scores_as_point_masses():
+    distinct = torch.tensor([[0.3, -1.2, 2.0, 0.7, 1.1, -0.4, 0.0, 0.9]], dtype=torch.float64)
+    for n in (1, 2, 8):
+        assert best_of_n_pool_kl_win_rate(distinct, n) == pytest.approx((math.log(n) - (n - 1) / n, n / (n + 1)))
+    assert best_of_n_pool_kl_win_rate(torch.full((1, 6), 0.5), 4) == pytest.approx((0.0, 0.5))
+    # scores [0, 0, 1, 2], n = 2: an atom of 1/2 at 0 (q = 1/4), continuous above (q(u) = 2u on [1/2, 1]):
+    # KL = 1/4·ln(1/2) + ∫ 2u ln 2u du = −ln 2/4 + (ln 2 − 3/8); win = 1/4·1/4 + ∫ u·2u du = 1/16 + 7/12
+    kl, win = best_of_n_pool_kl_win_rate(torch.tensor([[1.0, 0.0, 2.0, 0.0]]), 2)
+    assert kl == pytest.approx(0.75 * math.log(2) - 3 / 8, abs=1e-12) and win == pytest.approx(31 / 48, abs=1e-12)
+    with pytest.raises(ValueError, match="NaN"):
+        best_of_n_pool_kl_win_rate(torch.tensor([[0.0, math.nan]]), 1)
+    with pytest.raises(ValueError, match="N must be"):
+        best_of_n_win_rate_bound(0)
+
+
+def test_curve_reports_the_pool_kl_and_the_win_rate_beside_the_analytic_kl():
+    gen = torch.Generator().manual_seed(1)
+    proxy = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    coarse = (proxy > 0).double()  # two reward values: heavy ties
+    for scores, tied in (({"proxy": proxy}, False), ({"proxy": coarse}, True)):
+        curve = best_of_n_curve(scores, select="proxy")
+        assert set(CURVE_STATS) | {"proxy"} == set(curve.points[0])
+        for p in curve.points:
+            n = p["n"]
+            assert p["kl"] == pytest.approx(math.log(n) - (n - 1) / n) and p["win_rate_bound"] == n / (n + 1)
+            if not tied or n == 1:
+                assert p["kl_pool"] == pytest.approx(p["kl"], abs=1e-12)
+                assert p["win_rate"] == pytest.approx(n / (n + 1), abs=1e-12)
+            else:
+                assert p["kl_pool"] < p["kl"] - 0.05 and p["win_rate"] < n / (n + 1) - 0.04
 
 
 def test_batches_cover_every_sample_once_in_prompt_major_order():
