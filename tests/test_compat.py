@@ -507,7 +507,7 @@ def test_old_default_with_an_eos_fill_keeps_the_fill(lab, tmp_path):
 def test_old_default_with_the_tokenizer_pad_as_fill_ends_at_the_eos(lab, tmp_path):
     """The lab policy fills with the tokenizer's pad: the old response ended before that pad, i.e. at the EOS."""
     eos = lab.load_tokenizer().eos_token_id
-    trainer, completions, scores = _old_default_rollout(lab, tmp_path)
+    trainer, completions, _ = _old_default_rollout(lab, tmp_path)
     assert trainer.compat_stop is None
     assert all(c.index(eos) == len(c) - 1 if eos in c else len(c) == 16 for c in completions)
     assert any(eos in c and len(c) < 16 for c in completions)
