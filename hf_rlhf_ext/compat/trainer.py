@@ -281,24 +281,29 @@ class PPOTrainer(_PPOTrainer):
         super().log(logs, start_time)
 
     def _old_metrics(self, logs: dict[str, float]) -> dict[str, float | None]:
-        """``episode``: prompts consumed by the rollouts so far; ``eps``: episodes per second since train() began
-        (an int, as before); ``lr``: the learning rate the last step used (the Trainer's ``learning_rate``, read before
-        the scheduler moves it, as the old trainer did); ``policy/entropy_avg``: the mean token entropy (GRPO's ``entropy``); ``val/ratio_var``: the
-        variance of the micro-batches' mean ratios since the last log (None with one micro-batch, where the old
-        trainer's ``torch.var`` gave NaN)."""
-        rollouts = -(-self.state.global_step // self.args.updates_per_rollout)
-        episode = rollouts * self.args.batch_size
-        metrics = self._metrics["train"]  # GRPO averages these into the logs after this
+        """``episode``, ``eps`` (episodes per second since train() began, an int, as before), ``lr`` (the rate the
+        last step used: the Trainer reads ``learning_rate`` before the scheduler moves it, as the old trainer did),
+        ``policy/entropy_avg`` (the mean token entropy, GRPO's ``entropy``) and ``val/ratio_var`` (the variance of
+        the micro-batches' mean ratios since the last log; None with one micro-batch, where the old ``torch.var``
+        gave NaN). Read from ``_metrics`` before GRPO averages and clears them."""
+        metrics = self._metrics["train"]
         entropy = [e for e in metrics.get("entropy", []) if not math.isnan(e)]
-        old = {"episode": episode, "lr": logs.get("learning_rate"),
-               "policy/entropy_avg": sum(entropy) / len(entropy) if entropy else None}
+        ratios = [r for r in metrics.get("val/ratio", []) if not math.isnan(r)]
+        old = {
+            "episode": self._episodes_at(self.state.global_step),
+            "lr": logs.get("learning_rate"),
+            "policy/entropy_avg": sum(entropy) / len(entropy) if entropy else None,
+            "val/ratio_var": statistics.variance(ratios) if len(ratios) > 1 else None,
+        }
         if self._compat_clock is not None:
-            started, step0 = self._compat_clock
-            done = episode - -(-step0 // self.args.updates_per_rollout) * self.args.batch_size
+            started, first_step = self._compat_clock
+            done = old["episode"] - self._episodes_at(first_step)
             old["eps"] = int(done / max(time.time() - started, 1e-9))
-        ratios = [r for r in metrics.get("val/ratio", []) if not math.isnan(r)]  # as GRPO averages
-        old["val/ratio_var"] = statistics.variance(ratios) if len(ratios) > 1 else None
         return old
+
+    def _episodes_at(self, step: int) -> int:
+        """Prompts consumed by the rollouts that optimizer step ``step`` has reached (the old ``episode``)."""
+        return -(-step // self.args.updates_per_rollout) * self.args.batch_size
 
 
 class _OldMetricsClock(TrainerCallback):
