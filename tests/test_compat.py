@@ -162,7 +162,7 @@ def old_script_run(lab, tmp_path_factory):
     args = [
         "--dataset_name", str(data_dir), "--model_name_or_path", lab.policy_path,
         "--sft_model_path", lab.policy_path, "--reward_model_path", lab.reward_model_path,
-        "--output_dir", str(out), "--stop_token", "eos", "--total_episodes", "32",
+        "--output_dir", str(out), "--missing_eos_penalty", "1.0", "--total_episodes", "32",
         "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1", "--num_ppo_epochs", "1",
         "--response_length", "16", "--learning_rate", "3e-4", "--kl_coef", "0.05", "--temperature", "1.0",
         "--per_device_eval_batch_size", "50", "--num_sample_generations", "1", "--logging_steps", "1",
@@ -171,17 +171,33 @@ def old_script_run(lab, tmp_path_factory):
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=_env(),
                           cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"out": out, "stdout": proc.stdout, "lab": lab}
+    return {"out": out, "stdout": proc.stdout, "stderr": proc.stderr, "lab": lab}
+
+
+# Every name the old trainer logged at each update.
+OLD_METRICS = (
+    "eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+    "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+    "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode",
+)
 
 
 def test_old_script_trains_on_the_lab(old_script_run):
+    """The old example's command line as it was: no --stop_token (the old default None) runs, silently (on the lab
+    policy the old default ended completions at the EOS, as PPOTrainer does), and logs every old metric name."""
     logs = [d for d in _logged_dicts(old_script_run["stdout"]) if "loss" in d]
     # total_episodes 32 with 16-completion rollouts = 2 rollouts × 1 mini-batch × 1 epoch = 2 optimizer steps
     assert len(logs) == 2, old_script_run["stdout"][-2000:]
     assert [d["episode"] for d in logs] == [16, 32]
+    assert "stop_token" not in old_script_run["stderr"]
+    for d in logs:
+        assert set(OLD_METRICS) <= set(d), set(OLD_METRICS) - set(d)
+        assert d["val/ratio_var"] is None  # one micro-batch per update: no variance (the old torch.var gave NaN)
     for d in logs:
         score, value_loss = float(d["objective/scores"]), float(d["loss/value_avg"])
-        assert math.isfinite(score) and score == pytest.approx(float(d["rewards/reward_model/mean"]))
+        # missing_eos_penalty 1.0 comes off each completion that never ended (GRPO's clipped_ratio: the share of them)
+        expected = float(d["rewards/reward_model/mean"]) - 1.0 * float(d["completions/clipped_ratio"])
+        assert math.isfinite(score) and score == pytest.approx(expected, abs=2e-3)
         assert math.isfinite(value_loss) and value_loss > 0  # the critic is fitted to the returns
     assert abs(float(logs[0]["objective/kl"])) < 1e-5  # first rollout: the policy is its reference (up to rounding)
     assert float(logs[1]["objective/kl"]) != 0.0  # after one update it has moved away
@@ -221,7 +237,7 @@ def test_an_old_field_without_equivalent_fails_before_training(tmp_path):
 
     from hf_rlhf_ext.compat import PPOConfig
 
-    argv = ["--output_dir", str(tmp_path), "--stop_token", "eos", "--local_rollout_forward_batch_size", "1"]
+    argv = ["--output_dir", str(tmp_path), "--local_rollout_forward_batch_size", "1"]
     with pytest.raises(ValueError) as err:
         HfArgumentParser(PPOConfig).parse_args_into_dataclasses(args=argv)
     assert "local_rollout_forward_batch_size" in str(err.value)
@@ -231,7 +247,7 @@ def test_an_old_field_without_equivalent_fails_before_training(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, field, replacement",
     [
-        ({}, "stop_token", "stop_token='eos'"),
+        ({"stop_token": "eot"}, "stop_token", "stop_token='eos'"),
         ({"stop_token": "eos", "ref_adapter_name": "ref"}, "ref_adapter_name", "peft_config"),
         ({"stop_token": "eos", "model_adapter_name": "policy"}, "model_adapter_name", "peft_config"),
         ({"stop_token": "eos", "total_episodes": 10, "max_steps": 5}, "total_episodes", "max_steps"),
@@ -423,3 +439,123 @@ def test_total_episodes_run_that_many_rollouts_with_mini_batches_and_epochs(lab,
     assert scored == [8, 8]  # two rollouts of the old batch size, 8 prompts each
     assert trainer.state.global_step == 8  # each: 2 mini-batches × 2 epochs optimizer steps
     assert [h["episode"] for h in trainer.state.log_history if "loss" in h] == [8] * 4 + [16] * 4
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The old default stop_token=None, and the old metric names
+
+
+def _old_default_rollout(lab, tmp_path, eos_token_id="lab", pad_token_id="lab"):
+    """One rollout of 8 with stop_token=None and missing_eos_penalty=1.0, the policy's generation_config edited;
+    returns (trainer, completions the reward model scored, its scores)."""
+    tokenizer, policy = lab.load_tokenizer(), lab.load_policy()
+    if eos_token_id != "lab":
+        policy.generation_config.eos_token_id = eos_token_id
+    if pad_token_id != "lab":
+        policy.generation_config.pad_token_id = pad_token_id
+    config = _config(tmp_path, stop_token=None, total_episodes=8, response_length=16, missing_eos_penalty=1.0)
+    trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 8), model=policy)
+    seen = {}
+    score = trainer.compat_reward_model.score
+
+    def spy(prompts, completions):
+        seen["completions"], seen["scores"] = [list(c) for c in completions], score(prompts, completions)
+        return seen["scores"]
+
+    trainer.compat_reward_model.score = spy
+    trainer.train()
+    return trainer, seen["completions"], seen["scores"]
+
+
+def _check_old_eos_penalty(trainer, completions, scores, eos):
+    """As the old trainer: missing_eos_penalty comes off the reward model's score of every completion with no EOS
+    anywhere in it; every token of every completion counts (none masked)."""
+    import torch
+
+    rollout = trainer.last_rollout
+    no_eos = torch.tensor([float(eos not in c) for c in completions])
+    assert 0 < no_eos.sum() < len(completions)  # both kinds occur, so the check below is not vacuous
+    assert rollout.scores.tolist() == pytest.approx((torch.tensor(scores) - 1.0 * no_eos).tolist(), abs=1e-5)
+    assert rollout.mask.shape == (len(completions), max(len(c) for c in completions))
+    assert bool(rollout.mask.all())
+
+
+def test_old_default_without_a_policy_eos_samples_response_length_tokens_past_the_eos(lab, tmp_path):
+    """A policy whose generation_config names no EOS: the old generate() ran every row for response_length tokens,
+    and nothing was cut (no stop_token_id), so EOS tokens inside a completion are followed by more sampled tokens."""
+    eos = lab.load_tokenizer().eos_token_id
+    trainer, completions, scores = _old_default_rollout(lab, tmp_path, eos_token_id=None)
+    assert [len(c) for c in completions] == [16] * 8
+    assert any(eos in c[:-1] for c in completions)  # an EOS with sampled tokens after it: not cut
+    assert any(c[c.index(eos) + 1 :] != [eos] * (15 - c.index(eos)) for c in completions if eos in c[:-1])
+    _check_old_eos_penalty(trainer, completions, scores, eos)
+
+
+def test_old_default_with_an_eos_fill_keeps_the_fill(lab, tmp_path):
+    """A policy whose generation_config names an EOS and no pad (pythia's): the old generate() stopped a row at the
+    EOS and filled it with the EOS up to the longest row; that fill was not the tokenizer's pad, so it was kept."""
+    eos = lab.load_tokenizer().eos_token_id
+    trainer, completions, scores = _old_default_rollout(lab, tmp_path, pad_token_id=None)
+    width = max(len(c) for c in completions)
+    assert all(len(c) == width for c in completions)
+    ended = [c for c in completions if eos in c]
+    assert any(c.index(eos) < width - 1 for c in ended)  # a completion that goes on after its EOS...
+    assert all(c[c.index(eos):] == [eos] * (width - c.index(eos)) for c in ended)  # ...with the EOS fill only
+    _check_old_eos_penalty(trainer, completions, scores, eos)
+
+
+def test_old_default_with_the_tokenizer_pad_as_fill_ends_at_the_eos(lab, tmp_path):
+    """The lab policy fills with the tokenizer's pad: the old response ended before that pad, i.e. at the EOS."""
+    eos = lab.load_tokenizer().eos_token_id
+    trainer, completions, _ = _old_default_rollout(lab, tmp_path)
+    assert trainer.compat_stop is None
+    assert all(c.index(eos) == len(c) - 1 if eos in c else len(c) == 16 for c in completions)
+    assert any(eos in c and len(c) < 16 for c in completions)
+
+
+def test_old_default_off_the_kv_cache_sampler_says_what_differs_in_one_line(lab, tmp_path, caplog):
+    tokenizer, policy = lab.load_tokenizer(), lab.load_policy()
+    policy.generation_config.pad_token_id = None
+    config = _config(tmp_path, stop_token=None, total_episodes=8, fast_generation=False)
+    with caplog.at_level("WARNING", logger="hf_rlhf_ext.compat.trainer"):
+        trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 8), model=policy)
+    lines = [r.getMessage() for r in caplog.records if "stop_token=None" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "first EOS" in lines[0], lines
+    assert trainer.compat_stop is None  # runs, ending completions at the EOS
+
+
+def test_every_old_metric_is_logged_with_its_old_meaning(lab, tmp_path):
+    """lr: the rate the step used (linear decay over 2 steps: 3e-4, then 1.5e-4); val/ratio_var: the variance of the
+    micro-batches' mean ratios of that step; policy/entropy_avg: the mean entropy; eps: episodes per second, an int."""
+    import statistics
+    import time
+
+    tokenizer = lab.load_tokenizer()
+    config = _config(tmp_path, total_episodes=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     num_ppo_epochs=2, learning_rate=3e-4)
+    trainer = _trainer(lab, config, _tokenised(lab, tokenizer, 8))
+    ratios: list[list[float]] = []
+    log_loss_stats = trainer._log_loss_stats
+
+    def spy(mode, mask, log_ratio, *rest):  # each micro-batch's mean ratio, computed here from the raw log-ratios
+        if len(ratios) <= trainer.state.global_step:
+            ratios.append([])
+        ratios[trainer.state.global_step].append(float((log_ratio.detach().exp() * mask).sum() / mask.sum()))
+        return log_loss_stats(mode, mask, log_ratio, *rest)
+
+    trainer._log_loss_stats = spy
+    start = time.time()
+    trainer.train()
+    elapsed = time.time() - start
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and [len(r) for r in ratios] == [2, 2]  # 2 steps (epochs), 2 micro-batches each
+    # the rollout's metrics come with the step that collected it, the loss statistics with every step
+    assert set(OLD_METRICS) <= set(logs[0]), set(OLD_METRICS) - set(logs[0])
+    every_step = {"eps", "lr", "episode", "val/ratio", "val/ratio_var", "policy/entropy_avg", "loss/value_avg"}
+    assert every_step <= set(logs[1])
+    assert [h["lr"] for h in logs] == pytest.approx([3e-4, 1.5e-4])
+    assert [h["val/ratio"] for h in logs] == pytest.approx([statistics.mean(r) for r in ratios])
+    assert [h["val/ratio_var"] for h in logs] == pytest.approx([statistics.variance(r) for r in ratios], abs=1e-12)
+    assert logs[1]["val/ratio_var"] > 0  # the second epoch's ratios moved off 1
+    assert all(h["policy/entropy_avg"] == h["entropy"] > 0 for h in logs)
+    assert all(isinstance(h["eps"], int) and h["eps"] >= int(h["episode"] / elapsed) for h in logs)

@@ -2,7 +2,8 @@
 schedule that calls it during training.
 
 As trl ≤ 1.12: the policy answers each eval prompt near-greedily (sampling at temperature 0.01), up to
-``response_length`` tokens, ending at the EOS; the reward model scores prompt ids + completion ids; the first five rows
+``response_length`` tokens, ending at the EOS (or where the old default ``stop_token=None`` ended, ``compat.stop``);
+the reward model scores prompt ids + completion ids; the first five rows
 are printed (a rich table, or plain text without rich) and the whole table goes to wandb / trackio / comet when they
 are in ``report_to``. It is also written to ``<output_dir>/completions/eval_completions_<step>.parquet``, beside
 the training completions GRPO writes there.
@@ -54,7 +55,9 @@ def completions_table(trainer: Any, sampling: bool = False) -> dict[str, list]:
     rows = trainer.compat_eval_prompt_ids
     size = args.per_device_eval_batch_size
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    eos_ids = list(trainer.eos_token_ids)
+    stop = trainer.compat_stop  # the old default's tail after the EOS, when it kept one (compat.stop)
+    eos_ids = list(stop.stop_ids) if stop is not None else list(trainer.eos_token_ids)
+    fill_id = stop.fill_id if stop is not None else tok.pad_token_id
     table: dict[str, list] = defaultdict(list)
     shard = rows[trainer.accelerator.process_index :: trainer.accelerator.num_processes]
     for start in range(0, len(shard) - size + 1, size):  # whole batches only (the old DataLoader dropped the rest)
@@ -62,9 +65,9 @@ def completions_table(trainer: Any, sampling: bool = False) -> dict[str, list]:
         ids, mask = _left_pad(prompts, tok.pad_token_id, trainer.accelerator.device)
         tokens, _ = sample_with_kv_cache(
             policy, ids, mask, max_new_tokens=args.max_completion_length, temperature=EVAL_TEMPERATURE,
-            pad_token_id=tok.pad_token_id, eos_token_ids=eos_ids,
+            pad_token_id=fill_id, eos_token_ids=eos_ids or None,
         )
-        responses = _cut_at_eos(tokens, eos_ids)
+        responses = tokens.tolist() if stop is not None else _cut_at_eos(tokens, eos_ids)
         scores = trainer.compat_reward_model.score(prompts, responses)
         table["query"].extend(gather_object(tok.batch_decode(prompts, skip_special_tokens=True)))
         table["model response"].extend(gather_object(tok.batch_decode(responses)))

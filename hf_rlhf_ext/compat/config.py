@@ -40,8 +40,9 @@ class PPOConfig(_PPOConfig):
     Parameters kept from the old config (their old meaning):
         total_episodes (`int` or `None`): prompts to train on; becomes ``max_steps`` in the trainer.
         response_length (`int`, defaults to `53`): completion length limit (``max_completion_length``).
-        stop_token (`"eos"` or `None`) / stop_token_id (`int` or `None`): where completions end; only the EOS is
-            supported, so one of them must say so.
+        stop_token (`"eos"` or `None`) / stop_token_id (`int` or `None`): where completions end: the EOS
+            (``"eos"``, or the EOS id); both None (the old default): where the old trainer's ended
+            (``hf_rlhf_ext.compat.stop``).
         num_sample_generations (`int`, defaults to `10`): completion tables printed during training.
         local_rollout_forward_batch_size (`int`, defaults to `64`): accepted at its default only.
         sft_model_path / reward_model_path (`str`): for your script, as before.
@@ -61,7 +62,7 @@ class PPOConfig(_PPOConfig):
         default=None, metadata={"help": "Alias of response_length (give only one)."}
     )
     stop_token: Literal["eos"] | None = field(
-        default=None, metadata={"help": "'eos': completions end at the EOS (required unless stop_token_id)."}
+        default=None, metadata={"help": "'eos': completions end at the EOS; None: where the old trainer's ended."}
     )
     stop_token_id: int | None = field(
         default=None, metadata={"help": "Stop token id; must be the tokenizer's eos_token_id."}

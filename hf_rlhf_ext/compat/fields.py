@@ -53,11 +53,12 @@ OLD_FIELDS: tuple[OldField, ...] = (
              refused_when="disagrees with max_completion_length", instead="give only response_length",
              refuse=lambda c: c._max_completion_length_given not in (None, c.response_length)),
     OldField("stop_token", "converted",
-             "`'eos'`: completions end at the tokenizer's EOS, which is what PPOTrainer always does",
-             refused_when="is None with stop_token_id None (the old default: always response_length tokens, trained "
-             "past the EOS; PPOTrainer always ends a completion at its first EOS), or is not 'eos'",
-             instead="stop_token='eos' (--stop_token eos)",
-             refuse=lambda c: c.stop_token not in (None, "eos") or (c.stop_token is None and c.stop_token_id is None)),
+             "`'eos'`: completions end at the tokenizer's EOS. None (the old default, with stop_token_id None): "
+             "completions end where the old trainer's did — at the first EOS when the policy's generation pad is the "
+             "tokenizer's pad; else they keep the old tail (filled after the policy's EOS, or response_length sampled "
+             "tokens when it names none), scored and trained on (see below)",
+             refused_when="is not None or 'eos'", instead="stop_token='eos' (--stop_token eos)",
+             refuse=lambda c: c.stop_token not in (None, "eos")),
     OldField("stop_token_id", "converted",
              "the tokenizer's `eos_token_id`: the same as stop_token='eos' (checked when the trainer is built)",
              refused_when="is not the tokenizer's eos_token_id (checked by PPOTrainer), or is set with stop_token",

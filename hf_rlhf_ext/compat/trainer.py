@@ -15,21 +15,31 @@ What the adapter keeps from the old trainer, and how:
   of the policy (or, with PEFT, the policy with its adapter disabled), as before.
 * **total_episodes** becomes ``max_steps``; ``generate_completions`` and ``num_sample_generations`` print and log
   the old completion tables (``compat.completions``).
+* **stop_token=None** (the old default): completions end where the old trainer's did (``compat.stop``) — at the
+  first EOS when the policy's generation pad is the tokenizer's pad, else with the old tail after it (fill tokens, or
+  ``response_length`` sampled tokens), on the KV-cache sampler; where that sampler is not used, one warning line.
+* **The old metric names**: ``episode``, ``eps``, ``lr``, ``policy/entropy_avg`` and ``val/ratio_var`` are added to
+  the parent's (which already logs the other old names).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
+import time
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from ..reward_modeling import score_token_ids
 from ..trainers import PPOTrainer as _PPOTrainer
 from ..trainers import ValueModel
 from .completions import SampleGenerationsCallback, completions_table, show_table
 from .config import PPOConfig
+from .stop import OldStop
 
 __all__ = ["PPOTrainer", "TokenIdRewardModel", "critic_from_value_model"]
 
@@ -139,6 +149,7 @@ class PPOTrainer(_PPOTrainer):
         reward_fn = TokenIdRewardModel(reward_model, processing_class.pad_token_id,
                                        args.per_device_train_batch_size, args.device)
         self._prompt_token_ids: list[list[int]] | None = None
+        old_stop = OldStop.of(model.generation_config, processing_class.pad_token_id)  # before GRPO edits it
         super().__init__(
             model=model, reward_funcs=[reward_fn], args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, callbacks=callbacks, optimizers=optimizers, peft_config=peft_config,
@@ -146,6 +157,10 @@ class PPOTrainer(_PPOTrainer):
         )
         self.compat_reward_model = reward_fn
         self.stop_token_id = processing_class.eos_token_id
+        self.compat_stop: OldStop | None = None  # set when the old default stop_token=None keeps a tail after the EOS
+        self._compat_clock: tuple[float, int] | None = None  # (time, global_step) when train() started: for eps
+        self.add_callback(_OldMetricsClock(self))
+        self._honour_old_stop_default(old_stop)
         if ref_model is not None and self.ref_model is not None:
             self._load_reference(ref_model)
         self._set_up_completion_tables(eval_dataset)
@@ -194,6 +209,28 @@ class PPOTrainer(_PPOTrainer):
         # its own weights are trained (as before), unless it is also the reward model, which stays frozen
         return critic_from_value_model(value_model, share_weights=value_model is not reward_model)
 
+    def _honour_old_stop_default(self, stop: OldStop) -> None:
+        """stop_token=None and stop_token_id=None: generate as the old trainer did (:class:`OldStop`). When its
+        response ended at the first EOS there is nothing to change; when it kept a tail, the KV-cache sampler stops at
+        the policy's EOS, fills as ``generate`` did and nothing is cut. Without that sampler (vLLM, FSDP, generate())
+        completions end at the first EOS, said in one warning line."""
+        if self.args.stop_token is not None or self.args.stop_token_id is not None:
+            return
+        if not stop.keeps_tail:
+            return
+        if not self._fast_generation:
+            logger.warning(
+                "stop_token=None: the old PPOTrainer kept going past the EOS here (%s); this generation path (vLLM, "
+                "FSDP or generate()) ends every completion at its first EOS instead. Pass --stop_token eos to "
+                "silence this.", stop.describe())
+            return
+        self.compat_stop = stop
+        self.generation_kwargs = {**(self.generation_kwargs or {}), "eos_token_id": list(stop.stop_ids) or None,
+                                  "pad_token_id": stop.fill_id}
+        self._completion_end_ids = self._eos_ids[:0]  # keep every token, EOS and fill included, as before
+        # The sampler records log-prob 0 at fill positions; the policy's own log-probs come from forward passes.
+        self.args.logprobs_from_sampling = False
+
     def _set_up_completion_tables(self, eval_dataset: Any) -> None:
         """The eval prompts for generate_completions, and the num_sample_generations schedule."""
         evals = eval_dataset if not isinstance(eval_dataset, dict) else next(iter(eval_dataset.values()), None)
@@ -238,8 +275,43 @@ class PPOTrainer(_PPOTrainer):
         return show_table(self, completions_table(self, sampling=sampling))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the old ``episode`` count: prompts consumed by the rollouts so far."""
+        """Adds the old names the parent does not log (training logs only), so old dashboards keep their curves."""
         if "loss" in logs:
-            rollouts = -(-self.state.global_step // self.args.updates_per_rollout)
-            logs["episode"] = rollouts * self.args.batch_size
+            logs.update(self._old_metrics(logs))
         super().log(logs, start_time)
+
+    def _old_metrics(self, logs: dict[str, float]) -> dict[str, float | None]:
+        """``episode``, ``eps`` (episodes per second since train() began, an int, as before), ``lr`` (the rate the
+        last step used: the Trainer reads ``learning_rate`` before the scheduler moves it, as the old trainer did),
+        ``policy/entropy_avg`` (the mean token entropy, GRPO's ``entropy``) and ``val/ratio_var`` (the variance of
+        the micro-batches' mean ratios since the last log; None with one micro-batch, where the old ``torch.var``
+        gave NaN). Read from ``_metrics`` before GRPO averages and clears them."""
+        metrics = self._metrics["train"]
+        entropy = [e for e in metrics.get("entropy", []) if not math.isnan(e)]
+        ratios = [r for r in metrics.get("val/ratio", []) if not math.isnan(r)]
+        old = {
+            "episode": self._episodes_at(self.state.global_step),
+            "lr": logs.get("learning_rate"),
+            "policy/entropy_avg": sum(entropy) / len(entropy) if entropy else None,
+            "val/ratio_var": statistics.variance(ratios) if len(ratios) > 1 else None,
+        }
+        if self._compat_clock is not None:
+            started, first_step = self._compat_clock
+            done = old["episode"] - self._episodes_at(first_step)
+            old["eps"] = int(done / max(time.time() - started, 1e-9))
+        return old
+
+    def _episodes_at(self, step: int) -> int:
+        """Prompts consumed by the rollouts that optimizer step ``step`` has reached (the old ``episode``)."""
+        return -(-step // self.args.updates_per_rollout) * self.args.batch_size
+
+
+class _OldMetricsClock(TrainerCallback):
+    """Records when train() began, and at which step (for a resumed run): ``eps`` counts from there."""
+
+    def __init__(self, trainer: PPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._compat_clock = (time.time(), state.global_step)
+        return control

@@ -157,6 +157,8 @@ class PPOTrainer(ResumableSampling, GRPOTrainer):
         self._set_up_critic(critic_source, model if isinstance(model, str) else None, peft_config)
         policy = self.accelerator.unwrap_model(self.model)
         self._eos_ids = torch.tensor(self.eos_token_ids, device=self.accelerator.device)
+        # The fast sampler cuts each completion after the first of these (empty: completions are kept whole).
+        self._completion_end_ids = self._eos_ids
         head = policy.get_output_embeddings()
         self._vocab_size = int(head.weight.shape[0]) if head is not None else 1 << 62
         # Under FSDP every rank must run the same forward passes: generate() syncs them, the KV-cache sampler does not.
@@ -293,7 +295,7 @@ class PPOTrainer(ResumableSampling, GRPOTrainer):
             self._sampler_values() as sink,
         ):
             completions = sample_completions(
-                unwrapped, input_ids, prompt_mask, eos_ids=self._eos_ids, temperature=float(self.temperature),
+                unwrapped, input_ids, prompt_mask, eos_ids=self._completion_end_ids, temperature=float(self.temperature),
                 max_new_tokens=int(kwargs.get("max_new_tokens", self.max_completion_length)),
                 pad_token_id=kwargs.get("pad_token_id", self._tokenizer.pad_token_id),
                 eos_token_ids=kwargs.get("eos_token_id", self.eos_token_ids),
