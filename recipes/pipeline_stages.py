@@ -716,14 +716,17 @@ CLAIMS = [claim_reward_model, claim_reinforce, claim_clip, claim_kl_vs_beta, cla
           claim_group_advantages, claim_ppo_vs_grpo, claim_best_of_n, claim_mini_loop]
 
 
-FIT_R2 = 0.8  # a functional form "fits" only when it explains at least this share of the variance
+def fit_verdict(fit: dict) -> str:
+    """'fits' when the fit may be read as a result, otherwise 'no fit' with the reason: the fit's own judgement
+    (R² below ``MIN_FIT_R2``, or a peak far outside the measured KL), else its R² alone (older results)."""
+    from hf_rlhf_ext.objectives import MIN_FIT_R2
 
-
-def fit_verdict(r2: float | None) -> str:
-    """'fits' above the stated R², otherwise 'no fit' with the reason."""
+    if "valid" in fit:
+        return "fits" if fit["valid"] else f"no fit: {fit.get('reason')}"
+    r2 = fit.get("r2")
     if r2 is None or not math.isfinite(r2):
         return "no fit: R² undefined"
-    return "fits" if r2 >= FIT_R2 else f"no fit: R² {r2:.2f} < {FIT_R2}"
+    return "fits" if r2 >= MIN_FIT_R2 else f"no fit: R² {r2:.2f} < {MIN_FIT_R2}"
 
 
 def findings(results: dict) -> list:
@@ -734,13 +737,13 @@ def findings(results: dict) -> list:
     if bon and bon.get("curve", {}).get("fit"):
         fit = bon["curve"]["fit"]
         out.append(Finding("bon_gao_fit", "Gao best-of-N form R(d) = d(α − β d) fitted to best-of-N's gold gain",
-                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}, fit_verdict(fit["r2"])))
+                           {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl")}, fit_verdict(fit)))
     sweep = results.get("beta_sweep")
     if sweep and "alpha" in sweep.get("gao_fit", {}):
         fit = sweep["gao_fit"]
         out.append(Finding("rl_gao_fit", "Gao RL form R(d) = d(α − β ln d) fitted to the β sweep's gold gain",
                            {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")},
-                           fit_verdict(fit["r2"])))
+                           fit_verdict(fit)))
     ens = results.get("ensembles")
     if ens and "objectives" in ens:
         out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "
@@ -936,9 +939,9 @@ def section_beta_sweep(args, r):
             f"{gold} while the proxy goes {low['proxy_at_peak']:.2f} → {low['final_proxy']:.2f}; at β = "
             f"{r['highest_beta']['beta']:g} the KL ends at {r['highest_beta']['final_kl']:.2f} nats.")
     if "alpha" in fit:
-        fits = fit_verdict(fit["r2"])
+        fits = fit_verdict(fit)
         text += (f" The Gao RL form {'fits' if fits == 'fits' else 'does NOT fit'} the gold gain (α = "
-                 f"{fit['alpha']:.2f}, β = {fit['beta']:.2f}, R² = {fit['r2']:.2f}; a fit needs R² ≥ {FIT_R2}).")
+                 f"{fit['alpha']:.2f}, β = {fit['beta']:.2f}, R² = {fit['r2']:.2f}; {fits}).")
     return Section("β sweep: KL against reward (exercise 17)", text, rows, [_rel(args, p) for p in r["plots"]])
 
 

@@ -277,6 +277,15 @@ def test_a_fit_fits_only_above_the_stated_r2():
     assert "**no fit: R² 0.19 < 0.8**" in render_report("T", "", [], [], list(found.values()))
 
 
+def test_a_fit_with_a_peak_far_outside_the_measured_kl_is_no_fit_whatever_its_r2():
+    """The fit's own judgement (``valid``, ``reason``) decides the finding: a high R² does not rescue a peak at 100×
+    the largest measured KL."""
+    reason = "the predicted peak (KL 300 nats) is beyond 2× the largest measured KL (3 nats)"
+    found = {f.id: f for f in stages.findings({"beta_sweep": {"gao_fit": {
+        "alpha": 1.0, "beta": 0.3, "r2": 0.95, "peak_kl": 300.0, "n_points": 12, "valid": False, "reason": reason}}})}
+    assert found["rl_gao_fit"].verdict == f"no fit: {reason}"
+
+
 def test_unknown_stage_is_refused():
     pipeline = pytest.importorskip("pipeline")
     with pytest.raises(ValueError, match="Unknown stage"):
