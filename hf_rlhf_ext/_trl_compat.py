@@ -37,7 +37,8 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
 TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "_clip_grad_norm": ("self", "model"),  # PPO: clip the critic too
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),  # PPO: restore the critic
-    "_get_output_dir": ("self", "trial"),  # REINFORCE: where checkpoints go
+    # PPO overrides it; the recipes call it with _internal_call=True (no push: the folder is pushed once, with its card)
+    "save_model": ("self", "output_dir", "_internal_call"),
 }
 # Attributes a GRPOTrainer / RLOOTrainer instance has after construction.
 GRPO_ATTRIBUTES: dict[str, str] = {
@@ -66,6 +67,7 @@ TRL_FUNCTIONS: dict[str, tuple[str, ...]] = {
     # its constructor's parameters are also the attributes EpochReplaySampler reads back
     "trl.trainer.grpo_trainer.RepeatSampler": ("data_source", "mini_repeat_count", "batch_size", "repeat_count",
                                                "shuffle", "seed"),
+    "trl.trainer.utils.log_table_to_comet_experiment": ("name", "table"),  # compat: generate_completions' table
     "trl.models.utils.unwrap_model_for_generation": ("model", "accelerator", "gather_deepspeed3_params",
                                                      "generation_kwargs", "gradient_checkpointing_kwargs"),
 }
