@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = [
     "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported",
-    "per_token_logps", "policy_eos_ids", "sample_policy", "sample_with_kv_cache",
+    "completion_log_softmax", "per_token_logps", "policy_eos_ids", "sample_policy", "sample_with_kv_cache",
 ]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
@@ -327,22 +327,28 @@ def per_token_logps(
 ) -> torch.Tensor:
     """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
     logits / T). Position ids follow the attention mask so left padding does not shift positions."""
+    out = []
+    for start in range(0, prompt_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        logps = completion_log_softmax(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], temperature)
+        out.append(torch.gather(logps, 2, completion_ids[sl].to(logps.device).unsqueeze(-1)).squeeze(-1))
+    return torch.cat(out, dim=0).to(completion_mask.device) * completion_mask
+
+
+def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                           completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(· | s_t) over the whole vocabulary (N, C, V) at every completion position, at ``temperature``; position
+    ids follow the attention mask (left padding does not shift positions), completion positions all attended."""
+    dev = next(model.parameters()).device
+    prompt_ids, prompt_mask, completion_ids = prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_mask, completion_mask.new_ones(completion_mask.shape)], dim=1).long()
+    attention_mask = torch.cat([prompt_mask, torch.ones_like(completion_ids)], dim=1).long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    p_len, c_len = prompt_ids.shape[1], completion_ids.shape[1]
+    c_len = completion_ids.shape[1]
     # the LM head only where a completion token is predicted (the last prompt position onwards)
     keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
-    out = []
-    for start in range(0, input_ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(
-            input_ids=input_ids[sl], attention_mask=attention_mask[sl], position_ids=position_ids[sl], **keep
-        ).logits
-        logits = logits[:, -c_len - 1 : -1, :].float() / temperature
-        logps = torch.log_softmax(logits, dim=-1)
-        out.append(torch.gather(logps, 2, input_ids[sl, p_len:].unsqueeze(-1)).squeeze(-1))
-    return torch.cat(out, dim=0) * completion_mask
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **keep).logits
+    return torch.log_softmax(logits[:, -c_len - 1 : -1, :].float() / temperature, dim=-1)
 
 
 def is_conversational(prompt: Any) -> bool:

@@ -104,6 +104,34 @@ def test_kl_callback_lora_zero_at_start_positive_after_training(policy_path, tmp
     assert not any("kl_ref/k1_seq" in r for r in trainer.state.log_history if r["step"] in (1, 2, 4, 5))
 
 
+def test_exact_kl_is_the_whole_vocabulary_kl_of_each_sampled_position(policy_path, tmp_path):
+    """One-token completions: the position's exact KL is KL(π(·|prompt) ‖ π_ref(·|prompt)), whatever token was drawn;
+    computed here by hand from one forward pass of each model over the prompts. k1 and k3 estimate it from the
+    drawn token alone (unbiased over draws, not equal per completion)."""
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback
+
+    torch.manual_seed(0)
+    trainer = _grpo(policy_path, tmp_path, max_steps=1, temperature=0.7)
+    cb = KLToReferenceCallback(trainer, prompts(8), num_samples=8, allow_reference_copy=True, max_new_tokens=1)
+    cb.reference.snapshot()
+    with torch.no_grad():  # move the policy away from the frozen reference copy
+        for p in trainer.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    stats = cb.measure(step=1)
+    tok = trainer.processing_class
+    tok.padding_side = "left"
+    enc = tok(prompts(8), return_tensors="pt", padding=True, add_special_tokens=False)
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), cb.reference.model(trainer.model) as ref:
+        logq = torch.log_softmax(ref(**enc, position_ids=position_ids).logits[:, -1].float() / 0.7, -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(trainer.model(**enc, position_ids=position_ids).logits[:, -1].float() / 0.7, -1)
+    by_hand = float((logp.exp() * (logp - logq)).sum(-1).mean())
+    assert by_hand > 1e-3
+    assert stats["kl_ref/exact_seq"] == pytest.approx(by_hand, rel=1e-4)
+    assert stats["kl_ref/k1_seq"] != pytest.approx(by_hand, rel=1e-3)  # a single-draw estimate differs
+
+
 @pytest.mark.parametrize("peft", [False, True])
 def test_held_out_sampler_kv_cache_matches_forward_log_probs(policy_path, tmp_path, peft):
     """The KV-cache sampler's log-probs are those of a full forward pass at the same positions (left-padded prompts

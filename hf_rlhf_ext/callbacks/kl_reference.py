@@ -8,16 +8,20 @@ completions sampled from π. We log both estimators (Schulman, "Approximating KL
     k1 = log π − log π_ref              unbiased, high variance, can be negative per sample
     k3 = eˣ − 1 − x,  x = log π_ref − log π   unbiased, ≥ 0, lower variance
 
-Logged keys (averaged into the trainer's next log record): ``kl_ref/k1_seq``, ``kl_ref/k3_seq`` (means over
-completions), ``kl_ref/k1_seq_std``, ``kl_ref/k1_token`` (per-token mean) and ``kl_ref/completion_length``.
+    exact = Σ_v π(v|s_t)(log π(v|s_t) − log π_ref(v|s_t))   the KL of each sampled position, over the whole vocabulary
+
+Logged keys (averaged into the trainer's next log record): ``kl_ref/k1_seq``, ``kl_ref/k3_seq``,
+``kl_ref/exact_seq`` (means over completions of the per-token terms summed), ``kl_ref/k1_seq_std``,
+``kl_ref/k1_token`` (per-token mean) and ``kl_ref/completion_length``. ``exact_seq`` is the reference the two
+estimators are read against: the same sampled prefixes, no single-token sampling noise.
 
 The reference (:class:`hf_rlhf_ext.reference.ReferencePolicy`): the LoRA adapter disabled when the policy is a PEFT
 model (no copy), the trainer's ``ref_model`` when TRL made one (β > 0), else a frozen copy of the initial policy made
 at train begin — only with ``allow_reference_copy=True`` (it doubles the policy's memory), a clear error otherwise.
 
 Cost: nothing between measuring steps (one modulo); at a measuring step one generation of ``num_samples``
-completions (the KV-cache sampler of :mod:`hf_rlhf_ext.sampling`, whose logits give log π) and one forward pass of the
-reference; with ``generate`` (encoder-decoders, ``use_kv_cache=False``) one more forward pass for log π.
+completions (the KV-cache sampler of :mod:`hf_rlhf_ext.sampling`) and one forward pass each of the policy and the
+reference, in micro-batches, for the whole-vocabulary distributions the exact KL needs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from transformers import TrainerCallback
 from ..objectives import kl_k1, kl_k3, masked_mean
 from ..persisted_state import PersistedState
 from ..reference import ReferencePolicy
-from ._trainer_access import HeldOutSampler, add_metrics, check_supported_trainer, per_token_logps
+from ..sampling import completion_log_softmax
+from ._trainer_access import HeldOutSampler, add_metrics, check_supported_trainer
 
 __all__ = ["KLToReferenceCallback", "measure_sequence_kl"]
 
@@ -45,34 +50,21 @@ def measure_sequence_kl(
     def _run(policy_model):
         b = batch if batch is not None else sampler.sample(policy_model, step)
         if len(b) == 0:
-            return [], [], [], []
-        if b.logps is not None:  # read off the sampler's logits: same positions as the forward below
-            logp = b.logps
-        else:
-            logp = per_token_logps(
-                policy_model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask, sampler.temperature,
-                sampler.batch_size,
-            )
-        with reference.model(policy_model) as ref_model:
-            dev = next(ref_model.parameters()).device
-            ref_logp = per_token_logps(
-                ref_model, b.prompt_ids.to(dev), b.prompt_mask.to(dev), b.completion_ids.to(dev),
-                b.completion_mask.to(dev), sampler.temperature, sampler.batch_size,
-            ).to(logp.device)
-        mask = b.completion_mask.to(logp.dtype)
+            return [], [], [], [], []
+        logp_sampled, ref_logp, exact = _logps_and_exact_kl(policy_model, reference, b, sampler)
+        logp = b.logps.to(ref_logp.device) if b.logps is not None else logp_sampled  # the sampler's, when it has them
+        mask = b.completion_mask.to(ref_logp.device, ref_logp.dtype)
         k1 = (kl_k1(logp, ref_logp) * mask).sum(-1)
         k3 = (kl_k3(logp, ref_logp) * mask).sum(-1)
         k1_tok = masked_mean(kl_k1(logp, ref_logp), mask, dim=1)
-        lengths = mask.sum(-1)
-        return k1.tolist(), k3.tolist(), k1_tok.tolist(), lengths.tolist()
+        return k1.tolist(), k3.tolist(), (exact * mask).sum(-1).tolist(), k1_tok.tolist(), mask.sum(-1).tolist()
 
     if policy is not None:
-        k1, k3, k1_tok, lengths = _run(policy)
+        columns = _run(policy)
     else:
         with sampler.policy_for_generation() as unwrapped:
-            k1, k3, k1_tok, lengths = _run(unwrapped)
-    k1, k3 = sampler.gather(k1), sampler.gather(k3)
-    k1_tok, lengths = sampler.gather(k1_tok), sampler.gather(lengths)
+            columns = _run(unwrapped)
+    k1, k3, exact, k1_tok, lengths = (sampler.gather(c) for c in columns)
     n = len(k1)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     k1_mean = mean(k1)
@@ -80,10 +72,30 @@ def measure_sequence_kl(
     return {
         "kl_ref/k1_seq": k1_mean,
         "kl_ref/k3_seq": mean(k3),
+        "kl_ref/exact_seq": mean(exact),
         "kl_ref/k1_seq_std": k1_std,
         "kl_ref/k1_token": mean(k1_tok),
         "kl_ref/completion_length": mean(lengths),
     }
+
+
+def _logps_and_exact_kl(policy_model, reference: ReferencePolicy, b, sampler: HeldOutSampler):
+    """Per completion token (N, C): log π and log π_ref of the sampled token, and the exact KL of that position,
+    Σ_v π(v|s_t)(log π(v|s_t) − log π_ref(v|s_t)), from the same two forward passes over the whole vocabulary.
+    Summed over a completion, the exact terms estimate the sequence KL without the variance of the sampled token
+    (k1, k3 are single-sample estimates of each term); the prefixes s_t are still sampled."""
+    logps, ref_logps, exact = [], [], []
+    for start in range(0, len(b), sampler.batch_size):
+        sl = slice(start, start + sampler.batch_size)
+        inputs = (b.prompt_ids[sl], b.prompt_mask[sl], b.completion_ids[sl])
+        logp = completion_log_softmax(policy_model, *inputs, sampler.temperature)
+        with reference.model(policy_model) as ref_model:
+            logq = completion_log_softmax(ref_model, *inputs, sampler.temperature).to(logp.device)
+        ids = b.completion_ids[sl].to(logp.device).unsqueeze(-1)
+        logps.append(logp.gather(2, ids).squeeze(-1))
+        ref_logps.append(logq.gather(2, ids).squeeze(-1))
+        exact.append((logp.exp() * (logp - logq)).sum(-1))
+    return torch.cat(logps), torch.cat(ref_logps), torch.cat(exact)
 
 
 def check_reference_on_resume(reference: ReferencePolicy, state: Any, who: str) -> None:
