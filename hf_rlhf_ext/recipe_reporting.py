@@ -307,8 +307,23 @@ def train_or_name_the_checkpoint(trainer: Any, training_args: Any, script: str |
     try:
         return trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except KeyboardInterrupt:
-        raise RunInterrupted(resume_hint(training_args.output_dir, trainer.state.global_step, trainer.state.max_steps,
-                                         script, cli_args)) from None
+        hint = resume_hint(training_args.output_dir, trainer.state.global_step, trainer.state.max_steps, script,
+                           cli_args)
+        if trainer.accelerator.is_main_process and os.path.isdir(training_args.output_dir):
+            _write_interrupted_card(training_args.output_dir, script, cli_args, hint)
+        raise RunInterrupted(hint) from None
+
+
+def _write_interrupted_card(output_dir: str, script: str | None, cli_args: list[str] | None, hint: str) -> None:
+    """The folder's card says the run was interrupted and how to resume it (TRL writes its generic card with every
+    checkpoint, which names no model and no result)."""
+    from .model_card import RunCard, write_model_card
+
+    write_model_card(output_dir, RunCard(
+        title=os.path.basename(os.path.abspath(output_dir)), summary=f"An unfinished run: {hint}",
+        recipe=script or "a recipe", command=recipe_command(script or "<recipe>", cli_args), library_name=None,
+        usage="The last checkpoint holds the policy (and the critic, for PPO) trained so far; resume to finish.",
+    ))
 
 
 def resume_hint(output_dir: str, step: int, max_steps: int, script: str | None, cli_args: list[str] | None) -> str:

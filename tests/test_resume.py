@@ -353,6 +353,8 @@ def test_ctrl_c_on_the_lab_recipe_names_the_checkpoint_and_its_resume_ends_where
     assert interrupted.returncode == 130, err[-3000:]
     line = err.strip().splitlines()[-1]
     assert "Traceback" not in err and line.startswith("ppo.py: interrupted at step "), err[-3000:]
+    card = (tmp_path / "interrupted" / "README.md").read_text()
+    assert "An unfinished run: interrupted at step" in card and "huggingface.co/None" not in card
     command = shlex.split(line.split(" with: ", 1)[1])
     checkpoint = command[command.index("--resume_from_checkpoint") + 1]
     assert int(checkpoint.rsplit("-", 1)[1]) >= 12 and Path(checkpoint).is_dir()
