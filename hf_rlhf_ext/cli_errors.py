@@ -84,6 +84,15 @@ def _program() -> str:
     return _LAUNCHER[-1] if _LAUNCHER else os.path.basename(sys.argv[0])
 
 
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own even when a progress bar (the Trainer's) is still drawn there: tqdm
+    clears the bar first and redraws it below, so the message is neither glued to the bar nor overwritten by it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def cli_main(entry: Callable[[], Any]) -> Any:
     """Runs a recipe's ``main`` for the command line: bad input and reward faults print one line on stderr
     (``<script>: error: ...``, from the first process only) and exit with code 2 (input) or 1 (a reward fault);
@@ -95,12 +104,11 @@ def cli_main(entry: Callable[[], Any]) -> Any:
         return entry()
     except (RunInterrupted, KeyboardInterrupt) as exc:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{_program()}: {exc or 'interrupted'}", file=sys.stderr, flush=True)
+            _say(f"{_program()}: {exc or 'interrupted'}")
         raise SystemExit(130) from None
     except Exception as exc:
         if not is_user_error(exc):
             raise
         if int(os.environ.get("RANK", "0")) == 0:
-            message = user_message(exc)
-            print(f"{_program()}: error: {message}", file=sys.stderr, flush=True)
+            _say(f"{_program()}: error: {user_message(exc)}")
         raise SystemExit(1 if isinstance(exc, RewardFault) else 2) from None

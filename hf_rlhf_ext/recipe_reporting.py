@@ -138,8 +138,16 @@ def summary_text(metrics: dict[str, Any]) -> str:
         lines.append(f"  {'KL to initial policy':<24} {metrics['kl_k3_after']:.3f} nats per completion (k3)")
     before, after = metrics.get("samples_before", []), metrics.get("samples_after", [])
     for b, a in zip(before, after):
-        lines += [f"  prompt: {b['prompt']}", f"    before: {b['completion']}", f"    after:  {a['completion']}"]
+        lines += [f"  prompt: {_as_text(b['prompt'])}", f"    before: {_as_text(b['completion'])}",
+                  f"    after:  {_as_text(a['completion'])}"]
     return "\n".join(lines)
+
+
+def _as_text(value: Any) -> str:
+    """A prompt or completion as a person reads it: chat messages as ``role: content`` turns, not a Python list."""
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return " | ".join(f"{m.get('role', '?')}: {m['content']}" for m in value)
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -274,3 +274,37 @@ def test_a_stray_value_is_named(capsys, tiny, tmp_path):
     code, stderr = _cli(capsys, "grpo", [*_argv(tiny, tmp_path), "stray"])
     assert code == 2
     assert "unexpected value(s) ['stray']: each value follows its flag (--name value)." in _one_error_line(stderr)
+
+
+def test_an_error_under_an_open_progress_bar_gets_a_line_of_its_own(capsys):
+    """The Trainer's bar is still drawn when a fault ends the run: the one line starts on a fresh line (tqdm clears
+    the bar first), not glued to the bar's text where its next redraw would overwrite it."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from hf_rlhf_ext.validation import InputError
+
+    def fails_mid_training():
+        bar = tqdm(total=10, file=sys.stderr, desc="train")
+        bar.update(3)
+        raise InputError("rewards are NaN at step 3")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(fails_mid_training)
+    err = capsys.readouterr().err
+    at = err.index(": error: rewards are NaN at step 3")
+    line = err[max(err.rfind("\n", 0, at), err.rfind("\r", 0, at)) + 1 : at]  # the message's line, up to ': error'
+    assert exit_.value.code == 2
+    assert "it/s" not in line and "train" not in line, repr(err)
+
+
+def test_the_console_summary_shows_chat_prompts_as_turns_not_python_lists():
+    from hf_rlhf_ext.recipe_reporting import summary_text
+
+    chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "my kettle is broken"}]
+    text = summary_text({"samples_before": [{"prompt": chat, "completion": [{"role": "assistant", "content": "sorry"}]}],
+                         "samples_after": [{"prompt": chat, "completion": "we will repair it"}]})
+    assert "prompt: system: be kind | user: my kettle is broken" in text
+    assert "before: assistant: sorry" in text and "after:  we will repair it" in text
+    assert "{'role'" not in text
