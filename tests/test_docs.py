@@ -61,3 +61,18 @@ def test_reference_lists_only_real_config_fields(config):
     documented = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
     fields = {f.name for f in dataclasses.fields(getattr(hf_rlhf_ext, config))}
     assert documented and documented <= fields, documented - fields
+
+
+def test_the_quickstarts_numbers_are_those_of_the_committed_run():
+    """The console block in docs/quickstart.md quotes docs/runs/ppo-lab/metrics.json (the default lab PPO run), digit
+    for digit as the recipe prints them: a rerun that changes the numbers changes the committed file and the page."""
+    import json
+
+    from hf_rlhf_ext.recipe_reporting import summary_text
+
+    metrics = json.loads((ROOT / "docs" / "runs" / "ppo-lab" / "metrics.json").read_text())
+    page = (ROOT / "docs" / "quickstart.md").read_text()
+    block = page.split("held-out evaluation (", 1)[1].split("```", 1)[0]
+    printed = summary_text(metrics).split("held-out evaluation (", 1)[1]
+    assert re.sub(r"\s+", " ", block).strip() == re.sub(r"\s+", " ", printed).strip()
+    assert metrics["global_step"] == 60 and metrics["on_lab"] is True and metrics["command"] == "python recipes/ppo.py"
