@@ -1,6 +1,7 @@
 """How a recipe reads its settings: the lab defaults written once in its YAML file (shipped in
-``hf_rlhf_ext.recipes/configs``), the CPU defaults, ``TrlParser`` with ``--config``, the LoRA learning-rate rule, and
-the command a recipe was started with."""
+``hf_rlhf_ext.recipes/configs``; the defaults on the lab only, TRL's elsewhere), the CPU defaults, ``TrlParser`` with
+``--config``, the LoRA learning-rate rule, the line naming where a run's settings came from, and the command a recipe
+was started with."""
 
 from __future__ import annotations
 
