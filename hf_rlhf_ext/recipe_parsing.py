@@ -261,6 +261,8 @@ class RecipeParser(TrlParser):
             outputs[0].cli_args = argv
         lora = self._apply_lora_rule(outputs, given)
         self.settings = self._settings(argv, flags, lora)
+        if hasattr(outputs[0], "settings"):
+            outputs[0].settings = self.settings
         if args is None and self.lab_defaults:  # a run from the command line (not an experiment's inner parse)
             announce(self.settings)
         return outputs

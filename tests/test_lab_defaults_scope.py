@@ -64,8 +64,8 @@ def test_the_parser_defaults_stay_trls_after_a_lab_parse():
 
 
 def test_help_shows_trls_default_and_the_lab_value():
-    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "grpo.py"), "--help"], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "grpo.py"), "--help"], check=False,
+                         capture_output=True, text=True, timeout=300)
     text = " ".join(run.stdout.split())
     assert run.returncode == 0
     assert "Maximum length of the generated completion. (lab: 24) (default: 512)" in text
@@ -104,3 +104,18 @@ def test_a_command_line_run_prints_the_settings_line_once_on_the_main_process(mo
     monkeypatch.setenv("RANK", "1")
     recipe("grpo").make_parser().parse_args_and_config()
     assert "settings:" not in capsys.readouterr().err
+
+
+def test_the_experiments_apply_their_lab_files_on_the_lab_only():
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from hf_rlhf_ext import ensembles, sweeps
+
+    trl_default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}["max_completion_length"]
+    lab = sweeps.lab_defaults("grpo")["max_completion_length"]
+    assert sweeps.parse_sweep_argv([])[2].max_completion_length == lab != trl_default
+    assert sweeps.parse_sweep_argv(OFF_LAB[1])[2].max_completion_length == trl_default
+    assert ensembles.parse_argv([])[3].max_completion_length == lab
+    assert ensembles.parse_argv(OFF_LAB[0])[3].max_completion_length == trl_default
