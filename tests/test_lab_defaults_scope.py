@@ -57,6 +57,13 @@ def test_an_explicit_flag_or_config_key_wins_on_and_off_the_lab(where, tmp_path)
     assert (training_args.max_completion_length, training_args.learning_rate) == (7, 0.003)
 
 
+def test_a_config_file_naming_a_dataset_is_off_the_lab(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("dataset_name: some/prompts\n")
+    parser, (_, training_args, _) = grpo_parse("--config", str(config))
+    assert training_args.max_completion_length != 24 and parser.on_lab is False
+
+
 def test_the_parser_defaults_stay_trls_after_a_lab_parse():
     parser, _ = grpo_parse()
     _, training_args, _ = parser.parse_args_and_config(args=OFF_LAB[0])
