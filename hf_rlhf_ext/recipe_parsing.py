@@ -182,10 +182,14 @@ def launch_command(script: str) -> str:
     return f"{prefix} -m {spec.name}" if spec is not None and spec.name else f"{prefix} {shlex.quote(argv0)}"
 
 
-LAB_EPILOG = ("Defaults are TRL's (and the recipe's own). On the offline lab (no --model_name_or_path and no "
-              "--dataset_name) the '(lab: ...)' values apply instead; --config files and flags override both. With "
-              "--use_peft and no --learning_rate, the learning rate is 10 x its default (LoRA). The run prints one "
-              "'settings:' line saying where its settings came from.")
+def lab_epilog(lora_learning_rate_multiplier: float | None) -> str:
+    """The end of a recipe's ``--help``: which defaults apply where, and the LoRA rule when the recipe has one."""
+    text = ("Defaults are TRL's (and the recipe's own). On the offline lab (no --model_name_or_path and no "
+            "--dataset_name) the '(lab: ...)' values apply instead; --config files and flags override both. ")
+    if lora_learning_rate_multiplier:
+        text += (f"With --use_peft and no --learning_rate, the learning rate is {lora_learning_rate_multiplier:g} x "
+                 "its default (LoRA). ")
+    return text + "A run prints one 'settings:' line saying where its settings came from."
 
 
 class RecipeParser(TrlParser):
@@ -198,7 +202,7 @@ class RecipeParser(TrlParser):
         if _LAUNCHER:
             kwargs.setdefault("prog", _LAUNCHER[-1])
         if lab_defaults:
-            kwargs.setdefault("epilog", LAB_EPILOG)
+            kwargs.setdefault("epilog", lab_epilog(lora_learning_rate_multiplier))
         super().__init__(dataclass_types, **kwargs)
         self.lora_learning_rate_multiplier = lora_learning_rate_multiplier
         self.lab_defaults = dict(lab_defaults or {})
@@ -261,8 +265,7 @@ class RecipeParser(TrlParser):
             outputs[0].cli_args = argv
         lora = self._apply_lora_rule(outputs, given)
         self.settings = self._settings(argv, flags, lora)
-        if hasattr(outputs[0], "settings"):
-            outputs[0].settings = self.settings
+        outputs[0].settings_line = self.settings  # for the model card; an attribute, not a setting of the run
         if args is None and self.lab_defaults:  # a run from the command line (not an experiment's inner parse)
             announce(self.settings)
         return outputs
@@ -282,6 +285,7 @@ class RecipeParser(TrlParser):
                 "(set --learning_rate to choose)")
 
     def _settings(self, argv: Sequence[str], flags: set[str], lora: str | None) -> str:
+        """``settings_line`` of the last parse: flags first, then the config file's keys, then the lab's."""
         fields = {a.dest for a in self._actions}
         config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "--config file"
         sources = {"command line": sorted(flags & fields),

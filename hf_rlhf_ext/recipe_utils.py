@@ -161,8 +161,6 @@ class RLScriptArguments(ScriptArguments):
     )
     # the command line the recipe was parsed from (set by the recipe parser; shown in the model card)
     cli_args: list[str] | None = field(default=None, init=False, repr=False)
-    # where the settings came from (set by the recipe parser; shown in the model card)
-    settings: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.eval_sampling not in ("sample", "greedy"):

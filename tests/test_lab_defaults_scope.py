@@ -78,6 +78,7 @@ def test_help_shows_trls_default_and_the_lab_value():
     assert "Maximum length of the generated completion. (lab: 24) (default: 512)" in text
     assert "(lab: 0.0001) (default: 1e-06)" in text and "(default: 24)" not in text
     assert "On the offline lab (no --model_name_or_path and no --dataset_name)" in text
+    assert "With --use_peft and no --learning_rate, the learning rate is 10 x its default (LoRA)." in text
 
 
 def test_the_settings_line_names_each_source(tmp_path):
