@@ -261,11 +261,11 @@ class RecipeParser(TrlParser):
         check_output_dir(outputs)
         flags = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} - {"config"}
         given = self._config_keys | flags
-        if hasattr(outputs[0], "cli_args"):
-            outputs[0].cli_args = argv
         lora = self._apply_lora_rule(outputs, given)
         self.settings = self._settings(argv, flags, lora)
-        outputs[0].settings_line = self.settings  # for the model card; an attribute, not a setting of the run
+        if hasattr(outputs[0], "cli_args"):  # a recipe's own arguments: both go to its model card
+            outputs[0].cli_args = argv
+            outputs[0].settings_line = self.settings  # an attribute, not a setting of the run
         if args is None and self.lab_defaults:  # a run from the command line (not an experiment's inner parse)
             announce(self.settings)
         return outputs
