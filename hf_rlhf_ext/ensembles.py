@@ -152,19 +152,19 @@ def ensemble_env(members: Sequence[str], penalty: float) -> Iterator[None]:
 # Parsing: the experiment's flags on top of the sweep's; each objective's sweep gets the rest of the command line
 # ----------------------------------------------------------------------------------------------------------------------
 def make_parser(trainer: str = "grpo"):
-    """A ``TrlParser`` over (experiment, sweep, script, trainer config, ``ModelConfig``) with the lab defaults; β is
-    the trainer's own field (``--beta`` for GRPO, ``--kl_coef`` for PPO)."""
-    from trl import ModelConfig, TrlParser
+    """A ``TrlParser`` over (experiment, sweep, script, trainer config, ``ModelConfig``) with the lab defaults (on the
+    lab only); β is the trainer's own field (``--beta`` for GRPO, ``--kl_coef`` for PPO)."""
+    from trl import ModelConfig
 
-    from .recipe_parsing import check_lab_keys, cpu_parser_defaults
+    from .recipe_parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
     from .recipe_utils import RLScriptArguments
     from .sweeps import SweepArguments, config_class
 
     defaults = lab_defaults(trainer)
     classes = (EnsembleArguments, SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig)
     check_lab_keys(defaults, classes)
-    parser = TrlParser(classes)
-    parser.set_defaults(**defaults, **cpu_parser_defaults())
+    parser = RecipeParser(classes, lab_defaults=defaults)  # the lab defaults on the lab only
+    parser.set_defaults(**cpu_parser_defaults())
     return parser
 
 

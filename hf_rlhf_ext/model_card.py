@@ -46,6 +46,7 @@ class RunCard:
         summary: one paragraph: what was trained or measured, on what.
         recipe: the script that made the folder (``recipes/ppo.py``).
         command: the command line that reproduces it.
+        settings: where the run's settings came from (the recipe parser's ``settings:`` line), shown under it.
         tags: method tags (``ppo``, ``grpo``, ``reinforce``, ``reward-model``, ...); ``trl``, ``rlhf`` and
             ``hf-rlhf-ext`` are always added.
         base_model: the base model's Hub id (None: a local model, e.g. the lab's).
@@ -64,6 +65,7 @@ class RunCard:
     summary: str
     recipe: str
     command: str
+    settings: str = ""
     tags: Sequence[str] = ()
     base_model: str | None = None
     datasets: Sequence[str] = ()
@@ -92,6 +94,8 @@ class RunCard:
         parts = [f"# {self.title}", self.summary, "## How it was made",
                  f"`{self.recipe}` of hf-rlhf-ext {_version()} (TRL {_version('trl')}):",
                  f"```bash\n{self.command}\n```"]
+        if self.settings:
+            parts.append(f"`{self.settings}`")
         if self.hyperparameters:
             parts += ["### Hyperparameters", markdown_table(["setting", "value"], list(self.hyperparameters.items()))]
         if self.metrics or self.results_markdown:

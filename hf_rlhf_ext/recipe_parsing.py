@@ -1,6 +1,7 @@
 """How a recipe reads its settings: the lab defaults written once in its YAML file (shipped in
-``hf_rlhf_ext.recipes/configs``), the CPU defaults, ``TrlParser`` with ``--config``, the LoRA learning-rate rule, and
-the command a recipe was started with."""
+``hf_rlhf_ext.recipes/configs``; the defaults on the lab only, TRL's elsewhere), the CPU defaults, ``TrlParser`` with
+``--config``, the LoRA learning-rate rule, the line naming where a run's settings came from, and the command a recipe
+was started with."""
 
 from __future__ import annotations
 
@@ -45,10 +46,19 @@ def apply_cpu_defaults(training_args: Any) -> None:
         training_args.gradient_checkpointing = False
 
 
-def read_lab_config(path: Any) -> dict[str, Any]:
+class LabDefaults(dict):
+    """The lab settings of one YAML file, with the file's name (``source``) for the line naming where settings came
+    from."""
+
+    def __init__(self, values: dict[str, Any], source: str = "lab YAML"):
+        super().__init__(values)
+        self.source = source
+
+
+def read_lab_config(path: Any) -> LabDefaults:
     """A recipe's lab settings from its YAML file (``recipes/configs/<name>_lab.yaml``), the one place they are
-    written: the recipe's parser takes them as its defaults, and ``--config`` the same file reproduces a run.
-    ``path``: a file path, or a ``Traversable`` (``shipped_config_path``)."""
+    written: the recipe's parser takes them as its defaults on the lab only, and ``--config`` the same file reproduces
+    a run. ``path``: a file path, or a ``Traversable`` (``shipped_config_path``)."""
     import yaml
     from pathlib import Path
 
@@ -56,7 +66,7 @@ def read_lab_config(path: Any) -> dict[str, Any]:
     values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
-    return values
+    return LabDefaults(values, source=source.name)
 
 
 def shipped_config_path(name: str) -> Any:
@@ -74,7 +84,7 @@ def shipped_config_path(name: str) -> Any:
     return path
 
 
-def read_shipped_config(name: str) -> dict[str, Any]:
+def read_shipped_config(name: str) -> LabDefaults:
     """The lab settings of the shipped ``configs/<name>`` (``read_lab_config`` of ``shipped_config_path``)."""
     return read_lab_config(shipped_config_path(name))
 
@@ -91,16 +101,41 @@ def check_lab_keys(defaults: dict[str, Any], classes: Sequence[type]) -> None:
 def make_recipe_parser(script_args_cls: type, config_cls: type, defaults: dict[str, Any],
                        lora_learning_rate_multiplier: float | None = LORA_LEARNING_RATE_MULTIPLIER):
     """A ``TrlParser`` (so ``--config file.yaml`` works) over (script args, trainer config, ``ModelConfig``) with the
-    recipe's lab defaults (``read_lab_config``) and the CPU defaults; explicit flags and config files override both.
-    With ``--use_peft`` and no learning rate in the flags or the config file, the learning rate is multiplied by
-    ``lora_learning_rate_multiplier`` (None: kept)."""
+    CPU defaults, and the recipe's lab settings (``read_lab_config``) as defaults on the lab only (``on_lab``): off the
+    lab a run starts from TRL's defaults. Explicit flags and config files override both. With ``--use_peft`` and no
+    learning rate in the flags or the config file, the learning rate is multiplied by ``lora_learning_rate_multiplier``
+    (None: kept)."""
     from trl import ModelConfig
 
     classes = (script_args_cls, config_cls, ModelConfig)
     check_lab_keys(defaults, classes)
-    parser = RecipeParser(classes, lora_learning_rate_multiplier=lora_learning_rate_multiplier)
-    parser.set_defaults(**defaults, **cpu_parser_defaults())
+    parser = RecipeParser(classes, lora_learning_rate_multiplier=lora_learning_rate_multiplier, lab_defaults=defaults)
+    parser.set_defaults(**cpu_parser_defaults())
     return parser
+
+
+def on_lab(namespace: Any) -> bool:
+    """A run is on the lab when it names neither a model nor a dataset (``--lab_dir`` alone still means the lab)."""
+    return not (getattr(namespace, "model_name_or_path", None) or getattr(namespace, "dataset_name", None))
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings_line(sources: dict[str, list[str]], lab: bool, lab_source: str, lora: str | None) -> str:
+    """One line naming where a run's settings came from: ``sources`` maps a source (``command line``, a config file's
+    name, the lab file) to its keys; ``lora``: the LoRA learning-rate rule as applied, if it was."""
+    parts = []
+    for source, keys in sources.items():
+        if keys:
+            shown = ", ".join(sorted(keys)) if len(keys) <= 6 else f"{len(keys)} settings"
+            parts.append(f"{source}: {shown}")
+    if not lab:
+        parts.append(f"off the lab: {lab_source} NOT applied (TRL's defaults)")
+    if lora:
+        parts.append(f"LoRA: {lora}")
+    return "settings: " + ("; ".join(parts) if parts else "all defaults")
 
 
 def check_output_dir(outputs: Sequence[Any]) -> None:
@@ -147,20 +182,73 @@ def launch_command(script: str) -> str:
     return f"{prefix} -m {spec.name}" if spec is not None and spec.name else f"{prefix} {shlex.quote(argv0)}"
 
 
-class RecipeParser(TrlParser):
-    """``TrlParser`` that remembers the command line (for the model card) and applies the LoRA learning-rate rule,
-    which needs to know whether the learning rate was given (a flag or a config key) or is the recipe's default."""
+def lab_epilog(lora_learning_rate_multiplier: float | None) -> str:
+    """The end of a recipe's ``--help``: which defaults apply where, and the LoRA rule when the recipe has one."""
+    text = ("Defaults are TRL's (and the recipe's own). On the offline lab (no --model_name_or_path and no "
+            "--dataset_name) the '(lab: ...)' values apply instead; --config files and flags override both. ")
+    if lora_learning_rate_multiplier:
+        text += (f"With --use_peft and no --learning_rate, the learning rate is {lora_learning_rate_multiplier:g} x "
+                 "its default (LoRA). ")
+    return text + "A run prints one 'settings:' line saying where its settings came from."
 
-    def __init__(self, dataclass_types, lora_learning_rate_multiplier: float | None = None, **kwargs):
+
+class RecipeParser(TrlParser):
+    """``TrlParser`` that remembers the command line (for the model card), takes the lab settings as defaults on the
+    lab only, applies the LoRA learning-rate rule (which needs to know whether the learning rate was given, as a flag
+    or a config key, or is a default) and says once where the settings came from (``settings_line``)."""
+
+    def __init__(self, dataclass_types, lora_learning_rate_multiplier: float | None = None,
+                 lab_defaults: dict[str, Any] | None = None, **kwargs):
         if _LAUNCHER:
             kwargs.setdefault("prog", _LAUNCHER[-1])
+        if lab_defaults:
+            kwargs.setdefault("epilog", lab_epilog(lora_learning_rate_multiplier))
         super().__init__(dataclass_types, **kwargs)
         self.lora_learning_rate_multiplier = lora_learning_rate_multiplier
+        self.lab_defaults = dict(lab_defaults or {})
+        self.lab_source = getattr(lab_defaults, "source", "lab YAML")
         self._config_keys: set[str] = set()
+        self._lab_applied: set[str] = set()
+        self.on_lab: bool | None = None
+        self.settings: str | None = None
+        self._note_lab_values_in_help()
+
+    def _note_lab_values_in_help(self) -> None:
+        """``--help`` shows TRL's defaults, and each lab setting's value next to it (``(lab: 24)``)."""
+        for action in self._actions:
+            if action.dest in self.lab_defaults and action.help is not None:
+                value = _short(self.lab_defaults[action.dest]).replace("%", "%%")
+                action.help = f"{action.help} (lab: {value})"
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         self._config_keys |= set(kwargs)
         return super().set_defaults_with_config(**kwargs)
+
+    def parse_args_into_dataclasses(self, args=None, *rest, **kwargs):
+        """Decides whether the run is on the lab from the command line and the config file, then parses with the lab
+        settings as defaults there (flags and config keys still win); the parser's defaults are restored after."""
+        self._lab_applied = set()
+        if not self.lab_defaults:
+            return super().parse_args_into_dataclasses(args, *rest, **kwargs)
+        import argparse
+
+        namespace, _ = argparse.ArgumentParser.parse_known_args(self, args=args)
+        self.on_lab = on_lab(namespace)
+        if not self.on_lab:
+            return super().parse_args_into_dataclasses(args, *rest, **kwargs)
+        lab = {k: v for k, v in self.lab_defaults.items() if k not in self._config_keys}
+        saved = {a.dest: a.default for a in self._actions if a.dest in lab}
+        self._set_action_defaults(lab)
+        self._lab_applied = set(lab)
+        try:
+            return super().parse_args_into_dataclasses(args, *rest, **kwargs)
+        finally:
+            self._set_action_defaults(saved)
+
+    def _set_action_defaults(self, values: dict[str, Any]) -> None:
+        for action in self._actions:
+            if action.dest in values:
+                action.default = values[action.dest]
 
     def parse_args_and_config(self, args=None, *rest, **kwargs):
         argv = list(sys.argv[1:] if args is None else args)
@@ -171,16 +259,39 @@ class RecipeParser(TrlParser):
                 raise
             raise self.unknown_flags_error(str(err)) from None
         check_output_dir(outputs)
-        given = self._config_keys | {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
-        if hasattr(outputs[0], "cli_args"):
+        flags = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")} - {"config"}
+        given = self._config_keys | flags
+        lora = self._apply_lora_rule(outputs, given)
+        self.settings = self._settings(argv, flags, lora)
+        if hasattr(outputs[0], "cli_args"):  # a recipe's own arguments: both go to its model card
             outputs[0].cli_args = argv
-        if (self.lora_learning_rate_multiplier and len(outputs) >= 3 and getattr(outputs[2], "use_peft", False)
-                and "learning_rate" not in given):
-            training_args = outputs[1]
-            training_args.learning_rate *= self.lora_learning_rate_multiplier
-            logger.info("LoRA: learning rate %.3g (%g x the full-weight default; set --learning_rate to choose).",
-                        training_args.learning_rate, self.lora_learning_rate_multiplier)
+            outputs[0].settings_line = self.settings  # an attribute, not a setting of the run
+        if args is None and self.lab_defaults:  # a run from the command line (not an experiment's inner parse)
+            announce(self.settings)
         return outputs
+
+    def _apply_lora_rule(self, outputs: Sequence[Any], given: set[str]) -> str | None:
+        """With ``--use_peft`` and no learning rate given, the learning rate × the multiplier; what was done, or
+        None."""
+        if not (self.lora_learning_rate_multiplier and len(outputs) >= 3 and getattr(outputs[2], "use_peft", False)
+                and "learning_rate" not in given):
+            return None
+        training_args = outputs[1]
+        base = training_args.learning_rate
+        training_args.learning_rate = float(f"{base * self.lora_learning_rate_multiplier:.12g}")  # 1e-5, not 9.99…e-6
+        logger.info("LoRA: learning rate %g (%g x the default; set --learning_rate to choose).",
+                    training_args.learning_rate, self.lora_learning_rate_multiplier)
+        return (f"learning_rate {training_args.learning_rate:g} = {self.lora_learning_rate_multiplier:g} × {base:g} "
+                "(set --learning_rate to choose)")
+
+    def _settings(self, argv: Sequence[str], flags: set[str], lora: str | None) -> str:
+        """``settings_line`` of the last parse: flags first, then the config file's keys, then the lab's."""
+        fields = {a.dest for a in self._actions}
+        config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "--config file"
+        sources = {"command line": sorted(flags & fields),
+                   os.path.basename(config): sorted((self._config_keys & fields) - flags),
+                   f"lab defaults ({self.lab_source})": sorted(self._lab_applied - flags)}
+        return settings_line(sources, self.on_lab is not False, self.lab_source, lora)
 
     def unknown_flags_error(self, message: str) -> Exception:
         """One line naming each flag the parser does not know, with the closest known ones (a typo costs seconds);
@@ -203,3 +314,14 @@ class RecipeParser(TrlParser):
             close = difflib.get_close_matches(flag, spelled, n=2, cutoff=0.75)
             parts.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
         return InputError(f"unknown flag(s): {', '.join(parts)}; --help lists every flag.")
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce(line: str) -> None:
+    """Prints ``line`` to stderr once per process, on the main process only (rank 0 of a launch)."""
+    if line in _ANNOUNCED or os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    _ANNOUNCED.add(line)
+    print(line, file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Sequence
 
 from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
-from .recipe_parsing import check_lab_keys, cpu_parser_defaults
+from .recipe_parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
 from .recipe_utils import RLScriptArguments
 from .validation import InputError
 
@@ -152,14 +152,15 @@ def trainer_from_argv(argv: Sequence[str]) -> str:
 
 
 def make_sweep_parser(trainer: str):
-    """A ``TrlParser`` over (sweep, script, trainer config, ``ModelConfig``) with the lab defaults of ``trainer``."""
-    from trl import ModelConfig, TrlParser
+    """A ``TrlParser`` over (sweep, script, trainer config, ``ModelConfig``) with the lab defaults of ``trainer`` (on
+    the lab only: ``RecipeParser``)."""
+    from trl import ModelConfig
 
     defaults = lab_defaults(trainer)
     classes = (SweepArguments, RLScriptArguments, config_class(trainer), ModelConfig)
     check_lab_keys(defaults, classes)
-    parser = TrlParser(classes)
-    parser.set_defaults(**defaults, **cpu_parser_defaults())
+    parser = RecipeParser(classes, lab_defaults=defaults)
+    parser.set_defaults(**cpu_parser_defaults())
     return parser
 
 

@@ -44,7 +44,8 @@ from hf_rlhf_ext.recipe_utils import (
     resolve_policy,
 )
 
-#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+#: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
+#: flags and --config override them.
 LAB_CONFIG = Path(__file__).parent / "configs" / "best_of_n_lab.yaml"
 
 

@@ -8,9 +8,9 @@ flags.
         --reward_funcs my_pkg.rewards.length_reward --use_peft --output_dir runs/grpo-qwen
 
 Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png} and the policy.
-Our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out prompts, the
-group-advantage check); ``--monitor none`` turns them off, ``--monitor kl,grad_variance --monitor_every_n_steps 5``
-chooses.
+On the lab our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out
+prompts, the group-advantage check); off it the default is ``--monitor none``. ``--monitor auto`` turns them on,
+``--monitor none`` off, ``--monitor kl,grad_variance --monitor_every_n_steps 5`` chooses.
 """
 
 from pathlib import Path
@@ -31,7 +31,8 @@ from hf_rlhf_ext.recipe_utils import (
 from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
 from hf_rlhf_ext.trainers.resumable_sampling import ResumableGRPOTrainer
 
-#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+#: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
+#: flags and --config override them.
 LAB_CONFIG = Path(__file__).parent / "configs" / "grpo_lab.yaml"
 CARD = RecipeCard(
     script="recipes/grpo.py", method="GRPO (TRL's GRPOTrainer)", tags=("grpo",),

@@ -7,8 +7,9 @@
 
 Writes <output_dir>/{README.md (model card), metrics.json, log_history.jsonl, training_curves.png}, the policy and
 <output_dir>/value_model (the critic); ``--push_to_hub --hub_model_id you/name`` uploads all of it.
-Our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out prompts);
-``--monitor none`` turns them off, ``--monitor kl,grad_variance --monitor_every_n_steps 5`` chooses.
+On the lab our callbacks are on (``--monitor auto``: the over-optimisation monitor, KL to the reference on held-out
+prompts); off it the default is ``--monitor none``. ``--monitor auto`` turns them on, ``--monitor none`` off,
+``--monitor kl,grad_variance --monitor_every_n_steps 5`` chooses.
 """
 
 from pathlib import Path
@@ -28,7 +29,8 @@ from hf_rlhf_ext.recipe_utils import (
 )
 from hf_rlhf_ext.trainers.ppo import PPOConfig, PPOTrainer
 
-#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+#: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
+#: flags and --config override them.
 LAB_CONFIG = Path(__file__).parent / "configs" / "ppo_lab.yaml"
 CARD = RecipeCard(
     script="recipes/ppo.py", method="PPO with a critic", tags=("ppo",),

@@ -36,7 +36,8 @@ from hf_rlhf_ext.recipe_utils import (
 )
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
-#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+#: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
+#: flags and --config override them.
 LAB_CONFIG = Path(__file__).parent / "configs" / "reinforce_lab.yaml"
 CARD = RecipeCard(
     script="recipes/reinforce.py", method="REINFORCE", tags=("reinforce",),

@@ -34,7 +34,8 @@ from hf_rlhf_ext.recipe_utils import (
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
 from hf_rlhf_ext.validation import require_existing_path
 
-#: The lab run's settings, written once in this YAML file (the parser's defaults; flags and --config override them).
+#: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
+#: flags and --config override them.
 LAB_CONFIG = Path(__file__).parent / "configs" / "reward_lab.yaml"
 CARD = RecipeCard(
     script="recipes/reward.py", method="Bradley-Terry reward model (TRL's RewardTrainer)", tags=("reward-model",),

@@ -56,7 +56,8 @@ def test_each_trainer_gets_its_own_beta_group_size_seed_and_directory(tmp_path):
         (["--seeds", "1", "1"], "distinct seeds"),
         (["--num_eval_prompts", "0"], "num_eval_prompts must be >= 1"),
         (["--no_such_flag", "1"], "no_such_flag"),
-        (["--dataset_name", "some/prompts", "--reward_funcs", "trl.rewards.think_format_reward"], "--gold_reward"),
+        (["--dataset_name", "some/prompts", "--reward_funcs", "trl.rewards.think_format_reward", "--max_steps", "10"],
+         "--gold_reward"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_run(tmp_path, argv, message):

@@ -60,6 +60,13 @@ def test_full_weight_ppo_folder_has_a_card_with_the_runs_numbers_and_reloads(tin
     assert type(namespace["model"]).__name__ == "GPT2LMHeadModel" and isinstance(namespace["critic"], ValueModel)
 
 
+def test_the_card_says_where_the_settings_came_from_and_the_lora_rule(tiny, tmp_path):
+    _run("grpo", _argv(tiny, tmp_path, "--use_peft", "--lora_r", "4", "--num_generations", "2"))
+    text = (tmp_path / "README.md").read_text()
+    assert "off the lab: grpo_lab.yaml NOT applied (TRL's defaults)" in text
+    assert "LoRA: learning_rate 1e-05 = 10 × 1e-06" in text and "| learning_rate | 1e-05 |" in text
+
+
 def test_lora_card_is_ours_not_peft_template_and_the_adapter_reloads(tiny, tmp_path):
     from hf_rlhf_ext.trainers import ValueModel
 

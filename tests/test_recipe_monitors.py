@@ -51,10 +51,10 @@ def test_monitor_none_attaches_nothing(tiny, tmp_path):
 
 
 def test_auto_leaves_out_what_does_not_apply_and_a_named_one_that_cannot_apply_fails(tiny, tmp_path):
-    _run("ppo", _argv(tiny, tmp_path / "auto", "--monitor", "auto"))
+    _run("ppo", _argv(tiny, tmp_path / "auto", "--monitor", "auto", "--kl_coef", "0.1"))  # PPO's β is kl_coef
     assert set(read_metrics(str(tmp_path / "auto"))["monitors"]) == {"overoptimization", "kl"}  # PPO has no groups
     with pytest.raises(ValueError, match="--monitor advantages: PPOTrainer does not compute TRL's group advantages"):
-        _run("ppo", _argv(tiny, tmp_path / "named", "--monitor", "advantages"))
+        _run("ppo", _argv(tiny, tmp_path / "named", "--monitor", "advantages", "--kl_coef", "0.1"))
 
 
 def test_monitor_names_are_checked_when_parsed():

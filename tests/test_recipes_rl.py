@@ -46,7 +46,8 @@ def _tiny_argv(tiny, out, *extra: str) -> list[str]:
 
 
 def test_ppo_recipe_on_a_hub_style_model_writes_the_results_contract(tiny, tmp_path):
-    metrics = _run("ppo", _tiny_argv(tiny, tmp_path, "--reward_model_name_or_path", tiny["reward"]))
+    metrics = _run("ppo", _tiny_argv(tiny, tmp_path, "--reward_model_name_or_path", tiny["reward"],
+                                     "--num_ppo_epochs", "1"))  # one generation per step: objective/kl at each
     written = read_metrics(str(tmp_path))
     assert written["global_step"] == metrics["global_step"] == 2
     assert written["on_lab"] is False and written["reward_funcs"] == ["reward", "target_word"]

@@ -46,7 +46,7 @@ def test_ppo_run_with_tensorboard_holds_reward_and_kl_curves_and_the_held_out_ev
     out = tmp_path / "run"
     _run("ppo", ["--model_name_or_path", world["policy"], "--dataset_name", str(data),
                  "--reward_funcs", "_ppo_helpers.target_word", "test_sweeps.word_count", "--reward_weights", "1", "0",
-                 "--output_dir", str(out), "--max_steps", "3",
+                 "--output_dir", str(out), "--max_steps", "3", "--num_ppo_epochs", "1",  # a generation per step
                  "--per_device_train_batch_size", "4", "--max_completion_length", "6", "--logging_steps", "1",
                  "--num_eval_prompts", "4", "--disable_tqdm", "true", "--report_to", "tensorboard",
                  "--monitor", "overoptimization,kl", "--monitor_every_n_steps", "1", "--monitor_num_samples", "4"])
@@ -92,7 +92,8 @@ def test_ppo_run_with_trackio_logs_the_training_curves_locally(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, str(ROOT / "recipes" / "ppo.py"), "--model_name_or_path", world["policy"],
            "--dataset_name", str(data), "--reward_funcs", "_ppo_helpers.target_word", "--output_dir", str(out),
-           "--max_steps", "3", "--per_device_train_batch_size", "4", "--max_completion_length", "6",
+           "--max_steps", "3", "--num_ppo_epochs", "1", "--per_device_train_batch_size", "4",
+           "--max_completion_length", "6",
            "--logging_steps", "1", "--num_eval_prompts", "4", "--disable_tqdm", "true", "--report_to", "trackio",
            "--project", "hf-rlhf-ext-test", "--run_name", "ppo-tiny"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
