@@ -41,12 +41,22 @@ tokenizer are saved to ``<output_dir>/gold_peak`` with ``trainer.save_model`` (a
 process writes). Cost: one ``save_pretrained`` per new peak — while gold climbs, that is every measurement; for a
 large full model, measure less often or set ``save_peak=False``.
 
+Forecast (``forecast=True``): at each measurement, Gao et al.'s RL form R(d) = d(α − β ln d), d = sqrt(KL), is fitted
+to the raw gold gain over the first measurement against the KL, and the KL of its peak, exp(2α/β − 2), is logged with a
+bootstrap 5–95th percentile interval while the fit is valid (:func:`forecast_gold_peak`). ``stop_at_forecast=True``
+stops training at the first measurement whose KL has reached the forecast peak KL with an interval narrower than
+``forecast_max_ratio`` (high / low): gold is flat near its peak, so stopping at the estimate costs little either way.
+
+Ensemble disagreement (``ensemble=``, sample mode): the mean over held-out samples of the std of the members' scores,
+``overopt/ensemble_std`` — it rises where the reward models leave their training data (Coste et al. 2023).
+
 At the end, ``overoptimization.json`` (curves and findings) and ``overoptimization.png`` are written to the output
 directory from the main process. :meth:`OveroptimizationCallback.findings` returns an
 :class:`OveroptimizationFindings`.
 
 Logged keys: ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``, ``overopt/gold_peak``,
-``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In
+``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag`` (and ``overopt/forecast_peak_kl``, ``_low``, ``_high``,
+``overopt/ensemble_std`` when on), in the log record of the step they were measured at. In
 logs mode they are added to the record that holds the rewards they come from (``state.log_history`` and the ``logs``
 seen by the callbacks after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for
 reporters such as TensorBoard to see them too).
@@ -156,11 +166,14 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return a + (b - a) * (pos - lo)
 
 
-def _bootstrap_peak_kls(d: list[float], gain: list[float], resamples: int, seed: int, baseline_se: float) -> list[float]:
+def _bootstrap_peak_kls(
+    d: list[float], gain: list[float], resamples: int, seed: int, baseline_se: float
+) -> list[float]:
     """Peak KL of the RL-form fit on each bootstrap resample of the (d, gain) points (drawn with replacement, n of n),
     sorted; inf for a resample whose fit never turns down (β ≤ 0): its peak lies beyond any KL. A resample with a
     single distinct d determines no slope and is left out. The baseline's own error is one offset shared by every
-    gain, which resampling the points cannot show: each resample also shifts all gains by a draw of N(0, baseline_se)."""
+    gain, which resampling the points cannot show: each resample also shifts all gains by a draw of
+    N(0, baseline_se)."""
     rng = random.Random(seed)
     n, peaks = len(d), []
     for _ in range(resamples):
@@ -256,6 +269,13 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         stop_on_overoptimization: set ``control.should_training_stop`` once ``detected``.
         output_dir: where to write files (default: ``args.output_dir``).
         plot: write ``overoptimization.png`` at the end.
+        forecast: forecast the gold peak's KL at each measurement (see the module docstring); ``seed`` seeds its
+            bootstrap of ``forecast_resamples`` resamples; no forecast before ``forecast_min_points`` points with
+            KL > 0.
+        stop_at_forecast: set ``control.should_training_stop`` once the measured KL reaches the forecast peak KL with
+            an interval high / low <= ``forecast_max_ratio`` (implies ``forecast``).
+        ensemble: sample mode: the member reward functions of an ensemble (a list, or an ``ensemble_reward`` /
+            ``ensemble_judge`` function), for ``overopt/ensemble_std`` on the held-out samples.
     """
 
     def __init__(
