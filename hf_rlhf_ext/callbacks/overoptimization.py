@@ -841,6 +841,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 "threshold": "min_delta" if self.min_delta is not None else "gold standard error per measurement",
                 "every_n_steps": self.every_n_steps if self.mode == "sample" else None,
                 "kl_source": self.kl_source,
+                "forecast": self.forecast, "stop_at_forecast": self.stop_at_forecast,
+                "forecast_resamples": self.forecast_resamples, "forecast_max_ratio": self.forecast_max_ratio,
             },
         }
         from ..results import _jsonable
