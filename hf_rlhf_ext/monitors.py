@@ -59,6 +59,7 @@ def _monitor(name: str, trainer: Any, setup: RLSetup, script_args: RLScriptArgum
             trainer, mode="logs", every_n_steps=every, save_peak=script_args.monitor_save_peak,
             min_delta=script_args.monitor_min_delta,
             stop_on_overoptimization=script_args.monitor_stop_on_overoptimization,
+            forecast=script_args.monitor_forecast, stop_at_forecast=script_args.monitor_stop_at_forecast,
         )
     if name == "kl":
         if not setup.eval_prompts:

@@ -159,6 +159,17 @@ class RLScriptArguments(ScriptArguments):
     monitor_stop_on_overoptimization: bool = field(
         default=False, metadata={"help": "overoptimization: stop training once gold falls while the proxy rises."}
     )
+    monitor_forecast: bool = field(
+        default=False,
+        metadata={"help": "overoptimization: forecast the KL of the gold peak (Gao et al.'s RL form fitted to the "
+                          "points so far, 5th–95th percentile bootstrap interval), logged as "
+                          "overopt/forecast_peak_kl*."},
+    )
+    monitor_stop_at_forecast: bool = field(
+        default=False,
+        metadata={"help": "overoptimization: stop training once the KL reaches the forecast gold peak's KL (with an "
+                          "interval narrower than a factor 2); implies --monitor_forecast."},
+    )
     # the command line the recipe was parsed from (set by the recipe parser; shown in the model card)
     cli_args: list[str] | None = field(default=None, init=False, repr=False)
 

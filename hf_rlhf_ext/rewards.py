@@ -294,6 +294,7 @@ def ensemble_reward(
 
     ensemble.__name__ = ensemble.__qualname__ = name
     ensemble.members = names  # type: ignore[attr-defined]
+    ensemble.funcs = funcs  # type: ignore[attr-defined]  # e.g. for OveroptimizationCallback(ensemble=...)
     ensemble.objective = objective  # type: ignore[attr-defined]
     return ensemble
 

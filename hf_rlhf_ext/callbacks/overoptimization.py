@@ -41,12 +41,22 @@ tokenizer are saved to ``<output_dir>/gold_peak`` with ``trainer.save_model`` (a
 process writes). Cost: one ``save_pretrained`` per new peak — while gold climbs, that is every measurement; for a
 large full model, measure less often or set ``save_peak=False``.
 
+Forecast (``forecast=True``): at each measurement, Gao et al.'s RL form R(d) = d(α − β ln d), d = sqrt(KL), is fitted
+to the raw gold gain over the first measurement against the KL, and the KL of its peak, exp(2α/β − 2), is logged with a
+bootstrap 5–95th percentile interval while the fit is valid (:func:`forecast_gold_peak`). ``stop_at_forecast=True``
+stops training at the first measurement whose KL has reached the forecast peak KL with an interval narrower than
+``forecast_max_ratio`` (high / low): gold is flat near its peak, so stopping at the estimate costs little either way.
+
+Ensemble disagreement (``ensemble=``, sample mode): the mean over held-out samples of the std of the members' scores,
+``overopt/ensemble_std`` — it rises where the reward models leave their training data (Coste et al. 2023).
+
 At the end, ``overoptimization.json`` (curves and findings) and ``overoptimization.png`` are written to the output
 directory from the main process. :meth:`OveroptimizationCallback.findings` returns an
 :class:`OveroptimizationFindings`.
 
 Logged keys: ``overopt/gold``, ``overopt/proxy`` (smoothed), ``overopt/kl``, ``overopt/gold_peak``,
-``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag``, in the log record of the step they were measured at. In
+``overopt/gold_max``, ``overopt/peak_step``, ``overopt/flag`` (and ``overopt/forecast_peak_kl``, ``_low``, ``_high``,
+``overopt/ensemble_std`` when on), in the log record of the step they were measured at. In
 logs mode they are added to the record that holds the rewards they come from (``state.log_history`` and the ``logs``
 seen by the callbacks after this one: register it with ``trainer.callback_handler.callbacks.insert(0, callback)`` for
 reporters such as TensorBoard to see them too).
@@ -58,12 +68,14 @@ import json
 import logging
 import math
 import os
+import random
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 from transformers import TrainerCallback
 
+from ..objectives import fit_gao
 from ..persisted_state import PersistedState
 from ._trainer_access import (
     HeldOutSampler,
@@ -117,6 +129,11 @@ class OveroptimizationFindings:
     final_kl_step: int | None = None
     max_gold: float | None = None  # the highest smoothed gold measured (peak_gold can be lower: a rise within noise)
     max_gold_step: int | None = None
+    forecast_peak_kl: float | None = None  # the latest valid forecast of the gold peak's KL (forecast=True)
+    forecast_peak_kl_low: float | None = None
+    forecast_peak_kl_high: float | None = None  # None also while the interval is unbounded
+    forecast_step: int | None = None  # the measurement that latest forecast was made at
+    forecast_stop_step: int | None = None  # where stop_at_forecast stopped training
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,10 +153,90 @@ def standard_error(values: list[float]) -> float | None:
     return math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v))
 
 
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The q-th percentile (0–100) of sorted values, linearly interpolated between neighbours (numpy's default); inf
+    when an infinite neighbour takes part."""
+    pos = q / 100.0 * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    a, b = sorted_values[lo], sorted_values[hi]
+    if lo == hi or a == b:
+        return a
+    if math.isinf(a) or math.isinf(b):
+        return math.inf
+    return a + (b - a) * (pos - lo)
+
+
+def _bootstrap_peak_kls(
+    d: list[float], gain: list[float], resamples: int, seed: int, baseline_se: float
+) -> list[float]:
+    """Peak KL of the RL-form fit on each bootstrap resample of the (d, gain) points (drawn with replacement, n of n),
+    sorted; inf for a resample whose fit never turns down (β ≤ 0): its peak lies beyond any KL. A resample with a
+    single distinct d determines no slope and is left out. The baseline's own error is one offset shared by every
+    gain, which resampling the points cannot show: each resample also shifts all gains by a draw of
+    N(0, baseline_se)."""
+    rng = random.Random(seed)
+    n, peaks = len(d), []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        shift = rng.gauss(0.0, baseline_se) if baseline_se > 0 else 0.0
+        try:
+            fit = fit_gao([d[i] for i in idx], [gain[i] + shift for i in idx], form="rl")
+        except ValueError:
+            continue
+        peaks.append(math.inf if fit.peak_kl is None else fit.peak_kl)
+    return sorted(peaks)
+
+
+def forecast_gold_peak(
+    kl: list[float], gain: list[float], resamples: int = 200, seed: int = 0, min_points: int = 4,
+    interval: tuple[float, float] = (5.0, 95.0), baseline_se: float | None = None,
+) -> dict[str, Any]:
+    """Forecasts the KL at which the gold gain will peak from the points measured so far, before it is reached.
+
+    Fits Gao et al.'s (2022, arXiv 2210.10760, eq. for RL) form R(d) = d(α − β ln d), d = sqrt(KL), with
+    :func:`hf_rlhf_ext.objectives.fit_gao`. R'(d) = α − β(ln d + 1) = 0 gives d* = exp(α/β − 1), a maximum when β > 0
+    (R''(d*) = −β/d*), so the peak KL is d*² = exp(2α/β − 2). The interval is the ``interval`` percentiles of the peak
+    KL over ``resamples`` bootstrap resamples of the points (a seeded generator: the same points give the same
+    interval; ``baseline_se``, the standard error of the gold the gains are measured from, adds that offset's error).
+    Returns ``peak_kl``, ``low``, ``high`` (None: unbounded, some resamples never turn down) and ``reason``
+    (None when the forecast may be read; else why not, and the peak keys are None).
+    """
+    pts = [(math.sqrt(k), g) for k, g in zip(kl, gain) if _finite(k) and _finite(g) and k > 1e-12]
+    out: dict[str, Any] = {"peak_kl": None, "low": None, "high": None, "reason": None, "n_points": len(pts)}
+    if len(pts) < max(min_points, 2) or len({x for x, _ in pts}) < 2:
+        out["reason"] = f"{len(pts)} points with KL > 0; the forecast needs {max(min_points, 2)} with distinct KL"
+        return out
+    d, g = [x for x, _ in pts], [y for _, y in pts]
+    fit = fit_gao(d, g, form="rl")
+    out["reason"] = fit.reason or (None if fit.peak_kl is not None else "the fitted gold gain never turns down (β ≤ 0)")
+    if out["reason"] is not None:
+        return out
+    peaks = _bootstrap_peak_kls(d, g, resamples, seed, float(baseline_se) if _finite(baseline_se) else 0.0)
+    low, high = (_percentile(peaks, q) if peaks else math.inf for q in interval)
+    out.update(peak_kl=fit.peak_kl, low=low if math.isfinite(low) else None, high=high if math.isfinite(high) else None)
+    return out
+
+
+def ensemble_std(member_scores: list[list[float]]) -> float | None:
+    """Mean over samples of the sample std (n − 1) of the members' scores for that sample: how much the reward models
+    of an ensemble disagree on the policy's completions (Coste et al. 2023, arXiv 2310.02743). It grows as the policy
+    leaves the data they were trained on, where a proxy can be exploited, often before the gold reward turns down.
+    Non-finite scores are left out; a sample with fewer than two finite scores has no std. None when no sample has."""
+    stds = []
+    for row in zip(*member_scores):
+        vals = [float(v) for v in row if _finite(v)]
+        if len(vals) >= 2:
+            mean = sum(vals) / len(vals)
+            stds.append(math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)))
+    return sum(stds) / len(stds) if stds else None
+
+#: what a point holds about the forecast and is logged as ``overopt/<key>`` (None — not logged — while no forecast)
+_FORECAST_KEYS = ("forecast_peak_kl", "forecast_peak_kl_low", "forecast_peak_kl_high")
+
 # what a resume must restore: the curve and the detector's state (best-so-far, peak, patience, flags, checkpoint)
 _STATE_FIELDS = (
     "points", "_best", "_peak_index", "_since_peak", "_flag_step", "_warned", "_detected_step", "_gold_fell",
-    "_stopped", "_checkpoint_step", "_checkpoint_dir", "kl_source", "_kl_synced_step",
+    "_stopped", "_checkpoint_step", "_checkpoint_dir", "kl_source", "_kl_synced_step", "_forecast_stop_step",
 )
 
 
@@ -172,6 +269,13 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         stop_on_overoptimization: set ``control.should_training_stop`` once ``detected``.
         output_dir: where to write files (default: ``args.output_dir``).
         plot: write ``overoptimization.png`` at the end.
+        forecast: forecast the gold peak's KL at each measurement (see the module docstring); ``seed`` seeds its
+            bootstrap of ``forecast_resamples`` resamples; no forecast before ``forecast_min_points`` points with
+            KL > 0.
+        stop_at_forecast: set ``control.should_training_stop`` once the measured KL reaches the forecast peak KL with
+            an interval high / low <= ``forecast_max_ratio`` (implies ``forecast``).
+        ensemble: sample mode: the member reward functions of an ensemble (a list, or an ``ensemble_reward`` /
+            ``ensemble_judge`` function), for ``overopt/ensemble_std`` on the held-out samples.
     """
 
     def __init__(
@@ -201,6 +305,12 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         seed: int = 1234,
+        forecast: bool = False,
+        stop_at_forecast: bool = False,
+        forecast_resamples: int = 200,
+        forecast_min_points: int = 4,
+        forecast_max_ratio: float = 2.0,
+        ensemble: Any = None,
     ) -> None:
         if mode not in ("auto", "logs", "sample"):
             raise ValueError(f"mode must be 'auto', 'logs' or 'sample', got {mode!r}.")
@@ -212,6 +322,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             raise ValueError("window, patience and every_n_steps must be >= 1.")
         if (min_delta is not None and min_delta < 0) or proxy_min_delta < 0:
             raise ValueError("min_delta and proxy_min_delta must be >= 0.")
+        if forecast_resamples < 1 or forecast_min_points < 2 or not forecast_max_ratio >= 1:
+            raise ValueError("forecast_resamples must be >= 1, forecast_min_points >= 2, forecast_max_ratio >= 1.")
         self.mode = "sample" if (mode == "sample" or (mode == "auto" and eval_prompts is not None)) else "logs"
         if trainer is not None or self.mode == "sample":
             check_supported_trainer(trainer, type(self).__name__, needs=("accelerator", "_metrics"))
@@ -222,6 +334,9 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         self.output_dir, self.plot = output_dir, plot
         self.every_n_steps, self.measure_at_start = every_n_steps, measure_at_start
         self.kl_key = kl_key
+        self.forecast, self.stop_at_forecast = forecast or stop_at_forecast, stop_at_forecast
+        self.forecast_resamples, self.forecast_min_points = forecast_resamples, forecast_min_points
+        self.forecast_max_ratio, self.seed = forecast_max_ratio, seed
 
         self.proxy_func, self.gold_func = None, None
         self.proxy_name, self.proxy_key = self._resolve(proxy, "proxy")
@@ -248,6 +363,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                     self.reference = None
             elif measure_kl:
                 self.reference = ReferencePolicy(trainer, allow_copy=allow_reference_copy, who=type(self).__name__)
+        self.ensemble_funcs = self._ensemble_members(ensemble)
 
         # state
         self.points: list[dict[str, Any]] = []  # raw and smoothed values per measurement
@@ -261,6 +377,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         self._stopped = False
         self._checkpoint_step: int | None = None
         self._checkpoint_dir: str | None = None
+        self._forecast_stop_step: int | None = None
         self.kl_source: str | None = None  # decided at train begin, fixed for the run
         self._kl_by_step: dict[int, float] = {}  # KL measured at a step that has no point yet
         self._kl_synced_step = -1  # last step of the KLToReferenceCallback history already read
@@ -313,6 +430,20 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         key = name if ("/" in name or name in ("reward", "loss")) else f"rewards/{name}/mean"
         return name, key
 
+    def _ensemble_members(self, ensemble: Any) -> list[Callable[..., Any]] | None:
+        """The member reward functions of ``ensemble`` (a list of them, or an ``ensemble_reward`` / ``ensemble_judge``
+        function, which keeps its members in ``funcs``); None when no ensemble is given."""
+        if ensemble is None:
+            return None
+        if self.mode != "sample":
+            raise ValueError("ensemble= scores the held-out samples: it needs sample mode (eval_prompts=...).")
+        if callable(ensemble) and not hasattr(ensemble, "funcs"):
+            raise ValueError("ensemble= takes the member reward functions (a list) or an ensemble_reward function.")
+        members = list(ensemble.funcs if callable(ensemble) else ensemble)
+        if len(members) < 2:
+            raise ValueError(f"An ensemble needs at least 2 member reward functions, got {len(members)}.")
+        return [self._as_function(f, reward_func_name(f)) for f in members]
+
     def _as_function(self, func: Any, name: str) -> Callable[..., Any]:
         from torch import nn
 
@@ -351,11 +482,12 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         return float(gold_se) if _finite(gold_se) else 0.0
 
     def update(
-        self, step: int, proxy: float | None, gold: float | None, kl: float | None = None, gold_se: float | None = None
+        self, step: int, proxy: float | None, gold: float | None, kl: float | None = None, gold_se: float | None = None,
+        ensemble_std: float | None = None,
     ) -> dict[str, Any]:
-        """Adds one measurement and updates peak/fall detection; returns what happened (``new_peak``, ``flag``,
-        ``detected_now``). ``gold_se``: the standard error of ``gold`` (used as the threshold when ``min_delta`` is
-        None)."""
+        """Adds one measurement and updates peak/fall detection (and the forecast, when on); returns what happened
+        (``new_peak``, ``flag``, ``detected_now``, ``forecast_stop``). ``gold_se``: the standard error of ``gold``
+        (used as the threshold when ``min_delta`` is None); ``ensemble_std``: the members' disagreement."""
         delta = self._threshold(gold_se)
         gold_s = self._smooth("gold", gold)
         proxy_s = self._smooth("proxy", proxy)
@@ -366,8 +498,13 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             "step": int(step), "proxy": proxy, "gold": gold, "kl": kl, "proxy_smooth": proxy_s, "gold_smooth": gold_s,
             "gold_se": float(gold_se) if _finite(gold_se) else None, "threshold": delta,
         }
+        if ensemble_std is not None:
+            point["ensemble_std"] = ensemble_std
         self.points.append(point)
-        event = {"new_peak": False, "flag": False, "detected_now": False}
+        event = {"new_peak": False, "flag": False, "detected_now": False, "forecast_stop": False}
+        if self.forecast:
+            point.update(self._forecast())
+            event["forecast_stop"] = self._forecast_says_stop(point)
         if gold_s is None:
             return event
         if self._best is None or gold_s > self._best + delta:
@@ -393,6 +530,34 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 event["detected_now"] = True
         point["flag"] = event["flag"]
         return event
+
+    def _forecast(self) -> dict[str, Any]:
+        """The gold-peak forecast from the points so far (:func:`forecast_gold_peak`), as the ``forecast_*`` keys of a
+        point. Raw gold (smoothing would pair each KL with a lagged gold), as a gain over the first measured gold; the
+        points whose KL is known; the bootstrap seeded by ``seed`` and the number of points (a resume repeats it)."""
+        base = next((p for p in self.points if _finite(p["gold"])), None)
+        pts = [p for p in self.points if _finite(p["gold"]) and _finite(p["kl"])] if base else []
+        fc = forecast_gold_peak(
+            [p["kl"] for p in pts], [p["gold"] - base["gold"] for p in pts], resamples=self.forecast_resamples,
+            seed=self.seed * 1_000_003 + len(self.points), min_points=self.forecast_min_points,
+            baseline_se=base["gold_se"] if base else None,
+        )
+        return {"forecast_peak_kl": fc["peak_kl"], "forecast_peak_kl_low": fc["low"],
+                "forecast_peak_kl_high": fc["high"], "forecast_reason": fc["reason"]}
+
+    def _forecast_says_stop(self, point: dict[str, Any]) -> bool:
+        """``stop_at_forecast``'s rule, once: the latest measured KL has reached the forecast peak KL, and the forecast
+        is sharp enough to act on (a bounded interval with high / low <= ``forecast_max_ratio``)."""
+        if not self.stop_at_forecast or self._forecast_stop_step is not None or point["forecast_peak_kl"] is None:
+            return False
+        low, high = point["forecast_peak_kl_low"], point["forecast_peak_kl_high"]
+        latest_kl = next((p["kl"] for p in reversed(self.points) if _finite(p["kl"])), None)
+        if high is None or low is None or low <= 0 or high / low > self.forecast_max_ratio or latest_kl is None:
+            return False
+        if latest_kl < point["forecast_peak_kl"]:
+            return False
+        self._forecast_stop_step = point["step"]
+        return True
 
     def findings(self) -> OveroptimizationFindings:
         """The monitor's conclusions so far."""
@@ -427,7 +592,16 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             final_kl_step=last_kl["step"] if last_kl else None,
             max_gold=top["gold_smooth"] if top else None,
             max_gold_step=top["step"] if top else None,
+            **self._forecast_findings(),
         )
+
+    def _forecast_findings(self) -> dict[str, Any]:
+        """The latest valid forecast and where stop_at_forecast stopped (findings fields; empty: the defaults)."""
+        last = next((p for p in reversed(self.points) if p.get("forecast_peak_kl") is not None), None)
+        out: dict[str, Any] = {"forecast_stop_step": self._forecast_stop_step}
+        if last is not None:
+            out.update({key: last[key] for key in _FORECAST_KEYS}, forecast_step=last["step"])
+        return out
 
     def _max_gold_point(self) -> dict[str, Any] | None:
         """The measurement with the highest smoothed gold (the first of equal ones)."""
@@ -484,6 +658,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
             "overopt/gold_max": (self._max_gold_point() or {}).get("gold_smooth"),
             "overopt/peak_step": self.points[self._peak_index]["step"] if self._peak_index is not None else None,
             "overopt/flag": float(flag),
+            "overopt/ensemble_std": point.get("ensemble_std"),
+            **{f"overopt/{key}": point.get(key) for key in _FORECAST_KEYS},
         }
 
     def _after_update(self, event: dict[str, Any], args, state, control, model=None, processing_class=None) -> None:
@@ -507,6 +683,16 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 logger.warning(
                     f"Stopping training at step {point['step']}: gold fell for {self.patience} measurements after its "
                     f"peak at step {self.points[self._peak_index]['step']} while the proxy kept rising."
+                )
+
+        if event["forecast_stop"]:
+            control.should_training_stop = True
+            self._stopped = True
+            if is_main_process(state):
+                logger.warning(
+                    f"Stopping training at step {point['step']}: the KL reached the forecast gold peak's KL "
+                    f"({point['forecast_peak_kl']:.4g}, interval {point['forecast_peak_kl_low']:.4g}–"
+                    f"{point['forecast_peak_kl_high']:.4g})."
                 )
 
     def _out_dir(self, args) -> str:
@@ -538,6 +724,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = {"forecast_stop_step": None, **state}  # checkpoints written before the forecast existed
         for name in _STATE_FIELDS:
             setattr(self, name, state[name.lstrip("_")])
         self._kl_by_step = {int(step): kl for step, kl in state["kl_by_step"].items()}
@@ -576,6 +763,7 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         with sampler.policy_for_generation() as policy:
             batch = sampler.sample(policy, state.global_step)
             proxy_vals, gold_vals = sampler.score([self.proxy_func, self.gold_func], batch, state)
+            members = sampler.score(self.ensemble_funcs, batch, state) if self.ensemble_funcs else None
             if self.reference is not None and self.kl_source == "held_out_k3":
                 kl = measure_sequence_kl(sampler, self.reference, state.global_step, batch=batch, policy=policy)[
                     KL_SOURCES["held_out_k3"]
@@ -583,7 +771,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         proxy_vals, gold_vals = sampler.gather(proxy_vals), sampler.gather(gold_vals)
         mean = lambda xs: (lambda v: sum(v) / len(v) if v else None)([x for x in xs if math.isfinite(x)])  # noqa
         se = standard_error(gold_vals)
-        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl, gold_se=se)
+        ens_std = ensemble_std([sampler.gather(m) for m in members]) if members else None
+        event = self.update(state.global_step, mean(proxy_vals), mean(gold_vals), kl, gold_se=se, ensemble_std=ens_std)
         self._after_update(event, args, state, control, kwargs.get("model"), kwargs.get("processing_class"))
         return event
 
@@ -652,6 +841,8 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
                 "threshold": "min_delta" if self.min_delta is not None else "gold standard error per measurement",
                 "every_n_steps": self.every_n_steps if self.mode == "sample" else None,
                 "kl_source": self.kl_source,
+                "forecast": self.forecast, "stop_at_forecast": self.stop_at_forecast,
+                "forecast_resamples": self.forecast_resamples, "forecast_max_ratio": self.forecast_max_ratio,
             },
         }
         from ..results import _jsonable
