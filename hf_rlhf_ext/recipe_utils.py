@@ -301,7 +301,8 @@ def chat_prompt_dataset(data: Any, tokenizer: Any) -> Any:
     rendered = as_chat_prompts(tokenizer, prompts)
     if rendered == prompts:
         return data
-    return data.remove_columns("prompt").add_column("prompt", rendered)
+    # added before the old column goes: a data set left without columns cannot take a new one
+    return data.add_column("chat_prompt", rendered).remove_columns("prompt").rename_column("chat_prompt", "prompt")
 
 
 def import_reward_func(name: str) -> Callable:
