@@ -29,7 +29,8 @@ def test_a_plain_prompt_becomes_one_user_turn_under_a_chat_template():
 
 def test_prompts_stay_as_they_are_without_a_template_or_already_in_its_format():
     tokenizer = build_tokenizer()
-    assert as_chat_prompts(tokenizer, ["user : my order is late assistant :"]) == ["user : my order is late assistant :"]
+    rendered = ["user : my order is late assistant :"]
+    assert as_chat_prompts(tokenizer, rendered) == rendered
     tokenizer.chat_template = None
     assert as_chat_prompts(tokenizer, [PLAIN]) == [PLAIN]
 
