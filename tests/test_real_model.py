@@ -39,6 +39,8 @@ def smollm2(tmp_path_factory) -> dict[str, str]:
 def test_the_export_is_a_plain_model_folder_with_the_chat_template(smollm2):
     from transformers import AutoConfig, AutoTokenizer
 
+    from hf_rlhf_ext.pretrained import _metadata_chat_template, find_gguf
+
     folder = Path(smollm2["model"])
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
     config = AutoConfig.from_pretrained(folder)
@@ -47,6 +49,8 @@ def test_the_export_is_a_plain_model_folder_with_the_chat_template(smollm2):
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                              add_generation_prompt=True)
     assert rendered.endswith(f"{SMOLLM2_USER_TURN}hi<|im_end|>\n<|im_start|>assistant\n")
+    # the fallback for a GGUF tokenizer loaded without its template reads the same template from the file
+    assert _metadata_chat_template(find_gguf("smollm2")) == tokenizer.chat_template
 
 
 def test_ppo_recipe_with_lora_on_smollm2(smollm2, tmp_path):
