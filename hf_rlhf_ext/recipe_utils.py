@@ -266,9 +266,13 @@ def quantization_kwargs(model_args: Any, training_args: Any) -> dict[str, Any]:
     return {"quantization_config": get_quantization_config(model_args), "device_map": get_kbit_device_map()}
 
 
-def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: int = 0) -> tuple[Any, Any]:
+def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: int = 0,
+                         tokenizer: Any = None) -> tuple[Any, Any]:
     """(train, test) prompt data sets, each with a ``prompt`` column and usable prompts (validated). Default: the
-    lab's prompts. A ``--dataset_name`` without the test split gets ``num_eval_prompts`` held out of its train split."""
+    lab's prompts. A ``--dataset_name`` without the test split gets ``num_eval_prompts`` held out of its train split.
+    With the policy's ``tokenizer``, plain-text prompts become one user turn each where its chat template calls for
+    it (:func:`~hf_rlhf_ext.sampling.as_chat_prompts`), so training and evaluation both render them as TRL renders
+    conversational data."""
     if script_args.dataset_name:
         from .data import load_dataset_dict
 
@@ -294,7 +298,22 @@ def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: 
     check_prompt_rows(train, script_args.dataset_train_split)
     if test is not None:
         check_prompt_rows(test, script_args.dataset_test_split)
-    return train, test
+    if tokenizer is None:
+        return train, test
+    return chat_prompt_dataset(train, tokenizer), None if test is None else chat_prompt_dataset(test, tokenizer)
+
+
+def chat_prompt_dataset(data: Any, tokenizer: Any) -> Any:
+    """``data`` with its ``prompt`` column through :func:`~hf_rlhf_ext.sampling.as_chat_prompts` (unchanged when
+    no prompt changes, so the lab's data sets and their fingerprints stay as they were)."""
+    from .sampling import as_chat_prompts
+
+    prompts = list(data["prompt"])
+    rendered = as_chat_prompts(tokenizer, prompts)
+    if rendered == prompts:
+        return data
+    # added before the old column goes: a data set left without columns cannot take a new one
+    return data.add_column("chat_prompt", rendered).remove_columns("prompt").rename_column("chat_prompt", "prompt")
 
 
 def import_reward_func(name: str) -> Callable:
@@ -402,7 +421,7 @@ def prepare_rl_run(script_args: RLScriptArguments, training_args: Any, model_arg
             lab = load_lab(script_args)
     on_lab = not script_args.dataset_name and lab is not None
     model, tokenizer = resolve_policy(model_args, training_args, lab)
-    train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)
+    train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed, tokenizer=tokenizer)
     check_prompt_lengths(train, tokenizer, _context_length(model, model_args, training_args),
                          training_args.max_completion_length, script_args.dataset_train_split)
     funcs, weights, eval_rewards = build_reward_funcs(script_args, training_args, lab, on_lab=on_lab)

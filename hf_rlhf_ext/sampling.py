@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational", "kv_cache_sampling_supported",
-    "completion_log_softmax", "per_token_logps", "policy_eos_ids", "sample_policy", "sample_with_kv_cache",
+    "as_chat_prompts", "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational",
+    "kv_cache_sampling_supported", "completion_log_softmax", "per_token_logps", "policy_eos_ids", "sample_policy",
+    "sample_with_kv_cache",
 ]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
@@ -369,3 +370,35 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
             raise TypeError(f"A prompt must be a string or a list of chat messages, got {type(p).__name__}.")
         ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return ids
+
+
+_SLOT = "\x00prompt\x00"
+
+
+def as_chat_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[Any]:
+    """``prompts`` with each plain-text prompt made one user turn, ``[{"role": "user", "content": p}]``, when the
+    tokenizer has a chat template: a chat model fed raw text sees a format it was never tuned on, while TRL and
+    :func:`encode_prompts` render a conversational prompt through the template with the generation prompt.
+
+    Left as they are: chat prompts, every prompt when the tokenizer has no template, and plain prompts already in the
+    template's format (they begin with what the template puts before a user turn's text and end with what follows
+    it up to the generation prompt), such as the lab's "customer : ... agent :" under the lab's own template.
+    """
+    frame = _user_turn_frame(tokenizer)
+    if frame is None:
+        return list(prompts)
+    head, tail = frame
+    return [[{"role": "user", "content": p}]
+            if isinstance(p, str) and not (p.lstrip().startswith(head) and p.rstrip().endswith(tail)) else p
+            for p in prompts]
+
+
+def _user_turn_frame(tokenizer: Any) -> tuple[str, str] | None:
+    """(text before, text after) a user turn's content as the chat template renders it with the generation prompt,
+    stripped of surrounding whitespace; ``None`` when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], tokenize=False,
+                                             add_generation_prompt=True)
+    head, _, tail = rendered.partition(_SLOT)
+    return head.strip(), tail.strip()

@@ -119,7 +119,7 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
     lab = load_lab(script_args) if needs_lab else None
     on_lab = not script_args.dataset_name and lab is not None
     path, tokenizer = resolve_policy(model_args, training_args, lab)
-    train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed)
+    train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed, tokenizer=tokenizer)
     _, _, rewards = build_reward_funcs(script_args, SimpleNamespace(reward_weights=None), lab, on_lab=on_lab)
     gold = "gold_reward" if on_lab and script_args.track_gold else None
     for name in script_args.gold_funcs or []:

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from hf_rlhf_ext.objectives import clipped_surrogate, kl_k1, kl_k3, masked_mean, whiten
 from hf_rlhf_ext.recipe_utils import cli_main, outputs_line, recipe_command
 from hf_rlhf_ext.results import write_metrics
-from hf_rlhf_ext.sampling import per_token_logps, sample_with_kv_cache
+from hf_rlhf_ext.sampling import as_chat_prompts, per_token_logps, sample_with_kv_cache
 
 #: A reply "ends politely" when its last words are one of these phrases (case and punctuation ignored).
 POLITE_CLOSINGS: tuple[str, ...] = ("thank you", "have a nice day", "thank you for your patience")
@@ -401,12 +401,19 @@ def setup(args: MiniLoopArguments) -> tuple[dict[str, Any], list]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(path)
     policy, reference = load_policy(args, path, device)
-    train_prompts, test_prompts = load_prompts(args, lab)
+    # a chat model gets each plain prompt as one user turn through its template (the lab's prompts already are)
+    train_prompts, test_prompts = (as_chat_prompts(tokenizer, p) for p in load_prompts(args, lab))
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     state = {"policy": policy, "reference": reference, "optimizer": optimizer, "tokenizer": tokenizer,
              "prompts": train_prompts, "generator": torch.Generator().manual_seed(args.seed),
-             "eos_ids": eos_ids_of(policy, tokenizer), "on_lab": args.dataset_name is None}
+             "eos_ids": eos_ids_of(policy, tokenizer), "on_lab": on_lab(args)}
     return state, test_prompts
+
+
+def on_lab(args: MiniLoopArguments) -> bool:
+    """Whether this is the lab's own run (its policy and its prompts): only then does the lab's gold reward, written
+    for the lab policy's replies, mean anything."""
+    return args.model_name_or_path is None and args.dataset_name is None
 
 
 def train(state: dict[str, Any], args: MiniLoopArguments) -> tuple[list[dict], list[dict]]:

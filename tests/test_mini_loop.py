@@ -54,6 +54,7 @@ def _sft(policy_dir: str, out_dir: str) -> str:
         loss.backward()
         optimizer.step()
     model.save_pretrained(out_dir)
+    tokenizer.chat_template = None  # tuned on the raw prompts: a plain-text model, whose prompts stay as they are
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

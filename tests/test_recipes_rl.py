@@ -217,6 +217,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _without_chat_template(policy: str, dest: Path) -> str:
+    """A copy of the tiny policy whose tokenizer has no chat template, so its plain prompts reach the model as they
+    are: the runs compared are those whose tolerances were measured (a template makes every prompt a longer chat
+    turn, and float sums in another order drift further)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(policy, dest)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    tokenizer.chat_template = None
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(dest)
+    return str(dest)
+
+
 def _launch(recipe: str, argv: list[str], out: Path, harness: Path, processes: int) -> dict:
     """Runs a recipe on one process or on two gloo ranks (accelerate, cpu_2proc.yaml, a free port); returns which
     files each process opened for writing under ``out``."""
@@ -284,7 +300,8 @@ def test_two_cpu_processes_match_one(tiny, tmp_path, recipe):
     harness = tmp_path / "harness"
     harness.mkdir()
     (harness / "sitecustomize.py").write_text(HARNESS)
-    common = ["--model_name_or_path", tiny["policy"], "--dataset_name", tiny["data"], "--reward_funcs",
+    policy = _without_chat_template(tiny["policy"], tmp_path / "policy")
+    common = ["--model_name_or_path", policy, "--dataset_name", tiny["data"], "--reward_funcs",
               "_ppo_helpers.target_word", "--max_steps", "3", "--logging_steps", "1", "--num_eval_prompts", "0",
               "--max_completion_length", "6", "--generation_kwargs", '{"eos_token_id": null}', "--learning_rate",
               "0.01", "--disable_tqdm", "true", "--use_cpu", "true", "--seed", "0", "--save_strategy", "no"]
@@ -303,6 +320,6 @@ def test_two_cpu_processes_match_one(tiny, tmp_path, recipe):
     _assert_weights_match(tmp_path / "one", tmp_path / "two")
     from safetensors.torch import load_file
 
-    start, end = (load_file(str(Path(d) / "model.safetensors")) for d in (tiny["policy"], tmp_path / "one"))
+    start, end = (load_file(str(Path(d) / "model.safetensors")) for d in (policy, tmp_path / "one"))
     assert max(float((end[k] - start[k]).abs().max()) for k in start) > 100 * WEIGHT_TOL["atol"]  # it trained
     assert read_metrics(str(tmp_path / "two"))["global_step"] == 3
