@@ -38,3 +38,12 @@ def recipe_world(root: Path, num_prompts: int = 16) -> dict[str, str]:
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(num_prompts)["prompt"]))
     return {**paths, "data": str(data)}
+
+
+def record_sampled_prompt_ids(recipe, monkeypatch) -> list:
+    """The prompt ids of every call of the mini loop's sampler (``recipe.sample_with_kv_cache``), as it runs."""
+    seen = []
+    sample = recipe.sample_with_kv_cache
+    monkeypatch.setattr(recipe, "sample_with_kv_cache", lambda model, ids, mask, **kw: (
+        seen.append(ids), sample(model, ids, mask, **kw))[1])
+    return seen

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from _ppo_helpers import build_tiny_llama, build_tokenizer, prompts
-from _recipe_helpers import load_recipe
+from _recipe_helpers import load_recipe, record_sampled_prompt_ids
 from hf_rlhf_ext.recipe_utils import chat_prompt_dataset
 from hf_rlhf_ext.sampling import as_chat_prompts, encode_prompts
 
@@ -65,10 +65,7 @@ def llama_world(tmp_path_factory):
 
 def test_mini_loop_renders_plain_prompts_through_the_chat_template(llama_world, tmp_path, monkeypatch):
     recipe = load_recipe("mini_loop")
-    seen = []
-    sample = recipe.sample_with_kv_cache
-    monkeypatch.setattr(recipe, "sample_with_kv_cache", lambda model, ids, mask, **kw: (
-        seen.append(ids), sample(model, ids, mask, **kw))[1])
+    seen = record_sampled_prompt_ids(recipe, monkeypatch)
     metrics = recipe.main(recipe.MiniLoopArguments(
         model_name_or_path=llama_world["model"], dataset_name=llama_world["data"], output_dir=str(tmp_path), steps=1,
         batch_size=4, max_new_tokens=4, num_eval_prompts=2))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _recipe_helpers import load_recipe, run_recipe
+from _recipe_helpers import load_recipe, record_sampled_prompt_ids, run_recipe
 from hf_rlhf_ext.results import read_metrics
 
 # found, not imported: the package's own module imports the `llm` CLI, which the export does not need
@@ -68,10 +68,7 @@ def test_ppo_recipe_with_lora_on_smollm2(smollm2, tmp_path):
 
 def test_mini_loop_with_lora_on_smollm2_renders_the_chat_template(smollm2, tmp_path, monkeypatch):
     recipe = load_recipe("mini_loop")
-    seen = []
-    sample = recipe.sample_with_kv_cache
-    monkeypatch.setattr(recipe, "sample_with_kv_cache", lambda model, ids, mask, **kw: (
-        seen.append(ids), sample(model, ids, mask, **kw))[1])
+    seen = record_sampled_prompt_ids(recipe, monkeypatch)
     metrics = recipe.main(recipe.MiniLoopArguments(
         model_name_or_path=smollm2["model"], dataset_name=smollm2["data"], output_dir=str(tmp_path), steps=1,
         batch_size=2, max_new_tokens=8, num_eval_prompts=2, use_peft=True))

@@ -677,23 +677,19 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         if event["new_peak"] and self.save_peak and state.global_step > 0:
             self._save_peak(args, state, model, processing_class)
         if event["detected_now"] and self.stop_on_overoptimization:
-            control.should_training_stop = True
-            self._stopped = True
-            if is_main_process(state):
-                logger.warning(
-                    f"Stopping training at step {point['step']}: gold fell for {self.patience} measurements after its "
-                    f"peak at step {self.points[self._peak_index]['step']} while the proxy kept rising."
-                )
-
+            self._stop(state, control, f"Stopping training at step {point['step']}: gold fell for {self.patience} "
+                       f"measurements after its peak at step {self.points[self._peak_index]['step']} while the proxy "
+                       "kept rising.")
         if event["forecast_stop"]:
-            control.should_training_stop = True
-            self._stopped = True
-            if is_main_process(state):
-                logger.warning(
-                    f"Stopping training at step {point['step']}: the KL reached the forecast gold peak's KL "
-                    f"({point['forecast_peak_kl']:.4g}, interval {point['forecast_peak_kl_low']:.4g}–"
-                    f"{point['forecast_peak_kl_high']:.4g})."
-                )
+            self._stop(state, control, f"Stopping training at step {point['step']}: the KL reached the forecast gold "
+                       f"peak's KL ({point['forecast_peak_kl']:.4g}, interval {point['forecast_peak_kl_low']:.4g}–"
+                       f"{point['forecast_peak_kl_high']:.4g}).")
+
+    def _stop(self, state, control, message: str) -> None:
+        control.should_training_stop = True
+        self._stopped = True
+        if is_main_process(state):
+            logger.warning(message)
 
     def _out_dir(self, args) -> str:
         return self.output_dir or getattr(args, "output_dir", None) or self._args_output_dir or "."
