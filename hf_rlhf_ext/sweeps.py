@@ -15,14 +15,12 @@ At the end ``sweep.md``, ``frontier.png`` and ``metrics.json`` are written from 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl

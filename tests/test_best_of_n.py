@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _ppo_helpers import TARGET_WORD, build_world, prompts, target_word
+from _ppo_helpers import build_world, prompts, target_word
 from hf_rlhf_ext.best_of_n import (
     CURVE_STATS,
     BestOfNSampler,
