@@ -57,6 +57,7 @@ _EXPORTS = {
     "ensemble_reward": "rewards",
     "build_reward_ensemble": "lab.ensemble",
     "run_sweep": "sweeps",
+    "penalty_vs_early_stopping": "early_stopping",
     "Claim": "report",
 }
 

@@ -538,6 +538,7 @@ def _hump(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def summarise(results: Sequence[dict[str, Any]], fit_min_kl: float = 0.01) -> dict[str, Any]:
     """The sweep's numbers (``metrics.json``), computed from the result lines alone (order does not matter)."""
+    from .early_stopping import penalty_vs_early_stopping
     from .objectives import fit_gao
 
     results = sorted(results, key=lambda r: (float(r["beta"]), r["seed"]))
@@ -559,6 +560,7 @@ def summarise(results: Sequence[dict[str, Any]], fit_min_kl: float = 0.01) -> di
         "highest_beta": {"beta": rows[-1]["beta"], "final_kl": rows[-1]["final_kl"]["mean"],
                          "gold_change": _hump(highest)["final_gold"] - _hump(highest)["ref_gold"]},
         "gao_fit": fit,
+        "penalty_vs_early_stopping": penalty_vs_early_stopping(results),
     }
 
 
@@ -591,7 +593,33 @@ def report_markdown(metrics: dict[str, Any]) -> str:
               f"{low['final_proxy']:.3f} — {'a hump' if low['hump'] else 'no hump'}.",
               f"Highest β = {high['beta']:g}: final KL {high['final_kl']:.3f}, gold change {high['gold_change']:+.3f}.", ""]
     lines.append(_fit_sentence(fit))
+    if "penalty_vs_early_stopping" in metrics:  # absent from metrics written before it existed
+        lines += ["", *early_stopping_markdown(metrics["penalty_vs_early_stopping"])]
     return "\n".join(lines) + "\n"
+
+
+def early_stopping_markdown(pves: dict[str, Any]) -> list[str]:
+    """``sweep.md``'s section: the verdict with its interval, then the mean difference per β pair."""
+    method = ("Each higher-β run's final gold minus the gold of each lower-β run of the same seed, stopped where it "
+              "first reached the higher-β run's final KL (linear in KL between measurements; pairs whose KL lies outside "
+              "the lower-β run's measured range are not matched). Mean over seeds of the per-seed means, 95% Student t "
+              "interval over seeds.")
+    head = ["## Does the KL penalty beat early stopping?", "", method]
+    ci = pves["ci95"]
+    interval = f", 95% interval [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    result = (f"{pves['n_pairs']} matched pairs ({pves['n_unmatched']} unmatched) in {pves['n_seeds']} seed(s): mean "
+              f"difference {_fmt_signed(pves['mean_difference'])}{interval} — **{pves['verdict']}**.")
+    head += ["", result]
+    if not pves["per_beta_pair"]:
+        return head
+    rows = ["", "| β low | β high | seeds | high-β gold − low-β gold at that KL |", "|---|---|---|---|"]
+    rows += [f"| {r['beta_low']:g} | {r['beta_high']:g} | {r['n']} | {r['mean_difference']:+.3f} |"
+             for r in pves["per_beta_pair"]]
+    return head + rows
+
+
+def _fmt_signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def _fit_valid(fit: dict[str, Any]) -> bool:
@@ -680,5 +708,9 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
         lines.append(f"  Gao fit: α={fit['alpha']:.3f} β_fit={fit['beta']:.3f} R²={_fmt(fit['r2'])} d*={_fmt(fit['peak_d'])}")
     else:
         lines.append(f"  Gao fit: no fit ({fit['reason']})")
+    if "penalty_vs_early_stopping" in metrics:
+        pves = metrics["penalty_vs_early_stopping"]
+        lines.append(f"  penalty vs early stopping: {_fmt_signed(pves['mean_difference'])} gold at matched KL "
+                     f"({pves['n_pairs']} pairs, {pves['n_seeds']} seed(s)): {pves['verdict']}")
     lines.append(f"  files: {os.path.join(output_dir, 'sweep.md')}, frontier.png, metrics.json, {RESULTS_FILE}")
     return "\n".join(lines)

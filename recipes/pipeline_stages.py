@@ -358,7 +358,7 @@ def stage_beta_sweep(args: Any, out: str) -> dict:
     argv += ["--betas", "0", "0.02", "0.2", "1.0"] if args.quick else []
     m = run_sweep(argv, progress=False)
     keep = ("betas", "per_beta", "spearman_beta_final_kl", "spearman_beta_final_kl_all_points", "lowest_beta",
-            "highest_beta", "gao_fit")
+            "highest_beta", "gao_fit", "penalty_vs_early_stopping")
     return {k: m[k] for k in keep} | {"plots": [os.path.join(out, "frontier.png")]}
 
 
@@ -729,6 +729,16 @@ def fit_verdict(fit: dict) -> str:
     return "fits" if r2 >= MIN_FIT_R2 else f"no fit: R² {r2:.2f} < {MIN_FIT_R2}"
 
 
+def early_stopping_finding(pves: dict):
+    """The β sweep's answer to "does the KL penalty beat early stopping?"; the verdict is the one its interval chose
+    (``hf_rlhf_ext.early_stopping``), never a fixed expectation."""
+    from hf_rlhf_ext.report import Finding
+
+    values = {k: pves[k] for k in ("mean_difference", "ci95", "n_pairs", "n_seeds", "min_seeds")}
+    return Finding("penalty_vs_early_stopping", "Higher-β final gold − lower-β gold early-stopped at the same held-out "
+                   "KL (β sweep, within-seed pairs; 95% t interval over seeds)", values, pves["verdict"])
+
+
 def findings(results: dict) -> list:
     from hf_rlhf_ext.report import Finding
 
@@ -744,6 +754,8 @@ def findings(results: dict) -> list:
         out.append(Finding("rl_gao_fit", "Gao RL form R(d) = d(α − β ln d) fitted to the β sweep's gold gain",
                            {k: fit[k] for k in ("alpha", "beta", "r2", "peak_kl", "n_points")},
                            fit_verdict(fit)))
+    if sweep and "penalty_vs_early_stopping" in sweep:
+        out.append(early_stopping_finding(sweep["penalty_vs_early_stopping"]))
     ens = results.get("ensembles")
     if ens and "objectives" in ens:
         out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "
@@ -917,6 +929,10 @@ def section_reinforce(args, r):
                    [_rel(args, p) for p in r["plots"]])
 
 
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
 def _leash(rho: float | None) -> str:
     if rho is not None and rho <= -0.9:
         return "KL falls as β rises: the leash works"
@@ -942,6 +958,10 @@ def section_beta_sweep(args, r):
         fits = fit_verdict(fit)
         text += (f" The Gao RL form {'fits' if fits == 'fits' else 'does NOT fit'} the gold gain (α = "
                  f"{fit['alpha']:.2f}, β = {fit['beta']:.2f}, R² = {fit['r2']:.2f}; {fits}).")
+    if pves := r.get("penalty_vs_early_stopping"):
+        text += (f" Against early stopping at the same KL, a higher β changes the gold by "
+                 f"{_signed(pves['mean_difference'])} ({pves['n_pairs']} pairs, {pves['n_seeds']} seed(s)): "
+                 f"{pves['verdict']}.")
     return Section("β sweep: KL against reward (exercise 17)", text, rows, [_rel(args, p) for p in r["plots"]])
 
 

@@ -286,6 +286,47 @@ def test_a_fit_with_a_peak_far_outside_the_measured_kl_is_no_fit_whatever_its_r2
     assert found["rl_gao_fit"].verdict == f"no fit: {reason}"
 
 
+def _pves(offsets) -> dict:
+    """The β sweep's penalty-vs-early-stopping result for two β per seed: β = 0 passes KL 1 at gold 0.4, β = 0.5 ends
+    at KL 1 with gold 0.4 + the seed's offset, so each seed's difference is its offset."""
+    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+
+    def row(beta, seed, pts):
+        return {"trainer": "grpo", "beta": beta, "seed": seed,
+                "curve": [{"step": st, "kl": kl, "proxy": kl, "gold": g} for st, kl, g in pts]}
+
+    rows = [r for seed, off in enumerate(offsets) for r in (
+        row(0.0, seed, [(0, 0.0, 0.2), (10, 2.0, 0.6)]), row(0.5, seed, [(0, 0.0, 0.2), (10, 1.0, 0.4 + off)]))]
+    return penalty_vs_early_stopping(rows)
+
+
+@pytest.mark.parametrize("offsets, verdict", [
+    ((0.10, 0.12, 0.14), "the penalty beats early stopping"),
+    ((-0.10, -0.12, -0.14), "early stopping beats the penalty"),
+    ((-0.05, 0.0, 0.05), "early stopping matches the penalty"),
+    ((0.10, 0.12), "not decidable: matched pairs in 2 seed(s), at least 3 needed"),
+])
+def test_the_early_stopping_finding_follows_the_numbers(offsets, verdict):
+    found = {f.id: f for f in stages.findings({"beta_sweep": {"penalty_vs_early_stopping": _pves(offsets)}})}
+    finding = found["penalty_vs_early_stopping"]
+    assert finding.verdict == verdict
+    assert finding.values["mean_difference"] == pytest.approx(sum(offsets) / len(offsets))
+    assert f"**{verdict}**" in render_report("T", "", [], [], [finding])
+
+
+def test_the_beta_sweep_stage_keeps_the_early_stopping_result(monkeypatch, tmp_path):
+    from hf_rlhf_ext import sweeps
+
+    pves = _pves((0.10, 0.12, 0.14))
+    monkeypatch.setattr(sweeps, "run_sweep", lambda argv, progress: {**dict.fromkeys(
+        ("betas", "per_beta", "spearman_beta_final_kl", "spearman_beta_final_kl_all_points", "lowest_beta",
+         "highest_beta", "gao_fit")), "penalty_vs_early_stopping": pves, "seconds": {}})
+    args = SimpleNamespace(seed=0, quick=True, on_lab=True, model_name_or_path=None, dataset_name=None,
+                           reward_model_name_or_path=None, reward_funcs=None, gold_funcs=None, use_peft=False)
+    assert stages.stage_beta_sweep(args, str(tmp_path))["penalty_vs_early_stopping"] == pves
+    assert "penalty_vs_early_stopping" not in {f.id for f in stages.findings({"beta_sweep": {"gao_fit": {}}})}
+
+
 def test_unknown_stage_is_refused():
     pipeline = pytest.importorskip("pipeline")
     with pytest.raises(ValueError, match="Unknown stage"):
@@ -500,6 +541,10 @@ READINGS = [  # (section, numbers that support the chapter, numbers that contrad
     ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "The Gao RL form fits",
      "does NOT fit"),
     ("beta_sweep", _sweep(-1.0, 0.3, -0.5, 0.9), _sweep(1.0, 9.0, 0.88, 0.19), "falls to -0.50", "near its peak"),
+    ("beta_sweep", {**_sweep(-1.0, 0.3, -0.5, 0.9), "penalty_vs_early_stopping": _pves((-0.10, -0.12, -0.14))},
+     {**_sweep(-1.0, 0.3, -0.5, 0.9), "penalty_vs_early_stopping": _pves((0.10, 0.12, 0.14))},
+     "by -0.120 (3 pairs, 3 seed(s)): early stopping beats the penalty",
+     "by +0.120 (3 pairs, 3 seed(s)): the penalty beats early stopping"),
     ("ppo_vs_grpo", _ppo(100.0, 0.6), _ppo(160.0, 0.32), "peaks lower", "does NOT peak lower"),
     ("ppo_vs_grpo", _ppo(100.0, 0.6), _ppo(160.0, 0.32), "both raise gold", "gold does NOT rise by the margin"),
 ]

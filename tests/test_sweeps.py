@@ -173,6 +173,111 @@ def test_hump_at_the_lowest_beta():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Penalty vs early stopping: synthetic curves whose answer is known by construction
+# ----------------------------------------------------------------------------------------------------------------------
+# The lowest β's path: gold at KL 0, 1, 2, 3, 4 (steps 0..20) — a hump, linear between measurements.
+FRONTIER = [(0, 0.0, 0.2), (5, 1.0, 0.4), (10, 2.0, 0.5), (15, 3.0, 0.5), (20, 4.0, 0.4)]
+
+
+def run_row(beta: float, seed: int, points) -> dict:
+    """A result line whose curve is ``points`` = [(step, kl, gold)]."""
+    curve = [{"step": st, "kl": kl, "kl_k1": kl, "proxy": kl, "gold": g} for st, kl, g in points]
+    return {"trainer": "grpo", "beta": beta, "seed": seed, **sweeps.curve_summary(curve), "curve": curve,
+            "seconds": 1.0}
+
+
+def two_beta_sweep(offsets, high_kl=1.5) -> list[dict]:
+    """β = 0 follows FRONTIER; β = 0.5 ends at ``high_kl`` (1.5 → the frontier's gold there is 0.45 by hand) with the
+    frontier's gold plus the seed's offset: the difference of each seed *is* its offset."""
+    rows = []
+    for seed, offset in enumerate(offsets):
+        rows += [run_row(0.0, seed, FRONTIER), run_row(0.5, seed, [(0, 0.0, 0.2), (20, high_kl, 0.45 + offset)])]
+    return rows
+
+
+def test_gold_at_kl_interpolates_linearly_in_kl_at_the_first_crossing():
+    from hf_rlhf_ext.early_stopping import gold_at_kl
+
+    curve = run_row(0.0, 0, [(0, 0.0, 0.2), (5, 1.0, 0.5), (10, 2.0, 0.6), (15, 3.0, 0.4)])["curve"]
+    assert gold_at_kl(curve, 1.5) == pytest.approx({"gold": 0.55, "step": 7.5})  # halfway between 0.5 and 0.6
+    assert gold_at_kl(curve, 2.5) == pytest.approx({"gold": 0.5, "step": 12.5})
+    assert gold_at_kl(curve, 0.25) == pytest.approx({"gold": 0.275, "step": 1.25})
+    assert gold_at_kl(curve, 3.0) == pytest.approx({"gold": 0.4, "step": 15})  # the last measurement itself
+    assert gold_at_kl(curve, 3.2) is None  # beyond the measured range: no extrapolation
+    # KL not monotonic along the run: 0 → 2 → 1 → 3. Stopping early means the first crossing of 1.5 (0.2 + 0.75 · 0.4),
+    # not the later one on the way back down (0.6 − 0.5 · 0.3 = 0.45)
+    zigzag = run_row(0.0, 0, [(0, 0.0, 0.2), (5, 2.0, 0.6), (10, 1.0, 0.3), (15, 3.0, 0.9)])["curve"]
+    assert gold_at_kl(zigzag, 1.5) == pytest.approx({"gold": 0.5, "step": 3.75})
+
+
+@pytest.mark.parametrize("offsets, verdict, interval", [
+    # per-seed differences 0.10, 0.12, 0.14: mean 0.12, sd 0.02, half-width 4.303 · 0.02 / sqrt(3) = 0.049687
+    ((0.10, 0.12, 0.14), "the penalty beats early stopping", (0.070313, 0.169687)),
+    # −0.05, 0, 0.05: mean 0, sd 0.05, half-width 4.303 · 0.05 / sqrt(3) = 0.124217
+    ((-0.05, 0.0, 0.05), "early stopping matches the penalty", (-0.124217, 0.124217)),
+    ((-0.10, -0.12, -0.14), "early stopping beats the penalty", (-0.169687, -0.070313)),
+])
+def test_penalty_vs_early_stopping_verdicts_known_by_construction(offsets, verdict, interval):
+    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+
+    out = penalty_vs_early_stopping(two_beta_sweep(offsets))
+    assert out["verdict"] == verdict
+    assert out["ci95"] == pytest.approx(list(interval), abs=1e-6)
+    assert (out["n_pairs"], out["n_seeds"], out["n_unmatched"]) == (3, 3, 0)
+    pair = out["pairs"][0]
+    assert (pair["beta_low"], pair["beta_high"], pair["kl"]) == (0.0, 0.5, 1.5)
+    assert pair["gold_early_stop"] == pytest.approx(0.45) and pair["stop_step"] == pytest.approx(7.5)
+
+
+def test_too_few_matched_seeds_is_not_decidable():
+    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+
+    two_seeds = penalty_vs_early_stopping(two_beta_sweep((0.10, 0.12)))
+    assert two_seeds["verdict"] == "not decidable: matched pairs in 2 seed(s), at least 3 needed"
+    assert two_seeds["ci95"] is None and two_seeds["mean_difference"] == pytest.approx(0.11)
+    # three seeds, but the third high-β run ends beyond the low-β run's measured KL (4.5 > 4): not matched
+    rows = two_beta_sweep((0.10, 0.12)) + two_beta_sweep((0.0, 0.0, 0.5), high_kl=4.5)[4:]
+    out = penalty_vs_early_stopping(rows)
+    assert (out["n_pairs"], out["n_unmatched"], out["n_seeds"]) == (2, 1, 2)
+    assert out["verdict"].startswith("not decidable")
+    assert penalty_vs_early_stopping([run_row(0.0, 0, FRONTIER)])["verdict"].startswith("not decidable: matched "
+                                                                                       "pairs in 0 seed(s)")
+
+
+def test_the_seed_is_the_replicate_not_the_pair():
+    """Three β: each seed's pairs are averaged first, then the t interval is over the per-seed means."""
+    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+
+    rows = []
+    for seed, shift in enumerate((0.0, 0.03, 0.06)):
+        rows += [run_row(0.0, seed, FRONTIER), run_row(0.1, seed, [(0, 0.0, 0.2), (5, 1.0, 0.3), (10, 2.0, 0.6)]),
+                 run_row(1.0, seed, [(0, 0.0, 0.2), (5, 0.5, 0.35 + shift)])]
+    out = penalty_vs_early_stopping(rows[::-1])  # order does not matter
+    # seed 0: (0 vs 0.1) 0.6 − 0.5 = 0.10; (0 vs 1) 0.35 − 0.30 = 0.05; (0.1 vs 1) 0.35 − 0.25 = 0.10 → 0.25 / 3
+    # seeds 1, 2: the two pairs against β = 1 gain 0.03 each per seed → 0.31 / 3, 0.37 / 3 (sd 0.02)
+    assert [r["mean_difference"] for r in out["per_seed"]] == pytest.approx([0.25 / 3, 0.31 / 3, 0.37 / 3])
+    assert out["mean_difference"] == pytest.approx(0.31 / 3)
+    assert out["ci95"] == pytest.approx([0.31 / 3 - 0.049687, 0.31 / 3 + 0.049687], abs=1e-6)
+    assert [(r["beta_low"], r["beta_high"], r["n"]) for r in out["per_beta_pair"]] == [(0.0, 0.1, 3), (0.0, 1.0, 3),
+                                                                                     (0.1, 1.0, 3)]
+    assert [r["mean_difference"] for r in out["per_beta_pair"]] == pytest.approx([0.10, 0.08, 0.13])
+    assert out["n_pairs"] == 9
+
+
+def test_the_sweep_report_carries_the_early_stopping_verdict(tmp_path):
+    results = two_beta_sweep((-0.10, -0.12, -0.14))
+    metrics = sweeps.summarise(results)
+    assert metrics["penalty_vs_early_stopping"]["verdict"] == "early stopping beats the penalty"
+    paths = sweeps.write_report(str(tmp_path), results, metrics)
+    md = Path(paths["sweep.md"]).read_text()
+    assert "mean difference -0.120, 95% interval [-0.170, -0.070] — **early stopping beats the penalty**" in md
+    assert "| 0 | 0.5 | 3 | -0.120 |" in md
+    stored = json.loads(Path(paths["metrics.json"]).read_text())["penalty_vs_early_stopping"]
+    assert stored["verdict"] == "early stopping beats the penalty"
+    assert "penalty vs early stopping: -0.120" in sweeps.summary_lines(str(tmp_path), metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Bad arguments: refused before any training
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
