@@ -37,6 +37,7 @@ from .sampling import (
     row_generators,
     sample_policy,
     sampling_row_bytes,
+    scoring_row_bytes,
 )
 
 __all__ = [
@@ -494,22 +495,35 @@ class BestOfNSampler:
 # Held-out evaluation and KL of a policy
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sequence_kl(policy: nn.Module, reference: Reference, pool: CompletionPool, batch_size: int = 64) -> list[float]:
+def sequence_kl(policy: nn.Module, reference: Reference, pool: CompletionPool, batch_size: int = 64,
+                memory_budget_mb: float | None = None) -> list[float]:
     """k1 = Σ_t log π(y_t) − log π_ref(y_t) of each completion of the pool (sampled from ``policy`` at temperature 1:
     an unbiased estimate of KL(π ‖ π_ref) in nats per sequence). ``reference``: a model, ``"disable_adapter"`` (the
-    PEFT policy with its adapter disabled) or a trainer's :class:`~hf_rlhf_ext.reference.ReferencePolicy`."""
+    PEFT policy with its adapter disabled) or a trainer's :class:`~hf_rlhf_ext.reference.ReferencePolicy`.
+
+    The reference scores at most ``batch_size`` completions per forward pass, fewer when their logits over the
+    vocabulary would exceed ``memory_budget_mb`` (as in :func:`sample_pool`)."""
     device = next(policy.parameters()).device
     pad = 0  # any id: padded positions are masked
     flat_prompt_ids = [ids for ids in pool.prompt_ids for _ in range(pool.num_samples)]
+    rows = _scoring_rows(policy, max(map(len, pool.completion_ids), default=0), batch_size, memory_budget_mb)
     out: list[float] = []
-    for start in range(0, len(pool), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, len(pool), rows):
+        sl = slice(start, start + rows)
         prompt_ids, prompt_mask = _left_pad(flat_prompt_ids[sl], pad, device)
         comp_ids, comp_mask = _right_pad(pool.completion_ids[sl], pad, device)
         with reference_model(policy, reference) as ref_model:
-            ref = per_token_logps(ref_model, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=batch_size)
+            ref = per_token_logps(ref_model, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=rows)
         out.extend(float(lp) - float(r) for lp, r in zip(pool.logps[sl], ref.sum(dim=1).tolist()))
     return out
+
+
+def _scoring_rows(model: nn.Module, completion_len: int, batch_size: int, memory_budget_mb: float | None) -> int:
+    """Completions per scoring forward pass: ``batch_size``, fewer when their logits exceed the budget; at least 1."""
+    budget = default_memory_budget_mb(model) if memory_budget_mb is None else memory_budget_mb
+    if math.isinf(budget):
+        return batch_size
+    return max(1, min(batch_size, int(budget * 2**20 // scoring_row_bytes(model, completion_len))))
 
 
 def evaluate_samples(
@@ -533,7 +547,7 @@ def evaluate_samples(
     result["eos_rate"] = sum(pool.terminated) / len(pool)
     result["mean_length"] = sum(len(c) for c in pool.completion_ids) / len(pool)
     if reference is not None:
-        kl = sequence_kl(model, reference, pool)
+        kl = sequence_kl(model, reference, pool, memory_budget_mb=memory_budget_mb)
         result["kl"] = sum(kl) / len(kl)
     return result
 

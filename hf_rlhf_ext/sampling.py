@@ -27,7 +27,7 @@ from torch import nn
 __all__ = [
     "as_chat_prompts", "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational",
     "kv_cache_sampling_supported", "completion_log_softmax", "per_token_logps", "policy_eos_ids", "row_generators",
-    "sample_policy", "sample_with_kv_cache", "sampling_row_bytes",
+    "sample_policy", "sample_with_kv_cache", "sampling_row_bytes", "scoring_row_bytes",
 ]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
@@ -380,19 +380,38 @@ def per_token_logps(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
-    logits / T). Position ids follow the attention mask so left padding does not shift positions."""
+    logits / T). Position ids follow the attention mask so left padding does not shift positions.
+
+    Each token's log-prob is its logit minus the log-sum-exp over the vocabulary: no (N, C, V) log-softmax is kept
+    beside the logits, which at a 49k vocabulary is the largest tensor of the pass."""
     out = []
     for start in range(0, prompt_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        logps = completion_log_softmax(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], temperature)
-        out.append(torch.gather(logps, 2, completion_ids[sl].to(logps.device).unsqueeze(-1)).squeeze(-1))
+        scores = _completion_scores(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], temperature)
+        token = torch.gather(scores, 2, completion_ids[sl].to(scores.device).unsqueeze(-1)).squeeze(-1)
+        out.append(token - torch.logsumexp(scores, dim=-1))
+        del scores
     return torch.cat(out, dim=0).to(completion_mask.device) * completion_mask
+
+
+def scoring_row_bytes(model: nn.Module, completion_len: int) -> int:
+    """Bytes one sequence holds while :func:`per_token_logps` scores it: its float32 logits at the completion
+    positions, their copy at the temperature and the log-sum-exp's working copy (3 · (C + 1) · V floats)."""
+    config = _base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return 3 * (completion_len + 1) * int(getattr(config, "vocab_size", 0)) * 4
 
 
 def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log π(· | s_t) over the whole vocabulary (N, C, V) at every completion position, at ``temperature``; position
     ids follow the attention mask (left padding does not shift positions), completion positions all attended."""
+    return torch.log_softmax(_completion_scores(model, prompt_ids, prompt_mask, completion_ids, temperature), dim=-1)
+
+
+def _completion_scores(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The float32 logits / T (N, C, V) that predict each completion token."""
     dev = next(model.parameters()).device
     prompt_ids, prompt_mask, completion_ids = prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -402,7 +421,7 @@ def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_ma
     # the LM head only where a completion token is predicted (the last prompt position onwards)
     keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **keep).logits
-    return torch.log_softmax(logits[:, -c_len - 1 : -1, :].float() / temperature, dim=-1)
+    return logits[:, -c_len - 1 : -1, :].float() / temperature
 
 
 def is_conversational(prompt: Any) -> bool:

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from _ppo_helpers import build_tiny_llama, build_world, prompts
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from _ppo_helpers import build_tiny_llama, build_world, prompts
-from hf_rlhf_ext.best_of_n import BestOfNSampler, default_memory_budget_mb, rows_in_flight, sample_pool
-from hf_rlhf_ext.sampling import sampling_row_bytes
+from hf_rlhf_ext.best_of_n import BestOfNSampler, default_memory_budget_mb, rows_in_flight, sample_pool, sequence_kl
+from hf_rlhf_ext.sampling import sampling_row_bytes, scoring_row_bytes
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -112,3 +112,19 @@ def test_sampler_passes_its_budget_to_the_pool(world):
     with LargestAllocation() as seen_whole:
         whole.pool(texts, 4, seed=1)
     assert seen_small.largest < seen_whole.largest
+
+
+def test_reference_scoring_is_chunked_to_the_budget(world):
+    """The reference's forward over the pool: the same KL for any budget, and its largest tensor (the logits over
+    the vocabulary) shrinks with the rows per pass."""
+    model, _ = world
+    pool = _pool(world)
+    budget_mb = 2.5 * scoring_row_bytes(model, max(map(len, pool.completion_ids))) / 2**20
+    whole, bounded = LargestAllocation(), LargestAllocation()
+    with whole:
+        kl_whole = sequence_kl(model, model, pool, memory_budget_mb=math.inf)
+    with bounded:
+        kl_bounded = sequence_kl(model, model, pool, memory_budget_mb=budget_mb)
+    assert kl_bounded == pytest.approx(kl_whole, abs=1e-5)
+    assert max(map(abs, kl_whole)) < 1e-4  # the pool's log-probs are the model's own
+    assert bounded.largest * 3 < whole.largest
