@@ -382,24 +382,23 @@ def per_token_logps(
     """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
     logits / T). Position ids follow the attention mask so left padding does not shift positions.
 
-    Each token's log-prob is its logit minus the log-sum-exp over the vocabulary: no (N, C, V) log-softmax is kept
-    beside the logits, which at a 49k vocabulary is the largest tensor of the pass."""
+    The logits over the vocabulary are the pass's largest tensors (N · C · V floats): without gradients they are
+    divided by T in place, so a pass holds them and their log-softmax, not a third copy."""
     out = []
     for start in range(0, prompt_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        scores = _completion_scores(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], temperature)
-        token = torch.gather(scores, 2, completion_ids[sl].to(scores.device).unsqueeze(-1)).squeeze(-1)
-        out.append(token - torch.logsumexp(scores, dim=-1))
-        del scores
+        logps = completion_log_softmax(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], temperature)
+        out.append(torch.gather(logps, 2, completion_ids[sl].to(logps.device).unsqueeze(-1)).squeeze(-1))
+        del logps
     return torch.cat(out, dim=0).to(completion_mask.device) * completion_mask
 
 
 def scoring_row_bytes(model: nn.Module, completion_len: int) -> int:
     """Bytes one sequence holds while :func:`per_token_logps` scores it: its float32 logits at the completion
-    positions, their copy at the temperature and the log-sum-exp's working copy (3 · (C + 1) · V floats)."""
+    positions and their log-softmax (2 · (C + 1) · V floats)."""
     config = _base_model(model).config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return 3 * (completion_len + 1) * int(getattr(config, "vocab_size", 0)) * 4
+    return 2 * (completion_len + 1) * int(getattr(config, "vocab_size", 0)) * 4
 
 
 def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -411,7 +410,7 @@ def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_ma
 
 def _completion_scores(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                        completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The float32 logits / T (N, C, V) that predict each completion token."""
+    """The float32 logits / T (N, C, V) that predict each completion token (a view of the model's output)."""
     dev = next(model.parameters()).device
     prompt_ids, prompt_mask, completion_ids = prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -421,7 +420,10 @@ def _completion_scores(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
     # the LM head only where a completion token is predicted (the last prompt position onwards)
     keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **keep).logits
-    return logits[:, -c_len - 1 : -1, :].float() / temperature
+    scores = logits[:, -c_len - 1 : -1, :].float()
+    if temperature == 1.0:
+        return scores
+    return scores / temperature if torch.is_grad_enabled() else scores.div_(temperature)  # in place: no third copy
 
 
 def is_conversational(prompt: Any) -> bool:
