@@ -202,7 +202,7 @@ def sample_pool(
             jobs = _batches(len(prompts), num_samples, rows)
             for idx, repeats in tqdm(jobs, desc=f"sampling {len(prompts)}×{num_samples}", disable=not progress):
                 ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
-                first = idx[0] * num_samples + out.seen_of(idx[0], num_samples)
+                first = len(out.completion_ids)  # the pool's index of this chunk's first row: rows come in order
                 generators = row_generators(seed, range(first, first + len(idx) * repeats)) if per_row_rng else None
                 tokens, tok_logps = sample_policy(
                     model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=pad_id,
@@ -227,10 +227,6 @@ class _PoolRows:
     completion_ids: list[list[int]] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
     terminated: list[bool] = field(default_factory=list)
-
-    def seen_of(self, prompt: int, num_samples: int) -> int:
-        """How many of ``prompt``'s samples earlier chunks drew (a prompt's M samples may span chunks)."""
-        return len(self.completion_ids) - prompt * num_samples
 
     def add(self, tokens: torch.Tensor, tok_logps: torch.Tensor, eos_ids: Sequence[int]) -> None:
         """Each row cut after its first EOS (kept), with its summed log-prob up to there."""
