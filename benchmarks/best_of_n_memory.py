@@ -51,7 +51,7 @@ def child(model_dir: str, m: int, budget: float, num_prompts: int, max_new_token
     start = time.perf_counter()
     pool = sample_pool(model, tok, prompts, m, max_new_tokens, seed=0, memory_budget_mb=budget)
     return {"m": m, "budget_mb": budget, "loaded_mb": round(loaded, 1), "peak_mb": round(peak_mb(), 1),
-            "rows_in_flight": rows_in_flight(model, prompt_len, max_new_tokens, 256, budget),
+            "rows_in_flight": min(m * num_prompts, rows_in_flight(model, prompt_len, max_new_tokens, 256, budget)),
             "pool_rows": len(pool), "prompt_len": prompt_len,
             "row_mb": round(sampling_row_bytes(model, prompt_len, max_new_tokens) / 2**20, 2),
             "mean_len": round(sum(map(len, pool.completion_ids)) / len(pool), 1),
@@ -105,13 +105,15 @@ def measure(args: argparse.Namespace) -> dict[tuple[int, str], list[dict]]:
 def report(args: argparse.Namespace, runs: dict[tuple[int, str], list[dict]]) -> None:
     print(f"\nSmolLM2-135M-Instruct (float32), {args.prompts} prompts, up to {args.max_new_tokens} new tokens, "
           f"medians of {args.repeats}; MB = peak RSS above the loaded model")
-    print("| M | pool rows | rows in flight (whole / chunked) | whole MB | chunked MB | chunked ÷ whole |")
-    print("|---|---|---|---|---|---|")
+    print("| M | pool rows | rows in flight (whole / chunked) | whole MB | chunked MB | chunked ÷ whole | "
+          "seconds (whole / chunked) |")
+    print("|---|---|---|---|---|---|---|")
     for m in args.ms:
         whole, chunked = runs[(m, "whole")], runs[(m, "chunked")]
         above = [statistics.median(r["peak_mb"] - r["loaded_mb"] for r in rows) for rows in (whole, chunked)]
         print(f"| {m} | {whole[0]['pool_rows']} | {whole[0]['rows_in_flight']} / {chunked[0]['rows_in_flight']} | "
-              f"{above[0]:.0f} | {above[1]:.0f} | {above[1] / above[0]:.2f} |")
+              f"{above[0]:.0f} | {above[1]:.0f} | {above[1] / above[0]:.2f} | "
+              f"{statistics.median(r['seconds'] for r in whole):.0f} / {statistics.median(r['seconds'] for r in chunked):.0f} |")
 
 
 if __name__ == "__main__":
