@@ -34,7 +34,10 @@ from .sampling import (
     kv_cache_sampling_supported,
     per_token_logps,
     policy_eos_ids,
+    row_generators,
     sample_policy,
+    sampling_row_bytes,
+    scoring_row_bytes,
 )
 
 __all__ = [
@@ -47,6 +50,8 @@ __all__ = [
     "CURVE_STATS",
     "best_of_n_curve",
     "default_ns",
+    "default_memory_budget_mb",
+    "rows_in_flight",
     "DistillationRound",
     "distill_best_of_n",
     "choose_round",
@@ -130,6 +135,29 @@ def _batches(num_prompts: int, num_samples: int, batch_size: int) -> list[tuple[
     return jobs
 
 
+#: The smallest default sampling budget (MB): below it, chunks get too small to keep the forward passes efficient.
+MIN_MEMORY_BUDGET_MB = 256.0
+
+
+def default_memory_budget_mb(model: nn.Module) -> float:
+    """The sampling budget when none is given: as much again as the model's weights (at least
+    :data:`MIN_MEMORY_BUDGET_MB`), so that sampling at most doubles what the model alone takes."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(MIN_MEMORY_BUDGET_MB, weights / 2**20)
+
+
+def rows_in_flight(model: nn.Module, prompt_len: int, max_new_tokens: int, batch_size: int,
+                   memory_budget_mb: float | None) -> int:
+    """How many sequences one forward batch may hold: ``batch_size``, lowered so that their KV caches and per-step
+    logits (:func:`~hf_rlhf_ext.sampling.sampling_row_bytes`) fit in ``memory_budget_mb`` (None: the default;
+    ``math.inf``: no bound but ``batch_size``); at least 1."""
+    budget = default_memory_budget_mb(model) if memory_budget_mb is None else memory_budget_mb
+    if math.isinf(budget):
+        return batch_size
+    per_row = sampling_row_bytes(model, prompt_len, max_new_tokens)
+    return max(1, min(batch_size, int(budget * 2**20 // per_row)))
+
+
 @torch.no_grad()
 def sample_pool(
     model: nn.Module,
@@ -142,10 +170,14 @@ def sample_pool(
     seed: int | None = 0,
     use_kv_cache: bool | None = None,
     progress: bool = False,
+    memory_budget_mb: float | None = None,
 ) -> CompletionPool:
-    """Draws ``num_samples`` completions per prompt (pure ancestral sampling, as in RL training), about
-    ``batch_size`` sequences per forward pass. ``seed`` fixes the draws without touching the caller's random state;
-    ``progress`` shows a bar over the batches."""
+    """Draws ``num_samples`` completions per prompt (pure ancestral sampling, as in RL training), at most
+    ``batch_size`` sequences per forward pass, fewer when their KV caches and logits would exceed
+    ``memory_budget_mb`` (see :func:`rows_in_flight`): the pool is sampled in chunks, so its memory does not grow
+    with the pool. ``seed`` fixes the draws without touching the caller's random state; with the KV-cache sampler
+    each pool row has its own generator, so the pool is the same for any ``batch_size`` or budget. ``progress``
+    shows a bar over the chunks."""
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"num_samples, batch_size and max_new_tokens must be >= 1, got {num_samples}, {batch_size}, "
                          f"{max_new_tokens}.")
@@ -158,35 +190,52 @@ def sample_pool(
     eos_ids = policy_eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     encoded = encode_prompts(tokenizer, prompts)
-    completion_ids: list[list[int]] = []
-    logps: list[float] = []
-    terminated: list[bool] = []
+    rows = rows_in_flight(model, max(len(e) for e in encoded), max_new_tokens, batch_size, memory_budget_mb)
+    per_row_rng = seed is not None and use_kv_cache and kv_cache_sampling_supported(model)
+    out = _PoolRows()
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            jobs = _batches(len(prompts), num_samples, batch_size)
+            jobs = _batches(len(prompts), num_samples, rows)
             for idx, repeats in tqdm(jobs, desc=f"sampling {len(prompts)}×{num_samples}", disable=not progress):
                 ids, mask = _left_pad([encoded[i] for i in idx], pad_id, device)
+                first = len(out.completion_ids)  # the pool's index of this chunk's first row: rows come in order
+                generators = row_generators(seed, range(first, first + len(idx) * repeats)) if per_row_rng else None
                 tokens, tok_logps = sample_policy(
                     model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=pad_id,
                     eos_token_ids=eos_ids, drop_finished=True, num_return_sequences=repeats, use_kv_cache=use_kv_cache,
+                    **({"generators": generators} if generators is not None else {}),
                 )
-                for row, row_logps in zip(tokens.tolist(), tok_logps.tolist()):
-                    end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), None)
-                    terminated.append(end is not None)
-                    end = end or len(row)
-                    completion_ids.append(row[:end])
-                    logps.append(float(sum(row_logps[:end])))
+                out.add(tokens, tok_logps, eos_ids)
+                del tokens, tok_logps
     finally:
         model.train(was_training)
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     if is_conversational(prompts[0]):
         texts = [[{"role": "assistant", "content": t}] for t in texts]
-    return CompletionPool(prompts=prompts, prompt_ids=encoded, completion_ids=completion_ids, completions=texts,
-                          terminated=terminated, logps=logps, num_samples=num_samples)
+    return CompletionPool(prompts=prompts, prompt_ids=encoded, completion_ids=out.completion_ids, completions=texts,
+                          terminated=out.terminated, logps=out.logps, num_samples=num_samples)
+
+
+@dataclass
+class _PoolRows:
+    """The pool's rows so far, as lists (the chunks' tensors are dropped once read)."""
+
+    completion_ids: list[list[int]] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    terminated: list[bool] = field(default_factory=list)
+
+    def add(self, tokens: torch.Tensor, tok_logps: torch.Tensor, eos_ids: Sequence[int]) -> None:
+        """Each row cut after its first EOS (kept), with its summed log-prob up to there."""
+        for row, row_logps in zip(tokens.tolist(), tok_logps.tolist()):
+            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), None)
+            self.terminated.append(end is not None)
+            end = end or len(row)
+            self.completion_ids.append(row[:end])
+            self.logps.append(float(sum(row_logps[:end])))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -373,8 +422,10 @@ class BestOfNSampler:
         n: samples per prompt.
         select: the reward that ranks the samples (default: the first).
         max_new_tokens, temperature: sampling (pure ancestral sampling: no top-k/top-p).
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (at most).
         use_kv_cache: None = the KV-cache sampler for decoder-only models, ``generate`` otherwise.
+        memory_budget_mb: what the sequences in flight may hold (KV caches and logits) on top of the weights; the pool
+            is sampled in chunks that fit (None: as much as the weights, at least 256 MB; ``math.inf``: no bound).
         progress: a progress bar while sampling.
 
     ``sampler(prompts, seed=0)`` returns a :class:`BestOfNResult`; ``sampler.pool(prompts, m)`` the raw pool and
@@ -393,6 +444,7 @@ class BestOfNSampler:
         batch_size: int = 256,
         use_kv_cache: bool | None = None,
         progress: bool = True,
+        memory_budget_mb: float | None = None,
     ) -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}.")
@@ -405,10 +457,11 @@ class BestOfNSampler:
             raise ValueError(f"select={self.select!r} is not one of the rewards {sorted(self.reward_funcs)}.")
         self.n, self.max_new_tokens, self.temperature = n, max_new_tokens, temperature
         self.batch_size, self.use_kv_cache, self.progress = batch_size, use_kv_cache, progress
+        self.memory_budget_mb = memory_budget_mb
 
     def pool(self, prompts: Sequence[Any], num_samples: int, seed: int | None = 0) -> CompletionPool:
         return sample_pool(self.model, self.tokenizer, prompts, num_samples, self.max_new_tokens, self.temperature,
-                           self.batch_size, seed, self.use_kv_cache, self.progress)
+                           self.batch_size, seed, self.use_kv_cache, self.progress, self.memory_budget_mb)
 
     def __call__(self, prompts: Sequence[Any], seed: int | None = 0) -> BestOfNResult:
         pool = self.pool(prompts, self.n, seed)
@@ -438,22 +491,35 @@ class BestOfNSampler:
 # Held-out evaluation and KL of a policy
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sequence_kl(policy: nn.Module, reference: Reference, pool: CompletionPool, batch_size: int = 64) -> list[float]:
+def sequence_kl(policy: nn.Module, reference: Reference, pool: CompletionPool, batch_size: int = 64,
+                memory_budget_mb: float | None = None) -> list[float]:
     """k1 = Σ_t log π(y_t) − log π_ref(y_t) of each completion of the pool (sampled from ``policy`` at temperature 1:
     an unbiased estimate of KL(π ‖ π_ref) in nats per sequence). ``reference``: a model, ``"disable_adapter"`` (the
-    PEFT policy with its adapter disabled) or a trainer's :class:`~hf_rlhf_ext.reference.ReferencePolicy`."""
+    PEFT policy with its adapter disabled) or a trainer's :class:`~hf_rlhf_ext.reference.ReferencePolicy`.
+
+    The reference scores at most ``batch_size`` completions per forward pass, fewer when their logits over the
+    vocabulary would exceed ``memory_budget_mb`` (as in :func:`sample_pool`)."""
     device = next(policy.parameters()).device
     pad = 0  # any id: padded positions are masked
     flat_prompt_ids = [ids for ids in pool.prompt_ids for _ in range(pool.num_samples)]
+    rows = _scoring_rows(policy, max(map(len, pool.completion_ids), default=0), batch_size, memory_budget_mb)
     out: list[float] = []
-    for start in range(0, len(pool), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, len(pool), rows):
+        sl = slice(start, start + rows)
         prompt_ids, prompt_mask = _left_pad(flat_prompt_ids[sl], pad, device)
         comp_ids, comp_mask = _right_pad(pool.completion_ids[sl], pad, device)
         with reference_model(policy, reference) as ref_model:
-            ref = per_token_logps(ref_model, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=batch_size)
+            ref = per_token_logps(ref_model, prompt_ids, prompt_mask, comp_ids, comp_mask, batch_size=rows)
         out.extend(float(lp) - float(r) for lp, r in zip(pool.logps[sl], ref.sum(dim=1).tolist()))
     return out
+
+
+def _scoring_rows(model: nn.Module, completion_len: int, batch_size: int, memory_budget_mb: float | None) -> int:
+    """Completions per scoring forward pass: ``batch_size``, fewer when their logits exceed the budget; at least 1."""
+    budget = default_memory_budget_mb(model) if memory_budget_mb is None else memory_budget_mb
+    if math.isinf(budget):
+        return batch_size
+    return max(1, min(batch_size, int(budget * 2**20 // scoring_row_bytes(model, completion_len))))
 
 
 def evaluate_samples(
@@ -466,16 +532,18 @@ def evaluate_samples(
     num_samples: int = 1,
     seed: int = 0,
     batch_size: int = 256,
+    memory_budget_mb: float | None = None,
 ) -> dict[str, float]:
     """Held-out numbers of a policy: the mean of every reward over ``num_samples`` samples per prompt, the EOS rate,
     and (with a reference) the mean sequence KL to it."""
-    pool = sample_pool(model, tokenizer, prompts, num_samples, max_new_tokens, seed=seed, batch_size=batch_size)
+    pool = sample_pool(model, tokenizer, prompts, num_samples, max_new_tokens, seed=seed, batch_size=batch_size,
+                       memory_budget_mb=memory_budget_mb)
     scores = pool.score(reward_funcs)
     result = {name: float(torch.nanmean(v)) for name, v in scores.items()}
     result["eos_rate"] = sum(pool.terminated) / len(pool)
     result["mean_length"] = sum(len(c) for c in pool.completion_ids) / len(pool)
     if reference is not None:
-        kl = sequence_kl(model, reference, pool)
+        kl = sequence_kl(model, reference, pool, memory_budget_mb=memory_budget_mb)
         result["kl"] = sum(kl) / len(kl)
     return result
 

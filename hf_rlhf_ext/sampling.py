@@ -26,8 +26,8 @@ from torch import nn
 
 __all__ = [
     "as_chat_prompts", "completion_mask", "encode_prompts", "forward_kwargs", "is_conversational",
-    "kv_cache_sampling_supported", "completion_log_softmax", "per_token_logps", "policy_eos_ids", "sample_policy",
-    "sample_with_kv_cache",
+    "kv_cache_sampling_supported", "completion_log_softmax", "per_token_logps", "policy_eos_ids", "row_generators",
+    "sample_policy", "sample_with_kv_cache", "sampling_row_bytes", "scoring_row_bytes",
 ]
 
 _OPTIONAL_FORWARD_ARGS = frozenset({"position_ids", "logits_to_keep", "cache"})
@@ -77,6 +77,7 @@ def sample_with_kv_cache(
     eos_token_ids: Sequence[int] | int | None,
     drop_finished: bool = False,
     num_return_sequences: int = 1,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples up to ``max_new_tokens`` tokens after left-padded prompts ``input_ids`` (B, P).
 
@@ -94,11 +95,19 @@ def sample_with_kv_cache(
     ``generate(num_return_sequences=M)`` draws them — but each prompt is prefilled once and its KV cache repeated, so
     best-of-N pools pay for the prompts once (a plain ``DynamicCache``; other caches prefill every copy).
 
+    ``generators``: one random generator per output row (B·M). Row r then draws from its own generator only (the
+    exponential race ``argmax(p / E)``, ``E ~ Exp(1)``, the very algorithm of ``torch.multinomial`` for one sample), so
+    its tokens do not depend on which other rows share the batch: a pool sampled in chunks of any size draws the same
+    tokens. Without them the global generator is used, as ``generate`` uses it.
+
     Returns ``(tokens, logps)``, both (B·M, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
     float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
     EOS hold the pad token and log-prob 0.
     """
     _check_sampling_args(input_ids, prompt_mask, max_new_tokens, temperature, num_return_sequences)
+    if generators is not None and len(generators) != input_ids.shape[0] * num_return_sequences:
+        raise ValueError(f"generators: one per output row ({input_ids.shape[0] * num_return_sequences}), "
+                         f"got {len(generators)}.")
     repeats, temperature = num_return_sequences, float(temperature)
     stop = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
     stop_ids = torch.tensor(stop, device=input_ids.device, dtype=torch.long) if stop else None
@@ -113,7 +122,7 @@ def sample_with_kv_cache(
         if t == 0 and repeats > 1:  # the prompts were prefilled once: now each becomes M rows
             scores = scores.repeat_interleave(repeats, dim=0)
             state.repeat_prefill(repeats, call, model, input_ids, prompt_mask)
-        next_tokens, step_logps = _draw(scores, temperature)
+        next_tokens, step_logps = _draw(scores, temperature, state.row_generators(generators))
         if stop_ids is not None:
             state.mark_finished(next_tokens, step_logps, stop_ids, pad_token_id)
         state.record(t, next_tokens, step_logps)
@@ -128,12 +137,49 @@ def sample_with_kv_cache(
     return state.tokens[:, :n], state.logps[:, :n]
 
 
-def _draw(scores: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(scores / T), and its log-probability at T."""
+def _draw(scores: torch.Tensor, temperature: float,
+          generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row from softmax(scores / T), and its log-probability at T (only the sampled token's: no
+    full-vocabulary log-softmax is kept). With ``generators`` (one per row), row i's noise comes from generator i."""
     if temperature != 1.0:
         scores = scores / temperature
-    next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    probs = torch.softmax(scores, dim=-1)
+    if generators is None:
+        next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+    else:
+        noise = torch.empty_like(probs)
+        for row, generator in zip(noise, generators):
+            row.exponential_(generator=generator)
+        next_tokens = torch.div(probs, noise, out=noise).argmax(dim=-1)
+    del probs
     return next_tokens, scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+
+
+def row_generators(seed: int, rows: Sequence[int], device: Any = "cpu") -> list[torch.Generator]:
+    """One generator per pool row, seeded from (``seed``, the row's index in the pool): the row's draws are then the
+    same whichever chunk it is sampled in."""
+    out = []
+    for row in rows:
+        generator = torch.Generator(device=device)
+        generator.manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(row) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1))
+        out.append(generator)
+    return out
+
+
+def sampling_row_bytes(model: nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """Bytes one sequence holds while :func:`sample_with_kv_cache` samples it: its KV cache over the prompt and the
+    completion (2 · layers · KV heads · head dim per token, in the model's dtype), and the step's float32 logits,
+    probabilities, noise and log-sum-exp over the vocabulary (about 5 · V floats). What a chunk of rows costs on top
+    of the weights is this times the rows in flight."""
+    config = _base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size", 64) // heads
+    layers = getattr(config, "num_hidden_layers", 1) or 1
+    itemsize = next(model.parameters()).element_size()
+    kv = 2 * layers * kv_heads * head_dim * itemsize * (prompt_len + max_new_tokens)
+    return int(kv + 5 * getattr(config, "vocab_size", 0) * 4)
 
 
 def _check_sampling_args(input_ids, prompt_mask, max_new_tokens, temperature, num_return_sequences) -> None:
@@ -186,6 +232,12 @@ class _DecodeState:
         self.cache = _repeat_rows(self.cache, repeats, model, input_ids, prompt_mask, self.position, call)
         self.attention = self.attention.repeat_interleave(repeats, dim=0) if self.attention is not None else None
         self.position = self.position.repeat_interleave(repeats, dim=0) if self.position is not None else None
+
+    def row_generators(self, generators):
+        """The generators of the rows still in the batch (all of them until a row has left)."""
+        if generators is None or self.rows is None:
+            return generators
+        return [generators[r] for r in self.rows.tolist()]
 
     def mark_finished(self, next_tokens, step_logps, stop_ids, pad_token_id) -> None:
         """Rows that had finished get the pad token and log-prob 0 (in place); rows that emit a stop id finish."""
@@ -247,7 +299,7 @@ def sample_policy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of the left-padded prompts ``input_ids`` (B, P): ``(tokens, logps)``, both (B·M, n), as
     :func:`sample_with_kv_cache` returns them; ``settings`` are its keyword arguments (``max_new_tokens``,
-    ``temperature``, ``pad_token_id``, ``eos_token_ids``, ``drop_finished``, ``num_return_sequences``).
+    ``temperature``, ``pad_token_id``, ``eos_token_ids``, ``drop_finished``, ``num_return_sequences``, ``generators``).
 
     :func:`sample_with_kv_cache` when ``use_kv_cache`` and the model is decoder-only; else ``generate`` with pure
     sampling (``top_k=0``, ``top_p=1``), whose processed scores give the log-probs. ``greedy``: ``generate``'s greedy
@@ -259,8 +311,9 @@ def sample_policy(
 
 
 def _sample_with_generate(model, input_ids, prompt_mask, *, max_new_tokens, temperature, pad_token_id, eos_token_ids,
-                          num_return_sequences=1, greedy=False, drop_finished=False):
-    """``generate``'s draws and their log-probs (``drop_finished`` is the KV-cache loop's; ``generate`` keeps rows)."""
+                          num_return_sequences=1, greedy=False, drop_finished=False, generators=None):
+    """``generate``'s draws and their log-probs (``drop_finished`` and per-row ``generators`` are the KV-cache loop's;
+    ``generate`` keeps rows and draws from the global generator)."""
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0,
                                                    "top_p": 1.0}
     eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
@@ -327,19 +380,37 @@ def per_token_logps(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """Log-probabilities (N, C) of the completion tokens under ``model`` at ``temperature`` (as TRL scores them:
-    logits / T). Position ids follow the attention mask so left padding does not shift positions."""
+    logits / T). Position ids follow the attention mask so left padding does not shift positions.
+
+    The logits over the vocabulary are the pass's largest tensors (N · C · V floats): without gradients they are
+    divided by T in place, so a pass holds them and their log-softmax, not a third copy."""
     out = []
     for start in range(0, prompt_ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         logps = completion_log_softmax(model, prompt_ids[sl], prompt_mask[sl], completion_ids[sl], temperature)
         out.append(torch.gather(logps, 2, completion_ids[sl].to(logps.device).unsqueeze(-1)).squeeze(-1))
+        del logps
     return torch.cat(out, dim=0).to(completion_mask.device) * completion_mask
+
+
+def scoring_row_bytes(model: nn.Module, completion_len: int) -> int:
+    """Bytes one sequence holds while :func:`per_token_logps` scores it: its float32 logits at the completion
+    positions and their log-softmax (2 · (C + 1) · V floats)."""
+    config = _base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return 2 * (completion_len + 1) * int(getattr(config, "vocab_size", 0)) * 4
 
 
 def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                            completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log π(· | s_t) over the whole vocabulary (N, C, V) at every completion position, at ``temperature``; position
     ids follow the attention mask (left padding does not shift positions), completion positions all attended."""
+    return torch.log_softmax(_completion_scores(model, prompt_ids, prompt_mask, completion_ids, temperature), dim=-1)
+
+
+def _completion_scores(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       completion_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The float32 logits / T (N, C, V) that predict each completion token (a view of the model's output)."""
     dev = next(model.parameters()).device
     prompt_ids, prompt_mask, completion_ids = prompt_ids.to(dev), prompt_mask.to(dev), completion_ids.to(dev)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -349,7 +420,10 @@ def completion_log_softmax(model: nn.Module, prompt_ids: torch.Tensor, prompt_ma
     # the LM head only where a completion token is predicted (the last prompt position onwards)
     keep = {"logits_to_keep": c_len + 1} if "logits_to_keep" in forward_kwargs(model) else {}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **keep).logits
-    return torch.log_softmax(logits[:, -c_len - 1 : -1, :].float() / temperature, dim=-1)
+    scores = logits[:, -c_len - 1 : -1, :].float()
+    if temperature == 1.0:
+        return scores
+    return scores / temperature if torch.is_grad_enabled() else scores.div_(temperature)  # in place: no third copy
 
 
 def is_conversational(prompt: Any) -> bool:

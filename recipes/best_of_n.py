@@ -59,7 +59,9 @@ class BestOfNScriptArguments(RLScriptArguments):
         rounds: distillation rounds (expert iteration: each round samples from the last round's model).
         max_new_tokens: completion length limit.
         eval_samples_per_prompt: samples per held-out prompt when evaluating a policy.
-        sampling_batch_size: sequences per forward pass when sampling.
+        sampling_batch_size: sequences per forward pass when sampling (at most).
+        sampling_memory_budget_mb: what the sequences in flight may hold (KV caches, logits) when sampling and
+            scoring pools: pools are sampled in chunks that fit (default: as much as the policy's weights, >= 256 MB).
         select: the reward that picks the best (default: the first, i.e. the optimised RM / function).
         gold_funcs: held-out judges (dotted paths) scored alongside as "<name>_tracked", never used to pick; the first
             stands in for gold off the lab (on the lab, the lab's gold reward is used).
@@ -71,6 +73,9 @@ class BestOfNScriptArguments(RLScriptArguments):
     max_new_tokens: int = field(default=32, metadata={"help": "Completion length limit."})
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt in evaluations."})
     sampling_batch_size: int = field(default=256, metadata={"help": "Sequences per forward pass when sampling."})
+    sampling_memory_budget_mb: float | None = field(
+        default=None, metadata={"help": "MB the sequences in flight may hold when sampling (default: the weights' size)."}
+    )
     select: str | None = field(default=None, metadata={"help": "Reward that picks the best (default: the first)."})
     gold_funcs: list[str] | None = field(
         default=None, metadata={"help": "Held-out judge(s) scored alongside, never used to pick (off the lab)."}
@@ -133,7 +138,7 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
     eval_prompts = [pool[i % len(pool)] for i in range(script_args.num_eval_prompts)]
     policy, reference = load_models(path, training_args, model_args.use_peft)
     sampling = dict(select=select, max_new_tokens=script_args.max_new_tokens,
-                    batch_size=script_args.sampling_batch_size)
+                    batch_size=script_args.sampling_batch_size, memory_budget_mb=script_args.sampling_memory_budget_mb)
 
     # 1. best-of-N's curve on held-out prompts, from one pool of pool_size samples per prompt
     sampler = BestOfNSampler(policy, tokenizer, rewards, n=script_args.n, **sampling)
@@ -145,7 +150,8 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
         return evaluate_samples(model, tokenizer, eval_prompts, rewards, script_args.max_new_tokens,
                                 reference=None if round_index == 0 else reference,
                                 num_samples=script_args.eval_samples_per_prompt, seed=training_args.seed + 1000,
-                                batch_size=script_args.sampling_batch_size)
+                                batch_size=script_args.sampling_batch_size,
+                                memory_budget_mb=script_args.sampling_memory_budget_mb)
 
     initial = evaluate(policy, 0)
     peft_config = get_peft_config(model_args)

@@ -192,8 +192,12 @@ def tiny(tmp_path_factory):
 
 def test_pool_draws_and_log_probs_with_and_without_the_kv_cache(tiny):
     texts = list(prompts(6)["prompt"])
-    fast = sample_pool(tiny["model"], tiny["tok"], texts, 4, max_new_tokens=8, batch_size=8, seed=3, use_kv_cache=True)
-    slow = sample_pool(tiny["model"], tiny["tok"], texts, 4, max_new_tokens=8, batch_size=8, seed=3, use_kv_cache=False)
+    pools = []
+    for use_kv_cache in (True, False):  # seed=None: the global generator, as generate draws from it
+        torch.manual_seed(3)
+        pools.append(sample_pool(tiny["model"], tiny["tok"], texts, 4, max_new_tokens=8, batch_size=8, seed=None,
+                                 use_kv_cache=use_kv_cache))
+    fast, slow = pools
     # finished rows leave the KV-cache sampler's batch, so the draws agree until the first row finishes: the first
     # tokens of the first batch (2 prompts x 4); later batches start from another random state
     assert [c[0] for c in fast.completion_ids[:8]] == [c[0] for c in slow.completion_ids[:8]]
