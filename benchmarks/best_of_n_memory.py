@@ -34,7 +34,7 @@ def child(model_dir: str, m: int, budget: float, num_prompts: int, max_new_token
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_rlhf_ext.best_of_n import rows_in_flight, sample_pool
+    from hf_rlhf_ext.experiments.best_of_n import rows_in_flight, sample_pool
     from hf_rlhf_ext.sampling import encode_prompts, sampling_row_bytes
 
     def peak_mb() -> float:

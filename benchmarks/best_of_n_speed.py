@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     args = parser.parse_args()
 
-    from hf_rlhf_ext.best_of_n import sample_pool
+    from hf_rlhf_ext.experiments.best_of_n import sample_pool
     from hf_rlhf_ext.lab import build_lab
 
     lab = build_lab()

@@ -84,7 +84,7 @@ def run(
     from trl import GRPOConfig, GRPOTrainer
 
     from hf_rlhf_ext.callbacks import GroupAdvantageCheckCallback, KLToReferenceCallback, OveroptimizationCallback
-    from hf_rlhf_ext.rewards import lab_gold_reward, lab_proxy_reward
+    from hf_rlhf_ext.lab.rewards import lab_gold_reward, lab_proxy_reward
 
     torch.set_num_threads(1)
     prompts = lab.load_prompts()

@@ -28,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def run_once(max_parallel: int, max_steps: int, betas: list[str]) -> tuple[float, list[float]]:
     """(wall seconds of a sweep over ``betas``, the points' own seconds)."""
-    from hf_rlhf_ext.sweeps import RESULTS_FILE, run_sweep
+    from hf_rlhf_ext.experiments.sweeps import RESULTS_FILE, run_sweep
 
     with tempfile.TemporaryDirectory() as out:
         argv = ["--betas", *betas, "--max_steps", str(max_steps), "--eval_every", "10", "--num_eval_prompts", "64",

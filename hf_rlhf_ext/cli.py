@@ -33,32 +33,13 @@ RECIPES = {
     "mini-loop": ("mini_loop", "the plain-PyTorch RLHF loop that learns to end politely"),
     "report": ("pipeline", "run every experiment of the chapter and write report.md + claims.json"),
 }
-RECIPES_PACKAGE = "hf_rlhf_ext.recipes"
-
-
-def recipes_package() -> str:
-    """Makes ``hf_rlhf_ext.recipes`` importable and returns its name. In a source checkout that is the top-level
-    ``recipes/`` beside the package (the directory the wheel installs as the subpackage), registered on first use."""
-    if RECIPES_PACKAGE in sys.modules:
-        return RECIPES_PACKAGE
-    checkout = Path(__file__).resolve().parents[1] / "recipes"
-    if (checkout / "__init__.py").is_file():
-        spec = importlib.util.spec_from_file_location(
-            RECIPES_PACKAGE, checkout / "__init__.py", submodule_search_locations=[str(checkout)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[RECIPES_PACKAGE] = module
-        spec.loader.exec_module(module)
-    else:
-        importlib.import_module(RECIPES_PACKAGE)
-    return RECIPES_PACKAGE
-
-
 def shipped_config(path: str) -> str:
     """``path`` if it is a file, else the recipes' shipped ``configs/<path>`` when that exists (``--config
     ppo_lab.yaml`` works from any directory), else ``path`` unchanged (the recipe's parser reports it)."""
     if Path(path).is_file():
         return path
+    from .run.parsing import recipes_package
+
     package = importlib.import_module(recipes_package())
     shipped = Path(package.__file__).parent / "configs" / Path(path).name
     return str(shipped) if shipped.is_file() else path
@@ -84,7 +65,7 @@ def usage() -> str:
 
 def run_recipe(module: str, prog: str, argv: list[str]) -> int:
     """Runs ``hf_rlhf_ext.recipes.<module>`` as ``__main__`` with ``argv``, as ``python -m`` would."""
-    from .recipe_parsing import launched_as
+    from .run.parsing import launched_as, recipes_package
 
     old_argv = sys.argv
     sys.argv = [prog, *argv]

@@ -10,7 +10,6 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .validation import DataValidationError
 
-
 #: file extension -> the ``datasets`` builder that reads it (``load_dataset(path)`` alone rejects a single file)
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
                  ".txt": "text", ".arrow": "arrow"}

@@ -209,21 +209,19 @@ def flag_value(argv: Sequence[str], flag: str) -> str | None:
 def write_experiment_card(output_dir: str, recipe: str, argv: Sequence[str], summary: str, tags: Sequence[str],
                           table_file: str | None = None, plots: Mapping[str, str] | None = None,
                           settings: Mapping[str, Any] | None = None, usage: str = "",
-                          library_name: str | None = None) -> ModelCard:
-    """The card of an experiment's output folder: its command line as typed (``launch_command``: ``python <recipe>``,
+                          library_name: str | None = None, launcher: str | None = None) -> ModelCard:
+    """The card of an experiment's output folder: its command line as typed (``launcher``, e.g. ``python <recipe>``,
     ``accelerate launch <recipe>`` or ``hf-rlhf-ext <name>``, then ``argv``), its settings, its own results table
     (``table_file`` in the folder, shown as it is) and its plots. ``base_model`` and ``datasets`` come from
     ``--model_name_or_path`` / ``--dataset_name`` when those name Hub repositories."""
     import shlex
-
-    from .recipe_parsing import launch_command
 
     table_path = os.path.join(output_dir, table_file) if table_file else None
     table = open(table_path, encoding="utf-8").read() if table_path and os.path.isfile(table_path) else ""
     dataset = hub_id_or_none(flag_value(argv, "--dataset_name"))
     return write_model_card(output_dir, RunCard(
         title=os.path.basename(os.path.abspath(output_dir)), summary=summary, recipe=recipe,
-        command=" ".join([launch_command(recipe), *(shlex.quote(a) for a in argv)]), tags=tags,
+        command=" ".join([launcher or f"python {recipe}", *(shlex.quote(a) for a in argv)]), tags=tags,
         base_model=hub_id_or_none(flag_value(argv, "--model_name_or_path")), datasets=[dataset] if dataset else [],
         library_name=library_name, hyperparameters=dict(settings or {}), results_markdown=table, plots=plots or {},
         usage=usage or f"The numbers behind the table and plots are in `{os.path.join(output_dir, 'metrics.json')}`.",

@@ -39,9 +39,7 @@ def plot_best_of_n_curve(curve: Any, path: str) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     d = curve.column("sqrt_kl")
-    from .best_of_n import CURVE_STATS
-
-    names = [k for k in curve.points[0] if k not in CURVE_STATS]
+    names = curve.reward_names()
     for name in names:
         ax.plot(d, curve.column(name), marker="o", label=name)
     for x, n, y in zip(d, curve.column("n"), curve.column(names[0])):

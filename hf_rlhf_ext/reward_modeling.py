@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .rewards import score_token_ids
 from .validation import DataValidationError, require_preference_columns
 
 CHOSEN_GOLD, REJECTED_GOLD = "chosen_gold", "rejected_gold"
@@ -70,45 +71,6 @@ def train_reward_model(
         )
     trainer.train()
     return trainer
-
-
-@torch.no_grad()
-def score_token_ids(model, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Scalar rewards (``logits[:, 0]``) of already tokenised sequences, right-padded in batches (float32, CPU)."""
-    if len(sequences) == 0:
-        return torch.zeros(0)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    try:
-        for start in range(0, len(sequences), batch_size):
-            chunk = [list(s) for s in sequences[start : start + batch_size]]
-            if any(len(s) == 0 for s in chunk):
-                raise ValueError("Cannot score an empty token sequence.")
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-                mask[i, : len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            out.append(logits[:, 0].float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Scalar rewards of full texts (prompt + reply), tokenised without added special tokens (as TRL's GRPO does).
-
-    To show the reward model that a reply was terminated, end its text with ``tokenizer.eos_token``.
-    """
-    if isinstance(texts, str):
-        raise TypeError("score_texts takes a list of texts, not a single string.")
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return score_token_ids(model, ids, pad_token_id=pad, batch_size=batch_size)
 
 
 def _pair_sequences(dataset, tokenizer, side: str) -> list[list[int]]:
@@ -192,8 +154,15 @@ def write_reward_model_card(trainer, metrics: dict[str, Any], card, command: str
     Returns the card's path."""
     import os
 
-    from .model_card import CARD_FILE, RunCard, hub_id_or_none, load_snippet, lora_settings, settings_from
-    from .model_card import write_model_card
+    from .model_card import (
+        CARD_FILE,
+        RunCard,
+        hub_id_or_none,
+        load_snippet,
+        lora_settings,
+        settings_from,
+        write_model_card,
+    )
     from .plots import plot_reward_model_curves
 
     out = trainer.args.output_dir

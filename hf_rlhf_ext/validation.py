@@ -1,7 +1,7 @@
 """Clear errors for bad input, raised before any training starts (a wrong column name should not cost a minute of
 model loading and then fail deep inside a trainer).
 
-One layer for the recipes and the Python API: the recipes call these checks in ``recipe_utils.prepare_rl_run``, our
+One layer for the recipes and the Python API: the recipes call these checks in ``run.build.prepare_rl_run``, our
 trainers call ``validate_grpo_args`` and ``check_prompt_dataset`` in ``__init__`` and ``check_trainer_inputs`` right
 after, and a vanilla ``trl.GRPOTrainer`` user can call the same functions. Every message names the problem and the fix.
 """

@@ -1,4 +1,4 @@
-"""Best-of-N and its distillation (hf_rlhf_ext.best_of_n) — on the offline lab by default, on any model with flags.
+"""Best-of-N and its distillation (hf_rlhf_ext.experiments.best_of_n) — on the offline lab by default, on any model with flags.
 
     python recipes/best_of_n.py                                   # the lab: SFT policy, proxy RM selects, gold tracked
     python recipes/best_of_n.py --n 8 --rounds 3 --output_dir runs/bon-ei     # expert iteration, 3 rounds
@@ -29,20 +29,11 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig
 
-from hf_rlhf_ext.recipe_utils import (
-    RLScriptArguments,
-    apply_cpu_defaults,
-    build_reward_funcs,
-    cli_main,
-    import_reward_func,
-    load_lab,
-    load_prompt_datasets,
-    make_recipe_parser,
-    outputs_line,
-    recipe_command,
-    read_lab_config,
-    resolve_policy,
-)
+from hf_rlhf_ext.run.build import build_reward_funcs, import_reward_func, load_lab, load_prompt_datasets, resolve_policy
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import outputs_line, recipe_command
+from hf_rlhf_ext.run.parsing import apply_cpu_defaults, make_recipe_parser, read_lab_config
+from hf_rlhf_ext.run.spec import RLScriptArguments
 
 #: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
 #: flags and --config override them.
@@ -108,8 +99,12 @@ def load_models(path: str, training_args: SFTConfig, use_peft: bool) -> tuple[An
 def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> dict:
     from trl import get_peft_config
 
-    from hf_rlhf_ext.best_of_n import (
-        BestOfNSampler, choose_round, copy_model_files, distill_best_of_n, evaluate_samples,
+    from hf_rlhf_ext.experiments.best_of_n import (
+        BestOfNSampler,
+        choose_round,
+        copy_model_files,
+        distill_best_of_n,
+        evaluate_samples,
     )
     from hf_rlhf_ext.model_card import push_folder
     from hf_rlhf_ext.objectives import best_of_n_kl
@@ -219,7 +214,13 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
     """The distilled model's card: the held-out table of ``summary_text``, both plots, how to load the model (from
     ``hub_repo`` when it is pushed there)."""
     from hf_rlhf_ext.model_card import (
-        RunCard, hub_id_or_none, load_snippet, lora_settings, markdown_table, settings_from, write_model_card,
+        RunCard,
+        hub_id_or_none,
+        load_snippet,
+        lora_settings,
+        markdown_table,
+        settings_from,
+        write_model_card,
     )
 
     out = training_args.output_dir

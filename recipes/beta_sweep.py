@@ -14,8 +14,9 @@ Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerun
 
 import sys
 
-from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
-from hf_rlhf_ext.sweeps import parse_sweep_argv, run_sweep
+from hf_rlhf_ext.experiments.sweeps import parse_sweep_argv, run_sweep
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import finish_experiment
 
 
 def main(argv: list[str]) -> dict:

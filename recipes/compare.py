@@ -16,12 +16,13 @@ Writes <output_dir>/{compare.md, compare.png, metrics.json} and, per run, runs/<
 
 import sys
 
-from hf_rlhf_ext.compare import run_compare, summary_lines
-from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
+from hf_rlhf_ext.experiments.compare import run_compare, summary_lines
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import finish_experiment
 
 
 def main(argv: list[str]) -> dict:
-    from hf_rlhf_ext.compare import parse_compare_argv
+    from hf_rlhf_ext.experiments.compare import parse_compare_argv
 
     metrics = run_compare(argv)
     _, training_args, _ = parse_compare_argv(argv, "ppo")

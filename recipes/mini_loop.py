@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_rlhf_ext.objectives import clipped_surrogate, kl_k1, kl_k3, masked_mean, whiten
-from hf_rlhf_ext.recipe_utils import cli_main, outputs_line, recipe_command
 from hf_rlhf_ext.results import write_metrics
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import outputs_line, recipe_command
 from hf_rlhf_ext.sampling import as_chat_prompts, per_token_logps, sample_with_kv_cache
 
 #: A reply "ends politely" when its last words are one of these phrases (case and punctuation ignored).
@@ -98,7 +99,7 @@ def check_args(args: MiniLoopArguments) -> None:
 
 
 def make_parser():
-    from hf_rlhf_ext.recipe_utils import RecipeParser
+    from hf_rlhf_ext.run.parsing import RecipeParser
 
     return RecipeParser((MiniLoopArguments,))  # remembers the command line for the model card
 

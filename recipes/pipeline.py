@@ -22,8 +22,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hf_rlhf_ext.recipe_utils import cli_main, outputs_line
-from hf_rlhf_ext.report import StageStore
+from hf_rlhf_ext.experiments.report import StageStore
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import outputs_line
 
 if __package__:  # hf_rlhf_ext.recipes.pipeline (installed, or `hf-rlhf-ext report`)
     from . import pipeline_stages as stages
@@ -70,7 +71,7 @@ class PipelineArguments:
 
 
 def make_parser():
-    from hf_rlhf_ext.recipe_utils import RecipeParser
+    from hf_rlhf_ext.run.parsing import RecipeParser
 
     return RecipeParser((PipelineArguments,))  # unknown flags get a "did you mean"; --output_dir must be a folder
 
@@ -108,7 +109,7 @@ def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:
     import shlex
 
     from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, markdown_table, write_model_card
-    from hf_rlhf_ext.recipe_parsing import launch_command
+    from hf_rlhf_ext.run.parsing import launch_command
 
     claims = [(c["id"], c["exercise"], c["statement"], "skipped" if c["holds"] is None else
                ("holds" if c["holds"] else "does NOT hold")) for c in payload["claims"]]

@@ -153,7 +153,7 @@ def _grpo_setup(args: Any, out: str, extra: list[str]):
     """A GRPO trainer on the pipeline's policy, prompts and rewards, built through the GRPO recipe's own parser."""
     from trl import GRPOTrainer
 
-    from hf_rlhf_ext.recipe_utils import make_trainer, prepare_rl_run
+    from hf_rlhf_ext.run.build import make_trainer, prepare_rl_run
 
     script_args, training_args, model_args = _parse("grpo", ["--output_dir", out, "--seed", str(args.seed),
                                                              "--num_eval_prompts", "64", *_rl_flags(args), *extra])
@@ -267,7 +267,7 @@ def _overoptimization_run(args: Any, out: str, beta: float) -> dict:
 def stage_concepts(args: Any, out: str) -> dict:
     """The four models of PPO read off a real ``PPOTrainer`` (which train, which are frozen), and the RL view of text
     generation on one sampled completion: state, action, per-token KL terms and the final score."""
-    from hf_rlhf_ext.recipe_utils import make_trainer, prepare_rl_run
+    from hf_rlhf_ext.run.build import make_trainer, prepare_rl_run
     from hf_rlhf_ext.trainers.ppo import PPOTrainer
 
     script_args, training_args, model_args = _parse("ppo", ["--output_dir", out, "--max_steps", "1",
@@ -298,9 +298,9 @@ def _trajectory(args: Any, setup: Any, trainer: Any, kl_coef: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_rlhf_ext.best_of_n import sample_pool
+    from hf_rlhf_ext.experiments.best_of_n import sample_pool
+    from hf_rlhf_ext.objectives import token_level_rewards
     from hf_rlhf_ext.sampling import per_token_logps
-    from hf_rlhf_ext.trainers.ppo import token_level_rewards
 
     tok = setup.tokenizer
     bon_dir = os.path.join(args.output_dir, "best_of_n")
@@ -331,8 +331,8 @@ def _seeds(args: Any, full: int) -> list[str]:
 
 def stage_reinforce(args: Any, out: str) -> dict:
     """REINFORCE with and without a baseline on a reward with an offset (+5): gradient variance and reward over
-    training (``hf_rlhf_ext.baselines``)."""
-    from hf_rlhf_ext.baselines import run_baselines
+    training (``hf_rlhf_ext.experiments.baselines``)."""
+    from hf_rlhf_ext.experiments.baselines import run_baselines
 
     argv = ["--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
@@ -351,8 +351,8 @@ def _keep_baselines(m: dict) -> dict:
 
 
 def stage_beta_sweep(args: Any, out: str) -> dict:
-    """One GRPO run per β (held-out k3 KL, proxy, gold), the Gao RL-form fit (``hf_rlhf_ext.sweeps``)."""
-    from hf_rlhf_ext.sweeps import run_sweep
+    """One GRPO run per β (held-out k3 KL, proxy, gold), the Gao RL-form fit (``hf_rlhf_ext.experiments.sweeps``)."""
+    from hf_rlhf_ext.experiments.sweeps import run_sweep
 
     argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--betas", "0", "0.02", "0.2", "1.0"] if args.quick else []
@@ -363,9 +363,9 @@ def stage_beta_sweep(args: Any, out: str) -> dict:
 
 
 def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
-    """PPO (with a critic) and GRPO on the same prompts and sampled completions per step (``hf_rlhf_ext.compare``);
+    """PPO (with a critic) and GRPO on the same prompts and sampled completions per step (``hf_rlhf_ext.experiments.compare``);
     each run in its own process, so peak memory is measured alike."""
-    from hf_rlhf_ext.compare import run_compare
+    from hf_rlhf_ext.experiments.compare import run_compare
 
     if not has_gold(args):
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
@@ -380,8 +380,8 @@ def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
 
 def stage_ensembles(args: Any, out: str) -> dict:
     """The single proxy RM against ensembles of RMs (mean, worst case, mean − λ·std) at the same low β
-    (``hf_rlhf_ext.ensembles``): a finding, reported whichever way it comes out."""
-    from hf_rlhf_ext.ensembles import run_experiment
+    (``hf_rlhf_ext.experiments.ensembles``): a finding, reported whichever way it comes out."""
+    from hf_rlhf_ext.experiments.ensembles import run_experiment
 
     if not args.on_lab:
         return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
@@ -426,7 +426,7 @@ def _beats(acc: float, ref: float, n: int) -> tuple[bool, float]:
 
 
 def claim_reward_model(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("rm_accuracy", "12–13", "The reward model orders held-out pairs better than chance and than a length-only "
             "predictor", "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n); margin and z "
@@ -453,7 +453,7 @@ def claim_reward_model(results: dict):
 
 
 def claim_clip(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("clip_gradient", "16", "The clipped objective gives zero gradient beyond 1 ± ε in the favourable direction "
             "and the full gradient A in the unfavourable one", "max |∂L/∂ρ| where clipped; max |∂L/∂ρ − A| where not",
@@ -504,7 +504,7 @@ def _planted(batch: dict) -> dict:
 
 
 def claim_group_advantages(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("grpo_advantages", "19", "GRPO's advantages on real training batches are non-zero, have zero mean per "
             "group, the sign of r − group mean and equal the recomputed ones",
@@ -537,7 +537,7 @@ BON_MARGIN = 0.1
 
 
 def claim_best_of_n(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("bon_distillation", "21", "Best-of-N distillation raises the policy's held-out gold over the SFT model",
             "held-out gold after one round − SFT gold", f">= {BON_MARGIN}")
@@ -571,7 +571,7 @@ def _mini_rule(run: dict, other: dict) -> bool:
 
 
 def claim_mini_loop(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("mini_loop", "18", "The mini loop raises the share of polite endings while its KL penalty keeps KL "
             "below the same loop without it", "held-out polite share after − before; KL to the reference after "
@@ -625,7 +625,7 @@ def _hump(run: dict) -> tuple[bool, dict]:
 
 
 def claim_overoptimization(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("beta_too_low", "9, 10, 22", "With β too low the proxy keeps rising while gold peaks and falls",
             "OveroptimizationCallback: gold peak found before the end; end gold below the peak; end proxy above the "
@@ -653,7 +653,7 @@ VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
 
 
 def claim_reinforce(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("reinforce_baseline", "14–15", "REINFORCE raises the mean reward; a baseline cuts the measured gradient "
             "variance at least 2× on a reward with a +5 offset (the cut without the offset is reported beside it)",
@@ -680,7 +680,7 @@ def _variance_cut(baselines: dict) -> float:
 
 
 def claim_kl_vs_beta(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("kl_falls_with_beta", "17", "KL to the reference falls as β rises",
             "Spearman ρ(β, final held-out KL) over the grid", "<= -0.9")
@@ -697,7 +697,7 @@ GOLD_GAIN = 0.1
 
 
 def claim_ppo_vs_grpo(results: dict):
-    from hf_rlhf_ext.report import Claim
+    from hf_rlhf_ext.experiments.report import Claim
 
     args = ("grpo_vs_ppo", "20, 22", "GRPO trains without a critic at lower peak memory than PPO; both raise gold "
             "over the SFT model", "peak memory (MB above the imports) of each; end − start held-out gold of each "
@@ -731,8 +731,8 @@ def fit_verdict(fit: dict) -> str:
 
 def early_stopping_finding(pves: dict):
     """The β sweep's answer to "does the KL penalty beat early stopping?"; the verdict is the one its interval chose
-    (``hf_rlhf_ext.early_stopping``), never a fixed expectation."""
-    from hf_rlhf_ext.report import Finding
+    (``hf_rlhf_ext.experiments.early_stopping``), never a fixed expectation."""
+    from hf_rlhf_ext.experiments.report import Finding
 
     values = {k: pves[k] for k in ("mean_difference", "ci95", "n_pairs", "n_seeds", "min_seeds")}
     return Finding("penalty_vs_early_stopping", "Higher-β final gold − lower-β gold early-stopped at the same held-out "
@@ -740,7 +740,7 @@ def early_stopping_finding(pves: dict):
 
 
 def findings(results: dict) -> list:
-    from hf_rlhf_ext.report import Finding
+    from hf_rlhf_ext.experiments.report import Finding
 
     out = []
     bon = results.get("best_of_n")
@@ -772,7 +772,7 @@ def _rel(args: Any, path: str) -> str:
 
 
 def section_lab(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     return Section("The lab", "An offline world small enough for a CPU where over-optimisation emerges for real: a tiny "
                    "GPT-2 warm-started with SFT on customer-support replies, a programmatic gold reward, and a proxy "
@@ -787,7 +787,7 @@ def _reading(holds: bool | None, yes: str, no: str) -> str:
 
 
 def section_reward_model(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     t, c = r["test"], claim_reward_model({"reward_model": r})
     acc, z = t["accuracy"], c.values["z"]
@@ -806,7 +806,7 @@ def section_reward_model(args, r):
 
 
 def section_clip(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     rows = [(f"ρ = {row['ratio']}", {"A=+1": row["grad_A_pos"], "A=−1": row["grad_A_neg"]}) for row in r["table"]]
     text = _reading(claim_clip({"clip": r}).holds, f"On synthetic ratios with ε = {r['epsilon']}: for A > 0 the "
@@ -820,7 +820,7 @@ def section_clip(args, r):
 
 
 def section_group_advantages(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     verdict = _reading(claim_group_advantages({"group_advantages": r}).holds,
                        "They are what GRPO says they are.", "They are NOT what GRPO says they are (see the claim).")
@@ -852,7 +852,7 @@ def _gold_shape(pts: list[dict], gold: str) -> str:
 
 
 def section_best_of_n(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     gold, proxy = r.get("gold"), r["select"]
     pts = r["curve"]["points"]
@@ -872,7 +872,7 @@ def section_best_of_n(args, r):
 
 
 def section_mini_loop(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     verdict = _reading(claim_mini_loop({"mini_loop": r}).holds, "The loop learned the behaviour under its leash.",
                        "The claim does NOT hold on these numbers (see the claim and its control).")
@@ -888,7 +888,7 @@ def section_mini_loop(args, r):
 
 
 def section_overoptimization(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     f = r["findings"]
     text = (f"GRPO at β = {r['beta']} for {r['steps']} steps. The monitor found the gold peak at step {f['peak_step']} "
@@ -907,7 +907,7 @@ def section_overoptimization(args, r):
 
 
 def section_reinforce(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     b = r["baselines"]
     rows = [(name, {"median grad variance": v["median_grad_variance"]["median"], "× none": v["variance_vs_none"],
@@ -942,7 +942,7 @@ def _leash(rho: float | None) -> str:
 
 
 def section_beta_sweep(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     rows = [(f"β = {row['beta']:g}", {"final KL": row["final_kl"]["mean"], "final proxy": row["final_proxy"]["mean"],
                                      "final gold": row["final_gold"]["mean"], "gold peak": row["peak_gold"]["mean"]})
@@ -966,7 +966,7 @@ def section_beta_sweep(args, r):
 
 
 def section_ppo_vs_grpo(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     t = r["trainers"]
     rows = [(name, {k: v[k]["mean"] for k in ("gold_start", "gold_peak", "gold_end", "kl_end", "peak_memory_mb",
@@ -984,7 +984,7 @@ def section_ppo_vs_grpo(args, r):
 
 
 def section_ensembles(args, r):
-    from hf_rlhf_ext.report import Section
+    from hf_rlhf_ext.experiments.report import Section
 
     o = r["objectives"]
     rows = [(name, {k: v[k]["mean"] for k in ("peak_gold", "end_gold", "fall", "final_kl")}) for name, v in o.items()]
@@ -1042,7 +1042,7 @@ CLAIM_STAGES = {"rm_accuracy": "reward_model", "reinforce_baseline": "reinforce"
 
 def _provenance(results: dict, store: Any) -> dict:
     """Per stage: run in this invocation, reused from which one, or its stored file not used."""
-    from hf_rlhf_ext.report import PROVENANCE
+    from hf_rlhf_ext.experiments.report import PROVENANCE
 
     return {name: store.provenance(results[name]) if PROVENANCE in results[name] else
             {"ran": "stored file not used (no matching fingerprint)", "invocation": None, "created": None}
@@ -1063,7 +1063,7 @@ def _intro(args: Any, results: dict, provenance: dict) -> str:
 
 def write_report(args: Any, results: dict, seconds: float, store: Any) -> dict:
     """claims.json and report.md from the stages' results; prints the verdicts. Returns the claims payload."""
-    from hf_rlhf_ext.report import read_claims, render_report, write_claims
+    from hf_rlhf_ext.experiments.report import read_claims, render_report, write_claims
 
     provenance = _provenance(results, store)
     claims = [build(results) for build in CLAIMS]

@@ -16,18 +16,15 @@ from pathlib import Path
 
 from trl import ModelConfig
 
-from hf_rlhf_ext.recipe_utils import (
-    RecipeCard,
-    RLScriptArguments,
-    add_monitors,
-    cli_main,
-    make_recipe_parser,
-    make_trainer,
-    prepare_rl_run,
-    read_lab_config,
-    train_and_report,
-)
-from hf_rlhf_ext.trainers.ppo import PPOConfig, PPOTrainer
+from hf_rlhf_ext.model_card import RecipeCard
+from hf_rlhf_ext.run.build import make_trainer, prepare_rl_run
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import train_and_report
+from hf_rlhf_ext.run.monitors import add_monitors
+from hf_rlhf_ext.run.parsing import make_recipe_parser, read_lab_config
+from hf_rlhf_ext.run.spec import RLScriptArguments
+from hf_rlhf_ext.trainers.ppo import PPOTrainer
+from hf_rlhf_ext.trainers.ppo_config import PPOConfig
 
 #: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);
 #: flags and --config override them.

@@ -20,20 +20,15 @@ from pathlib import Path
 
 from trl import ModelConfig
 
-from hf_rlhf_ext.baselines import add_reward_offset
 from hf_rlhf_ext.callbacks.grad_variance import GradientVarianceCallback
-from hf_rlhf_ext.recipe_utils import (
-    RecipeCard,
-    RLScriptArguments,
-    add_monitors,
-    cli_main,
-    make_recipe_parser,
-    make_trainer,
-    parse_monitors,
-    prepare_rl_run,
-    read_lab_config,
-    train_and_report,
-)
+from hf_rlhf_ext.experiments.baselines import add_reward_offset
+from hf_rlhf_ext.model_card import RecipeCard
+from hf_rlhf_ext.run.build import make_trainer, prepare_rl_run
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import train_and_report
+from hf_rlhf_ext.run.monitors import add_monitors
+from hf_rlhf_ext.run.parsing import make_recipe_parser, read_lab_config
+from hf_rlhf_ext.run.spec import RLScriptArguments, parse_monitors
 from hf_rlhf_ext.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
 #: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);

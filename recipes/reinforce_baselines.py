@@ -17,8 +17,9 @@ Writes <output_dir>/{baselines.md, baselines.png, metrics.json} and, per run, ru
 
 import sys
 
-from hf_rlhf_ext.baselines import parse_baselines_argv, run_baselines, summary_lines
-from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
+from hf_rlhf_ext.experiments.baselines import parse_baselines_argv, run_baselines, summary_lines
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import finish_experiment
 
 
 def main(argv: list[str]) -> dict:

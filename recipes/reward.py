@@ -19,19 +19,12 @@ from pathlib import Path
 
 from trl import ModelConfig, RewardConfig, ScriptArguments, get_peft_config
 
-from hf_rlhf_ext.model_card import push_folder
-from hf_rlhf_ext.recipe_utils import (
-    RecipeCard,
-    apply_cpu_defaults,
-    cli_main,
-    load_lab,
-    log_evaluation,
-    make_recipe_parser,
-    outputs_line,
-    read_lab_config,
-    recipe_command,
-)
+from hf_rlhf_ext.model_card import RecipeCard, push_folder
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
+from hf_rlhf_ext.run.build import load_lab
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import log_evaluation, outputs_line, recipe_command
+from hf_rlhf_ext.run.parsing import apply_cpu_defaults, make_recipe_parser, read_lab_config
 from hf_rlhf_ext.validation import require_existing_path
 
 #: The lab run's settings, written once in this YAML file: the parser's defaults on the lab only (elsewhere TRL's);

@@ -13,8 +13,9 @@ Writes <output_dir>/{ensemble.md, ensemble.png, metrics.json} and one β-sweep d
 
 import sys
 
-from hf_rlhf_ext.ensembles import parse_argv, run_experiment
-from hf_rlhf_ext.recipe_utils import cli_main, finish_experiment
+from hf_rlhf_ext.experiments.ensembles import parse_argv, run_experiment
+from hf_rlhf_ext.run.errors import cli_main
+from hf_rlhf_ext.run.finish import finish_experiment
 
 
 def main(argv: list[str]) -> dict:

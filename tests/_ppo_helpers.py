@@ -101,7 +101,7 @@ def target_word(prompts=None, completions=None, **kwargs: Any) -> list[float]:
 
 
 def ppo_args(output_dir: str, **overrides: Any):
-    from hf_rlhf_ext.trainers.ppo import PPOConfig
+    from hf_rlhf_ext.trainers.ppo_config import PPOConfig
 
     kwargs: dict[str, Any] = dict(
         output_dir=output_dir, use_cpu=True, report_to="none", bf16=False, gradient_checkpointing=False,

@@ -1,4 +1,4 @@
-"""Best-of-N (hf_rlhf_ext.best_of_n, recipes/best_of_n.py): the one-pool estimator against brute force, the pool's
+"""Best-of-N (hf_rlhf_ext.experiments.best_of_n, recipes/best_of_n.py): the one-pool estimator against brute force, the pool's
 draws and log-probs, selection, the distillation data, the recipe on a tiny world; on the lab (slow): best-of-N's
 gold hump and distillation beating the SFT model."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _ppo_helpers import build_world, prompts, target_word
-from hf_rlhf_ext.best_of_n import (
+
+from hf_rlhf_ext.experiments.best_of_n import (
     CURVE_STATS,
     BestOfNSampler,
     DistillationRound,
@@ -313,7 +313,7 @@ def test_the_console_says_which_round_is_kept_and_warns_when_none_beats_the_star
 
 
 def test_recipe_saves_every_round_and_keeps_the_best_held_out_gold_at_the_top(tiny, tmp_path, monkeypatch):
-    import hf_rlhf_ext.best_of_n as bon
+    import hf_rlhf_ext.experiments.best_of_n as bon
 
     real, golds = bon.evaluate_samples, iter([0.389, 0.594, 0.378])  # start, round 1, round 2: round 2 overshoots
 
@@ -346,7 +346,7 @@ def test_recipe_refuses_zero_counts(flag):
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_lab_best_of_n_gold_peaks_while_the_proxy_keeps_rising(lab):
-    from hf_rlhf_ext.rewards import lab_gold_reward, lab_proxy_reward
+    from hf_rlhf_ext.lab.rewards import lab_gold_reward, lab_proxy_reward
 
     tok = lab.load_tokenizer()
     sampler = BestOfNSampler(lab.load_policy(), tok, {"proxy": lab_proxy_reward, "gold": lab_gold_reward})

@@ -11,7 +11,13 @@ from _ppo_helpers import build_tiny_llama, build_world, prompts
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from hf_rlhf_ext.best_of_n import BestOfNSampler, default_memory_budget_mb, rows_in_flight, sample_pool, sequence_kl
+from hf_rlhf_ext.experiments.best_of_n import (
+    BestOfNSampler,
+    default_memory_budget_mb,
+    rows_in_flight,
+    sample_pool,
+    sequence_kl,
+)
 from hf_rlhf_ext.sampling import sampling_row_bytes, scoring_row_bytes
 
 

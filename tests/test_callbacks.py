@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-
 from _callbacks_helpers import (
     build_policy,
     good_reward,
@@ -135,7 +134,8 @@ def test_exact_kl_is_the_whole_vocabulary_kl_of_each_sampled_position(policy_pat
 def test_held_out_sampler_kv_cache_matches_forward_log_probs(policy_path, tmp_path, peft):
     """The KV-cache sampler's log-probs are those of a full forward pass at the same positions (left-padded prompts
     of different lengths); it starts with the same draws as generate() with the same seed; the seed follows the step."""
-    from hf_rlhf_ext.callbacks._trainer_access import HeldOutSampler, per_token_logps
+    from hf_rlhf_ext.callbacks._trainer_access import HeldOutSampler
+    from hf_rlhf_ext.sampling import per_token_logps
 
     trainer = _grpo(policy_path, tmp_path, peft=peft, max_steps=1, temperature=0.7)
     mixed = prompts(6) + ["customer : my lamp agent :", "customer : lamp broken sorry thank you good agent :"]
@@ -652,7 +652,7 @@ def test_overoptimization_end_to_end_on_lab(tmp_path):
     from hf_rlhf_ext.callbacks import OveroptimizationCallback
     from hf_rlhf_ext.lab import build_lab
     from hf_rlhf_ext.lab.build import policy_quality
-    from hf_rlhf_ext.rewards import lab_gold_reward, lab_proxy_reward
+    from hf_rlhf_ext.lab.rewards import lab_gold_reward, lab_proxy_reward
 
     torch.set_num_threads(1)
     lab = build_lab()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from _ppo_helpers import build_tiny_llama, build_tokenizer, prompts
 from _recipe_helpers import load_recipe, record_sampled_prompt_ids
-from hf_rlhf_ext.recipe_utils import chat_prompt_dataset
+
+from hf_rlhf_ext.run.build import chat_prompt_dataset
 from hf_rlhf_ext.sampling import as_chat_prompts, encode_prompts
 
 PLAIN = "customer : my kettle is late agent :"

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _ppo_helpers import build_world, prompts
-from hf_rlhf_ext.recipe_utils import cli_main
+
+from hf_rlhf_ext.run.errors import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -158,7 +158,7 @@ def test_quantization_flags_are_refused_where_they_cannot_work(capsys, tiny, tmp
 def test_quantization_without_peft_is_refused():
     from types import SimpleNamespace
 
-    from hf_rlhf_ext.recipe_utils import quantization_kwargs
+    from hf_rlhf_ext.run.build import quantization_kwargs
     from hf_rlhf_ext.validation import InputError
 
     model_args = SimpleNamespace(load_in_4bit=True, load_in_8bit=False, use_peft=False)
@@ -300,7 +300,7 @@ def test_an_error_under_an_open_progress_bar_gets_a_line_of_its_own(capsys):
 
 
 def test_the_console_summary_shows_chat_prompts_as_turns_not_python_lists():
-    from hf_rlhf_ext.recipe_reporting import summary_text
+    from hf_rlhf_ext.run.finish import summary_text
 
     chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "my kettle is broken"}]
     text = summary_text({"samples_before": [{"prompt": chat, "completion": [{"role": "assistant", "content": "sorry"}]}],

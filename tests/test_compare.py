@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_rlhf_ext.compare import (
+from hf_rlhf_ext.experiments.compare import (
     held_out_rewards,
     parse_compare_argv,
     report_markdown,
@@ -97,7 +97,7 @@ def test_held_out_proxy_is_the_weighted_sum_and_gold_the_weight_zero_function():
 # Summary, table and plot from hand-made results
 # ------------------------------------------------------------------------------------------------------------------
 def _run(trainer, seed, golds, kls, memory, seconds):
-    from hf_rlhf_ext.compare import curve_numbers
+    from hf_rlhf_ext.experiments.compare import curve_numbers
 
     curve = [{"step": 5 * i, "gold": g, "proxy": 10 * g, "kl": k, "kl_k1": k}
              for i, (g, k) in enumerate(zip(golds, kls))]

@@ -40,7 +40,7 @@ def _resolve(dotted: str):
 
 
 def test_every_dotted_name_in_the_docs_imports():
-    from hf_rlhf_ext.cli import recipes_package
+    from hf_rlhf_ext.run.parsing import recipes_package
 
     recipes_package()  # hf_rlhf_ext.recipes: installed by the wheel; in a checkout, the top-level recipes/
     names = set()
@@ -68,7 +68,7 @@ def test_the_quickstarts_numbers_are_those_of_the_committed_run():
     for digit as the recipe prints them: a rerun that changes the numbers changes the committed file and the page."""
     import json
 
-    from hf_rlhf_ext.recipe_reporting import summary_text
+    from hf_rlhf_ext.run.finish import summary_text
 
     metrics = json.loads((ROOT / "docs" / "runs" / "ppo-lab" / "metrics.json").read_text())
     page = (ROOT / "docs" / "quickstart.md").read_text()

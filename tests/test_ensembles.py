@@ -1,4 +1,4 @@
-"""Reward-model ensembles against over-optimisation (hf_rlhf_ext.ensembles, recipes/rm_ensemble.py).
+"""Reward-model ensembles against over-optimisation (hf_rlhf_ext.experiments.ensembles, recipes/rm_ensemble.py).
 
 Fast tests: the numbers, table and plot from synthetic results; the dotted-path objectives against their members
 scored one by one; the command line each objective's sweep gets; bad arguments; resume and refusal with fake points.
@@ -13,9 +13,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-
 from _ppo_helpers import build_world
-from hf_rlhf_ext import ensembles, sweeps
+
+from hf_rlhf_ext.experiments import ensembles, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,13 +136,13 @@ def test_each_objective_gets_a_sweep_command_line_the_sweep_parses(tmp_path):
     assert s_script.reward_model_name_or_path == "/rm/single" and s_script.reward_funcs == ["my.gold"]
     assert list(s_train.reward_weights) == [1.0, 0.0] and s_script.track_gold is False
     u_script, u_train = parsed["uwo"][1], parsed["uwo"][2]
-    assert u_script.reward_funcs == ["hf_rlhf_ext.ensembles.ensemble_uwo", "my.gold"]
+    assert u_script.reward_funcs == ["hf_rlhf_ext.experiments.ensembles.ensemble_uwo", "my.gold"]
     assert u_script.reward_model_name_or_path is None
     assert u_train.output_dir == str(tmp_path / "out" / "uwo") and s_train.output_dir == str(tmp_path / "out" / "single")
 
 
 def test_the_shipped_config_runs_the_ppo_sweeps_with_its_beta_as_kl_coef(tmp_path):
-    from hf_rlhf_ext.recipe_utils import shipped_config_path
+    from hf_rlhf_ext.run.parsing import shipped_config_path
 
     argv = ["--trainer", "ppo", "--config", str(shipped_config_path("rm_ensemble_lab.yaml")),
             "--output_dir", str(tmp_path / "out")]

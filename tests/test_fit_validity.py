@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_rlhf_ext import sweeps
+from hf_rlhf_ext.experiments import sweeps
 from hf_rlhf_ext.objectives import MAX_PEAK_KL_FACTOR, MIN_FIT_R2, GaoFit, fit_gao
 
 ROOT = Path(__file__).resolve().parents[1]

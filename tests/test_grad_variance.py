@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _reinforce_helpers import build_tiny_model, prompt_dataset, target_word_reward, tiny_args
 
 from hf_rlhf_ext.callbacks.grad_variance import (
@@ -185,7 +184,8 @@ def test_concat_and_select_keep_batch_level_entries():
 
 def test_callback_works_with_our_ppo_trainer_and_leaves_the_critic_alone(model_path, tmp_path):
     """PPO's loss includes the critic's value loss: measuring must not write gradients into the critic either."""
-    from hf_rlhf_ext.trainers.ppo import PPOConfig, PPOTrainer
+    from hf_rlhf_ext.trainers.ppo import PPOTrainer
+    from hf_rlhf_ext.trainers.ppo_config import PPOConfig
 
     def run(with_callback: bool):
         torch.manual_seed(0)

@@ -10,13 +10,8 @@ from types import SimpleNamespace
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from hf_rlhf_ext.trainers.kl_control import (
-    KL_STATE_FILE,
-    AdaptiveKLCallback,
-    AdaptiveKLController,
-    FixedKLController,
-    load_kl_state,
-)
+from hf_rlhf_ext.callbacks.adaptive_kl import AdaptiveKLCallback, load_kl_state
+from hf_rlhf_ext.trainers.kl_control import KL_STATE_FILE, AdaptiveKLController, FixedKLController
 
 # ------------------------------------------------------------------------------------------------ controllers
 

@@ -16,7 +16,7 @@ OFF_LAB = [["--model_name_or_path", "some/model"], ["--dataset_name", "some/prom
 
 
 def recipe(name: str):
-    from hf_rlhf_ext.cli import recipes_package
+    from hf_rlhf_ext.run.parsing import recipes_package
 
     return importlib.import_module(f"{recipes_package()}.{name}")
 
@@ -101,7 +101,7 @@ def test_the_settings_line_states_the_lora_rule():
 
 
 def test_a_command_line_run_prints_the_settings_line_once_on_the_main_process(monkeypatch, capsys):
-    from hf_rlhf_ext import recipe_parsing
+    from hf_rlhf_ext.run import parsing as recipe_parsing
 
     monkeypatch.setattr(recipe_parsing, "_ANNOUNCED", set())
     monkeypatch.setattr(sys, "argv", ["grpo.py", "--max_steps", "3"])
@@ -119,7 +119,7 @@ def test_the_experiments_apply_their_lab_files_on_the_lab_only():
 
     from trl import GRPOConfig
 
-    from hf_rlhf_ext import ensembles, sweeps
+    from hf_rlhf_ext.experiments import ensembles, sweeps
 
     trl_default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}["max_completion_length"]
     lab = sweeps.lab_defaults("grpo")["max_completion_length"]

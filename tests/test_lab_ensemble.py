@@ -38,7 +38,7 @@ def test_bad_ensembles_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_lab_ensemble_members_are_proxies_that_disagree_off_distribution(lab):
-    from hf_rlhf_ext.best_of_n import sample_pool
+    from hf_rlhf_ext.experiments.best_of_n import sample_pool
     from hf_rlhf_ext.rewards import RewardModelFunction
 
     paths = build_reward_ensemble(lab, k=3)

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_rlhf_ext.recipe_utils import launched_as, recipe_command
+from hf_rlhf_ext.run.finish import recipe_command
+from hf_rlhf_ext.run.parsing import launched_as
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_the_best_of_n_card_records_python_when_run_with_python(typed, tmp_path)
 
 
 def test_the_report_card_records_the_console_command(typed, tmp_path):
-    from hf_rlhf_ext.cli import recipes_package
+    from hf_rlhf_ext.run.parsing import recipes_package
 
     pipeline = importlib.import_module(f"{recipes_package()}.pipeline")
     typed(["hf-rlhf-ext report", "--quick"])

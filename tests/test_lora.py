@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-
 import pytest
-
 from _recipe_helpers import load_recipe
-from hf_rlhf_ext.recipe_utils import LORA_LEARNING_RATE_MULTIPLIER, read_lab_config
-from hf_rlhf_ext.results import read_metrics
 
+from hf_rlhf_ext.results import read_metrics
+from hf_rlhf_ext.run.parsing import LORA_LEARNING_RATE_MULTIPLIER, read_lab_config
 
 _recipe = load_recipe
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _ppo_helpers import build_world, prompts
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+from _recipe_helpers import load_recipe, recipe_world, run_recipe
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.hf_api import RepoUrl
 
-from _recipe_helpers import load_recipe, recipe_world, run_recipe
 from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, write_model_card
 from hf_rlhf_ext.results import read_metrics
-
 
 _run = run_recipe
 
@@ -150,8 +149,9 @@ def test_reward_model_card_reports_held_out_accuracy_and_reloads(lab, tmp_path):
 
 
 def test_beta_sweep_folder_has_a_card_with_its_table_and_frontier(tmp_path, monkeypatch):
-    from hf_rlhf_ext import sweeps
     from test_sweeps import fake_result
+
+    from hf_rlhf_ext.experiments import sweeps
 
     monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: fake_result(beta, seed))
     load_recipe("beta_sweep").main(["--output_dir", str(tmp_path), "--betas", "0", "0.05", "0.2", "--seeds", "0"])
@@ -216,8 +216,9 @@ def test_best_of_n_push_uploads_the_distilled_folder_with_its_card(tiny, tmp_pat
 
 
 def test_beta_sweep_push_uploads_its_folder_once_and_its_points_never_push(tmp_path, monkeypatch, fake_hub):
-    from hf_rlhf_ext import sweeps
     from test_sweeps import fake_result
+
+    from hf_rlhf_ext.experiments import sweeps
 
     point_args = []
 
@@ -225,7 +226,7 @@ def test_beta_sweep_push_uploads_its_folder_once_and_its_points_never_push(tmp_p
         point_args.append(training_args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_rlhf_ext.recipe_utils.prepare_rl_run", prepare)
+    monkeypatch.setattr("hf_rlhf_ext.run.build.prepare_rl_run", prepare)
     argv = ["--output_dir", str(tmp_path), "--betas", "0", "0.2", "--seeds", "0", "--push_to_hub", "true",
             "--hub_model_id", "someone/sweep"]
     with pytest.raises(KeyboardInterrupt):
@@ -240,8 +241,8 @@ def test_beta_sweep_push_uploads_its_folder_once_and_its_points_never_push(tmp_p
 
 
 def test_compare_and_baselines_runs_never_push():
-    from hf_rlhf_ext.baselines import parse_baselines_argv
-    from hf_rlhf_ext.compare import parse_compare_argv
+    from hf_rlhf_ext.experiments.baselines import parse_baselines_argv
+    from hf_rlhf_ext.experiments.compare import parse_compare_argv
 
     push = ["--push_to_hub", "true", "--hub_model_id", "someone/x"]
     assert parse_compare_argv(push, "ppo")[1].push_to_hub is True  # the experiment itself pushes

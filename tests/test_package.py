@@ -19,8 +19,9 @@ def test_every_export_resolves():
 
 def test_pyproject_lists_every_package_and_maps_the_recipes():
     """The package list is explicit (recipes/ is mapped to hf_rlhf_ext.recipes): a new subpackage must be added."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -49,7 +50,8 @@ def test_cli_hands_the_command_line_to_each_recipe(capsys):
 
 
 def test_a_card_names_the_command_the_recipe_was_started_with(monkeypatch):
-    from hf_rlhf_ext.recipe_utils import launched_as, recipe_command
+    from hf_rlhf_ext.run.finish import recipe_command
+    from hf_rlhf_ext.run.parsing import launched_as
 
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
     assert recipe_command("recipes/ppo.py", ["--beta", "0.1"]) == "python recipes/ppo.py --beta 0.1"

@@ -1,4 +1,4 @@
-"""The chapter pipeline (recipes/pipeline.py, hf_rlhf_ext.report, the hf-rlhf-ext console entry point): stages kept
+"""The chapter pipeline (recipes/pipeline.py, hf_rlhf_ext.experiments.report, the hf-rlhf-ext console entry point): stages kept
 and reused, claims decided from stage results (and skipped, not faked, without their data), the report; on the lab
 (slow): the quick run's claims and a rerun after a kill."""
 
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_rlhf_ext.report import Claim, StageStore, render_report
+from hf_rlhf_ext.experiments.report import Claim, StageStore, render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -289,7 +289,7 @@ def test_a_fit_with_a_peak_far_outside_the_measured_kl_is_no_fit_whatever_its_r2
 def _pves(offsets) -> dict:
     """The β sweep's penalty-vs-early-stopping result for two β per seed: β = 0 passes KL 1 at gold 0.4, β = 0.5 ends
     at KL 1 with gold 0.4 + the seed's offset, so each seed's difference is its offset."""
-    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+    from hf_rlhf_ext.experiments.early_stopping import penalty_vs_early_stopping
 
     def row(beta, seed, pts):
         return {"trainer": "grpo", "beta": beta, "seed": seed,
@@ -315,7 +315,7 @@ def test_the_early_stopping_finding_follows_the_numbers(offsets, verdict):
 
 
 def test_the_beta_sweep_stage_keeps_the_early_stopping_result(monkeypatch, tmp_path):
-    from hf_rlhf_ext import sweeps
+    from hf_rlhf_ext.experiments import sweeps
 
     pves = _pves((0.10, 0.12, 0.14))
     monkeypatch.setattr(sweeps, "run_sweep", lambda argv, progress: {**dict.fromkeys(

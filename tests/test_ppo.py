@@ -3,15 +3,16 @@ G = 1 and 2, LoRA (with and without a critic on the shared base), checkpoints, r
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from _ppo_helpers import build_tiny_llama, build_world, ppo_args, prompts, target_word
-from hf_rlhf_ext.objectives import clipped_value_loss, kl_estimate
-from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
+
+from hf_rlhf_ext.objectives import clipped_value_loss, kl_estimate, token_level_rewards
 from hf_rlhf_ext.persisted_state import read_checkpoint_state
-from hf_rlhf_ext.trainers.ppo import VALUE_MODEL_DIR, PPOConfig, PPOTrainer, token_level_rewards
+from hf_rlhf_ext.trainers.critic import VALUE_MODEL_DIR
+from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
+from hf_rlhf_ext.trainers.ppo import PPOTrainer
+from hf_rlhf_ext.trainers.ppo_config import PPOConfig
 from hf_rlhf_ext.trainers.value_model import ValueModel
 
 
@@ -612,8 +613,9 @@ def test_rollout_critic_pass_is_reused_by_the_first_step_only(world, tmp_path):
 def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
     """Small logits: log-probs and entropies from the plain LM head equal GRPO's fused head (rounding only), with 0
     on padded positions, and so do the policy gradients; large ones (or bf16) go through the fused head."""
-    import hf_rlhf_ext.trainers.rollout as ppo_module
     from trl import GRPOTrainer
+
+    import hf_rlhf_ext.trainers.rollout as ppo_module
 
     trainer = _trainer(world, tmp_path, max_completion_length=8)
     trainer.model.train()

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _ppo_helpers import build_world
 
 TESTS = Path(__file__).parent

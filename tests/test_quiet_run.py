@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from _ppo_helpers import build_world
-from hf_rlhf_ext.recipe_utils import expected_head_drops_unreported
+
+from hf_rlhf_ext.run.build import expected_head_drops_unreported
 
 
 class _Records(logging.Handler):
@@ -58,7 +58,7 @@ def test_the_command_line_drops_only_the_deprecation_trl_triggers():
     """TRL 1.16 reads a transformers property renamed in 5.x on every step; the user cannot act on that warning."""
     import warnings
 
-    from hf_rlhf_ext.recipe_utils import cli_main
+    from hf_rlhf_ext.run.errors import cli_main
 
     def entry():
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from _recipe_helpers import load_recipe, record_sampled_prompt_ids, run_recipe
+
 from hf_rlhf_ext.results import read_metrics
 
 # found, not imported: the package's own module imports the `llm` CLI, which the export does not need

@@ -18,7 +18,7 @@ RECIPES = ["ppo", "grpo", "reinforce", "reward", "best_of_n"]
 
 
 def recipe(name: str):
-    from hf_rlhf_ext.cli import recipes_package
+    from hf_rlhf_ext.run.parsing import recipes_package
 
     return importlib.import_module(f"{recipes_package()}.{name}")
 
@@ -57,18 +57,19 @@ def test_flags_and_config_files_override_the_lab_defaults(tmp_path):
 def test_an_unknown_key_in_a_lab_config_is_refused():
     from trl import GRPOConfig
 
-    from hf_rlhf_ext.recipe_utils import RLScriptArguments, make_recipe_parser
+    from hf_rlhf_ext.run.parsing import make_recipe_parser
+    from hf_rlhf_ext.run.spec import RLScriptArguments
 
     with pytest.raises(ValueError, match="max_stepz"):
         make_recipe_parser(RLScriptArguments, GRPOConfig, {"max_stepz": 3})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The experiments (hf_rlhf_ext.sweeps / compare / baselines / ensembles): per trainer where their defaults differ
+# The experiments (hf_rlhf_ext.experiments.sweeps / compare / baselines / ensembles): per trainer where their defaults differ
 # ----------------------------------------------------------------------------------------------------------------------
 def experiments() -> dict:
     """name -> (parse(argv) of the experiment's command line, its lab YAML files, later ones on top)."""
-    from hf_rlhf_ext import baselines, compare, ensembles, sweeps
+    from hf_rlhf_ext.experiments import baselines, compare, ensembles, sweeps
 
     return {
         "beta_sweep-grpo": (sweeps.parse_sweep_argv, ["beta_sweep_lab.yaml"]),
@@ -130,7 +131,7 @@ def test_the_sweep_defaults_differ_by_trainer():
 
 def edited_copy(tmp_path, monkeypatch, name: str, **changes) -> None:
     """Serves an edited copy of the shipped ``name`` to the library (the others stay as shipped)."""
-    from hf_rlhf_ext import recipe_parsing
+    from hf_rlhf_ext.run import parsing as recipe_parsing
 
     edited = tmp_path / name
     edited.write_text(yaml.safe_dump({**yaml.safe_load((CONFIGS / name).read_text()), **changes}))
@@ -159,8 +160,8 @@ def test_an_unknown_key_in_an_experiments_yaml_is_refused(tmp_path, monkeypatch)
 
 RECIPE_MODULES = ["ppo", "grpo", "reinforce", "reward", "best_of_n", "beta_sweep", "compare", "reinforce_baselines",
                   "rm_ensemble"]
-LIBRARY_MODULES = ["hf_rlhf_ext.sweeps", "hf_rlhf_ext.compare", "hf_rlhf_ext.baselines", "hf_rlhf_ext.ensembles",
-                   "hf_rlhf_ext.recipe_utils"]
+LIBRARY_MODULES = ["hf_rlhf_ext.experiments.sweeps", "hf_rlhf_ext.experiments.compare", "hf_rlhf_ext.experiments.baselines", "hf_rlhf_ext.experiments.ensembles",
+                   "hf_rlhf_ext.run.build"]
 
 
 def dicts_in(module) -> list[dict]:
@@ -182,7 +183,7 @@ def test_no_module_holds_a_second_copy_of_a_lab_config(module_name):
 
 def test_shipped_configs_are_read_from_the_installed_package(tmp_path, monkeypatch):
     """In a wheel the YAML files are package data of hf_rlhf_ext.recipes, not files of a checkout."""
-    from hf_rlhf_ext.recipe_utils import read_shipped_config
+    from hf_rlhf_ext.run.parsing import read_shipped_config
 
     package = tmp_path / "site-packages" / "hf_rlhf_ext" / "recipes"
     (package / "configs").mkdir(parents=True)

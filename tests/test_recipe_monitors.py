@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
-
 from _recipe_helpers import load_recipe, recipe_world, run_recipe
-from hf_rlhf_ext.recipe_utils import parse_monitors
-from hf_rlhf_ext.results import read_log_history, read_metrics
 
+from hf_rlhf_ext.results import read_log_history, read_metrics
+from hf_rlhf_ext.run.spec import parse_monitors
 
 _recipe, _run = load_recipe, run_recipe
 

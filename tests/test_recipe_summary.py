@@ -1,6 +1,6 @@
 """The console summary a recipe prints: every reward before -> after, the KL (k3), and paired sample completions."""
 
-from hf_rlhf_ext.recipe_utils import summary_text
+from hf_rlhf_ext.run.finish import summary_text
 
 
 def test_summary_lists_rewards_kl_and_paired_samples():

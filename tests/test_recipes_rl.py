@@ -1,4 +1,4 @@
-"""The RL recipes (recipes/ppo.py, recipes/grpo.py) and their shared plumbing (hf_rlhf_ext.recipe_utils).
+"""The RL recipes (recipes/ppo.py, recipes/grpo.py) and their shared plumbing (hf_rlhf_ext.run.build).
 
 Fast tests run the recipes in-process on tiny stand-in models (``--model_name_or_path``, ``--dataset_name``,
 ``--reward_funcs``); the lab runs and the acceptance test are ``slow``. The one-vs-two-process comparison starts
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _recipe_helpers import load_recipe, recipe_world, run_recipe
+
 from hf_rlhf_ext.results import read_log_history, read_metrics
 from hf_rlhf_ext.validation import DataValidationError
 
@@ -81,7 +81,7 @@ def test_recipe_refuses_a_dataset_without_prompts(tiny, tmp_path):
 
 
 def test_reward_funcs_are_imported_and_validated():
-    from hf_rlhf_ext.recipe_utils import import_reward_func
+    from hf_rlhf_ext.run.build import import_reward_func
 
     func = import_reward_func("_ppo_helpers.target_word")
     assert func.__name__ == "target_word"

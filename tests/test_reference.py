@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _callbacks_helpers import build_policy, good_reward, grpo_config, prompt_dataset, prompts
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -30,8 +29,8 @@ def _logits(model, ids):
 
 
 def test_each_trainer_gets_its_cheapest_reference(policy_path, tmp_path):
-    from hf_rlhf_ext.recipe_reporting import _reference_for_eval
     from hf_rlhf_ext.reference import ReferencePolicy, resolve_reference
+    from hf_rlhf_ext.run.finish import _reference_for_eval
 
     full = _grpo(policy_path, tmp_path / "full", beta=0.0)
     assert resolve_reference(full) is None and _reference_for_eval(full) is None
@@ -92,7 +91,7 @@ def test_reference_model_takes_a_module_or_the_adapter_switch(policy_path):
 def test_evaluation_kl_to_the_adapter_disabled_reference(policy_path, tmp_path):
     """The recipes' held-out KL uses the same resolver: ≈ 0 for a fresh LoRA policy (its adapter starts at zero),
     positive once the adapter moved."""
-    from hf_rlhf_ext.recipe_reporting import _reference_for_eval, evaluate_policy
+    from hf_rlhf_ext.run.finish import _reference_for_eval, evaluate_policy
 
     lora = _grpo(policy_path, tmp_path / "lora", peft=True)
     policy = lora.accelerator.unwrap_model(lora.model)

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from _reinforce_helpers import build_tiny_model, prompt_dataset, target_word_reward, tiny_args
 
 from hf_rlhf_ext.objectives import group_advantages

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_rlhf_ext.baselines import (
+from hf_rlhf_ext.experiments.baselines import (
     offset_reward,
     parse_baselines_argv,
     report_markdown,

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import pytest
+from _ppo_helpers import build_world, ppo_args, prompts, target_word
 from transformers import TrainerCallback
 from trl.trainer.grpo_trainer import RepeatSampler
 
-from _ppo_helpers import build_world, ppo_args, prompts, target_word
 from hf_rlhf_ext.trainers.ppo import PPOTrainer
 from hf_rlhf_ext.trainers.resumable_sampling import EpochReplaySampler, ResumableGRPOTrainer
 

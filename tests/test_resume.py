@@ -288,7 +288,7 @@ def test_a_sweep_killed_mid_way_reruns_only_the_unfinished_points(tmp_path, monk
     the other one, and its results equal an uninterrupted sweep's, field for field (all but the wall-clock seconds)."""
     from _ppo_helpers import build_world, prompts
 
-    from hf_rlhf_ext import sweeps
+    from hf_rlhf_ext.experiments import sweeps
 
     world = build_world(str(tmp_path / "world"))
     data = tmp_path / "prompts"

@@ -9,8 +9,8 @@ import math
 import os
 
 import pytest
-
 from _ppo_helpers import build_world, ppo_args, prompts, target_word
+
 from hf_rlhf_ext.reward_guard import (
     FAULTS_DIR,
     NonFiniteRewardError,

@@ -6,7 +6,8 @@ import torch
 from datasets import Dataset
 
 from hf_rlhf_ext.lab.tokenizer import build_tokenizer
-from hf_rlhf_ext.reward_modeling import pairwise_report, score_texts, score_token_ids, train_reward_model
+from hf_rlhf_ext.reward_modeling import pairwise_report, train_reward_model
+from hf_rlhf_ext.rewards import score_texts, score_token_ids
 from hf_rlhf_ext.validation import DataValidationError
 
 

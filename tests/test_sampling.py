@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _callbacks_helpers import build_policy, build_tokenizer, prompts
 
-from hf_rlhf_ext.callbacks._trainer_access import per_token_logps
-from hf_rlhf_ext.sampling import forward_kwargs, kv_cache_sampling_supported, sample_with_kv_cache
+from hf_rlhf_ext.sampling import forward_kwargs, kv_cache_sampling_supported, per_token_logps, sample_with_kv_cache
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The β sweep (hf_rlhf_ext.sweeps, recipes/beta_sweep.py).
+"""The β sweep (hf_rlhf_ext.experiments.sweeps, recipes/beta_sweep.py).
 
 Fast tests: the results file (resume, truncated last line, config fingerprint), Spearman's ρ against hand-computed
 values, the report from synthetic results, bad arguments, and real points on the tiny world of ``_ppo_helpers``. The
@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 
 import pytest
-
 from _ppo_helpers import build_world, prompts
-from hf_rlhf_ext import sweeps
+
+from hf_rlhf_ext.experiments import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def two_beta_sweep(offsets, high_kl=1.5) -> list[dict]:
 
 
 def test_gold_at_kl_interpolates_linearly_in_kl_at_the_first_crossing():
-    from hf_rlhf_ext.early_stopping import gold_at_kl
+    from hf_rlhf_ext.experiments.early_stopping import gold_at_kl
 
     curve = run_row(0.0, 0, [(0, 0.0, 0.2), (5, 1.0, 0.5), (10, 2.0, 0.6), (15, 3.0, 0.4)])["curve"]
     assert gold_at_kl(curve, 1.5) == pytest.approx({"gold": 0.55, "step": 7.5})  # halfway between 0.5 and 0.6
@@ -218,7 +218,7 @@ def test_gold_at_kl_interpolates_linearly_in_kl_at_the_first_crossing():
     ((-0.10, -0.12, -0.14), "early stopping beats the penalty", (-0.169687, -0.070313)),
 ])
 def test_penalty_vs_early_stopping_verdicts_known_by_construction(offsets, verdict, interval):
-    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+    from hf_rlhf_ext.experiments.early_stopping import penalty_vs_early_stopping
 
     out = penalty_vs_early_stopping(two_beta_sweep(offsets))
     assert out["verdict"] == verdict
@@ -230,7 +230,7 @@ def test_penalty_vs_early_stopping_verdicts_known_by_construction(offsets, verdi
 
 
 def test_too_few_matched_seeds_is_not_decidable():
-    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+    from hf_rlhf_ext.experiments.early_stopping import penalty_vs_early_stopping
 
     two_seeds = penalty_vs_early_stopping(two_beta_sweep((0.10, 0.12)))
     assert two_seeds["verdict"] == "not decidable: matched pairs in 2 seed(s), at least 3 needed"
@@ -246,7 +246,7 @@ def test_too_few_matched_seeds_is_not_decidable():
 
 def test_the_seed_is_the_replicate_not_the_pair():
     """Three β: each seed's pairs are averaged first, then the t interval is over the per-seed means."""
-    from hf_rlhf_ext.early_stopping import penalty_vs_early_stopping
+    from hf_rlhf_ext.experiments.early_stopping import penalty_vs_early_stopping
 
     rows = []
     for seed, shift in enumerate((0.0, 0.03, 0.06)):
@@ -401,7 +401,7 @@ def test_lab_sweep_shows_the_kl_leash_and_the_gold_hump(tmp_path):
 def test_parallel_points_run_under_the_callers_current_environment(monkeypatch):
     """Workers fork from a fork server started once: a variable the caller sets (or drops) later must still reach
     each point, so the point task takes the caller's environment with it."""
-    from hf_rlhf_ext import sweeps
+    from hf_rlhf_ext.experiments import sweeps
 
     seen = {}
     monkeypatch.setattr(sweeps, "run_point", lambda argv, beta, seed: seen.update(

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _ppo_helpers import build_world, prompts
 from _recipe_helpers import run_recipe
+
 from hf_rlhf_ext.results import read_log_history, read_metrics
 
 pytest.importorskip("tensorboard", reason="the tracking extra: pip install 'hf-rlhf-ext[tracking]'")

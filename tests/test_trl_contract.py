@@ -32,6 +32,7 @@ def test_installed_trl_meets_the_contract():
 
 def test_a_trainer_instance_meets_the_contract(tmp_path):
     from _ppo_helpers import build_world, ppo_args, prompts, target_word
+
     from hf_rlhf_ext.trainers.ppo import PPOTrainer
 
     world = build_world(str(tmp_path / "world"))
@@ -59,6 +60,7 @@ def test_a_missing_or_changed_name_fails_naming_the_supported_versions(monkeypat
 
 def test_trainer_construction_runs_the_instance_checks(monkeypatch, tmp_path, fresh_contract_cache):
     from _ppo_helpers import build_world, ppo_args, prompts, target_word
+
     from hf_rlhf_ext.trainers.ppo import PPOTrainer
 
     monkeypatch.setitem(_trl_compat.GRPO_ATTRIBUTES, "_state_from_another_version", "renamed in a later TRL")

@@ -165,7 +165,8 @@ def test_hub_ids_are_left_to_the_hub(name, tmp_path, monkeypatch):
 
 
 def test_a_lab_dir_in_a_folder_that_does_not_exist_is_refused_before_anything_is_written(tmp_path):
-    from hf_rlhf_ext.recipe_utils import RLScriptArguments, load_lab
+    from hf_rlhf_ext.run.build import load_lab
+    from hf_rlhf_ext.run.spec import RLScriptArguments
 
     with pytest.raises(InputError, match=r"--lab_dir .*typo/lab.*its folder .*typo' does not exist"):
         load_lab(RLScriptArguments(lab_dir=str(tmp_path / "typo" / "lab")))
@@ -183,7 +184,7 @@ def _grpo(**kw):
 
 
 def _ppo(**kw):
-    from hf_rlhf_ext.trainers.ppo import PPOConfig
+    from hf_rlhf_ext.trainers.ppo_config import PPOConfig
 
     kw = {"per_device_train_batch_size": 4, **kw}
     return PPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none", **kw)
@@ -260,14 +261,14 @@ def test_best_of_n_refuses_n_below_one():
 # Reward functions and reward models
 # ----------------------------------------------------------------------------------------------------------------------
 def test_a_reward_module_that_cannot_be_imported_is_named():
-    from hf_rlhf_ext.recipe_utils import import_reward_func
+    from hf_rlhf_ext.run.build import import_reward_func
 
     with pytest.raises(InputError, match="cannot import module 'no_such_rewards_module'"):
         import_reward_func("no_such_rewards_module.length")
 
 
 def test_a_missing_reward_attribute_is_named_with_what_the_module_has():
-    from hf_rlhf_ext.recipe_utils import import_reward_func
+    from hf_rlhf_ext.run.build import import_reward_func
 
     with pytest.raises(InputError, match=r"module '_ppo_helpers' .* has no attribute 'nope'.*'target_word'"):
         import_reward_func("_ppo_helpers.nope")
@@ -276,7 +277,7 @@ def test_a_missing_reward_attribute_is_named_with_what_the_module_has():
 def test_reward_funcs_import_only_the_named_module_and_leave_the_path_as_it_was(tmp_path, monkeypatch):
     import sys
 
-    from hf_rlhf_ext.recipe_utils import import_reward_func
+    from hf_rlhf_ext.run.build import import_reward_func
 
     (tmp_path / "my_cwd_rewards.py").write_text("def length(prompts, completions, **kw):\n"
                                                 "    return [float(len(c)) for c in completions]\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _ppo_helpers import build_world, ppo_args, prompts, target_word
+
 from hf_rlhf_ext.objectives import clipped_value_loss
 from hf_rlhf_ext.trainers.ppo import PPOTrainer
 from hf_rlhf_ext.trainers.value_model import PolicyValueHead, policy_backbone
@@ -242,6 +242,7 @@ def test_value_head_learns_the_returns_on_the_lab(tmp_path):
     """30 steps of the lab run (seed 0) with the head's own learning rate: the value loss falls and the explained
     variance rises from ≈ 0 (the zero head) — the head learns more than the mean return."""
     from _recipe_helpers import run_recipe
+
     from hf_rlhf_ext.results import read_log_history
 
     run_recipe("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",

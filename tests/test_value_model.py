@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-
 from _ppo_helpers import build_world
+
 from hf_rlhf_ext.trainers.value_model import HEAD_WEIGHTS, ValueModel, share_weights_copy
 
 

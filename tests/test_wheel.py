@@ -11,7 +11,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 #: what a wheel is built from (the rest of a checkout, e.g. runs/ or .git, stays out of the copy)
 SOURCES = ("pyproject.toml", "README.md", "hf_rlhf_ext", "recipes")

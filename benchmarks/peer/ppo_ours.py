@@ -38,7 +38,6 @@ a = p.parse_args()
 
 sys.path.insert(0, os.path.abspath(a.peer))
 import task  # noqa: E402
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
@@ -46,7 +45,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
-from hf_rlhf_ext.trainers.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from hf_rlhf_ext.trainers.ppo import PPOTrainer  # noqa: E402
+from hf_rlhf_ext.trainers.ppo_config import PPOConfig
 
 torch.manual_seed(0)
 tok = task.tokenizer()

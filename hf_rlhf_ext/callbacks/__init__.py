@@ -21,6 +21,7 @@ _EXPORTS: dict[str, str] = {
     "GroupAdvantageViolation": "group_advantage",
     "expected_advantages": "group_advantage",
     "GradientVarianceCallback": "grad_variance",
+    "AdaptiveKLCallback": "adaptive_kl",
     "GradVarianceMeasurement": "grad_variance",
     "measure_gradient_variance": "grad_variance",
     "UnsupportedTrainerError": "_trainer_access",

@@ -77,14 +77,8 @@ from transformers import TrainerCallback
 
 from ..objectives import fit_gao
 from ..persisted_state import PersistedState
-from ._trainer_access import (
-    HeldOutSampler,
-    ReferencePolicy,
-    add_metrics,
-    check_supported_trainer,
-    is_main_process,
-    reward_func_name,
-)
+from ..reference import ReferencePolicy
+from ._trainer_access import HeldOutSampler, add_metrics, check_supported_trainer, is_main_process, reward_func_name
 
 logger = logging.getLogger(__name__)
 

@@ -459,8 +459,8 @@ def _train_rm(
     """Proxy RM with ``trl.RewardTrainer`` on pre-tokenised pairs; saves model + tokenizer to out_dir."""
     from trl import RewardConfig
 
-    from ..reward_modeling import train_reward_model
     from ..results import ResultsCallback
+    from ..reward_modeling import train_reward_model
 
     model = new_reward_model(config, tokenizer, policy_dir)
     args = RewardConfig(

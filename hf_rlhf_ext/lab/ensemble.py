@@ -77,12 +77,11 @@ def build_reward_ensemble(lab: Lab, k: int = 3, split: str = "bootstrap", force:
 
 
 def _train_members(lab: Lab, k: int, split: str, work: str) -> dict[str, Any]:
+    import datasets
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from ..reward_modeling import pairwise_report
-
-    import datasets
 
     tokenizer = lab.load_tokenizer()
     pairs = lab.load_preferences()

@@ -11,7 +11,6 @@ from .._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "FixedKLController": "kl_control",
     "AdaptiveKLController": "kl_control",
-    "AdaptiveKLCallback": "kl_control",
 }
 
 # PPO with a critic

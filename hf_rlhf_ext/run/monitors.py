@@ -4,41 +4,12 @@ its YAML file; under ``auto`` the cheap ones that apply."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
-
-from .validation import (
-    InputError,
-)
-
-if TYPE_CHECKING:
-    from .recipe_utils import RLScriptArguments, RLSetup
+from ..validation import InputError
+from .spec import RLScriptArguments, RLSetup, parse_monitors
 
 logger = logging.getLogger(__name__)
-
-
-# --monitor names -> the hf_rlhf_ext.callbacks class each one attaches
-MONITORS = {
-    "overoptimization": "OveroptimizationCallback",
-    "kl": "KLToReferenceCallback",
-    "advantages": "GroupAdvantageCheckCallback",
-    "grad_variance": "GradientVarianceCallback",
-}
-
-
-def parse_monitors(value: str | Sequence[str] | None) -> list[str] | None:
-    """The monitor names in ``--monitor`` ("a,b", or a YAML list); None for "auto", [] for "none"."""
-    names = value.split(",") if isinstance(value, str) else list(value or [])
-    names = [n.strip() for n in names if n and n.strip()]
-    if names == ["auto"]:
-        return None
-    if names in ([], ["none"]):
-        return []
-    unknown = [n for n in names if n not in MONITORS]
-    if unknown:
-        raise InputError(f"Unknown --monitor {', '.join(unknown)}: choose among {', '.join(MONITORS)} "
-                         "(comma-separated), 'auto' or 'none'.")
-    return names
 
 
 def _uses_trl_group_advantages(trainer: Any) -> bool:
@@ -51,7 +22,7 @@ def _uses_trl_group_advantages(trainer: Any) -> bool:
 
 def _monitor(name: str, trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -> Any:
     """One callback, built with the recipe's settings; raises ValueError when it does not apply to this run."""
-    from . import callbacks
+    from .. import callbacks
 
     every = script_args.monitor_every_n_steps
     if name == "overoptimization":

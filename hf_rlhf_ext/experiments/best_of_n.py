@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .objectives import GaoFit, best_of_n_kl, best_of_n_kl_win_rate, best_of_n_win_rate_bound, fit_gao
-from .reference import Reference, reference_model
-from .sampling import (
+from ..objectives import GaoFit, best_of_n_kl, best_of_n_kl_win_rate, best_of_n_win_rate_bound, fit_gao
+from ..reference import Reference, reference_model
+from ..sampling import (
     encode_prompts,
     is_conversational,
     kv_cache_sampling_supported,
@@ -333,6 +333,10 @@ class BestOfNCurve:
     def column(self, name: str) -> list[float]:
         return [p[name] for p in self.points]
 
+    def reward_names(self) -> list[str]:
+        """The rewards on the curve: every column of a point but the statistics (``CURVE_STATS``)."""
+        return [k for k in self.points[0] if k not in CURVE_STATS]
+
     def to_dict(self) -> dict[str, Any]:
         return {"select": self.select, "gold": self.gold, "points": self.points,
                 "fit": self.fit.to_dict() if self.fit is not None else None}
@@ -389,7 +393,7 @@ class BestOfNResult:
 
 def _as_reward_funcs(reward_funcs: Any) -> dict[str, Callable[..., Any]]:
     """{name: reward function}; reward models (modules or paths) are wrapped in ``RewardModelFunction``."""
-    from .rewards import RewardModelFunction
+    from ..rewards import RewardModelFunction
 
     if isinstance(reward_funcs, Mapping):
         items = list(reward_funcs.items())

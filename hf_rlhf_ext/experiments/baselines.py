@@ -25,7 +25,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .recipe_utils import RLScriptArguments
+from ..run.spec import RLScriptArguments
 
 __all__ = [
     "BaselinesArguments",
@@ -102,8 +102,8 @@ def add_reward_offset(setup: Any, training_args: Any, value: float) -> None:
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------------
 def make_baselines_parser():
-    from .recipe_parsing import make_recipe_parser, read_shipped_config
-    from .trainers.reinforce import ReinforceConfig
+    from ..run.parsing import make_recipe_parser, read_shipped_config
+    from ..trainers.reinforce import ReinforceConfig
 
     return make_recipe_parser(BaselinesArguments, ReinforceConfig, read_shipped_config(LAB_CONFIG))
 
@@ -133,9 +133,9 @@ def run_dir(output_dir: str, baseline: str, seed: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any]:
     """Trains REINFORCE with one baseline and seed; returns its reward curve and gradient-variance measurements."""
-    from .callbacks.grad_variance import GradientVarianceCallback
-    from .recipe_utils import make_trainer, prepare_rl_run
-    from .trainers.reinforce import ReinforceTrainer
+    from ..callbacks.grad_variance import GradientVarianceCallback
+    from ..run.build import make_trainer, prepare_rl_run
+    from ..trainers.reinforce import ReinforceTrainer
 
     study, training_args, model_args = parse_baselines_argv(argv, baseline, seed)
     setup = prepare_rl_run(study, training_args, model_args)
@@ -266,8 +266,8 @@ def _pm(s: dict[str, Any]) -> str:
 
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """``baselines.md`` (the table), ``baselines.png`` (reward and variance curves) and ``metrics.json``."""
-    from .plots import plot_baselines
-    from .results import write_experiment_files
+    from ..plots import plot_baselines
+    from ..results import write_experiment_files
 
     return write_experiment_files(output_dir, "baselines", report_markdown(metrics),
                                   lambda path: plot_baselines(metrics, path), metrics)

@@ -11,8 +11,8 @@ import traceback
 import warnings
 from typing import Any, Callable
 
-from .reward_guard import RewardFault
-from .validation import InputError
+from ..reward_guard import RewardFault
+from ..validation import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def user_message(exc: BaseException) -> str:
 def _program() -> str:
     """The command the user typed: ``hf-rlhf-ext <name>`` from the console entry point (which runs the recipe as a
     module, so ``sys.argv[0]`` is the module's file), else the script's name."""
-    from .recipe_parsing import _LAUNCHER
+    from .parsing import _LAUNCHER
 
     return _LAUNCHER[-1] if _LAUNCHER else os.path.basename(sys.argv[0])
 

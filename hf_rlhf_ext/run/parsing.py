@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
+import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from trl import TrlParser
-
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,9 @@ def read_lab_config(path: Any) -> LabDefaults:
     """A recipe's lab settings from its YAML file (``recipes/configs/<name>_lab.yaml``), the one place they are
     written: the recipe's parser takes them as its defaults on the lab only, and ``--config`` the same file reproduces
     a run. ``path``: a file path, or a ``Traversable`` (``shipped_config_path``)."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     source = path if hasattr(path, "read_text") else Path(path)
     values = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
@@ -69,13 +72,32 @@ def read_lab_config(path: Any) -> LabDefaults:
     return LabDefaults(values, source=source.name)
 
 
+RECIPES_PACKAGE = "hf_rlhf_ext.recipes"
+
+
+def recipes_package() -> str:
+    """Makes ``hf_rlhf_ext.recipes`` importable and returns its name. In a source checkout that is the top-level
+    ``recipes/`` beside the package (the directory the wheel installs as the subpackage), registered on first use."""
+    if RECIPES_PACKAGE in sys.modules:
+        return RECIPES_PACKAGE
+    checkout = Path(__file__).resolve().parents[2] / "recipes"
+    if (checkout / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(
+            RECIPES_PACKAGE, checkout / "__init__.py", submodule_search_locations=[str(checkout)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[RECIPES_PACKAGE] = module
+        spec.loader.exec_module(module)
+    else:
+        importlib.import_module(RECIPES_PACKAGE)
+    return RECIPES_PACKAGE
+
+
 def shipped_config_path(name: str) -> Any:
     """``configs/<name>`` of the recipes package, wherever it is: ``recipes/configs/`` in a checkout,
     ``hf_rlhf_ext/recipes/configs/`` in an installed wheel (its package data). The library's experiments read their
     lab defaults from there, so that the YAML file is their one copy."""
     from importlib.resources import files
-
-    from .cli import recipes_package
 
     path = files(recipes_package()) / "configs" / name
     if not path.is_file():
@@ -141,7 +163,7 @@ def settings_line(sources: dict[str, list[str]], lab: bool, lab_source: str, lor
 def check_output_dir(outputs: Sequence[Any]) -> None:
     """Refuses an ``--output_dir`` that is an existing file before anything runs (else: a FileExistsError deep in
     the first save)."""
-    from .validation import InputError
+    from ..validation import InputError
 
     for parsed in outputs:
         path = getattr(parsed, "output_dir", None)
@@ -298,7 +320,7 @@ class RecipeParser(TrlParser):
         ``message``: HfArgumentParser's, which ends with the list of the strings it did not use."""
         import ast
 
-        from .validation import InputError
+        from ..validation import InputError
 
         try:
             unused = [str(a) for a in ast.literal_eval(message[message.index("["):])]

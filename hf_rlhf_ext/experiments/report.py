@@ -24,7 +24,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from .results import _jsonable
+from ..results import _jsonable
 
 __all__ = ["Claim", "Finding", "StageStore", "write_claims", "read_claims", "render_report", "Section"]
 

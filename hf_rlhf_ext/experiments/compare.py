@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
-from .recipe_utils import RLScriptArguments
-from .validation import InputError
+from ..run.spec import RLScriptArguments
+from ..validation import InputError
 
 __all__ = [
     "CompareArguments",
@@ -109,7 +109,7 @@ class CompareArguments(RLScriptArguments):
 # ----------------------------------------------------------------------------------------------------------------------
 def _config_class(trainer: str) -> type:
     if trainer == "ppo":
-        from .trainers.ppo import PPOConfig
+        from ..trainers.ppo_config import PPOConfig
 
         return PPOConfig
     from trl import GRPOConfig
@@ -124,7 +124,7 @@ def _ppo_only_fields() -> set[str]:
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The comparison's lab settings for ``trainer`` from ``LAB_CONFIG``: all of them for PPO, GRPO's without the
     PPO-only ones (``critic_learning_rate``, ...)."""
-    from .recipe_parsing import read_shipped_config
+    from ..run.parsing import read_shipped_config
 
     values = read_shipped_config(LAB_CONFIG)
     return values if trainer == "ppo" else {k: v for k, v in values.items() if k not in _ppo_only_fields()}
@@ -151,7 +151,7 @@ def check_argv(argv: Sequence[str]) -> None:
 
 def make_compare_parser(trainer: str):
     """``TrlParser`` over (comparison arguments, the trainer's config, ``ModelConfig``) with the lab defaults."""
-    from .recipe_parsing import make_recipe_parser
+    from ..run.parsing import make_recipe_parser
 
     if trainer not in TRAINERS:
         raise ValueError(f"Unknown trainer {trainer!r}; choose one of {list(TRAINERS)}.")
@@ -244,8 +244,8 @@ def _weighted_reward(pairs: Sequence[tuple[Callable, float]]) -> Callable:
 def held_out_rewards(setup: Any, compare: CompareArguments) -> tuple[Callable, Callable]:
     """(proxy, gold) for the held-out measurements: the proxy is what the trainer optimises, the gold the lab's gold
     reward (the reward function with weight 0) or ``--gold_reward``."""
-    from .recipe_utils import import_reward_func
-    from .rewards import RewardModelFunction
+    from ..rewards import RewardModelFunction
+    from ..run.build import import_reward_func
 
     pairs = [(f, float(w)) for f, w in zip(setup.reward_funcs, setup.reward_weights)]
     proxy = _weighted_reward([p for p in pairs if p[1] != 0])
@@ -302,9 +302,9 @@ def run_one(argv: Sequence[str], trainer_name: str, seed: int) -> dict[str, Any]
     import torch
     from trl import GRPOTrainer
 
-    from .callbacks import KLToReferenceCallback, OveroptimizationCallback
-    from .recipe_utils import make_trainer, prepare_rl_run
-    from .trainers.ppo import PPOTrainer
+    from ..callbacks import KLToReferenceCallback, OveroptimizationCallback
+    from ..run.build import make_trainer, prepare_rl_run
+    from ..trainers.ppo import PPOTrainer
 
     compare, training_args, model_args = parse_compare_argv(argv, trainer_name, seed)
     if compare.threads_per_run:
@@ -389,7 +389,7 @@ def run_compare(argv: Sequence[str], progress: bool = True, runner: Callable | N
     """Runs every (trainer, seed) in its own process, then writes the report. Returns the metrics written."""
     from tqdm.auto import tqdm
 
-    from .recipe_utils import load_lab
+    from ..run.build import load_lab
 
     argv = list(argv)
     for trainer in TRAINERS:  # every argument error before the first run
@@ -485,8 +485,8 @@ MEMORY_NOTE = {
 
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """``compare.md`` (the table), ``compare.png`` (gold and KL curves) and ``metrics.json``; returns the paths."""
-    from .plots import plot_compare
-    from .results import write_experiment_files
+    from ..plots import plot_compare
+    from ..results import write_experiment_files
 
     return write_experiment_files(output_dir, "compare", report_markdown(metrics),
                                   lambda path: plot_compare(metrics, path), metrics)

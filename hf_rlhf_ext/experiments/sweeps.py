@@ -5,7 +5,7 @@ Why a sweep: one run shows one trajectory; the KL leash is a trade-off only visi
 step 0 (the SFT policy) and every ``eval_every`` steps, the sequence-level KL to the reference (k3, as
 ``KLToReferenceCallback`` measures it), and the proxy and gold rewards of the *same* fresh held-out samples.
 
-Points are independent processes of the recipe plumbing (``recipe_utils.prepare_rl_run`` / ``make_trainer``): a point's
+Points are independent processes of the recipe plumbing (``run.build.prepare_rl_run`` / ``make_trainer``): a point's
 result depends only on its (β, seed) and the config, never on run order. Each finished point is one JSON line of
 ``<output_dir>/results.jsonl``; a rerun skips the points already there (a truncated last line is dropped) and refuses a
 file written with another config (the first line holds its fingerprint).
@@ -23,10 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
-from .recipe_parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
-from .recipe_utils import RLScriptArguments
-from .validation import InputError
+from ..callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
+from ..run.parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
+from ..run.spec import RLScriptArguments
+from ..validation import InputError
 
 __all__ = [
     "SweepArguments",
@@ -61,7 +61,7 @@ LAB_CONFIGS = {"grpo": "beta_sweep_lab.yaml", "ppo": "beta_sweep_ppo_lab.yaml"}
 
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The sweep's lab settings for ``trainer``, read from its shipped YAML file."""
-    from .recipe_parsing import read_shipped_config
+    from ..run.parsing import read_shipped_config
 
     if trainer not in TRAINERS:
         raise ValueError(f"--trainer must be one of {TRAINERS}, got {trainer!r}.")
@@ -123,7 +123,7 @@ def validate_sweep(sweep: SweepArguments) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 def config_class(trainer: str) -> type:
     if trainer == "ppo":
-        from .trainers.ppo import PPOConfig
+        from ..trainers.ppo_config import PPOConfig
 
         return PPOConfig
     if trainer == "grpo":
@@ -232,7 +232,7 @@ def run_point(argv: Sequence[str], beta: float, seed: int) -> dict[str, Any]:
     """Trains one (β, seed) point with the sweep's argv and returns its result line (no files but its own dir)."""
     import torch
 
-    from .recipe_utils import make_trainer, prepare_rl_run
+    from ..run.build import make_trainer, prepare_rl_run
 
     start = time.perf_counter()
     trainer_name = trainer_from_argv(argv)
@@ -264,7 +264,7 @@ def run_point(argv: Sequence[str], beta: float, seed: int) -> dict[str, Any]:
 
 def _trainer_class(trainer: str) -> type:
     if trainer == "ppo":
-        from .trainers.ppo import PPOTrainer
+        from ..trainers.ppo import PPOTrainer
 
         return PPOTrainer
     from trl import GRPOTrainer
@@ -296,7 +296,7 @@ _NOT_IN_FINGERPRINT = {
 
 def sweep_config(sweep: Any, script_args: Any, training_args: Any, model_args: Any) -> dict[str, Any]:
     """Everything a point's result depends on besides (β, seed), as plain JSON values."""
-    from .results import _jsonable
+    from ..results import _jsonable
 
     parts = {"sweep": asdict(sweep), "script": asdict(script_args), "training": training_args.to_dict(),
              "model": asdict(model_args)}
@@ -353,7 +353,7 @@ def read_results(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
 
 def append_result(path: str, result: dict[str, Any]) -> None:
     """One line per point, flushed and synced: a kill leaves at most one truncated last line."""
-    from .results import _jsonable
+    from ..results import _jsonable
 
     with open(path, "a") as f:
         f.write(json.dumps(_jsonable(result)) + "\n")
@@ -395,7 +395,7 @@ def _run_point_in_env(env: dict[str, str], argv: list[str], beta: float, seed: i
 
 #: imported once by the fork server, so that each worker starts as a fork of a process that already has them (≈ 4 s
 #: of imports per spawned worker otherwise, against ≈ 9 s per lab point)
-_WORKER_PRELOAD = ["torch", "transformers", "trl", "hf_rlhf_ext.sweeps", "hf_rlhf_ext.recipe_utils"]
+_WORKER_PRELOAD = ["torch", "transformers", "trl", "hf_rlhf_ext.experiments.sweeps", "hf_rlhf_ext.run.build"]
 
 
 def _worker_context():
@@ -538,8 +538,8 @@ def _hump(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def summarise(results: Sequence[dict[str, Any]], fit_min_kl: float = 0.01) -> dict[str, Any]:
     """The sweep's numbers (``metrics.json``), computed from the result lines alone (order does not matter)."""
+    from ..objectives import fit_gao
     from .early_stopping import penalty_vs_early_stopping
-    from .objectives import fit_gao
 
     results = sorted(results, key=lambda r: (float(r["beta"]), r["seed"]))
     rows = per_beta(results)
@@ -666,7 +666,7 @@ def plot_frontier(path: str, results: Sequence[dict[str, Any]], metrics: dict[st
                        label=f"β={r['beta']:g}" if r["seed"] == metrics["seeds"][0] and key == "gold" else None)
     fit = metrics["gao_fit"]
     if _fit_valid(fit):  # a curve that does not describe the data is not drawn
-        from .objectives import GaoFit
+        from ..objectives import GaoFit
 
         gao = GaoFit(fit["form"], fit["alpha"], fit["beta"], fit["r2"] or float("nan"), fit["n_points"])
         top = max(math.sqrt(max(p["kl"], 0.0)) for r in results for p in r["curve"])
@@ -685,7 +685,7 @@ def plot_frontier(path: str, results: Sequence[dict[str, Any]], metrics: dict[st
 
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """Writes ``sweep.md``, ``frontier.png`` and ``metrics.json``; returns their paths."""
-    from .results import write_metrics
+    from ..results import write_metrics
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {"sweep.md": os.path.join(output_dir, "sweep.md"), "frontier.png": os.path.join(output_dir, "frontier.png")}

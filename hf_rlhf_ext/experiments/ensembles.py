@@ -5,11 +5,11 @@ The same GRPO (or PPO) run, at one low β where a single proxy RM over-optimises
 * ``single``: one proxy RM (the lab's proxy RM; off the lab, the first ``--ensemble_reward_models`` member);
 * ``mean``: the ensemble's mean;  ``min``: its worst case;  ``uwo``: mean − λ·std (uncertainty weighted).
 
-Each objective is one sweep (``hf_rlhf_ext.sweeps.run_sweep``) with a single β in ``<output_dir>/<objective>/``: the
+Each objective is one sweep (``hf_rlhf_ext.experiments.sweeps.run_sweep``) with a single β in ``<output_dir>/<objective>/``: the
 sweep trains, measures held-out KL / proxy / gold on the same fresh samples, and resumes. This module only builds
 the sweeps' command lines, runs them (objectives in parallel up to ``max_parallel``) and compares their results.
 
-The ensemble objectives are the dotted-path rewards ``hf_rlhf_ext.ensembles.ensemble_{mean,min,uwo}``: their members
+The ensemble objectives are the dotted-path rewards ``hf_rlhf_ext.experiments.ensembles.ensemble_{mean,min,uwo}``: their members
 and λ come from the environment variable ``HF_RLHF_EXT_ENSEMBLE`` (JSON ``{"members": [dirs], "penalty": λ}``), set
 here before any run starts. They work in any recipe: set the variable and pass the dotted path to ``--reward_funcs``.
 """
@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .rewards import ensemble_reward
+from ..rewards import ensemble_reward
 
 __all__ = [
     "OBJECTIVES",
@@ -112,7 +112,7 @@ def _spec_from_env() -> tuple[tuple[str, ...], float]:
 def _members(paths: tuple[str, ...]) -> list:
     """Reward models loaded once per process and member list."""
     if paths not in _loaded:
-        from .rewards import RewardModelFunction
+        from ..rewards import RewardModelFunction
 
         _loaded[paths] = [RewardModelFunction(p, name=f"member_{i}") for i, p in enumerate(paths)]
     return _loaded[paths]
@@ -156,8 +156,8 @@ def make_parser(trainer: str = "grpo"):
     lab only); β is the trainer's own field (``--beta`` for GRPO, ``--kl_coef`` for PPO)."""
     from trl import ModelConfig
 
-    from .recipe_parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
-    from .recipe_utils import RLScriptArguments
+    from ..run.parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
+    from ..run.spec import RLScriptArguments
     from .sweeps import SweepArguments, config_class
 
     defaults = lab_defaults(trainer)
@@ -171,8 +171,9 @@ def make_parser(trainer: str = "grpo"):
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The sweep's lab settings for ``trainer`` updated with the experiment's (``LAB_CONFIG``), whose ``beta`` goes
     to the trainer's β field."""
-    from .recipe_parsing import read_shipped_config
-    from .sweeps import BETA_FIELD, lab_defaults as sweep_lab_defaults
+    from ..run.parsing import read_shipped_config
+    from .sweeps import BETA_FIELD
+    from .sweeps import lab_defaults as sweep_lab_defaults
 
     own = read_shipped_config(LAB_CONFIG)
     if "beta" in own:
@@ -253,8 +254,8 @@ def resolve_members(ens: EnsembleArguments, script: Any) -> tuple[list[str], str
     its proxy RM."""
     if ens.ensemble_reward_models:
         return [os.path.abspath(p) for p in ens.ensemble_reward_models], os.path.abspath(ens.ensemble_reward_models[0])
-    from .lab.ensemble import build_reward_ensemble
-    from .recipe_utils import load_lab
+    from ..lab.ensemble import build_reward_ensemble
+    from ..run.build import load_lab
 
     lab = load_lab(script)
     members = build_reward_ensemble(lab, ens.k) if set(ens.objectives) - {"single"} else []
@@ -423,8 +424,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
 
 def write_report(output_dir: str, runs: dict[str, Sequence[dict[str, Any]]], metrics: dict[str, Any]) -> dict[str, str]:
     """Writes ``ensemble.md``, ``ensemble.png`` and ``metrics.json``; returns their paths."""
-    from .plots import plot_rm_ensemble
-    from .results import write_metrics
+    from ..plots import plot_rm_ensemble
+    from ..results import write_metrics
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {"ensemble.md": os.path.join(output_dir, "ensemble.md"),

@@ -8,9 +8,9 @@ gold reward tracked at weight 0. ``--model_name_or_path``, ``--dataset_name``, `
 (``ResultsCallback``) and ``metrics.json`` at the end, with the final training metrics and a held-out evaluation of
 the policy before and after training (mean reward per function, KL to the initial policy, sample completions).
 
-This module builds a run (arguments, lab, policy, prompts, rewards, trainer); the rest has a module each and is
-re-exported here: ``recipe_parsing`` (YAML defaults, the parser), ``monitors`` (``--monitor``), ``recipe_reporting``
-(evaluation, metrics, card, push) and ``cli_errors`` (one readable line per failure).
+This module builds a run (lab, policy, prompts, rewards, trainer) from its ``spec``; the rest of ``run`` has a
+module each: ``parsing`` (YAML defaults, the parser), ``monitors`` (``--monitor``), ``finish`` (evaluation, metrics,
+card, push) and ``errors`` (one readable line per failure).
 """
 
 from __future__ import annotations
@@ -21,40 +21,13 @@ import importlib.util
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from trl import ScriptArguments
 
-from .cli_errors import cli_main, is_user_error
-from .model_card import RecipeCard
-from .monitors import MONITORS, add_monitors, monitor_results, parse_monitors
-from .recipe_parsing import (
-    LORA_LEARNING_RATE_MULTIPLIER,
-    RecipeParser,
-    apply_cpu_defaults,
-    check_lab_keys,
-    cpu_parser_defaults,
-    launched_as,
-    make_recipe_parser,
-    read_lab_config,
-    read_shipped_config,
-    shipped_config_path,
-)
-from .recipe_reporting import (
-    evaluate_policy,
-    finish_experiment,
-    log_evaluation,
-    outputs_line,
-    recipe_command,
-    summary_text,
-    train_and_report,
-    write_run_card,
-)
-from .results import ResultsCallback
-from .reward_guard import attach_reward_guard
-from .validation import (
+from ..results import ResultsCallback
+from ..reward_guard import attach_reward_guard
+from ..validation import (
     DataValidationError,
     InputError,
     check_prompt_lengths,
@@ -64,138 +37,10 @@ from .validation import (
     validate_grpo_args,
     validated_reward_func,
 )
+from .parsing import apply_cpu_defaults
+from .spec import RLScriptArguments, RLSetup
 
 logger = logging.getLogger(__name__)
-
-
-__all__ = [
-    "RLScriptArguments",
-    "RLSetup",
-    "cpu_parser_defaults",
-    "apply_cpu_defaults",
-    "load_lab",
-    "resolve_policy",
-    "load_prompt_datasets",
-    "import_reward_func",
-    "build_reward_funcs",
-    "prepare_rl_run",
-    "make_trainer",
-    "make_recipe_parser",
-    "read_lab_config",
-    "shipped_config_path",
-    "read_shipped_config",
-    "check_lab_keys",
-    "RecipeParser",
-    "MONITORS",
-    "parse_monitors",
-    "add_monitors",
-    "LORA_LEARNING_RATE_MULTIPLIER",
-    "RecipeCard",
-    "write_run_card",
-    "recipe_command",
-    "log_evaluation",
-    "outputs_line",
-    "evaluate_policy",
-    "train_and_report",
-    "summary_text",
-    "cli_main",
-    "finish_experiment",
-    "is_user_error",
-    "monitor_results",
-    "launched_as",
-]
-
-
-@dataclass
-class RLScriptArguments(ScriptArguments):
-    """Script arguments shared by the RL recipes (on top of TRL's ``ScriptArguments``: ``dataset_name``,
-    ``dataset_config``, ``dataset_train_split``, ``dataset_test_split``).
-
-    Args:
-        lab_dir: the lab directory (put there if missing); default: ``$HF_RLHF_EXT_LAB_DIR``, else the cached default
-            lab. The same directory as ``hf-rlhf-ext lab build --lab_dir``.
-        reward_model_name_or_path: a reward model (``AutoModelForSequenceClassification``, ``num_labels=1``) to
-            optimise; default on the lab: the lab's proxy reward model.
-        reward_funcs: reward functions as dotted import paths (``my_pkg.rewards.fn``) or names in ``trl.rewards``.
-        track_gold: on the lab, add the gold reward with weight 0 (logged as ``rewards/gold_reward/mean``, not
-            optimised). Reward weights come from the training config's ``reward_weights`` (main functions first).
-        num_eval_prompts: held-out completions evaluated before and after training (0 disables the evaluation);
-            the test prompts are cycled when this exceeds the test split (several samples per prompt).
-        eval_sampling: "sample" (temperature 1: the KL to the initial policy is then a true KL estimate) or "greedy".
-        num_sample_completions: sample completions stored in ``metrics.json`` before and after training.
-    """
-
-    lab_dir: str | None = field(
-        default=None, metadata={"help": "Lab directory (default: $HF_RLHF_EXT_LAB_DIR, else the cached default lab)."}
-    )
-    reward_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Reward model to optimise (default on the lab: its proxy RM)."}
-    )
-    reward_funcs: list[str] | None = field(
-        default=None, metadata={"help": "Reward functions: dotted import paths or names in trl.rewards."}
-    )
-    track_gold: bool = field(default=True, metadata={"help": "On the lab, log the gold reward with weight 0."})
-    num_eval_prompts: int = field(default=64, metadata={"help": "Held-out prompts for the before/after evaluation."})
-    eval_sampling: str = field(default="sample", metadata={"help": "'sample' (temperature 1) or 'greedy'."})
-    num_sample_completions: int = field(default=4, metadata={"help": "Sample completions kept in metrics.json."})
-    monitor: str = field(
-        default="none",
-        metadata={"help": "Callbacks to attach, comma-separated: " + ", ".join(MONITORS) + "; 'auto' = the cheap ones "
-                  "that apply to this run; 'none'."},
-    )
-    monitor_every_n_steps: int = field(default=10, metadata={"help": "Measure every N optimizer steps (kl, "
-                                                                     "advantages, grad_variance, overoptimization)."})
-    monitor_num_samples: int | None = field(
-        default=None, metadata={"help": "Held-out completions per KL measurement (default: one generation batch)."}
-    )
-    monitor_save_peak: bool = field(
-        default=False, metadata={"help": "overoptimization: save the policy at each new gold peak to <out>/gold_peak."}
-    )
-    monitor_min_delta: float = field(
-        default=0.05,
-        metadata={"help": "overoptimization: how far the smoothed gold must fall below its peak to count (a smaller "
-                          "dip is sampling noise; ≈ 1.5 standard errors on the lab's logged batches)."},
-    )
-    monitor_stop_on_overoptimization: bool = field(
-        default=False, metadata={"help": "overoptimization: stop training once gold falls while the proxy rises."}
-    )
-    monitor_forecast: bool = field(
-        default=False,
-        metadata={"help": "overoptimization: forecast the KL of the gold peak (Gao et al.'s RL form fitted to the "
-                          "points so far, 5th–95th percentile bootstrap interval), logged as "
-                          "overopt/forecast_peak_kl*."},
-    )
-    monitor_stop_at_forecast: bool = field(
-        default=False,
-        metadata={"help": "overoptimization: stop training once the KL reaches the forecast gold peak's KL (with an "
-                          "interval narrower than a factor 2); implies --monitor_forecast."},
-    )
-    # the command line the recipe was parsed from (set by the recipe parser; shown in the model card)
-    cli_args: list[str] | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self):
-        if self.eval_sampling not in ("sample", "greedy"):
-            raise ValueError(f"eval_sampling must be 'sample' or 'greedy', got {self.eval_sampling!r}")
-        if self.num_eval_prompts < 0:
-            raise ValueError("num_eval_prompts must be >= 0")
-        parse_monitors(self.monitor)  # an unknown name fails here, before any model is loaded
-
-
-@dataclass
-class RLSetup:
-    """Everything a recipe hands to its trainer, plus what the evaluation needs."""
-
-    model: str
-    tokenizer: Any
-    train_dataset: Any
-    eval_prompts: list
-    reward_funcs: list
-    reward_weights: list[float]
-    eval_rewards: dict[str, Callable]
-    peft_config: Any
-    callbacks: list
-    lab: Any = None
-    on_lab: bool = False
 
 
 
@@ -203,7 +48,7 @@ class RLSetup:
 def load_lab(script_args: RLScriptArguments):
     """The lab in ``--lab_dir`` / ``$HF_RLHF_EXT_LAB_DIR`` (put there if missing), else the cached default lab. A
     ``--lab_dir`` whose parent folder does not exist is refused (a typo should not create a tree of folders)."""
-    from .lab import open_lab
+    from ..lab import open_lab
 
     parent = os.path.dirname(os.path.abspath(script_args.lab_dir)) if script_args.lab_dir else None
     if parent is not None and not os.path.isdir(parent):
@@ -274,7 +119,7 @@ def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: 
     it (:func:`~hf_rlhf_ext.sampling.as_chat_prompts`), so training and evaluation both render them as TRL renders
     conversational data."""
     if script_args.dataset_name:
-        from .data import load_dataset_dict
+        from ..data import load_dataset_dict
 
         require_existing_path(script_args.dataset_name, "--dataset_name", "data file or folder")
         data = load_dataset_dict(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
@@ -306,7 +151,7 @@ def load_prompt_datasets(script_args: RLScriptArguments, lab: Any = None, seed: 
 def chat_prompt_dataset(data: Any, tokenizer: Any) -> Any:
     """``data`` with its ``prompt`` column through :func:`~hf_rlhf_ext.sampling.as_chat_prompts` (unchanged when
     no prompt changes, so the lab's data sets and their fingerprints stay as they were)."""
-    from .sampling import as_chat_prompts
+    from ..sampling import as_chat_prompts
 
     prompts = list(data["prompt"])
     rendered = as_chat_prompts(tokenizer, prompts)
@@ -370,7 +215,7 @@ def build_reward_funcs(
     where the policy emitted it). With ``track_gold`` on the lab the gold reward is appended with weight 0.
     ``training_args.reward_weights`` may name the main weights only (the 0 is appended) or all of them.
     """
-    from .rewards import RewardModelFunction
+    from ..rewards import RewardModelFunction
 
     funcs: list = []
     if script_args.reward_model_name_or_path:
@@ -385,7 +230,7 @@ def build_reward_funcs(
     n_main = len(funcs)
     weights = list(training_args.reward_weights) if training_args.reward_weights is not None else [1.0] * n_main
     if on_lab and script_args.track_gold:
-        from .lab import gold_reward
+        from ..lab import gold_reward
 
         funcs.append(gold_reward)
         if len(weights) == n_main:
@@ -461,7 +306,7 @@ def check_run_inputs(script_args: RLScriptArguments, training_args: Any, model_a
 
 def _is_lab_model(path: str) -> bool:
     """Whether ``path`` is a model directory of a built lab (its policy, or another model the lab holds)."""
-    from .lab.build import is_complete
+    from ..lab.build import is_complete
 
     return os.path.isdir(path) and is_complete(os.path.dirname(os.path.normpath(os.path.abspath(path))))
 

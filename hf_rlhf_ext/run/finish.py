@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .cli_errors import RunInterrupted
-from .model_card import RecipeCard, lora_settings, settings_from
+from ..model_card import RecipeCard, lora_settings, settings_from
+from ..objectives import kl_k1, kl_k3
+from ..reference import Reference, ReferencePolicy, reference_model, resolve_reference
+from ..results import ResultsCallback, write_metrics
+from ..sampling import completion_mask, per_token_logps, policy_eos_ids, sample_policy
+from .errors import RunInterrupted
 from .monitors import monitor_results
-from .objectives import kl_k1, kl_k3
-from .recipe_parsing import launch_command
-from .results import ResultsCallback, write_metrics
-from .reference import Reference, ReferencePolicy, reference_model, resolve_reference
-from .sampling import completion_mask, per_token_logps, policy_eos_ids, sample_policy
+from .parsing import launch_command
 
 if TYPE_CHECKING:
-    from .recipe_utils import RLScriptArguments, RLSetup
+    from .spec import RLScriptArguments, RLSetup
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +180,9 @@ def write_run_card(trainer: Any, setup: RLSetup, script_args: RLScriptArguments,
                    card: RecipeCard, metrics: dict[str, Any]) -> str:
     """Writes the training-curve plot and ``<output_dir>/README.md`` (a ``huggingface_hub.ModelCard``); returns the
     card's path. Called after ``save_model``, so it replaces the template PEFT writes for an adapter."""
-    from .callbacks.overoptimization import PLOT_FILE as OVEROPTIMIZATION_PLOT
-    from .model_card import CARD_FILE, RunCard, hub_id_or_none, load_snippet, write_model_card
-    from .plots import plot_training_curves
+    from ..callbacks.overoptimization import PLOT_FILE as OVEROPTIMIZATION_PLOT
+    from ..model_card import CARD_FILE, RunCard, hub_id_or_none, load_snippet, write_model_card
+    from ..plots import plot_training_curves
 
     out = training_args.output_dir
     plot_training_curves(trainer.state.log_history, os.path.join(out, "training_curves.png"), title=card.method)
@@ -294,7 +294,7 @@ def train_and_report(
         if card is not None:
             write_run_card(trainer, setup, script_args, training_args, card, metrics)
         if training_args.push_to_hub:
-            from .model_card import push_folder
+            from ..model_card import push_folder
 
             push_folder(training_args.output_dir, _hub_repo_id(trainer, training_args), token=training_args.hub_token,
                         private=training_args.hub_private_repo, revision=training_args.hub_revision)
@@ -326,7 +326,7 @@ def train_or_name_the_checkpoint(trainer: Any, training_args: Any, script: str |
 def _write_interrupted_card(output_dir: str, script: str | None, cli_args: list[str] | None, hint: str) -> None:
     """The folder's card says the run was interrupted and how to resume it (TRL writes its generic card with every
     checkpoint, which names no model and no result)."""
-    from .model_card import RunCard, write_model_card
+    from ..model_card import RunCard, write_model_card
 
     write_model_card(output_dir, RunCard(
         title=os.path.basename(os.path.abspath(output_dir)), summary=f"An unfinished run: {hint}",
@@ -403,9 +403,9 @@ def outputs_line(output_dir: str, with_card: bool = True, metrics_file: str = "m
 def finish_experiment(training_args: Any, recipe: str, argv: Sequence[str], **card: Any) -> None:
     """How an experiment's recipe ends: its card (:func:`~hf_rlhf_ext.model_card.write_experiment_card`, with
     ``card``'s summary, tags, table and plots), the upload with ``--push_to_hub``, and the line saying where it all is."""
-    from .model_card import push_experiment, write_experiment_card
+    from ..model_card import push_experiment, write_experiment_card
 
     out = training_args.output_dir
-    write_experiment_card(out, recipe, argv, **card)
+    write_experiment_card(out, recipe, argv, launcher=launch_command(recipe), **card)
     push_experiment(out, training_args)
     print(outputs_line(out))
