@@ -37,26 +37,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from trl import GRPOConfig
-
-from .validation import ConfigValidationError, DataValidationError, reward_values
+from .reward_guard_config import check_nan_rewards_mode
+from .validation import DataValidationError, reward_values
 
 logger = logging.getLogger(__name__)
 
-NAN_REWARDS_MODES = ("error", "drop")
 FAULTS_DIR = "reward_faults"
 
 __all__ = [
-    "NAN_REWARDS_MODES",
     "FAULTS_DIR",
-    "NanRewardsArguments",
     "NonFiniteRewardError",
     "RewardFault",
     "RewardFunctionError",
     "RewardGuard",
     "attach_reward_guard",
     "guard_reward_funcs",
-    "GuardedGRPOConfig",
 ]
 
 
@@ -75,37 +70,6 @@ class RewardFunctionError(RewardFault):
 
 class NonFiniteRewardError(RewardFault):
     """A reward function returned NaN or inf (``nan_rewards="error"``)."""
-
-
-@dataclass
-class NanRewardsArguments:
-    """The ``nan_rewards`` setting, mixed into our trainer configs (and usable with any ``GRPOConfig`` subclass)."""
-
-    nan_rewards: str = field(
-        default="error",
-        metadata={
-            "help": "A NaN/inf reward: 'error' stops the run (the inputs saved under <output_dir>/reward_faults); "
-            "'drop' leaves the sample out of learning and counts it (reward_guard/dropped).",
-            "choices": list(NAN_REWARDS_MODES),
-        },
-    )
-
-    def __post_init__(self) -> None:
-        check_nan_rewards_mode(self.nan_rewards)
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-
-
-@dataclass
-class GuardedGRPOConfig(NanRewardsArguments, GRPOConfig):
-    """``trl.GRPOConfig`` plus ``nan_rewards``, for a vanilla ``GRPOTrainer`` script (``--nan_rewards drop``) whose
-    trainer gets :func:`attach_reward_guard`."""
-
-
-def check_nan_rewards_mode(mode: str) -> None:
-    if mode not in NAN_REWARDS_MODES:
-        raise ConfigValidationError(f"nan_rewards must be one of {list(NAN_REWARDS_MODES)}, got {mode!r}.")
 
 
 def _callable_name(func: Any) -> str:

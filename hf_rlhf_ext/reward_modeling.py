@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .rewards import score_token_ids
+from .scoring import score_token_ids
 from .validation import DataValidationError, require_preference_columns
 
 CHOSEN_GOLD, REJECTED_GOLD = "chosen_gold", "rejected_gold"

@@ -1,5 +1,5 @@
 """Reward adapters: any reward model or reward function as a TRL reward function, and helpers for tracked-only
-(weight 0) rewards, and scoring token ids with a sequence-classification reward model. The lab's ready-made rewards
+(weight 0) rewards. The lab's ready-made rewards
 (``lab_gold_reward``, ``lab_proxy_reward``) live with the lab, in :mod:`hf_rlhf_ext.lab.rewards`.
 
 Why: TRL's ``GRPOTrainer`` / ``RLOOTrainer`` take reward *functions* ``f(prompts, completions, completion_ids, ...)``
@@ -25,6 +25,7 @@ import math
 import os
 from typing import Any, Callable, Literal, Sequence
 
+from .scoring import score_token_ids
 from .validation import check_rewards, reward_model_pad_id
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "ensemble_judge",
     "ensemble_reward",
     "ENSEMBLE_OBJECTIVES",
-    "score_token_ids",
-    "score_texts",
 ]
 
 
@@ -200,52 +199,6 @@ class RewardModelFunction:
         seqs = self.sequences(prompts, completions, completion_ids)
         scores = score_token_ids(self.model, seqs, pad_token_id=self.pad_token_id, batch_size=self.batch_size)
         return scores.tolist()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Scoring
-
-
-def score_token_ids(model, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 64) -> Any:
-    """Scalar rewards (``logits[:, 0]``) of already tokenised sequences, right-padded in batches (a float32 CPU
-    tensor)."""
-    import torch
-
-    if len(sequences) == 0:
-        return torch.zeros(0)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(sequences), batch_size):
-                chunk = [list(s) for s in sequences[start : start + batch_size]]
-                if any(len(s) == 0 for s in chunk):
-                    raise ValueError("Cannot score an empty token sequence.")
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, s in enumerate(chunk):
-                    ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-                    mask[i, : len(s)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                out.append(logits[:, 0].float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
-
-
-def score_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> Any:
-    """Scalar rewards of full texts (prompt + reply), tokenised without added special tokens (as TRL's GRPO does).
-
-    To show the reward model that a reply was terminated, end its text with ``tokenizer.eos_token``.
-    """
-    if isinstance(texts, str):
-        raise TypeError("score_texts takes a list of texts, not a single string.")
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return score_token_ids(model, ids, pad_token_id=pad, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from trl import GRPOConfig, ModelConfig
 
 from hf_rlhf_ext.model_card import RecipeCard
-from hf_rlhf_ext.reward_guard import GuardedGRPOConfig
+from hf_rlhf_ext.reward_guard_config import GuardedGRPOConfig
 from hf_rlhf_ext.run.build import make_trainer, prepare_rl_run
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import train_and_report

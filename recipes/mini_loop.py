@@ -275,7 +275,7 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
 
 def gold_mean(batch: dict[str, Any], eos_ids: list[int]) -> float:
     """The lab's gold reward (item, issue keyword, politeness, brevity, EOS): did "polite" come at a price?"""
-    from hf_rlhf_ext.lab import gold_reward
+    from hf_rlhf_ext.lab.task import gold_reward
 
     values = gold_reward(prompts=batch["prompts"], completions=batch["texts"], completion_ids=batch["ids"],
                          eos_token_id=eos_ids)

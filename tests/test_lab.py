@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from hf_rlhf_ext.lab import GOLD_MAX, GOLD_MIN, LabConfig, build_lab, gold_range, gold_reward, task
+from hf_rlhf_ext.lab import GOLD_MAX, GOLD_MIN, LabConfig, build_lab, gold_range, task
 from hf_rlhf_ext.lab.build import COMPLETE_MARKER, Lab, bt_labels
+from hf_rlhf_ext.lab.task import gold_reward
 from hf_rlhf_ext.lab.tokenizer import build_tokenizer
 
 KETTLE = "customer : my kettle is broken agent :"
@@ -349,7 +350,7 @@ def _near_tie_pairs(reward_model, tokenizer, pairs, tol: float = 1e-3) -> list[i
     """Indices of the pairs whose chosen and rejected scores differ by less than ``tol``: float noise of the size
     that CPU kernels differ by (about 1e-6 here) can order these either way, no other pair."""
     from hf_rlhf_ext.reward_modeling import _pair_sequences
-    from hf_rlhf_ext.rewards import score_token_ids
+    from hf_rlhf_ext.scoring import score_token_ids
 
     pad = tokenizer.pad_token_id
     chosen = score_token_ids(reward_model, _pair_sequences(pairs, tokenizer, "chosen"), pad, 64)
@@ -419,7 +420,8 @@ def test_one_lab_directory_for_the_cli_the_recipes_and_the_rewards(tiny_lab, tmp
     """``lab build --lab_dir DIR``, ``$HF_RLHF_EXT_LAB_DIR``, the recipes' ``--lab_dir`` and the lab reward functions
     all name the same directory."""
     from hf_rlhf_ext.lab import __main__ as cli
-    from hf_rlhf_ext.lab import default_lab_dir, open_lab
+    from hf_rlhf_ext.lab import default_lab_dir
+    from hf_rlhf_ext.lab.build import open_lab
     from hf_rlhf_ext.lab.rewards import lab_reward_model_path
     from hf_rlhf_ext.run.build import load_lab
     from hf_rlhf_ext.run.spec import RLScriptArguments

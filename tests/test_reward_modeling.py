@@ -7,7 +7,7 @@ from datasets import Dataset
 
 from hf_rlhf_ext.lab.tokenizer import build_tokenizer
 from hf_rlhf_ext.reward_modeling import pairwise_report, train_reward_model
-from hf_rlhf_ext.rewards import score_texts, score_token_ids
+from hf_rlhf_ext.scoring import score_texts, score_token_ids
 from hf_rlhf_ext.validation import DataValidationError
 
 

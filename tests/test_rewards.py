@@ -163,8 +163,8 @@ def test_ensemble_reward_min_never_exceeds_mean_and_uwo_orders_by_disagreement()
 
 
 def test_lab_gold_reward_is_the_lab_gold():
-    from hf_rlhf_ext.lab import gold_reward
     from hf_rlhf_ext.lab.rewards import lab_gold_reward
+    from hf_rlhf_ext.lab.task import gold_reward
 
     prompts = ["customer : my kettle is broken agent :"] * 2
     completions = [" sorry about your kettle , we will send a new one . have a nice day", " you you you you"]

@@ -21,16 +21,13 @@ import torch
 from torch import nn
 
 from .._trl_compat import check_trl_contract
-from ..reference import ReferencePolicy  # the one π_ref resolver, re-exported for the callbacks
-from ..sampling import completion_mask, kv_cache_sampling_supported, per_token_logps, sample_policy
+from ..sampling import completion_mask, kv_cache_sampling_supported, sample_policy
 
 __all__ = [
     "UnsupportedTrainerError",
     "check_supported_trainer",
     "HeldOutBatch",
     "HeldOutSampler",
-    "ReferencePolicy",
-    "per_token_logps",
     "reward_func_name",
     "add_metrics",
     "is_main_process",

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..rewards import score_token_ids
+from ..scoring import score_token_ids
 from ..trainers import PPOTrainer as _PPOTrainer
 from ..trainers import ValueModel
 from .completions import SampleGenerationsCallback, completions_table, show_table

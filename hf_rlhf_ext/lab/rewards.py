@@ -1,8 +1,8 @@
 """The lab's ready-made reward functions, importable by dotted path for ``trl grpo --reward_funcs ...``.
 
 ``lab_gold_reward`` is the lab's programmatic gold reward; ``lab_proxy_reward`` is the lab's proxy reward model (loaded
-once, on the first call). Both are re-exported by :mod:`hf_rlhf_ext.rewards`, so
-``--reward_funcs hf_rlhf_ext.rewards.lab_proxy_reward`` keeps working.
+once, on the first call): ``--reward_funcs hf_rlhf_ext.lab.rewards.lab_proxy_reward
+hf_rlhf_ext.lab.rewards.lab_gold_reward``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..validation import check_rewards
-from .build import LAB_DIR_ENV
 
 if TYPE_CHECKING:
     from ..rewards import RewardModelFunction
 
-__all__ = ["LAB_DIR_ENV", "lab_gold_reward", "lab_proxy_reward", "lab_reward_model_path"]
+__all__ = ["lab_gold_reward", "lab_proxy_reward", "lab_reward_model_path"]
 
 
 def lab_gold_reward(

@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 def load_lab(script_args: RLScriptArguments):
     """The lab in ``--lab_dir`` / ``$HF_RLHF_EXT_LAB_DIR`` (put there if missing), else the cached default lab. A
     ``--lab_dir`` whose parent folder does not exist is refused (a typo should not create a tree of folders)."""
-    from ..lab import open_lab
+    from ..lab.build import open_lab
 
     parent = os.path.dirname(os.path.abspath(script_args.lab_dir)) if script_args.lab_dir else None
     if parent is not None and not os.path.isdir(parent):
@@ -230,7 +230,7 @@ def build_reward_funcs(
     n_main = len(funcs)
     weights = list(training_args.reward_weights) if training_args.reward_weights is not None else [1.0] * n_main
     if on_lab and script_args.track_gold:
-        from ..lab import gold_reward
+        from ..lab.task import gold_reward
 
         funcs.append(gold_reward)
         if len(weights) == n_main:

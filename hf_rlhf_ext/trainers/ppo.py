@@ -42,7 +42,6 @@ from ..objectives import (
 from ..reward_guard import attach_reward_guard
 from ..validation import check_trainer_prompts, validate_trainer_inputs
 from .critic import (
-    VALUE_MODEL_DIR,
     CriticSource,
     add_critic_param_groups,
     average_head_gradients,
@@ -69,7 +68,7 @@ from .rollout import (
 )
 from .value_model import PolicyValueHead, ValueModel, capture_last_hidden_states, policy_backbone
 
-__all__ = ["PPOConfig", "PPOTrainer", "Rollout", "token_level_rewards", "VALUE_MODEL_DIR"]
+__all__ = ["PPOTrainer"]
 
 
 def policy_pass_values(chunks: list[torch.Tensor], backbone: torch.nn.Module) -> torch.Tensor:

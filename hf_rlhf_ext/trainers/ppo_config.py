@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from ..reward_guard import NanRewardsArguments
+from ..reward_guard_config import NanRewardsArguments
 
 __all__ = ["PPOConfig"]
 

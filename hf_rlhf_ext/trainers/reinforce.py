@@ -49,7 +49,8 @@ from trl import GRPOConfig, GRPOTrainer
 from .._trl_compat import check_trl_contract
 from ..objectives import group_advantages
 from ..persisted_state import StateHolderCallback
-from ..reward_guard import NanRewardsArguments, attach_reward_guard
+from ..reward_guard import attach_reward_guard
+from ..reward_guard_config import NanRewardsArguments
 from ..validation import check_trainer_prompts, validate_trainer_inputs
 from .resumable_sampling import ResumableSampling
 
