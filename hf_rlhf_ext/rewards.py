@@ -218,7 +218,8 @@ def tracking(func: Any, name: str | None = None) -> Callable[..., list[float]]:
         base = RewardModelFunction(func)
         return RewardModelFunction(base.model, tokenizer=base.tokenizer, name=name or f"{base.name}_tracked")
     if not callable(func):
-        raise TypeError(f"tracking() takes a reward function, a reward model or a model path, got {type(func).__name__}.")
+        raise TypeError("tracking() takes a reward function, a reward model or a model path, got "
+                        f"{type(func).__name__}.")
     original = getattr(func, "__name__", type(func).__name__)
     new_name = name or f"{original}_tracked"
 

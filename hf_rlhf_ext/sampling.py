@@ -340,6 +340,18 @@ def completion_mask(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> torch
     return (torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= first[:, None]).long()
 
 
+def completion_lengths(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> list[int]:
+    """Each row's length up to and including its first EOS (the whole row when it has none): where TRL cuts a
+    completion, and the one place this package decides it."""
+    return completion_mask(tokens, eos_token_ids).sum(1).tolist()
+
+
+def cut_at_first_eos(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> list[list[int]]:
+    """Each row's token ids up to and including its first EOS (a row ending in an EOS id was terminated; one without
+    ran into the length limit)."""
+    return [row[:n] for row, n in zip(tokens.tolist(), completion_lengths(tokens, eos_token_ids))]
+
+
 def policy_eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """The ids that end a completion: the model's ``generation_config.eos_token_id`` (one or several) and the
     tokenizer's EOS, sorted."""
@@ -357,7 +369,8 @@ def _repeat_rows(cache, repeats, model, input_ids, prompt_mask, position, call: 
         return cache
     extra = {"position_ids": position.repeat_interleave(repeats, dim=0)} if position is not None else {}
     mask = prompt_mask.repeat_interleave(repeats, dim=0)
-    out = model(input_ids=input_ids.repeat_interleave(repeats, dim=0), attention_mask=None if bool(mask.all()) else mask,
+    out = model(input_ids=input_ids.repeat_interleave(repeats, dim=0),
+                attention_mask=None if bool(mask.all()) else mask,
                 use_cache=True, return_dict=True, **extra, **call.logits_kw)
     return out.get(call.cache_name)
 

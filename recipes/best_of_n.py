@@ -1,4 +1,5 @@
-"""Best-of-N and its distillation (hf_rlhf_ext.experiments.best_of_n) — on the offline lab by default, on any model with flags.
+"""Best-of-N and its distillation (hf_rlhf_ext.experiments.best_of_n) — on the offline lab by default, on any model
+with flags.
 
     python recipes/best_of_n.py                                   # the lab: SFT policy, proxy RM selects, gold tracked
     python recipes/best_of_n.py --n 8 --rounds 3 --output_dir runs/bon-ei     # expert iteration, 3 rounds
@@ -65,7 +66,8 @@ class BestOfNScriptArguments(RLScriptArguments):
     eval_samples_per_prompt: int = field(default=4, metadata={"help": "Samples per held-out prompt in evaluations."})
     sampling_batch_size: int = field(default=256, metadata={"help": "Sequences per forward pass when sampling."})
     sampling_memory_budget_mb: float | None = field(
-        default=None, metadata={"help": "MB the sequences in flight may hold when sampling (default: the weights' size)."}
+        default=None,
+        metadata={"help": "MB the sequences in flight may hold when sampling (default: the weights' size)."}
     )
     select: str | None = field(default=None, metadata={"help": "Reward that picks the best (default: the first)."})
     gold_funcs: list[str] | None = field(

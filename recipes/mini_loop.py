@@ -34,7 +34,13 @@ from hf_rlhf_ext.objectives import clipped_surrogate, kl_k1, kl_k3, masked_mean,
 from hf_rlhf_ext.results import write_metrics
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import outputs_line, recipe_command
-from hf_rlhf_ext.sampling import as_chat_prompts, per_token_logps, sample_with_kv_cache
+from hf_rlhf_ext.sampling import (
+    as_chat_prompts,
+    completion_mask,
+    cut_at_first_eos,
+    per_token_logps,
+    sample_with_kv_cache,
+)
 
 #: A reply "ends politely" when its last words are one of these phrases (case and punctuation ignored).
 POLITE_CLOSINGS: tuple[str, ...] = ("thank you", "have a nice day", "thank you for your patience")
@@ -213,14 +219,13 @@ def rollout(policy, tokenizer, prompts: Sequence[Any], max_new_tokens: int, eos_
                                          temperature=1.0, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_ids=eos_ids, drop_finished=True)
     # a reply is every token up to and including its first EOS; what follows is padding
-    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=device))
-    mask = ((is_eos.long().cumsum(1) - is_eos.long()) == 0).long()
-    lengths = mask.sum(1).tolist()
-    ids = [row[:n] for row, n in zip(tokens.tolist(), lengths)]
+    mask = completion_mask(tokens, eos_ids)
+    ids = cut_at_first_eos(tokens, eos_ids)
     return {
         "prompts": list(prompts), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
         "completion_ids": tokens, "completion_mask": mask, "logps": logps * mask, "ids": ids,
-        "texts": tokenizer.batch_decode(ids, skip_special_tokens=True), "finished": is_eos.any(1).tolist(),
+        "texts": tokenizer.batch_decode(ids, skip_special_tokens=True),
+        "finished": [bool(r) and r[-1] in eos_ids for r in ids],
     }
 
 

@@ -1,4 +1,5 @@
-"""Best-of-N (hf_rlhf_ext.experiments.best_of_n, recipes/best_of_n.py): the one-pool estimator against brute force, the pool's
+"""Best-of-N (hf_rlhf_ext.experiments.best_of_n, recipes/best_of_n.py): the one-pool estimator against brute force, the
+pool's
 draws and log-probs, selection, the distillation data, the recipe on a tiny world; on the lab (slow): best-of-N's
 gold hump and distillation beating the SFT model."""
 

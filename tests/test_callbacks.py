@@ -182,7 +182,8 @@ def test_kl_callback_needs_reference_or_permission(policy_path, tmp_path):
 
 
 def test_resuming_with_a_frozen_copy_as_reference_is_refused(policy_path, tmp_path):
-    """The copy is taken at train begin: after a resume it would be the resumed policy, and the KL would restart at 0."""
+    """The copy is taken at train begin: after a resume it would be the resumed policy, and the KL would restart at
+    0."""
     from transformers import TrainerControl, TrainerState
 
     from hf_rlhf_ext.callbacks import KLToReferenceCallback

@@ -303,7 +303,8 @@ def test_the_console_summary_shows_chat_prompts_as_turns_not_python_lists():
     from hf_rlhf_ext.run.finish import summary_text
 
     chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "my kettle is broken"}]
-    text = summary_text({"samples_before": [{"prompt": chat, "completion": [{"role": "assistant", "content": "sorry"}]}],
+    reply = [{"role": "assistant", "content": "sorry"}]
+    text = summary_text({"samples_before": [{"prompt": chat, "completion": reply}],
                          "samples_after": [{"prompt": chat, "completion": "we will repair it"}]})
     assert "prompt: system: be kind | user: my kettle is broken" in text
     assert "before: assistant: sorry" in text and "after:  we will repair it" in text

@@ -211,7 +211,8 @@ def test_callback_is_the_one_writer_of_beta_and_refuses_transformers_callback_re
     assert writes == [0.25] and trainer.beta == 0.5  # every write of beta goes through _set_beta
     trainer.args.restore_callback_states_from_checkpoint = True
     with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint=False"):
-        AdaptiveKLCallback(trainer, FixedKLController(0.25)).on_train_begin(trainer.args, TrainerState(), TrainerControl())
+        callback = AdaptiveKLCallback(trainer, FixedKLController(0.25))
+        callback.on_train_begin(trainer.args, TrainerState(), TrainerControl())
 
 
 def test_callback_save_and_restore_on_a_stub(tmp_path):
@@ -278,7 +279,8 @@ def _grpo_trainer(model_path, tokenizer, output_dir, max_steps):
     prompts = Dataset.from_dict({"prompt": ["the cat", "a dog", "hello world", "the dog runs"] * 4})
     config = GRPOConfig(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=6, learning_rate=5e-3, beta=0.3, logging_steps=1, save_steps=2, seed=0, disable_dropout=True,
+        max_completion_length=6, learning_rate=5e-3, beta=0.3, logging_steps=1, save_steps=2, seed=0,
+        disable_dropout=True,
         bf16=False, gradient_checkpointing=False, report_to="none", use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     return GRPOTrainer(

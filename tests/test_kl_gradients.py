@@ -29,7 +29,8 @@ TOKEN, SEQUENCE = "loss (per token, summed)", "loss (sequence log-ratio)"
 
 # (policy, estimator, placement, ratio) -> the divergence whose gradient E_π[∇f] is, derived by hand:
 # in the reward, E_π[∇log π · k] with k1 = log π/π_ref is the score-function ∇KL(π‖π_ref); k2, k3 change the weight;
-# in the loss, ∇k1 = ∇log π (mean 0); ∇k2 = (log π − log π_ref)∇log π; ∇k3 = (1 − π_ref/π)∇log π (mean −E_π_ref[∇log π]);
+# in the loss, ∇k1 = ∇log π (mean 0); ∇k2 = (log π − log π_ref)∇log π;
+# ∇k3 = (1 − π_ref/π)∇log π (mean −E_π_ref[∇log π]);
 # the ratio adds ∇log π · k. Per token, each term is conditional on its prefix and misses the prefix's effect on later
 # tokens' KL, so on two steps only the return-to-go reward and the sequence-level estimators keep their single-step
 # answer.

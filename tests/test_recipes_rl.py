@@ -164,7 +164,8 @@ if os.environ.get("ROW_KEYED_SAMPLING"):
         draw, first = _draws[0], _rank() * probs.shape[0]
         _draws[0] += 1
         noise = torch.stack([
-            torch.rand(probs.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(draw * 100_003 + first + i))
+            torch.rand(probs.shape[1], dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(draw * 100_003 + first + i))
             for i in range(probs.shape[0])
         ])
         gumbel = -torch.log(-torch.log(noise.clamp_min(1e-300)))
@@ -314,7 +315,8 @@ def test_two_cpu_processes_match_one(tiny, tmp_path, recipe):
 
     assert set(two_writes) == {"0", "1", "none"}  # the two ranks and the launcher
     assert two_writes["1"] == set() and two_writes["none"] == set() and two_writes["0"] == one_writes["none"]
-    assert sorted(p.name for p in (tmp_path / "two").rglob("*")) == sorted(p.name for p in (tmp_path / "one").rglob("*"))
+    names = {run: sorted(p.name for p in (tmp_path / run).rglob("*")) for run in ("one", "two")}
+    assert names["two"] == names["one"]
     one, two = _training_records(tmp_path / "one"), _training_records(tmp_path / "two")
     _assert_records_match(one, two)
     _assert_weights_match(tmp_path / "one", tmp_path / "two")

@@ -66,7 +66,8 @@ else:
     from _callbacks_helpers import good_reward, grpo_config, polite_reward, prompt_dataset, prompts
     from hf_rlhf_ext.callbacks import (GradientVarianceCallback, GroupAdvantageCheckCallback,
                                        KLToReferenceCallback, OveroptimizationCallback)
-    from hf_rlhf_ext.trainers.kl_control import AdaptiveKLCallback, AdaptiveKLController
+    from hf_rlhf_ext.callbacks.adaptive_kl import AdaptiveKLCallback
+    from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
 
     funcs = dict(reward_funcs=[good_reward, polite_reward], train_dataset=prompt_dataset())
     if kind == "reinforce":

@@ -88,7 +88,8 @@ def test_each_function_is_called_once_per_batch(tmp_path):
 
 def test_a_function_that_raises_stops_with_all_inputs_and_the_traceback_saved(tmp_path):
     guard = RewardGuard([divides_by_words], str(tmp_path))
-    with pytest.raises(RewardFunctionError, match=r"'divides_by_words' raised ZeroDivisionError: division by zero \(step None\)") as info:
+    expected = r"'divides_by_words' raised ZeroDivisionError: division by zero \(step None\)"
+    with pytest.raises(RewardFunctionError, match=expected) as info:
         guard.reward_funcs[0](prompts=["p0", "p1"], completions=["a b", "boom"], item=["x", "y"])
     assert isinstance(info.value.__cause__, ZeroDivisionError)
     (record,) = _faults(tmp_path)
@@ -107,7 +108,8 @@ def test_wrong_shapes_stop_with_the_function_named(tmp_path, output, message):
         return output
 
     guard = RewardGuard([shaped], str(tmp_path))
-    with pytest.raises(RewardFunctionError, match=rf"^Reward function 'shaped' .*{message}.*\(step None\)\. The batch's"):
+    expected = rf"^Reward function 'shaped' .*{message}.*\(step None\)\. The batch's"
+    with pytest.raises(RewardFunctionError, match=expected):
         guard.reward_funcs[0](prompts=["p", "p"], completions=["a", "b"])
 
 

@@ -177,7 +177,6 @@ def test_lab_gold_reward_is_the_lab_gold():
 
 def test_lab_proxy_reward_loads_lazily(rm_path, monkeypatch):
     import hf_rlhf_ext.lab.rewards as lab_rewards
-    import hf_rlhf_ext.rewards as rewards
 
     calls = []
 
@@ -188,8 +187,8 @@ def test_lab_proxy_reward_loads_lazily(rm_path, monkeypatch):
     monkeypatch.setattr(lab_rewards, "lab_reward_model_path", fake_path)
     monkeypatch.setattr(lab_rewards, "_lab_proxy", None)
     p, c = ["customer : my lamp is late agent :"], ["sorry"]
-    first = rewards.lab_proxy_reward(prompts=p, completions=c)
-    second = rewards.lab_proxy_reward(prompts=p, completions=c)
+    first = lab_rewards.lab_proxy_reward(prompts=p, completions=c)
+    second = lab_rewards.lab_proxy_reward(prompts=p, completions=c)
     assert calls == [1] and first == second and len(first) == 1
     assert lab_rewards._lab_proxy.__name__ == "lab_proxy_reward"
 

@@ -211,11 +211,11 @@ def test_lab_sampler_draws_what_generate_draws(world):
     """The lab's data are sampled by the package's one sampler: the same replies as ``generate`` for the same seed."""
     from transformers import GenerationConfig
 
-    from hf_rlhf_ext.lab.build import sample_completions
+    from hf_rlhf_ext.lab.build import sample_replies
 
     model, tok, _, _ = world
     texts = prompts(4) + ["customer : lamp agent :"]
-    got = sample_completions(model, tok, texts, max_new_tokens=10, temperature=1.0, seed=7)
+    got = sample_replies(model, tok, texts, max_new_tokens=10, temperature=1.0, seed=7)
     torch.manual_seed(7)
     config = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=10, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id)
@@ -259,3 +259,11 @@ def test_finished_rows_fed_the_pad_raise_no_padding_notice(world):
     finally:
         logger.removeHandler(handler)
         hf_logging.set_verbosity(verbosity)
+
+
+def test_a_completion_ends_at_its_first_eos_of_any_eos_id():
+    from hf_rlhf_ext.sampling import completion_lengths, cut_at_first_eos
+
+    tokens = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0], [9, 9, 9, 3], [9, 3, 2, 0]])
+    assert completion_lengths(tokens, [2]) == [2, 4, 1, 4, 3]
+    assert cut_at_first_eos(tokens, [2, 3]) == [[5, 2], [5, 6, 7, 8], [2], [9, 9, 9, 3], [9, 3]]

@@ -51,7 +51,8 @@ def test_section_has_both_snippets():
     py = code_blocks("python")
     sh = [b for b in code_blocks("bash") if "trl grpo" in b]
     assert py and "add_callback" in py[0]
-    assert sh and "--reward_funcs hf_rlhf_ext.lab.rewards.lab_proxy_reward hf_rlhf_ext.lab.rewards.lab_gold_reward" in sh[0]
+    funcs = "--reward_funcs hf_rlhf_ext.lab.rewards.lab_proxy_reward hf_rlhf_ext.lab.rewards.lab_gold_reward"
+    assert sh and funcs in sh[0]
     assert "--reward_weights 1 0" in sh[0]
 
 

@@ -149,7 +149,8 @@ def test_loss_reads_policy_and_values_from_one_forward_pass(world, tmp_path, mon
     trainer.args.vf_coef = 1.0
     total.backward()
     assert trainer.value_model.value_head.weight.grad.abs().max() > 0
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in trainer.model.named_parameters() if "lora" in n)
+    lora = [p for n, p in trainer.model.named_parameters() if "lora" in n]
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in lora)
 
 
 def test_head_is_an_optimizer_group_with_the_critic_learning_rate_and_trains(world, tmp_path):
@@ -245,9 +246,10 @@ def test_value_head_learns_the_returns_on_the_lab(tmp_path):
 
     from hf_rlhf_ext.results import read_log_history
 
-    run_recipe("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true", "--critic_learning_rate", "1e-2",
-                 "--max_steps", "30", "--logging_steps", "5", "--num_eval_prompts", "0", "--monitor", "none",
-                 "--disable_tqdm", "true"])
+    run_recipe("ppo", ["--output_dir", str(tmp_path), "--value_head_on_policy", "true",
+                       "--critic_learning_rate", "1e-2",
+                       "--max_steps", "30", "--logging_steps", "5", "--num_eval_prompts", "0", "--monitor", "none",
+                       "--disable_tqdm", "true"])
     logs = [r for r in read_log_history(str(tmp_path)) if "loss/value_avg" in r]
     assert len(logs) == 6
     value_loss = [r["loss/value_avg"] for r in logs]

@@ -252,7 +252,8 @@ class GroupAdvantageCheckCallback(TrainerCallback, PersistedState):
         rpf = torch.tensor([list(t._logs["rewards"][name])[-n:] for name in names], dtype=torch.float32).T
         if logged.numel() != n or rpf.shape[0] != n or n % g != 0:
             raise UnsupportedTrainerError(
-                f"{type(self).__name__}: trainer._logs holds {logged.numel()} advantages and {rpf.shape[0]} rewards for "
+                f"{type(self).__name__}: trainer._logs holds {logged.numel()} advantages and {rpf.shape[0]} rewards "
+                f"for "
                 f"a batch of {n} completions in groups of {g}; this TRL version stores its logs differently."
             )
         kl_seq = None
@@ -317,7 +318,8 @@ class GroupAdvantageCheckCallback(TrainerCallback, PersistedState):
             )
         if used_vs_logged > tol:
             problems.append(
-                ("used_vs_logged", f"the advantages given to the loss differ from the logged ones by {used_vs_logged:.4g}")
+                ("used_vs_logged",
+                 f"the advantages given to the loss differ from the logged ones by {used_vs_logged:.4g}")
             )
         if num_extreme:
             problems.append(("extreme", f"{num_extreme} advantages exceed |A| <= {bound:.4g} (max {max_abs_adv:.4g})"))

@@ -102,7 +102,8 @@ def check_reference_on_resume(reference: ReferencePolicy, state: Any, who: str) 
     """A frozen copy is taken at train begin: on resume that would be the resumed policy, not the initial one."""
     if state.global_step > 0 and reference.kind == "frozen_copy":
         raise ValueError(
-            f"{who}: resuming at step {state.global_step} with a frozen copy of the policy as π_ref would measure the KL "
+            f"{who}: resuming at step {state.global_step} with a frozen copy of the policy as π_ref would measure the "
+            "KL "
             "to the resumed policy, not to the initial one. Resume with a reference that survives checkpoints: a PEFT "
             "policy (adapter disabled) or beta > 0 (TRL's reference model)."
         )

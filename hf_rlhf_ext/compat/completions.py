@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..sampling import sample_with_kv_cache
+from ..sampling import cut_at_first_eos, sample_with_kv_cache
 
 __all__ = ["EVAL_TEMPERATURE", "completions_table", "show_table", "SampleGenerationsCallback"]
 
@@ -34,15 +34,6 @@ def _left_pad(rows: list[list[int]], pad_token_id: int, device) -> tuple[torch.T
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
-
-
-def _cut_at_eos(tokens: torch.Tensor, eos_ids: list[int]) -> list[list[int]]:
-    """Each row up to and including its first EOS (the old ``truncate_response``, without the trailing pads)."""
-    out = []
-    for row in tokens.tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        out.append(row[:end])
-    return out
 
 
 @torch.no_grad()
@@ -67,7 +58,7 @@ def completions_table(trainer: Any, sampling: bool = False) -> dict[str, list]:
             policy, ids, mask, max_new_tokens=args.max_completion_length, temperature=EVAL_TEMPERATURE,
             pad_token_id=fill_id, eos_token_ids=eos_ids or None,
         )
-        responses = tokens.tolist() if stop is not None else _cut_at_eos(tokens, eos_ids)
+        responses = tokens.tolist() if stop is not None else cut_at_first_eos(tokens, eos_ids)
         scores = trainer.compat_reward_model.score(prompts, responses)
         table["query"].extend(gather_object(tok.batch_decode(prompts, skip_special_tokens=True)))
         table["model response"].extend(gather_object(tok.batch_decode(responses)))

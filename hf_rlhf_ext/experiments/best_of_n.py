@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..objectives import GaoFit, best_of_n_kl, best_of_n_kl_win_rate, best_of_n_win_rate_bound, fit_gao
 from ..reference import Reference, reference_model
 from ..sampling import (
+    cut_at_first_eos,
     encode_prompts,
     is_conversational,
     kv_cache_sampling_supported,
@@ -230,12 +231,10 @@ class _PoolRows:
 
     def add(self, tokens: torch.Tensor, tok_logps: torch.Tensor, eos_ids: Sequence[int]) -> None:
         """Each row cut after its first EOS (kept), with its summed log-prob up to there."""
-        for row, row_logps in zip(tokens.tolist(), tok_logps.tolist()):
-            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), None)
-            self.terminated.append(end is not None)
-            end = end or len(row)
-            self.completion_ids.append(row[:end])
-            self.logps.append(float(sum(row_logps[:end])))
+        for row, row_logps in zip(cut_at_first_eos(tokens, eos_ids), tok_logps.tolist()):
+            self.terminated.append(bool(row) and row[-1] in eos_ids)
+            self.completion_ids.append(row)
+            self.logps.append(float(sum(row_logps[: len(row)])))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def matched_pairs(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every (β_low < β_high) pair of runs with the same trainer and seed, matched or not (``matched``)."""
     runs = sorted(results, key=lambda r: (r["trainer"], r["seed"], float(r["beta"])))
     return [_pair(low, high) for i, low in enumerate(runs) for high in runs[i + 1:]
-            if (low["trainer"], low["seed"]) == (high["trainer"], high["seed"]) and float(low["beta"]) < float(high["beta"])]
+            if (low["trainer"], low["seed"]) == (high["trainer"], high["seed"])
+            and float(low["beta"]) < float(high["beta"])]
 
 
 def _mean(values: Sequence[float]) -> float:

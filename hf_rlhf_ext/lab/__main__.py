@@ -1,6 +1,7 @@
 """Command line: ``python -m hf_rlhf_ext.lab build|path`` (also ``hf-rlhf-ext lab ...`` and ``hf-rlhf-lab ...``).
 
-    hf-rlhf-ext lab build [--lab_dir DIR] [--force] [--seed N] [--json]   put the lab in place, print where and its numbers
+    hf-rlhf-ext lab build [--lab_dir DIR] [--force] [--seed N] [--json]
+        put the lab in place, print where and its numbers
     hf-rlhf-ext lab path [--lab_dir DIR]                                    print only its directory (for shell scripts)
 
 The lab lives in ``--lab_dir`` if given, else in ``$HF_RLHF_EXT_LAB_DIR`` if set, else in the cache

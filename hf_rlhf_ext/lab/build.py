@@ -200,7 +200,7 @@ def load_splits(directory: str):
 # --------------------------------------------------------------------------------------------------------------------
 # Sampling and labelling
 # --------------------------------------------------------------------------------------------------------------------
-def sample_completions(
+def sample_replies(
     model,
     tokenizer,
     prompts: Sequence[str],
@@ -217,7 +217,7 @@ def sample_completions(
     """
     import torch
 
-    from ..sampling import sample_policy
+    from ..sampling import cut_at_first_eos, sample_policy
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -236,8 +236,8 @@ def sample_completions(
             input_ids = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
             tokens, _ = sample_policy(model, input_ids, torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                       temperature=temperature, pad_token_id=pad, eos_token_ids=eos)
-            for row, i in zip(tokens.tolist(), chunk):
-                out[i] = row[: row.index(eos) + 1] if eos in row else row
+            for row, i in zip(cut_at_first_eos(tokens, [eos]), chunk):
+                out[i] = row
     return out
 
 
@@ -267,7 +267,7 @@ def make_pairs(
     chosen_rows = [rng.choice(list(prompt_rows)) for _ in range(n_pairs)]
     prompts = [r["prompt"] for r in chosen_rows]
     doubled = prompts + prompts
-    samples = sample_completions(
+    samples = sample_replies(
         model, tokenizer, doubled, config.max_new_tokens, config.temperature, seed=seed + 1
     )
     eos = tokenizer.eos_token_id
@@ -298,7 +298,7 @@ def make_pairs(
 
 def policy_quality(model, tokenizer, prompts: Sequence[str], config: LabConfig, seed: int) -> dict[str, float]:
     """Mean gold reward, EOS rate and mean length (words) of fresh policy samples on ``prompts``."""
-    samples = sample_completions(model, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=seed)
+    samples = sample_replies(model, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=seed)
     eos = tokenizer.eos_token_id
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
     gold = task.gold_reward(prompts, texts, completion_ids=samples, eos_token_id=eos)

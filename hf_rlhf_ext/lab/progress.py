@@ -52,7 +52,8 @@ class BuildProgress:
         self.done = 0.0
         print(
             f"Building the lab in {root}: a tiny GPT-2 SFT policy, preference pairs from its samples and a proxy "
-            f"reward model. About {_duration(total)} on a free CPU core, up to {_duration(3 * total)} on a busy one; once "
+            f"reward model. About {_duration(total)} on a free CPU core, up to {_duration(3 * total)} on a busy one; "
+            "once "
             f"per machine (`hf-rlhf-ext lab build` reuses it).",
             file=sys.stderr,
             flush=True,

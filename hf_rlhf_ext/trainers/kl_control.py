@@ -11,7 +11,8 @@ the change per update; the horizon (10,000 episodes in the paper) sets how fast 
 (β₀ = 0.2, target 6.0, horizon 10,000) are those of TRL's old PPO, where the KL was a *per-sequence* sum.
 
 TRL 1.x has no adaptive controller (huggingface/trl #4532). ``AdaptiveKLCallback`` adds one to an unmodified
-``GRPOTrainer`` / ``RLOOTrainer`` by reading the logged KL and deriving ``trainer.beta`` from the controller. A known way to get this
+``GRPOTrainer`` / ``RLOOTrainer`` by reading the logged KL and deriving ``trainer.beta`` from the controller. A known
+way to get this
 wrong (trlx PR #361): feeding the controller a different KL than the one the target refers to, which made runs
 diverge exactly when the KL crossed the target. The callback therefore records every input it feeds the controller
 (``AdaptiveKLCallback.updates``) and the tests assert on it.

@@ -262,7 +262,8 @@ class ReinforceConfig(NanRewardsArguments, GRPOConfig):
                 raise ValueError("REINFORCE with num_generations=1 needs at least 2 completions per generation "
                                  "batch: raise per_device_train_batch_size or gradient_accumulation_steps.")
         elif requested is not None and requested < 2 and self.baseline == "group":
-            raise ValueError(f"The 'group' baseline needs num_generations >= 2 completions per prompt, got {requested}: "
+            raise ValueError("The 'group' baseline needs num_generations >= 2 completions per prompt, got "
+                             f"{requested}: "
                              "raise num_generations, or use baseline='running_mean' (no groups needed).")
         try:
             super().__post_init__()  # checks the generation batch against a stand-in group size that divides it
@@ -294,8 +295,10 @@ class ReinforceTrainer(ResumableSampling, GRPOTrainer):
         "id": "2402.14740",
         "citation": textwrap.dedent("""\
             @inproceedings{ahmadian2024back,
-                title        = {{Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs}},
-                author       = {Arash Ahmadian and Chris Cremer and Matthias Gallé and Marzieh Fadaee and Julia Kreutzer and Olivier Pietquin and Ahmet Üstün and Sara Hooker},
+                title        = {{Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+                                 Feedback in LLMs}},
+                author       = {Arash Ahmadian and Chris Cremer and Matthias Gallé and Marzieh Fadaee and
+                                Julia Kreutzer and Olivier Pietquin and Ahmet Üstün and Sara Hooker},
                 year         = 2024,
                 booktitle    = {ACL},
             }"""),
