@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..trainers import PPOConfig as _PPOConfig
+from ..trainers.ppo_config import PPOConfig as _PPOConfig
 from .fields import refusals
 
 __all__ = ["PPOConfig"]

@@ -35,8 +35,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..scoring import score_token_ids
-from ..trainers import PPOTrainer as _PPOTrainer
-from ..trainers import ValueModel
+from ..trainers.ppo import PPOTrainer as _PPOTrainer
+from ..trainers.value_model import ValueModel
 from .completions import SampleGenerationsCallback, completions_table, show_table
 from .config import PPOConfig
 from .stop import OldStop

@@ -22,11 +22,14 @@ def _uses_trl_group_advantages(trainer: Any) -> bool:
 
 def _monitor(name: str, trainer: Any, setup: RLSetup, script_args: RLScriptArguments) -> Any:
     """One callback, built with the recipe's settings; raises ValueError when it does not apply to this run."""
-    from .. import callbacks
+    from ..callbacks.grad_variance import GradientVarianceCallback
+    from ..callbacks.group_advantage import GroupAdvantageCheckCallback
+    from ..callbacks.kl_reference import KLToReferenceCallback
+    from ..callbacks.overoptimization import OveroptimizationCallback
 
     every = script_args.monitor_every_n_steps
     if name == "overoptimization":
-        return callbacks.OveroptimizationCallback(
+        return OveroptimizationCallback(
             trainer, mode="logs", every_n_steps=every, save_peak=script_args.monitor_save_peak,
             min_delta=script_args.monitor_min_delta,
             stop_on_overoptimization=script_args.monitor_stop_on_overoptimization,
@@ -35,13 +38,13 @@ def _monitor(name: str, trainer: Any, setup: RLSetup, script_args: RLScriptArgum
     if name == "kl":
         if not setup.eval_prompts:
             raise ValueError("the KL monitor samples held-out prompts, and this run has none (num_eval_prompts 0)")
-        return callbacks.KLToReferenceCallback(trainer, setup.eval_prompts, every_n_steps=every,
-                                               num_samples=script_args.monitor_num_samples)
+        return KLToReferenceCallback(trainer, setup.eval_prompts, every_n_steps=every,
+                                     num_samples=script_args.monitor_num_samples)
     if name == "advantages":
         if not _uses_trl_group_advantages(trainer):
             raise ValueError(f"{type(trainer).__name__} does not compute TRL's group advantages")
-        return callbacks.GroupAdvantageCheckCallback(trainer, every_n_steps=every)
-    return callbacks.GradientVarianceCallback(trainer, every_n_steps=every)
+        return GroupAdvantageCheckCallback(trainer, every_n_steps=every)
+    return GradientVarianceCallback(trainer, every_n_steps=every)
 
 
 # what --monitor auto attaches where it applies: each costs little next to a training step (see the README)
