@@ -474,8 +474,11 @@ def _bon(proxy, gold, distilled):
 
 
 def _sweep(rho, final_kl, low_final_gold, r2):
-    row = {"beta": 0.1} | {k: {"mean": 0.5} for k in ("final_kl", "final_proxy", "final_gold", "peak_gold")}
-    return {"per_beta": [row], "spearman_beta_final_kl": rho, "plots": [],
+    kls = [3.0, 2.0, 1.0, final_kl] if rho < 0 else [0.3, 1.0, 2.0, final_kl]  # ordered as ρ says
+    rows = [{"beta": b, "seeds": [0], "final_kl": {"mean": kl, "min": kl, "max": kl}}
+            | {k: {"mean": 0.5} for k in ("final_proxy", "final_gold", "peak_gold")}
+            for b, kl in zip((0.0, 0.02, 0.2, 1.0), kls)]
+    return {"betas": [0.0, 0.02, 0.2, 1.0], "per_beta": rows, "spearman_beta_final_kl": rho, "plots": [],
             "lowest_beta": {"beta": 0.0, "peak_gold": 0.9, "final_gold": low_final_gold, "proxy_at_peak": 0.7,
                             "final_proxy": 1.2},
             "highest_beta": {"beta": 1.0, "final_kl": final_kl},

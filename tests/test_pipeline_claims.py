@@ -1,0 +1,91 @@
+"""Falsification tests of the pipeline's experimental claims (recipes/pipeline_stages.py): each claim is fed a real or
+constructed stage result and must hold on the effect, NOT hold when its control (replayed from the same numbers)
+shows the same, and its section must say the contrary on contrary numbers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+import pipeline_stages as stages  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+ARGS = SimpleNamespace(output_dir="/out")
+
+
+def _load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KL falls as β rises
+# ----------------------------------------------------------------------------------------------------------------------
+def _grid(betas, kls_per_seed):
+    """A beta_sweep result from per-β lists of per-seed final KLs (the other numbers fixed)."""
+    rows = []
+    for beta, kls in zip(betas, kls_per_seed):
+        stat = {"mean": sum(kls) / len(kls), "min": min(kls), "max": max(kls)}
+        rows.append({"beta": beta, "seeds": list(range(len(kls))), "final_kl": stat}
+                    | {k: {"mean": 0.5, "min": 0.5, "max": 0.5} for k in ("final_proxy", "final_gold", "peak_gold")})
+    means = [row["final_kl"]["mean"] for row in rows]
+    from hf_rlhf_ext.sweeps import spearman
+
+    return {"betas": list(betas), "per_beta": rows, "spearman_beta_final_kl": spearman(list(betas), means),
+            "plots": [], "lowest_beta": {"beta": betas[0], "peak_gold": 0.9, "final_gold": 0.5, "proxy_at_peak": 0.7,
+                                         "final_proxy": 1.2},
+            "highest_beta": {"beta": betas[-1], "final_kl": means[-1]},
+            "gao_fit": {"alpha": 1.0, "beta": 0.2, "r2": 0.9, "peak_kl": 2.0, "n_points": 12}}
+
+
+def test_kl_vs_beta_holds_on_the_real_quick_sweep_and_not_on_its_shuffled_control():
+    """The --quick sweep on the lab (β 0, 0.02, 0.2, 1; one seed): KL 3.12 → 0.26 nats, ρ = −1; the rule holds on
+    1 of the 24 orderings of the β labels (4% < 5%)."""
+    real = _load("pipeline_beta_sweep_quick.json")
+    claim = stages.claim_kl_vs_beta({"beta_sweep": real})
+    assert claim.holds and claim.control_holds is False and claim.kind == "experiment" and claim.seeds == [0]
+    assert claim.control["values"] == {"orderings": 24, "exact": True, "share_rule_holds": pytest.approx(1 / 24)}
+    assert claim.values["kl_fall"] == pytest.approx(3.1212 - 0.2612, abs=1e-3)
+    assert "not measured (one seed)" in claim.values["noise"]
+    shuffled = copy.deepcopy(real)  # the control replayed: the same KLs, β labels in another order
+    for row, kl in zip(shuffled["per_beta"], (1.0845, 0.2612, 3.1212, 2.5475)):
+        row["final_kl"] = {"mean": kl, "min": kl, "max": kl}
+    assert stages.claim_kl_vs_beta({"beta_sweep": shuffled}).holds is False
+
+
+def test_kl_vs_beta_does_not_hold_on_a_grid_too_small_to_tell_an_ordering_from_chance():
+    three = stages.claim_kl_vs_beta({"beta_sweep": _grid([0.0, 0.1, 1.0], [[3.0], [1.0], [0.2]])})
+    assert three.control_holds and three.holds is False  # a shuffled 3-point grid is as ordered 1 time in 6
+    assert three.control["values"]["share_rule_holds"] == pytest.approx(1 / 6)
+    assert "too few β values" in stages.section_beta_sweep(ARGS, _grid([0.0, 0.1, 1.0], [[3.0], [1.0], [0.2]])).reading
+
+
+def test_kl_vs_beta_needs_the_fall_to_exceed_the_seed_spread_at_one_beta():
+    betas = [0.0, 0.02, 0.2, 1.0]
+    ok = stages.claim_kl_vs_beta({"beta_sweep": _grid(betas, [[3.0, 3.3, 2.9], [2.4, 2.6, 2.5], [1.1, 1.0, 1.2],
+                                                               [0.3, 0.25, 0.2]])})
+    assert ok.holds and ok.control_holds is False and ok.seeds == [0, 1, 2]
+    assert ok.values["seed_range_at_one_beta"] == pytest.approx(0.4)
+    noisy = _grid(betas, [[0.5, 2.5, 0.3], [1.0, 0.2, 2.0], [0.3, 1.5, 1.0], [0.1, 0.4, 0.8]])  # ordered means
+    claim = stages.claim_kl_vs_beta({"beta_sweep": noisy})  # 1.1 → 0.43 nats, seeds 0.3 … 2.5 apart at β = 0
+    assert claim.values["rho"] == pytest.approx(-1.0) and claim.control_holds is False and claim.holds is False
+    assert "within the seed-to-seed range" in stages.section_beta_sweep(ARGS, noisy).reading
+
+
+def test_kl_vs_beta_prose_follows_the_direction_of_the_numbers():
+    betas = [0.0, 0.02, 0.2, 1.0]
+    falls, rises = _grid(betas, [[3.1], [2.5], [1.1], [0.3]]), _grid(betas, [[0.3], [1.1], [2.5], [3.1]])
+    flat = _grid(betas, [[1.0], [1.2], [0.9], [1.1]])
+    assert stages.claim_kl_vs_beta({"beta_sweep": rises}).holds is False
+    assert stages.claim_kl_vs_beta({"beta_sweep": flat}).holds is False
+    read = {name: stages.section_beta_sweep(ARGS, r).reading for name, r in
+            (("falls", falls), ("rises", rises), ("flat", flat))}
+    assert "the leash works" in read["falls"] and "NOT" not in read["falls"].split(".")[0]
+    assert "KL RISES with β: the leash does NOT work" in read["rises"] and "leash works" not in read["rises"]
+    assert "KL is not ordered by β" in read["flat"] and "leash works" not in read["flat"]
