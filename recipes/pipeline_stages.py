@@ -329,20 +329,42 @@ def _seeds(args: Any, full: int) -> list[str]:
     return [str(args.seed + i) for i in range(1 if args.quick else full)]
 
 
+REINFORCE_SEEDS = 3  # in quick mode too: the reward gain's 95% t interval needs seeds (t = 4.30 with 3, 12.7 with 2)
+
+
 def stage_reinforce(args: Any, out: str) -> dict:
     """REINFORCE with and without a baseline on a reward with an offset (+5): gradient variance and reward over
-    training (``hf_rlhf_ext.baselines``)."""
+    training (``hf_rlhf_ext.baselines``); per seed, the running-mean run's final reward, and the untrained start: the
+    same run at learning rate 0 for two final windows, its first window the reward before any learning and its second
+    the same start measured again (the control: a run that cannot learn)."""
     from hf_rlhf_ext.baselines import run_baselines
 
-    argv = ["--seeds", *_seeds(args, 3), *_rl_flags(args)]
-    argv += ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
-    m = run_baselines(["--output_dir", out, *argv], progress=False)
+    seeds, flags = [str(args.seed + i) for i in range(REINFORCE_SEEDS)], _rl_flags(args)
+    quick = ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
+    m = run_baselines(["--output_dir", out, "--seeds", *seeds, *flags, *quick], progress=False)
     # the variance cut again without the +5 offset, which alone inflates the no-baseline variance
-    flat = run_baselines(["--output_dir", os.path.join(out, "no_offset"), *argv, "--baselines", "none",
-                          "running_mean", "--reward_offset", "0"], progress=False)
+    flat = run_baselines(["--output_dir", os.path.join(out, "no_offset"), "--seeds", *seeds[:1 if args.quick else None],
+                          *flags, *quick, "--baselines", "none", "running_mean", "--reward_offset", "0"],
+                         progress=False)
+    window = m["settings"]["final_window"]
+    still = run_baselines(["--output_dir", os.path.join(out, "untrained"), "--seeds", *seeds, *flags, "--baselines",
+                           "running_mean", "--learning_rate", "0", "--max_steps", str(2 * window)], progress=False)
     return {"baselines": _keep_baselines(m), "seeds": m["settings"]["seeds"],
             "reward_offset": m["settings"]["reward_offset"], "no_offset": _keep_baselines(flat),
+            "final_window": window, "per_seed": [{"seed": r["seed"], "first_reward": r["curve"][0]["reward"],
+                                                  "final_reward": r["final_reward"]}
+                                                 for r in m["runs"] if r["baseline"] == "running_mean"],
+            "untrained": {"learning_rate": 0.0, "steps": 2 * window,
+                          "per_seed": [{"seed": r["seed"], **_two_windows(r["curve"])} for r in still["runs"]]},
             "plots": [os.path.join(out, "baselines.png")]}
+
+
+def _two_windows(curve: list[dict]) -> dict:
+    """Mean training reward of the first and of the second half of a run's logged steps."""
+    half = len(curve) // 2
+    start, later = curve[:half], curve[half:2 * half]
+    return {"start_window": sum(p["reward"] for p in start) / half,
+            "later_window": sum(p["reward"] for p in later) / half}
 
 
 def _keep_baselines(m: dict) -> dict:
@@ -652,25 +674,87 @@ def claim_overoptimization(results: dict):
 VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
 
 
+def t_interval(values: list[float]) -> list[float] | None:
+    """The 95% Student t interval of the mean, mean ± t(0.975, n − 1) · sd / √n; None with fewer than 2 values."""
+    from hf_rlhf_ext.early_stopping import t_quantile_975
+
+    n = len(values)
+    if n < 2:
+        return None
+    m = sum(values) / n
+    half = t_quantile_975(n - 1) * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+    return [m - half, m + half]
+
+
+def _gain_rule(gains: list[float]) -> bool:
+    """The reward gain over seeds: its 95% t interval above 0 and its mean at least REWARD_GAIN."""
+    ci = t_interval(gains)
+    return ci is not None and ci[0] > 0 and sum(gains) / len(gains) >= REWARD_GAIN
+
+
+def reinforce_gains(r: dict) -> tuple[dict, dict] | None:
+    """Per seed: the running-mean run's final reward − the untrained start (learning rate 0, first window) of the same
+    seed; and the control, the untrained start's second window − its first (the same start measured twice). None
+    for a result from before the stage kept them."""
+    if not (r.get("per_seed") and r.get("untrained")):
+        return None
+    start = {u["seed"]: u for u in r["untrained"]["per_seed"]}
+    seeds = [p["seed"] for p in r["per_seed"] if p["seed"] in start]
+    final = {p["seed"]: p["final_reward"] for p in r["per_seed"]}
+    gains = {s: final[s] - start[s]["start_window"] for s in seeds}
+    again = {s: u["later_window"] - u["start_window"] for s, u in start.items()}
+    return gains, again
+
+
+def _gain_values(gains: dict) -> dict:
+    vals = list(gains.values())
+    n, mean = len(vals), sum(vals) / len(vals) if vals else None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "ci95": t_interval(vals), "sd_over_seeds": sd, "n_seeds": n,
+            "per_seed": {str(k): v for k, v in gains.items()}}
+
+
 def claim_reinforce(results: dict):
+    """The reward gain is the running-mean run's final reward (mean of the last final_window logged steps) minus the
+    untrained start of the same seed (the same run at learning rate 0, its first final_window steps), decided by a
+    95% t interval over the seeds the stage ran: above 0 (and a mean of at least REWARD_GAIN). The control is a run
+    that cannot learn: that untrained start's second window minus its first must not show a gain. With fewer than 2
+    seeds there is no interval and the claim is undecided, said with the reason."""
     from hf_rlhf_ext.report import Claim
 
-    args = ("reinforce_baseline", "14–15", "REINFORCE raises the mean reward; a baseline cuts the measured gradient "
-            "variance at least 2× on a reward with a +5 offset (the cut without the offset is reported beside it)",
-            "running-mean baseline: final − first training reward; median gradient variance of none ÷ running mean",
-            {"reward_gain": f">= {REWARD_GAIN}", "variance_cut": f">= {VARIANCE_CUT}"})
+    args = ("reinforce_baseline", "14–15", ("REINFORCE raises the mean reward; a baseline cuts the measured gradient "
+            "variance at least 2× on a reward with a +5 offset (the cut without the offset is reported beside it)"),
+            ("running-mean baseline: final training reward − the untrained start (learning rate 0) per seed, 95% t "
+             "interval over seeds; median gradient variance of none ÷ running mean"),
+            {"reward_gain_ci95_low": "> 0", "reward_gain": f">= {REWARD_GAIN}", "variance_cut": f">= {VARIANCE_CUT}"})
     if reason := _missing(results, "reinforce"):
         return Claim.skip(*args, reason)
     r = results["reinforce"]
     rm, none = r["baselines"]["running_mean"], r["baselines"]["none"]
-    gain = rm["final_reward"]["mean"] - rm["first_reward"]
     cut = _variance_cut(r["baselines"])
-    values = {"first_reward": rm["first_reward"], "final_reward": rm["final_reward"]["mean"], "reward_gain": gain,
+    values = {"first_reward": rm["first_reward"], "final_reward": rm["final_reward"]["mean"],
               "variance_none": none["median_grad_variance"]["median"],
               "variance_running_mean": rm["median_grad_variance"]["median"], "variance_cut": cut,
               "variance_cut_no_offset": _variance_cut(r["no_offset"]) if r.get("no_offset") else None}
-    holds = gain >= REWARD_GAIN and cut >= VARIANCE_CUT
-    return Claim.experiment(*args, values, holds, seeds=_claim_seeds(results, "reinforce"))
+    seeds = _claim_seeds(results, "reinforce")
+    measured = reinforce_gains(r)
+    if measured is None:  # a result from before the stage kept per-seed gains: said, never a silent pass
+        values["reward_gain"] = rm["final_reward"]["mean"] - rm["first_reward"]
+        return Claim(*args, values, None, skipped="no per-seed reward gains in this result (it predates them): no "
+                     "interval, undecided; rerun the stage", seeds=seeds)
+    gains, again = measured
+    effect, still = _gain_values(gains), _gain_values(again)
+    values |= {"reward_gain": effect["mean"], "reward_gain_ci95": effect["ci95"], "reward_gain_per_seed":
+               effect["per_seed"], "noise": f"sd of the gain over seeds {effect['sd_over_seeds']:.3f}"
+               if effect["n_seeds"] > 1 else "not measured (one seed)"}
+    control = {"statement": f"a run that cannot learn: the untrained start (learning rate 0) measured twice, its "
+               f"second window of {r.get('final_window')} logged steps − its first, per seed", "values": still}
+    if effect["n_seeds"] < 2:
+        return Claim(*args, values, None, skipped=f"{effect['n_seeds']} seed(s): a t interval of the reward gain "
+                     "needs at least 2 (the stage runs 3); undecided", control=control, control_holds=None,
+                     seeds=seeds)
+    holds = _gain_rule(list(gains.values())) and cut >= VARIANCE_CUT
+    return Claim.experiment(*args, values, holds, control, _gain_rule(list(again.values())), seeds)
 
 
 def _variance_cut(baselines: dict) -> float:
@@ -973,8 +1057,33 @@ def section_reinforce(args, r):
     return Section("REINFORCE and its baseline (exercises 14–15)", f"A constant +{r['reward_offset']:g} added to every "
                    "reward changes no expected gradient, only its variance without a baseline. Measured over seeds "
                    f"{r['seeds']}: the running-mean baseline {cuts}, and {learns} in the same number of steps (reward "
-                   f"gain {gain['none']:+.2f} against {gain['running_mean']:+.2f}).", rows,
-                   [_rel(args, p) for p in r["plots"]])
+                   f"gain {gain['none']:+.2f} against {gain['running_mean']:+.2f}). "
+                   f"{_gain_reading(claim_reinforce({'reinforce': r}))}", rows, [_rel(args, p) for p in r["plots"]])
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "no interval" if ci is None else f"95% t interval [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def _gain_reading(claim: Any) -> str:
+    """Whether REINFORCE raised the reward, as the interval over seeds and the untrained control say."""
+    v = claim.values
+    if "reward_gain_ci95" not in v or v["reward_gain_ci95"] is None:
+        return f"Whether REINFORCE raises the reward is NOT decided here: {claim.skipped}."
+    ci, n = v["reward_gain_ci95"], len(v["reward_gain_per_seed"])
+    c = claim.control["values"]
+    against = (f"the untrained start measured twice moved {c['mean']:+.2f} ({_ci(c['ci95'])})" if c["mean"] is not
+               None else "the untrained start was not measured twice")
+    gain = f"{v['reward_gain']:+.2f} ({_ci(ci)} over {n} seeds)"
+    if claim.control_holds:
+        return (f"Over the untrained start the reward moved {gain}, but {against}: a gain of that size needs no "
+                "learning, so it is NOT shown.")
+    if _gain_rule(list(v["reward_gain_per_seed"].values())):
+        return f"REINFORCE raised the reward by {gain} over the untrained start, while {against}."
+    if ci[1] < 0:
+        return f"The reward FELL under REINFORCE: {gain} against the untrained start, while {against}."
+    return (f"The reward gain over the untrained start, {gain}, is NOT distinguishable from no gain (the interval "
+            f"must lie above 0 with a mean of at least {REWARD_GAIN}); {against}.")
 
 
 def _signed(x: float | None) -> str:

@@ -174,13 +174,12 @@ def test_best_of_n_distillation_claim_fails_when_best_of_1_distils_as_well():
     assert stages.claim_best_of_n(bon(0.05, 0.0)).holds is False
 
 
-def test_reinforce_claim_needs_a_reward_margin_and_reports_the_cut_without_the_offset():
+def test_reinforce_claim_reports_the_cut_without_the_offset_and_is_undecided_without_per_seed_gains():
     r = {**_reinforce(3000.0, 0.05), "no_offset": _reinforce(120.0, 0.05)["baselines"]}
-    ok = stages.claim_reinforce({"reinforce": r})
-    assert ok.holds and ok.values["variance_cut"] == 30 and ok.values["variance_cut_no_offset"] == pytest.approx(1.2)
-    tiny = {**r, "baselines": {**r["baselines"], "running_mean": {**r["baselines"]["running_mean"],
-                                                                  "final_reward": {"mean": 1.05}}}}
-    assert stages.claim_reinforce({"reinforce": tiny}).holds is False  # +0.05: within noise, no longer "> 0"
+    old = stages.claim_reinforce({"reinforce": r})  # a result from before per-seed gains: no interval, no verdict
+    assert old.holds is None and "undecided" in old.skipped and "skipped" in old.verdict()
+    assert old.values["variance_cut"] == 30 and old.values["variance_cut_no_offset"] == pytest.approx(1.2)
+    # the margin, the interval and the untrained control: tests/test_pipeline_claims.py
 
 
 def _run(gold, proxy, beta, peak_step, peak_gold, final_gold, proxy_at_peak):

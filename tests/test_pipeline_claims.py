@@ -89,3 +89,65 @@ def test_kl_vs_beta_prose_follows_the_direction_of_the_numbers():
     assert "the leash works" in read["falls"] and "NOT" not in read["falls"].split(".")[0]
     assert "KL RISES with β: the leash does NOT work" in read["rises"] and "leash works" not in read["rises"]
     assert "KL is not ordered by β" in read["flat"] and "leash works" not in read["flat"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# REINFORCE raises the reward (and a baseline cuts the variance)
+# ----------------------------------------------------------------------------------------------------------------------
+def _reinforce(final, start, later, cut=30.0):
+    """A reinforce result: per seed the running-mean run's final reward, the untrained start's two windows."""
+    seeds = list(range(len(final)))
+
+    def b(var):
+        return {"median_grad_variance": {"median": var}, "variance_vs_none": 100.0 / var,
+                "final_reward": {"mean": sum(final) / len(final)}, "first_reward": 0.0}
+    return {"baselines": {"none": b(100.0 * cut), "running_mean": b(100.0)}, "seeds": seeds, "reward_offset": 5.0,
+            "plots": [], "final_window": 10,
+            "per_seed": [{"seed": s, "first_reward": 0.0, "final_reward": f} for s, f in zip(seeds, final)],
+            "untrained": {"learning_rate": 0.0, "steps": 20, "per_seed": [
+                {"seed": s, "start_window": a, "later_window": z} for s, a, z in zip(seeds, start, later)]}}
+
+
+LEARNS = ([0.42, 0.45, 0.38], [0.05, 0.09, 0.01], [0.07, 0.04, 0.03])  # final; untrained start, measured again
+
+
+def test_reinforce_gain_holds_over_seeds_and_not_on_the_untrained_start_measured_twice():
+    claim = stages.claim_reinforce({"reinforce": _reinforce(*LEARNS)})
+    assert claim.holds and claim.control_holds is False and claim.kind == "experiment" and claim.seeds == [0, 1, 2]
+    lo, hi = claim.values["reward_gain_ci95"]
+    assert 0 < lo < claim.values["reward_gain"] < hi and claim.values["reward_gain"] == pytest.approx(0.3667, abs=1e-3)
+    assert claim.control["values"]["ci95"][0] < 0 < claim.control["values"]["ci95"][1]
+    assert "sd of the gain over seeds" in claim.values["noise"]
+    text = stages.section_reinforce(ARGS, _reinforce(*LEARNS)).reading
+    assert "REINFORCE raised the reward by +0.37 (95% t interval [" in text and "NOT" not in text
+
+
+def test_reinforce_gain_does_not_hold_when_the_untrained_start_moves_as_much():
+    final, start, _ = LEARNS
+    drifts = _reinforce(final, start, [f - 0.01 for f in final])  # the control replayed with the effect's size
+    claim = stages.claim_reinforce({"reinforce": drifts})
+    assert claim.control_holds and claim.holds is False
+    assert "needs no learning, so it is NOT shown" in stages.section_reinforce(ARGS, drifts).reading
+
+
+def test_reinforce_gain_within_seed_noise_or_a_fall_does_not_hold_and_is_said():
+    noisy = _reinforce([0.40, 0.05, 0.30], [0.05, 0.30, 0.02], [0.07, 0.04, 0.03])  # mean +0.13, sd 0.3
+    claim = stages.claim_reinforce({"reinforce": noisy})
+    assert claim.values["reward_gain"] >= stages.REWARD_GAIN and claim.values["reward_gain_ci95"][0] < 0
+    assert claim.holds is False and claim.control_holds is False
+    assert "NOT distinguishable from no gain" in stages.section_reinforce(ARGS, noisy).reading
+    tiny = _reinforce([0.10, 0.11, 0.12], [0.05, 0.06, 0.05], [0.05, 0.06, 0.05])  # +0.06: real, but under the bar
+    assert stages.claim_reinforce({"reinforce": tiny}).holds is False
+    falls = _reinforce([-0.40, -0.35, -0.42], [0.05, 0.09, 0.01], [0.07, 0.04, 0.03])
+    assert stages.claim_reinforce({"reinforce": falls}).holds is False
+    text = stages.section_reinforce(ARGS, falls).reading
+    assert "The reward FELL under REINFORCE" in text and "raised the reward" not in text
+
+
+def test_reinforce_gain_is_undecided_with_one_seed_and_the_variance_cut_still_counts():
+    one = _reinforce([0.42], [0.05], [0.07])
+    claim = stages.claim_reinforce({"reinforce": one})
+    assert claim.holds is None and "1 seed(s)" in claim.skipped and claim.values["reward_gain_ci95"] is None
+    assert "is NOT decided here" in stages.section_reinforce(ARGS, one).reading
+    no_cut = stages.claim_reinforce({"reinforce": _reinforce(*LEARNS, cut=1.2)})
+    assert no_cut.holds is False and no_cut.control_holds is False  # the gain holds, the cut does not
