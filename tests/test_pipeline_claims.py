@@ -151,3 +151,65 @@ def test_reinforce_gain_is_undecided_with_one_seed_and_the_variance_cut_still_co
     assert "is NOT decided here" in stages.section_reinforce(ARGS, one).reading
     no_cut = stages.claim_reinforce({"reinforce": _reinforce(*LEARNS, cut=1.2)})
     assert no_cut.holds is False and no_cut.control_holds is False  # the gain holds, the cut does not
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PPO vs GRPO: memory and gold
+# ----------------------------------------------------------------------------------------------------------------------
+def _compare(ppo_mb, grpo_mb, ppo_gains, grpo_gains, start=0.26, start_jitter=0.0):
+    """A ppo_vs_grpo result from per-seed peak memory and gold gains (gold start per run: start ± jitter)."""
+    runs = []
+    for name, mbs, gains in (("ppo", ppo_mb, ppo_gains), ("grpo", grpo_mb, grpo_gains)):
+        for seed, (mb, g) in enumerate(zip(mbs, gains)):
+            s = start + (start_jitter if seed % 2 else 0.0)
+            runs.append({"trainer": name, "seed": seed, "gold_start": s, "gold_end": s + g, "peak_memory_mb": mb})
+
+    def stats(name, key):
+        vals = [x[key] for x in runs if x["trainer"] == name]
+        return {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+    trainers = {name: {k: stats(name, k) for k in ("gold_start", "gold_end", "peak_memory_mb")}
+                | {k: {"mean": 1.0} for k in ("gold_peak", "kl_end", "seconds_per_step")} for name in ("ppo", "grpo")}
+    return {"trainers": trainers, "seeds": list(range(len(ppo_mb))), "runs": runs, "plots": []}
+
+
+def test_ppo_vs_grpo_holds_on_the_lab_numbers_and_not_against_itself():
+    """The lab, quick, seed 0: PPO 128 MB, GRPO 103 MB; gold 0.26 → 0.55 (PPO), → 0.59 (GRPO); a second seed near."""
+    real = _compare([128.0, 127.0], [103.3, 104.1], [0.29, 0.25], [0.33, 0.30])
+    claim = stages.claim_ppo_vs_grpo({"ppo_vs_grpo": real})
+    assert claim.holds and claim.control_holds is False and claim.kind == "experiment" and claim.seeds == [0, 1]
+    assert claim.control["values"]["self"]["grpo"]["higher_mb"] == 104.1
+    assert claim.values["noise"]["ppo"]["memory_seed_range_mb"] == pytest.approx(1.0)
+    text = stages.section_ppo_vs_grpo(ARGS, real).reading
+    assert "peaks lower" in text and "both raise gold" in text and "neither shows the effect" in text
+    assert "NOT" not in text
+
+
+def test_ppo_vs_grpo_does_not_hold_when_reseeding_one_method_moves_its_memory_as_much():
+    wobbly = _compare([128.0, 127.0], [95.0, 112.0], [0.29, 0.25], [0.33, 0.30])  # GRPO 95 or 112 MB by seed
+    claim = stages.claim_ppo_vs_grpo({"ppo_vs_grpo": wobbly})
+    assert claim.values["memory_ok"] and claim.control_holds and claim.holds is False
+    assert "NOT beyond the noise" in stages.section_ppo_vs_grpo(ARGS, wobbly).reading
+    restart = _compare([128.0, 127.0], [103.3, 104.1], [0.29, 0.25], [0.33, 0.30], start_jitter=0.15)
+    jittery = stages.claim_ppo_vs_grpo({"ppo_vs_grpo": restart})  # the untrained start moves 0.15 between seeds
+    assert jittery.control_holds and jittery.holds is False
+
+
+def test_ppo_vs_grpo_does_not_hold_without_the_effect_and_says_the_contrary():
+    same = _compare([128.0, 127.0], [126.0, 125.5], [0.29, 0.25], [0.33, 0.30])  # 1.5% lower: under the margin
+    assert stages.claim_ppo_vs_grpo({"ppo_vs_grpo": same}).holds is False
+    assert "does NOT peak lower by the margin" in stages.section_ppo_vs_grpo(ARGS, same).reading
+    heavier = _compare([103.0, 104.0], [128.0, 127.0], [0.29, 0.25], [0.33, 0.30])
+    text = stages.section_ppo_vs_grpo(ARGS, heavier).reading
+    assert "PPO peaks lower by the margin" in text and "GRPO needs no critic and peaks lower" not in text
+    noisy = _compare([128.0, 127.0], [103.3, 104.1], [0.29, 0.25], [0.45, -0.05])  # GRPO: +0.2 ± 0.35
+    claim = stages.claim_ppo_vs_grpo({"ppo_vs_grpo": noisy})
+    assert claim.values["grpo_gold_gain"] >= stages.GOLD_GAIN and claim.holds is False
+    text = stages.section_ppo_vs_grpo(ARGS, noisy).reading
+    assert "gold does NOT rise by the margin under both (only PPO does)" in text and "both raise gold" not in text
+
+
+def test_ppo_vs_grpo_is_undecided_with_one_seed():
+    one = _compare([128.0], [103.3], [0.29], [0.33])
+    claim = stages.claim_ppo_vs_grpo({"ppo_vs_grpo": one})
+    assert claim.holds is None and "needs 2" in claim.skipped
+    assert "Not decided" in stages.section_ppo_vs_grpo(ARGS, one).reading
