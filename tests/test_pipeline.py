@@ -385,10 +385,13 @@ def test_quick_chapter_claims_and_a_rerun_after_a_kill(lab, tmp_path):
                                            and v["end_proxy"] > v["proxy_at_peak"])
     v = claims["reinforce_baseline"]["values"]
     assert v["variance_cut"] >= stages.VARIANCE_CUT and v["reward_gain"] >= stages.REWARD_GAIN  # measured: 33x, +0.35
+    assert v["reward_gain_ci95"][0] > 0 and claims["reinforce_baseline"]["seeds"] == [0, 1, 2]
     v = claims["kl_falls_with_beta"]["values"]
     assert v["rho"] <= -0.9 and v["final_kl"][0] > 3 * v["final_kl"][-1]  # β 0 → 1: 3.1 → 0.26 nats
+    assert claims["kl_falls_with_beta"]["control"]["values"]["share_rule_holds"] < stages.CHANCE  # 1 in 24
     v = claims["grpo_vs_ppo"]["values"]
     assert v["grpo_memory_mb"] < v["ppo_memory_mb"] and min(v["ppo_gold_gain"], v["grpo_gold_gain"]) >= stages.GOLD_GAIN
+    assert claims["grpo_vs_ppo"]["seeds"] == [0, 1] and claims["grpo_vs_ppo"]["control"] is not None
     v = claims["mini_loop"]["values"]  # measured: 0.28 → 0.91 at 1.09 nats; without the penalty 2.67 nats
     assert v["after"] - v["before"] >= stages.POLITE_GAIN and v["kl_ratio"] <= stages.KL_RATIO
     report = (out / "report.md").read_text()
