@@ -122,6 +122,21 @@ def test_reinforce_gain_holds_over_seeds_and_not_on_the_untrained_start_measured
     assert "REINFORCE raised the reward by +0.37 (95% t interval [" in text and "NOT" not in text
 
 
+def test_reinforce_gain_on_the_real_quick_stage_and_its_control_replayed_as_the_effect():
+    """The --quick stage on the lab (seeds 0–2, 30 steps): gain +0.40 [+0.29, +0.51] over the untrained start; the
+    untrained start measured twice −0.01 [−0.13, +0.11]."""
+    real = _load("pipeline_reinforce_quick.json")
+    claim = stages.claim_reinforce({"reinforce": real})
+    assert claim.holds and claim.control_holds is False and claim.seeds == [0, 1, 2]
+    assert claim.values["reward_gain_ci95"][0] > 0 > claim.control["values"]["ci95"][0]
+    replayed = copy.deepcopy(real)  # the control's numbers in the effect's place: the gain must vanish
+    finals = {u["seed"]: u["later_window"] for u in real["untrained"]["per_seed"]}
+    for p in replayed["per_seed"]:
+        p["final_reward"] = finals[p["seed"]]
+    assert stages.claim_reinforce({"reinforce": replayed}).holds is False
+    assert "NOT distinguishable from no gain" in stages.section_reinforce(ARGS, replayed).reading
+
+
 def test_reinforce_gain_does_not_hold_when_the_untrained_start_moves_as_much():
     final, start, _ = LEARNS
     drifts = _reinforce(final, start, [f - 0.01 for f in final])  # the control replayed with the effect's size
