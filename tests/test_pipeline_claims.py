@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
-import pipeline_stages as stages  # noqa: E402
+import pipeline_stages as stages
 
 DATA = ROOT / "tests" / "data"
 ARGS = SimpleNamespace(output_dir="/out")
@@ -197,6 +197,22 @@ def test_ppo_vs_grpo_holds_on_the_lab_numbers_and_not_against_itself():
     text = stages.section_ppo_vs_grpo(ARGS, real).reading
     assert "peaks lower" in text and "both raise gold" in text and "neither shows the effect" in text
     assert "NOT" not in text
+
+
+def test_ppo_vs_grpo_on_the_real_quick_stage_and_ppo_against_itself_in_grpos_place():
+    """The --quick stage on the lab (seeds 0, 1): PPO 125.7 / 123.3 MB, GRPO 96.7 / 98.2 MB; gold gains PPO +0.29 /
+    +0.18, GRPO +0.33 / +0.24; the untrained start 0.259 in every run."""
+    real = _load("pipeline_ppo_vs_grpo_quick.json")
+    claim = stages.claim_ppo_vs_grpo({"ppo_vs_grpo": real})
+    assert claim.holds and claim.control_holds is False and claim.seeds == [0, 1]
+    assert max(c["higher_mb"] - c["lower_mb"] for c in claim.control["values"]["self"].values()) < 3
+    ppo = [x for x in real["runs"] if x["trainer"] == "ppo"]
+    itself = copy.deepcopy(real)  # the control replayed as the comparison: PPO (seeds swapped) in GRPO's place
+    itself["runs"] = ppo + [{**x, "trainer": "grpo", "seed": 1 - x["seed"]} for x in ppo]
+    for key in ("peak_memory_mb", "gold_start", "gold_end"):
+        itself["trainers"]["grpo"][key] = dict(itself["trainers"]["ppo"][key])
+    assert stages.claim_ppo_vs_grpo({"ppo_vs_grpo": itself}).holds is False
+    assert "does NOT peak lower by the margin" in stages.section_ppo_vs_grpo(ARGS, itself).reading
 
 
 def test_ppo_vs_grpo_does_not_hold_when_reseeding_one_method_moves_its_memory_as_much():
