@@ -817,7 +817,7 @@ def claim_kl_vs_beta(results: dict):
     betas, kls = [row["beta"] for row in rows], [row["final_kl"]["mean"] for row in rows]
     per_row = [row.get("seeds") for row in rows]
     seeds = sorted({int(x) for s in per_row for x in s}) if all(per_row) else _claim_seeds(results, "beta_sweep")
-    several = all(per_row) and min(len(s) for s in per_row) >= 2
+    several = bool(per_row) and all(per_row) and min(len(s) for s in per_row) >= 2
     noise = max(row["final_kl"]["max"] - row["final_kl"]["min"] for row in rows) if several else None
     fall = kls[0] - kls[-1] if kls else None
     values = {"rho": r["spearman_beta_final_kl"], "betas": betas, "final_kl": kls, "kl_fall": fall,
