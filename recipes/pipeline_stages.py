@@ -831,7 +831,9 @@ def claim_kl_vs_beta(results: dict):
     return Claim.experiment(*args, values, holds, control, shuffled["share_rule_holds"] >= CHANCE, seeds)
 
 
-GOLD_GAIN, MEMORY_MARGIN = 0.1, 0.05
+# The memory margin sits above the seed-to-seed range: on the lab (--quick, 2 seeds, a loaded machine) one method's
+# peak moved up to 5.0 MB (4.9 %) between seeds, while GRPO peaked about 20 % below PPO (100 vs 125 MB).
+GOLD_GAIN, MEMORY_MARGIN = 0.1, 0.10
 
 
 def _mean(values: list[float]) -> float:
