@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _ppo_helpers import build_world, prompts
 
-from hf_rlhf_ext.experiments import sweeps
+from hf_rlhf_ext.experiments import grid, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -408,6 +408,6 @@ def test_parallel_points_run_under_the_callers_current_environment(monkeypatch):
         x=os.environ.get("HF_RLHF_EXT_TEST_X"), stale=os.environ.get("HF_RLHF_EXT_TEST_STALE"), beta=beta) or {})
     monkeypatch.setenv("HF_RLHF_EXT_TEST_STALE", "from an older environment")
     env = {k: v for k, v in os.environ.items() if k != "HF_RLHF_EXT_TEST_STALE"} | {"HF_RLHF_EXT_TEST_X": "now"}
-    sweeps._run_point_in_env(env, [], 0.5, 0)
+    grid._call_in_env(env, sweeps.run_point, [], 0.5, 0)
     assert seen == {"x": "now", "stale": None, "beta": 0.5}
     monkeypatch.delenv("HF_RLHF_EXT_TEST_X", raising=False)

@@ -370,26 +370,46 @@ def _run_in_child(argv: Sequence[str], trainer: str, seed: int, log_path: str) -
     return run_one(argv, trainer, seed)
 
 
+def _logged_run(argv: Sequence[str], job: tuple[str, int]) -> dict[str, Any]:
+    """A grid job: one (trainer, seed) run in its own process, its console output in ``<run dir>/train.log``."""
+    trainer, seed = job
+    out = run_dir(_output_dir(argv), trainer, seed)
+    os.makedirs(out, exist_ok=True)
+    return _run_in_child(argv, trainer, seed, os.path.join(out, "train.log"))
+
+
+def _run_fresh(argv: Sequence[str], jobs: Sequence[tuple[str, int]], on_result: Callable | None = None) -> list:
+    """Each job in a fresh spawned process of its own (its own peak memory; nothing inherited from earlier runs)."""
+    import functools
+
+    from .grid import run_grid
+
+    return run_grid(jobs, functools.partial(_logged_run, list(argv)), isolate=True, fresh_process=True,
+                    start_method="spawn", on_result=on_result)
+
+
+def _call_runner(runner: Callable, argv: Sequence[str], job: tuple[str, int]) -> dict[str, Any]:
+    return runner(argv, *job)
+
+
 def run_in_subprocess(argv: Sequence[str], trainer: str, seed: int) -> dict[str, Any]:
     """``run_one`` in a fresh spawned process (its own peak memory; nothing inherited from earlier runs); the run's
     console output goes to ``<run dir>/train.log``."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    out = run_dir(_output_dir(argv), trainer, seed)
-    os.makedirs(out, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_run_in_child, list(argv), trainer, seed, os.path.join(out, "train.log")).result()
+    return _run_fresh(argv, [(trainer, seed)])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The comparison
 # ----------------------------------------------------------------------------------------------------------------------
 def run_compare(argv: Sequence[str], progress: bool = True, runner: Callable | None = None) -> dict[str, Any]:
-    """Runs every (trainer, seed) in its own process, then writes the report. Returns the metrics written."""
+    """Runs every (trainer, seed) in its own process (``runner(argv, trainer, seed)``, if given, in this one), then
+    writes the report. Returns the metrics written."""
+    import functools
+
     from tqdm.auto import tqdm
 
     from ..run.build import load_lab
+    from .grid import run_grid
 
     argv = list(argv)
     for trainer in TRAINERS:  # every argument error before the first run
@@ -398,11 +418,12 @@ def run_compare(argv: Sequence[str], progress: bool = True, runner: Callable | N
     if not (model_args.model_name_or_path and compare.dataset_name and
             (compare.reward_model_name_or_path or compare.reward_funcs)):
         load_lab(compare)  # built once here, not inside the first run (its memory would count)
-    runner = runner or run_in_subprocess
     todo = [(t, s) for s in compare.seeds for t in TRAINERS]
-    results = []
-    for trainer, seed in tqdm(todo, desc="compare runs", disable=not progress):
-        results.append(runner(argv, trainer, seed))
+    with tqdm(total=len(todo), desc="compare runs", disable=not progress) as bar:
+        if runner is None:
+            results = _run_fresh(argv, todo, on_result=lambda *_: bar.update(1))
+        else:
+            results = run_grid(todo, functools.partial(_call_runner, runner, argv), on_result=lambda *_: bar.update(1))
     metrics = summarise(results)
     metrics["settings"] = {"argv": argv, "seeds": compare.seeds, "eval_every": compare.eval_every,
                            "num_eval_prompts": compare.num_eval_prompts}

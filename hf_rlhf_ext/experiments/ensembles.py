@@ -284,20 +284,17 @@ def _objective_spec(objective: str, members: Sequence[str], single_rm: str, pena
     return {"members": list(members), **({"penalty": penalty} if objective == "uwo" else {})}
 
 
-def _run_sweeps(jobs: Sequence[list[str]], workers: int) -> None:
-    """Each objective's sweep, ``workers`` at a time in spawned processes (fork is unsafe with torch)."""
+def _sweep_job(argv: list[str]) -> dict[str, Any]:
     from .sweeps import run_sweep
 
-    if workers == 1:
-        for argv in jobs:
-            run_sweep(argv, progress=False)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    return run_sweep(argv, progress=False)
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(run_sweep, argv, False) for argv in jobs]:
-            future.result()
+
+def _run_sweeps(jobs: Sequence[list[str]], workers: int) -> None:
+    """Each objective's sweep, ``workers`` at a time in spawned processes (fork is unsafe with torch)."""
+    from .grid import run_grid
+
+    run_grid(jobs, _sweep_job, max_parallel=workers, start_method="spawn", name=lambda argv: " ".join(argv))
 
 
 def read_runs(objective_dir: str, beta: float, seeds: Sequence[int]) -> list[dict[str, Any]]:

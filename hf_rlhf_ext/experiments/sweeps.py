@@ -15,8 +15,6 @@ At the end ``sweep.md``, ``frontier.png`` and ``metrics.json`` are written from 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -26,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
 from ..run.parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
 from ..run.spec import RLScriptArguments
-from ..validation import InputError
+from .grid import BACKENDS, append_result, config_fingerprint, read_results  # noqa: F401 (the sweep's results file)
 
 __all__ = [
     "SweepArguments",
@@ -37,9 +35,6 @@ __all__ = [
     "parse_sweep_argv",
     "run_point",
     "run_sweep",
-    "config_fingerprint",
-    "read_results",
-    "append_result",
     "spearman",
     "summarise",
     "write_report",
@@ -48,7 +43,6 @@ __all__ = [
 
 RESULTS_FILE = "results.jsonl"
 TRAINERS = ("grpo", "ppo")
-BACKENDS = ("local", "ray")
 BETA_FIELD = {"grpo": "beta", "ppo": "kl_coef"}
 DEFAULT_BETAS = [0.0, 0.005, 0.02, 0.05, 0.2, 1.0]
 
@@ -284,7 +278,7 @@ def curve_summary(curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# results.jsonl: a header line with the config fingerprint, then one line per finished point
+# results.jsonl (``grid.ResultsFile``): a header line with the config fingerprint, then one line per finished point
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings that cannot change a point's result: where it writes, how it logs, and what the sweep varies per point.
 _NOT_IN_FINGERPRINT = {
@@ -304,158 +298,52 @@ def sweep_config(sweep: Any, script_args: Any, training_args: Any, model_args: A
                       for name, part in parts.items()})
 
 
-def config_fingerprint(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    keys = sorted({(p, k) for p in set(a) | set(b) for k in set(a.get(p, {})) | set(b.get(p, {}))})
-    return [f"{p}.{k}: {a.get(p, {}).get(k)!r} -> {b.get(p, {}).get(k)!r}" for p, k in keys
-            if a.get(p, {}).get(k) != b.get(p, {}).get(k)]
-
-
-def read_results(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished points of ``path`` (created with a header when missing). A truncated last line (a killed write) is
-    cut off the file; a header of another config is refused."""
-    fingerprint = config_fingerprint(config)
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            f.write(json.dumps({"header": True, "fingerprint": fingerprint, "config": config}) + "\n")
-        return []
-    with open(path) as f:
-        text = f.read()
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]  # after the last "\n": empty, or a line whose write was cut short
-    records = []
-    for i, line in enumerate(complete):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i < len(complete) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({err}); it is not a truncated last line.") from err
-            tail = line  # a cut-off line followed by a newline: drop it the same way
-            complete = complete[:-1]
-    if tail.strip() or len(records) < len(complete):
-        with open(path + ".tmp", "w") as f:
-            f.write("".join(line + "\n" for line in complete))
-        os.replace(path + ".tmp", path)
-    header, points = (records[0], records[1:]) if records and records[0].get("header") else (None, records)
-    if header is None or header.get("fingerprint") != fingerprint:
-        diff = _config_diff(header.get("config", {}), config) if header else ["no header line"]
-        raise InputError(
-            f"{path} was written by a sweep with a different config (fingerprint "
-            f"{header.get('fingerprint') if header else None} vs {fingerprint}): {'; '.join(diff[:8])}. Resume with "
-            "the same settings, or give another --output_dir (or remove the file) to start a new sweep."
-        )
-    return points
-
-
-def append_result(path: str, result: dict[str, Any]) -> None:
-    """One line per point, flushed and synced: a kill leaves at most one truncated last line."""
-    from ..results import _jsonable
-
-    with open(path, "a") as f:
-        f.write(json.dumps(_jsonable(result)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _key(trainer: str, beta: float, seed: int) -> tuple[str, float, int]:
     return trainer, float(beta), int(seed)
 
 
+def _result_key(result: dict[str, Any]) -> tuple[str, float, int]:
+    return _key(result["trainer"], result["beta"], result["seed"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Running the points
+# Running the points (``grid.run_grid``)
 # ----------------------------------------------------------------------------------------------------------------------
-def _run_local(argv: list[str], todo: list[tuple[float, int]], max_parallel: int, on_result: Callable) -> None:
-    """In this process one after the other, or in ``max_parallel`` worker processes (see ``_worker_context``)."""
-    if max_parallel == 1 or len(todo) <= 1:
-        for beta, seed in todo:
-            on_result(run_point(argv, beta, seed))
-        return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    with ProcessPoolExecutor(max_workers=min(max_parallel, len(todo)), mp_context=_worker_context()) as pool:
-        env = dict(os.environ)  # the fork server may predate it (e.g. a variable set for this sweep only)
-        pending = {pool.submit(_run_point_in_env, env, argv, beta, seed) for beta, seed in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                on_result(future.result())
-
-
-def _run_point_in_env(env: dict[str, str], argv: list[str], beta: float, seed: int) -> dict[str, Any]:
-    """``run_point`` under the caller's environment as it is now, not as it was when the fork server started."""
-    for key in [k for k in os.environ if k not in env]:
-        del os.environ[key]
-    os.environ.update(env)
-    return run_point(argv, beta, seed)
-
-
 #: imported once by the fork server, so that each worker starts as a fork of a process that already has them (≈ 4 s
 #: of imports per spawned worker otherwise, against ≈ 9 s per lab point)
 _WORKER_PRELOAD = ["torch", "transformers", "trl", "hf_rlhf_ext.experiments.sweeps", "hf_rlhf_ext.run.build"]
 
 
-def _worker_context():
-    """Workers forked from a fork server that preloaded the heavy imports (POSIX), else spawned. Plain ``fork`` of
-    this process is unsafe once torch has started threads; the fork server is a fresh single-threaded process."""
-    import multiprocessing
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_WORKER_PRELOAD)
-    return ctx
-
-
-def _run_ray(argv: list[str], todo: list[tuple[float, int]], sweep: SweepArguments, on_result: Callable) -> None:
-    """One Ray task per point, with ``cpus_per_point`` / ``gpus_per_point``; uses the running Ray cluster (or starts
-    a local one)."""
-    try:
-        import ray
-    except ImportError as err:
-        raise ImportError("--backend ray needs Ray: pip install 'hf-rlhf-ext[ray]'.") from err
-    if not ray.is_initialized():
-        ray.init()
-    task = ray.remote(num_cpus=sweep.cpus_per_point, num_gpus=sweep.gpus_per_point)(run_point)
-    pending = [task.remote(argv, beta, seed) for beta, seed in todo]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        on_result(ray.get(done[0]))
+def _point_job(argv: list[str], point: tuple[float, int]) -> dict[str, Any]:
+    return run_point(argv, *point)
 
 
 def run_sweep(argv: Sequence[str], progress: bool = True) -> dict[str, Any]:
     """Runs the points of ``argv`` not yet in ``results.jsonl``, then writes the report. Returns ``metrics.json``."""
+    import functools
+
+    from .grid import ResultsFile, run_grid
+
     start = time.perf_counter()
     argv = _absolute_paths(argv)
     sweep, script_args, training_args, model_args = parse_sweep_argv(argv)
     out = training_args.output_dir
-    path = os.path.join(out, RESULTS_FILE)
-    config = sweep_config(sweep, script_args, training_args, model_args)
-    done = {_key(r["trainer"], r["beta"], r["seed"]): r for r in read_results(path, config)}
+    store = ResultsFile(os.path.join(out, RESULTS_FILE), sweep_config(sweep, script_args, training_args, model_args),
+                        key=_result_key)
     grid = [(float(b), int(s)) for b in sweep.betas for s in sweep.seeds]
-    todo = [(b, s) for b, s in grid if _key(sweep.trainer, b, s) not in done]
+    todo = [(b, s) for b, s in grid if _key(sweep.trainer, b, s) not in store.done]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"β sweep ({sweep.trainer})", unit="point",
                disable=not progress)
-
-    def on_result(result: dict[str, Any]) -> None:
-        result["fingerprint"] = config_fingerprint(config)
-        append_result(path, result)
-        done[_key(result["trainer"], result["beta"], result["seed"])] = result
-        bar.update(1)
-
     try:
-        if sweep.backend == "ray":
-            _run_ray(argv, todo, sweep, on_result)
-        else:
-            _run_local(argv, todo, sweep.max_parallel, on_result)
+        results = run_grid(grid, functools.partial(_point_job, argv), backend=sweep.backend,
+                           max_parallel=sweep.max_parallel, results=store,
+                           job_key=lambda point: _key(sweep.trainer, *point), on_result=lambda *_: bar.update(1),
+                           preload=_WORKER_PRELOAD, cpus_per_job=sweep.cpus_per_point,
+                           gpus_per_job=sweep.gpus_per_point)
     finally:
         bar.close()
-    results = [done[_key(sweep.trainer, b, s)] for b, s in grid]
     metrics = summarise(results, fit_min_kl=sweep.fit_min_kl)
     metrics["seconds"] = {"this_run": time.perf_counter() - start, "points_total": sum(r["seconds"] for r in results),
                           "points_run_now": len(todo)}
