@@ -184,8 +184,8 @@ def fake_points(monkeypatch):
     and the ensemble the environment names at the time."""
     calls = []
 
-    def run_point(argv, beta, seed):
-        _, script, _, _ = sweeps.parse_sweep_argv(argv)
+    def run_point(point, beta, seed):
+        script = point.script
         key = script.reward_funcs[0].rsplit(".", 1)[1] if script.reward_funcs else "proxy"
         calls.append((key, seed, json.loads(ensembles.os.environ.get(ensembles.ENSEMBLE_ENV, "null"))))
         return {**fake_run(FAKE_GOLD[key], seed), "beta": beta, "seconds": 0.0}

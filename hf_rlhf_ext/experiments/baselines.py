@@ -134,7 +134,7 @@ def run_dir(output_dir: str, baseline: str, seed: int) -> str:
 def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any]:
     """Trains REINFORCE with one baseline and seed; returns its reward curve and gradient-variance measurements."""
     from ..callbacks.grad_variance import GradientVarianceCallback
-    from ..run.build import make_trainer, prepare_rl_run
+    from ..run.build import end_trainer, make_trainer, prepare_rl_run
     from ..trainers.reinforce import ReinforceTrainer
 
     study, training_args, model_args = parse_baselines_argv(argv, baseline, seed)
@@ -146,8 +146,7 @@ def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any
     )
     trainer.add_callback(variance)
     trainer.train()
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_trainer(trainer)
     return run_result(baseline, seed, study, trainer.state.log_history, variance.measurements)
 
 

@@ -303,7 +303,7 @@ def run_one(argv: Sequence[str], trainer_name: str, seed: int) -> dict[str, Any]
     from trl import GRPOTrainer
 
     from ..callbacks import KLToReferenceCallback, OveroptimizationCallback
-    from ..run.build import make_trainer, prepare_rl_run
+    from ..run.build import end_trainer, make_trainer, prepare_rl_run
     from ..trainers.ppo import PPOTrainer
 
     compare, training_args, model_args = parse_compare_argv(argv, trainer_name, seed)
@@ -324,8 +324,7 @@ def run_one(argv: Sequence[str], trainer_name: str, seed: int) -> dict[str, Any]
     trainer.add_callback(kl)
     trainer.add_callback(overopt)
     trainer.train()
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_trainer(trainer)
     return run_result(trainer_name, seed, training_args, compare, overopt.points, kl.history, timer.seconds,
                       method, _memory_peak(method, baseline))
 
