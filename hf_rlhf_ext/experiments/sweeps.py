@@ -38,6 +38,7 @@ __all__ = [
     "parse_sweep_argv",
     "SweepSpec",
     "parse_sweep_spec",
+    "parse_keeping_kwargs",
     "run_point",
     "run_sweep",
     "run_spec",
@@ -226,16 +227,24 @@ class SweepSpec:
         return config_class(self.trainer)(**kwargs)
 
 
+def parse_keeping_kwargs(parser: Any, argv: Sequence[str], position: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``parser.parse_args_and_config(argv)`` and the keyword arguments its argument class at ``position`` was built
+    from (a ``SweepSpec``'s ``training``)."""
+    recorder = _InitKwargs(parser.dataclass_types[position])
+    parser.dataclass_types[position] = recorder
+    try:
+        outputs = parser.parse_args_and_config(args=list(argv))
+    finally:
+        parser.dataclass_types[position] = recorder.cls
+    return outputs, recorder.kwargs
+
+
 def parse_sweep_spec(argv: Sequence[str]) -> SweepSpec:
     """The sweep of a command line as a ``SweepSpec`` (``--config`` and ``--output_dir`` made absolute, so that a
     worker in another directory reads and writes the same files)."""
     argv = _absolute_paths(argv)
-    trainer = trainer_from_argv(argv)
-    parser = make_sweep_parser(trainer)
-    recorder = _InitKwargs(config_class(trainer))
-    parser.dataclass_types[2] = recorder
-    sweep, script, _, model = parser.parse_args_and_config(args=argv)
-    return SweepSpec(trainer=sweep.trainer, sweep=sweep, script=script, training=recorder.kwargs, model=model)
+    (sweep, script, _, model), training = parse_keeping_kwargs(make_sweep_parser(trainer_from_argv(argv)), argv, 2)
+    return SweepSpec(trainer=sweep.trainer, sweep=sweep, script=script, training=training, model=model)
 
 
 def _absolute_paths(argv: Sequence[str]) -> list[str]:
