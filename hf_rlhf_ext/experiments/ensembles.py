@@ -220,7 +220,8 @@ def parse_argv(argv: Sequence[str]) -> tuple[Any, ...]:
 def parse_spec(argv: Sequence[str]) -> tuple[EnsembleArguments, Any]:
     """(experiment arguments, the ``SweepSpec`` the objectives' sweeps are built from): the command line parsed once,
     its output directory made absolute."""
-    from .sweeps import SweepSpec, parse_keeping_kwargs, trainer_from_argv
+    from .grid import parse_keeping_kwargs
+    from .sweeps import SweepSpec, trainer_from_argv
 
     argv = _refuse_own_flags(argv)
     (ens, sweep, script, _, model), training = parse_keeping_kwargs(make_parser(trainer_from_argv(argv)), argv, 3)

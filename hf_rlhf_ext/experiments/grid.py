@@ -39,6 +39,7 @@ __all__ = [
     "append_result",
     "config_fingerprint",
     "worker_context",
+    "parse_keeping_kwargs",
 ]
 
 BACKENDS = ("local", "ray")
@@ -118,6 +119,44 @@ class ResultsFile:
         result["fingerprint"] = self.fingerprint
         append_result(self.path, result)
         self.done[self.key(result)] = result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Jobs as values: a config rebuilt per job from the keyword arguments its parser built it from
+# ----------------------------------------------------------------------------------------------------------------------
+class _InitKwargs:
+    """Stands in for an argument class while a parser builds it: records the keyword arguments it was built from
+    (``__post_init__`` derives fields from them, so a config cannot be rebuilt from its attributes)."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls, self.kwargs = cls, None
+        self.__dataclass_fields__ = cls.__dataclass_fields__
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.kwargs = dict(kwargs)
+        return self.cls(**kwargs)
+
+
+def parse_keeping_kwargs(parser: Any, argv: Sequence[str], position: int,
+                         **parse_kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``parser.parse_args_and_config(argv, **parse_kwargs)`` (a ``TrlParser``) and the keyword arguments that build
+    its argument class at ``position`` as parsed: ``type(config)(**kwargs, seed=..., ...)`` is then what a parse of
+    the command line with those flags added gives, without parsing again. A change the parser made after building it
+    (e.g. the LoRA learning-rate rule) is kept in them."""
+    import dataclasses
+
+    recorder = _InitKwargs(parser.dataclass_types[position])
+    parser.dataclass_types[position] = recorder
+    try:
+        outputs = parser.parse_args_and_config(args=list(argv), **parse_kwargs)
+    finally:
+        parser.dataclass_types[position] = recorder.cls
+    kwargs, built = dict(recorder.kwargs), outputs[position]
+    again = recorder.cls(**kwargs)
+    for f in dataclasses.fields(built):
+        if f.init and f.name in kwargs and getattr(built, f.name) != getattr(again, f.name):
+            kwargs[f.name] = getattr(built, f.name)
+    return outputs, kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
 from ..run.parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
 from ..run.spec import RLScriptArguments
-from .grid import BACKENDS, append_result, config_fingerprint, read_results  # noqa: F401 (the sweep's results file)
+from .grid import BACKENDS, append_result, config_fingerprint, parse_keeping_kwargs, read_results  # noqa: F401
 
 __all__ = [
     "SweepArguments",
@@ -38,7 +38,6 @@ __all__ = [
     "parse_sweep_argv",
     "SweepSpec",
     "parse_sweep_spec",
-    "parse_keeping_kwargs",
     "run_point",
     "run_sweep",
     "run_spec",
@@ -168,19 +167,6 @@ def parse_sweep_argv(argv: Sequence[str]) -> tuple[Any, Any, Any, Any]:
     return make_sweep_parser(trainer_from_argv(argv)).parse_args_and_config(args=list(argv))
 
 
-class _InitKwargs:
-    """Stands in for an argument class while a parser builds it: records the keyword arguments it was built from
-    (``__post_init__`` derives fields from them, so a config cannot be rebuilt from its attributes)."""
-
-    def __init__(self, cls: type) -> None:
-        self.cls, self.kwargs = cls, None
-        self.__dataclass_fields__ = cls.__dataclass_fields__
-
-    def __call__(self, **kwargs: Any) -> Any:
-        self.kwargs = dict(kwargs)
-        return self.cls(**kwargs)
-
-
 @dataclass(frozen=True)
 class SweepSpec:
     """A sweep as a value: its command line parsed once. With ``beta`` and ``seed`` it is one point of the sweep,
@@ -225,18 +211,6 @@ class SweepSpec:
             kwargs.update({"seed": int(self.seed), BETA_FIELD[self.trainer]: float(self.beta), "push_to_hub": False,
                            "output_dir": point_dir(self.output_dir, self.trainer, self.beta, self.seed)})
         return config_class(self.trainer)(**kwargs)
-
-
-def parse_keeping_kwargs(parser: Any, argv: Sequence[str], position: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``parser.parse_args_and_config(argv)`` and the keyword arguments its argument class at ``position`` was built
-    from (a ``SweepSpec``'s ``training``)."""
-    recorder = _InitKwargs(parser.dataclass_types[position])
-    parser.dataclass_types[position] = recorder
-    try:
-        outputs = parser.parse_args_and_config(args=list(argv))
-    finally:
-        parser.dataclass_types[position] = recorder.cls
-    return outputs, recorder.kwargs
 
 
 def parse_sweep_spec(argv: Sequence[str]) -> SweepSpec:
