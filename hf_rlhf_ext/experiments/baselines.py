@@ -112,19 +112,11 @@ def make_baselines_parser():
 
 
 def parse_baselines_argv(argv: Sequence[str], baseline: str | None = None, seed: int | None = None):
-    """(study args, ``ReinforceConfig``, ``ModelConfig``); with ``baseline`` and ``seed``: that run's config."""
-    from .compare import given_keys
-
-    reserved = sorted(given_keys(argv) & set(RESERVED_FLAGS))
-    if reserved:
-        raise ValueError(f"--{reserved[0]} is set per run by the study; use {RESERVED_FLAGS[reserved[0]]} instead.")
-    argv = list(argv)
-    if baseline is not None:
-        study, training_args, _ = make_baselines_parser().parse_args_and_config(argv)
-        argv += ["--baseline", baseline, "--seed", str(seed),
-                 "--output_dir", run_dir(training_args.output_dir, baseline, seed),
-                 "--push_to_hub", "false"]  # a run never pushes: the study's folder is pushed once
-    return tuple(make_baselines_parser().parse_args_and_config(argv))
+    """(study args, ``ReinforceConfig``, ``ModelConfig``) from ``parse_baselines_spec``; with ``baseline`` and
+    ``seed``: that run's config."""
+    spec = parse_baselines_spec(argv)
+    run = spec if baseline is None else dataclasses.replace(spec, baseline=baseline, seed=seed)
+    return spec.study, run.training_args(), spec.model
 
 
 def run_dir(output_dir: str, baseline: str, seed: int) -> str:

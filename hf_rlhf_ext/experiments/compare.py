@@ -162,23 +162,11 @@ def make_compare_parser(trainer: str):
 
 
 def parse_compare_argv(argv: Sequence[str], trainer: str = "ppo", seed: int | None = None) -> tuple[Any, Any, Any]:
-    """(comparison args, trainer config, model config) of one trainer. Without ``seed`` the trainer's own β and
-    group size are still applied, so that the result is exactly what a run of this trainer would see."""
-    check_argv(argv)
-    compare, _, _ = make_compare_parser("ppo").parse_args_and_config(list(argv))  # strict: PPOConfig ⊇ GRPOConfig
-    own = _own_flags(compare, trainer)
-    if seed is not None:
-        own += ["--seed", str(seed), "--output_dir", run_dir(_output_dir(argv), trainer, seed),
-                "--push_to_hub", "false"]  # a run never pushes: the comparison's folder is pushed once
-    parsed = make_compare_parser(trainer).parse_args_and_config(list(argv) + own, return_remaining_strings=True)
-    *parsed, rest = parsed
-    _refuse_unknown(trainer, rest)
-    return tuple(parsed)
-
-
-def _output_dir(argv: Sequence[str]) -> str:
-    _, training_args, _ = make_compare_parser("ppo").parse_args_and_config(list(argv))
-    return training_args.output_dir
+    """(comparison args, trainer config, model config) of one trainer, from ``parse_compare_spec`` (without the checks
+    that need both argument groups). Without ``seed`` the trainer's own β and group size are still applied, so that
+    the result is exactly what a run of this trainer would see."""
+    spec = parse_compare_spec(argv, check=False)
+    return spec.compare, dataclasses.replace(spec, trainer=trainer, seed=seed).training_args(), spec.model
 
 
 def run_dir(output_dir: str, trainer: str, seed: int) -> str:
@@ -229,8 +217,9 @@ def _own_flags(compare: CompareArguments, trainer: str) -> list[str]:
     return ["--beta", repr(compare.grpo_beta), "--num_generations", str(compare.grpo_num_generations)]
 
 
-def parse_compare_spec(argv: Sequence[str]) -> CompareSpec:
-    """The comparison of a command line as a ``CompareSpec``; every argument error is raised here, before any run."""
+def parse_compare_spec(argv: Sequence[str], check: bool = True) -> CompareSpec:
+    """The comparison of a command line as a ``CompareSpec``; every argument error is raised here, before any run
+    (``check=False``: not those of ``validate``)."""
     from .grid import parse_keeping_kwargs
 
     argv = list(argv)
@@ -241,12 +230,14 @@ def parse_compare_spec(argv: Sequence[str]) -> CompareSpec:
         (own, training_args, model, rest), kwargs = parse_keeping_kwargs(
             make_compare_parser(trainer), argv + _own_flags(compare, trainer), 1, return_remaining_strings=True)
         _refuse_unknown(trainer, rest)
-        validate(own, training_args, model)
+        if check:
+            validate(own, training_args, model)
         training[trainer] = kwargs
     return CompareSpec(compare=compare, training=training, model=model)
 
 
 def _refuse_unknown(trainer: str, rest: Sequence[str]) -> None:
+    """PPO-only flags are fine for GRPO (dropped there); anything else unknown is refused."""
     unknown = [a[2:] for a in rest if a.startswith("--") and a[2:] not in _ppo_only_fields()]
     if unknown:  # PPO-only flags (critic_learning_rate, ...) are fine; anything else was caught above
         raise InputError(f"Unknown arguments for {trainer}: {unknown}.")
