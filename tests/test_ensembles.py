@@ -123,6 +123,23 @@ def test_the_objective_as_a_value_needs_no_environment(two_rms, monkeypatch):
         ensembles.EnsembleObjective("min", tuple(two_rms[:1]))
 
 
+def test_a_point_trains_on_the_handed_over_value_not_on_the_dotted_path():
+    from types import SimpleNamespace
+
+    from hf_rlhf_ext.run.build import import_reward_func
+
+    path = "hf_rlhf_ext.experiments.ensembles.ensemble_min"
+
+    def gold(prompts=None, completions=None, **kwargs):
+        return [0.0] * len(completions)
+
+    value = ensembles.EnsembleObjective("min", ("/rm/a", "/rm/b"), 1.0)
+    setup = SimpleNamespace(reward_funcs=[import_reward_func(path), gold], reward_weights=[1.0, 0.0])
+    sweeps._hand_over_rewards(setup, {path: value})
+    assert setup.reward_funcs == [value, gold]
+    assert sweeps._split_rewards(setup) == ([(value, 1.0)], gold)
+
+
 def test_env_objectives_without_members_fail_clearly(monkeypatch, two_rms):
     monkeypatch.delenv(ensembles.ENSEMBLE_ENV, raising=False)
     with pytest.raises(ValueError, match="HF_RLHF_EXT_ENSEMBLE is not set"):
