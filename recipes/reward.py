@@ -21,7 +21,7 @@ from trl import ModelConfig, RewardConfig, ScriptArguments, get_peft_config
 
 from hf_rlhf_ext.model_card import RecipeCard, push_folder
 from hf_rlhf_ext.results import ResultsCallback, write_metrics
-from hf_rlhf_ext.run.build import load_lab
+from hf_rlhf_ext.run.build import end_trainer, load_lab
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import log_evaluation, outputs_line, recipe_command
 from hf_rlhf_ext.run.parsing import apply_cpu_defaults, make_recipe_parser, read_lab_config
@@ -123,8 +123,7 @@ def main(script_args: RewardScriptArguments, training_args: RewardConfig, model_
                         private=training_args.hub_private_repo, revision=training_args.hub_revision)
         print(outputs_line(training_args.output_dir))
     trainer.accelerator.wait_for_everyone()
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_trainer(trainer)
     return metrics
 
 

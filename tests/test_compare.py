@@ -42,6 +42,30 @@ def test_each_trainer_gets_its_own_beta_group_size_seed_and_directory(tmp_path):
     assert compare.seeds == [0, 1, 2]
 
 
+@pytest.mark.parametrize("extra", [[], ["--use_peft"], ["--learning_rate", "3e-4", "--use_peft"]])
+def test_a_run_is_the_parsed_comparison_with_its_trainer_and_seed(tmp_path, extra):
+    """A run's config is built from the object parsed once, exactly as a parse of the command line with the run's
+    flags added builds it (the LoRA learning-rate rule included)."""
+    import dataclasses
+
+    from hf_rlhf_ext.experiments.compare import make_compare_parser, parse_compare_spec
+
+    argv = ["--output_dir", str(tmp_path), "--ppo_kl_coef", "0.03", "--grpo_beta", "0.07", "--seeds", "3", "4",
+            "--push_to_hub", "true", "--hub_model_id", "someone/x", *extra]
+    spec = parse_compare_spec(argv)
+    assert [(r.trainer, r.seed) for r in spec.runs()] == [("ppo", 3), ("grpo", 3), ("ppo", 4), ("grpo", 4)]
+    own = {"ppo": ["--kl_coef", "0.03", "--num_generations", "1"], "grpo": ["--beta", "0.07", "--num_generations", "8"]}
+    for trainer in ("ppo", "grpo"):
+        flags = argv + own[trainer] + ["--seed", "4", "--output_dir", str(tmp_path / "runs" / f"{trainer}_seed4"),
+                                       "--push_to_hub", "false"]
+        parsed = make_compare_parser(trainer).parse_args_and_config(flags, return_remaining_strings=True)[1]
+        run = dataclasses.replace(spec, trainer=trainer, seed=4)
+        assert run.training_args().to_dict() == parsed.to_dict()
+        parsed = make_compare_parser(trainer).parse_args_and_config(argv + own[trainer],
+                                                                     return_remaining_strings=True)[1]
+        assert dataclasses.replace(spec, trainer=trainer).training_args().to_dict() == parsed.to_dict()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

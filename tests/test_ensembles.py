@@ -106,6 +106,40 @@ def test_env_objectives_match_members_scored_one_by_one(two_rms, monkeypatch):
     assert ensembles.ensemble_uwo(**call) == pytest.approx([(a + b) / 2 for a, b, _ in rows], abs=1e-5)
 
 
+def test_the_objective_as_a_value_needs_no_environment(two_rms, monkeypatch):
+    import pickle
+
+    monkeypatch.delenv(ensembles.ENSEMBLE_ENV, raising=False)
+    prompts = ["customer : my order is late agent :"] * len(COMPLETIONS)
+    members = two_rms + two_rms[:1]
+    value = pickle.loads(pickle.dumps(ensembles.EnsembleObjective("uwo", tuple(members), 2.0)))  # as a worker gets it
+    assert value.__name__ == "ensemble_uwo"
+    monkeypatch.setenv(ensembles.ENSEMBLE_ENV, ensembles.ensemble_spec(members, penalty=2.0))
+    call = dict(prompts=prompts, completions=COMPLETIONS)
+    expected = ensembles.ensemble_uwo(**call)
+    monkeypatch.delenv(ensembles.ENSEMBLE_ENV)
+    assert value(**call) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        ensembles.EnsembleObjective("min", tuple(two_rms[:1]))
+
+
+def test_a_point_trains_on_the_handed_over_value_not_on_the_dotted_path():
+    from types import SimpleNamespace
+
+    from hf_rlhf_ext.run.build import import_reward_func
+
+    path = "hf_rlhf_ext.experiments.ensembles.ensemble_min"
+
+    def gold(prompts=None, completions=None, **kwargs):
+        return [0.0] * len(completions)
+
+    value = ensembles.EnsembleObjective("min", ("/rm/a", "/rm/b"), 1.0)
+    setup = SimpleNamespace(reward_funcs=[import_reward_func(path), gold], reward_weights=[1.0, 0.0])
+    sweeps._hand_over_rewards(setup, {path: value})
+    assert setup.reward_funcs == [value, gold]
+    assert sweeps._split_rewards(setup) == ([(value, 1.0)], gold)
+
+
 def test_env_objectives_without_members_fail_clearly(monkeypatch, two_rms):
     monkeypatch.delenv(ensembles.ENSEMBLE_ENV, raising=False)
     with pytest.raises(ValueError, match="HF_RLHF_EXT_ENSEMBLE is not set"):
@@ -125,12 +159,11 @@ def test_each_objective_gets_a_sweep_command_line_the_sweep_parses(tmp_path):
             "--output_dir", str(tmp_path / "out")]
     ens, sweep, script, training, _ = ensembles.parse_argv(argv)
     assert (ens.objectives, ens.penalty, ens.k, training.beta) == (["single", "uwo"], 0.5, 4, 0.01)
-    base = ensembles._sweep_base_argv(argv, str(tmp_path / "out"))
-    assert "--gold_reward" not in base and "my.gold" not in base
+    ens, spec = ensembles.parse_spec(argv)
     parsed = {}
     for objective in ens.objectives:
-        a = ensembles.objective_argv(base, objective, ens, sweep, training, "/rm/single", 1)
-        parsed[objective] = sweeps.parse_sweep_argv(a)  # the sweep refuses unknown keys or flags
+        s = ensembles.objective_spec(spec, objective, ens, "/rm/single", ["/rm/a", "/rm/b"], 1)
+        parsed[objective] = (s.sweep, s.script, s.training_args(), s.model)
     s_sweep, s_script, s_train, _ = parsed["single"]
     assert (s_sweep.betas, s_sweep.seeds, s_train.max_steps, s_train.learning_rate) == ([0.01], [3, 4], 7, 1e-4)
     assert s_script.reward_model_name_or_path == "/rm/single" and s_script.reward_funcs == ["my.gold"]
@@ -147,9 +180,9 @@ def test_the_shipped_config_runs_the_ppo_sweeps_with_its_beta_as_kl_coef(tmp_pat
     argv = ["--trainer", "ppo", "--config", str(shipped_config_path("rm_ensemble_lab.yaml")),
             "--output_dir", str(tmp_path / "out")]
     ens, sweep, script, training, _ = ensembles.parse_argv(argv)
-    base = ensembles._sweep_base_argv(argv, str(tmp_path / "out"))
-    s_sweep, _, s_train, _ = sweeps.parse_sweep_argv(
-        ensembles.objective_argv(base, ens.objectives[0], ens, sweep, training, "/rm/single", 1))
+    ens, spec = ensembles.parse_spec(argv)
+    objective = ensembles.objective_spec(spec, ens.objectives[0], ens, "/rm/single", ["/rm/a", "/rm/b"], 1)
+    s_sweep, s_train = objective.sweep, objective.training_args()
     assert s_sweep.trainer == "ppo" and s_sweep.betas == [training.kl_coef] == [0.005]
     assert s_train.max_steps == 80
 
@@ -180,14 +213,16 @@ FAKE_GOLD = {"proxy": [0.2, 0.7, 0.1], "ensemble_mean": [0.2, 0.5, 0.4], "ensemb
 
 @pytest.fixture
 def fake_points(monkeypatch):
-    """``sweeps.run_point`` replaced: a curve chosen by the optimised reward of the command line; records the calls
-    and the ensemble the environment names at the time."""
+    """``sweeps.run_point`` replaced: a curve chosen by the optimised reward of the point; records the calls and the
+    ensemble the point hands over as a value (its members and λ)."""
     calls = []
 
-    def run_point(argv, beta, seed):
-        _, script, _, _ = sweeps.parse_sweep_argv(argv)
+    def run_point(point, beta, seed):
+        script = point.script
         key = script.reward_funcs[0].rsplit(".", 1)[1] if script.reward_funcs else "proxy"
-        calls.append((key, seed, json.loads(ensembles.os.environ.get(ensembles.ENSEMBLE_ENV, "null"))))
+        value = point.rewards.get(script.reward_funcs[0]) if script.reward_funcs else None
+        assert ensembles.ENSEMBLE_ENV not in ensembles.os.environ  # the objective is a value, not the environment
+        calls.append((key, seed, value and {"members": list(value.members), "penalty": value.penalty}))
         return {**fake_run(FAKE_GOLD[key], seed), "beta": beta, "seconds": 0.0}
 
     monkeypatch.setattr(sweeps, "run_point", run_point)

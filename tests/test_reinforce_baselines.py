@@ -35,6 +35,25 @@ def test_each_run_gets_its_baseline_seed_and_directory(tmp_path):
     assert study.baselines == ["none", "running_mean", "group"] and study.reward_offset == 5.0
 
 
+@pytest.mark.parametrize("extra", [[], ["--use_peft"]])
+def test_a_run_is_the_parsed_study_with_its_baseline_and_seed(tmp_path, extra):
+    """A run's config is built from the object parsed once, exactly as a parse of the command line with the run's
+    flags added builds it."""
+    import dataclasses
+
+    from hf_rlhf_ext.experiments.baselines import make_baselines_parser, parse_baselines_spec
+
+    argv = ["--output_dir", str(tmp_path), "--learning_rate", "2e-4", "--seeds", "3", "4", "--baselines", "none",
+            "group", "--push_to_hub", "true", "--hub_model_id", "someone/x", *extra]
+    spec = parse_baselines_spec(argv)
+    assert [(r.baseline, r.seed) for r in spec.runs()] == [("none", 3), ("group", 3), ("none", 4), ("group", 4)]
+    run = dataclasses.replace(spec, baseline="group", seed=4)
+    flags = ["--baseline", "group", "--seed", "4", "--output_dir", str(tmp_path / "runs" / "group_seed4"),
+             "--push_to_hub", "false"]
+    assert run.training_args().to_dict() == make_baselines_parser().parse_args_and_config(argv + flags)[1].to_dict()
+    assert spec.training_args().to_dict() == make_baselines_parser().parse_args_and_config(argv)[1].to_dict()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

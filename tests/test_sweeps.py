@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _ppo_helpers import build_world, prompts
 
-from hf_rlhf_ext.experiments import sweeps
+from hf_rlhf_ext.experiments import grid, sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -347,6 +347,26 @@ def test_a_point_measures_kl_to_the_initial_policy_also_at_beta_zero(tiny, tmp_p
     assert "sweep/gold" in log
 
 
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
+def test_a_point_is_the_parsed_sweep_with_its_beta_seed_and_directory(tmp_path, trainer):
+    """A point's config is built from the object parsed once, exactly as a parse of the command line with the point's
+    flags added would build it (β under the trainer's own name; a point never pushes)."""
+    import dataclasses
+
+    argv = ["--trainer", trainer, "--output_dir", str(tmp_path), "--learning_rate", "2e-4", "--push_to_hub", "true",
+            "--hub_model_id", "someone/sweep", "--betas", "0", "0.2", "--seeds", "3", "4"]
+    spec = sweeps.parse_sweep_spec(argv)
+    point = dataclasses.replace(spec, beta=0.2, seed=3)
+    flags = ["--seed", "3", f"--{sweeps.BETA_FIELD[trainer]}", "0.2", "--push_to_hub", "false", "--output_dir",
+             sweeps.point_dir(str(tmp_path), trainer, 0.2, 3)]
+    assert point.training_args().to_dict() == sweeps.parse_sweep_argv(argv + flags)[2].to_dict()
+    assert spec.training_args().to_dict() == sweeps.parse_sweep_argv(argv)[2].to_dict()
+    assert [(p.beta, p.seed) for p in spec.points()] == [(0.0, 3), (0.0, 4), (0.2, 3), (0.2, 4)]
+    assert spec.points()[2] == point
+    with pytest.raises(ValueError, match="both β and seed"):
+        dataclasses.replace(spec, beta=0.2).training_args()
+
+
 def _deterministic(path: Path) -> list[dict]:
     rows = [r for r in _lines(path) if not r.get("header")]
     rows = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -408,6 +428,6 @@ def test_parallel_points_run_under_the_callers_current_environment(monkeypatch):
         x=os.environ.get("HF_RLHF_EXT_TEST_X"), stale=os.environ.get("HF_RLHF_EXT_TEST_STALE"), beta=beta) or {})
     monkeypatch.setenv("HF_RLHF_EXT_TEST_STALE", "from an older environment")
     env = {k: v for k, v in os.environ.items() if k != "HF_RLHF_EXT_TEST_STALE"} | {"HF_RLHF_EXT_TEST_X": "now"}
-    sweeps._run_point_in_env(env, [], 0.5, 0)
+    grid._call_in_env(env, sweeps.run_point, [], 0.5, 0)
     assert seen == {"x": "now", "stale": None, "beta": 0.5}
     monkeypatch.delenv("HF_RLHF_EXT_TEST_X", raising=False)

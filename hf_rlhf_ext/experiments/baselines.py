@@ -19,6 +19,7 @@ Runs go one after the other in this process (no memory is measured here). Each r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import statistics
@@ -32,6 +33,8 @@ __all__ = [
     "LAB_CONFIG",
     "offset_reward",
     "parse_baselines_argv",
+    "BaselinesSpec",
+    "parse_baselines_spec",
     "run_baseline",
     "run_baselines",
     "summarise",
@@ -109,35 +112,89 @@ def make_baselines_parser():
 
 
 def parse_baselines_argv(argv: Sequence[str], baseline: str | None = None, seed: int | None = None):
-    """(study args, ``ReinforceConfig``, ``ModelConfig``); with ``baseline`` and ``seed``: that run's config."""
-    from .compare import given_keys
-
-    reserved = sorted(given_keys(argv) & set(RESERVED_FLAGS))
-    if reserved:
-        raise ValueError(f"--{reserved[0]} is set per run by the study; use {RESERVED_FLAGS[reserved[0]]} instead.")
-    argv = list(argv)
-    if baseline is not None:
-        study, training_args, _ = make_baselines_parser().parse_args_and_config(argv)
-        argv += ["--baseline", baseline, "--seed", str(seed),
-                 "--output_dir", run_dir(training_args.output_dir, baseline, seed),
-                 "--push_to_hub", "false"]  # a run never pushes: the study's folder is pushed once
-    return tuple(make_baselines_parser().parse_args_and_config(argv))
+    """(study args, ``ReinforceConfig``, ``ModelConfig``) from ``parse_baselines_spec``; with ``baseline`` and
+    ``seed``: that run's config."""
+    spec = parse_baselines_spec(argv)
+    run = spec if baseline is None else dataclasses.replace(spec, baseline=baseline, seed=seed)
+    return spec.study, run.training_args(), spec.model
 
 
 def run_dir(output_dir: str, baseline: str, seed: int) -> str:
     return os.path.join(output_dir, "runs", f"{baseline}_seed{seed}")
 
 
+@dataclass(frozen=True)
+class BaselinesSpec:
+    """The study as a value: its command line parsed once. With ``baseline`` and ``seed`` it is one run,
+    ``dataclasses.replace(spec, baseline=..., seed=...)``, which trains from this object alone (``run_baseline``).
+
+    Args:
+        study: the parsed ``BaselinesArguments``. model: the parsed ``ModelConfig``.
+        training: the keyword arguments the ``ReinforceConfig`` is built from; ``training_args()`` builds a run's
+            config with its baseline, seed and directory, as ``parse_baselines_argv`` would.
+    """
+
+    study: BaselinesArguments
+    training: dict[str, Any]
+    model: Any
+    baseline: str | None = None
+    seed: int | None = None
+
+    @property
+    def output_dir(self) -> str:
+        return self.training["output_dir"]
+
+    def runs(self) -> list[BaselinesSpec]:
+        """Every (baseline, seed), seed-major."""
+        return [dataclasses.replace(self, baseline=b, seed=int(s))
+                for s in self.study.seeds for b in self.study.baselines]
+
+    def training_args(self) -> Any:
+        """The study's ``ReinforceConfig``, or a run's (a run never pushes: the study's folder is pushed once)."""
+        from ..trainers.reinforce import ReinforceConfig
+
+        kwargs = dict(self.training)
+        if self.baseline is not None or self.seed is not None:
+            if self.baseline is None or self.seed is None:
+                raise ValueError(f"A run needs a baseline and a seed, got {self.baseline!r}, {self.seed!r}.")
+            kwargs.update({"baseline": self.baseline, "seed": int(self.seed), "push_to_hub": False,
+                           "output_dir": run_dir(self.output_dir, self.baseline, self.seed)})
+        return ReinforceConfig(**kwargs)
+
+
+def parse_baselines_spec(argv: Sequence[str]) -> BaselinesSpec:
+    """The study of a command line as a ``BaselinesSpec``; every argument error is raised here, before any run."""
+    from .compare import given_keys
+    from .grid import parse_keeping_kwargs
+
+    reserved = sorted(given_keys(argv) & set(RESERVED_FLAGS))
+    if reserved:
+        raise ValueError(f"--{reserved[0]} is set per run by the study; use {RESERVED_FLAGS[reserved[0]]} instead.")
+    (study, _, model), training = parse_keeping_kwargs(make_baselines_parser(), argv, 1)
+    spec = BaselinesSpec(study=study, training=training, model=model)
+    for baseline in study.baselines:  # each baseline's own checks
+        dataclasses.replace(spec, baseline=baseline, seed=study.seeds[0]).training_args()
+    return spec
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One run
 # ----------------------------------------------------------------------------------------------------------------------
-def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any]:
-    """Trains REINFORCE with one baseline and seed; returns its reward curve and gradient-variance measurements."""
+def run_baseline(run: BaselinesSpec | Sequence[str], baseline: str | None = None,
+                 seed: int | None = None) -> dict[str, Any]:
+    """Trains REINFORCE with one baseline and seed; returns its reward curve and gradient-variance measurements.
+    ``run``: a run of a ``BaselinesSpec`` (``baseline`` / ``seed``, when given, replace its own), or the study's
+    command line, parsed here."""
+    import copy
+
     from ..callbacks.grad_variance import GradientVarianceCallback
-    from ..run.build import make_trainer, prepare_rl_run
+    from ..run.build import end_trainer, make_trainer, prepare_rl_run
     from ..trainers.reinforce import ReinforceTrainer
 
-    study, training_args, model_args = parse_baselines_argv(argv, baseline, seed)
+    if not isinstance(run, BaselinesSpec):
+        run = parse_baselines_spec(run)
+    run = dataclasses.replace(run, **{k: v for k, v in (("baseline", baseline), ("seed", seed)) if v is not None})
+    study, training_args, model_args = copy.deepcopy(run.study), run.training_args(), copy.deepcopy(run.model)
     setup = prepare_rl_run(study, training_args, model_args)
     add_reward_offset(setup, training_args, study.reward_offset)
     trainer = make_trainer(ReinforceTrainer, setup, training_args)
@@ -146,9 +203,8 @@ def run_baseline(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any
     )
     trainer.add_callback(variance)
     trainer.train()
-    if hasattr(trainer, "end"):
-        trainer.end()
-    return run_result(baseline, seed, study, trainer.state.log_history, variance.measurements)
+    end_trainer(trainer)
+    return run_result(run.baseline, run.seed, study, trainer.state.log_history, variance.measurements)
 
 
 def run_result(baseline: str, seed: int, study: BaselinesArguments, log_history: list[dict],
@@ -168,35 +224,36 @@ def run_result(baseline: str, seed: int, study: BaselinesArguments, log_history:
     }
 
 
-def run_logged(argv: Sequence[str], baseline: str, seed: int) -> dict[str, Any]:
+def run_logged(run: BaselinesSpec) -> dict[str, Any]:
     """``run_baseline`` with its console output (the trainer's log lines) in ``<run dir>/train.log``."""
-    study, training_args, _ = parse_baselines_argv(argv)
-    out = run_dir(training_args.output_dir, baseline, seed)
+    out = run_dir(run.output_dir, run.baseline, run.seed)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train.log"), "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        return run_baseline(argv, baseline, seed)
+        return run_baseline(run)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------------------------------------
 def run_baselines(argv: Sequence[str], progress: bool = True, runner: Callable | None = None) -> dict[str, Any]:
-    """Runs every (baseline, seed), then writes the report. Returns the metrics written."""
+    """Runs every (baseline, seed) in this process, one after the other (``runner(run)`` if given), then writes the
+    report. Returns the metrics written. The command line is parsed once, here; each run is a ``BaselinesSpec``."""
     from tqdm.auto import tqdm
 
+    from .grid import run_grid
+
     argv = list(argv)
-    study, training_args, _ = parse_baselines_argv(argv)
-    for baseline in study.baselines:  # every argument error before the first run
-        parse_baselines_argv(argv, baseline, study.seeds[0])
-    runner = runner or run_logged
-    todo = [(b, s) for s in study.seeds for b in study.baselines]
-    results = [runner(argv, b, s) for b, s in tqdm(todo, desc="baseline runs", disable=not progress)]
+    spec = parse_baselines_spec(argv)  # every argument error before the first run
+    study, runs = spec.study, spec.runs()
+    with tqdm(total=len(runs), desc="baseline runs", disable=not progress) as bar:
+        results = run_grid(runs, runner or run_logged, on_result=lambda *_: bar.update(1),
+                           name=lambda r: f"{r.baseline} seed {r.seed}")
     metrics = summarise(results)
     metrics["settings"] = {"argv": argv, "seeds": study.seeds, "reward_offset": study.reward_offset,
                            "grad_variance_every": study.grad_variance_every,
                            "grad_variance_estimates": study.grad_variance_estimates, "final_window": study.final_window}
-    write_report(training_args.output_dir, results, metrics)
+    write_report(spec.output_dir, results, metrics)
     return metrics
 
 

@@ -23,6 +23,7 @@ after importing the stack (the same imports for both trainers); on CUDA ``torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -46,6 +47,8 @@ __all__ = [
     "given_keys",
     "held_out_rewards",
     "parse_compare_argv",
+    "CompareSpec",
+    "parse_compare_spec",
     "run_one",
     "run_in_subprocess",
     "run_compare",
@@ -159,30 +162,85 @@ def make_compare_parser(trainer: str):
 
 
 def parse_compare_argv(argv: Sequence[str], trainer: str = "ppo", seed: int | None = None) -> tuple[Any, Any, Any]:
-    """(comparison args, trainer config, model config) of one trainer. Without ``seed`` the trainer's own β and
-    group size are still applied, so that the result is exactly what a run of this trainer would see."""
-    check_argv(argv)
-    compare, _, _ = make_compare_parser("ppo").parse_args_and_config(list(argv))  # strict: PPOConfig ⊇ GRPOConfig
-    own = ["--kl_coef", repr(compare.ppo_kl_coef), "--num_generations", "1"] if trainer == "ppo" else [
-        "--beta", repr(compare.grpo_beta), "--num_generations", str(compare.grpo_num_generations)]
-    if seed is not None:
-        own += ["--seed", str(seed), "--output_dir", run_dir(_output_dir(argv), trainer, seed),
-                "--push_to_hub", "false"]  # a run never pushes: the comparison's folder is pushed once
-    parsed = make_compare_parser(trainer).parse_args_and_config(list(argv) + own, return_remaining_strings=True)
-    *parsed, rest = parsed
-    unknown = [a[2:] for a in rest if a.startswith("--") and a[2:] not in _ppo_only_fields()]
-    if unknown:  # PPO-only flags (critic_learning_rate, ...) are fine; anything else was caught above
-        raise InputError(f"Unknown arguments for {trainer}: {unknown}.")
-    return tuple(parsed)
-
-
-def _output_dir(argv: Sequence[str]) -> str:
-    _, training_args, _ = make_compare_parser("ppo").parse_args_and_config(list(argv))
-    return training_args.output_dir
+    """(comparison args, trainer config, model config) of one trainer, from ``parse_compare_spec`` (without the checks
+    that need both argument groups). Without ``seed`` the trainer's own β and group size are still applied, so that
+    the result is exactly what a run of this trainer would see."""
+    spec = parse_compare_spec(argv, check=False)
+    return spec.compare, dataclasses.replace(spec, trainer=trainer, seed=seed).training_args(), spec.model
 
 
 def run_dir(output_dir: str, trainer: str, seed: int) -> str:
     return os.path.join(output_dir, "runs", f"{trainer}_seed{seed}")
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """The comparison as a value: its command line parsed once per trainer. With ``trainer`` and ``seed`` it is one
+    run, ``dataclasses.replace(spec, trainer=..., seed=...)``, which trains from this object alone (``run_one``).
+
+    Args:
+        compare: the parsed ``CompareArguments``. model: the parsed ``ModelConfig``.
+        training: per trainer, the keyword arguments its config is built from (its own β and group size applied);
+            ``training_args()`` builds a run's config with its seed and directory, as ``parse_compare_argv`` would.
+    """
+
+    compare: CompareArguments
+    training: dict[str, dict[str, Any]]
+    model: Any
+    trainer: str | None = None
+    seed: int | None = None
+
+    @property
+    def output_dir(self) -> str:
+        return self.training["ppo"]["output_dir"]
+
+    def runs(self) -> list[CompareSpec]:
+        """Every (trainer, seed), seed-major."""
+        return [dataclasses.replace(self, trainer=t, seed=int(s)) for s in self.compare.seeds for t in TRAINERS]
+
+    def training_args(self) -> Any:
+        """The config of this run's trainer; with a seed, the run's own (a run never pushes: the comparison's folder
+        is pushed once)."""
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"A run needs a trainer among {TRAINERS}, got {self.trainer!r}.")
+        kwargs = dict(self.training[self.trainer])
+        if self.seed is not None:
+            kwargs.update({"seed": int(self.seed), "output_dir": run_dir(self.output_dir, self.trainer, self.seed),
+                           "push_to_hub": False})
+        return _config_class(self.trainer)(**kwargs)
+
+
+def _own_flags(compare: CompareArguments, trainer: str) -> list[str]:
+    """The flags the comparison sets per trainer: its β and completions per prompt."""
+    if trainer == "ppo":
+        return ["--kl_coef", repr(compare.ppo_kl_coef), "--num_generations", "1"]
+    return ["--beta", repr(compare.grpo_beta), "--num_generations", str(compare.grpo_num_generations)]
+
+
+def parse_compare_spec(argv: Sequence[str], check: bool = True) -> CompareSpec:
+    """The comparison of a command line as a ``CompareSpec``; every argument error is raised here, before any run
+    (``check=False``: not those of ``validate``)."""
+    from .grid import parse_keeping_kwargs
+
+    argv = list(argv)
+    check_argv(argv)
+    compare, _, _ = make_compare_parser("ppo").parse_args_and_config(argv)  # strict: PPOConfig ⊇ GRPOConfig
+    training, model = {}, None
+    for trainer in TRAINERS:
+        (own, training_args, model, rest), kwargs = parse_keeping_kwargs(
+            make_compare_parser(trainer), argv + _own_flags(compare, trainer), 1, return_remaining_strings=True)
+        _refuse_unknown(trainer, rest)
+        if check:
+            validate(own, training_args, model)
+        training[trainer] = kwargs
+    return CompareSpec(compare=compare, training=training, model=model)
+
+
+def _refuse_unknown(trainer: str, rest: Sequence[str]) -> None:
+    """PPO-only flags are fine for GRPO (dropped there); anything else unknown is refused."""
+    unknown = [a[2:] for a in rest if a.startswith("--") and a[2:] not in _ppo_only_fields()]
+    if unknown:  # PPO-only flags (critic_learning_rate, ...) are fine; anything else was caught above
+        raise InputError(f"Unknown arguments for {trainer}: {unknown}.")
 
 
 def validate(compare: CompareArguments, training_args: Any, model_args: Any) -> None:
@@ -297,16 +355,25 @@ def _memory_peak(method: str, baseline: float) -> float:
     return _peak_rss_mb() - baseline
 
 
-def run_one(argv: Sequence[str], trainer_name: str, seed: int) -> dict[str, Any]:
-    """Trains one (trainer, seed) run and returns its measurements. Meant for a fresh process (peak memory)."""
+def run_one(run: CompareSpec | Sequence[str], trainer_name: str | None = None,
+            seed: int | None = None) -> dict[str, Any]:
+    """Trains one (trainer, seed) run and returns its measurements. Meant for a fresh process (peak memory). ``run``:
+    a run of a ``CompareSpec`` (``trainer_name`` / ``seed``, when given, replace its own), or the comparison's
+    command line, parsed here."""
+    import copy
+
     import torch
     from trl import GRPOTrainer
 
     from ..callbacks import KLToReferenceCallback, OveroptimizationCallback
-    from ..run.build import make_trainer, prepare_rl_run
+    from ..run.build import end_trainer, make_trainer, prepare_rl_run
     from ..trainers.ppo import PPOTrainer
 
-    compare, training_args, model_args = parse_compare_argv(argv, trainer_name, seed)
+    if not isinstance(run, CompareSpec):
+        run = parse_compare_spec(run)
+    run = dataclasses.replace(run, **{k: v for k, v in (("trainer", trainer_name), ("seed", seed)) if v is not None})
+    trainer_name, seed = run.trainer, run.seed
+    compare, training_args, model_args = copy.deepcopy(run.compare), run.training_args(), copy.deepcopy(run.model)
     if compare.threads_per_run:
         torch.set_num_threads(compare.threads_per_run)
     method, baseline = _memory_baseline()  # after every import both trainers need
@@ -324,8 +391,7 @@ def run_one(argv: Sequence[str], trainer_name: str, seed: int) -> dict[str, Any]
     trainer.add_callback(kl)
     trainer.add_callback(overopt)
     trainer.train()
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_trainer(trainer)
     return run_result(trainer_name, seed, training_args, compare, overopt.points, kl.history, timer.seconds,
                       method, _memory_peak(method, baseline))
 
@@ -359,7 +425,7 @@ def curve_numbers(curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _run_in_child(argv: Sequence[str], trainer: str, seed: int, log_path: str) -> dict[str, Any]:
+def _run_in_child(run: CompareSpec, log_path: str) -> dict[str, Any]:
     """``run_one`` with this process's stdout and stderr (file descriptors, so also the libraries' loggers) sent to
     ``log_path``. Only for a process of its own: the redirection is never undone."""
     import sys
@@ -367,46 +433,57 @@ def _run_in_child(argv: Sequence[str], trainer: str, seed: int, log_path: str) -
     with open(log_path, "w") as log:
         sys.stdout.flush(), sys.stderr.flush()
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
-    return run_one(argv, trainer, seed)
+    return run_one(run)
+
+
+def _logged_run(run: CompareSpec) -> dict[str, Any]:
+    """A grid job: one (trainer, seed) run in a process of its own, its console output in ``<run dir>/train.log``."""
+    out = run_dir(run.output_dir, run.trainer, run.seed)
+    os.makedirs(out, exist_ok=True)
+    return _run_in_child(run, os.path.join(out, "train.log"))
+
+
+def _run_fresh(runs: Sequence[CompareSpec], on_result: Callable | None = None) -> list:
+    """Each run in a fresh spawned process of its own (its own peak memory; nothing inherited from earlier runs)."""
+    from .grid import run_grid
+
+    return run_grid(runs, _logged_run, isolate=True, fresh_process=True, start_method="spawn", on_result=on_result,
+                    name=lambda r: f"{r.trainer} seed {r.seed}")
 
 
 def run_in_subprocess(argv: Sequence[str], trainer: str, seed: int) -> dict[str, Any]:
     """``run_one`` in a fresh spawned process (its own peak memory; nothing inherited from earlier runs); the run's
     console output goes to ``<run dir>/train.log``."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    out = run_dir(_output_dir(argv), trainer, seed)
-    os.makedirs(out, exist_ok=True)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_run_in_child, list(argv), trainer, seed, os.path.join(out, "train.log")).result()
+    return _run_fresh([dataclasses.replace(parse_compare_spec(argv), trainer=trainer, seed=seed)])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The comparison
 # ----------------------------------------------------------------------------------------------------------------------
 def run_compare(argv: Sequence[str], progress: bool = True, runner: Callable | None = None) -> dict[str, Any]:
-    """Runs every (trainer, seed) in its own process, then writes the report. Returns the metrics written."""
+    """Runs every (trainer, seed) in its own process (``runner(run)``, if given, in this one), then writes the report.
+    Returns the metrics written. The command line is parsed once, here; each run is a ``CompareSpec``."""
     from tqdm.auto import tqdm
 
     from ..run.build import load_lab
+    from .grid import run_grid
 
     argv = list(argv)
-    for trainer in TRAINERS:  # every argument error before the first run
-        validate(*parse_compare_argv(argv, trainer))
-    compare, training_args, model_args = parse_compare_argv(argv, "ppo")
+    spec = parse_compare_spec(argv)  # every argument error before the first run
+    compare, model_args = spec.compare, spec.model
     if not (model_args.model_name_or_path and compare.dataset_name and
             (compare.reward_model_name_or_path or compare.reward_funcs)):
         load_lab(compare)  # built once here, not inside the first run (its memory would count)
-    runner = runner or run_in_subprocess
-    todo = [(t, s) for s in compare.seeds for t in TRAINERS]
-    results = []
-    for trainer, seed in tqdm(todo, desc="compare runs", disable=not progress):
-        results.append(runner(argv, trainer, seed))
+    runs = spec.runs()
+    with tqdm(total=len(runs), desc="compare runs", disable=not progress) as bar:
+        if runner is None:
+            results = _run_fresh(runs, on_result=lambda *_: bar.update(1))
+        else:
+            results = run_grid(runs, runner, on_result=lambda *_: bar.update(1))
     metrics = summarise(results)
     metrics["settings"] = {"argv": argv, "seeds": compare.seeds, "eval_every": compare.eval_every,
                            "num_eval_prompts": compare.num_eval_prompts}
-    write_report(training_args.output_dir, results, metrics)
+    write_report(spec.output_dir, results, metrics)
     return metrics
 
 

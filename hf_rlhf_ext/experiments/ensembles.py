@@ -5,23 +5,26 @@ The same GRPO (or PPO) run, at one low β where a single proxy RM over-optimises
 * ``single``: one proxy RM (the lab's proxy RM; off the lab, the first ``--ensemble_reward_models`` member);
 * ``mean``: the ensemble's mean;  ``min``: its worst case;  ``uwo``: mean − λ·std (uncertainty weighted).
 
-Each objective is one sweep (``hf_rlhf_ext.experiments.sweeps.run_sweep``) with a single β in ``<output_dir>/<objective>/``: the
-sweep trains, measures held-out KL / proxy / gold on the same fresh samples, and resumes. This module only builds
-the sweeps' command lines, runs them (objectives in parallel up to ``max_parallel``) and compares their results.
+Each objective is one sweep (``hf_rlhf_ext.experiments.sweeps.run_spec``) with a single β in
+``<output_dir>/<objective>/``: the sweep trains, measures held-out KL / proxy / gold on the same fresh samples, and
+resumes. The command line is parsed once; this module builds each objective's ``SweepSpec`` from it (its reward, its
+directory), runs them (objectives in parallel up to ``max_parallel``, ``grid.run_grid``) and compares their results.
+An ensemble objective reaches its sweep as a value, ``EnsembleObjective`` (members and λ), which each run scores with.
 
-The ensemble objectives are the dotted-path rewards ``hf_rlhf_ext.experiments.ensembles.ensemble_{mean,min,uwo}``: their members
-and λ come from the environment variable ``HF_RLHF_EXT_ENSEMBLE`` (JSON ``{"members": [dirs], "penalty": λ}``), set
-here before any run starts. They work in any recipe: set the variable and pass the dotted path to ``--reward_funcs``.
+For TRL's own CLI and any recipe the same objectives are the dotted-path rewards
+``hf_rlhf_ext.experiments.ensembles.ensemble_{mean,min,uwo}``: a dotted path carries no value, so their members and λ
+come from the environment variable ``HF_RLHF_EXT_ENSEMBLE`` (JSON ``{"members": [dirs], "penalty": λ}``): set the
+variable and pass the dotted path to ``--reward_funcs``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from ..rewards import ensemble_reward
 
@@ -29,12 +32,15 @@ __all__ = [
     "OBJECTIVES",
     "ENSEMBLE_ENV",
     "EnsembleArguments",
+    "EnsembleObjective",
     "ensemble_mean",
     "ensemble_min",
     "ensemble_uwo",
     "LAB_CONFIG",
     "lab_defaults",
     "make_parser",
+    "parse_spec",
+    "objective_spec",
     "run_experiment",
     "summarise",
     "report_markdown",
@@ -44,7 +50,6 @@ __all__ = [
 OBJECTIVES = ("single", "mean", "min", "uwo")
 ENSEMBLE_ENV = "HF_RLHF_EXT_ENSEMBLE"
 _ENSEMBLE_OBJECTIVE = {"mean": "mean", "min": "min", "uwo": "mean_minus_std"}
-_OWN_FLAGS = ("objectives", "penalty", "k", "ensemble_reward_models", "gold_reward")
 # The experiment's own lab settings, on top of the β sweep's of the same trainer (``sweeps.lab_defaults``), are written
 # once, in this shipped YAML file (recipes/configs/): a β at which the single proxy RM over-optimises within the run
 # (gold rises then falls), three seeds, 80 steps. Its ``beta`` is the trainer's β (PPO's ``kl_coef``).
@@ -88,9 +93,44 @@ def validate(args: EnsembleArguments) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Ensemble objectives as dotted-path rewards (members and λ from the environment)
+# Ensemble objectives: as values (the experiment), and as dotted-path rewards (members and λ from the environment)
 # ----------------------------------------------------------------------------------------------------------------------
 _loaded: dict[tuple[str, ...], list] = {}
+
+
+def _members(paths: tuple[str, ...]) -> list:
+    """Reward models loaded once per process and member list."""
+    if paths not in _loaded:
+        from ..rewards import RewardModelFunction
+
+        _loaded[paths] = [RewardModelFunction(p, name=f"member_{i}") for i, p in enumerate(paths)]
+    return _loaded[paths]
+
+
+@dataclass(frozen=True)
+class EnsembleObjective:
+    """An ensemble objective as a value: a reward function over the reward models in ``members`` (directories), the
+    members loaded once per process on first use; ``penalty`` is λ of ``uwo`` (see ``rewards.ensemble_reward``).
+    Picklable: a worker process gets the value, not a name to look up."""
+
+    objective: str
+    members: tuple[str, ...]
+    penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.objective not in _ENSEMBLE_OBJECTIVE:
+            raise ValueError(f"objective must be one of {tuple(_ENSEMBLE_OBJECTIVE)}, got {self.objective!r}.")
+        if len(self.members) < 2:
+            raise ValueError(f"An ensemble needs at least 2 members, got {len(self.members)}.")
+
+    @property
+    def __name__(self) -> str:  # the name TRL logs the reward under: rewards/ensemble_<objective>/mean
+        return f"ensemble_{self.objective}"
+
+    def __call__(self, prompts=None, completions=None, **kwargs) -> list[float]:
+        func = ensemble_reward(_members(tuple(self.members)), _ENSEMBLE_OBJECTIVE[self.objective], self.penalty,
+                               self.__name__)
+        return func(prompts=prompts, completions=completions, **kwargs)
 
 
 def ensemble_spec(members: Sequence[str], penalty: float) -> str:
@@ -109,23 +149,14 @@ def _spec_from_env() -> tuple[tuple[str, ...], float]:
     return members, penalty
 
 
-def _members(paths: tuple[str, ...]) -> list:
-    """Reward models loaded once per process and member list."""
-    if paths not in _loaded:
-        from ..rewards import RewardModelFunction
-
-        _loaded[paths] = [RewardModelFunction(p, name=f"member_{i}") for i, p in enumerate(paths)]
-    return _loaded[paths]
-
-
 def _env_objective(objective: str, name: str):
     def reward(prompts=None, completions=None, **kwargs):
         paths, penalty = _spec_from_env()
-        func = ensemble_reward(_members(paths), _ENSEMBLE_OBJECTIVE[objective], penalty, name)
-        return func(prompts=prompts, completions=completions, **kwargs)
+        return EnsembleObjective(objective, paths, penalty)(prompts=prompts, completions=completions, **kwargs)
 
     reward.__name__ = reward.__qualname__ = name
-    reward.__doc__ = f"Ensemble objective {objective!r} over the members of ${ENSEMBLE_ENV} (see ensemble_reward)."
+    reward.__doc__ = (f"Ensemble objective {objective!r} over the members of ${ENSEMBLE_ENV} (see ensemble_reward), "
+                      "for --reward_funcs; the experiment hands EnsembleObjective values instead.")
     return reward
 
 
@@ -134,22 +165,8 @@ ensemble_min = _env_objective("min", "ensemble_min")
 ensemble_uwo = _env_objective("uwo", "ensemble_uwo")
 
 
-@contextlib.contextmanager
-def ensemble_env(members: Sequence[str], penalty: float) -> Iterator[None]:
-    """Sets ``HF_RLHF_EXT_ENSEMBLE`` for the runs inside (spawned workers inherit it), then restores it."""
-    old = os.environ.get(ENSEMBLE_ENV)
-    os.environ[ENSEMBLE_ENV] = ensemble_spec(members, penalty)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENSEMBLE_ENV, None)
-        else:
-            os.environ[ENSEMBLE_ENV] = old
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Parsing: the experiment's flags on top of the sweep's; each objective's sweep gets the rest of the command line
+# Parsing (once): the experiment's flags on top of the sweep's; each objective's sweep is built from the result
 # ----------------------------------------------------------------------------------------------------------------------
 def make_parser(trainer: str = "grpo"):
     """A ``TrlParser`` over (experiment, sweep, script, trainer config, ``ModelConfig``) with the lab defaults (on the
@@ -181,17 +198,35 @@ def lab_defaults(trainer: str) -> dict[str, Any]:
     return {**sweep_lab_defaults(trainer), **own}
 
 
-def parse_argv(argv: Sequence[str]) -> tuple[Any, ...]:
-    """(experiment, sweep, script, training, model) arguments; flags the experiment sets itself are refused."""
-    from .sweeps import trainer_from_argv
-
+def _refuse_own_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` as a list; flags the experiment sets itself are refused."""
     argv = list(argv)
     config = _read_config(argv)
     for flag in ("betas", "reward_funcs", "reward_model_name_or_path", "reward_weights"):
         if f"--{flag}" in argv or any(a.startswith(f"--{flag}=") for a in argv) or flag in config:
             raise ValueError(f"--{flag} is set by the experiment: use --beta / --kl_coef for β, --objectives and "
                              "--ensemble_reward_models for the rewards, --gold_reward for the gold reward.")
+    return argv
+
+
+def parse_argv(argv: Sequence[str]) -> tuple[Any, ...]:
+    """(experiment, sweep, script, training, model) arguments; flags the experiment sets itself are refused."""
+    from .sweeps import trainer_from_argv
+
+    argv = _refuse_own_flags(argv)
     return make_parser(trainer_from_argv(argv)).parse_args_and_config(args=argv)
+
+
+def parse_spec(argv: Sequence[str]) -> tuple[EnsembleArguments, Any]:
+    """(experiment arguments, the ``SweepSpec`` the objectives' sweeps are built from): the command line parsed once,
+    its output directory made absolute."""
+    from .grid import parse_keeping_kwargs
+    from .sweeps import SweepSpec, trainer_from_argv
+
+    argv = _refuse_own_flags(argv)
+    (ens, sweep, script, _, model), training = parse_keeping_kwargs(make_parser(trainer_from_argv(argv)), argv, 3)
+    training["output_dir"] = os.path.abspath(training["output_dir"])
+    return ens, SweepSpec(trainer=sweep.trainer, sweep=sweep, script=script, training=training, model=model)
 
 
 def _read_config(argv: Sequence[str]) -> dict[str, Any]:
@@ -203,47 +238,25 @@ def _read_config(argv: Sequence[str]) -> dict[str, Any]:
         return dict(yaml.safe_load(f) or {})
 
 
-def _sweep_base_argv(argv: Sequence[str], output_dir: str) -> list[str]:
-    """``argv`` without the experiment's own flags; a ``--config`` is replaced by a copy without its keys (written
-    to ``output_dir``), since the sweep's parser refuses unknown keys."""
-    out, skip = [], False
-    argv = list(argv)
-    for i, arg in enumerate(argv):
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
-        if name is not None:
-            skip = name in _OWN_FLAGS
-        if skip or (i > 0 and argv[i - 1] == "--config"):
-            continue
-        out.append(arg)
-    if "--config" in out:
-        import yaml
-
-        # β goes to each sweep as --betas under the trainer's own name; a copied `beta` would reach PPO's parser
-        config = {k: v for k, v in _read_config(argv).items() if k not in _OWN_FLAGS and k not in ("beta", "kl_coef")}
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "sweep_config.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump(config, f, sort_keys=False)
-        out.insert(out.index("--config") + 1, path)
-    return out
-
-
-def objective_argv(base: Sequence[str], objective: str, ens: EnsembleArguments, sweep: Any, training: Any,
-                   single_rm: str, max_parallel: int) -> list[str]:
-    """The sweep command line of one objective: one β, the experiment's seeds and steps, its own reward and dir."""
+def objective_spec(spec: Any, objective: str, ens: EnsembleArguments, single_rm: str, members: Sequence[str],
+                   max_parallel: int) -> Any:
+    """The sweep of one objective: the experiment's β as its one β, the experiment's seeds and steps, its own reward
+    (an ``EnsembleObjective`` value, standing in for the dotted path TRL logs it under) and directory."""
     from .sweeps import BETA_FIELD
 
-    beta = float(getattr(training, BETA_FIELD[sweep.trainer]))
-    argv = list(base) + ["--betas", repr(beta), "--seeds", *map(str, sweep.seeds), "--max_steps",
-                         str(training.max_steps), "--eval_every", str(sweep.eval_every), "--max_parallel",
-                         str(max_parallel), "--output_dir", os.path.join(training.output_dir, objective)]
+    beta = float(spec.training[BETA_FIELD[spec.trainer]])
+    sweep = dataclasses.replace(spec.sweep, betas=[beta], max_parallel=max_parallel)
     funcs = [] if objective == "single" else [f"{__name__}.ensemble_{objective}"]
-    if objective == "single":
-        argv += ["--reward_model_name_or_path", single_rm]
+    rewards = {} if objective == "single" else {
+        funcs[0]: EnsembleObjective(objective, tuple(members), float(ens.penalty))}
+    training = {**spec.training, "output_dir": os.path.join(spec.output_dir, objective)}
+    script_changes: dict[str, Any] = {"reward_model_name_or_path": single_rm if objective == "single" else None}
     if ens.gold_reward:
         funcs.append(ens.gold_reward)
-        argv += ["--reward_weights", "1", "0", "--track_gold", "false"]
-    return argv + (["--reward_funcs", *funcs] if funcs else [])
+        training["reward_weights"] = [1.0, 0.0]
+        script_changes["track_gold"] = False
+    script = dataclasses.replace(spec.script, reward_funcs=funcs or None, **script_changes)
+    return dataclasses.replace(spec, sweep=sweep, script=script, training=training, rewards=rewards)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,20 +297,10 @@ def _objective_spec(objective: str, members: Sequence[str], single_rm: str, pena
     return {"members": list(members), **({"penalty": penalty} if objective == "uwo" else {})}
 
 
-def _run_sweeps(jobs: Sequence[list[str]], workers: int) -> None:
-    """Each objective's sweep, ``workers`` at a time in spawned processes (fork is unsafe with torch)."""
-    from .sweeps import run_sweep
+def _sweep_job(spec: Any) -> dict[str, Any]:
+    from .sweeps import run_spec
 
-    if workers == 1:
-        for argv in jobs:
-            run_sweep(argv, progress=False)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(run_sweep, argv, False) for argv in jobs]:
-            future.result()
+    return run_spec(spec, progress=False)
 
 
 def read_runs(objective_dir: str, beta: float, seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -319,28 +322,26 @@ def read_runs(objective_dir: str, beta: float, seeds: Sequence[int]) -> list[dic
 def run_experiment(argv: Sequence[str]) -> dict[str, Any]:
     """Runs the objectives' sweeps not yet finished, then writes ``ensemble.md``, ``ensemble.png`` and
     ``metrics.json`` to the output dir and prints where they are. Returns the metrics."""
+    from .grid import run_grid
     from .sweeps import BETA_FIELD
 
-    ens, sweep, script, training, _ = parse_argv(argv)
-    out = os.path.abspath(training.output_dir)
-    training.output_dir = out
+    ens, spec = parse_spec(argv)
+    sweep, script, out = spec.sweep, spec.script, spec.output_dir
     if script.dataset_name and not ens.gold_reward:
         raise ValueError("Off the lab the experiment needs a held-out gold reward: give --gold_reward <dotted path>.")
     members, single_rm = resolve_members(ens, script)
     workers = min(sweep.max_parallel, len(ens.objectives))
-    base = _sweep_base_argv(argv, out)
     jobs = []
     for objective in ens.objectives:
         _check_spec(os.path.join(out, objective), _objective_spec(objective, members, single_rm, ens.penalty))
-        jobs.append(objective_argv(base, objective, ens, sweep, training, single_rm,
-                                   max(1, sweep.max_parallel // workers)))
-    with ensemble_env(members, ens.penalty) if members else contextlib.nullcontext():
-        _run_sweeps(jobs, workers)
-    beta = float(getattr(training, BETA_FIELD[sweep.trainer]))
+        jobs.append(objective_spec(spec, objective, ens, single_rm, members, max(1, sweep.max_parallel // workers)))
+    # each objective's sweep, `workers` at a time in spawned processes (fork is unsafe with torch)
+    run_grid(jobs, _sweep_job, max_parallel=workers, start_method="spawn", name=lambda s: s.output_dir)
+    beta = float(spec.training[BETA_FIELD[sweep.trainer]])
     runs = {o: read_runs(os.path.join(out, o), beta, sweep.seeds) for o in ens.objectives}
     settings = {"trainer": sweep.trainer, "beta": beta, "seeds": list(sweep.seeds), "penalty": ens.penalty,
                 "k": len(members), "members": members, "single_reward_model": single_rm,
-                "max_steps": training.max_steps, "learning_rate": training.learning_rate}
+                "max_steps": spec.training["max_steps"], "learning_rate": spec.training["learning_rate"]}
     metrics = summarise(runs, settings)
     write_report(out, runs, metrics)
     print(summary_lines(out, metrics))

@@ -5,8 +5,10 @@ Why a sweep: one run shows one trajectory; the KL leash is a trade-off only visi
 step 0 (the SFT policy) and every ``eval_every`` steps, the sequence-level KL to the reference (k3, as
 ``KLToReferenceCallback`` measures it), and the proxy and gold rewards of the *same* fresh held-out samples.
 
-Points are independent processes of the recipe plumbing (``run.build.prepare_rl_run`` / ``make_trainer``): a point's
-result depends only on its (β, seed) and the config, never on run order. Each finished point is one JSON line of
+The command line is parsed once, into a ``SweepSpec``; a point is ``dataclasses.replace(spec, beta=..., seed=...)`` and
+trains from that object alone with the recipe plumbing (``run.build.prepare_rl_run`` / ``make_trainer``), in this
+process, in worker processes or as Ray tasks (``grid.run_grid``): a point's result depends only on its (β, seed) and
+the config, never on run order. Each finished point is one JSON line of
 ``<output_dir>/results.jsonl``; a rerun skips the points already there (a truncated last line is dropped) and refuses a
 file written with another config (the first line holds its fingerprint).
 
@@ -15,8 +17,7 @@ At the end ``sweep.md``, ``frontier.png`` and ``metrics.json`` are written from 
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import math
 import os
 import time
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..callbacks.kl_reference import KLToReferenceCallback, measure_sequence_kl
 from ..run.parsing import RecipeParser, check_lab_keys, cpu_parser_defaults
 from ..run.spec import RLScriptArguments
-from ..validation import InputError
+from .grid import BACKENDS, append_result, config_fingerprint, parse_keeping_kwargs, read_results  # noqa: F401
 
 __all__ = [
     "SweepArguments",
@@ -35,11 +36,11 @@ __all__ = [
     "HeldOutProbeCallback",
     "make_sweep_parser",
     "parse_sweep_argv",
+    "SweepSpec",
+    "parse_sweep_spec",
     "run_point",
     "run_sweep",
-    "config_fingerprint",
-    "read_results",
-    "append_result",
+    "run_spec",
     "spearman",
     "summarise",
     "write_report",
@@ -48,7 +49,6 @@ __all__ = [
 
 RESULTS_FILE = "results.jsonl"
 TRAINERS = ("grpo", "ppo")
-BACKENDS = ("local", "ray")
 BETA_FIELD = {"grpo": "beta", "ppo": "kl_coef"}
 DEFAULT_BETAS = [0.0, 0.005, 0.02, 0.05, 0.2, 1.0]
 
@@ -119,7 +119,7 @@ def validate_sweep(sweep: SweepArguments) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Parsing: the parent and every point parse the same argv, so a point is configured exactly like the recipe
+# Parsing: once, into a SweepSpec; a point builds its config from the same keyword arguments the parser used
 # ----------------------------------------------------------------------------------------------------------------------
 def config_class(trainer: str) -> type:
     if trainer == "ppo":
@@ -165,6 +165,60 @@ def make_sweep_parser(trainer: str):
 def parse_sweep_argv(argv: Sequence[str]) -> tuple[Any, Any, Any, Any]:
     """(sweep, script, training, model) arguments of a sweep command line."""
     return make_sweep_parser(trainer_from_argv(argv)).parse_args_and_config(args=list(argv))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep as a value: its command line parsed once. With ``beta`` and ``seed`` it is one point of the sweep,
+    ``dataclasses.replace(spec, beta=..., seed=...)``, and a point trains from this object alone (``run_point``).
+
+    Args:
+        trainer: "grpo" or "ppo". sweep, script, model: the parsed ``SweepArguments``, ``RLScriptArguments`` and
+            ``ModelConfig``.
+        training: the keyword arguments the trainer's config (``GRPOConfig`` / ``PPOConfig``) is built from, as the
+            parser built it; ``training_args()`` builds a point's own config from them with its β, seed and directory
+            (exactly what a parse of the command line with those flags added gives).
+        rewards: reward functions handed over as values, by the dotted path in ``script.reward_funcs`` they stand in
+            for: the run trains on the value (e.g. an ensemble objective with its members), not on the path's function.
+    """
+
+    trainer: str
+    sweep: SweepArguments
+    script: Any
+    training: dict[str, Any]
+    model: Any
+    beta: float | None = None
+    seed: int | None = None
+    rewards: dict[str, Callable] = field(default_factory=dict)
+
+    @property
+    def output_dir(self) -> str:
+        """The sweep's directory; a point's is ``point_dir`` inside it."""
+        return self.training["output_dir"]
+
+    def points(self) -> list[SweepSpec]:
+        """The grid: one point per β and seed, β-major."""
+        return [dataclasses.replace(self, beta=float(b), seed=int(s))
+                for b in self.sweep.betas for s in self.sweep.seeds]
+
+    def training_args(self) -> Any:
+        """The trainer's config: the sweep's, or, for a point, the point's (its seed, β, directory; it never pushes:
+        the sweep's folder is pushed once, at the end)."""
+        kwargs = dict(self.training)
+        if self.beta is not None or self.seed is not None:
+            if self.beta is None or self.seed is None:
+                raise ValueError(f"A point needs both β and seed, got beta={self.beta}, seed={self.seed}.")
+            kwargs.update({"seed": int(self.seed), BETA_FIELD[self.trainer]: float(self.beta), "push_to_hub": False,
+                           "output_dir": point_dir(self.output_dir, self.trainer, self.beta, self.seed)})
+        return config_class(self.trainer)(**kwargs)
+
+
+def parse_sweep_spec(argv: Sequence[str]) -> SweepSpec:
+    """The sweep of a command line as a ``SweepSpec`` (``--config`` and ``--output_dir`` made absolute, so that a
+    worker in another directory reads and writes the same files)."""
+    argv = _absolute_paths(argv)
+    (sweep, script, _, model), training = parse_keeping_kwargs(make_sweep_parser(trainer_from_argv(argv)), argv, 2)
+    return SweepSpec(trainer=sweep.trainer, sweep=sweep, script=script, training=training, model=model)
 
 
 def _absolute_paths(argv: Sequence[str]) -> list[str]:
@@ -228,38 +282,50 @@ def point_dir(output_dir: str, trainer: str, beta: float, seed: int) -> str:
     return os.path.join(output_dir, "points", f"{trainer}_beta{float(beta):g}_seed{seed}")
 
 
-def run_point(argv: Sequence[str], beta: float, seed: int) -> dict[str, Any]:
-    """Trains one (β, seed) point with the sweep's argv and returns its result line (no files but its own dir)."""
+def run_point(point: SweepSpec | Sequence[str], beta: float | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Trains one point of a sweep and returns its result line (no files but its own dir). ``point``: a point of a
+    ``SweepSpec`` (``beta`` / ``seed``, when given, replace its own), or the sweep's command line, parsed here."""
+    import copy
+
     import torch
 
-    from ..run.build import make_trainer, prepare_rl_run
+    from ..run.build import end_trainer, make_trainer, prepare_rl_run
 
     start = time.perf_counter()
-    trainer_name = trainer_from_argv(argv)
-    sweep, _, base_args, _ = parse_sweep_argv(argv)
-    out = point_dir(base_args.output_dir, trainer_name, beta, seed)
-    overrides = ["--seed", str(seed), f"--{BETA_FIELD[trainer_name]}", repr(float(beta)), "--output_dir", out,
-                 "--push_to_hub", "false"]  # a point never pushes: the sweep's folder is pushed once, at the end
-    _, script_args, training_args, model_args = parse_sweep_argv(list(argv) + overrides)
+    if not isinstance(point, SweepSpec):
+        point = parse_sweep_spec(point)
+    point = dataclasses.replace(point, **{k: v for k, v in (("beta", beta), ("seed", seed)) if v is not None})
+    training_args = point.training_args()
+    script_args, model_args = copy.deepcopy(point.script), copy.deepcopy(point.model)  # a run may change them
     threads = torch.get_num_threads()
-    torch.set_num_threads(sweep.cpus_per_point)
+    torch.set_num_threads(point.sweep.cpus_per_point)
     try:
         setup = prepare_rl_run(script_args, training_args, model_args)
         if not setup.eval_prompts:
             raise ValueError("The sweep measures on held-out prompts: give a test split and --num_eval_prompts > 0.")
+        _hand_over_rewards(setup, point.rewards)
         proxy, gold = _split_rewards(setup)
-        trainer = make_trainer(_trainer_class(trainer_name), setup, training_args)
-        probe = HeldOutProbeCallback(trainer, setup.eval_prompts, proxy, gold, every_n_steps=sweep.eval_every)
+        trainer = make_trainer(_trainer_class(point.trainer), setup, training_args)
+        probe = HeldOutProbeCallback(trainer, setup.eval_prompts, proxy, gold, every_n_steps=point.sweep.eval_every)
         trainer.add_callback(probe)
         trainer.train()
-        if hasattr(trainer, "end"):
-            trainer.end()
+        end_trainer(trainer)
     finally:
         torch.set_num_threads(threads)
     curve = [{"step": h["step"], "kl": h["kl_ref/k3_seq"], "kl_k1": h["kl_ref/k1_seq"], "proxy": h["sweep/proxy"],
               "gold": h["sweep/gold"]} for h in probe.history]
-    return {"trainer": trainer_name, "beta": float(beta), "seed": int(seed), **curve_summary(curve),
+    return {"trainer": point.trainer, "beta": float(point.beta), "seed": int(point.seed), **curve_summary(curve),
             "curve": curve, "seconds": time.perf_counter() - start}
+
+
+def _hand_over_rewards(setup: Any, rewards: dict[str, Callable]) -> None:
+    """The reward functions handed over as values replace the functions of the dotted paths they stand in for."""
+    if not rewards:
+        return
+    from ..run.build import import_reward_func
+
+    values = {id(import_reward_func(path)): value for path, value in rewards.items()}
+    setup.reward_funcs = [values.get(id(f), f) for f in setup.reward_funcs]
 
 
 def _trainer_class(trainer: str) -> type:
@@ -284,7 +350,7 @@ def curve_summary(curve: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# results.jsonl: a header line with the config fingerprint, then one line per finished point
+# results.jsonl (``grid.ResultsFile``): a header line with the config fingerprint, then one line per finished point
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings that cannot change a point's result: where it writes, how it logs, and what the sweep varies per point.
 _NOT_IN_FINGERPRINT = {
@@ -304,158 +370,57 @@ def sweep_config(sweep: Any, script_args: Any, training_args: Any, model_args: A
                       for name, part in parts.items()})
 
 
-def config_fingerprint(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    keys = sorted({(p, k) for p in set(a) | set(b) for k in set(a.get(p, {})) | set(b.get(p, {}))})
-    return [f"{p}.{k}: {a.get(p, {}).get(k)!r} -> {b.get(p, {}).get(k)!r}" for p, k in keys
-            if a.get(p, {}).get(k) != b.get(p, {}).get(k)]
-
-
-def read_results(path: str, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished points of ``path`` (created with a header when missing). A truncated last line (a killed write) is
-    cut off the file; a header of another config is refused."""
-    fingerprint = config_fingerprint(config)
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            f.write(json.dumps({"header": True, "fingerprint": fingerprint, "config": config}) + "\n")
-        return []
-    with open(path) as f:
-        text = f.read()
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]  # after the last "\n": empty, or a line whose write was cut short
-    records = []
-    for i, line in enumerate(complete):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i < len(complete) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON ({err}); it is not a truncated last line.") from err
-            tail = line  # a cut-off line followed by a newline: drop it the same way
-            complete = complete[:-1]
-    if tail.strip() or len(records) < len(complete):
-        with open(path + ".tmp", "w") as f:
-            f.write("".join(line + "\n" for line in complete))
-        os.replace(path + ".tmp", path)
-    header, points = (records[0], records[1:]) if records and records[0].get("header") else (None, records)
-    if header is None or header.get("fingerprint") != fingerprint:
-        diff = _config_diff(header.get("config", {}), config) if header else ["no header line"]
-        raise InputError(
-            f"{path} was written by a sweep with a different config (fingerprint "
-            f"{header.get('fingerprint') if header else None} vs {fingerprint}): {'; '.join(diff[:8])}. Resume with "
-            "the same settings, or give another --output_dir (or remove the file) to start a new sweep."
-        )
-    return points
-
-
-def append_result(path: str, result: dict[str, Any]) -> None:
-    """One line per point, flushed and synced: a kill leaves at most one truncated last line."""
-    from ..results import _jsonable
-
-    with open(path, "a") as f:
-        f.write(json.dumps(_jsonable(result)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _key(trainer: str, beta: float, seed: int) -> tuple[str, float, int]:
     return trainer, float(beta), int(seed)
 
 
+def _result_key(result: dict[str, Any]) -> tuple[str, float, int]:
+    return _key(result["trainer"], result["beta"], result["seed"])
+
+
+def _point_key(point: SweepSpec) -> tuple[str, float, int]:
+    return _key(point.trainer, point.beta, point.seed)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Running the points
+# Running the points (``grid.run_grid``)
 # ----------------------------------------------------------------------------------------------------------------------
-def _run_local(argv: list[str], todo: list[tuple[float, int]], max_parallel: int, on_result: Callable) -> None:
-    """In this process one after the other, or in ``max_parallel`` worker processes (see ``_worker_context``)."""
-    if max_parallel == 1 or len(todo) <= 1:
-        for beta, seed in todo:
-            on_result(run_point(argv, beta, seed))
-        return
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    with ProcessPoolExecutor(max_workers=min(max_parallel, len(todo)), mp_context=_worker_context()) as pool:
-        env = dict(os.environ)  # the fork server may predate it (e.g. a variable set for this sweep only)
-        pending = {pool.submit(_run_point_in_env, env, argv, beta, seed) for beta, seed in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                on_result(future.result())
-
-
-def _run_point_in_env(env: dict[str, str], argv: list[str], beta: float, seed: int) -> dict[str, Any]:
-    """``run_point`` under the caller's environment as it is now, not as it was when the fork server started."""
-    for key in [k for k in os.environ if k not in env]:
-        del os.environ[key]
-    os.environ.update(env)
-    return run_point(argv, beta, seed)
-
-
 #: imported once by the fork server, so that each worker starts as a fork of a process that already has them (≈ 4 s
 #: of imports per spawned worker otherwise, against ≈ 9 s per lab point)
 _WORKER_PRELOAD = ["torch", "transformers", "trl", "hf_rlhf_ext.experiments.sweeps", "hf_rlhf_ext.run.build"]
 
 
-def _worker_context():
-    """Workers forked from a fork server that preloaded the heavy imports (POSIX), else spawned. Plain ``fork`` of
-    this process is unsafe once torch has started threads; the fork server is a fresh single-threaded process."""
-    import multiprocessing
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(_WORKER_PRELOAD)
-    return ctx
-
-
-def _run_ray(argv: list[str], todo: list[tuple[float, int]], sweep: SweepArguments, on_result: Callable) -> None:
-    """One Ray task per point, with ``cpus_per_point`` / ``gpus_per_point``; uses the running Ray cluster (or starts
-    a local one)."""
-    try:
-        import ray
-    except ImportError as err:
-        raise ImportError("--backend ray needs Ray: pip install 'hf-rlhf-ext[ray]'.") from err
-    if not ray.is_initialized():
-        ray.init()
-    task = ray.remote(num_cpus=sweep.cpus_per_point, num_gpus=sweep.gpus_per_point)(run_point)
-    pending = [task.remote(argv, beta, seed) for beta, seed in todo]
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        on_result(ray.get(done[0]))
+def _point_job(point: SweepSpec) -> dict[str, Any]:
+    return run_point(point, point.beta, point.seed)
 
 
 def run_sweep(argv: Sequence[str], progress: bool = True) -> dict[str, Any]:
-    """Runs the points of ``argv`` not yet in ``results.jsonl``, then writes the report. Returns ``metrics.json``."""
-    start = time.perf_counter()
-    argv = _absolute_paths(argv)
-    sweep, script_args, training_args, model_args = parse_sweep_argv(argv)
-    out = training_args.output_dir
-    path = os.path.join(out, RESULTS_FILE)
-    config = sweep_config(sweep, script_args, training_args, model_args)
-    done = {_key(r["trainer"], r["beta"], r["seed"]): r for r in read_results(path, config)}
-    grid = [(float(b), int(s)) for b in sweep.betas for s in sweep.seeds]
-    todo = [(b, s) for b, s in grid if _key(sweep.trainer, b, s) not in done]
+    """Runs the points of the sweep of ``argv`` not yet in ``results.jsonl``, then writes the report. Returns
+    ``metrics.json``. The command line is parsed once, here (``run_spec`` runs a ``SweepSpec``)."""
+    return run_spec(parse_sweep_spec(argv), progress=progress)
+
+
+def run_spec(spec: SweepSpec, progress: bool = True) -> dict[str, Any]:
+    """Runs the points of ``spec`` (``spec.points()``) not yet in ``results.jsonl``, then writes the report."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc=f"β sweep ({sweep.trainer})", unit="point",
+    from .grid import ResultsFile, run_grid
+
+    start = time.perf_counter()
+    sweep, out = spec.sweep, spec.output_dir
+    store = ResultsFile(os.path.join(out, RESULTS_FILE),
+                        sweep_config(sweep, spec.script, spec.training_args(), spec.model), key=_result_key)
+    points = spec.points()
+    todo = [p for p in points if _point_key(p) not in store.done]
+    bar = tqdm(total=len(points), initial=len(points) - len(todo), desc=f"β sweep ({sweep.trainer})", unit="point",
                disable=not progress)
-
-    def on_result(result: dict[str, Any]) -> None:
-        result["fingerprint"] = config_fingerprint(config)
-        append_result(path, result)
-        done[_key(result["trainer"], result["beta"], result["seed"])] = result
-        bar.update(1)
-
     try:
-        if sweep.backend == "ray":
-            _run_ray(argv, todo, sweep, on_result)
-        else:
-            _run_local(argv, todo, sweep.max_parallel, on_result)
+        results = run_grid(points, _point_job, backend=sweep.backend, max_parallel=sweep.max_parallel, results=store,
+                           job_key=_point_key, on_result=lambda *_: bar.update(1), preload=_WORKER_PRELOAD,
+                           cpus_per_job=sweep.cpus_per_point, gpus_per_job=sweep.gpus_per_point,
+                           name=lambda p: f"{p.trainer} β={p.beta:g} seed={p.seed}")
     finally:
         bar.close()
-    results = [done[_key(sweep.trainer, b, s)] for b, s in grid]
     metrics = summarise(results, fit_min_kl=sweep.fit_min_kl)
     metrics["seconds"] = {"this_run": time.perf_counter() - start, "points_total": sum(r["seconds"] for r in results),
                           "points_run_now": len(todo)}

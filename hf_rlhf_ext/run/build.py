@@ -337,6 +337,14 @@ def make_trainer(trainer_cls: type, setup: RLSetup, training_args: Any, **kwargs
     return trainer
 
 
+def end_trainer(trainer: Any) -> None:
+    """``trainer.end()`` where the trainer has it (transformers >= 5.18): finishes the trackers and destroys the
+    distributed process group (``accelerator.end_training``). The last call of a run: everything that talks to the
+    other processes (train, evaluate, save, push) must come before it."""
+    if hasattr(trainer, "end"):
+        trainer.end()
+
+
 # heads of task models: a bare body (AutoModel) loaded from such a checkpoint leaves them out, as intended
 _TASK_HEADS = ("score.", "lm_head.", "v_head.", "classifier.")
 

@@ -17,6 +17,7 @@ from ..objectives import kl_k1, kl_k3
 from ..reference import Reference, ReferencePolicy, reference_model, resolve_reference
 from ..results import ResultsCallback, write_metrics
 from ..sampling import completion_mask, per_token_logps, policy_eos_ids, sample_policy
+from .build import end_trainer
 from .errors import RunInterrupted
 from .monitors import monitor_results
 from .parsing import launch_command
@@ -300,8 +301,7 @@ def train_and_report(
                         private=training_args.hub_private_repo, revision=training_args.hub_revision)
         print(outputs_line(training_args.output_dir, card is not None))
     accelerator.wait_for_everyone()
-    if hasattr(trainer, "end"):
-        trainer.end()  # finishes the trackers and destroys the process group (transformers >= 5.18)
+    end_trainer(trainer)
     return metrics
 
 
