@@ -64,6 +64,13 @@ def write_experiment_files(
     return paths
 
 
+def experiment_file_lines(output_dir: str, stem: str, runs: str) -> list[str]:
+    """The console lines that say where :func:`write_experiment_files` put an experiment's views, and its runs'
+    logs (``runs``: their folders, e.g. ``runs/<trainer>_seed<k>/``)."""
+    return [f"table: {os.path.join(output_dir, f'{stem}.md')}", f"plot: {os.path.join(output_dir, f'{stem}.png')}",
+            f"numbers: {os.path.join(output_dir, METRICS_FILE)}; each run's log: {runs}"]
+
+
 def read_metrics(output_dir: str) -> dict[str, Any]:
     with open(os.path.join(output_dir, METRICS_FILE)) as f:
         return json.load(f)

@@ -26,6 +26,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..results import experiment_file_lines
 from ..run.spec import RLScriptArguments
 
 __all__ = [
@@ -339,7 +340,4 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
             f"{name:<13} median gradient variance {_sci(b['median_grad_variance']['median'])}"
             f"{'' if ratio is None else f' ({ratio:.3f} × none)'}, final reward {_pm(b['final_reward'])}"
         )
-    lines += [f"table: {os.path.join(output_dir, 'baselines.md')}",
-              f"plot: {os.path.join(output_dir, 'baselines.png')}",
-              f"numbers: {os.path.join(output_dir, 'metrics.json')}; each run's log: runs/<baseline>_seed<k>/"]
-    return "\n".join(lines)
+    return "\n".join(lines + experiment_file_lines(output_dir, "baselines", "runs/<baseline>_seed<k>/"))

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
+from ..results import experiment_file_lines
 from ..run.spec import RLScriptArguments
 from ..validation import InputError
 
@@ -578,7 +579,4 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
             f"{t['gold_peak']['mean']:+.3f}), KL {t['kl_end']['mean']:.2f}, collapsed {t['collapsed_fraction']:.0%}, "
             f"peak memory {t['peak_memory_mb']['mean']:.0f} MB, {t['seconds_per_step']['mean']:.2f} s/step"
         )
-    lines.append(f"table: {os.path.join(output_dir, 'compare.md')}")
-    lines.append(f"plot: {os.path.join(output_dir, 'compare.png')}")
-    lines.append(f"numbers: {os.path.join(output_dir, 'metrics.json')}; each run's log: runs/<trainer>_seed<k>/")
-    return "\n".join(lines)
+    return "\n".join(lines + experiment_file_lines(output_dir, "compare", "runs/<trainer>_seed<k>/"))
