@@ -57,7 +57,8 @@ def main() -> None:
 
     import torch
 
-    print(f"# sweep_parallel: {len(args.betas)} GRPO lab points (β {' '.join(args.betas)}) of {args.max_steps} steps; {os.cpu_count()} CPUs, "
+    print(f"# sweep_parallel: {len(args.betas)} GRPO lab points (β {' '.join(args.betas)}) of {args.max_steps} steps; "
+          f"{os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, Python {platform.python_version()}; {args.repeats} interleaved repeats")
     times: dict[int, list[float]] = {1: [], 2: []}
     point_secs: dict[int, list[float]] = {1: [], 2: []}
@@ -70,14 +71,16 @@ def main() -> None:
             if repeat >= 0:
                 times[mode].append(wall)
                 point_secs[mode].extend(points)
-                print(f"repeat {repeat} max_parallel={mode}: {wall:.2f} s (points {', '.join(f'{p:.2f}' for p in points)} s)")
+                print(f"repeat {repeat} max_parallel={mode}: {wall:.2f} s "
+                      f"(points {', '.join(f'{p:.2f}' for p in points)} s)")
     ratios = [a / b for a, b in zip(times[1], times[2])]
     print(f"one at a time  : {spread(times[1])} s")
     print(f"2 in parallel  : {spread(times[2])} s")
     print(f"speed-up       : {spread(ratios)}x")
     print(f"point seconds  : alone {spread(point_secs[1])}, two at once {spread(point_secs[2])}")
     if len(args.betas) == 2:
-        startup = [b - max(p) for b, p in zip(times[2], [point_secs[2][i:i + 2] for i in range(0, len(point_secs[2]), 2)])]
+        startup = [b - max(p) for b, p in zip(times[2], [point_secs[2][i:i + 2]
+                                                         for i in range(0, len(point_secs[2]), 2)])]
         print(f"parallel wall − slower point (worker start-up: spawn + imports): {spread(startup)} s")
     sys.stdout.flush()
 

@@ -312,7 +312,8 @@ def report_markdown(metrics: dict[str, Any]) -> str:
               f"{s['grad_variance_estimates']} disjoint slices of the generation batch, measured every "
               f"{s['grad_variance_every']} steps; each run's median, then the median over seeds. Final reward: the "
               f"training reward without the offset, mean of the last {s['final_window']} logged steps, mean ± "
-              "standard deviation over seeds; final gold: the lab's gold reward of the same batches (tracked, not optimised)."]
+              "standard deviation over seeds; final gold: the lab's gold reward of the same batches (tracked, not "
+              "optimised)."]
     return "\n".join(lines) + "\n"
 
 

@@ -141,7 +141,8 @@ def ensemble_spec(members: Sequence[str], penalty: float) -> str:
 def _spec_from_env() -> tuple[tuple[str, ...], float]:
     raw = os.environ.get(ENSEMBLE_ENV)
     if not raw:
-        raise ValueError(f"{ENSEMBLE_ENV} is not set: give it as JSON {{\"members\": [reward-model dirs], \"penalty\": λ}}.")
+        raise ValueError(f"{ENSEMBLE_ENV} is not set: give it as JSON "
+                         f"{{\"members\": [reward-model dirs], \"penalty\": λ}}.")
     spec = json.loads(raw)
     members, penalty = tuple(spec.get("members") or ()), float(spec.get("penalty", 1.0))
     if len(members) < 2:

@@ -496,7 +496,8 @@ def _hump(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["gold_drop"] = out["peak_gold"] - out["final_gold"]
     out["proxy_rise_after_peak"] = out["final_proxy"] - out["proxy_at_peak"]
     out["hump"] = out["gold_drop"] > 0 and out["proxy_rise_after_peak"] > 0
-    out["per_seed"] = [{"seed": r["seed"], "hump": r["final_proxy"] > r["proxy_at_peak"] and r["final_gold"] < r["peak_gold"],
+    out["per_seed"] = [{"seed": r["seed"],
+                        "hump": r["final_proxy"] > r["proxy_at_peak"] and r["final_gold"] < r["peak_gold"],
                         "peak_step": r["peak_step"]} for r in runs]
     return out
 
@@ -552,11 +553,13 @@ def report_markdown(metrics: dict[str, Any]) -> str:
     rho, low, high, fit = (metrics["spearman_beta_final_kl"], metrics["lowest_beta"], metrics["highest_beta"],
                            metrics["gao_fit"])
     lines += ["", f"Reference (step 0) gold: {metrics['per_beta'][0]['ref_gold']['mean']:.3f}.",
-              f"Spearman ρ(β, mean final KL) = {_fmt(rho)} (all points: {_fmt(metrics['spearman_beta_final_kl_all_points'])}).",
-              f"Lowest β = {low['beta']:g}: gold peaks at {low['peak_gold']:.3f} (step {low['peak_step']:.0f}) and ends at "
-              f"{low['final_gold']:.3f}; the proxy goes from {low['proxy_at_peak']:.3f} at the peak to "
+              f"Spearman ρ(β, mean final KL) = {_fmt(rho)} "
+              f"(all points: {_fmt(metrics['spearman_beta_final_kl_all_points'])}).",
+              f"Lowest β = {low['beta']:g}: gold peaks at {low['peak_gold']:.3f} (step {low['peak_step']:.0f}) "
+              f"and ends at {low['final_gold']:.3f}; the proxy goes from {low['proxy_at_peak']:.3f} at the peak to "
               f"{low['final_proxy']:.3f} — {'a hump' if low['hump'] else 'no hump'}.",
-              f"Highest β = {high['beta']:g}: final KL {high['final_kl']:.3f}, gold change {high['gold_change']:+.3f}.", ""]
+              f"Highest β = {high['beta']:g}: final KL {high['final_kl']:.3f}, "
+              f"gold change {high['gold_change']:+.3f}.", ""]
     lines.append(_fit_sentence(fit))
     if "penalty_vs_early_stopping" in metrics:  # absent from metrics written before it existed
         lines += ["", *early_stopping_markdown(metrics["penalty_vs_early_stopping"])]
@@ -566,9 +569,9 @@ def report_markdown(metrics: dict[str, Any]) -> str:
 def early_stopping_markdown(pves: dict[str, Any]) -> list[str]:
     """``sweep.md``'s section: the verdict with its interval, then the mean difference per β pair."""
     method = ("Each higher-β run's final gold minus the gold of each lower-β run of the same seed, stopped where it "
-              "first reached the higher-β run's final KL (linear in KL between measurements; pairs whose KL lies outside "
-              "the lower-β run's measured range are not matched). Mean over seeds of the per-seed means, 95% Student t "
-              "interval over seeds.")
+              "first reached the higher-β run's final KL (linear in KL between measurements; pairs whose KL lies "
+              "outside the lower-β run's measured range are not matched). Mean over seeds of the per-seed means, 95% "
+              "Student t interval over seeds.")
     head = ["## Does the KL penalty beat early stopping?", "", method]
     ci = pves["ci95"]
     interval = f", 95% interval [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
@@ -668,9 +671,11 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
     for row in metrics["per_beta"]:
         lines.append(f"  β={row['beta']:<7g} KL {row['final_kl']['mean']:7.3f}  proxy {row['final_proxy']['mean']:+.3f}"
                      f"  gold {row['final_gold']['mean']:+.3f}  peak {row['peak_gold']['mean']:+.3f}")
-    lines.append(f"  ρ(β, final KL) = {_fmt(metrics['spearman_beta_final_kl'])}; hump at β={low['beta']:g}: {low['hump']}")
+    lines.append(f"  ρ(β, final KL) = {_fmt(metrics['spearman_beta_final_kl'])}; "
+                 f"hump at β={low['beta']:g}: {low['hump']}")
     if _fit_valid(fit):
-        lines.append(f"  Gao fit: α={fit['alpha']:.3f} β_fit={fit['beta']:.3f} R²={_fmt(fit['r2'])} d*={_fmt(fit['peak_d'])}")
+        lines.append(f"  Gao fit: α={fit['alpha']:.3f} β_fit={fit['beta']:.3f} R²={_fmt(fit['r2'])} "
+                     f"d*={_fmt(fit['peak_d'])}")
     else:
         lines.append(f"  Gao fit: no fit ({fit['reason']})")
     if "penalty_vs_early_stopping" in metrics:

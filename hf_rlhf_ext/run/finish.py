@@ -131,7 +131,8 @@ def summary_text(metrics: dict[str, Any]) -> str:
     """A few console lines for a person: each reward before -> after on held-out prompts, the KL to the initial
     policy (k3: never negative, lower variance than k1, which stays in ``metrics.json`` as ``kl_after``), and sample
     completions before and after (the numbers themselves live in ``metrics.json``)."""
-    lines = ["", f"held-out evaluation ({metrics.get('num_eval_prompts', 0)} completions, {metrics.get('eval_sampling')}):"]
+    lines = ["", f"held-out evaluation ({metrics.get('num_eval_prompts', 0)} completions, "
+                 f"{metrics.get('eval_sampling')}):"]
     for name in metrics.get("reward_funcs", []):
         if f"{name}_before" in metrics:
             lines.append(f"  {name:<24} {metrics[f'{name}_before']:+.3f} -> {metrics[f'{name}_after']:+.3f}")
@@ -402,7 +403,8 @@ def outputs_line(output_dir: str, with_card: bool = True, metrics_file: str = "m
 
 def finish_experiment(training_args: Any, recipe: str, argv: Sequence[str], **card: Any) -> None:
     """How an experiment's recipe ends: its card (:func:`~hf_rlhf_ext.model_card.write_experiment_card`, with
-    ``card``'s summary, tags, table and plots), the upload with ``--push_to_hub``, and the line saying where it all is."""
+    ``card``'s summary, tags, table and plots), the upload with ``--push_to_hub``, and the line saying where it all
+    is."""
     from ..model_card import push_experiment, write_experiment_card
 
     out = training_args.output_dir
