@@ -6,8 +6,8 @@ proxy and gold per measurement, the Gao et al. (2022) fit, and a report — on t
     python recipes/beta_sweep.py --config recipes/configs/beta_sweep_ppo_lab.yaml                  # = --trainer ppo
     python recipes/beta_sweep.py --trainer ppo --betas 0 0.05 0.2 --seeds 0 1 2 --output_dir runs/sweep-ppo
     python recipes/beta_sweep.py --backend ray --cpus_per_point 4 --gpus_per_point 1 \\
-        --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr --reward_funcs my_pkg.rm my_pkg.judge \\
-        --reward_weights 1 0 --use_peft --output_dir runs/sweep-qwen
+        --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name trl-lib/tldr \\
+        --reward_funcs my_pkg.rm my_pkg.judge --reward_weights 1 0 --use_peft --output_dir runs/sweep-qwen
 
 Writes <output_dir>/{results.jsonl, sweep.md, frontier.png, metrics.json}; rerunning the same command resumes.
 """
@@ -27,8 +27,8 @@ def main(argv: list[str]) -> dict:
         table_file="sweep.md",
         summary=f"{metrics['trainer'].upper()} trained once per KL coefficient β (and seed), everything else "
                 "identical: held-out KL, proxy and gold per measurement, and the Gao et al. (2022) fit.",
-        plots={"frontier.png": "The frontier: proxy and gold against sqrt(KL) per run, end points per β and seed, and the "
-                               "fitted Gao curve on gold"},
+        plots={"frontier.png": "The frontier: proxy and gold against sqrt(KL) per run, end points per β and seed, "
+                               "and the fitted Gao curve on gold"},
         settings={"trainer": metrics["trainer"], "betas": metrics["betas"], "seeds": metrics["seeds"]},
     )
     return metrics

@@ -144,7 +144,8 @@ def stage_clip(args: Any, out: str) -> dict:
     return {
         "epsilon": eps, "table": table, "plot": plot,
         "max_abs_grad_favourable": max(float(rows[s][favourable[s]].abs().max()) for s in (1.0, -1.0)),
-        "max_abs_grad_minus_A_unfavourable": max(float((rows[s][unfavourable[s]] - s).abs().max()) for s in (1.0, -1.0)),
+        "max_abs_grad_minus_A_unfavourable": max(float((rows[s][unfavourable[s]] - s).abs().max())
+                                                 for s in (1.0, -1.0)),
         "closed_form_vs_autograd": max(rows["closed_1.0"], rows["closed_-1.0"]),
     }
 
@@ -334,9 +335,9 @@ REINFORCE_SEEDS = 3  # in quick mode too: the reward gain's 95% t interval needs
 
 def stage_reinforce(args: Any, out: str) -> dict:
     """REINFORCE with and without a baseline on a reward with an offset (+5): gradient variance and reward over
-    training (``hf_rlhf_ext.experiments.baselines``); per seed, the running-mean run's final reward, and the untrained start: the
-    same run at learning rate 0 for two final windows, its first window the reward before any learning and its second
-    the same start measured again (the control: a run that cannot learn)."""
+    training (``hf_rlhf_ext.experiments.baselines``); per seed, the running-mean run's final reward, and the untrained
+    start: the same run at learning rate 0 for two final windows, its first window the reward before any learning and
+    its second the same start measured again (the control: a run that cannot learn)."""
     from hf_rlhf_ext.experiments.baselines import run_baselines
 
     seeds, flags = [str(args.seed + i) for i in range(REINFORCE_SEEDS)], _rl_flags(args)
@@ -388,8 +389,8 @@ COMPARE_QUICK_SEEDS = 2  # in quick mode too: the control compares each method w
 
 
 def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
-    """PPO (with a critic) and GRPO on the same prompts and sampled completions per step (``hf_rlhf_ext.experiments.compare``);
-    each run in its own process, so peak memory is measured alike."""
+    """PPO (with a critic) and GRPO on the same prompts and sampled completions per step
+    (``hf_rlhf_ext.experiments.compare``); each run in its own process, so peak memory is measured alike."""
     from hf_rlhf_ext.experiments.compare import run_compare
 
     if not has_gold(args):
@@ -972,10 +973,11 @@ def _rel(args: Any, path: str) -> str:
 def section_lab(args, r):
     from hf_rlhf_ext.experiments.report import Section
 
-    return Section("The lab", "An offline world small enough for a CPU where over-optimisation emerges for real: a tiny "
-                   "GPT-2 warm-started with SFT on customer-support replies, a programmatic gold reward, and a proxy "
-                   f"reward model trained on {r.get('pairs_train_n')} gold-labelled noisy pairs.",
-                   [("SFT mean gold (held-out)", r.get("sft_test_gold_mean")), ("SFT EOS rate", r.get("sft_test_eos_rate")),
+    return Section("The lab", "An offline world small enough for a CPU where over-optimisation emerges for real: a "
+                   "tiny GPT-2 warm-started with SFT on customer-support replies, a programmatic gold reward, and a "
+                   f"proxy reward model trained on {r.get('pairs_train_n')} gold-labelled noisy pairs.",
+                   [("SFT mean gold (held-out)", r.get("sft_test_gold_mean")),
+                    ("SFT EOS rate", r.get("sft_test_eos_rate")),
                     ("policy parameters", r.get("policy_params")), ("label flip rate", r.get("pairs_train_flip_rate"))])
 
 
@@ -997,7 +999,8 @@ def section_reward_model(args, r):
                             f"; it does NOT beat a length-only predictor ({ref:.0%}) by the margin")
     if c.values.get("label_noise_ceiling") is not None:
         quality += f" (label noise caps accuracy near {c.values['label_noise_ceiling']:.0%})"
-    return Section("Reward model (exercises 12–13)", f"Trained with a Bradley–Terry loss on noisy labels, the RM orders "
+    return Section("Reward model (exercises 12–13)",
+                   f"Trained with a Bradley–Terry loss on noisy labels, the RM orders "
                    f"{acc:.0%} of held-out pairs like their labels and {t.get('gold_accuracy', float('nan')):.0%} of "
                    f"clearly separated pairs like the gold reward: {chance}, {quality}.",
                    [(k, t.get(k)) for k in ("accuracy", "gold_accuracy", "corr_gold", "n_pairs")])
@@ -1077,7 +1080,8 @@ def section_mini_loop(args, r):
     if c := r.get("no_kl_penalty"):
         verdict = (f"Without the KL penalty the same loop went {c['polite_share_before']:.2f} → "
                    f"{c['polite_share_after']:.2f} at {c['kl_after']:.2f} nats. " + verdict)
-    return Section("The mini loop that ends politely (exercise 18)", f"Plain PyTorch: sample, score 'ends with a polite "
+    return Section("The mini loop that ends politely (exercise 18)",
+                   f"Plain PyTorch: sample, score 'ends with a polite "
                    f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps the "
                    f"held-out polite share went {r['polite_share_before']:.2f} → {r['polite_share_after']:.2f} at "
                    f"{r['kl_after']:.2f} nats. {verdict}",
@@ -1101,7 +1105,8 @@ def section_overoptimization(args, r):
                  f"(its peak {g['peak_gold'] or float('nan'):.2f}).")
     return Section("β too low hacks the reward (exercises 9, 10, 22)", text,
                    [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
-                                         "kl_at_peak", "final_kl", "detected_step")], [_rel(args, p) for p in r["plots"]])
+                                         "kl_at_peak", "final_kl", "detected_step")],
+                   [_rel(args, p) for p in r["plots"]])
 
 
 def section_reinforce(args, r):
@@ -1221,7 +1226,8 @@ def section_ppo_vs_grpo(args, r):
                 f"{risen[0]} does)" if risen else "gold does NOT rise by the margin under both (under neither)")
     method = t["ppo"].get("memory_method", "per process")
     text = (f"Same prompts, 32 sampled completions per step, seeds {r['seeds']}. {memory}: peak memory "
-            f"{grpo_mb:.0f} MB against PPO's {ppo_mb:.0f} MB (measured the same way, {method}); {both}: held-out gold {t['ppo']['gold_start']['mean']:.2f} → {t['ppo']['gold_end']['mean']:.2f} (PPO) "
+            f"{grpo_mb:.0f} MB against PPO's {ppo_mb:.0f} MB (measured the same way, {method}); {both}: held-out "
+            f"gold {t['ppo']['gold_start']['mean']:.2f} → {t['ppo']['gold_end']['mean']:.2f} (PPO) "
             f"and → {t['grpo']['gold_end']['mean']:.2f} (GRPO).")
     if claim.control:
         c = claim.control["values"]
@@ -1254,7 +1260,8 @@ def concepts_text(r: dict) -> str:
     lines += [f"| {m['role']} | {m['class']} | {m['params']:,} | {m['trainable']:,} | "
               f"{'yes' if m['trained'] else 'frozen'} |" for m in r["models"]]
     t = r["trajectory"]
-    lines += ["", f"**Text generation as RL**, on one completion sampled from the {t['policy']} policy. The state s_t is "
+    lines += ["",
+              f"**Text generation as RL**, on one completion sampled from the {t['policy']} policy. The state s_t is "
               f"the prompt plus the tokens so far, the action a_t the next token, the trajectory the whole reply; the "
               f"reward of each token is −β·(log π − log π_ref) (β = {t['kl_coef']}) and the reward model's score "
               f"({t['score']:.3f}) is added at the last token.", "", f"prompt: `{t['prompt']}`", "",

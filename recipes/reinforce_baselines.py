@@ -27,7 +27,8 @@ def main(argv: list[str]) -> dict:
     _, training_args, _ = parse_baselines_argv(argv)
     print(summary_lines(training_args.output_dir, metrics))
     finish_experiment(
-        training_args, "recipes/reinforce_baselines.py", argv, tags=("reinforce", "baselines"), table_file="baselines.md",
+        training_args, "recipes/reinforce_baselines.py", argv, tags=("reinforce", "baselines"),
+        table_file="baselines.md",
         summary="REINFORCE with each baseline over several seeds, on a reward with a constant offset: the measured "
                 "policy-gradient variance over training and the reward curves.",
         plots={"baselines.png": "Training reward (top) and gradient variance (bottom, log) against step: mean over "

@@ -171,7 +171,8 @@ def test_each_objective_gets_a_sweep_command_line_the_sweep_parses(tmp_path):
     u_script, u_train = parsed["uwo"][1], parsed["uwo"][2]
     assert u_script.reward_funcs == ["hf_rlhf_ext.experiments.ensembles.ensemble_uwo", "my.gold"]
     assert u_script.reward_model_name_or_path is None
-    assert u_train.output_dir == str(tmp_path / "out" / "uwo") and s_train.output_dir == str(tmp_path / "out" / "single")
+    assert (u_train.output_dir == str(tmp_path / "out" / "uwo")
+            and s_train.output_dir == str(tmp_path / "out" / "single"))
 
 
 def test_the_shipped_config_runs_the_ppo_sweeps_with_its_beta_as_kl_coef(tmp_path):
@@ -260,7 +261,8 @@ def test_lab_config_file_spells_out_the_defaults():
     from_file = ensembles.parse_argv(["--config", str(ROOT / "recipes/configs/rm_ensemble_lab.yaml")])
     default = ensembles.parse_argv([])
     for a, b in zip(from_file, default):
-        assert (a.to_dict() if hasattr(a, "to_dict") else vars(a)) == (b.to_dict() if hasattr(b, "to_dict") else vars(b))
+        assert ((a.to_dict() if hasattr(a, "to_dict") else vars(a))
+                == (b.to_dict() if hasattr(b, "to_dict") else vars(b)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

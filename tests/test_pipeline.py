@@ -1,6 +1,6 @@
-"""The chapter pipeline (recipes/pipeline.py, hf_rlhf_ext.experiments.report, the hf-rlhf-ext console entry point): stages kept
-and reused, claims decided from stage results (and skipped, not faked, without their data), the report; on the lab
-(slow): the quick run's claims and a rerun after a kill."""
+"""The chapter pipeline (recipes/pipeline.py, hf_rlhf_ext.experiments.report, the hf-rlhf-ext console entry point):
+stages kept and reused, claims decided from stage results (and skipped, not faked, without their data), the report; on
+the lab (slow): the quick run's claims and a rerun after a kill."""
 
 from __future__ import annotations
 

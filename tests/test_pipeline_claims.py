@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # pipeline_stages is a recipes/ module
 import pipeline_stages as stages
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 ARGS = SimpleNamespace(output_dir="/out")
 

@@ -65,7 +65,8 @@ def test_an_unknown_key_in_a_lab_config_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The experiments (hf_rlhf_ext.experiments.sweeps / compare / baselines / ensembles): per trainer where their defaults differ
+# The experiments (hf_rlhf_ext.experiments.sweeps / compare / baselines / ensembles): per trainer where their
+# defaults differ
 # ----------------------------------------------------------------------------------------------------------------------
 def experiments() -> dict:
     """name -> (parse(argv) of the experiment's command line, its lab YAML files, later ones on top)."""
@@ -160,8 +161,8 @@ def test_an_unknown_key_in_an_experiments_yaml_is_refused(tmp_path, monkeypatch)
 
 RECIPE_MODULES = ["ppo", "grpo", "reinforce", "reward", "best_of_n", "beta_sweep", "compare", "reinforce_baselines",
                   "rm_ensemble"]
-LIBRARY_MODULES = ["hf_rlhf_ext.experiments.sweeps", "hf_rlhf_ext.experiments.compare", "hf_rlhf_ext.experiments.baselines", "hf_rlhf_ext.experiments.ensembles",
-                   "hf_rlhf_ext.run.build"]
+LIBRARY_MODULES = ["hf_rlhf_ext.experiments.sweeps", "hf_rlhf_ext.experiments.compare",
+                   "hf_rlhf_ext.experiments.baselines", "hf_rlhf_ext.experiments.ensembles", "hf_rlhf_ext.run.build"]
 
 
 def dicts_in(module) -> list[dict]:

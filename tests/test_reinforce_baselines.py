@@ -144,8 +144,8 @@ def test_table_and_files(tmp_path):
 def test_on_the_lab_the_running_mean_cuts_the_variance_and_keeps_the_reward(lab, tmp_path):
     """Reward = proxy + 5, 2 seeds × {none, running_mean}, 30 steps. Measured with these settings: the running mean's
     median variance 0.031 × none's, final reward +0.47 against +0.07 (default run, 60 steps and 3 seeds: 0.027 ×,
-    +0.68 against +0.03). Asserted: at least 2× lower variance, and a final reward (mean of the last 10 steps, mean over seeds) not lower than none's minus
-    0.05 — the batch-reward noise of a 10-step mean is ≈ 0.05 per seed."""
+    +0.68 against +0.03). Asserted: at least 2× lower variance, and a final reward (mean of the last 10 steps, mean
+    over seeds) not lower than none's minus 0.05 — the batch-reward noise of a 10-step mean is ≈ 0.05 per seed."""
     out = str(tmp_path / "bl")
     metrics = run_baselines(
         ["--lab_dir", lab.root, "--output_dir", out, "--baselines", "none", "running_mean", "--seeds", "0", "1",

@@ -306,7 +306,8 @@ def test_lab_config_file_spells_out_the_defaults(tmp_path):
     from_file = sweeps.parse_sweep_argv(["--config", str(ROOT / "recipes/configs/beta_sweep_lab.yaml")])
     default = sweeps.parse_sweep_argv([])
     for a, b in zip(from_file, default):
-        assert (a.to_dict() if hasattr(a, "to_dict") else vars(a)) == (b.to_dict() if hasattr(b, "to_dict") else vars(b))
+        assert ((a.to_dict() if hasattr(a, "to_dict") else vars(a))
+                == (b.to_dict() if hasattr(b, "to_dict") else vars(b)))
     assert from_file[0].betas == [0.0, 0.005, 0.02, 0.05, 0.2, 1.0]
 
 
