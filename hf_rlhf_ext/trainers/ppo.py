@@ -149,8 +149,9 @@ class PPOTrainer(ResumableSampling, GRPOTrainer):
         self.add_callback(KLControllerState(self.kl_ctl))  # saved in checkpoints, restored on resume
         self._set_up_critic(critic_source, model if isinstance(model, str) else None, peft_config)
         policy = self.accelerator.unwrap_model(self.model)
-        # Completions are cut after the first of these (empty: completions are kept whole).
         self._eos_ids = torch.tensor(self.eos_token_ids, device=self.accelerator.device)
+        # The KV-cache sampler cuts each completion after the first of these (empty: completions are kept whole).
+        self._completion_end_ids = self._eos_ids
         head = policy.get_output_embeddings()
         self._vocab_size = int(head.weight.shape[0]) if head is not None else 1 << 62
         # The rollout's model passes and their speed-ups: the one seam, chosen here.

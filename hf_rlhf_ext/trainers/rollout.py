@@ -214,13 +214,19 @@ class RolloutEngine:
         plain_transformers = not (external or trainer._is_vlm or trainer.is_fsdp_enabled)
         self.kv_cache = args.fast_generation and fast_generation_supported(
             trainer.generation_kwargs, trainer.temperature, plain_transformers, policy.config.is_encoder_decoder)
-        self.sampler_logps = args.logprobs_from_sampling and not external
+        self.external_sampler = external
         # Under bf16/fp16 the sampler's log-probs differ from the training forward's by ~1e-2: as π_old of several
         # PPO epochs that would show as clipping on the first pass, so π_old then comes from a forward pass.
         self.low_precision = bool(args.bf16 or args.fp16)
         self.head = trainer.value_model if args.value_head_on_policy else None
         self.backbone = policy_backbone(policy) if args.value_head_on_policy else None
         self.check = SamplerLogpsCheck()  # may the sampler's log-probs replace a forward pass? (first rollout)
+
+    @property
+    def sampler_logps(self) -> bool:
+        """Whether log π_old may come from the sampler (``logprobs_from_sampling``, read live: a subclass may turn it
+        off after construction)."""
+        return self.trainer.args.logprobs_from_sampling and not self.external_sampler
 
     # -- sampling ------------------------------------------------------------------------------------------------------
     def sample(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -272,7 +278,7 @@ class RolloutEngine:
         read_last = (lambda hidden: self.head(hidden[:, -1:])) if self.head is not None else None
         with self._unwrapped_for_generation() as unwrapped, capture_last_hidden_states(self.backbone, sink, read_last):
             completions, logps = sample_completions(
-                unwrapped, input_ids, prompt_mask, eos_ids=t._eos_ids, temperature=float(t.temperature),
+                unwrapped, input_ids, prompt_mask, eos_ids=t._completion_end_ids, temperature=float(t.temperature),
                 max_new_tokens=int(kwargs.get("max_new_tokens", t.max_completion_length)),
                 pad_token_id=kwargs.get("pad_token_id", t._tokenizer.pad_token_id),
                 eos_token_ids=kwargs.get("eos_token_id", t.eos_token_ids),
