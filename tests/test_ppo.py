@@ -653,3 +653,19 @@ def test_deepspeed_and_fsdp1_refuse_the_critic_naming_fsdp2(world, tmp_path):
         prepare_critic(critic, args, accelerator=None, deepspeed=True)
     with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         prepare_critic(critic, args, accelerator=None, fsdp_version=1)
+
+
+def test_the_rollout_reads_in_one_method_and_passes_its_values_explicitly(world, tmp_path):
+    """The rollout is one short method; GRPO's hooks it reaches through are not overridden to stash values on the
+    trainer (the rewards come back from _calculate_rewards, the sampler's extras with its completions); a rollout
+    leaves no state on the trainer but its record, ``last_rollout``."""
+    import inspect
+
+    source = inspect.getsource(PPOTrainer._generate_and_score_completions)
+    assert len(source.splitlines()) <= 60
+    assert "_calculate_rewards" not in vars(PPOTrainer)
+    trainer = _trainer(world, tmp_path, value_head_on_policy=True, max_completion_length=6)
+    trainer.model.train()
+    before = set(vars(trainer))
+    trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    assert set(vars(trainer)) - before <= {"last_rollout"}
