@@ -3,15 +3,19 @@ G = 1 and 2, LoRA (with and without a critic on the shared base), checkpoints, r
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from _ppo_helpers import build_tiny_llama, build_world, ppo_args, prompts, target_word
+
 from hf_rlhf_ext.objectives import clipped_value_loss, kl_estimate
-from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
 from hf_rlhf_ext.persisted_state import read_checkpoint_state
-from hf_rlhf_ext.trainers.ppo import VALUE_MODEL_DIR, PPOConfig, PPOTrainer, token_level_rewards
+from hf_rlhf_ext.trainers.kl_control import AdaptiveKLController
+from hf_rlhf_ext.trainers.ppo import (
+    VALUE_MODEL_DIR,
+    PPOConfig,
+    PPOTrainer,
+    token_level_rewards,
+)
 from hf_rlhf_ext.trainers.value_model import ValueModel
 
 
@@ -294,7 +298,7 @@ def test_lora_policy_with_and_without_a_shared_base_critic(world, tmp_path, shar
             policy_base.h[0].attn.c_attn.base_layer.weight
     trainable0 = {n: p.detach().clone() for n, p in critic.named_parameters() if p.requires_grad}
     trainer.train()
-    first = [h for h in trainer.state.log_history if "objective/kl" in h][0]
+    first = next(h for h in trainer.state.log_history if "objective/kl" in h)
     assert abs(first["objective/kl"]) < 1e-4  # first rollout: LoRA B = 0, policy = reference
     moved = [float((p - trainable0[n]).abs().max()) for n, p in critic.named_parameters() if n in trainable0]
     assert max(moved) > 0
@@ -305,8 +309,8 @@ def test_lora_policy_with_and_without_a_shared_base_critic(world, tmp_path, shar
 
 def test_resume_restores_policy_critic_optimizer_and_kl_controller(world, tmp_path):
     """An interrupted run resumed from its checkpoint ends where the uninterrupted run ends."""
-    common = dict(max_steps=4, save_strategy="steps", save_steps=2, kl_target=0.5, kl_horizon=50,
-                  learning_rate=1e-2)
+    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "kl_target": 0.5, "kl_horizon": 50,
+              "learning_rate": 1e-2}
     full = _trainer(world, tmp_path / "full", **common)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
@@ -612,8 +616,9 @@ def test_rollout_critic_pass_is_reused_by_the_first_step_only(world, tmp_path):
 def test_plain_lm_head_matches_grpos_fused_head(world, tmp_path):
     """Small logits: log-probs and entropies from the plain LM head equal GRPO's fused head (rounding only), with 0
     on padded positions, and so do the policy gradients; large ones (or bf16) go through the fused head."""
-    import hf_rlhf_ext.trainers.rollout as ppo_module
     from trl import GRPOTrainer
+
+    import hf_rlhf_ext.trainers.rollout as ppo_module
 
     trainer = _trainer(world, tmp_path, max_completion_length=8)
     trainer.model.train()
