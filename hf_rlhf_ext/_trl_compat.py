@@ -26,6 +26,7 @@ GRPO_METHODS: dict[str, tuple[str, ...]] = {
     "_generate_single_turn": ("self", "prompt_ids", "images", "multimodal_fields", "num_generations",
                               "has_tool_images"),  # PPO: sampling with log-probs
     "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),  # PPO: the rewards
+    "_generate": ("self", "prompts"),  # PPO's rollout: tokenise, sample (through _generate_single_turn), decode
     "_get_per_token_logps_and_entropies": ("self", "model", "input_ids", "attention_mask", "logits_to_keep",
                                            "batch_size", "compute_entropy", "compute_aux_loss",
                                            *GRPO_MULTIMODAL_INPUTS),  # PPO: plain LM head, own loss
@@ -49,6 +50,8 @@ GRPO_ATTRIBUTES: dict[str, str] = {
     "_is_vlm": "whether the processing class is a vision-language processor",
     "_step": "micro-steps taken (PPO zeroes the critic's gradients at the start of each accumulation window)",
     "_buffered_inputs": "the current generation batch split into micro-batches (gradient-variance callback)",
+    "_pending_extra_logs": "columns reward functions logged with log_extra (PPO's rollout flushes them into _logs)",
+    "_pending_metrics": "scalars reward functions logged with log_metric (PPO's rollout flushes them into _metrics)",
 }
 
 # Undocumented (but not underscored) GRPOTrainer instance attributes PPOTrainer reads.
@@ -56,11 +59,13 @@ GRPO_PUBLIC_ATTRIBUTES = (
     "use_vllm", "use_transformers_continuous_batching", "generation_kwargs", "generation_config", "temperature",
     "max_completion_length", "eos_token_ids", "pad_to_multiple_of", "reward_funcs", "reward_processing_classes",
     "reward_weights", "num_iterations", "loss_type", "epsilon_low", "epsilon_high", "aux_loss_enabled",
-    "router_aux_loss_coef", "beta", "ref_model",
+    "router_aux_loss_coef", "beta", "ref_model", "num_generations", "num_generations_eval",
+    "mask_truncated_completions", "reward_func_names",
 )
 # Functions of TRL's internal modules: "module.name" -> leading parameter names.
 TRL_FUNCTIONS: dict[str, tuple[str, ...]] = {
     "trl.trainer.utils.pad": ("tensors", "padding_value", "padding_side", "pad_to_multiple_of"),
+    "trl.trainer.utils.nanstd": ("tensor", "dim"),
     "trl.trainer.utils.use_adapter": ("model", "adapter_name"),
     "trl.trainer.utils.disable_dropout_in_model": ("model",),
     "trl.trainer.utils.create_model_from_path": ("model_id",),

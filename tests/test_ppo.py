@@ -209,7 +209,8 @@ def test_loss_is_the_clipped_surrogate_computed_by_hand_when_the_ratio_moved(wor
     assert trainer._metrics["train"]["policy/clipfrac_avg"][-1] == pytest.approx(clipfrac)
     trainer.current_gradient_accumulation_steps = 3  # the Trainer does not scale this loss: the trainer does
     torch.testing.assert_close(trainer._compute_loss(trainer.model, batch).detach(), expected / 3, rtol=1e-4, atol=1e-6)
-    assert trainer._metrics["train"]["val/ratio"][-1] == pytest.approx(float((ratio * mask).sum() / mask.sum()), rel=1e-5)
+    expected = float((ratio * mask).sum() / mask.sum())
+    assert trainer._metrics["train"]["val/ratio"][-1] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -295,19 +296,20 @@ def test_lora_policy_with_and_without_a_shared_base_critic(world, tmp_path, shar
             policy_base.h[0].attn.c_attn.base_layer.weight
     trainable0 = {n: p.detach().clone() for n, p in critic.named_parameters() if p.requires_grad}
     trainer.train()
-    first = [h for h in trainer.state.log_history if "objective/kl" in h][0]
+    first = next(h for h in trainer.state.log_history if "objective/kl" in h)
     assert abs(first["objective/kl"]) < 1e-4  # first rollout: LoRA B = 0, policy = reference
     moved = [float((p - trainable0[n]).abs().max()) for n, p in critic.named_parameters() if n in trainable0]
     assert max(moved) > 0
     if shares_base:
-        assert all(not p.requires_grad for n, p in critic.named_parameters() if "lora" not in n and "value_head" not in n)
+        frozen = [p for n, p in critic.named_parameters() if "lora" not in n and "value_head" not in n]
+        assert all(not p.requires_grad for p in frozen)
         assert policy_base.wte.weight.requires_grad is False
 
 
 def test_resume_restores_policy_critic_optimizer_and_kl_controller(world, tmp_path):
     """An interrupted run resumed from its checkpoint ends where the uninterrupted run ends."""
-    common = dict(max_steps=4, save_strategy="steps", save_steps=2, kl_target=0.5, kl_horizon=50,
-                  learning_rate=1e-2)
+    common = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "kl_target": 0.5, "kl_horizon": 50,
+              "learning_rate": 1e-2}
     full = _trainer(world, tmp_path / "full", **common)
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-2"
@@ -454,7 +456,8 @@ def test_logprobs_from_sampling_match_a_forward_pass(world, tmp_path):
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     att = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     with torch.no_grad():
-        forward, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, ids.size(1) - out["prompt_ids"].size(1))
+        n_completion = ids.size(1) - out["prompt_ids"].size(1)
+        forward, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, att, n_completion)
     mask = out["completion_mask"].bool()
     torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-4, rtol=1e-4)
 
@@ -655,3 +658,19 @@ def test_deepspeed_and_fsdp1_refuse_the_critic_naming_fsdp2(world, tmp_path):
         prepare_critic(critic, args, accelerator=None, deepspeed=True)
     with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         prepare_critic(critic, args, accelerator=None, fsdp_version=1)
+
+
+def test_the_rollout_reads_in_one_method_and_passes_its_values_explicitly(world, tmp_path):
+    """The rollout is one short method; GRPO's hooks it reaches through are not overridden to stash values on the
+    trainer (the rewards come back from _calculate_rewards, the sampler's extras with its completions); a rollout
+    leaves no state on the trainer but its record, ``last_rollout``."""
+    import inspect
+
+    source = inspect.getsource(PPOTrainer._generate_and_score_completions)
+    assert len(source.splitlines()) <= 60
+    assert "_calculate_rewards" not in vars(PPOTrainer)
+    trainer = _trainer(world, tmp_path, value_head_on_policy=True, max_completion_length=6)
+    trainer.model.train()
+    before = set(vars(trainer))
+    trainer._generate_and_score_completions([{"prompt": p} for p in prompts(4)["prompt"]])
+    assert set(vars(trainer)) - before <= {"last_rollout"}

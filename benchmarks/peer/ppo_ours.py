@@ -46,7 +46,7 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel  # noqa:
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from hf_rlhf_ext.trainers.ppo import PPOTrainer  # noqa: E402
-from hf_rlhf_ext.trainers.ppo_config import PPOConfig
+from hf_rlhf_ext.trainers.ppo_config import PPOConfig  # noqa: E402
 
 torch.manual_seed(0)
 tok = task.tokenizer()
@@ -87,7 +87,8 @@ def avg(rows, k):
 samples = trainer.state.global_step // a.epochs * a.bs
 q = max(1, len(hist) // 4)
 res = dict(
-    tool="ppo_ours", tag=a.tag, h=a.h, bs=a.bs, G=1, len=a.len, epochs=a.epochs, beta=a.beta, logprobs=a.logprobs, generation=a.generation,
+    tool="ppo_ours", tag=a.tag, h=a.h, bs=a.bs, G=1, len=a.len, epochs=a.epochs, beta=a.beta, logprobs=a.logprobs,
+    generation=a.generation,
     episodes=samples, optimizer_steps=trainer.state.global_step, train_wall_s=round(wall, 3),
     samples_per_s=round(samples / wall, 2), peak_rss_mb=round(task.peak_rss_mb(), 1),
     first_quarter={k: avg(hist[:q], k) for k in keys}, last_quarter={k: avg(hist[-q:], k) for k in keys},

@@ -34,8 +34,8 @@ from .value_model import PolicyValueHead, ValueModel, _base_transformer, share_w
 VALUE_MODEL_DIR = "value_model"
 
 __all__ = ["VALUE_MODEL_DIR", "CriticSource", "build_critic", "prepare_critic", "prepare_policy_value_head",
-           "average_head_gradients",           "shard_critic", "add_critic_param_groups", "clip_critic_grad_norm", "save_critic", "load_critic",
-           "critic_values"]
+           "average_head_gradients", "shard_critic", "add_critic_param_groups", "clip_critic_grad_norm", "save_critic",
+           "load_critic", "critic_values"]
 
 
 @dataclass
@@ -63,7 +63,8 @@ class CriticSource:
             return model, cls()  # nothing to capture: the head is built on the policy GRPO loads
         if args.critic_shares_base:
             if peft_config is None:
-                raise ValueError("critic_shares_base=True needs a peft_config (the critic is a LoRA adapter on the base).")
+                raise ValueError("critic_shares_base=True needs a peft_config (the critic is a LoRA adapter on the "
+                                 "base).")
             if path:
                 raise ValueError("critic_shares_base=True builds the critic from the policy's base; drop value_model.")
             if isinstance(model, str):

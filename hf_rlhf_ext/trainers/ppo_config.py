@@ -63,7 +63,8 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
             No critic body: a zero-initialised linear value head reads the policy's own last hidden states, in the
             same forward pass as the policy's log-probs (the shared-trunk actor-critic of TRL's first PPO). The value
             loss then also trains the policy's weights (or its LoRA adapter); memory is close to GRPO's. Saved beside
-            the policy as ``value_head.safetensors`` (:class:`PolicyValueHead`). One process or DDP (not DeepSpeed/FSDP).
+            the policy as ``value_head.safetensors`` (:class:`PolicyValueHead`). One process or DDP (not
+            DeepSpeed/FSDP).
         critic_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of the critic's parameter groups (default: ``learning_rate``); the schedule is shared.
             With ``value_head_on_policy``: the head's learning rate.
@@ -97,7 +98,8 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
 
     kl_coef: float = field(default=0.05, metadata={"help": "β of the per-token KL penalty in the reward."})
     kl_estimator: str = field(default="k1", metadata={"help": "KL estimator in the reward: 'k1' or 'k3'."})
-    kl_target: float | None = field(default=None, metadata={"help": "Target sequence KL for adaptive β (None = fixed)."})
+    kl_target: float | None = field(
+        default=None, metadata={"help": "Target sequence KL for adaptive β (None = fixed)."})
     kl_horizon: float = field(default=10000, metadata={"help": "Horizon (completions) of the adaptive KL controller."})
     missing_eos_penalty: float | None = field(
         default=None, metadata={"help": "Subtracted from the score of completions without EOS."}
@@ -127,7 +129,8 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         default=False, metadata={"help": "GRPO's vLLM importance-sampling correction: not implemented by PPO's loss."}
     )
     fast_generation: bool = field(
-        default=True, metadata={"help": "Without vLLM: a KV-cache sampling loop instead of model.generate (same draws)."}
+        default=True,
+        metadata={"help": "Without vLLM: a KV-cache sampling loop instead of model.generate (same draws)."}
     )
 
     def __post_init__(self):
@@ -163,7 +166,8 @@ class PPOConfig(NanRewardsArguments, GRPOConfig):
         ):
             given, wanted = getattr(self, grpo_name), getattr(self, ppo_name)
             if given != grpo_default and given != wanted:
-                raise ValueError(f"Set {ppo_name} (={wanted}), not {grpo_name} (={given}): PPOConfig derives {grpo_name}.")
+                raise ValueError(f"Set {ppo_name} (={wanted}), not {grpo_name} (={given}): PPOConfig derives "
+                                 f"{grpo_name}.")
             setattr(self, grpo_name, wanted)
         if self.generation_batch_size is None and self.steps_per_generation is None:
             self.steps_per_generation = self.num_mini_batches * self.gradient_accumulation_steps

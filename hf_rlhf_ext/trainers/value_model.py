@@ -147,14 +147,16 @@ class ValueModel(nn.Module):
             json.dump(meta, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, path: str, base_model_name_or_path: str | None = None, **model_kwargs: Any) -> "ValueModel":
+    def from_pretrained(cls, path: str, base_model_name_or_path: str | None = None,
+                        **model_kwargs: Any) -> "ValueModel":
         """Loads a critic written by :meth:`save_pretrained`. A LoRA critic needs its base model, read from the
         adapter's ``base_model_name_or_path`` unless given."""
         from safetensors.torch import load_file
         from transformers import AutoModel
 
         if not os.path.isfile(os.path.join(path, HEAD_WEIGHTS)):
-            raise FileNotFoundError(f"{path} holds no {HEAD_WEIGHTS}: not a directory written by ValueModel.save_pretrained")
+            raise FileNotFoundError(f"{path} holds no {HEAD_WEIGHTS}: not a directory written by "
+                                    "ValueModel.save_pretrained")
         with open(os.path.join(path, HEAD_CONFIG)) as f:
             meta = json.load(f)
         if meta.get("peft"):
@@ -163,7 +165,8 @@ class ValueModel(nn.Module):
             adapter_dir = os.path.join(path, ADAPTER_SUBDIR)
             base_path = base_model_name_or_path or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
             if not base_path:
-                raise ValueError(f"The LoRA critic in {path} does not name its base model; pass base_model_name_or_path.")
+                raise ValueError(f"The LoRA critic in {path} does not name its base model; pass "
+                                 "base_model_name_or_path.")
             backbone = PeftModel.from_pretrained(AutoModel.from_pretrained(base_path, **model_kwargs), adapter_dir)
         else:
             backbone = AutoModel.from_pretrained(path, **model_kwargs)
@@ -192,7 +195,8 @@ class ValueModel(nn.Module):
             missing = [k for k in missing if k not in tied]
             if missing or unexpected:
                 raise RuntimeError(
-                    f"Critic checkpoint {path} does not match the critic: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                    f"Critic checkpoint {path} does not match the critic: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
                 )
         with torch.no_grad():
             for k, v in head.items():
@@ -260,7 +264,8 @@ class PolicyValueHead(nn.Module):
         with open(_head_file(path, HEAD_CONFIG)) as f:
             meta = json.load(f)
         if not meta.get("on_policy"):
-            raise ValueError(f"{path} holds a ValueModel's head (a critic with its own body): use ValueModel.from_pretrained")
+            raise ValueError(f"{path} holds a ValueModel's head (a critic with its own body): use "
+                             "ValueModel.from_pretrained")
         head = cls(int(meta["hidden_size"]), head_dtype=getattr(torch, meta.get("head_dtype", "float32")))
         head.load_weights_from(path)
         return head
