@@ -24,9 +24,11 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Sequence
 
-from ..results import experiment_file_lines
+from ..plots import plot_baselines
+from ..results import experiment_file_lines, write_experiment_files
 from ..run.spec import RLScriptArguments
 
 __all__ = [
@@ -325,11 +327,8 @@ def _pm(s: dict[str, Any]) -> str:
 
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """``baselines.md`` (the table), ``baselines.png`` (reward and variance curves) and ``metrics.json``."""
-    from ..plots import plot_baselines
-    from ..results import write_experiment_files
-
-    return write_experiment_files(output_dir, "baselines", report_markdown(metrics),
-                                  lambda path: plot_baselines(metrics, path), metrics)
+    return write_experiment_files(output_dir, "baselines", report_markdown(metrics), partial(plot_baselines, metrics),
+                                  metrics)
 
 
 def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:

@@ -29,11 +29,13 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from transformers import TrainerCallback
 
-from ..results import experiment_file_lines
+from ..plots import plot_compare
+from ..results import experiment_file_lines, write_experiment_files
 from ..run.spec import RLScriptArguments
 from ..validation import InputError
 
@@ -563,11 +565,8 @@ MEMORY_NOTE = {
 
 def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: dict[str, Any]) -> dict[str, str]:
     """``compare.md`` (the table), ``compare.png`` (gold and KL curves) and ``metrics.json``; returns the paths."""
-    from ..plots import plot_compare
-    from ..results import write_experiment_files
-
-    return write_experiment_files(output_dir, "compare", report_markdown(metrics),
-                                  lambda path: plot_compare(metrics, path), metrics)
+    return write_experiment_files(output_dir, "compare", report_markdown(metrics), partial(plot_compare, metrics),
+                                  metrics)
 
 
 def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
