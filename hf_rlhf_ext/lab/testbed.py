@@ -54,7 +54,6 @@ from .build import (
     bt_labels,
     is_complete,
     is_testbed,
-    sample_replies,
     save_splits,
 )
 
@@ -228,10 +227,39 @@ def rm_sequence(tokenizer, prompt: Any, reply: str, reply_ids: Sequence[int]) ->
     return ids or [eos]
 
 
-def _render(tokenizer, prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+def sample_two_replies(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int, temperature: float, seed: int,
+                       batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
+    """Two replies per prompt (pure ancestral sampling, as in RL), each cut after its first EOS (kept): one prefill
+    per prompt, left-padded batches of similar lengths, and a random generator per reply — the draws do not depend
+    on the batching. Prompts are rendered as TRL renders them (``encode_prompts``)."""
+    import torch
+
+    from ..sampling import cut_at_first_eos, encode_prompts, policy_eos_ids, row_generators, sample_policy
+
+    encoded = encode_prompts(tokenizer, prompts)
+    eos_ids = policy_eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[tuple[list[int], list[int]]] = [([], []) for _ in encoded]
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        rows = [2 * i + side for i in chunk for side in (0, 1)]
+        tokens, _ = sample_policy(model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                  temperature=temperature, pad_token_id=pad, eos_token_ids=eos_ids,
+                                  num_return_sequences=2, drop_finished=True,
+                                  generators=row_generators(seed, rows, device))
+        cut = cut_at_first_eos(tokens, eos_ids)
+        for row, i in enumerate(chunk):
+            out[i] = (cut[2 * row], cut[2 * row + 1])
+    return out
 
 
 def make_testbed_pairs(model, tokenizer, rm_tokenizer, judge: Callable, judge_name: str, rows: Sequence[dict],
@@ -243,10 +271,10 @@ def make_testbed_pairs(model, tokenizer, rm_tokenizer, judge: Callable, judge_na
 
     rng = random.Random(seed)
     picked = [rows[rng.randrange(len(rows))] for _ in range(n_pairs)]
-    prompts = as_chat_prompts(tokenizer, [r["prompt"] for r in picked]) * 2
-    texts_in = [_render(tokenizer, p) for p in prompts]
-    samples = sample_replies(model, tokenizer, texts_in, config.max_new_tokens, config.temperature, seed=seed + 1,
+    prompts = as_chat_prompts(tokenizer, [r["prompt"] for r in picked])
+    two = sample_two_replies(model, tokenizer, prompts, config.max_new_tokens, config.temperature, seed=seed + 1,
                              batch_size=config.sample_batch_size)
+    prompts, samples = prompts * 2, [ab[0] for ab in two] + [ab[1] for ab in two]  # all a sides, then all b sides
     texts = [tokenizer.decode(s, skip_special_tokens=True) for s in samples]
     chat = [isinstance(p, list) for p in prompts]
     completions = [[{"role": "assistant", "content": t}] if c else t for t, c in zip(texts, chat)]
@@ -285,8 +313,9 @@ def make_testbed_pairs(model, tokenizer, rm_tokenizer, judge: Callable, judge_na
 # Proxy reward model
 # --------------------------------------------------------------------------------------------------------------------
 def _rm_tokenizer(config: TestbedConfig, policy_dir: str, policy_tokenizer):
+    """The RM's tokenizer (the policy's, or ``reward_model_base``'s), with a pad token other than EOS."""
     if config.reward_model_base in (None, "policy"):
-        return policy_tokenizer
+        return _pad_apart_from_eos(policy_tokenizer)
     from transformers import AutoTokenizer
 
     require_existing_path(config.reward_model_base, "--reward_model_base", "model directory")
@@ -295,9 +324,23 @@ def _rm_tokenizer(config: TestbedConfig, policy_dir: str, policy_tokenizer):
     except (OSError, ValueError) as exc:
         raise InputError(f"--reward_model_base {config.reward_model_base!r}: cannot load its tokenizer ({exc}).") \
             from exc
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return _pad_apart_from_eos(tok)
+
+
+def _pad_apart_from_eos(tokenizer):
+    """A copy of ``tokenizer`` padding with a special token other than EOS where it padded with EOS (or not at all).
+    A sequence classifier reads its score at the last non-pad token: with pad = EOS it would skip the EOS a finished
+    reply ends with, and could not tell a finished reply from one cut off by the length limit."""
+    import copy
+
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return tokenizer
+    candidates = [tokenizer.unk_token_id, tokenizer.bos_token_id, *tokenizer.all_special_ids]
+    pad = next((i for i in candidates if i is not None and i != eos), None)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad) if pad is not None else tokenizer.eos_token
+    return tokenizer
 
 
 def new_proxy_model(config: TestbedConfig, tokenizer, policy_dir: str, max_tokens: int):
