@@ -83,6 +83,8 @@ class TestbedConfig:
         reward_model_base: None = a GPT-2 of ``rm_n_embd`` / ``rm_n_layer`` / ``rm_n_head`` from scratch on the
             policy's tokenizer; a path or Hub id = that model (its own tokenizer) with a new score head; "policy" =
             the policy's body.
+        rm_init_embeddings: the from-scratch RM's token embeddings start as the policy's, projected on their
+            ``rm_n_embd`` principal directions (what a token means carries over; the RM stays small).
         reward_model_lora_r: > 0 trains a LoRA adapter of this rank on ``reward_model_base`` (merged when saved).
         rm_epochs, rm_batch_size, rm_lr (None: ``DEFAULT_RM_LR`` by kind), rm_center_coef.
     seed: the prompt split, pair prompts, sampling, label noise and the RM's initialisation.
@@ -105,6 +107,7 @@ class TestbedConfig:
     rm_n_embd: int = 64
     rm_n_layer: int = 2
     rm_n_head: int = 2
+    rm_init_embeddings: bool = True
     rm_epochs: float = 3.0
     rm_batch_size: int = 16
     rm_lr: float | None = None
@@ -343,9 +346,25 @@ def _pad_apart_from_eos(tokenizer):
     return tokenizer
 
 
-def new_proxy_model(config: TestbedConfig, tokenizer, policy_dir: str, max_tokens: int):
+def projected_embeddings(embeddings, width: int):
+    """The policy's token embeddings (V, d) projected on their ``width`` principal directions (zero-padded when
+    d < width), scaled to GPT-2's initialisation std 0.02: tokens the policy uses alike start alike in the RM."""
+    import torch
+
+    e = embeddings.detach().float()
+    e = e - e.mean(dim=0, keepdim=True)
+    q = min(width, *e.shape)
+    _, _, v = torch.pca_lowrank(e, q=q, center=False, niter=4)
+    out = torch.zeros(e.shape[0], width)
+    out[:, :q] = e @ v[:, :q]
+    return out * (0.02 / out[:, :q].std().clamp_min(1e-12))
+
+
+def new_proxy_model(config: TestbedConfig, tokenizer, policy_dir: str, max_tokens: int, policy_embeddings=None):
     """The proxy RM before training (``num_labels=1``): a small GPT-2 sized to the tokenizer's vocabulary and the
-    pairs' length, or ``reward_model_base`` (``"policy"``: the policy) with a fresh score head."""
+    pairs' length — its token embeddings initialised from ``policy_embeddings`` (``projected_embeddings``) when
+    given and ``rm_init_embeddings`` — or ``reward_model_base`` (``"policy"``: the policy) with a fresh score
+    head."""
     import torch
     from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
@@ -358,6 +377,11 @@ def new_proxy_model(config: TestbedConfig, tokenizer, policy_dir: str, max_token
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
         ))
+        if config.rm_init_embeddings and policy_embeddings is not None:
+            rows = min(len(tokenizer), policy_embeddings.shape[0])
+            with torch.no_grad():
+                wte = model.transformer.wte.weight
+                wte[:rows] = projected_embeddings(policy_embeddings[:rows], config.rm_n_embd).to(wte.dtype)
     else:
         base = policy_dir if config.reward_model_base == "policy" else config.reward_model_base
         try:
@@ -369,13 +393,14 @@ def new_proxy_model(config: TestbedConfig, tokenizer, policy_dir: str, max_token
     return model
 
 
-def _train_proxy(config: TestbedConfig, tokenizer, pairs, policy_dir: str, work: str, out_dir: str) -> dict[str, Any]:
+def _train_proxy(config: TestbedConfig, tokenizer, pairs, policy_dir: str, work: str, out_dir: str,
+                 policy_embeddings=None) -> dict[str, Any]:
     from trl import RewardConfig
 
     from ..reward_modeling import train_reward_model
 
     longest = max(len(x) for side in ("chosen_ids", "rejected_ids") for x in pairs[side])
-    model = new_proxy_model(config, tokenizer, policy_dir, longest)
+    model = new_proxy_model(config, tokenizer, policy_dir, longest, policy_embeddings)
     peft_config = None
     if config.rm_kind == "lora":
         from peft import LoraConfig
@@ -529,11 +554,12 @@ def _build(config: TestbedConfig, judge: Callable, model, tokenizer, train_rows,
             metrics[f"policy_{split}_gold_std"] = math.sqrt(sum((g - mean) ** 2 for g in gold) / len(gold))
             metrics[f"policy_{split}_eos_rate"] = sum(r[s] for r in rows for s in ("chosen_eos", "rejected_eos")) / (
                 2 * len(rows))
+    embeddings = model.get_input_embeddings().weight.detach().clone()
     del model
     with step("rm"):
         rm_dir = os.path.join(work, REWARD_MODEL_DIR)
         data = {s: Dataset.from_list(rows) for s, rows in pairs.items()}
-        metrics.update(_train_proxy(config, rm_tokenizer, data["train"], pol_dir, work, rm_dir))
+        metrics.update(_train_proxy(config, rm_tokenizer, data["train"], pol_dir, work, rm_dir, embeddings))
     with step("rm_eval"):
         rm = AutoModelForSequenceClassification.from_pretrained(rm_dir)
         for split in ("test", "train"):
