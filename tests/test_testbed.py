@@ -166,3 +166,31 @@ def test_cli_builds_a_testbed(lab, tmp_path, capsys):
                  "--n_pairs_train", "32", "--n_pairs_test", "16", "--rm_epochs", "1"]) == 0
     assert main(["build", "--policy", lab.policy_path, "--gold_funcs", JUDGE, "--lab_dir", str(root)]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_the_proxy_starts_from_the_policys_token_embeddings(lab):
+    """The from-scratch RM's token embeddings keep the policy's geometry (projected to the RM's width); with
+    ``rm_init_embeddings=False`` they are random."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_rlhf_ext.lab.testbed import new_proxy_model
+
+    tokenizer = AutoTokenizer.from_pretrained(lab.policy_path)
+    policy_emb = AutoModelForCausalLM.from_pretrained(lab.policy_path).get_input_embeddings().weight.detach()
+
+    def similarity_agreement(emb):
+        def cos(e):
+            e = torch.nn.functional.normalize(e - e.mean(0), dim=-1)
+            return (e @ e.T).flatten()
+        return torch.corrcoef(torch.stack([cos(emb.float()), cos(policy_emb.float())]))[0, 1].item()
+
+    config = TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE)
+    rm = new_proxy_model(config, tokenizer, None, 40, policy_emb)
+    wte = rm.transformer.wte.weight.detach()
+    assert wte.shape == (len(tokenizer), config.rm_n_embd)
+    assert similarity_agreement(wte) > 0.8
+    assert wte.std().item() == pytest.approx(0.02, rel=0.05)
+    random_rm = new_proxy_model(TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_init_embeddings=False),
+                                tokenizer, None, 40, policy_emb)
+    assert similarity_agreement(random_rm.transformer.wte.weight.detach()) < 0.3
