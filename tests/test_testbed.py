@@ -180,9 +180,9 @@ def test_the_proxy_starts_from_the_policys_token_embeddings(lab):
     policy_emb = AutoModelForCausalLM.from_pretrained(lab.policy_path).get_input_embeddings().weight.detach()
 
     def similarity_agreement(emb):
-        def cos(e):
+        def cos(e):  # cosine similarities of distinct token pairs
             e = torch.nn.functional.normalize(e - e.mean(0), dim=-1)
-            return (e @ e.T).flatten()
+            return (e @ e.T)[~torch.eye(len(e), dtype=torch.bool)]
         return torch.corrcoef(torch.stack([cos(emb.float()), cos(policy_emb.float())]))[0, 1].item()
 
     config = TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE)
@@ -193,4 +193,4 @@ def test_the_proxy_starts_from_the_policys_token_embeddings(lab):
     assert wte.std().item() == pytest.approx(0.02, rel=0.05)
     random_rm = new_proxy_model(TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_init_embeddings=False),
                                 tokenizer, None, 40, policy_emb)
-    assert similarity_agreement(random_rm.transformer.wte.weight.detach()) < 0.3
+    assert abs(similarity_agreement(random_rm.transformer.wte.weight.detach())) < 0.2
