@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "LAB_COMPLETE"
 CONFIG_FILE = "lab_config.json"
 METRICS_FILE = "lab_metrics.json"
+#: Present in a testbed (``lab/testbed.py``: a lab directory built around a model and a gold judge of one's own).
+TESTBED_FILE = "testbed.json"
 TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR = "tokenizer", "policy", "reward_model"
 PROMPTS_DIR, PREFERENCES_DIR, LOGS_DIR = "prompts", "preferences", "logs"
 SPLITS = ("train", "test")
@@ -67,10 +69,13 @@ def default_lab_dir(config: LabConfig | None = None) -> str:
 
 
 def open_lab(lab_dir: str | None = None) -> "Lab":
-    """The lab in ``lab_dir`` (any config), else in ``default_lab_dir()``; the default lab is put there first if none
-    is: what the recipes' ``--lab_dir`` and the lab reward functions use."""
+    """The lab in ``lab_dir`` (any config, or a testbed), else in ``default_lab_dir()``; the default lab is put there
+    first if none is: what the recipes' ``--lab_dir`` and the lab reward functions use. A testbed is only opened,
+    never rebuilt as the default lab (``hf-rlhf-ext lab build --policy ...`` builds one)."""
     root = lab_dir or default_lab_dir()
-    return Lab.from_dir(root) if is_complete(root) else build_lab(LabConfig(), output_dir=root)
+    if is_complete(root) or is_testbed(root):  # an unfinished testbed is an error there, not a place for the lab
+        return Lab.from_dir(root)
+    return build_lab(LabConfig(), output_dir=root)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -85,8 +90,15 @@ class Lab:
     """
 
     root: str
-    config: LabConfig
+    config: LabConfig | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: A testbed's gold judge (dotted import path); None for the lab, whose gold is ``task.gold_reward``.
+    gold_funcs: str | None = None
+
+    @property
+    def is_testbed(self) -> bool:
+        """A testbed (``config`` is then None: its settings are in ``testbed.json``)."""
+        return self.gold_funcs is not None
 
     @property
     def tokenizer_path(self) -> str:
@@ -144,6 +156,12 @@ class Lab:
                 f"No complete lab in {root!r} (missing {COMPLETE_MARKER}): build one there with "
                 f"`hf-rlhf-ext lab build --lab_dir {root}`."
             )
+        with open(os.path.join(root, METRICS_FILE)) as f:
+            metrics = json.load(f)
+        if is_testbed(root):
+            with open(os.path.join(root, TESTBED_FILE)) as f:
+                gold_funcs = json.load(f)["gold_funcs"]
+            return cls(root=os.path.abspath(root), config=None, metrics=metrics, gold_funcs=gold_funcs)
         with open(os.path.join(root, CONFIG_FILE)) as f:
             saved = json.load(f)
         if saved.get("lab_version") != LAB_VERSION:
@@ -152,9 +170,12 @@ class Lab:
                 f"{LAB_VERSION}: rebuild it with `hf-rlhf-ext lab build --lab_dir {root} --force`."
             )
         config = LabConfig.from_dict(saved["config"])
-        with open(os.path.join(root, METRICS_FILE)) as f:
-            metrics = json.load(f)
         return cls(root=os.path.abspath(root), config=config, metrics=metrics)
+
+
+def is_testbed(root: str) -> bool:
+    """True when ``root`` holds a testbed (finished or not): a lab directory around a model of one's own."""
+    return os.path.isfile(os.path.join(root, TESTBED_FILE))
 
 
 def is_complete(root: str, config: LabConfig | None = None) -> bool:

@@ -212,7 +212,8 @@ def build_reward_funcs(
 
     Main rewards: ``--reward_model_name_or_path`` and ``--reward_funcs``; the lab's proxy RM when neither is given.
     Reward models are wrapped in ``rewards.RewardModelFunction`` (re-tokenised with their own tokenizer, EOS shown
-    where the policy emitted it). With ``track_gold`` on the lab the gold reward is appended with weight 0.
+    where the policy emitted it). With ``track_gold`` on the lab the gold reward is appended with weight 0 (on a
+    testbed: its judge, ``lab_gold_func``).
     ``training_args.reward_weights`` may name the main weights only (the 0 is appended) or all of them.
     """
     from ..rewards import RewardModelFunction
@@ -230,9 +231,7 @@ def build_reward_funcs(
     n_main = len(funcs)
     weights = list(training_args.reward_weights) if training_args.reward_weights is not None else [1.0] * n_main
     if on_lab and script_args.track_gold:
-        from ..lab.task import gold_reward
-
-        funcs.append(gold_reward)
+        funcs.append(lab_gold_func(lab))
         if len(weights) == n_main:
             weights.append(0.0)
     if len(weights) != len(funcs):
@@ -242,6 +241,16 @@ def build_reward_funcs(
     # Training scores through the trainer's RewardGuard; the held-out evaluation refuses NaN outright.
     eval_rewards = {_name(f): f if hasattr(f, "model") else validated_reward_func(f) for f in funcs}
     return funcs, weights, eval_rewards
+
+
+def lab_gold_func(lab: Any) -> Callable:
+    """The gold reward of the lab a run is on: a testbed's own judge (its dotted path, imported as ``--reward_funcs``
+    are), else the lab's ``gold_reward``. Logged as ``rewards/<its name>/mean``."""
+    if getattr(lab, "gold_funcs", None):
+        return import_reward_func(lab.gold_funcs)
+    from ..lab.task import gold_reward
+
+    return gold_reward
 
 
 def _name(func: Any) -> str:

@@ -1,0 +1,196 @@
+"""The testbed (``hf_rlhf_ext.lab.testbed``): a lab directory built around a model and a gold judge of one's own —
+its layout and numbers, labels that follow the judge up to the stated noise, the pairs in the form the RL-time reward
+model scores, recipes that track the judge as the gold, and clear errors for bad input. The policy is the lab's own
+(tiny, CPU), so each build takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hf_rlhf_ext.lab.testbed import TestbedConfig, build_testbed
+from hf_rlhf_ext.validation import InputError
+
+JUDGE = "_testbed_judge.word_count"  # tests/ is on sys.path while pytest runs
+LAB_JUDGE = "hf_rlhf_ext.lab.rewards.lab_gold_reward"
+SMALL = dict(n_pairs_train=96, n_pairs_test=48, rm_epochs=2.0)
+PROMPTS = [("my lamp is broken", 0.0), ("my watch does not fit", 1.0), ("my laptop never arrived", 0.0),
+           ("i want to return my sofa", 1.0), ("my toaster stopped working", 0.0), ("my jacket is the wrong size", 1.0),
+           ("i was charged twice for my kettle", 0.0), ("my phone is missing a part", 1.0)]
+
+
+@pytest.fixture(scope="module")
+def lab_judge_testbed(lab, tmp_path_factory):
+    """The lab's policy and prompts, the lab's gold as the judge, the lab's label noise (tau 0.3)."""
+    root = tmp_path_factory.mktemp("tb") / "lab_judge"
+    return build_testbed(TestbedConfig(policy=lab.policy_path, gold_funcs=LAB_JUDGE, **SMALL), str(root))
+
+
+@pytest.fixture(scope="module")
+def chat_testbed(lab, tmp_path_factory):
+    """Prompts of one's own (plain text, so the policy's chat template wraps them) with a ``bonus`` column, a judge
+    of one's own, noiseless labels."""
+    tmp = tmp_path_factory.mktemp("tb")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "bonus": b}) + "\n" for p, b in PROMPTS))
+    config = TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, prompts=str(prompts), label_noise=0.0,
+                           test_fraction=0.25, n_pairs_train=48, n_pairs_test=24, rm_epochs=1.0)
+    return build_testbed(config, str(tmp / "chat"))
+
+
+def test_layout_and_metrics(lab_judge_testbed):
+    tb = lab_judge_testbed
+    for sub in ("policy", "tokenizer", "reward_model", "prompts", "preferences"):
+        assert os.path.isdir(os.path.join(tb.root, sub)), sub
+    for split in ("train", "test"):
+        assert os.path.isfile(os.path.join(tb.root, "prompts", f"{split}.jsonl"))
+        assert os.path.isfile(os.path.join(tb.root, "preferences", f"{split}.jsonl"))
+    with open(os.path.join(tb.root, "lab_metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(tb.root, "testbed.json")) as f:
+        saved = json.load(f)
+    assert saved["gold_funcs"] == metrics["gold_funcs"] == LAB_JUDGE
+    assert metrics["gold_metric"] == "rewards/lab_gold_reward/mean"
+    assert metrics["pairs_train_n"] == 96 and metrics["pairs_test_n"] == 48
+    assert metrics["rm_kind"] == "scratch" and metrics["rm_train_pairs"] == 96
+    # a real proxy: clearly better than chance on held-out pairs, yet far from the judge itself
+    assert 0.55 < metrics["rm_test_accuracy"] < 1.0
+    assert metrics["rm_test_n_pairs"] == 48
+    prompts = tb.load_prompts()
+    assert not set(prompts["train"]["prompt"]) & set(prompts["test"]["prompt"])
+    assert set(tb.load_preferences()["test"]["prompt"]) <= set(prompts["test"]["prompt"])
+
+
+def test_labels_follow_the_judge_up_to_the_noise(lab_judge_testbed, chat_testbed):
+    from hf_rlhf_ext.lab.task import gold_reward
+
+    noisy = lab_judge_testbed.load_preferences()["train"]
+    for row in noisy.select(range(20)):  # gold columns are the judge's scores of the replies
+        assert row["chosen_gold"] == gold_reward([row["prompt"]], [row["chosen"]])[0]
+    flips = noisy["label_flipped"]
+    assert flips == [c < r for c, r in zip(noisy["chosen_gold"], noisy["rejected_gold"])]
+    assert 0 < sum(flips) / len(flips) < 0.4  # tau 0.3 on a gold spread of ~0.6: some flips, mostly right
+    for split in ("train", "test"):  # label_noise 0: the chosen side always has the higher gold
+        rows = chat_testbed.load_preferences()[split]
+        assert all(c >= r for c, r in zip(rows["chosen_gold"], rows["rejected_gold"]))
+        assert sum(c > r for c, r in zip(rows["chosen_gold"], rows["rejected_gold"])) > len(rows) // 2
+    assert chat_testbed.metrics["pairs_train_flip_rate"] == 0.0
+
+
+def test_the_judge_is_called_as_trl_calls_it_and_the_rm_sees_what_it_scores_in_rl(chat_testbed):
+    from hf_rlhf_ext.rewards import RewardModelFunction
+    from hf_rlhf_ext.sampling import as_chat_prompts
+
+    bonus = dict(PROMPTS)
+    rows = chat_testbed.load_preferences()["train"]
+    for row in rows:  # the data set's other columns reach the judge as keyword arguments
+        assert row["chosen_gold"] == pytest.approx(len(row["chosen"].split()) / 10 + bonus[row["prompt"]])
+    rm = RewardModelFunction(chat_testbed.reward_model_path)
+    for row in rows.select(range(8)):
+        chat = as_chat_prompts(rm.tokenizer, [row["prompt"]])
+        assert isinstance(chat[0], list)  # a plain prompt became one user turn of the policy's chat template
+        ended = [rm.tokenizer.eos_token_id] if row["chosen_eos"] else [rm.tokenizer.pad_token_id]
+        completion = [{"role": "assistant", "content": row["chosen"]}]
+        assert rm.sequences(chat, [completion], [ended])[0] == row["chosen_ids"]
+
+
+def test_open_lab_opens_it_and_a_recipe_tracks_the_judge_as_gold(chat_testbed, tmp_path):
+    from _recipe_helpers import run_recipe
+
+    from hf_rlhf_ext.lab import open_lab
+
+    before = os.path.getmtime(os.path.join(chat_testbed.root, "lab_metrics.json"))
+    opened = open_lab(chat_testbed.root)
+    assert opened.is_testbed and opened.gold_funcs == JUDGE and opened.config is None
+    assert os.path.getmtime(os.path.join(chat_testbed.root, "lab_metrics.json")) == before  # opened, not rebuilt
+    out = tmp_path / "grpo"
+    run_recipe("grpo", ["--lab_dir", chat_testbed.root, "--max_steps", "2", "--output_dir", str(out),
+                        "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length",
+                        "12", "--num_eval_prompts", "2", "--logging_steps", "1", "--save_strategy", "no",
+                        "--monitor", "none"])
+    logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    steps = [h for h in logs if "rewards/word_count/mean" in h]
+    assert len(steps) == 2 and all("rewards/proxy_reward/mean" in h for h in steps)
+    assert not any("rewards/gold_reward/mean" in h for h in logs)  # the lab's own gold is not the gold here
+
+
+def test_bad_inputs_fail_clearly(lab, tmp_path):
+    from hf_rlhf_ext.lab.__main__ import main
+
+    def build(**kw):
+        args = dict(policy=lab.policy_path, gold_funcs=JUDGE, **SMALL)
+        return build_testbed(TestbedConfig(**{**args, **kw}), str(tmp_path / "tb"))
+
+    with pytest.raises(InputError, match="cannot import module 'no_such_module'"):
+        build(gold_funcs="no_such_module.judge")
+    with pytest.raises(InputError, match="has no function 'nope'"):
+        build(gold_funcs="_testbed_judge.nope")
+    with pytest.raises(InputError, match="--policy .*no such file"):
+        build(policy=str(tmp_path / "missing_model"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(InputError, match="has 0 prompt"):
+        build(prompts=str(empty))
+    with pytest.raises(InputError, match="no 'prompt' field"):
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hi"}) + "\n")
+        build(prompts=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(InputError, match="label_noise"):
+        build(label_noise=-1.0)
+    occupied = tmp_path / "tb"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a testbed"):
+        build()
+    assert os.listdir(occupied) == ["notes.txt"]  # left alone
+    assert not any(p.name.startswith("tb.building-") for p in tmp_path.iterdir())
+    # the command line: one readable line and exit code 2
+    assert main(["build", "--policy", lab.policy_path, "--gold_funcs", "no_such_module.judge", "--lab_dir",
+                 str(tmp_path / "cli")]) == 2
+    assert main(["build", "--gold_funcs", JUDGE, "--lab_dir", str(tmp_path / "cli")]) == 2
+    assert not (tmp_path / "cli").exists()
+
+
+def test_cli_builds_a_testbed(lab, tmp_path, capsys):
+    from hf_rlhf_ext.lab.__main__ import main
+
+    root = tmp_path / "cli"
+    assert main(["build", "--policy", lab.policy_path, "--gold_funcs", JUDGE, "--lab_dir", str(root),
+                 "--n_pairs_train", "32", "--n_pairs_test", "16", "--rm_epochs", "1", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["gold_funcs"] == JUDGE and printed["root"] == str(root)
+    assert 0.0 <= printed["rm_test_accuracy"] <= 1.0
+    # the same command again reuses it; other settings there need --force
+    assert main(["build", "--policy", lab.policy_path, "--gold_funcs", JUDGE, "--lab_dir", str(root),
+                 "--n_pairs_train", "32", "--n_pairs_test", "16", "--rm_epochs", "1"]) == 0
+    assert main(["build", "--policy", lab.policy_path, "--gold_funcs", JUDGE, "--lab_dir", str(root)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_the_proxy_starts_from_the_policys_token_embeddings(lab):
+    """The from-scratch RM's token embeddings keep the policy's geometry (projected to the RM's width); with
+    ``rm_init_embeddings=False`` they are random."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_rlhf_ext.lab.testbed import new_proxy_model
+
+    tokenizer = AutoTokenizer.from_pretrained(lab.policy_path)
+    policy_emb = AutoModelForCausalLM.from_pretrained(lab.policy_path).get_input_embeddings().weight.detach()
+
+    def similarity_agreement(emb):
+        def cos(e):  # cosine similarities of distinct token pairs
+            e = torch.nn.functional.normalize(e - e.mean(0), dim=-1)
+            return (e @ e.T)[~torch.eye(len(e), dtype=torch.bool)]
+        return torch.corrcoef(torch.stack([cos(emb.float()), cos(policy_emb.float())]))[0, 1].item()
+
+    config = TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE)
+    rm = new_proxy_model(config, tokenizer, None, 40, policy_emb)
+    wte = rm.transformer.wte.weight.detach()
+    assert wte.shape == (len(tokenizer), config.rm_n_embd)
+    assert similarity_agreement(wte) > 0.8
+    assert wte.std().item() == pytest.approx(0.02, rel=0.05)
+    random_rm = new_proxy_model(TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_init_embeddings=False),
+                                tokenizer, None, 40, policy_emb)
+    assert abs(similarity_agreement(random_rm.transformer.wte.weight.detach())) < 0.2
