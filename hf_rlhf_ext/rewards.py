@@ -32,6 +32,7 @@ __all__ = [
     "RewardModelFunction",
     "tracking",
     "ensemble_judge",
+    "import_reward_func",
     "ensemble_reward",
     "ENSEMBLE_OBJECTIVES",
 ]
@@ -199,6 +200,62 @@ class RewardModelFunction:
         seqs = self.sequences(prompts, completions, completion_ids)
         scores = score_token_ids(self.model, seqs, pad_token_id=self.pad_token_id, batch_size=self.batch_size)
         return scores.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward functions named on a command line
+
+
+def import_reward_func(name: str, flag: str = "--reward_funcs") -> Callable:
+    """A reward function from a dotted import path (``pkg.module.fn``) or a name in ``trl.rewards``.
+
+    Only the module named is imported, and nothing else is tried. The working directory is importable during that
+    import only, and after the installed packages (a file there cannot shadow one of them for the rest of the run).
+    The function is returned as it is: the trainer's ``RewardGuard`` checks its values. ``flag`` names the option the
+    path came from in error messages (``--reward_funcs``, a testbed's ``--gold_funcs``).
+    """
+    from .validation import InputError
+
+    if "." not in name:
+        import trl.rewards
+
+        if not hasattr(trl.rewards, name):
+            raise InputError(f"Unknown reward function {name!r}: give a dotted import path (my_rewards.length_reward) "
+                             "or a name in trl.rewards.")
+        return getattr(trl.rewards, name)
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise InputError(f"{flag} {name!r} is not a dotted import path (module.function).")
+    module_path, attr = name.rsplit(".", 1)
+    module = _import_from_cwd(module_path, name, flag)
+    if not hasattr(module, attr):
+        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise InputError(f"{flag} {name!r}: module {module_path!r} ({getattr(module, '__file__', '?')}) has "
+                         f"no attribute {attr!r}; its public callables are {public}.")
+    func = getattr(module, attr)
+    if not callable(func):
+        raise InputError(f"{flag} {name!r} is a {type(func).__name__}, not a function.")
+    return func
+
+
+def _import_from_cwd(module_path: str, name: str, flag: str) -> Any:
+    import importlib
+    import sys
+
+    from .validation import InputError
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        raise InputError(f"{flag} {name!r}: cannot import module {module_path!r} ({exc}). Give the dotted path "
+                         "of an installed module, or of a .py file in the working directory, and a function in it.") \
+            from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from typing import Any
 
 from trl import ModelConfig, SFTConfig
 
-from hf_rlhf_ext.run.build import build_reward_funcs, import_reward_func, load_lab, load_prompt_datasets, resolve_policy
+from hf_rlhf_ext.rewards import import_reward_func
+from hf_rlhf_ext.run.build import build_reward_funcs, load_lab, load_prompt_datasets, resolve_policy
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import outputs_line, recipe_command
 from hf_rlhf_ext.run.parsing import apply_cpu_defaults, make_recipe_parser, read_lab_config

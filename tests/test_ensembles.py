@@ -126,7 +126,7 @@ def test_the_objective_as_a_value_needs_no_environment(two_rms, monkeypatch):
 def test_a_point_trains_on_the_handed_over_value_not_on_the_dotted_path():
     from types import SimpleNamespace
 
-    from hf_rlhf_ext.run.build import import_reward_func
+    from hf_rlhf_ext.rewards import import_reward_func
 
     path = "hf_rlhf_ext.experiments.ensembles.ensemble_min"
 

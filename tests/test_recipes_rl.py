@@ -81,7 +81,7 @@ def test_recipe_refuses_a_dataset_without_prompts(tiny, tmp_path):
 
 
 def test_reward_funcs_are_imported_and_validated():
-    from hf_rlhf_ext.run.build import import_reward_func
+    from hf_rlhf_ext.rewards import import_reward_func
 
     func = import_reward_func("_ppo_helpers.target_word")
     assert func.__name__ == "target_word"

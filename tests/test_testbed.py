@@ -99,7 +99,7 @@ def test_the_judge_is_called_as_trl_calls_it_and_the_rm_sees_what_it_scores_in_r
 def test_open_lab_opens_it_and_a_recipe_tracks_the_judge_as_gold(chat_testbed, tmp_path):
     from _recipe_helpers import run_recipe
 
-    from hf_rlhf_ext.lab import open_lab
+    from hf_rlhf_ext.lab.build import open_lab
 
     before = os.path.getmtime(os.path.join(chat_testbed.root, "lab_metrics.json"))
     opened = open_lab(chat_testbed.root)
@@ -125,7 +125,8 @@ def test_bad_inputs_fail_clearly(lab, tmp_path):
 
     with pytest.raises(InputError, match="cannot import module 'no_such_module'"):
         build(gold_funcs="no_such_module.judge")
-    with pytest.raises(InputError, match="has no function 'nope'"):
+    no_function = "--gold_funcs '_testbed_judge.nope': module '_testbed_judge' .* has no attribute 'nope'"
+    with pytest.raises(InputError, match=no_function):
         build(gold_funcs="_testbed_judge.nope")
     with pytest.raises(InputError, match="--policy .*no such file"):
         build(policy=str(tmp_path / "missing_model"))

@@ -261,14 +261,14 @@ def test_best_of_n_refuses_n_below_one():
 # Reward functions and reward models
 # ----------------------------------------------------------------------------------------------------------------------
 def test_a_reward_module_that_cannot_be_imported_is_named():
-    from hf_rlhf_ext.run.build import import_reward_func
+    from hf_rlhf_ext.rewards import import_reward_func
 
     with pytest.raises(InputError, match="cannot import module 'no_such_rewards_module'"):
         import_reward_func("no_such_rewards_module.length")
 
 
 def test_a_missing_reward_attribute_is_named_with_what_the_module_has():
-    from hf_rlhf_ext.run.build import import_reward_func
+    from hf_rlhf_ext.rewards import import_reward_func
 
     with pytest.raises(InputError, match=r"module '_ppo_helpers' .* has no attribute 'nope'.*'target_word'"):
         import_reward_func("_ppo_helpers.nope")
@@ -277,7 +277,7 @@ def test_a_missing_reward_attribute_is_named_with_what_the_module_has():
 def test_reward_funcs_import_only_the_named_module_and_leave_the_path_as_it_was(tmp_path, monkeypatch):
     import sys
 
-    from hf_rlhf_ext.run.build import import_reward_func
+    from hf_rlhf_ext.rewards import import_reward_func
 
     (tmp_path / "my_cwd_rewards.py").write_text("def length(prompts, completions, **kw):\n"
                                                 "    return [float(len(c)) for c in completions]\n")

@@ -305,8 +305,7 @@ def _weighted_reward(pairs: Sequence[tuple[Callable, float]]) -> Callable:
 def held_out_rewards(setup: Any, compare: CompareArguments) -> tuple[Callable, Callable]:
     """(proxy, gold) for the held-out measurements: the proxy is what the trainer optimises, the gold the lab's gold
     reward (the reward function with weight 0) or ``--gold_reward``."""
-    from ..rewards import RewardModelFunction
-    from ..run.build import import_reward_func
+    from ..rewards import RewardModelFunction, import_reward_func
 
     pairs = [(f, float(w)) for f, w in zip(setup.reward_funcs, setup.reward_weights)]
     proxy = _weighted_reward([p for p in pairs if p[1] != 0])

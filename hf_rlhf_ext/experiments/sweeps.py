@@ -322,7 +322,7 @@ def _hand_over_rewards(setup: Any, rewards: dict[str, Callable]) -> None:
     """The reward functions handed over as values replace the functions of the dotted paths they stand in for."""
     if not rewards:
         return
-    from ..run.build import import_reward_func
+    from ..rewards import import_reward_func
 
     values = {id(import_reward_func(path)): value for path, value in rewards.items()}
     setup.reward_funcs = [values.get(id(f), f) for f in setup.reward_funcs]

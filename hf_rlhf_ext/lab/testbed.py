@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from ..rewards import import_reward_func
 from ..validation import InputError, check_rewards, prompt_problem, require_existing_path
 from .build import (
     COMPLETE_MARKER,
@@ -57,7 +56,7 @@ from .build import (
     save_splits,
 )
 
-__all__ = ["TESTBED_VERSION", "TestbedConfig", "build_testbed", "import_judge", "load_prompt_rows"]
+__all__ = ["TESTBED_VERSION", "TestbedConfig", "build_testbed", "load_prompt_rows"]
 
 TESTBED_VERSION = 1
 #: learning rates by RM kind when none is given: from scratch (as the lab's RM), a pretrained body, a LoRA adapter
@@ -138,31 +137,6 @@ class TestbedConfig:
 # --------------------------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------------------------
-def import_judge(dotted: str) -> Callable:
-    """The gold judge named by a dotted import path (``pkg.module.function``); the working directory is importable
-    during the import (after the installed packages), as for the recipes' ``--reward_funcs``."""
-    if not isinstance(dotted, str) or "." not in dotted or not all(p.isidentifier() for p in dotted.split(".")):
-        raise InputError(f"--gold_funcs {dotted!r} is not a dotted import path (module.function).")
-    module_path, attr = dotted.rsplit(".", 1)
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise InputError(f"--gold_funcs {dotted!r}: cannot import module {module_path!r} ({exc}). Give the dotted "
-                         "path of a function in an installed module or in a .py file of the working directory.") \
-            from exc
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
-    func = getattr(module, attr, None)
-    if not callable(func):
-        raise InputError(f"--gold_funcs {dotted!r}: module {module_path!r} has no function {attr!r}.")
-    return func
-
-
 def load_prompt_rows(path: str | None, test_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, test) prompt rows: the lab's split when ``path`` is None, else the JSONL file's rows (a ``prompt``
     column, each a non-empty text or chat messages) shuffled with ``seed`` and split, at least one row each side."""
@@ -461,7 +435,7 @@ def build_testbed(config: TestbedConfig, lab_dir: str, force: bool = False) -> L
     if not lab_dir:
         raise InputError("A testbed needs --lab_dir (the directory to write it to).")
     root = os.path.abspath(os.path.expanduser(lab_dir))
-    judge = import_judge(config.gold_funcs)  # fail fast: before any model is loaded
+    judge = import_reward_func(config.gold_funcs, flag="--gold_funcs")  # fail fast: before any model is loaded
     if _check_lab_dir(root, config, force):
         return Lab.from_dir(root)
     train_rows, test_rows = load_prompt_rows(config.prompts, config.test_fraction, config.seed)

@@ -20,13 +20,13 @@ import importlib
 import importlib.util
 import logging
 import os
-import sys
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..results import ResultsCallback
 from ..reward_guard import attach_reward_guard
+from ..rewards import import_reward_func
 from ..validation import (
     DataValidationError,
     InputError,
@@ -159,50 +159,6 @@ def chat_prompt_dataset(data: Any, tokenizer: Any) -> Any:
         return data
     # added before the old column goes: a data set left without columns cannot take a new one
     return data.add_column("chat_prompt", rendered).remove_columns("prompt").rename_column("chat_prompt", "prompt")
-
-
-def import_reward_func(name: str) -> Callable:
-    """A reward function from a dotted import path (``pkg.module.fn``) or a name in ``trl.rewards``.
-
-    Only the module named is imported, and nothing else is tried. The working directory is importable during that
-    import only, and after the installed packages (a file there cannot shadow one of them for the rest of the run).
-    The function is returned as it is: the trainer's ``RewardGuard`` checks its values.
-    """
-    if "." not in name:
-        import trl.rewards
-
-        if not hasattr(trl.rewards, name):
-            raise InputError(f"Unknown reward function {name!r}: give a dotted import path (my_rewards.length_reward) "
-                             "or a name in trl.rewards.")
-        return getattr(trl.rewards, name)
-    if not all(part.isidentifier() for part in name.split(".")):
-        raise InputError(f"--reward_funcs {name!r} is not a dotted import path (module.function).")
-    module_path, attr = name.rsplit(".", 1)
-    module = _import_from_cwd(module_path, name)
-    if not hasattr(module, attr):
-        public = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise InputError(f"--reward_funcs {name!r}: module {module_path!r} ({getattr(module, '__file__', '?')}) has "
-                         f"no attribute {attr!r}; its public callables are {public}.")
-    func = getattr(module, attr)
-    if not callable(func):
-        raise InputError(f"--reward_funcs {name!r} is a {type(func).__name__}, not a function.")
-    return func
-
-
-def _import_from_cwd(module_path: str, name: str) -> Any:
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
-    try:
-        return importlib.import_module(module_path)
-    except ModuleNotFoundError as exc:
-        raise InputError(f"--reward_funcs {name!r}: cannot import module {module_path!r} ({exc}). Give the dotted path "
-                         "of an installed module, or of a .py file in the working directory, and a function in it.") \
-            from exc
-    finally:
-        if added and cwd in sys.path:
-            sys.path.remove(cwd)
 
 
 def build_reward_funcs(
