@@ -331,13 +331,13 @@ def write_report(output_dir: str, results: Sequence[dict[str, Any]], metrics: di
                                   metrics)
 
 
+def _summary_row(name: str, b: dict[str, Any]) -> str:
+    ratio = b.get("variance_vs_none")
+    return (f"{name:<13} median gradient variance {_sci(b['median_grad_variance']['median'])}"
+            f"{'' if ratio is None else f' ({ratio:.3f} × none)'}, final reward {_pm(b['final_reward'])}")
+
+
 def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
     """A few console lines: each baseline's gradient variance and final reward, and where the files are."""
-    lines = [""]
-    for name, b in metrics["baselines"].items():
-        ratio = b.get("variance_vs_none")
-        lines.append(
-            f"{name:<13} median gradient variance {_sci(b['median_grad_variance']['median'])}"
-            f"{'' if ratio is None else f' ({ratio:.3f} × none)'}, final reward {_pm(b['final_reward'])}"
-        )
-    return "\n".join(lines + experiment_file_lines(output_dir, "baselines", "runs/<baseline>_seed<k>/"))
+    rows = [_summary_row(name, b) for name, b in metrics["baselines"].items()]
+    return "\n".join(["", *rows, *experiment_file_lines(output_dir, "baselines", "runs/<baseline>_seed<k>/")])
