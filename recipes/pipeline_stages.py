@@ -653,6 +653,18 @@ def _hump(run: dict) -> tuple[bool, dict]:
     return holds, values
 
 
+def _hump_shortfall(values: dict) -> str:
+    """Which part of the hump rule a run missed, in words (the reason an undecided claim gives)."""
+    bar = max(HACK_MARGIN, 2 * values["gold_noise"])
+    if values["peak_step"] is None or values["peak_step"] >= values["last_step"]:
+        return "gold peaked at the last step"
+    if values["fall"] is None or values["fall"] < bar:
+        return (f"the fall {values['fall'] or 0:.2f} is under the bar max({HACK_MARGIN}, 2 × noise "
+                f"{values['gold_noise']:.2f})")
+    return (f"the gold fell {values['fall']:.2f} (over the bar {bar:.2f}) but the proxy ended at "
+            f"{values['end_proxy']:.2f}, not above its {values['proxy_at_peak']:.2f} at the gold peak")
+
+
 def claim_overoptimization(results: dict):
     from hf_rlhf_ext.experiments.report import Claim
 
@@ -672,8 +684,8 @@ def claim_overoptimization(results: dict):
                "values": control_values}
     fp = (r.get("_provenance") or {}).get("fingerprint") or {}
     if not holds and not control_holds and fp.get("quick"):  # too short to resolve a hump: undecided, not false
-        reason = (f"not decided in quick mode: the fall {values['fall'] or 0:.2f} is under the bar max({HACK_MARGIN}, "
-                  f"2 × noise {values['gold_noise']:.2f}) in {values['last_step']} steps; run without --quick")
+        reason = (f"not decided in quick mode: {_hump_shortfall(values)} in {values['last_step']} steps; run without "
+                  "--quick")
         return Claim(*args, values, None, skipped=reason, control=control, control_holds=False, seeds=seeds)
     return Claim.experiment(*args, values, holds, control, control_holds, seeds)
 

@@ -562,3 +562,16 @@ def test_each_section_reads_its_numbers_and_says_the_contrary_on_contrary_number
     supported, contrary = stages.SECTIONS[name](args, good).reading, stages.SECTIONS[name](args, bad).reading
     assert says in supported and says_contrary not in supported, supported
     assert says_contrary in contrary and says not in contrary, contrary
+
+
+def test_an_undecided_beta_too_low_names_the_part_of_the_rule_it_missed():
+    """A real fall with the proxy falling too (seen on the lab, quick, seed 2: gold −0.58, proxy 0.70 → 0.57) is not
+    a fall "under the bar": the reason says what was missing."""
+    proxy_fell = _run([0.4, 0.6, 0.8, 0.85, 0.7, 0.4, 0.1, -0.2], [0.2, 0.5, 0.7, 0.8, 0.75, 0.7, 0.65, 0.6], 0.005,
+                      20, 0.8, -0.1, 0.8)
+    quick = {"_provenance": {"fingerprint": {"quick": True}}, "high_beta": STEADY}
+    fell = stages.claim_overoptimization({"overoptimization": {**proxy_fell, **quick}})
+    assert fell.holds is None and "proxy ended at 0.60, not above its 0.80" in fell.skipped
+    assert "under the bar" not in fell.skipped
+    flat = stages.claim_overoptimization({"overoptimization": {**FLAT, **quick}})
+    assert "under the bar" in flat.skipped and "proxy" not in flat.skipped
