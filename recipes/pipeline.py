@@ -41,7 +41,8 @@ class PipelineArguments:
         quick: smaller grids and fewer steps (about 3 minutes once the lab is built) — every claim is still decided.
         seed: the base seed of every stage.
         stages: run only these stages (by name; the report covers what has results).
-        max_parallel: processes for the sweeps' points (2 on a 2-core machine).
+        max_parallel: stages running side by side, each in its own process (2 on a 2-core machine; 1: one after
+            another in this process, their output on the console).
         model_name_or_path, dataset_name, reward_funcs, reward_model_name_or_path, gold_funcs, use_peft: run the
             stages on your own policy, prompts and rewards (the lab by default).
     """
@@ -50,7 +51,7 @@ class PipelineArguments:
     quick: bool = field(default=False, metadata={"help": "Smaller grids and fewer steps (about 3 minutes)."})
     seed: int = field(default=0, metadata={"help": "Base seed."})
     stages: list[str] | None = field(default=None, metadata={"help": f"Only these stages: {stages.NAMES}."})
-    max_parallel: int = field(default=2, metadata={"help": "Parallel processes for the sweeps' points."})
+    max_parallel: int = field(default=2, metadata={"help": "Stages running side by side (processes)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Policy (default: the lab's SFT model)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Prompts with a test split (default: lab)."})
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Optimised reward functions (dotted)."})
@@ -81,16 +82,7 @@ def main(args: PipelineArguments) -> dict[str, Any]:
     os.makedirs(args.output_dir, exist_ok=True)
     store = StageStore(args.output_dir)
     todo = [s for s in stages.STAGES if args.stages is None or s.name in args.stages]
-    results: dict[str, Any] = {}
-    bar = tqdm(todo, desc="chapter", unit="stage")
-    for stage in bar:
-        bar.set_postfix_str(stage.name)
-        fingerprint = stages.fingerprint(args, stage.name)
-        if reason := store.stale_reason(stage.name, fingerprint):
-            tqdm.write(f"[{stage.name}] {reason}; running it")
-        results[stage.name], reused = store.run(stage.name, lambda out, s=stage: s.run(args, out), fingerprint)
-        if reused:
-            tqdm.write(f"[{stage.name}] reused its stored result")
+    results = run_chapter(args, store, todo)
     for name in stages.NAMES:  # earlier invocations' stages count only when made with the same settings
         if name in results:
             continue
@@ -102,6 +94,39 @@ def main(args: PipelineArguments) -> dict[str, Any]:
     write_card(args, payload)
     print(outputs_line(args.output_dir, metrics_file="claims.json"))
     return payload
+
+
+def run_chapter(args: PipelineArguments, store: StageStore, todo: list) -> dict[str, Any]:
+    """The stages of ``todo``: the lab first, then the independent stages in ``--max_parallel`` worker processes
+    (longest first), then the concepts (they read the best-of-N stage's model). Each result is stored as it finishes;
+    a stored one with this run's fingerprint is reused."""
+    from functools import partial
+
+    from hf_rlhf_ext.experiments.stage_runner import StageJob, run_stages, worker_threads
+
+    first = [s for s in todo if s.name in stages.FIRST]
+    last = [s for s in todo if s.name in stages.LAST]
+    middle = sorted((s for s in todo if s not in first + last), key=lambda s: -s.cost)
+    lanes = min(args.max_parallel, max(1, len(middle)))
+    inner = stages.stage_args(args, lanes, worker_threads(lanes) if lanes > 1 else 0)
+    bar = tqdm(total=len(todo), desc="chapter", unit="stage")
+
+    def on_done(job: StageJob, result: dict[str, Any], reused: bool) -> None:
+        bar.update()
+        tqdm.write(f"[{job.name}] reused its stored result" if reused else
+                   f"[{job.name}] done in {result.get('stage_seconds', 0):.0f} s")
+
+    def jobs(group: list) -> list[StageJob]:
+        for stage in group:
+            if reason := store.stale_reason(stage.name, stages.fingerprint(args, stage.name)):
+                tqdm.write(f"[{stage.name}] {reason}; running it")
+        return [StageJob(s.name, stages.fingerprint(args, s.name), partial(s.run, inner)) for s in group]
+
+    results = run_stages(store, jobs(first), 1, on_done)
+    results |= run_stages(store, jobs(middle), lanes, on_done)
+    results |= run_stages(store, jobs(last), 1, on_done)
+    bar.close()
+    return results
 
 
 def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 RECIPES = Path(__file__).resolve().parent
@@ -15,9 +16,21 @@ RECIPES = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Stage:
+    """``run(args, out)`` gives the stage's result; ``cost``: its typical share of the run (seconds in --quick on 2
+    cores), which only orders the stages that run side by side (longest first)."""
+
     name: str
     title: str
     run: Callable[[Any, str], dict]
+    cost: float = 1.0
+
+
+def stage_args(args: Any, lanes: int, threads: int) -> SimpleNamespace:
+    """The pipeline's arguments as a stage sees them (picklable, for the worker processes): with stages side by side
+    (``lanes`` > 1) a stage runs its own points one at a time, on ``threads`` torch threads (0: torch's default)."""
+    fields = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    return SimpleNamespace(**fields | {"on_lab": args.on_lab, "threads": threads,
+                                        "max_parallel": args.max_parallel if lanes == 1 else 1})
 
 
 def _recipe(name: str):
@@ -398,6 +411,7 @@ def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
     flags = _rl_flags(args) if args.on_lab else [*_rl_flags(args), "--gold_reward", args.gold_funcs[0]]
     seeds = [str(args.seed + i) for i in range(COMPARE_QUICK_SEEDS if args.quick else 3)]
     argv = ["--output_dir", out, "--seeds", *seeds, *[f for f in flags if f != "--reward_weights"]]
+    argv += ["--threads_per_run", str(args.threads)] if getattr(args, "threads", 0) else []
     m = run_compare(argv, progress=False)
     keep = ("gold_start", "gold_peak", "gold_end", "kl_end", "proxy_end", "peak_memory_mb", "seconds_per_step",
             "collapsed_fraction", "memory_method", "gold_gain")
@@ -1288,20 +1302,21 @@ SECTIONS = {"lab": section_lab, "reward_model": section_reward_model, "reinforce
             "ppo_vs_grpo": section_ppo_vs_grpo, "best_of_n": section_best_of_n, "ensembles": section_ensembles,
             "mini_loop": section_mini_loop, "overoptimization": section_overoptimization}
 
-STAGES = [  # the chapter's order
-    Stage("lab", "The lab", stage_lab),
-    Stage("reward_model", "Reward model", stage_reward_model),
-    Stage("reinforce", "REINFORCE baselines", stage_reinforce),
-    Stage("clip", "The clipped objective", stage_clip),
-    Stage("beta_sweep", "β sweep", stage_beta_sweep),
-    Stage("group_advantages", "GRPO's group advantages", stage_group_advantages),
-    Stage("ppo_vs_grpo", "PPO vs GRPO", stage_ppo_vs_grpo),
-    Stage("best_of_n", "Best-of-N and distillation", stage_best_of_n),
-    Stage("ensembles", "Reward-model ensembles", stage_ensembles),
-    Stage("mini_loop", "The mini loop", stage_mini_loop),
-    Stage("overoptimization", "β too low", stage_overoptimization),
-    Stage("concepts", "Concepts", stage_concepts),
+STAGES = [  # the chapter's order; the cost (seconds in --quick) orders the stages that run side by side
+    Stage("lab", "The lab", stage_lab, 0),
+    Stage("reward_model", "Reward model", stage_reward_model, 6),
+    Stage("reinforce", "REINFORCE baselines", stage_reinforce, 52),
+    Stage("clip", "The clipped objective", stage_clip, 0.1),
+    Stage("beta_sweep", "β sweep", stage_beta_sweep, 73),
+    Stage("group_advantages", "GRPO's group advantages", stage_group_advantages, 1),
+    Stage("ppo_vs_grpo", "PPO vs GRPO", stage_ppo_vs_grpo, 69),
+    Stage("best_of_n", "Best-of-N and distillation", stage_best_of_n, 10),
+    Stage("ensembles", "Reward-model ensembles", stage_ensembles, 21),
+    Stage("mini_loop", "The mini loop", stage_mini_loop, 20),
+    Stage("overoptimization", "β too low", stage_overoptimization, 24),
+    Stage("concepts", "Concepts", stage_concepts, 0.2),
 ]
+FIRST, LAST = ("lab",), ("concepts",)  # the lab before all (it builds the cache); the concepts read best-of-N's model
 NAMES = [s.name for s in STAGES]
 
 
@@ -1327,9 +1342,10 @@ def _intro(args: Any, results: dict, provenance: dict) -> str:
     where = ("the numbers of every stage come from this invocation" if not reused else
              f"{ran} stage(s) ran in this invocation and {len(reused)} were reused from earlier invocations with the "
              f"same settings ({', '.join(reused)}; see 'Where the numbers come from')")
+    side = f", up to {args.max_parallel} side by side" if getattr(args, "max_parallel", 1) > 1 else ""
     return (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
-            f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'} in {total / 60:.1f} "
-            f"minutes of stage time. Each claim below is decided by the statistic next to it; {where}.")
+            f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'}: {total / 60:.1f} "
+            f"minutes of stage time{side}. Each claim below is decided by the statistic next to it; {where}.")
 
 
 def write_report(args: Any, results: dict, seconds: float, store: Any) -> dict:
