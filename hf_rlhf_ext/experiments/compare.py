@@ -4,7 +4,8 @@ completions per step, the same steps and the same seeds.
 Why: the chapter's claim is that GRPO buys PPO's variance reduction without a critic, so it should reach a similar
 gold reward with less memory. One run of each proves nothing; this module runs each trainer over several seeds and
 reports what changes: held-out gold (start, peak, end), KL to the reference, proxy, the spread over seeds, the
-fraction of collapsed runs (gold at the end below gold at the start), peak memory and time per step.
+fraction of collapsed runs (gold at the end below gold at the start), memory (training state and peak) and time per
+step.
 
 Budget per optimizer step: PPO samples ``per_device_train_batch_size`` prompts × 1 completion (32 × 1 on the lab),
 GRPO ``per_device_train_batch_size / grpo_num_generations`` prompts × ``grpo_num_generations`` (4 × 8): 32 sampled
@@ -19,6 +20,9 @@ Memory: each run is its own spawned process. ``ru_maxrss`` is per process and ne
 process the second run would inherit the first one's peak. On CPU a run reports its peak RSS above the RSS it had
 after importing the stack (the same imports for both trainers); on CUDA ``torch.cuda.max_memory_allocated``
 (the tensors the allocator handed out: weights, optimizer states, activations), which excludes the CUDA context.
+Peak RSS moves between seeds (allocator reuse, sampled lengths: 12 MB between two GRPO seeds on the lab, against a
+21 MB gap between the trainers), so each run also reports its training state (``training_state_mb``): the bytes of
+the tensors the trainer holds for training, fixed by the shapes and the same for every seed.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "parse_compare_argv",
     "CompareSpec",
     "parse_compare_spec",
+    "make_run_trainer",
     "run_one",
     "run_in_subprocess",
     "run_compare",
@@ -59,6 +64,7 @@ __all__ = [
     "summarise",
     "report_markdown",
     "summary_lines",
+    "training_state_mb",
     "write_report",
 ]
 
@@ -357,31 +363,86 @@ def _memory_peak(method: str, baseline: float) -> float:
     return _peak_rss_mb() - baseline
 
 
+def _module_tensors(module: Any) -> list:
+    return [] if module is None else [*module.parameters(), *module.buffers()]
+
+
+def _storage_key(tensor: Any) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
+
+
+def training_state_mb(trainer: Any, reward_funcs: Sequence[Any] = ()) -> float:
+    """The training state ``trainer`` holds, in MB: the parameters and buffers of the policy (``model``), the
+    reference model (``ref_model``, None without one), the critic (PPO's ``value_model``) and the reward models behind
+    ``reward_funcs`` (their ``.model``), one gradient per trainable parameter and the optimizer's state tensors
+    (through accelerate's wrapper). Each tensor storage counts once, so tied or shared weights count once.
+
+    Why: peak RSS moves between seeds with the allocator and the sampled lengths; this total follows from the shapes
+    alone, so it is the same for every seed and differs between trainers only by what each holds. A gradient is
+    counted for every trainable parameter whether or not it is held now (``zero_grad(set_to_none=True)`` frees them
+    between steps, each trainer at its own point): each step holds all of them."""
+    models = [trainer.model, getattr(trainer, "ref_model", None), getattr(trainer, "value_model", None)]
+    models += [getattr(f, "model", None) for f in reward_funcs]
+    seen: dict[tuple[str, int], int] = {}
+
+    def add(tensor: Any) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr():  # an empty or meta tensor holds no bytes
+            seen.setdefault(_storage_key(tensor), storage.nbytes())
+
+    for module in models:
+        for tensor in _module_tensors(module):
+            add(tensor)
+    for module in models:
+        for p in (module.parameters() if module is not None else ()):
+            if p.grad is not None:
+                add(p.grad)
+            elif p.requires_grad:  # freed between steps: the gradient a step holds, keyed by its parameter
+                seen.setdefault(("grad of", *_storage_key(p)), p.numel() * p.element_size())
+    optimizer = getattr(trainer, "optimizer", None)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        for value in state.values():
+            if hasattr(value, "untyped_storage"):
+                add(value)
+    return sum(seen.values()) / 2**20
+
+
+def make_run_trainer(run: CompareSpec) -> tuple[Any, Any, CompareArguments, Any]:
+    """(trainer, setup, comparison arguments, training arguments) of one run (a ``CompareSpec`` with its trainer and
+    seed), built as ``run_one`` trains it; the callbacks that measure are ``run_one``'s to add."""
+    import copy
+
+    from trl import GRPOTrainer
+
+    from ..run.build import make_trainer, prepare_rl_run
+    from ..trainers.ppo import PPOTrainer
+
+    compare, training_args, model_args = copy.deepcopy(run.compare), run.training_args(), copy.deepcopy(run.model)
+    setup = prepare_rl_run(compare, training_args, model_args)
+    trainer = make_trainer(PPOTrainer if run.trainer == "ppo" else GRPOTrainer, setup, training_args)
+    return trainer, setup, compare, training_args
+
+
 def run_one(run: CompareSpec | Sequence[str], trainer_name: str | None = None,
             seed: int | None = None) -> dict[str, Any]:
     """Trains one (trainer, seed) run and returns its measurements. Meant for a fresh process (peak memory). ``run``:
     a run of a ``CompareSpec`` (``trainer_name`` / ``seed``, when given, replace its own), or the comparison's
     command line, parsed here."""
-    import copy
-
     import torch
-    from trl import GRPOTrainer
 
     from ..callbacks import KLToReferenceCallback, OveroptimizationCallback
-    from ..run.build import end_trainer, make_trainer, prepare_rl_run
-    from ..trainers.ppo import PPOTrainer
+    from ..run.build import end_trainer
+    from ..trainers.ppo import PPOTrainer  # noqa: F401  both trainers (PPO subclasses GRPO), before the memory baseline
 
     if not isinstance(run, CompareSpec):
         run = parse_compare_spec(run)
     run = dataclasses.replace(run, **{k: v for k, v in (("trainer", trainer_name), ("seed", seed)) if v is not None})
-    trainer_name, seed = run.trainer, run.seed
-    compare, training_args, model_args = copy.deepcopy(run.compare), run.training_args(), copy.deepcopy(run.model)
-    if compare.threads_per_run:
-        torch.set_num_threads(compare.threads_per_run)
+    if run.compare.threads_per_run:
+        torch.set_num_threads(run.compare.threads_per_run)
     method, baseline = _memory_baseline()  # after every import both trainers need
-    setup = prepare_rl_run(compare, training_args, model_args)
+    trainer, setup, compare, training_args = make_run_trainer(run)
     proxy, gold = held_out_rewards(setup, compare)
-    trainer = make_trainer(PPOTrainer if trainer_name == "ppo" else GRPOTrainer, setup, training_args)
     timer = StepTimer()
     trainer.add_callback(timer)  # before the measuring callbacks: their time is not counted
     n = len(setup.eval_prompts)
@@ -393,14 +454,17 @@ def run_one(run: CompareSpec | Sequence[str], trainer_name: str | None = None,
     trainer.add_callback(kl)
     trainer.add_callback(overopt)
     trainer.train()
+    state_mb = training_state_mb(trainer, setup.reward_funcs)
     end_trainer(trainer)
-    return run_result(trainer_name, seed, training_args, compare, overopt.points, kl.history, timer.seconds,
-                      method, _memory_peak(method, baseline))
+    return run_result(run.trainer, run.seed, training_args, compare, overopt.points, kl.history, timer.seconds,
+                      method, _memory_peak(method, baseline), state_mb)
 
 
 def run_result(trainer: str, seed: int, training_args: Any, compare: CompareArguments, points: list[dict],
-               kl_history: list[dict], step_seconds: list[float], memory_method: str, peak_mb: float) -> dict:
-    """One run's row: its curve (held-out gold, proxy, KL per measured step) and the numbers read off it."""
+               kl_history: list[dict], step_seconds: list[float], memory_method: str, peak_mb: float,
+               state_mb: float | None = None) -> dict:
+    """One run's row: its curve (held-out gold, proxy, KL per measured step), the numbers read off it and its memory
+    (``peak_mb`` by ``memory_method``; ``state_mb``: ``training_state_mb``)."""
     kl_at = {h["step"]: h for h in kl_history}
     curve = [{"step": p["step"], "gold": p["gold"], "proxy": p["proxy"],
               "kl": kl_at.get(p["step"], {}).get("kl_ref/k3_seq"),
@@ -410,7 +474,7 @@ def run_result(trainer: str, seed: int, training_args: Any, compare: CompareArgu
         "trainer": trainer, "seed": seed, "beta": compare.ppo_kl_coef if trainer == "ppo" else compare.grpo_beta,
         "prompts_per_step": training_args.per_device_train_batch_size // g, "completions_per_prompt": g,
         "steps": training_args.max_steps, "curve": curve, **curve_numbers(curve),
-        "peak_memory_mb": peak_mb, "memory_method": memory_method,
+        "peak_memory_mb": peak_mb, "memory_method": memory_method, "state_memory_mb": state_mb,
         "seconds_per_step": statistics.median(step_seconds) if step_seconds else None,
     }
 
@@ -498,7 +562,7 @@ def spread(values: Sequence[float | None]) -> dict[str, float | None]:
 
 
 NUMBERS = ("gold_start", "gold_peak", "gold_end", "proxy_start", "proxy_end", "kl_end", "peak_memory_mb",
-           "seconds_per_step")
+           "state_memory_mb", "seconds_per_step")
 
 
 def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -510,7 +574,7 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["trainers"][trainer] = {
             "num_runs": len(runs), "beta": runs[0]["beta"], "prompts_per_step": runs[0]["prompts_per_step"],
             "completions_per_prompt": runs[0]["completions_per_prompt"], "memory_method": runs[0]["memory_method"],
-            **{k: spread([r[k] for r in runs]) for k in NUMBERS},
+            **{k: spread([r.get(k) for r in runs]) for k in NUMBERS},  # results from before a number: n = 0
             "gold_gain": spread([r["gold_end"] - r["gold_start"] for r in runs]),
             "collapsed_fraction": sum(bool(r["collapsed"]) for r in runs) / len(runs),
             "curve": mean_curve(runs),
@@ -540,25 +604,29 @@ def _cell(s: dict[str, Any], fmt: str = "{:.3f}") -> str:
 def report_markdown(metrics: dict[str, Any]) -> str:
     """One table: a row per trainer, each number as mean ± standard deviation over seeds."""
     head = ("| trainer | prompts × completions / step | β | seeds | gold start | gold peak | gold end | KL end (k3) "
-            "| proxy end | collapsed | peak memory (MB) | s / step |")
+            "| proxy end | collapsed | peak memory (MB) | training state (MB) | s / step |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, t in metrics["trainers"].items():
         lines.append(
             f"| {name.upper()} | {t['prompts_per_step']} × {t['completions_per_prompt']} | {t['beta']:g} "
             f"| {t['num_runs']} | {_cell(t['gold_start'])} | {_cell(t['gold_peak'])} | {_cell(t['gold_end'])} "
             f"| {_cell(t['kl_end'], '{:.2f}')} | {_cell(t['proxy_end'])} | {t['collapsed_fraction']:.0%} "
-            f"| {_cell(t['peak_memory_mb'], '{:.0f}')} | {_cell(t['seconds_per_step'], '{:.2f}')} |"
+            f"| {_cell(t['peak_memory_mb'], '{:.0f}')} | {_cell(t['state_memory_mb'], '{:.1f}')} "
+            f"| {_cell(t['seconds_per_step'], '{:.2f}')} |"
         )
     method = next(iter(metrics["trainers"].values()))["memory_method"]
     lines += ["", "Held-out means per measurement; ± is the standard deviation over seeds. Collapsed: gold at the end "
-              f"below gold at the start. Peak memory: {MEMORY_NOTE.get(method, method)}. s / step: median step time "
-              "without the held-out measurements."]
+              f"below gold at the start. Peak memory: {MEMORY_NOTE.get(method, method)}. Training state: "
+              f"{MEMORY_NOTE['state_memory_mb']}. s / step: median step time without the held-out measurements."]
     return "\n".join(lines) + "\n"
 
 
 MEMORY_NOTE = {
     "peak_rss_above_imports": "peak RSS (VmHWM) of the run's own process above its peak after the imports",
     "cuda_max_allocated": "torch.cuda.max_memory_allocated of the run's own process",
+    "state_memory_mb": ("the bytes of the tensors the trainer holds for training (the weights of the policy, "
+                        "reference, critic and reward models, a gradient per trainable parameter, the optimizer's "
+                        "state), each storage once: fixed by the shapes, the same for every seed"),
 }
 
 
@@ -572,9 +640,12 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
     """A few console lines: each trainer's gold start → end, KL, memory and speed, and where the files are."""
     lines = [""]
     for name, t in metrics["trainers"].items():
+        state = t.get("state_memory_mb", {}).get("mean")
         lines.append(
             f"{name.upper():<5} gold {t['gold_start']['mean']:+.3f} -> {t['gold_end']['mean']:+.3f} (peak "
             f"{t['gold_peak']['mean']:+.3f}), KL {t['kl_end']['mean']:.2f}, collapsed {t['collapsed_fraction']:.0%}, "
-            f"peak memory {t['peak_memory_mb']['mean']:.0f} MB, {t['seconds_per_step']['mean']:.2f} s/step"
+            f"peak memory {t['peak_memory_mb']['mean']:.0f} MB"
+            + (f", training state {state:.1f} MB" if state is not None else "")
+            + f", {t['seconds_per_step']['mean']:.2f} s/step"
         )
     return "\n".join(lines + experiment_file_lines(output_dir, "compare", "runs/<trainer>_seed<k>/"))
