@@ -194,10 +194,14 @@ def _kl_reading(v: dict, verdict: str) -> str:
 # What the stages keep for these findings
 # ----------------------------------------------------------------------------------------------------------------------
 def sweep_kl_runs(results_path: str) -> list[dict]:
-    """Per β and seed of a β sweep's ``results.jsonl``: every measurement's k1, k3 and exact KL, and the final one."""
+    """Per β and seed of a β sweep's ``results.jsonl``: every measurement's k1, k3 and exact KL, and the final one
+    (none without the file: a sweep that kept no result lines)."""
     import json
+    import os
 
     runs = []
+    if not os.path.isfile(results_path):
+        return runs
     with open(results_path) as f:
         for line in f:
             rec = json.loads(line) if line.strip() else {}
