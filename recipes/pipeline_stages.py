@@ -387,15 +387,22 @@ def _keep_baselines(m: dict) -> dict:
 
 
 def stage_beta_sweep(args: Any, out: str) -> dict:
-    """One GRPO run per β (held-out k3 KL, proxy, gold), the Gao RL-form fit (``hf_rlhf_ext.experiments.sweeps``)."""
-    from hf_rlhf_ext.experiments.sweeps import run_sweep
+    """One GRPO run per β (held-out k3 KL, proxy, gold), the Gao RL-form fit (``hf_rlhf_ext.experiments.sweeps``);
+    per β and seed the k1, k3 and exact KL of every measurement (``kl_estimators``)."""
+    from hf_rlhf_ext.experiments.sweeps import RESULTS_FILE, run_sweep
+
+    if __package__:
+        from . import pipeline_findings
+    else:
+        import pipeline_findings
 
     argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
     argv += ["--betas", "0", "0.02", "0.2", "1.0"] if args.quick else []
     m = run_sweep(argv, progress=False)
     keep = ("betas", "per_beta", "spearman_beta_final_kl", "spearman_beta_final_kl_all_points", "lowest_beta",
             "highest_beta", "gao_fit", "penalty_vs_early_stopping")
-    return {k: m[k] for k in keep} | {"seeds": m.get("seeds"), "plots": [os.path.join(out, "frontier.png")]}
+    return {k: m[k] for k in keep} | {"seeds": m.get("seeds"), "plots": [os.path.join(out, "frontier.png")],
+                                      "kl_estimators": pipeline_findings.sweep_kl_runs(os.path.join(out, RESULTS_FILE))}
 
 
 COMPARE_QUICK_SEEDS = 2  # in quick mode too: the control compares each method with itself under another seed
@@ -425,8 +432,14 @@ def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
 
 def stage_ensembles(args: Any, out: str) -> dict:
     """The single proxy RM against ensembles of RMs (mean, worst case, mean − λ·std) at the same low β
-    (``hf_rlhf_ext.experiments.ensembles``): a finding, reported whichever way it comes out."""
-    from hf_rlhf_ext.experiments.ensembles import run_experiment
+    (``hf_rlhf_ext.experiments.ensembles``): a finding, reported whichever way it comes out. The single RM's runs also
+    measure the ensemble's disagreement; their held-out points are kept per seed (``single_points``)."""
+    from hf_rlhf_ext.experiments.ensembles import read_runs, run_experiment
+
+    if __package__:
+        from . import pipeline_findings
+    else:
+        import pipeline_findings
 
     if not args.on_lab:
         return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
@@ -434,9 +447,12 @@ def stage_ensembles(args: Any, out: str) -> dict:
     argv += ["--objectives", "single", "min", "--max_steps", "40"] if args.quick else []
     m = run_experiment(argv)
     keep = ("end_gold", "peak_gold", "fall", "final_kl")
+    single = read_runs(os.path.join(out, "single"), m["settings"]["beta"], m["settings"]["seeds"]) if "single" in m[
+        "objectives"] else []
     return {"objectives": {o: {k: v[k] for k in keep} for o, v in m["objectives"].items()},
             "settings": {k: m["settings"][k] for k in ("beta", "seeds", "max_steps", "k", "penalty")},
-            "plots": [os.path.join(out, "ensemble.png")]}
+            "plots": [os.path.join(out, "ensemble.png")],
+            "single_points": pipeline_findings.ensemble_seed_points(single)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -997,6 +1013,11 @@ def early_stopping_finding(pves: dict):
 def findings(results: dict) -> list:
     from hf_rlhf_ext.experiments.report import Finding
 
+    if __package__:
+        from . import pipeline_findings
+    else:
+        import pipeline_findings
+
     out = []
     bon = results.get("best_of_n")
     if bon and bon.get("curve", {}).get("fit"):
@@ -1016,6 +1037,12 @@ def findings(results: dict) -> list:
         out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "
                            "objective (lower is better; single RM vs ensembles)",
                            {o: v["fall"]["mean"] for o, v in ens["objectives"].items()}))
+    if (over := results.get("overoptimization")) and over.get("points"):
+        out.append(pipeline_findings.forecast_finding([over["points"]]))
+    if ens and (ens.get("single_points") or {}).get("per_seed"):
+        out.append(pipeline_findings.ensemble_warning_finding(ens["single_points"]["per_seed"]))
+    if sweep and sweep.get("kl_estimators"):
+        out.append(pipeline_findings.kl_estimator_finding(sweep["kl_estimators"]))
     return out
 
 

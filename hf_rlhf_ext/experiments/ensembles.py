@@ -257,7 +257,9 @@ def objective_spec(spec: Any, objective: str, ens: EnsembleArguments, single_rm:
         training["reward_weights"] = [1.0, 0.0]
         script_changes["track_gold"] = False
     script = dataclasses.replace(spec.script, reward_funcs=funcs or None, **script_changes)
-    return dataclasses.replace(spec, sweep=sweep, script=script, training=training, rewards=rewards)
+    watched = tuple(members) if objective == "single" else ()  # its disagreement, measured while a single RM is hacked
+    return dataclasses.replace(spec, sweep=sweep, script=script, training=training, rewards=rewards,
+                               probe_ensemble=watched)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -265,15 +267,14 @@ def objective_spec(spec: Any, objective: str, ens: EnsembleArguments, single_rm:
 # ----------------------------------------------------------------------------------------------------------------------
 def resolve_members(ens: EnsembleArguments, script: Any) -> tuple[list[str], str]:
     """(ensemble member dirs, the single RM): the given dirs (single = the first), or the lab's k bootstrap RMs and
-    its proxy RM."""
+    its proxy RM. Built also for the single RM alone: its run measures the members' disagreement."""
     if ens.ensemble_reward_models:
         return [os.path.abspath(p) for p in ens.ensemble_reward_models], os.path.abspath(ens.ensemble_reward_models[0])
     from ..lab.ensemble import build_reward_ensemble
     from ..run.build import load_lab
 
     lab = load_lab(script)
-    members = build_reward_ensemble(lab, ens.k) if set(ens.objectives) - {"single"} else []
-    return members, lab.reward_model_path
+    return build_reward_ensemble(lab, ens.k), lab.reward_model_path
 
 
 def _check_spec(objective_dir: str, spec: dict[str, Any]) -> None:

@@ -180,6 +180,8 @@ class SweepSpec:
             (exactly what a parse of the command line with those flags added gives).
         rewards: reward functions handed over as values, by the dotted path in ``script.reward_funcs`` they stand in
             for: the run trains on the value (e.g. an ensemble objective with its members), not on the path's function.
+        probe_ensemble: reward-model directories whose disagreement on the held-out samples is measured beside
+            proxy and gold (``HeldOutProbeCallback``'s ``ensemble``); never optimised.
     """
 
     trainer: str
@@ -190,6 +192,7 @@ class SweepSpec:
     beta: float | None = None
     seed: int | None = None
     rewards: dict[str, Callable] = field(default_factory=dict)
+    probe_ensemble: tuple[str, ...] = ()
 
     @property
     def output_dir(self) -> str:
@@ -235,13 +238,16 @@ def _absolute_paths(argv: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 class HeldOutProbeCallback(KLToReferenceCallback):
     """``KLToReferenceCallback`` that also scores its held-out samples with the proxy and the gold reward, so that
-    KL, proxy and gold of a measurement come from the same completions (one sampling instead of two)."""
+    KL, proxy and gold of a measurement come from the same completions (one sampling instead of two). With
+    ``ensemble`` (member reward functions) the same samples are also scored by each member, and their disagreement
+    (``ensemble_std`` of the over-optimisation monitor) is kept as ``sweep/ensemble_std``, with the seconds that
+    scoring took (``sweep/ensemble_seconds``: its cost)."""
 
     def __init__(self, trainer: Any, eval_prompts: Any, proxy: Sequence[tuple[Callable, float]], gold: Callable,
-                 every_n_steps: int, seed: int = 1234) -> None:
+                 every_n_steps: int, seed: int = 1234, ensemble: Sequence[Callable] | None = None) -> None:
         super().__init__(trainer, eval_prompts, every_n_steps=every_n_steps, num_samples=len(eval_prompts),
                          allow_reference_copy=True, seed=seed)
-        self.proxy, self.gold = list(proxy), gold
+        self.proxy, self.gold, self.ensemble = list(proxy), gold, list(ensemble or [])
 
     def measure(self, step: int) -> dict[str, float]:
         sampler = self.sampler
@@ -249,12 +255,21 @@ class HeldOutProbeCallback(KLToReferenceCallback):
             batch = sampler.sample(policy, step)
             scores = sampler.score([f for f, _ in self.proxy] + [self.gold], batch)
             stats = measure_sequence_kl(sampler, self.reference, step, batch=batch, policy=policy)
+            if self.ensemble:
+                stats.update(self._disagreement(batch))
         scores = [sampler.gather(s) for s in scores]
         proxy = [sum(w * s[i] for (_, w), s in zip(self.proxy, scores)) for i in range(len(scores[-1]))]
         stats["sweep/proxy"], stats["sweep/gold"] = _finite_mean(proxy), _finite_mean(scores[-1])
         self.history.append({"step": int(step), **stats})
         self._last_step = int(step)
         return stats
+
+    def _disagreement(self, batch: Any) -> dict[str, float | None]:
+        from ..callbacks.overoptimization import ensemble_std
+
+        start = time.perf_counter()
+        members = [self.sampler.gather(m) for m in self.sampler.score(self.ensemble, batch)]
+        return {"sweep/ensemble_std": ensemble_std(members), "sweep/ensemble_seconds": time.perf_counter() - start}
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._last_step != state.global_step:  # the last step is part of the curve whatever eval_every is
@@ -306,16 +321,33 @@ def run_point(point: SweepSpec | Sequence[str], beta: float | None = None, seed:
         _hand_over_rewards(setup, point.rewards)
         proxy, gold = _split_rewards(setup)
         trainer = make_trainer(_trainer_class(point.trainer), setup, training_args)
-        probe = HeldOutProbeCallback(trainer, setup.eval_prompts, proxy, gold, every_n_steps=point.sweep.eval_every)
+        probe = HeldOutProbeCallback(trainer, setup.eval_prompts, proxy, gold, every_n_steps=point.sweep.eval_every,
+                                     ensemble=_probe_members(point.probe_ensemble))
         trainer.add_callback(probe)
         trainer.train()
         end_trainer(trainer)
     finally:
         torch.set_num_threads(threads)
-    curve = [{"step": h["step"], "kl": h["kl_ref/k3_seq"], "kl_k1": h["kl_ref/k1_seq"], "proxy": h["sweep/proxy"],
-              "gold": h["sweep/gold"]} for h in probe.history]
+    curve = [_curve_point(h) for h in probe.history]
     return {"trainer": point.trainer, "beta": float(point.beta), "seed": int(point.seed), **curve_summary(curve),
             "curve": curve, "seconds": time.perf_counter() - start}
+
+
+def _curve_point(h: dict[str, Any]) -> dict[str, Any]:
+    """One measurement of a point's curve: the KL as k3 (``kl``), k1 and the exact sum over the vocabulary, proxy and
+    gold; the ensemble's disagreement and its scoring seconds when the probe had an ensemble."""
+    point = {"step": h["step"], "kl": h["kl_ref/k3_seq"], "kl_k1": h["kl_ref/k1_seq"],
+             "kl_exact": h.get("kl_ref/exact_seq"), "proxy": h["sweep/proxy"], "gold": h["sweep/gold"]}
+    if "sweep/ensemble_std" in h:
+        point |= {"ensemble_std": h["sweep/ensemble_std"], "ensemble_seconds": h["sweep/ensemble_seconds"]}
+    return point
+
+
+def _probe_members(paths: Sequence[str]) -> list[Callable]:
+    """The reward models the probe scores its samples with besides proxy and gold (none: an empty list)."""
+    from ..rewards import RewardModelFunction
+
+    return [RewardModelFunction(p, name=f"member_{i}") for i, p in enumerate(paths)]
 
 
 def _hand_over_rewards(setup: Any, rewards: dict[str, Callable]) -> None:
