@@ -112,6 +112,12 @@ def test_bon_control_holds_when_best_of_1_distils_as_well():
     assert c.control_holds is True and c.holds is False
 
 
+def test_bon_control_is_decided_over_its_seeds_too():
+    lucky_first = _bon((0.21, 0.19, 0.23), (0.15, -0.02, 0.01))  # best of 1 cleared the bar on one seed only
+    c = stages.claim_best_of_n({"best_of_n": lucky_first})
+    assert c.control_holds is False and c.holds is True
+
+
 def test_bon_one_seed_decides_as_one_run():
     quick = _bon((0.21,), (0.02,))
     ok = stages.claim_best_of_n({"best_of_n": quick})
@@ -147,6 +153,21 @@ def test_rm_does_not_hold_when_the_margin_interval_crosses_the_bar():
     assert "does NOT beat" in stages.section_reward_model(ARGS, spread).reading
     at_chance = _rm((0.70, 0.69, 0.52))  # one seed at chance: its z rule fails
     assert stages.claim_reward_model({"reward_model": at_chance}).holds is False
+
+
+def test_rm_needs_every_seed_to_pass_its_z_rules():
+    one_weak = _rm((0.70, 0.69, 0.64), n=100)  # both intervals clear; seed 3's z over length-only is under RM_Z
+    c = stages.claim_reward_model({"reward_model": one_weak})
+    assert c.values["accuracy_over_seeds"]["ci95"][0] > 0.5
+    assert c.values["margin_over_length_only_over_seeds"]["ci95"][0] > stages.RM_MARGIN
+    assert stages._beats(0.64, 0.5175, 100)[1] < stages.RM_Z and c.holds is False
+
+
+def test_rm_needs_its_accuracy_interval_above_chance():
+    wide = _rm((0.75, 0.56, 0.56), length_acc=0.25)  # every seed above chance and far above a poor length rule
+    c = stages.claim_reward_model({"reward_model": wide})
+    assert c.values["margin_over_length_only_over_seeds"]["ci95"][0] > stages.RM_MARGIN
+    assert c.values["accuracy_over_seeds"]["ci95"][0] < 0.5 and c.holds is False
 
 
 def test_rm_control_holds_when_length_alone_beats_the_rm():
