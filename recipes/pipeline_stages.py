@@ -96,8 +96,9 @@ def stage_lab(args: Any, out: str) -> dict:
 
 def stage_reward_model(args: Any, out: str) -> dict:
     """A Bradley–Terry RM trained with ``trl.RewardTrainer`` on the lab's noisy pairs; held-out pairwise accuracy. The
-    full run trains it with 3 seeds (the pairs are fixed; the seed changes the initialisation and the order): the
-    first seed's result in ``test``, every seed's in ``per_seed``."""
+    full run trains it with 3 seeds (the pairs are fixed; the seed changes the order of the pairs and the dropout, the
+    lab's RM starts from one initialisation seeded by the lab): the first seed's result in ``test``, every seed's in
+    ``per_seed``."""
     if not args.on_lab:
         return {"skipped": "needs the lab's gold-labelled preference pairs (run recipes/reward.py on your own pairs)"}
     seeds = _seeds(args, 3)
@@ -512,8 +513,8 @@ def claim_reward_model(results: dict):
     if "length_only" not in r:  # a result from before the control existed: said, not hidden
         return Claim.experiment(*args, values, z >= RM_Z, seeds=seeds)
     ref = r["length_only"]["accuracy"]
-    values |= {"length_only_accuracy": ref, "margin_over_length_only": acc - ref, "z_vs_length_only": _beats(acc, ref,
-                                                                                                             n)[1]}
+    z_ref = _beats(acc, ref, n)[1]
+    values |= {"length_only_accuracy": ref, "margin_over_length_only": acc - ref, "z_vs_length_only": z_ref}
     control = {"statement": f"length-only predictor (prefers the {r['length_only']['prefers']} reply) on the same "
                "held-out pairs, put in the RM's place (and the RM in its)", "values": r["length_only"]}
     accs = {p["seed"]: p["test"]["accuracy"] for p in r.get("per_seed") or []}
