@@ -108,16 +108,23 @@ def stage_lab(args: Any, out: str) -> dict:
 
 
 def stage_reward_model(args: Any, out: str) -> dict:
-    """A Bradley–Terry RM trained with ``trl.RewardTrainer`` on the lab's noisy pairs; held-out pairwise accuracy."""
+    """A Bradley–Terry RM trained with ``trl.RewardTrainer`` on the lab's noisy pairs; held-out pairwise accuracy. The
+    full run trains it with 3 seeds (the pairs are fixed; the seed changes the order of the pairs and the dropout, the
+    lab's RM starts from one initialisation seeded by the lab): the first seed's result in ``test``, every seed's in
+    ``per_seed``."""
     if not args.on_lab:
         return {"skipped": "needs the lab's gold-labelled preference pairs (run recipes/reward.py on your own pairs)"}
-    metrics = _recipe("reward").main(*_parse("reward", ["--output_dir", out, "--seed", str(args.seed)]))
+    seeds = _seeds(args, 3)
+    runs = [_recipe("reward").main(*_parse("reward", ["--output_dir", out if i == 0 else os.path.join(out, f"seed_{s}"),
+                                                      "--seed", s])) for i, s in enumerate(seeds)]
     from hf_rlhf_ext.lab import build_lab
 
     pairs = build_lab().load_preferences()
-    return {"test": metrics["test"], "n_train_pairs": metrics["n_train_pairs"],
+    return {"test": runs[0]["test"], "n_train_pairs": runs[0]["n_train_pairs"],
             "length_only": length_only_accuracy(_lengths(pairs["train"]), _lengths(pairs["test"])),
-            "label_flip_rate_test": sum(pairs["test"]["label_flipped"]) / len(pairs["test"])}
+            "label_flip_rate_test": sum(pairs["test"]["label_flipped"]) / len(pairs["test"]),
+            "seeds": [int(s) for s in seeds], "per_seed": [{"seed": int(s), "test": m["test"]}
+                                                           for s, m in zip(seeds, runs)]}
 
 
 def _lengths(pairs: Any) -> list[tuple[int, int]]:
@@ -212,39 +219,69 @@ def stage_group_advantages(args: Any, out: str) -> dict:
 
 
 def stage_best_of_n(args: Any, out: str) -> dict:
-    """Best-of-N's own over-optimisation curve and its distillation (``recipes/best_of_n.py``)."""
-    argv = ["--seed", str(args.seed), *_rl_flags(args, judge_as_weights=False)]
-    m = _recipe("best_of_n").main(*_parse("best_of_n", ["--output_dir", out, *argv, *(
-        ["--rounds", "1", "--pool_size", "32"] if args.quick else [])]))
-    # the control: one round of the same distillation on randomly chosen samples (best of 1)
-    control = _recipe("best_of_n").main(*_parse("best_of_n", ["--output_dir", os.path.join(out, "best_of_1"), *argv,
-                                                              "--n", "1", "--rounds", "1", "--pool_size", "8"]))
+    """Best-of-N's own over-optimisation curve and its distillation (``recipes/best_of_n.py``), and the control: one
+    round of the same distillation on randomly chosen samples (best of 1). The full run repeats both for 2 more seeds
+    and keeps every seed's round-1 gold gain in ``per_seed``; the first seed's full result (curve, plots, model) is
+    the stage's."""
+    bon = _recipe("best_of_n")
+    flags = _rl_flags(args, judge_as_weights=False)
+    per_seed, first = [], None
+    for i, seed in enumerate(_seeds(args, 3)):
+        where = out if i == 0 else os.path.join(out, f"seed_{seed}")
+        argv = ["--seed", seed, *flags]
+        # seeds after the first at the quick settings: the claim reads round 1's gain, which neither the curve's
+        # pool_size nor later rounds change (each draws from its own seed), at a third of a full seed's time
+        settings = ["--rounds", "1", "--pool_size", "32"] if args.quick or i > 0 else []
+        m = bon.main(*_parse("best_of_n", ["--output_dir", where, *argv, *settings]))
+        control = bon.main(*_parse("best_of_n", ["--output_dir", os.path.join(where, "best_of_1"), *argv, "--n", "1",
+                                                 "--rounds", "1", "--pool_size", "8"]))
+        first = first or (m, control)
+        per_seed.append({"seed": int(seed), "rounds": m["rounds"], "pool_size": m["pool_size"],
+                         "seconds": m["seconds"] + control["seconds"], "gain": _round_one_gain(m, m["gold"]),
+                         "best_of_1_gain": _round_one_gain(control, m["gold"])})
+    m, control = first
     return {k: m[k] for k in ("select", "gold", "n", "pool_size", "rounds", "initial", "best_of_n", "distilled",
                               "curve", "seconds")} | {"plots": [os.path.join(out, "bon_curve.png"),
                                                                  os.path.join(out, "distillation.png")],
                                                        "model_dir": out,
-                                                       "best_of_1": {k: control[k] for k in ("initial", "distilled")}}
+                                                       "best_of_1": {k: control[k] for k in ("initial", "distilled")},
+                                                       "seeds": [p["seed"] for p in per_seed], "per_seed": per_seed}
+
+
+def _round_one_gain(m: dict, gold: str | None) -> float | None:
+    """Held-out gold after the first distillation round − before it (it depends on neither the curve's pool_size nor
+    on later rounds: those draw from their own seeds)."""
+    return m["distilled"][0]["eval"][gold] - m["initial"][gold] if gold else None
 
 
 MINI_KEEP = ("polite_share_before", "polite_share_after", "kl_after", "kl_k3_after", "gold_before", "gold_after",
              "steps", "seconds", "samples_before", "samples_after")
+MINI_SEED_KEEP = ("polite_share_before", "polite_share_after", "kl_after", "gold_before", "gold_after", "seconds")
 
 
 def stage_mini_loop(args: Any, out: str) -> dict:
     """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``), and its control:
-    the same loop, seed and steps with the KL penalty off, so "KL stays bounded" is measured against no leash."""
-    argv = ["--seed", str(args.seed)]
+    the same loop, seed and steps with the KL penalty off, so "KL stays bounded" is measured against no leash. The full
+    run does both for 3 seeds: the first seed's result at the top, every seed's pair in ``per_seed``."""
+    argv = []
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
     if args.dataset_name:
         argv += ["--dataset_name", args.dataset_name]
     if args.use_peft:
         argv += ["--use_peft", "true"]
-    m = _recipe("mini_loop").main(*_parse("mini_loop", ["--output_dir", out, *argv]))
-    control = _recipe("mini_loop").main(*_parse("mini_loop", ["--output_dir", os.path.join(out, "no_kl_penalty"),
-                                                              "--kl_coef", "0", *argv]))
+    mini, runs = _recipe("mini_loop"), []
+    for i, seed in enumerate(_seeds(args, 3)):
+        where = out if i == 0 else os.path.join(out, f"seed_{seed}")
+        runs.append((int(seed), mini.main(*_parse("mini_loop", ["--output_dir", where, "--seed", seed, *argv])),
+                     mini.main(*_parse("mini_loop", ["--output_dir", os.path.join(where, "no_kl_penalty"),
+                                                     "--kl_coef", "0", "--seed", seed, *argv]))))
+    _, m, control = runs[0]
+    per_seed = [{"seed": s, "kl_penalty": {k: a.get(k) for k in MINI_SEED_KEEP},
+                 "no_kl_penalty": {k: b.get(k) for k in MINI_SEED_KEEP}} for s, a, b in runs]
     return {k: m.get(k) for k in MINI_KEEP} | {"kl_coef": m["config"]["kl_coef"], "plots": [m["files"]["plot"]],
-                                                "no_kl_penalty": {k: control.get(k) for k in MINI_KEEP}}
+                                                "no_kl_penalty": {k: control.get(k) for k in MINI_KEEP},
+                                                "seeds": [s for s, _, _ in runs], "per_seed": per_seed}
 
 
 HIGH_BETA = 0.5  # on the lab: gold rises and stays (no sustained fall in 3/3 seeds)
@@ -487,12 +524,15 @@ def _beats(acc: float, ref: float, n: int) -> tuple[bool, float]:
 
 
 def claim_reward_model(results: dict):
+    """One seed: accuracy z over chance and the margin and z over the length-only predictor. With seeds (the full run):
+    besides the per-seed z rules, the 95% t intervals of the accuracy above 0.5 and of the margin above RM_MARGIN."""
     from hf_rlhf_ext.experiments.report import Claim
 
     args = ("rm_accuracy", "12–13", "The reward model orders held-out pairs better than chance and than a length-only "
             "predictor", "held-out pairwise accuracy vs the labels; z = (acc − 0.5) / sqrt(0.25 / n); margin and z "
-            "over the length-only predictor on the same pairs", {"z": f">= {RM_Z}", "acc - length_only_acc":
-                                                                 f">= {RM_MARGIN}", "z_vs_length_only": f">= {RM_Z}"})
+            "over the length-only predictor on the same pairs; with seeds, 95% t intervals over them",
+            {"z": f">= {RM_Z}", "acc - length_only_acc": f">= {RM_MARGIN}", "z_vs_length_only": f">= {RM_Z}",
+             "with seeds": "every seed's z rules; accuracy interval > 0.5; margin interval > " + str(RM_MARGIN)})
     if reason := _missing(results, "reward_model"):
         return Claim.skip(*args, reason)
     r = results["reward_model"]
@@ -505,12 +545,29 @@ def claim_reward_model(results: dict):
     if "length_only" not in r:  # a result from before the control existed: said, not hidden
         return Claim.experiment(*args, values, z >= RM_Z, seeds=seeds)
     ref = r["length_only"]["accuracy"]
-    beats, z_ref = _beats(acc, ref, n)
+    z_ref = _beats(acc, ref, n)[1]
     values |= {"length_only_accuracy": ref, "margin_over_length_only": acc - ref, "z_vs_length_only": z_ref}
     control = {"statement": f"length-only predictor (prefers the {r['length_only']['prefers']} reply) on the same "
                "held-out pairs, put in the RM's place (and the RM in its)", "values": r["length_only"]}
-    control_holds = (ref - 0.5) / math.sqrt(0.25 / n) >= RM_Z and _beats(ref, acc, n)[0]
-    return Claim.experiment(*args, values, z >= RM_Z and beats, control, control_holds, seeds)
+    accs = {p["seed"]: p["test"]["accuracy"] for p in r.get("per_seed") or []}
+    if len(accs) < 2:  # one seed (quick, or a result from before the seeds): decided as one run
+        return Claim.experiment(*args, values, _rm_rule(acc, ref, n), control, _rm_rule(ref, acc, n), seeds)
+    values |= {"accuracy_over_seeds": _seed_stats(accs),
+               "margin_over_length_only_over_seeds": _seed_stats({s: a - ref for s, a in accs.items()})}
+    mine, refs = list(accs.values()), [ref] * len(accs)
+    return Claim.experiment(*args, values, _rm_seeds_rule(mine, refs, n), control, _rm_seeds_rule(refs, mine, n), seeds)
+
+
+def _rm_rule(acc: float, ref: float, n: int) -> bool:
+    """One seed: above chance by z and above the reference predictor by the margin and z."""
+    return (acc - 0.5) / math.sqrt(0.25 / n) >= RM_Z and _beats(acc, ref, n)[0]
+
+
+def _rm_seeds_rule(accs: list[float], refs: list[float], n: int) -> bool:
+    """Over seeds: the one-seed rule on every seed, the accuracy's interval above 0.5 and the interval of the margin
+    over the reference predictor above RM_MARGIN."""
+    margins = [a - b for a, b in zip(accs, refs)]
+    return all(_rm_rule(a, b, n) for a, b in zip(accs, refs)) and ci_clears(accs, 0.5) and ci_clears(margins, RM_MARGIN)
 
 
 def claim_clip(results: dict):
@@ -598,10 +655,13 @@ BON_MARGIN = 0.1
 
 
 def claim_best_of_n(results: dict):
+    """One seed: the round-1 gold gain at least BON_MARGIN. With seeds (the full run): its 95% t interval above
+    BON_MARGIN. The control, best of 1 of the same seed, is decided the same way."""
     from hf_rlhf_ext.experiments.report import Claim
 
     args = ("bon_distillation", "21", "Best-of-N distillation raises the policy's held-out gold over the SFT model",
-            "held-out gold after one round − SFT gold", f">= {BON_MARGIN}")
+            "held-out gold after one round − SFT gold; with seeds, its 95% t interval over them",
+            {"gain": f">= {BON_MARGIN}", "with seeds": f"95% t interval > {BON_MARGIN}"})
     if reason := _missing(results, "best_of_n"):
         return Claim.skip(*args, reason)
     r = results["best_of_n"]
@@ -619,7 +679,17 @@ def claim_best_of_n(results: dict):
     control = {"statement": "one round of the same distillation on randomly chosen samples (best of 1)",
                "values": {"sft_gold": c["initial"][gold], "distilled_gold": c["distilled"][0]["eval"][gold],
                           "gain": c_gain}}
-    return Claim.experiment(*args, values, first - initial >= BON_MARGIN, control, c_gain >= BON_MARGIN, seeds)
+    per = r.get("per_seed") or []
+    if len(per) < 2:  # one seed (quick, or a result from before the seeds): decided as one run
+        return Claim.experiment(*args, values, first - initial >= BON_MARGIN, control, c_gain >= BON_MARGIN, seeds)
+    gains, c_gains = ({p["seed"]: p[k] for p in per} for k in ("gain", "best_of_1_gain"))
+    values |= {"gain_over_seeds": _seed_stats(gains), "settings_per_seed": {
+        str(p["seed"]): {"rounds": p["rounds"], "pool_size": p["pool_size"]} for p in per},
+        "note": "the gain is round 1's; pool_size sets only the best-of-n curve and later rounds come after round 1, "
+                "so seeds run with fewer of either measure the same gain"}
+    control["values"] |= {"gain_over_seeds": _seed_stats(c_gains)}
+    return Claim.experiment(*args, values, ci_clears(list(gains.values()), BON_MARGIN), control,
+                            ci_clears(list(c_gains.values()), BON_MARGIN), seeds)
 
 
 POLITE_GAIN, POLITE_KL, KL_RATIO = 0.3, 5.0, 0.75
@@ -632,12 +702,16 @@ def _mini_rule(run: dict, other: dict) -> bool:
 
 
 def claim_mini_loop(results: dict):
+    """One seed: ``_mini_rule`` on the penalised run against its control and back. With seeds (the full run): the
+    95% t intervals over them of the gain above POLITE_GAIN and of the KL ratio below KL_RATIO, the control the same
+    rule with the roles swapped on every seed."""
     from hf_rlhf_ext.experiments.report import Claim
 
     args = ("mini_loop", "18", "The mini loop raises the share of polite endings while its KL penalty keeps KL "
             "below the same loop without it", "held-out polite share after − before; KL to the reference after "
-            "(nats per reply), with the penalty ÷ without it", {"gain": f">= {POLITE_GAIN}",
-                                                               "kl / kl_without_penalty": f"<= {KL_RATIO}"})
+            "(nats per reply), with the penalty ÷ without it; with seeds, 95% t intervals over them",
+            {"gain": f">= {POLITE_GAIN}", "kl / kl_without_penalty": f"<= {KL_RATIO}",
+             "with seeds": f"gain interval > {POLITE_GAIN}; kl ratio interval < {KL_RATIO}"})
     if reason := _missing(results, "mini_loop"):
         return Claim.skip(*args, reason)
     r = results["mini_loop"]
@@ -651,7 +725,27 @@ def claim_mini_loop(results: dict):
     control = {"statement": "the same loop, seed and steps with kl_coef = 0 (its KL against the penalised run's)",
                "values": {"before": c["polite_share_before"], "after": c["polite_share_after"],
                           "gain": c["polite_share_after"] - c["polite_share_before"], "kl": c["kl_after"]}}
-    return Claim.experiment(*args, values, _mini_rule(r, c), control, _mini_rule(c, r), seeds)
+    per = r.get("per_seed") or []
+    if len(per) < 2:  # one seed (quick, or a result from before the seeds): decided as one run
+        return Claim.experiment(*args, values, _mini_rule(r, c), control, _mini_rule(c, r), seeds)
+    effect = _mini_over_seeds({p["seed"]: (p["kl_penalty"], p["no_kl_penalty"]) for p in per})
+    swapped = _mini_over_seeds({p["seed"]: (p["no_kl_penalty"], p["kl_penalty"]) for p in per})
+    values |= {"gain_over_seeds": effect["gain"], "kl_ratio_over_seeds": effect["kl_ratio"]}
+    control["values"] |= {"gain_over_seeds": swapped["gain"], "kl_ratio_over_seeds": swapped["kl_ratio"]}
+    return Claim.experiment(*args, values, _mini_interval_rule(effect), control, _mini_interval_rule(swapped), seeds)
+
+
+def _mini_over_seeds(pairs: dict) -> dict:
+    """Per seed (run, other): the run's polite gain and its KL ÷ the other's, each with mean and 95% t interval."""
+    gains = {s: run["polite_share_after"] - run["polite_share_before"] for s, (run, _) in pairs.items()}
+    ratios = {s: run["kl_after"] / max(other["kl_after"], 1e-12) for s, (run, other) in pairs.items()}
+    return {"gain": _seed_stats(gains), "kl_ratio": _seed_stats(ratios)}
+
+
+def _mini_interval_rule(stats: dict) -> bool:
+    """The gain's interval above POLITE_GAIN and the KL ratio's below KL_RATIO."""
+    return (ci_clears(list(stats["gain"]["per_seed"].values()), POLITE_GAIN)
+            and ci_clears(list(stats["kl_ratio"]["per_seed"].values()), KL_RATIO, above=False))
 
 
 HACK_MARGIN = 0.1
@@ -735,6 +829,19 @@ def t_interval(values: list[float]) -> list[float] | None:
     m = sum(values) / n
     half = t_quantile_975(n - 1) * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
     return [m - half, m + half]
+
+
+def ci_clears(values: list[float], bar: float, above: bool = True) -> bool:
+    """The 95% t interval of the mean lies wholly above ``bar`` (``above``) or wholly below it; False without one."""
+    ci = t_interval(values)
+    return ci is not None and (ci[0] > bar if above else ci[1] < bar)
+
+
+def _seed_stats(per_seed: dict) -> dict:
+    """Mean, 95% t interval and the per-seed numbers of one statistic over seeds."""
+    vals = list(per_seed.values())
+    return {"mean": sum(vals) / len(vals), "ci95": t_interval(vals),
+            "per_seed": {str(k): v for k, v in per_seed.items()}}
 
 
 def _gain_rule(gains: list[float]) -> bool:
@@ -1074,12 +1181,19 @@ def section_reward_model(args, r):
 
     t, c = r["test"], claim_reward_model({"reward_model": r})
     acc, z = t["accuracy"], c.values["z"]
-    chance = _reading(z >= RM_Z, f"above chance (z = {z:.1f})", f"not distinguishable from chance (z = {z:.1f})")
+    over = c.values.get("accuracy_over_seeds")
+    accs = list(over["per_seed"].values()) if over else [acc]
+    above = all((a - 0.5) / math.sqrt(0.25 / t["n_pairs"]) >= RM_Z for a in accs) and (not over or ci_clears(accs, 0.5))
+    seeds = (f" on the first of {len(accs)} seeds; accuracy over them {over['mean']:.3f}, {_ci(over['ci95'])}"
+             if over else "")
+    chance = _reading(above, f"above chance (z = {z:.1f}{seeds})",
+                      f"not distinguishable from chance (z = {z:.1f}{seeds})")
     quality = "far from perfect — a proxy" if acc < 0.9 else "close to perfect on these pairs"
     if "length_only_accuracy" in c.values:
-        ref = c.values["length_only_accuracy"]
-        quality += _reading(c.holds, f"; it beats a length-only predictor ({ref:.0%}) by the margin",
-                            f"; it does NOT beat a length-only predictor ({ref:.0%}) by the margin")
+        ref, over = c.values["length_only_accuracy"], c.values.get("margin_over_length_only_over_seeds")
+        margin = _over_seeds(over, "margin")
+        quality += _reading(c.holds, f"; it beats a length-only predictor ({ref:.0%}) by the margin{margin}",
+                            f"; it does NOT beat a length-only predictor ({ref:.0%}) by the margin{margin}")
     if c.values.get("label_noise_ceiling") is not None:
         quality += f" (label noise caps accuracy near {c.values['label_noise_ceiling']:.0%})"
     return Section("Reward model (exercises 12–13)",
@@ -1144,28 +1258,45 @@ def section_best_of_n(args, r):
             f"{_trend([p[proxy] for p in pts])} ({pts[0][proxy]:.2f} → {pts[-1][proxy]:.2f})")
     if gold:
         before, after = r["initial"][gold], r["distilled"][0]["eval"][gold]
-        moved = _reading(claim_best_of_n({"best_of_n": r}).holds, "raises", "does NOT raise (by the margin)")
+        claim = claim_best_of_n({"best_of_n": r})
+        moved = _reading(claim.holds, "raises", "does NOT raise (by the margin)")
         text += (f", while {_gold_shape(pts, gold)}. One round of distillation {moved} the policy's own gold: "
-                 f"{before:.2f} → {after:.2f}.")
+                 f"{before:.2f} → {after:.2f}{' on the first seed' if r.get('per_seed', [])[1:] else ''}"
+                 f"{_over_seeds(claim.values.get('gain_over_seeds'))}.")
         if c := r.get("best_of_1"):
             text += (f" Distilling randomly chosen samples (best of 1) moved it {c['initial'][gold]:.2f} → "
-                     f"{c['distilled'][0]['eval'][gold]:.2f}.")
+                     f"{c['distilled'][0]['eval'][gold]:.2f}"
+                     f"{_over_seeds(claim.control['values'].get('gain_over_seeds'))}.")
     table = [(f"N = {p['n']}", {k: p[k] for k in p if k not in ("n", "sqrt_kl")}) for p in pts]
     table += [(f"distilled round {d['round']}", d["eval"]) for d in r["distilled"]]
     return Section("Best-of-N and its distillation (exercise 21)", text, table, [_rel(args, p) for p in r["plots"]])
 
 
+def _over_seeds(stats: dict | None, what: str = "gain") -> str:
+    """' (gain over 3 seeds +0.21, 95% t interval [...])', or nothing for one seed."""
+    if not stats:
+        return ""
+    return f" ({what} over {len(stats['per_seed'])} seeds {stats['mean']:+.3f}, {_ci(stats['ci95'])})"
+
+
 def section_mini_loop(args, r):
     from hf_rlhf_ext.experiments.report import Section
 
-    verdict = _reading(claim_mini_loop({"mini_loop": r}).holds, "The loop learned the behaviour under its leash.",
-                       "The claim does NOT hold on these numbers (see the claim and its control).")
+    claim = claim_mini_loop({"mini_loop": r})
+    seeds = ""
+    if g := claim.values.get("gain_over_seeds"):
+        k = claim.values["kl_ratio_over_seeds"]
+        seeds = (f" (over {len(g['per_seed'])} seeds: polite gain {g['mean']:+.2f}, {_ci(g['ci95'])}; KL ÷ the "
+                 f"same seed's KL without the penalty {k['mean']:.2f}, {_ci(k['ci95'])})")
+    verdict = _reading(claim.holds, f"The loop learned the behaviour under its leash{seeds}.",
+                       f"The claim does NOT hold on these numbers{seeds} (see the claim and its control).")
     if c := r.get("no_kl_penalty"):
         verdict = (f"Without the KL penalty the same loop went {c['polite_share_before']:.2f} → "
                    f"{c['polite_share_after']:.2f} at {c['kl_after']:.2f} nats. " + verdict)
     return Section("The mini loop that ends politely (exercise 18)",
                    f"Plain PyTorch: sample, score 'ends with a polite "
-                   f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps the "
+                   f"closing', subtract a baseline, PPO-clip with a per-token KL penalty. In {r['steps']} steps"
+                   f"{' on the first seed' if seeds else ''} the "
                    f"held-out polite share went {r['polite_share_before']:.2f} → {r['polite_share_after']:.2f} at "
                    f"{r['kl_after']:.2f} nats. {verdict}",
                    [(k, r.get(k)) for k in ("polite_share_before", "polite_share_after", "kl_after", "gold_before",
