@@ -43,7 +43,7 @@ def test_mini_loop_holds_when_every_seed_learns_under_the_leash():
     c = stages.claim_mini_loop({"mini_loop": _mini(LAB_MINI)})
     assert c.holds is True and c.control_holds is False and c.seeds == list(SEEDS)
     gain, ratio = c.values["gain_over_seeds"], c.values["kl_ratio_over_seeds"]
-    assert gain["ci95"][0] > stages.POLITE_GAIN and ratio["ci95"][1] < stages.KL_RATIO
+    assert gain["ci95"][0] > stages.POLITE_GAIN and ratio["ci95"][1] < stages.KL_RATIO_SEEDS
     assert sorted(gain["per_seed"]) == [str(s) for s in SEEDS]
     assert c.control["values"]["kl_ratio_over_seeds"]["ci95"][0] > 1  # the unpenalised run's KL, swapped: above
     text = stages.section_mini_loop(ARGS, _mini(LAB_MINI)).reading
@@ -53,10 +53,20 @@ def test_mini_loop_holds_when_every_seed_learns_under_the_leash():
 def test_mini_loop_does_not_hold_when_one_seed_breaks_the_leash():
     off = [LAB_MINI[0], LAB_MINI[1], ((0.93, 2.7), (0.96, 2.8))]  # seed 3: the penalty changed nothing
     c = stages.claim_mini_loop({"mini_loop": _mini(off)})
-    assert c.holds is False and c.values["kl_ratio_over_seeds"]["ci95"][1] > stages.KL_RATIO
+    assert c.holds is False and c.values["kl_ratio_over_seeds"]["ci95"][1] > stages.KL_RATIO_SEEDS
     assert "does NOT hold" in stages.section_mini_loop(ARGS, _mini(off)).reading
     not_learned = [LAB_MINI[0], LAB_MINI[1], ((0.35, 1.2), (0.96, 2.8))]  # seed 3 learned nothing
     assert stages.claim_mini_loop({"mini_loop": _mini(not_learned)}).holds is False
+
+
+def test_mini_loop_over_seeds_needs_the_ratio_interval_below_one_not_below_the_one_run_margin():
+    """The lab's full run: every seed's penalty lowered KL (ratios 0.41, 0.70, 0.59), an interval [0.20, 0.93] that
+    holds below 1 though it reaches above the one-run margin of 0.75; a seed where the penalty did nothing does not."""
+    lab = [((0.91, 0.41), (0.97, 1.0)), ((0.97, 0.70), (0.97, 1.0)), ((0.94, 0.59), (0.97, 1.0))]
+    c = stages.claim_mini_loop({"mini_loop": _mini(lab)})
+    assert c.holds is True and stages.KL_RATIO < c.values["kl_ratio_over_seeds"]["ci95"][1] < 1
+    flat = [lab[0], lab[1], ((0.94, 1.05), (0.97, 1.0))]
+    assert stages.claim_mini_loop({"mini_loop": _mini(flat)}).holds is False
 
 
 def test_mini_loop_control_holds_when_the_roles_swap():
