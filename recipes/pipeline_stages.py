@@ -707,8 +707,8 @@ def _mini_rule(run: dict, other: dict) -> bool:
 
 def claim_mini_loop(results: dict):
     """One seed: ``_mini_rule`` on the penalised run against its control and back. With seeds (the full run): the
-    95% t intervals over them of the gain above POLITE_GAIN and of the KL ratio below KL_RATIO_SEEDS, the control the same
-    rule with the roles swapped on every seed."""
+    95% t intervals over them of the gain above POLITE_GAIN and of the KL ratio below KL_RATIO_SEEDS, the control the
+    same rule with the roles swapped on every seed."""
     from hf_rlhf_ext.experiments.report import Claim
 
     args = ("mini_loop", "18", "The mini loop raises the share of polite endings while its KL penalty keeps KL "
