@@ -151,15 +151,14 @@ def stage_clip(args: Any, out: str) -> dict:
     }
 
 
-def _grpo_setup(args: Any, out: str, extra: list[str], num_eval_prompts: int = 64):
+def _grpo_setup(args: Any, out: str, extra: list[str]):
     """A GRPO trainer on the pipeline's policy, prompts and rewards, built through the GRPO recipe's own parser."""
     from trl import GRPOTrainer
 
     from hf_rlhf_ext.run.build import make_trainer, prepare_rl_run
 
     script_args, training_args, model_args = _parse("grpo", ["--output_dir", out, "--seed", str(args.seed),
-                                                             "--num_eval_prompts", str(num_eval_prompts),
-                                                             *_rl_flags(args), *extra])
+                                                             "--num_eval_prompts", "64", *_rl_flags(args), *extra])
     setup = prepare_rl_run(script_args, training_args, model_args)
     return _quiet(make_trainer(GRPOTrainer, setup, training_args)), setup
 
@@ -236,13 +235,13 @@ def stage_mini_loop(args: Any, out: str) -> dict:
                                                 "no_kl_penalty": {k: control.get(k) for k in MINI_KEEP}}
 
 
-HIGH_BETA = 0.5  # on the lab: gold rises and stays (no sustained fall in 3/3 seeds)
-LOW_BETA = 0.005
+HIGH_BETA = 0.5  # on the lab at OVEROPT_RUN: gold rises and stays (largest fall 0.05 over seeds 0–4, quick mode)
+LOW_BETA = 0.0  # no leash at all: the lowest β there is
 OVEROPT_SEEDS = 3  # full mode: the claim's t interval is over this many seeds
 
 
 def stage_overoptimization(args: Any, out: str) -> dict:
-    """β too low: GRPO on the proxy with a weak KL leash, held-out proxy and gold watched by
+    """β too low: GRPO on the proxy without a KL leash (LOW_BETA), held-out proxy and gold watched by
     ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens); the control is the same run from the
     same start at a high β, where gold should not fall. Quick mode: one seed. Full mode: OVEROPT_SEEDS seeds from
     ``--seed``, each with its control, kept in ``per_seed`` (the first seed's runs also at the top, as quick mode
@@ -270,25 +269,25 @@ def _overoptimization_pair(args: Any, out: str) -> dict:
     return low | {"high_beta": _overoptimization_run(args, os.path.join(out, "high_beta"), HIGH_BETA)}
 
 
-OVEROPT_RUN = {"learning_rate": 3e-4, "max_completion_length": 32, "every_n_steps": 5, "num_samples": None,
-               "num_eval_prompts": 64, "steps_quick": 80, "steps_full": 150}
+#: the runs' settings, measured on the lab (seeds 0–4, quick mode): at a learning rate of 6e-4 and β = 0 gold peaks
+#: and falls within 80 steps while the proxy rises; at 3e-4 and β = 0.005 the fall often came after step 80
+OVEROPT_RUN = {"learning_rate": 6e-4, "max_completion_length": 32, "every_n_steps": 5, "steps_quick": 80,
+               "steps_full": 150}
 
 
-def _overoptimization_run(args: Any, out: str, beta: float, settings: dict | None = None) -> dict:
+def _overoptimization_run(args: Any, out: str, beta: float) -> dict:
     from hf_rlhf_ext.callbacks import OveroptimizationCallback
 
-    s = OVEROPT_RUN | (settings or {})
+    s = OVEROPT_RUN
     steps = str(s["steps_quick"] if args.quick else s["steps_full"])
     trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", str(s["learning_rate"]),
                                              "--loss_type", "dapo", "--max_steps", steps,
                                              "--max_completion_length", str(s["max_completion_length"]),
-                                             "--disable_tqdm", "true", "--logging_steps", "10"],
-                                 num_eval_prompts=s["num_eval_prompts"])
+                                             "--disable_tqdm", "true", "--logging_steps", "10"])
     proxy = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w != 0)
     gold = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w == 0)
     monitor = OveroptimizationCallback(trainer, proxy=proxy, gold=gold, eval_prompts=setup.eval_prompts,
-                                       every_n_steps=s["every_n_steps"], num_samples=s["num_samples"], patience=3,
-                                       output_dir=out)
+                                       every_n_steps=s["every_n_steps"], patience=3, output_dir=out)
     trainer.add_callback(monitor)
     trainer.train()
     findings = monitor.findings()
@@ -658,13 +657,14 @@ HACK_MARGIN = 0.1
 
 def gold_noise(points: list[dict]) -> float:
     """Measurement noise (σ) of one held-out gold value. Points that carry their own standard error (``gold_se``: the
-    held-out samples' std / √n at that measurement) give the median of it: the sampling noise of the measurement and
-    nothing else, where successive differences also count the policy's real drift between points (gold climbing or
-    falling over the steps between them) as noise. A stored result without it: the median |successive difference| /
-    (√2 · 0.6745), robust to the few large steps of a real fall, so a hump is not mistaken for noise."""
-    ses = sorted(p["gold_se"] for p in points if p.get("gold_se") is not None and math.isfinite(p["gold_se"]))
+    held-out samples' std / √n at that measurement) give the largest of them: the sampling noise of the measurement
+    and nothing else, where successive differences also count the policy's real drift between points (gold climbing
+    or falling over the steps between them) as noise; the largest, not a median, because a collapsed policy scores
+    its samples alike (a standard error near 0) and would pull a median below the noise at the peak. A stored result
+    without it: the median |successive difference| / (√2 · 0.6745), robust to the few large steps of a real fall."""
+    ses = [p["gold_se"] for p in points if p.get("gold_se") is not None and math.isfinite(p["gold_se"])]
     if ses:
-        return _median(ses)
+        return max(ses)
     gold = [p["gold"] for p in points if p.get("gold") is not None and math.isfinite(p["gold"])]
     diffs = sorted(abs(b - a) for a, b in zip(gold, gold[1:]))
     return _median(diffs) / (math.sqrt(2) * 0.6745) if diffs else float("inf")
@@ -740,7 +740,7 @@ def _claim_over_seeds(args: tuple, r: dict, seeds: list[int] | None):
             "and end proxy − proxy at the gold peak; 95% t interval of the fall over seeds",
             {"fall_ci95_low": f"> max({HACK_MARGIN}, 2 × the largest gold noise)",
              "end_proxy - proxy_at_peak": "> 0 in every seed"})
-    holds, values = _humps_over_seeds([run for run in r["per_seed"]])
+    holds, values = _humps_over_seeds(r["per_seed"])
     control_holds, control_values = _humps_over_seeds([run["high_beta"] | {"seed": run["seed"]}
                                                        for run in r["per_seed"]])
     control = {"statement": f"the same runs from the same starts at β = {r['per_seed'][0]['high_beta']['beta']}",
