@@ -1180,17 +1180,21 @@ def section_mini_loop(args, r):
 
 
 def section_overoptimization(args, r):
+    """One run's curve in words, read by the claim in quick mode; in full mode that run is the first seed's (read by
+    the hump rule on it alone) and a second reading over the seeds follows, chosen by the claim."""
     from hf_rlhf_ext.experiments.report import Section
 
     f = r["findings"]
+    kl = f"KL {f['kl_at_peak']:.2f}, " if f["kl_at_peak"] is not None else ""  # none measured at β = 0
     text = (f"GRPO at β = {r['beta']} for {r['steps']} steps. The monitor found the gold peak at step {f['peak_step']} "
-            f"(smoothed gold {f['peak_gold']:.2f}, KL {f['kl_at_peak'] or float('nan'):.2f}); by the end gold was "
-            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}"
+            f"({kl}smoothed gold {f['peak_gold']:.2f}); by the end gold was {f['final_gold']:.2f} while the proxy "
+            f"had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}"
             ) if f["peak_step"] is not None else "No gold peak was found"
     claim = claim_overoptimization({"overoptimization": r})
+    this_run = _hump(r)[0] if r.get("per_seed") else claim.holds
     if r.get("per_seed"):
         text = f"Seed {r['per_seed'][0]['seed']}: " + text
-    text += _reading(claim.holds, ": Goodhart's law, measured.", ": the rise-then-fall was NOT resolved in this run.")
+    text += _reading(this_run, ": Goodhart's law, measured.", ": the rise-then-fall was NOT resolved in this run.")
     if r.get("per_seed"):
         text += " " + _seeds_reading(claim, r["high_beta"]["beta"])
     if h := r.get("high_beta"):
