@@ -81,3 +81,23 @@ def test_the_report_section_reads_the_verdict_over_seeds():
     below_bar = [*CLEAR[:2], _run(0.005, 0.70, 0.66, 0.8, 1.2)]  # the first seed's own hump is clear
     mixed = stages.section_overoptimization(args, _result(below_bar)["overoptimization"]).reading
     assert "Seed 0:" in mixed and "Goodhart's law, measured." in mixed and "NOT shown beyond" in mixed
+
+
+def test_full_mode_runs_three_seeds_each_with_its_control(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(args, out, beta):
+        calls.append((args.seed, beta))
+        run = _steady(args.seed) if beta == stages.HIGH_BETA else CLEAR[args.seed - 7]
+        return {**run, "beta": beta, "plots": [f"{out}/overoptimization.png"]}
+
+    monkeypatch.setattr(stages, "_overoptimization_run", fake_run)
+    args = SimpleNamespace(quick=False, seed=7, on_lab=True, gold_funcs=None)
+    r = stages.stage_overoptimization(args, str(tmp_path))
+    assert r["seeds"] == [7, 8, 9] and [run["seed"] for run in r["per_seed"]] == [7, 8, 9] and args.seed == 7
+    assert calls == [(s, b) for s in (7, 8, 9) for b in (stages.LOW_BETA, stages.HIGH_BETA)]
+    assert len(r["plots"]) == 6 and r["findings"] == CLEAR[0]["findings"] and r["high_beta"]["beta"] == stages.HIGH_BETA
+    claim = stages.claim_overoptimization({"overoptimization": r})
+    assert claim.holds is True and claim.seeds == [7, 8, 9] and set(claim.values["per_seed"]) == {"7", "8", "9"}
+    quick = stages.stage_overoptimization(SimpleNamespace(quick=True, seed=7, on_lab=True, gold_funcs=None), "q")
+    assert "per_seed" not in quick and quick["high_beta"]["beta"] == stages.HIGH_BETA
