@@ -2,6 +2,7 @@
 report they make. Each stage takes the pipeline's arguments and its own output folder and returns a JSON-able dict of
 numbers; the claims and the report read only those dicts, so a report can be rebuilt from stored results."""
 
+import copy
 import importlib.util
 import math
 import os
@@ -284,30 +285,59 @@ def stage_mini_loop(args: Any, out: str) -> dict:
                                                 "seeds": [s for s, _, _ in runs], "per_seed": per_seed}
 
 
-HIGH_BETA = 0.5  # on the lab: gold rises and stays (no sustained fall in 3/3 seeds)
+HIGH_BETA = 0.5  # on the lab at OVEROPT_RUN: gold rises and stays (largest fall 0.05 over seeds 0–4, quick mode)
+LOW_BETA = 0.0  # no leash at all: the lowest β there is
+OVEROPT_SEEDS = 3  # full mode: the claim's t interval is over this many seeds
 
 
 def stage_overoptimization(args: Any, out: str) -> dict:
-    """β too low: GRPO on the proxy with a weak KL leash, held-out proxy and gold watched by
+    """β too low: GRPO on the proxy without a KL leash (LOW_BETA), held-out proxy and gold watched by
     ``OveroptimizationCallback`` (the gold peak found, and saved, as it happens); the control is the same run from the
-    same start at a high β, where gold should not fall."""
+    same start at a high β, where gold should not fall. Quick mode: one seed. Full mode: OVEROPT_SEEDS seeds from
+    ``--seed``, each with its control, kept in ``per_seed`` (the first seed's runs also at the top, as quick mode
+    has them)."""
     if not has_gold(args):
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
-    low = _overoptimization_run(args, out, 0.005)
+    if args.quick:
+        return _overoptimization_pair(args, out)
+    seeds = [args.seed + i for i in range(OVEROPT_SEEDS)]
+    per_seed = [{"seed": s} | _overoptimization_pair(_with_seed(args, s), os.path.join(out, f"seed_{s}"))
+                for s in seeds]
+    plots = [p for run in per_seed for p in run["plots"] + run["high_beta"]["plots"]]
+    return {k: v for k, v in per_seed[0].items() if k != "seed"} | {"seeds": seeds, "per_seed": per_seed,
+                                                                    "plots": plots}
+
+
+def _with_seed(args: Any, seed: int) -> Any:
+    other = copy.copy(args)
+    other.seed = seed
+    return other
+
+
+def _overoptimization_pair(args: Any, out: str) -> dict:
+    low = _overoptimization_run(args, out, LOW_BETA)
     return low | {"high_beta": _overoptimization_run(args, os.path.join(out, "high_beta"), HIGH_BETA)}
+
+
+#: the runs' settings, measured on the lab (seeds 0–4, quick mode): at a learning rate of 6e-4 and β = 0 gold peaks
+#: and falls within 80 steps while the proxy rises; at 3e-4 and β = 0.005 the fall often came after step 80
+OVEROPT_RUN = {"learning_rate": 6e-4, "max_completion_length": 32, "every_n_steps": 5, "steps_quick": 80,
+               "steps_full": 150}
 
 
 def _overoptimization_run(args: Any, out: str, beta: float) -> dict:
     from hf_rlhf_ext.callbacks import OveroptimizationCallback
 
-    steps = "80" if args.quick else "150"
-    trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", "3e-4", "--loss_type", "dapo",
-                                             "--max_steps", steps, "--max_completion_length", "32",
+    s = OVEROPT_RUN
+    steps = str(s["steps_quick"] if args.quick else s["steps_full"])
+    trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", str(s["learning_rate"]),
+                                             "--loss_type", "dapo", "--max_steps", steps,
+                                             "--max_completion_length", str(s["max_completion_length"]),
                                              "--disable_tqdm", "true", "--logging_steps", "10"])
     proxy = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w != 0)
     gold = next(f for f, w in zip(setup.reward_funcs, setup.reward_weights) if w == 0)
     monitor = OveroptimizationCallback(trainer, proxy=proxy, gold=gold, eval_prompts=setup.eval_prompts,
-                                       every_n_steps=5, patience=3, output_dir=out)
+                                       every_n_steps=s["every_n_steps"], patience=3, output_dir=out)
     trainer.add_callback(monitor)
     trainer.train()
     findings = monitor.findings()
@@ -756,15 +786,23 @@ HACK_MARGIN = 0.1
 
 
 def gold_noise(points: list[dict]) -> float:
-    """Measurement noise (σ) of one held-out gold value, from the median |successive difference| / (√2 · 0.6745):
-    robust to the few large steps of a real fall, so a hump is not mistaken for noise."""
+    """Measurement noise (σ) of one held-out gold value. Points that carry their own standard error (``gold_se``: the
+    held-out samples' std / √n at that measurement) give the largest of them: the sampling noise of the measurement
+    and nothing else, where successive differences also count the policy's real drift between points (gold climbing
+    or falling over the steps between them) as noise; the largest, not a median, because a collapsed policy scores
+    its samples alike (a standard error near 0) and would pull a median below the noise at the peak. A stored result
+    without it: the median |successive difference| / (√2 · 0.6745), robust to the few large steps of a real fall."""
+    ses = [p["gold_se"] for p in points if p.get("gold_se") is not None and math.isfinite(p["gold_se"])]
+    if ses:
+        return max(ses)
     gold = [p["gold"] for p in points if p.get("gold") is not None and math.isfinite(p["gold"])]
     diffs = sorted(abs(b - a) for a, b in zip(gold, gold[1:]))
-    if not diffs:
-        return float("inf")
-    mid = len(diffs) // 2
-    median = diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2
-    return median / (math.sqrt(2) * 0.6745)
+    return _median(diffs) / (math.sqrt(2) * 0.6745) if diffs else float("inf")
+
+
+def _median(ordered: list[float]) -> float:
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _hump(run: dict) -> tuple[bool, dict]:
@@ -796,6 +834,9 @@ def _hump_shortfall(values: dict) -> str:
 
 
 def claim_overoptimization(results: dict):
+    """One run (quick mode, or a stored result without ``per_seed``): the hump rule on it, undecided in quick mode
+    when neither it nor its control shows one. Several seeds: :func:`_humps_over_seeds` on the low-β runs, and the
+    same rule on their high-β controls."""
     from hf_rlhf_ext.experiments.report import Claim
 
     args = ("beta_too_low", "9, 10, 22", "With β too low the proxy keeps rising while gold peaks and falls",
@@ -805,8 +846,10 @@ def claim_overoptimization(results: dict):
     if reason := _missing(results, "overoptimization"):
         return Claim.skip(*args, reason)
     r = results["overoptimization"]
-    holds, values = _hump(r)
     seeds = _claim_seeds(results, "overoptimization")
+    if r.get("per_seed"):
+        return _claim_over_seeds(args, r, seeds)
+    holds, values = _hump(r)
     if not r.get("high_beta"):
         return Claim.experiment(*args, values, holds, seeds=seeds)
     control_holds, control_values = _hump(r["high_beta"])
@@ -818,6 +861,41 @@ def claim_overoptimization(results: dict):
                   "--quick")
         return Claim(*args, values, None, skipped=reason, control=control, control_holds=False, seeds=seeds)
     return Claim.experiment(*args, values, holds, control, control_holds, seeds)
+
+
+def _claim_over_seeds(args: tuple, r: dict, seeds: list[int] | None):
+    from hf_rlhf_ext.experiments.report import Claim
+
+    args = (*args[:3], "per seed: smoothed held-out gold at its peak − at the end (0 without a peak before the end) "
+            "and end proxy − proxy at the gold peak; 95% t interval of the fall over seeds",
+            {"fall_ci95_low": f"> max({HACK_MARGIN}, 2 × the largest gold noise)",
+             "end_proxy - proxy_at_peak": "> 0 in every seed"})
+    holds, values = _humps_over_seeds(r["per_seed"])
+    control_holds, control_values = _humps_over_seeds([run["high_beta"] | {"seed": run["seed"]}
+                                                       for run in r["per_seed"]])
+    control = {"statement": f"the same runs from the same starts at β = {r['per_seed'][0]['high_beta']['beta']}",
+               "values": control_values}
+    return Claim.experiment(*args, values, holds, control, control_holds, seeds)
+
+
+def _humps_over_seeds(runs: list[dict]) -> tuple[bool, dict]:
+    """The hump rule over seeds: the 95% t interval of the gold fall lies above max(HACK_MARGIN, 2 × the largest gold
+    noise of any seed), and the proxy rose from the gold peak to the end in every seed."""
+    per_seed = {}
+    for run in runs:
+        _, v = _hump(run)
+        before_end = v["peak_step"] is not None and v["peak_step"] < v["last_step"] and v["fall"] is not None
+        rise = v["end_proxy"] - v["proxy_at_peak"] if v["proxy_at_peak"] is not None else None
+        per_seed[str(run["seed"])] = {k: v[k] for k in ("peak_step", "last_step", "peak_gold", "end_gold",
+                                                        "gold_noise", "proxy_at_peak", "end_proxy")} | {
+            "fall": v["fall"] if before_end else 0.0, "proxy_rise": rise}
+    falls = [v["fall"] for v in per_seed.values()]
+    noise = max(v["gold_noise"] for v in per_seed.values())
+    bar, ci = max(HACK_MARGIN, 2 * noise), t_interval(falls)
+    proxy_rose = all(v["proxy_rise"] is not None and v["proxy_rise"] > 0 for v in per_seed.values())
+    values = {"per_seed": per_seed, "fall_mean": sum(falls) / len(falls), "fall_ci95": ci, "largest_gold_noise": noise,
+              "bar": bar, "proxy_rose_in_every_seed": proxy_rose}
+    return ci is not None and ci[0] > bar and proxy_rose, values
 
 
 VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
@@ -1308,15 +1386,23 @@ def section_mini_loop(args, r):
 
 
 def section_overoptimization(args, r):
+    """One run's curve in words, read by the claim in quick mode; in full mode that run is the first seed's (read by
+    the hump rule on it alone) and a second reading over the seeds follows, chosen by the claim."""
     from hf_rlhf_ext.experiments.report import Section
 
     f = r["findings"]
+    kl = f"KL {f['kl_at_peak']:.2f}, " if f["kl_at_peak"] is not None else ""  # none measured at β = 0
     text = (f"GRPO at β = {r['beta']} for {r['steps']} steps. The monitor found the gold peak at step {f['peak_step']} "
-            f"(smoothed gold {f['peak_gold']:.2f}, KL {f['kl_at_peak'] or float('nan'):.2f}); by the end gold was "
-            f"{f['final_gold']:.2f} while the proxy had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}"
+            f"({kl}smoothed gold {f['peak_gold']:.2f}); by the end gold was {f['final_gold']:.2f} while the proxy "
+            f"had gone from {f['proxy_at_peak']:.2f} to {f['final_proxy']:.2f}"
             ) if f["peak_step"] is not None else "No gold peak was found"
-    text += _reading(claim_overoptimization({"overoptimization": r}).holds, ": Goodhart's law, measured.",
-                     ": the rise-then-fall was NOT resolved in this run.")
+    claim = claim_overoptimization({"overoptimization": r})
+    this_run = _hump(r)[0] if r.get("per_seed") else claim.holds
+    if r.get("per_seed"):
+        text = f"Seed {r['per_seed'][0]['seed']}: " + text
+    text += _reading(this_run, ": Goodhart's law, measured.", ": the rise-then-fall was NOT resolved in this run.")
+    if r.get("per_seed"):
+        text += " " + _seeds_reading(claim, r["high_beta"]["beta"])
     if h := r.get("high_beta"):
         g = h["findings"]
         text += (f" From the same start at β = {h['beta']} gold ended at {g['final_gold'] or float('nan'):.2f} "
@@ -1325,6 +1411,19 @@ def section_overoptimization(args, r):
                    [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
                                          "kl_at_peak", "final_kl", "detected_step")],
                    [_rel(args, p) for p in r["plots"]])
+
+
+def _seeds_reading(claim, high_beta: float) -> str:
+    """Over seeds: the fall's interval against its bar and the proxy, in words chosen by the claim's verdict."""
+    v, c = claim.values, claim.control["values"]
+    lo, hi = v["fall_ci95"] or (float("nan"), float("nan"))
+    rose = sum(s["proxy_rise"] is not None and s["proxy_rise"] > 0 for s in v["per_seed"].values())
+    numbers = (f"Over seeds {', '.join(v['per_seed'])} gold fell {v['fall_mean']:.2f} on average (95% interval "
+               f"[{lo:.2f}, {hi:.2f}], bar {v['bar']:.2f}) and the proxy rose after the gold peak in {rose} of "
+               f"{len(v['per_seed'])}; at β = {high_beta} the fall was "
+               f"{c['fall_mean']:.2f}")
+    return numbers + _reading(claim.holds, ": the hump is beyond seed-to-seed noise.",
+                              ": the hump is NOT shown beyond seed-to-seed noise (or the control shows it too).")
 
 
 def section_reinforce(args, r):
