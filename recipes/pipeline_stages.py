@@ -1226,8 +1226,9 @@ def findings(results: dict) -> list:
         out.append(Finding("rm_ensembles", f"Gold fall from its peak at β = {ens['settings']['beta']} per optimised "
                            "objective (lower is better; single RM vs ensembles)",
                            {o: v["fall"]["mean"] for o, v in ens["objectives"].items()}))
-    if (over := results.get("overoptimization")) and over.get("points"):
-        out.append(pipeline_findings.forecast_finding([over["points"]]))
+    if (over := results.get("overoptimization")) and over.get("points"):  # every seed's low-β run (full mode)
+        runs = over.get("per_seed") or [over]
+        out.append(pipeline_findings.forecast_finding([run["points"] for run in runs if run.get("points")]))
     if ens and (ens.get("single_points") or {}).get("per_seed"):
         out.append(pipeline_findings.ensemble_warning_finding(ens["single_points"]["per_seed"]))
     if sweep and sweep.get("kl_estimators"):

@@ -265,3 +265,13 @@ def test_the_pipeline_reports_the_three_findings_from_stage_results():
     older = {"beta_sweep": {"gao_fit": {}}, "ensembles": {"objectives": {}, "settings": {"beta": 0.005}}}
     assert not {"gold_peak_forecast", "ensemble_early_warning", "kl_estimators"} & {
         f.id for f in stages.findings(older)}  # results from before these were kept: no finding, no error
+
+
+def test_the_forecast_finding_reads_every_seeds_low_beta_run_of_a_full_result():
+    """Full mode keeps each seed's run under per_seed (the first also at the top): the finding counts them all."""
+    flat = _points([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # never turns down: not a run that peaks before its end
+    full = {"points": flat, "per_seed": [{"seed": s, "points": p} for s, p in
+                                         ((0, flat), (1, _gao_points()), (2, _gao_points()))]}
+    found = {f.id: f for f in stages.findings({"overoptimization": full})}["gold_peak_forecast"]
+    assert found.verdict == "forecast ahead of the peak"  # 2 of the 3 seeds; the top-level run alone is undecidable
+    assert stages.findings({"overoptimization": {"points": flat}})[0].verdict != found.verdict
