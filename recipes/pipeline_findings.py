@@ -64,13 +64,29 @@ def _contains(forecast: dict, kl: float) -> bool:
     return _finite(low) and _finite(high) and low <= kl <= high
 
 
+def runs_have_kl(runs: list[dict]) -> bool:
+    return any(r.get("has_kl") for r in runs)
+
+
+def forecast_point_lists(sweep_runs: list[dict]) -> list[list[dict]]:
+    """The held-out points (step, KL (k3), proxy, gold) of the β sweep's lowest-β runs, one list per seed: the runs
+    a forecast is for, and they measure KL at every β (the over-optimisation stage's β = 0 runs have no reference
+    model, hence no KL, to fit against)."""
+    if not sweep_runs:
+        return []
+    low = min(r["beta"] for r in sweep_runs)
+    return [[{"step": p["step"], "kl": p["k3"], "proxy": p.get("proxy"), "gold": p.get("gold")} for p in r["points"]]
+            for r in sweep_runs if r["beta"] == low and any(p.get("gold") is not None for p in r["points"])]
+
+
 def forecast_run(points: list[dict], forecasts: list[dict]) -> dict:
     """One run: its observed gold peak (step, KL), the first measurement whose forecast interval held that KL, how
     many steps before the peak it was (negative: after), and the relative error of the forecast made at the
     measurement halfway (in steps) to the peak."""
     peak = observed_peak(points)
     if peak is None:
-        return {"peak_step": None, "peak_before_end": False, "ahead": False}
+        return {"peak_step": None, "peak_before_end": False, "ahead": False,
+                "has_kl": any(_finite(p.get("kl")) for p in points)}
     hit = next((f for f in forecasts if _contains(f, peak["kl"])), None)
     first_step = points[0]["step"]
     halfway = [f for f in forecasts if f["step"] <= first_step + (peak["step"] - first_step) / 2]
@@ -85,7 +101,7 @@ def forecast_run(points: list[dict], forecasts: list[dict]) -> dict:
             "steps_before_peak": peak["step"] - hit["step"] if hit else None,
             "halfway_step": at_half["step"] if at_half else None, "halfway_forecast_kl": half_kl,
             "halfway_relative_error": error,
-            "ahead": bool(peak["before_end"] and hit is not None and hit["step"] < peak["step"])}
+            "ahead": bool(peak["before_end"] and hit is not None and hit["step"] < peak["step"]), "has_kl": True}
 
 
 def forecast_finding(point_lists: list[list[dict]], replay=replay_forecasts) -> Finding:
@@ -98,6 +114,8 @@ def forecast_finding(point_lists: list[list[dict]], replay=replay_forecasts) -> 
 def _forecast_reading(runs: list[dict], verdict: str) -> str:
     head = ("Gold-peak forecast (Gao RL form fitted to the gold gain against KL at every measurement, 5–95% bootstrap "
             f"interval of the peak KL), replayed on {len(runs)} low-β run(s): ")
+    if verdict == "not decidable" and not runs_have_kl(runs):
+        return head + "no run measured a KL to fit against, so no forecast could be made"
     if verdict == "not decidable":
         return head + "no run's gold peaked before its last measurement, so no forecast could be early"
     lead = [f"step {r['first_contains_step']} for a peak at step {r['peak_step']} (KL {r['peak_kl']:.2f})"
@@ -206,8 +224,8 @@ def sweep_kl_runs(results_path: str) -> list[dict]:
         for line in f:
             rec = json.loads(line) if line.strip() else {}
             if rec and not rec.get("header"):
-                pts = [{"step": p["step"], "k1": p.get("kl_k1"), "k3": p["kl"], "exact": p.get("kl_exact")}
-                       for p in rec["curve"]]
+                pts = [{"step": p["step"], "k1": p.get("kl_k1"), "k3": p["kl"], "exact": p.get("kl_exact"),
+                        "gold": p.get("gold"), "proxy": p.get("proxy")} for p in rec["curve"]]
                 runs.append({"beta": float(rec["beta"]), "seed": rec["seed"], "final": pts[-1], "points": pts})
     return sorted(runs, key=lambda r: (r["beta"], r["seed"]))
 

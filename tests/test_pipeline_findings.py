@@ -218,7 +218,7 @@ def test_the_sweep_keeps_k1_k3_and_exact_of_every_measurement(tmp_path):
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     runs = pf.sweep_kl_runs(str(path))
     assert [r["beta"] for r in runs] == [0.0, 0.2]
-    assert runs[0]["final"] == {"step": 5, "k1": 1.0, "k3": 0.5, "exact": 0.75}
+    assert runs[0]["final"] == {"step": 5, "k1": 1.0, "k3": 0.5, "exact": 0.75, "gold": 0.5, "proxy": 1.0}
 
 
 def test_the_probe_scores_the_ensemble_on_its_own_samples():
@@ -275,3 +275,24 @@ def test_the_forecast_finding_reads_every_seeds_low_beta_run_of_a_full_result():
     found = {f.id: f for f in stages.findings({"overoptimization": full})}["gold_peak_forecast"]
     assert found.verdict == "forecast ahead of the peak"  # 2 of the 3 seeds; the top-level run alone is undecidable
     assert stages.findings({"overoptimization": {"points": flat}})[0].verdict != found.verdict
+
+
+def _sweep_run(beta, seed, points):
+    return {"beta": beta, "seed": seed, "final": points[-1],
+            "points": [{"step": p["step"], "k1": p["kl"], "k3": p["kl"], "exact": p["kl"], "gold": p["gold"],
+                        "proxy": p["proxy"]} for p in points]}
+
+
+def test_the_forecast_is_measured_on_the_sweeps_lowest_beta_runs_of_every_seed():
+    """The β sweep measures KL at every β, the β = 0 over-optimisation runs (no reference model) do not: the forecast
+    reads the sweep's lowest β, one run per seed, and leaves the higher β out."""
+    flat = _points([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], kls=[0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
+    sweep = [_sweep_run(0.0, 0, _gao_points()), _sweep_run(0.0, 1, _gao_points()), _sweep_run(1.0, 0, flat)]
+    lists = pf.forecast_point_lists(sweep)
+    assert len(lists) == 2 and [p["kl"] for p in lists[0]] == [p["kl"] for p in _gao_points()]
+    no_kl = {"points": [{**p, "kl": None} for p in _gao_points()]}
+    found = {f.id: f for f in stages.findings({"beta_sweep": {"gao_fit": {}, "kl_estimators": sweep},
+                                               "overoptimization": no_kl})}["gold_peak_forecast"]
+    assert found.verdict == "forecast ahead of the peak" and len(found.values["runs"]) == 2
+    alone = stages.findings({"overoptimization": no_kl})[0]
+    assert alone.verdict == "not decidable" and "no run measured a KL" in alone.statement

@@ -16,7 +16,7 @@ completions of the held-out prompts with the proxy and the gold reward, and ``KL
 sequence-level KL (k3) on its own fresh samples of the same prompts. Both sample with a fixed seed of their own, so
 training draws are unchanged. A step timer placed before them times the steps without the measurements.
 
-Memory: each run is its own spawned process. ``ru_maxrss`` is per process and never decreases, so in a shared
+Memory: each run is its own fresh process. ``ru_maxrss`` is per process and never decreases, so in a shared
 process the second run would inherit the first one's peak. On CPU a run reports its peak RSS above the RSS it had
 after importing the stack (the same imports for both trainers); on CUDA ``torch.cuda.max_memory_allocated``
 (the tensors the allocator handed out: weights, optimizer states, activations), which excludes the CUDA context.
@@ -509,16 +509,21 @@ def _logged_run(run: CompareSpec) -> dict[str, Any]:
     return _run_in_child(run, os.path.join(out, "train.log"))
 
 
+PRELOAD = ("torch", "transformers", "trl")
+
+
 def _run_fresh(runs: Sequence[CompareSpec], on_result: Callable | None = None) -> list:
-    """Each run in a fresh spawned process of its own (its own peak memory; nothing inherited from earlier runs)."""
+    """Each run in a fresh process of its own (its own peak memory; nothing inherited from earlier runs), forked from
+    a fork server that imported the stack once, so no run pays for the imports (where there is no fork server:
+    spawned). The peak is read above the RSS after the imports, the same for both trainers either way."""
     from .grid import run_grid
 
-    return run_grid(runs, _logged_run, isolate=True, fresh_process=True, start_method="spawn", on_result=on_result,
+    return run_grid(runs, _logged_run, isolate=True, fresh_process=True, preload=PRELOAD, on_result=on_result,
                     name=lambda r: f"{r.trainer} seed {r.seed}")
 
 
 def run_in_subprocess(argv: Sequence[str], trainer: str, seed: int) -> dict[str, Any]:
-    """``run_one`` in a fresh spawned process (its own peak memory; nothing inherited from earlier runs); the run's
+    """``run_one`` in a fresh process (its own peak memory; nothing inherited from earlier runs); the run's
     console output goes to ``<run dir>/train.log``."""
     return _run_fresh([dataclasses.replace(parse_compare_spec(argv), trainer=trainer, seed=seed)])[0]
 
