@@ -422,14 +422,12 @@ def stage_reinforce(args: Any, out: str) -> dict:
     from hf_rlhf_ext.experiments.baselines import run_baselines
 
     seeds, flags = [str(args.seed + i) for i in range(REINFORCE_SEEDS)], _rl_flags(args)
-    # quick: the variance every 3 steps (10 measurements a run); the cut it decides is 33× against a bar of 2×
-    quick = ["--baselines", "none", "running_mean", "--max_steps", "30", "--grad_variance_every", "3"] if args.quick \
-        else []
+    quick = ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
     m = run_baselines(["--output_dir", out, "--seeds", *seeds, *flags, *quick], progress=False)
     # the variance cut again without the +5 offset, which alone inflates the no-baseline variance
     flat = run_baselines(["--output_dir", os.path.join(out, "no_offset"), "--seeds", *seeds[:1 if args.quick else None],
-                          *flags, *quick, "--baselines", "none", "running_mean", "--reward_offset", "0"],
-                         progress=False)
+                          *flags, *quick, "--baselines", "none", "running_mean", "--reward_offset", "0",
+                          *(["--max_steps", "16"] if args.quick else [])], progress=False)  # its variance only
     window = m["settings"]["final_window"]
     still = run_baselines(["--output_dir", os.path.join(out, "untrained"), "--seeds", *seeds, *flags, "--baselines",
                            "running_mean", "--learning_rate", "0", "--max_steps", str(2 * window),
@@ -519,7 +517,7 @@ def stage_ensembles(args: Any, out: str) -> dict:
     if not args.on_lab:
         return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
     argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), "--max_parallel", str(args.max_parallel)]
-    argv += ["--objectives", "single", "min", "--max_steps", "40", "--eval_every", "10"] if args.quick else []
+    argv += ["--objectives", "single", "min", "--max_steps", "30", "--eval_every", "10"] if args.quick else []
     m = run_experiment(argv)
     keep = ("end_gold", "peak_gold", "fall", "final_kl")
     single = read_runs(os.path.join(out, "single"), m["settings"]["beta"], m["settings"]["seeds"]) if "single" in m[
