@@ -1414,8 +1414,9 @@ def section_overoptimization(args, r):
         text += " " + _seeds_reading(claim, r["high_beta"]["beta"])
     if h := r.get("high_beta"):
         g = h["findings"]
+        highest = g.get("max_gold") if g.get("max_gold") is not None else g["peak_gold"]  # older results: the peak
         text += (f" From the same start at β = {h['beta']} gold ended at {g['final_gold'] or float('nan'):.2f} "
-                 f"(its peak {g['peak_gold'] or float('nan'):.2f}).")
+                 f"(its highest {highest or float('nan'):.2f}).")
     return Section("β too low hacks the reward (exercises 9, 10, 22)", text,
                    [(k, f[k]) for k in ("peak_step", "peak_gold", "final_gold", "proxy_at_peak", "final_proxy",
                                          "kl_at_peak", "final_kl", "detected_step")],

@@ -101,3 +101,13 @@ def test_full_mode_runs_three_seeds_each_with_its_control(monkeypatch, tmp_path)
     assert claim.holds is True and claim.seeds == [7, 8, 9] and set(claim.values["per_seed"]) == {"7", "8", "9"}
     quick = stages.stage_overoptimization(SimpleNamespace(quick=True, seed=7, on_lab=True, gold_funcs=None), "q")
     assert "per_seed" not in quick and quick["high_beta"]["beta"] == stages.HIGH_BETA
+
+
+def test_the_control_sentence_names_the_highest_gold_never_a_peak_below_the_end():
+    """At high β the gold peak above noise can sit below the end (seen: peak 0.67, end 0.70): the sentence gives the
+    highest gold measured, which the end never exceeds."""
+    high = _run(0.5, 0.67, 0.70, 0.60, 0.62)
+    high["findings"]["max_gold"] = 0.71
+    text = stages.section_overoptimization(SimpleNamespace(output_dir="."), _result(CLEAR, [high] * 3)[
+        "overoptimization"]).reading
+    assert "gold ended at 0.70 (its highest 0.71)" in text and "its peak 0.67" not in text
