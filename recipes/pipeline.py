@@ -1,7 +1,7 @@
 """The RLHF chapter in one command: every experiment, in the chapter's order, and a report whose claims are decided by
 the measured numbers.
 
-    accelerate launch recipes/pipeline.py                         # the lab, full run (about 15 min on 2 CPU cores)
+    accelerate launch recipes/pipeline.py                      # the lab, full run (about 13.5 minutes on 2 CPU cores)
     python recipes/pipeline.py --quick --output_dir runs/chapter-quick
     hf-rlhf-ext report --quick                                    # the same, from the console entry point
 
