@@ -5,8 +5,8 @@
 Each repeat trains the same GRPO run (lab policy, lab proxy RM + gold tracked at weight 0, 32 completions per step,
 G = 8, 32 tokens, β = 0.02) twice — without callbacks and with all of them measuring every ``--every`` steps:
 ``KLToReferenceCallback`` (default sample count: one generation batch, 32 held-out completions),
-``GroupAdvantageCheckCallback`` and ``OveroptimizationCallback`` (logs mode, peak checkpoint on, logging every
-``--every`` steps) — alternating which goes first. The callbacks sample under a forked RNG, so both runs
+``GroupAdvantageCheckCallback`` and ``OveroptimizationCallback`` (logs mode, peak checkpoint and forecast on,
+logging every ``--every`` steps) — alternating which goes first. The callbacks sample under a forked RNG, so both runs
 draw the same training samples and do the same work; the script checks that. Time per step is measured from the
 start of step ``--warmup`` + 1 to the end of training, so it includes everything the callbacks do. Prints per-repeat
 wall-clock and CPU-time ratios and their medians (target ≤ 1.05), and the ratio implied by the CPU time spent inside
@@ -105,7 +105,7 @@ def run(
         held_out = prompts["test"]["prompt"]
         kl = KLToReferenceCallback(trainer, held_out, every_n_steps=every, num_samples=num_samples)
         check = GroupAdvantageCheckCallback(trainer, every_n_steps=every)
-        overopt = OveroptimizationCallback(trainer, save_peak=True, plot=True)
+        overopt = OveroptimizationCallback(trainer, save_peak=True, plot=True, forecast=True)
         time_hooks(kl, ("on_step_end",), inside, timer)
         time_hooks(check, ("check",), inside, timer)
         time_hooks(overopt, ("on_step_end", "on_log"), inside, timer)
