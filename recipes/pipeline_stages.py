@@ -6,6 +6,7 @@ import copy
 import importlib.util
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -804,12 +805,7 @@ def gold_noise(points: list[dict]) -> float:
         return max(ses)
     gold = [p["gold"] for p in points if p.get("gold") is not None and math.isfinite(p["gold"])]
     diffs = sorted(abs(b - a) for a, b in zip(gold, gold[1:]))
-    return _median(diffs) / (math.sqrt(2) * 0.6745) if diffs else float("inf")
-
-
-def _median(ordered: list[float]) -> float:
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return statistics.median(diffs) / (math.sqrt(2) * 0.6745) if diffs else float("inf")
 
 
 def _hump(run: dict) -> tuple[bool, dict]:
@@ -954,11 +950,11 @@ def reinforce_gains(r: dict) -> tuple[dict, dict] | None:
 
 
 def _gain_values(gains: dict) -> dict:
-    vals = list(gains.values())
-    n, mean = len(vals), sum(vals) / len(vals) if vals else None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "ci95": t_interval(vals), "sd_over_seeds": sd, "n_seeds": n,
-            "per_seed": {str(k): v for k, v in gains.items()}}
+    """``_seed_stats`` with the sd over seeds and their count (the REINFORCE claim states its noise with them)."""
+    if not gains:
+        return {"mean": None, "ci95": None, "sd_over_seeds": None, "n_seeds": 0, "per_seed": {}}
+    n = len(gains)
+    return _seed_stats(gains) | {"sd_over_seeds": _sd(list(gains.values())) if n > 1 else None, "n_seeds": n}
 
 
 def claim_reinforce(results: dict):
