@@ -78,7 +78,8 @@ def sample_with_kv_cache(
     drop_finished: bool = False,
     num_return_sequences: int = 1,
     generators: Sequence[torch.Generator] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    full_log_probs: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Samples up to ``max_new_tokens`` tokens after left-padded prompts ``input_ids`` (B, P).
 
     One prefill, then one token per step through the KV cache; position ids follow the attention mask (left padding
@@ -103,6 +104,10 @@ def sample_with_kv_cache(
     Returns ``(tokens, logps)``, both (B·M, n) with n ≤ ``max_new_tokens``: the sampled tokens and log π(token) in
     float32 at ``temperature`` (log_softmax(logits / T)), from the very logits sampled from. Positions after a row's
     EOS hold the pad token and log-prob 0.
+
+    ``full_log_probs``: also return the whole-vocabulary log π(· | s_t) at ``temperature`` of every step, (B·M, n, V)
+    in float32 (rows after their EOS hold zeros), the distributions sampled from — what a forward pass over the
+    completions would recompute (an exact KL needs them). It holds B·M·``max_new_tokens``·V floats.
     """
     _check_sampling_args(input_ids, prompt_mask, max_new_tokens, temperature, num_return_sequences)
     if generators is not None and len(generators) != input_ids.shape[0] * num_return_sequences:
@@ -122,10 +127,11 @@ def sample_with_kv_cache(
         if t == 0 and repeats > 1:  # the prompts were prefilled once: now each becomes M rows
             scores = scores.repeat_interleave(repeats, dim=0)
             state.repeat_prefill(repeats, call, model, input_ids, prompt_mask)
-        next_tokens, step_logps = _draw(scores, temperature, state.row_generators(generators))
+        next_tokens, step_logps, step_log_probs = _draw(scores, temperature, state.row_generators(generators),
+                                                        full_log_probs)
         if stop_ids is not None:
             state.mark_finished(next_tokens, step_logps, stop_ids, pad_token_id)
-        state.record(t, next_tokens, step_logps)
+        state.record(t, next_tokens, step_logps, step_log_probs, max_new_tokens)
         n = t + 1
         if stop_ids is not None:
             n_left = int(state.unfinished.sum())
@@ -134,13 +140,16 @@ def sample_with_kv_cache(
             if drop_finished and n_left < state.unfinished.numel() and _can_drop_rows(state.cache):
                 next_tokens = state.keep_unfinished(next_tokens)
         state.advance(next_tokens)
+    if full_log_probs:
+        return state.tokens[:, :n], state.logps[:, :n], state.log_probs[:, :n]
     return state.tokens[:, :n], state.logps[:, :n]
 
 
-def _draw(scores: torch.Tensor, temperature: float,
-          generators: Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row from softmax(scores / T), and its log-probability at T (only the sampled token's: no
-    full-vocabulary log-softmax is kept). With ``generators`` (one per row), row i's noise comes from generator i."""
+def _draw(scores: torch.Tensor, temperature: float, generators: Sequence[torch.Generator] | None = None,
+          full_log_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One token per row from softmax(scores / T), its log-probability at T and, with ``full_log_probs``, the whole
+    log-softmax at T (else None: only the sampled token's is computed). With ``generators`` (one per row), row i's
+    noise comes from generator i."""
     if temperature != 1.0:
         scores = scores / temperature
     probs = torch.softmax(scores, dim=-1)
@@ -152,7 +161,10 @@ def _draw(scores: torch.Tensor, temperature: float,
             row.exponential_(generator=generator)
         next_tokens = torch.div(probs, noise, out=noise).argmax(dim=-1)
     del probs
-    return next_tokens, scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)
+    if full_log_probs:
+        log_probs = torch.log_softmax(scores, dim=-1)
+        return next_tokens, log_probs.gather(-1, next_tokens[:, None]).squeeze(1), log_probs
+    return next_tokens, scores.gather(-1, next_tokens[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1), None
 
 
 def row_generators(seed: int, rows: Sequence[int], device: Any = "cpu") -> list[torch.Generator]:
@@ -207,6 +219,7 @@ class _DecodeState:
     step_input: torch.Tensor
     cache: Any = None
     rows: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None  # (B·M, max_new_tokens, V), only when the full log-softmax is kept
 
     @classmethod
     def start(cls, input_ids, prompt_mask, max_new_tokens, repeats, pad_token_id, with_positions) -> "_DecodeState":
@@ -247,10 +260,16 @@ class _DecodeState:
         hit = (next_tokens == stop_ids[0]) if len(stop_ids) == 1 else torch.isin(next_tokens, stop_ids)
         self.unfinished &= ~hit
 
-    def record(self, t: int, next_tokens: torch.Tensor, step_logps: torch.Tensor) -> None:
+    def record(self, t: int, next_tokens: torch.Tensor, step_logps: torch.Tensor,
+               step_log_probs: torch.Tensor | None = None, max_new_tokens: int = 0) -> None:
         where = slice(None) if self.rows is None else self.rows
         self.tokens[where, t] = next_tokens
         self.logps[where, t] = step_logps
+        if step_log_probs is not None:
+            if self.log_probs is None:
+                shape = (self.tokens.shape[0], max_new_tokens, step_log_probs.shape[-1])
+                self.log_probs = torch.zeros(shape, dtype=torch.float32, device=step_log_probs.device)
+            self.log_probs[where, t] = step_log_probs
 
     def keep_unfinished(self, next_tokens: torch.Tensor) -> torch.Tensor:
         """Finished rows leave the batch and the KV cache; returns the kept rows' ``next_tokens``."""

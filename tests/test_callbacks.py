@@ -130,6 +130,41 @@ def test_exact_kl_is_the_whole_vocabulary_kl_of_each_sampled_position(policy_pat
     assert stats["kl_ref/k1_seq"] != pytest.approx(by_hand, rel=1e-3)  # a single-draw estimate differs
 
 
+@pytest.mark.parametrize("batch_size", [8, 3])
+def test_exact_kl_of_whole_completions_equals_brute_force(policy_path, tmp_path, batch_size):
+    """Multi-token completions (left-padded prompts, rows ending at different steps): ``exact_seq`` equals the
+    brute-force sum over completion positions of KL(π(·|s_t) ‖ π_ref(·|s_t)) from one full forward pass of each
+    model — read off the sampler's own log-softmax (all completions in one micro-batch, batch_size 8) and from the
+    policy's forward pass (three micro-batches)."""
+    from hf_rlhf_ext.callbacks import KLToReferenceCallback
+    from hf_rlhf_ext.sampling import completion_log_softmax
+
+    torch.manual_seed(0)
+    trainer = _grpo(policy_path, tmp_path, max_steps=1, temperature=0.7)
+    mixed = prompts(6) + ["customer : my lamp agent :", "customer : lamp broken sorry thank you good agent :"]
+    cb = KLToReferenceCallback(trainer, mixed, num_samples=8, allow_reference_copy=True, max_new_tokens=10,
+                               batch_size=batch_size)
+    cb.reference.snapshot()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    with cb.sampler.policy_for_generation() as policy:
+        b = cb.sampler.sample(policy, 1, full_log_probs=True)
+        assert (b.log_probs is not None) == (batch_size == 8)
+        stats = cb.measure(step=1)  # the same seed: the same completions
+        with torch.no_grad(), cb.reference.model(policy) as ref:
+            logq = completion_log_softmax(ref, b.prompt_ids, b.prompt_mask, b.completion_ids, 0.7)
+        with torch.no_grad():
+            logp = completion_log_softmax(policy, b.prompt_ids, b.prompt_mask, b.completion_ids, 0.7)
+    lengths = b.completion_mask.sum(1)
+    assert b.prompt_mask.min() == 0 and lengths.min() < lengths.max()
+    per_position = (logp.exp() * (logp - logq)).sum(-1) * b.completion_mask
+    by_hand = float(per_position.sum(-1).mean())
+    assert by_hand > 1e-2
+    assert stats["kl_ref/exact_seq"] == pytest.approx(by_hand, rel=1e-4)
+    assert stats["kl_ref/completion_length"] == pytest.approx(float(lengths.float().mean()))
+
+
 @pytest.mark.parametrize("peft", [False, True])
 def test_held_out_sampler_kv_cache_matches_forward_log_probs(policy_path, tmp_path, peft):
     """The KV-cache sampler's log-probs are those of a full forward pass at the same positions (left-padded prompts

@@ -145,6 +145,8 @@ class HeldOutBatch:
     # log π(token) (N, C) at the sampling temperature, 0 where masked, read off the logits sampled from; None when
     # the completions came from ``generate`` (then a forward pass computes them)
     logps: torch.Tensor | None = None
+    # log π(· | s_t) over the whole vocabulary (N, C, V) from the same logits, when the sampler was asked to keep it
+    log_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -260,29 +262,39 @@ class HeldOutSampler:
         return self._encoded[key]
 
     @torch.no_grad()
-    def sample(self, policy: nn.Module, step: int) -> HeldOutBatch:
+    def sample(self, policy: nn.Module, step: int, full_log_probs: bool = False) -> HeldOutBatch:
         """Samples one completion per selected held-out prompt on this process (:func:`hf_rlhf_ext.sampling.
-        sample_policy`, with its own seed: the caller's random state is left as it was)."""
+        sample_policy`, with its own seed: the caller's random state is left as it was).
+
+        ``full_log_probs``: also keep the whole-vocabulary log π of every completion position (``log_probs``), read
+        off the sampling logits — only on the KV-cache path and when this process samples at most ``batch_size``
+        completions, so that it holds no more than one micro-batch's forward pass would; else ``log_probs`` is None."""
         device = next(policy.parameters()).device
         idx = self._indices_for_this_process()
         prompts = [self.prompts[i] for i in idx]
         eos_ids = self._eos_ids()
         pad_id = self._pad_id(eos_ids)
         use_kv_cache = self.use_kv_cache and kv_cache_sampling_supported(policy)
+        keep_full = full_log_probs and use_kv_cache and len(prompts) <= self.batch_size
         parts: dict[str, list] = {"p_ids": [], "p_mask": [], "c_ids": [], "c_mask": [], "logps": []}
+        log_probs = None
         devices = [device.index if device.index is not None else 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed + int(step) * 1009 + self.trainer.accelerator.process_index)
             for start in range(0, len(prompts), self.batch_size):
                 ids, mask = self._encoded_chunk(idx, start, device)
-                comp, logp = sample_policy(
+                comp, logp, *full = sample_policy(
                     policy, ids, mask, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                     pad_token_id=pad_id, eos_token_ids=eos_ids, drop_finished=True, use_kv_cache=use_kv_cache,
+                    **({"full_log_probs": True} if keep_full else {}),
                 )
+                log_probs = full[0] if full else None  # one chunk only (keep_full)
                 cmask = completion_mask(comp, eos_ids)
                 for key, value in zip(parts, (ids, mask, comp, cmask, logp * cmask)):
                     parts[key].append(value)
-        return self._batch(prompts, idx, parts, pad_id, with_logps=use_kv_cache)
+        batch = self._batch(prompts, idx, parts, pad_id, with_logps=use_kv_cache)
+        batch.log_probs = log_probs
+        return batch
 
     def _batch(self, prompts: list[Any], idx: list[int], parts: dict[str, list], pad_id: int,
                with_logps: bool) -> HeldOutBatch:

@@ -20,8 +20,10 @@ model (no copy), the trainer's ``ref_model`` when TRL made one (β > 0), else a 
 at train begin — only with ``allow_reference_copy=True`` (it doubles the policy's memory), a clear error otherwise.
 
 Cost: nothing between measuring steps (one modulo); at a measuring step one generation of ``num_samples``
-completions (the KV-cache sampler of :mod:`hf_rlhf_ext.sampling`) and one forward pass each of the policy and the
-reference, in micro-batches, for the whole-vocabulary distributions the exact KL needs.
+completions (the KV-cache sampler of :mod:`hf_rlhf_ext.sampling`, which keeps the whole-vocabulary log π it sampled
+from when this process samples at most one micro-batch, ``batch_size`` completions — the default) and one forward
+pass of the reference in micro-batches; with more completions, or ``generate``, one forward pass of the policy too.
+The exact KL is computed on all the completions k1 and k3 are, no subset.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def measure_sequence_kl(
     """Samples (or reuses ``batch``) and returns sequence-level k1/k3 statistics over all processes."""
 
     def _run(policy_model):
-        b = batch if batch is not None else sampler.sample(policy_model, step)
+        b = batch if batch is not None else sampler.sample(policy_model, step, full_log_probs=True)
         if len(b) == 0:
             return [], [], [], [], []
         logp_sampled, ref_logp, exact = _logps_and_exact_kl(policy_model, reference, b, sampler)
@@ -81,21 +83,32 @@ def measure_sequence_kl(
 
 def _logps_and_exact_kl(policy_model, reference: ReferencePolicy, b, sampler: HeldOutSampler):
     """Per completion token (N, C): log π and log π_ref of the sampled token, and the exact KL of that position,
-    Σ_v π(v|s_t)(log π(v|s_t) − log π_ref(v|s_t)), from the same two forward passes over the whole vocabulary.
-    Summed over a completion, the exact terms estimate the sequence KL without the variance of the sampled token
-    (k1, k3 are single-sample estimates of each term); the prefixes s_t are still sampled."""
+    Σ_v π(v|s_t)(log π(v|s_t) − log π_ref(v|s_t)), over the whole vocabulary. log π(·|s_t) is the sampler's own
+    (``b.log_probs``, the logits sampled from) when it kept it, else a forward pass of the policy; log π_ref is one
+    forward pass of the reference, in micro-batches. Summed over a completion, the exact terms estimate the sequence
+    KL without the variance of the sampled token (k1, k3 are single-sample estimates of each term); the prefixes s_t
+    are still sampled."""
     logps, ref_logps, exact = [], [], []
     for start in range(0, len(b), sampler.batch_size):
         sl = slice(start, start + sampler.batch_size)
         inputs = (b.prompt_ids[sl], b.prompt_mask[sl], b.completion_ids[sl])
-        logp = completion_log_softmax(policy_model, *inputs, sampler.temperature)
+        if b.log_probs is not None:
+            logp = b.log_probs[sl]
+        else:
+            logp = completion_log_softmax(policy_model, *inputs, sampler.temperature)
         with reference.model(policy_model) as ref_model:
             logq = completion_log_softmax(ref_model, *inputs, sampler.temperature).to(logp.device)
         ids = b.completion_ids[sl].to(logp.device).unsqueeze(-1)
         logps.append(logp.gather(2, ids).squeeze(-1))
         ref_logps.append(logq.gather(2, ids).squeeze(-1))
-        exact.append((logp.exp() * (logp - logq)).sum(-1))
+        exact.append(_exact_kl_terms(logp, logq))
     return torch.cat(logps), torch.cat(ref_logps), torch.cat(exact)
+
+
+def _exact_kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Σ_v exp(log p)(log p − log q) over the last axis; ``logq`` (no longer needed) is overwritten in place, so
+    exp(log p) is the only (N, C, V) temporary."""
+    return logq.neg_().add_(logp).mul_(logp.exp()).sum(-1)
 
 
 def check_reference_on_resume(reference: ReferencePolicy, state: Any, who: str) -> None:
