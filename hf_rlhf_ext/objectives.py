@@ -60,6 +60,7 @@ __all__ = [
     "best_of_n_exact",
     "best_of_n_kl_win_rate",
     "best_of_n_win_rate_bound",
+    "best_of_n_kl_beirami",
     "GaoFit",
     "fit_gao",
 ]
@@ -520,6 +521,29 @@ def best_of_n_win_rate_bound(n: int) -> float:
     if n < 1:
         raise ValueError(f"N must be >= 1, got {n}.")
     return n / (n + 1)
+
+
+def best_of_n_kl_beirami(n: int, eps: torch.Tensor | float) -> torch.Tensor:
+    """The best-of-N KL estimator of Beirami et al. 2024 (arXiv 2401.01879, their proposed estimator), elementwise in
+    ε = π(y | x), the base policy's probability of the output best-of-N returned:
+
+        d_N(ε) = (1 − ε)^N [ln N + (N − 1) ln(1 − ε) − (N − 1)/N] + (1 − (1 − ε)^N) ln((1 − (1 − ε)^N) / ε)
+
+    Why beside ln N − (N − 1)/N: that analytic value assumes every output is infinitely rare; d_N is it as ε → 0 and
+    falls to 0 at ε = 1 (a base policy that always says the same thing cannot move), staying at or below it. Its
+    expectation over best-of-N's outputs estimates KL(π_bon ‖ π). ε in (0, 1]."""
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}.")
+    eps = torch.as_tensor(eps, dtype=torch.float64)
+    if bool(((eps <= 0) | (eps > 1) | torch.isnan(eps)).any()):
+        raise ValueError("eps must be a probability in (0, 1].")
+    log_stay = n * torch.log1p(-eps)  # ln (1 − ε)^N, −inf at ε = 1
+    stay = torch.exp(log_stay)
+    moved = -torch.expm1(log_stay)  # 1 − (1 − ε)^N, accurate for tiny ε
+    inner = math.log(n) - (n - 1) / n + (n - 1) * torch.log1p(-eps).clamp(min=-1e300)
+    first = torch.where(stay > 0, stay * inner, torch.zeros_like(stay))
+    second = torch.where(moved > 0, moved * torch.log(moved.clamp(min=1e-300) / eps), torch.zeros_like(moved))
+    return first + second
 
 
 def _xlogx_pow(u: torch.Tensor, n: int) -> torch.Tensor:

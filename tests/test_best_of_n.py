@@ -20,6 +20,7 @@ from hf_rlhf_ext.experiments.best_of_n import (
     BestOfNSampler,
     DistillationRound,
     _batches,
+    best_of_n_beirami_kl,
     best_of_n_curve,
     best_of_n_expectation,
     best_of_n_pool_kl_win_rate,
@@ -28,7 +29,12 @@ from hf_rlhf_ext.experiments.best_of_n import (
     sample_pool,
     sequence_kl,
 )
-from hf_rlhf_ext.objectives import best_of_n_exact, best_of_n_kl_win_rate, best_of_n_win_rate_bound
+from hf_rlhf_ext.objectives import (
+    best_of_n_exact,
+    best_of_n_kl_beirami,
+    best_of_n_kl_win_rate,
+    best_of_n_win_rate_bound,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +139,48 @@ def test_continuous_stretches_give_the_closed_forms(n):
     assert kl == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-12) and win == pytest.approx(n / (n + 1), abs=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 16, 64])
+def test_beirami_estimator_runs_from_the_analytic_bound_to_zero(n):
+    """d_n(ε) is ln n − (n − 1)/n for outputs of vanishing base probability, 0 for a certain one, never above the
+    bound and falling as ε grows."""
+    bound = math.log(n) - (n - 1) / n
+    eps = torch.logspace(-15, 0, 300, dtype=torch.float64)
+    d = best_of_n_kl_beirami(n, eps)
+    assert float(d[0]) == pytest.approx(bound, abs=1e-9) and float(d[-1]) == pytest.approx(0.0, abs=1e-12)
+    assert bool((d <= bound + 1e-12).all()) and bool((d >= -1e-12).all())
+    assert bool((d[1:] <= d[:-1] + 1e-12).all())
+    with pytest.raises(ValueError, match="probability"):
+        best_of_n_kl_beirami(n, torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("k", [2, 5, 50])
+@pytest.mark.parametrize("n", [2, 4, 16])
+def test_beirami_estimator_lies_between_the_exact_kl_and_the_bound(k, n):
+    """k equally likely outcomes with distinct rewards: the exact KL (every draw enumerated) ≤ d_n(1/k) ≤ the analytic
+    value, and d_n is the closer of the two to the exact KL."""
+    exact, _ = best_of_n_exact([1 / k] * k, list(range(k)), n)
+    estimate = float(best_of_n_kl_beirami(n, 1 / k))
+    bound = math.log(n) - (n - 1) / n
+    assert exact <= estimate + 1e-12 and estimate <= bound + 1e-12
+    assert abs(estimate - exact) < abs(bound - exact)
+
+
+def test_pool_beirami_kl_weights_each_output_by_its_chance_to_be_the_best():
+    """From a pool: the mean over best-of-n draws of d_n(π(y)); n = 1 is 0, outputs of tiny base probability give
+    the analytic value, and a pool whose top-ranked output is likely gives less."""
+    select = torch.tensor([[0.1, 0.5, 0.3, 0.9]], dtype=torch.float64)
+    rare = torch.full((1, 4), -40.0, dtype=torch.float64)
+    assert best_of_n_beirami_kl(select, rare, 1) == pytest.approx(0.0, abs=1e-12)
+    assert best_of_n_beirami_kl(select, rare, 2) == pytest.approx(math.log(2) - 1 / 2, abs=1e-9)
+    likely_top = torch.tensor([[-40.0, -40.0, -40.0, math.log(0.5)]], dtype=torch.float64)
+    weights = best_of_n_expectation(select, torch.eye(4, dtype=torch.float64)[3:].expand(1, 4), 2)  # P(top is best)
+    want = float(weights) * float(best_of_n_kl_beirami(2, 0.5)) + (1 - float(weights)) * (math.log(2) - 1 / 2)
+    assert best_of_n_beirami_kl(select, likely_top, 2) == pytest.approx(want, abs=1e-9)
+    assert want < math.log(2) - 1 / 2
+    with pytest.raises(ValueError, match="must match"):
+        best_of_n_beirami_kl(select, rare[:, :3], 2)
+
+
 def test_pool_estimate_treats_repeated_scores_as_point_masses():
     distinct = torch.tensor([[0.3, -1.2, 2.0, 0.7, 1.1, -0.4, 0.0, 0.9]], dtype=torch.float64)
     for n in (1, 2, 8):
@@ -152,12 +200,15 @@ def test_curve_reports_the_pool_kl_and_the_win_rate_beside_the_analytic_kl():
     gen = torch.Generator().manual_seed(1)
     proxy = torch.randn(10, 16, generator=gen, dtype=torch.float64)
     coarse = (proxy > 0).double()  # two reward values: heavy ties
+    logps = -20 * torch.rand(10, 16, generator=gen, dtype=torch.float64)  # base probabilities from e^-20 to 1
     for scores, tied in (({"proxy": proxy}, False), ({"proxy": coarse}, True)):
-        curve = best_of_n_curve(scores, select="proxy")
+        curve = best_of_n_curve(scores, select="proxy", logps=logps)
         assert set(CURVE_STATS) | {"proxy"} == set(curve.points[0])
+        assert "kl_beirami" not in best_of_n_curve(scores, select="proxy").points[0]
         for p in curve.points:
             n = p["n"]
             assert p["kl"] == pytest.approx(math.log(n) - (n - 1) / n) and p["win_rate_bound"] == n / (n + 1)
+            assert 0.0 <= p["kl_beirami"] <= p["kl"] + 1e-12 and (n == 1 or p["kl_beirami"] < p["kl"])
             if not tied or n == 1:
                 assert p["kl_pool"] == pytest.approx(p["kl"], abs=1e-12)
                 assert p["win_rate"] == pytest.approx(n / (n + 1), abs=1e-12)

@@ -26,7 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..objectives import GaoFit, best_of_n_kl, best_of_n_kl_win_rate, best_of_n_win_rate_bound, fit_gao
+from ..objectives import (
+    GaoFit,
+    best_of_n_kl,
+    best_of_n_kl_beirami,
+    best_of_n_kl_win_rate,
+    best_of_n_win_rate_bound,
+    fit_gao,
+)
 from ..reference import Reference, reference_model
 from ..sampling import (
     cut_at_first_eos,
@@ -48,6 +55,7 @@ __all__ = [
     "BestOfNCurve",
     "best_of_n_expectation",
     "best_of_n_pool_kl_win_rate",
+    "best_of_n_beirami_kl",
     "CURVE_STATS",
     "best_of_n_curve",
     "default_ns",
@@ -304,6 +312,17 @@ def best_of_n_pool_kl_win_rate(select: torch.Tensor, n: int) -> tuple[float, flo
     return sum(kls) / len(kls), sum(wins) / len(wins)
 
 
+def best_of_n_beirami_kl(select: torch.Tensor, logps: torch.Tensor, n: int) -> float:
+    """E over best-of-n's outputs of d_n(ε), ε = π(y | x) = exp(``logps``), the KL estimator of Beirami et al. 2024
+    (arXiv 2401.01879; :func:`~hf_rlhf_ext.objectives.best_of_n_kl_beirami`), from the pool: each completion's d_n
+    weighted by its chance of being the best of n (:func:`best_of_n_expectation`), mean over prompts. Unlike
+    ``kl_pool`` it sees how likely each output is under the base policy, not only the ties of the reward."""
+    if logps.shape != select.shape:
+        raise ValueError(f"logps {tuple(logps.shape)} must match select {tuple(select.shape)}.")
+    eps = torch.exp(logps.double()).clamp(min=torch.finfo(torch.float64).tiny, max=1.0)
+    return float(best_of_n_expectation(select, best_of_n_kl_beirami(n, eps), n).mean())
+
+
 def default_ns(pool_size: int) -> list[int]:
     """1, 2, 4, … up to the pool size."""
     ns, n = [], 1
@@ -313,9 +332,10 @@ def default_ns(pool_size: int) -> list[int]:
     return ns
 
 
-#: The columns of a curve point that are not rewards: n, the analytic KL and its square root, the pool's tie-aware KL
-#: and best-of-n's win rate over the base policy with its bound n/(n + 1).
-CURVE_STATS = ("n", "kl", "sqrt_kl", "kl_pool", "win_rate", "win_rate_bound")
+#: The columns of a curve point that are not rewards: n, the analytic KL and its square root, the pool's tie-aware KL,
+#: Beirami et al.'s estimate from the base probabilities of the outputs, and best-of-n's win rate over the base policy
+#: with its bound n/(n + 1).
+CURVE_STATS = ("n", "kl", "sqrt_kl", "kl_pool", "kl_beirami", "win_rate", "win_rate_bound")
 
 
 @dataclass
@@ -342,12 +362,16 @@ class BestOfNCurve:
 
 
 def best_of_n_curve(
-    scores: Mapping[str, torch.Tensor], select: str, gold: str | None = None, ns: Sequence[int] | None = None
+    scores: Mapping[str, torch.Tensor], select: str, gold: str | None = None, ns: Sequence[int] | None = None,
+    logps: torch.Tensor | None = None,
 ) -> BestOfNCurve:
     """The expected score of every reward in ``scores`` ((P, M) tensors of one pool) for the best of n by ``select``,
     averaged over prompts, for each n in ``ns`` (default 1, 2, 4, …, M), with KL_bon(n) = ln n − (n − 1)/n (``kl``, an
     upper bound) and d = sqrt(KL_bon), the pool's tie-aware KL (``kl_pool``), and the win rate of the best of n over
-    a base sample by ``select`` (``win_rate``, ties half) with its bound n/(n + 1) (``win_rate_bound``)."""
+    a base sample by ``select`` (``win_rate``, ties half) with its bound n/(n + 1) (``win_rate_bound``).
+
+    ``logps`` (P, M): each completion's log π under the base policy that sampled it; with them ``kl_beirami`` is
+    :func:`best_of_n_beirami_kl`, the estimator of Beirami et al. 2024 averaged over best-of-n's outputs."""
     if select not in scores:
         raise ValueError(f"select={select!r} is not among the scores ({sorted(scores)}).")
     if gold is not None and gold not in scores:
@@ -360,6 +384,8 @@ def best_of_n_curve(
         kl_pool, win_rate = best_of_n_pool_kl_win_rate(scores[select], n)
         point = {"n": n, "kl": kl, "sqrt_kl": math.sqrt(kl), "kl_pool": kl_pool, "win_rate": win_rate,
                  "win_rate_bound": best_of_n_win_rate_bound(n)}
+        if logps is not None:
+            point["kl_beirami"] = best_of_n_beirami_kl(scores[select], logps, n)
         for name, values in scores.items():
             point[name] = float(best_of_n_expectation(scores[select], values, n).mean())
         points.append(point)
@@ -487,7 +513,8 @@ class BestOfNSampler:
         """Best-of-N's curve for n = 1, 2, 4, …, ``num_samples`` from one pool; also returns the pool and its scores."""
         pool = self.pool(prompts, num_samples, seed)
         scores = pool.score(self.reward_funcs)
-        return best_of_n_curve(scores, self.select, gold=gold), pool, scores
+        logps = torch.tensor(pool.logps, dtype=torch.float64).view(len(pool.prompts), num_samples)
+        return best_of_n_curve(scores, self.select, gold=gold, logps=logps), pool, scores
 
 
 # ----------------------------------------------------------------------------------------------------------------------
