@@ -751,10 +751,11 @@ class OveroptimizationCallback(TrainerCallback, PersistedState):
         sampler = self.sampler
         kl = None
         with sampler.policy_for_generation() as policy:
-            batch = sampler.sample(policy, state.global_step)
+            wants_kl = self.reference is not None and self.kl_source == "held_out_k3"
+            batch = sampler.sample(policy, state.global_step, full_log_probs=wants_kl)  # the exact KL's log π
             proxy_vals, gold_vals = sampler.score([self.proxy_func, self.gold_func], batch, state)
             members = sampler.score(self.ensemble_funcs, batch, state) if self.ensemble_funcs else None
-            if self.reference is not None and self.kl_source == "held_out_k3":
+            if wants_kl:
                 kl = measure_sequence_kl(sampler, self.reference, state.global_step, batch=batch, policy=policy)[
                     KL_SOURCES["held_out_k3"]
                 ]

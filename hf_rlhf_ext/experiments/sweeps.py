@@ -252,7 +252,7 @@ class HeldOutProbeCallback(KLToReferenceCallback):
     def measure(self, step: int) -> dict[str, float]:
         sampler = self.sampler
         with sampler.policy_for_generation() as policy:
-            batch = sampler.sample(policy, step)
+            batch = sampler.sample(policy, step, full_log_probs=True)  # log π for the exact KL, read off the sampler
             scores = sampler.score([f for f, _ in self.proxy] + [self.gold], batch)
             stats = measure_sequence_kl(sampler, self.reference, step, batch=batch, policy=policy)
             if self.ensemble:
