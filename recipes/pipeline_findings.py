@@ -1,6 +1,8 @@
 """Findings of the chapter pipeline read off its instruments, each with a verdict chosen by the numbers: the gold-peak
-forecast replayed on a run's held-out points, the ensemble's disagreement as an early warning of the gold peak, and
-the KL estimators k1 and k3 against the exact KL of the same samples. Each function reads stored stage results only.
+forecast replayed on a run's held-out points, the ensemble's disagreement as an early warning of the gold peak, the
+KL estimators k1 and k3 against the exact KL of the same samples, best-of-N's analytic KL against Beirami et al.'s
+estimate, and whether Coste et al.'s conservative ensemble objectives reduce the gold fall. Each function reads stored
+stage results only.
 """
 
 import math
@@ -10,6 +12,7 @@ from hf_rlhf_ext.experiments.report import Finding
 
 WARN_MULTIPLE = 1.5  # the ensemble's disagreement "warns" once it exceeds this multiple of its first value
 CLOSE_TIE = 0.10  # k1 and k3 count as equally close when their RMS errors differ by less than this share
+BON_KL_GAP = 0.10  # the analytic best-of-N KL "overstates" when it exceeds Beirami et al.'s estimate by this share
 FORECAST_SEED = 1234  # OveroptimizationCallback's default seed: the replay draws the bootstrap the live run drew
 
 
@@ -206,6 +209,89 @@ def _kl_reading(v: dict, verdict: str) -> str:
     if verdict.startswith("k1 closer"):
         return head + f"k1 tracks the exact KL more closely (RMS error {v['k1']['rmse']:.3f} vs {v['k3']['rmse']:.3f})"
     return head + f"Neither tracks it clearly better (RMS errors {v['k1']['rmse']:.3f} and {v['k3']['rmse']:.3f})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Best-of-N's KL: the analytic bound against Beirami et al.'s estimate, and the win rate against n/(n + 1)
+# ----------------------------------------------------------------------------------------------------------------------
+def bon_kl_finding(points: list[dict], gap: float = BON_KL_GAP) -> Finding:
+    """``points``: best-of-N's curve (``kl``, ``kl_beirami``, ``kl_pool``, ``win_rate``, ``win_rate_bound`` per n).
+    Read at the largest n (where the two KLs part most): the analytic ln n − (n − 1)/n overstates the KL when it
+    exceeds the Beirami estimate by more than ``gap`` of itself."""
+    pts = [p for p in points if p["n"] > 1 and _finite(p.get("kl_beirami"))]
+    if not pts:
+        return Finding("bon_kl", "Best-of-N's KL: no curve point with Beirami et al.'s estimate", {"n_points": 0},
+                       "not decidable")
+    top = max(pts, key=lambda p: p["n"])
+    over = top["kl"] - top["kl_beirami"]
+    verdict = "the analytic KL overstates best-of-N's KL" if over > gap * top["kl"] else \
+        "the analytic KL is close to Beirami et al.'s estimate"
+    keep = ("n", "kl", "kl_beirami", "kl_pool", "win_rate", "win_rate_bound")
+    values = {"at_largest_n": {k: top.get(k) for k in keep}, "overstatement": over,
+              "per_n": [{k: p.get(k) for k in keep} for p in pts], "gap": gap}
+    text = (f"Best-of-N's KL at N = {top['n']} (one pool, the selecting reward): analytic ln N − (N − 1)/N = "
+            f"{top['kl']:.3f} nats, Beirami et al.'s estimate from the base probabilities of the chosen outputs "
+            f"{top['kl_beirami']:.3f}, the pool's tie-aware value {top['kl_pool']:.3f}; win rate over a base sample "
+            f"{top['win_rate']:.3f} against the bound N/(N + 1) = {top['win_rate_bound']:.3f}. ")
+    if verdict.startswith("the analytic KL overstates"):
+        text += f"The analytic value overstates the KL by {over:.3f} nats ({over / top['kl']:.0%})"
+    else:
+        text += f"The two differ by {over:.3f} nats, under {gap:.0%} of the analytic value"
+    return Finding("bon_kl", text, values, verdict)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Conservative ensemble objectives (Coste et al. 2023) against the single RM
+# ----------------------------------------------------------------------------------------------------------------------
+def _paired(single: dict, other: dict) -> dict:
+    """The objective's gold fall − the single RM's, per shared seed: mean and 95% t interval (None with one seed)."""
+    from hf_rlhf_ext.experiments.early_stopping import t_quantile_975
+
+    seeds = [s for s in other if s in single]
+    diffs = [other[s] - single[s] for s in seeds]
+    m = _mean(diffs) if diffs else None
+    ci = None
+    if len(diffs) > 1:
+        sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
+        half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+        ci = [m - half, m + half]
+    status = ("one seed" if ci is None else "reduces" if ci[1] < 0 else "increases" if ci[0] > 0 else
+              "within the seed noise")
+    return {"seeds": seeds, "difference": m, "ci95": ci, "status": status}
+
+
+def ensemble_objectives_finding(objectives: dict, beta: float | None = None) -> Finding:
+    """``objectives``: the ensembles stage's per objective ``fall`` (mean) and ``fall_per_seed`` ({seed: fall}).
+    Each conservative objective against the single RM on the same seeds: it reduces the fall when the 95% t interval
+    of the paired difference lies below 0. Undecided with one seed or without per-seed falls."""
+    single = (objectives.get("single") or {}).get("fall_per_seed")
+    others = {o: v.get("fall_per_seed") for o, v in objectives.items() if o != "single"}
+    if not single or not others or not all(others.values()):
+        return Finding("rm_ensembles", "Conservative ensemble objectives against the single RM: no per-seed gold "
+                       "falls of the single RM and an ensemble", {"objectives": sorted(objectives)}, "not decidable")
+    rows = {o: {"fall": _mean(list(f.values())), **_paired(single, f)} for o, f in others.items()}
+    reducing = [o for o, r in rows.items() if r["status"] == "reduces"]
+    if all(r["ci95"] is None for r in rows.values()):
+        verdict = "not decidable (one seed)"
+    elif len(reducing) == len(rows):
+        verdict = "the conservative objectives reduce the gold fall"
+    elif reducing:
+        verdict = f"only {', '.join(reducing)} reduce(s) the gold fall"
+    else:
+        verdict = "no conservative objective reduces the gold fall beyond the seed noise"
+    values = {"single_fall": _mean(list(single.values())), "objectives": rows}
+    return Finding("rm_ensembles", _ensemble_reading(values, beta), values, verdict)
+
+
+def _ensemble_reading(v: dict, beta: float | None) -> str:
+    at = f" at β = {beta}" if beta is not None else ""
+    parts = []
+    for o, r in v["objectives"].items():
+        ci = f", 95% interval [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else ""
+        parts.append(f"{o} {r['fall']:.3f} ({o} − single {r['difference']:+.3f}{ci}: {r['status']})")
+    n = max(len(r["seeds"]) for r in v["objectives"].values())
+    return (f"Gold fall from its peak{at}, mean over {n} seed(s): single RM {v['single_fall']:.3f}; " + "; ".join(parts)
+            + ". Differences are paired by seed; the intervals are 95% Student t over seeds.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

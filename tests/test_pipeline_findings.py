@@ -296,3 +296,103 @@ def test_the_forecast_is_measured_on_the_sweeps_lowest_beta_runs_of_every_seed()
     assert found.verdict == "forecast ahead of the peak" and len(found.values["runs"]) == 2
     alone = stages.findings({"overoptimization": no_kl})[0]
     assert alone.verdict == "not decidable" and "no run measured a KL" in alone.statement
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Best-of-N's KL: analytic against Beirami et al.'s estimate
+# ----------------------------------------------------------------------------------------------------------------------
+def _bon_points(beirami_share: float) -> list[dict]:
+    """A curve whose Beirami estimate is ``beirami_share`` × the analytic KL at every n."""
+    from hf_rlhf_ext.objectives import best_of_n_kl
+
+    return [{"n": n, "kl": best_of_n_kl(n), "kl_beirami": beirami_share * best_of_n_kl(n), "kl_pool": best_of_n_kl(n),
+             "win_rate": n / (n + 1) - 0.01 * (n > 1), "win_rate_bound": n / (n + 1), "proxy": 0.0}
+            for n in (1, 2, 4, 16)]
+
+
+def test_an_analytic_kl_well_above_the_beirami_estimate_overstates():
+    found = pf.bon_kl_finding(_bon_points(0.5))
+    assert found.verdict == "the analytic KL overstates best-of-N's KL"
+    top = found.values["at_largest_n"]
+    assert top["n"] == 16 and found.values["overstatement"] == pytest.approx(0.5 * top["kl"])
+    assert "N = 16" in found.statement and "50%" in found.statement
+
+
+def test_an_analytic_kl_within_the_gap_is_close():
+    assert pf.bon_kl_finding(_bon_points(1 - pf.BON_KL_GAP / 2)).verdict == (
+        "the analytic KL is close to Beirami et al.'s estimate")
+    no_estimate = [{k: v for k, v in p.items() if k != "kl_beirami"} for p in _bon_points(0.5)]
+    assert pf.bon_kl_finding(no_estimate).verdict == "not decidable"  # a curve stored before the estimate was kept
+
+
+def test_the_pipeline_reads_the_best_of_n_kl_off_the_stored_curve():
+    found = {f.id: f for f in stages.findings({"best_of_n": {"curve": {"points": _bon_points(0.5), "fit": None}}})}
+    assert found["bon_kl"].verdict == "the analytic KL overstates best-of-N's KL"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. Coste et al.'s conservative objectives against the single RM, replayed from a stored full run
+# ----------------------------------------------------------------------------------------------------------------------
+ENSEMBLES_FULL = Path(__file__).resolve().parent / "data" / "pipeline_ensembles_full.json"
+
+
+def _swap(objectives: dict, a: str, b: str) -> dict:
+    """The same result with the per-seed gold falls of objectives ``a`` and ``b`` exchanged."""
+    out = json.loads(json.dumps(objectives))
+    out[a]["fall_per_seed"], out[b]["fall_per_seed"] = out[b]["fall_per_seed"], out[a]["fall_per_seed"]
+    return out
+
+
+def test_the_ensemble_verdict_replays_the_stored_full_run_and_flips_with_its_numbers():
+    stored = json.loads(ENSEMBLES_FULL.read_text())
+    found = {f.id: f for f in stages.findings({"ensembles": stored})}["rm_ensembles"]
+    rows = found.values["objectives"]
+    assert set(rows) == {"mean", "min", "uwo"} and all(len(r["seeds"]) == 3 for r in rows.values())
+    for name, row in rows.items():  # the status is the paired interval's side of 0
+        lo, hi = row["ci95"]
+        assert row["status"] == ("reduces" if hi < 0 else "increases" if lo > 0 else "within the seed noise")
+    assert found.verdict == pf.ensemble_objectives_finding(stored["objectives"]).verdict
+    # every seed of every ensemble falling far below the single RM: all reduce; far above: none does
+    low = json.loads(json.dumps(stored["objectives"]))
+    high = json.loads(json.dumps(stored["objectives"]))
+    for name in ("mean", "min", "uwo"):
+        low[name]["fall_per_seed"] = {s: f - 1.0 - 0.01 * i for i, (s, f) in
+                                      enumerate(stored["objectives"]["single"]["fall_per_seed"].items())}
+        high[name]["fall_per_seed"] = {s: f + 1.0 + 0.01 * i for i, (s, f) in
+                                       enumerate(stored["objectives"]["single"]["fall_per_seed"].items())}
+    assert pf.ensemble_objectives_finding(low).verdict == "the conservative objectives reduce the gold fall"
+    assert pf.ensemble_objectives_finding(high).verdict == (
+        "no conservative objective reduces the gold fall beyond the seed noise")
+    assert {r["status"] for r in pf.ensemble_objectives_finding(high).values["objectives"].values()} == {"increases"}
+
+
+def test_the_ensemble_verdict_names_only_the_objectives_whose_interval_clears():
+    single = {"0": 0.30, "1": 0.20, "2": 0.25}
+    objectives = {"single": {"fall_per_seed": single},
+                  "min": {"fall_per_seed": {"0": 0.10, "1": 0.01, "2": 0.06}},  # 0.20, 0.19, 0.19 lower: clears 0
+                  "uwo": {"fall_per_seed": {"0": 0.35, "1": 0.10, "2": 0.25}}}  # +0.05, −0.10, 0: straddles 0
+    found = pf.ensemble_objectives_finding(objectives, 0.005)
+    assert found.verdict == "only min reduce(s) the gold fall"
+    assert found.values["objectives"]["min"]["status"] == "reduces"
+    assert found.values["objectives"]["uwo"]["status"] == "within the seed noise"
+    swapped = pf.ensemble_objectives_finding(_swap(objectives, "single", "min"))  # the single RM now falls least
+    assert swapped.verdict == "no conservative objective reduces the gold fall beyond the seed noise"
+    assert swapped.values["objectives"]["min"]["status"] == "increases"
+    one_seed = {o: {"fall_per_seed": {"0": v["fall_per_seed"]["0"]}} for o, v in objectives.items()}
+    assert pf.ensemble_objectives_finding(one_seed).verdict == "not decidable (one seed)"
+    assert pf.ensemble_objectives_finding({"single": {"fall": {"mean": 0.2}}}).verdict == "not decidable"
+
+
+def test_the_ensemble_stage_keeps_each_seeds_gold_fall():
+    from hf_rlhf_ext.experiments.ensembles import summarise
+
+    def run(seed, golds):
+        return {"seed": seed, "curve": [{"step": 10 * i, "gold": g, "kl": 0.1 * i, "proxy": 0.1 * i}
+                                        for i, g in enumerate(golds)]}
+
+    metrics = summarise({"single": [run(0, [0.1, 0.5, 0.2]), run(1, [0.1, 0.4, 0.35])],
+                         "min": [run(0, [0.1, 0.3, 0.3]), run(1, [0.1, 0.6, 0.4])]}, {"beta": 0.005})
+    kept = stages.ensemble_objectives(metrics)
+    assert kept["single"]["fall_per_seed"] == pytest.approx({"0": 0.3, "1": 0.05})
+    assert kept["min"]["fall_per_seed"] == pytest.approx({"0": 0.0, "1": 0.2})
+    assert kept["single"]["fall"]["mean"] == pytest.approx(0.175)
