@@ -106,8 +106,8 @@ def sample_with_kv_cache(
     EOS hold the pad token and log-prob 0.
 
     ``full_log_probs``: also return the whole-vocabulary log π(· | s_t) at ``temperature`` of every step, (B·M, n, V)
-    in float32 (rows after their EOS hold zeros), the distributions sampled from — what a forward pass over the
-    completions would recompute (an exact KL needs them). It holds B·M·``max_new_tokens``·V floats.
+    in float32, the distributions sampled from — what a forward pass over the completions would recompute (an exact
+    KL needs them); positions after a row's EOS carry no meaning (mask them). It holds B·M·``max_new_tokens``·V floats.
     """
     _check_sampling_args(input_ids, prompt_mask, max_new_tokens, temperature, num_return_sequences)
     if generators is not None and len(generators) != input_ids.shape[0] * num_return_sequences:
