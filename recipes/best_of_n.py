@@ -248,7 +248,7 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
                          **lora_settings(peft_config)},
         results_markdown=table + f"\n\nOn {metrics['num_eval_prompts']} held-out prompts × "
                                  f"{metrics['eval_samples_per_prompt']} samples; all numbers are in `metrics.json`.",
-        plots={"bon_curve.png": curve_caption(metrics["curve"].get("fit")),
+        plots={"bon_curve.png": curve_caption(metrics.get("curve", {}).get("fit")),
                "distillation.png": "Each reward against KL: the initial policy, best-of-N and each distilled round"},
         usage=load_snippet(hub_repo or out, "peft" if peft_config is not None else "causal_lm"),
     ))
