@@ -15,10 +15,11 @@ with flags.
 3. Held-out proxy, gold and KL (to the initial policy) of the initial policy, of best-of-N at inference and of the
    distilled model after each round.
 
-Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png}, each round's model in <output_dir>/round_<k>/ and,
-at the top level, the round with the best held-out gold (``best_round`` in metrics.json; without a gold reward, the last
-round). When no round beats the starting policy's held-out gold, that round is still the one kept at the top level
-(it is the best distilled model) and the console and the model card say that the starting policy is better.
+Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png}, each round's model (and a card saying which
+round it is) in <output_dir>/round_<k>/ and, at the top level, the round with the best held-out gold (``best_round``
+in metrics.json; without a gold reward, the last round). When no round beats the starting policy's held-out gold,
+that round is still the one kept at the top level (it is the best distilled model) and the console and the model card
+say that the starting policy is better (or as good, on a tie).
 """
 
 import os
