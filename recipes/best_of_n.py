@@ -15,10 +15,11 @@ with flags.
 3. Held-out proxy, gold and KL (to the initial policy) of the initial policy, of best-of-N at inference and of the
    distilled model after each round.
 
-Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png}, each round's model in <output_dir>/round_<k>/ and,
-at the top level, the round with the best held-out gold (``best_round`` in metrics.json; without a gold reward, the last
-round). When no round beats the starting policy's held-out gold, that round is still the one kept at the top level
-(it is the best distilled model) and the console and the model card say that the starting policy is better.
+Writes <output_dir>/{metrics.json, bon_curve.png, distillation.png}, each round's model (and a card saying which
+round it is) in <output_dir>/round_<k>/ and, at the top level, the round with the best held-out gold (``best_round``
+in metrics.json; without a gold reward, the last round). When no round beats the starting policy's held-out gold,
+that round is still the one kept at the top level (it is the best distilled model) and the console and the model card
+say that the starting policy is better (or as good, on a tie).
 """
 
 import os
@@ -180,6 +181,7 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
         repo = (training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
                 if training_args.push_to_hub else None)
         write_card(metrics, list(rewards), path, script_args, training_args, peft_config, repo)
+        write_round_cards(metrics, list(rewards), path, script_args, peft_config)
         if repo:  # the folder as it is: model, card, plots, metrics
             push_folder(training_args.output_dir, repo, token=training_args.hub_token,
                         private=training_args.hub_private_repo, revision=training_args.hub_revision)
@@ -204,9 +206,11 @@ def kept_text(metrics: dict[str, Any], policy: str) -> str:
     if by is None:
         return f"The top-level model is round {k}, the last ({kept['reason']}); {where}."
     if kept["beats_initial"] is False:
+        tie = f"{kept['gold']:.3f}" == f"{kept['initial_gold']:.3f}"  # equal as printed: neither is better
+        verdict = f"is as good on held-out {by}" if tie else "is the better model"
         return (f"WARNING: no distilled round beat the starting policy on held-out {by} (the best, round {k}: "
                 f"{kept['gold']:.3f}; the starting policy: {kept['initial_gold']:.3f}). Round {k} is kept at the top "
-                f"level as the best distilled model, but the starting policy ({policy}) is the better model; {where}.")
+                f"level as the best distilled model, but the starting policy ({policy}) {verdict}; {where}.")
     start = f"; the starting policy: {kept['initial_gold']:.3f}" if kept["initial_gold"] is not None else ""
     return (f"The top-level model is round {k}, the highest held-out {by} of the {metrics['rounds']} round(s) "
             f"({kept['gold']:.3f}{start}); {where}.")
@@ -245,10 +249,42 @@ def write_card(metrics: dict[str, Any], names: list[str], policy: str, script_ar
                          **lora_settings(peft_config)},
         results_markdown=table + f"\n\nOn {metrics['num_eval_prompts']} held-out prompts × "
                                  f"{metrics['eval_samples_per_prompt']} samples; all numbers are in `metrics.json`.",
-        plots={"bon_curve.png": "Best-of-n on held-out prompts: each reward against sqrt(KL_bon), with the Gao fit",
+        plots={"bon_curve.png": curve_caption(metrics.get("curve", {}).get("fit")),
                "distillation.png": "Each reward against KL: the initial policy, best-of-N and each distilled round"},
         usage=load_snippet(hub_repo or out, "peft" if peft_config is not None else "causal_lm"),
     ))
+
+
+def write_round_cards(metrics: dict[str, Any], names: list[str], policy: str, script_args: BestOfNScriptArguments,
+                      peft_config: Any) -> None:
+    """Each ``round_<k>/`` folder's card: which round it is, its held-out numbers, whether it is the top-level model
+    (SFTTrainer leaves its generic card there, which names no model and links to huggingface.co/None)."""
+    from hf_rlhf_ext.model_card import RunCard, hub_id_or_none, load_snippet, markdown_table, write_model_card
+
+    kind = "peft" if peft_config is not None else "causal_lm"
+    for r in metrics["distilled"]:
+        k, kept = r["round"], metrics["best_round"]
+        where = "the top-level model" if k == kept else f"not the top-level model (round {kept} is)"
+        write_model_card(r["model_dir"], RunCard(
+            title=f"round_{k}",
+            summary=(f"Round {k} of {metrics['rounds']} of best-of-{metrics['n']} distillation of {policy} (fine-tuned "
+                     f"on the best of {metrics['n']} samples per prompt by `{metrics['select']}`); {where}. Every "
+                     "round's held-out numbers and why one is kept are in the card one folder up (../README.md)."),
+            recipe="recipes/best_of_n.py", command=recipe_command("recipes/best_of_n.py", script_args.cli_args),
+            tags=("best-of-n", "distillation", "sft"), base_model=hub_id_or_none(policy),
+            library_name="peft" if peft_config is not None else "transformers",
+            results_markdown=markdown_table(["held-out", *names, "KL to the initial policy (nats)"],
+                                            [(f"round {k}", *(r["eval"].get(n) for n in names), r["eval"].get("kl"))]),
+            usage=load_snippet(r["model_dir"], kind),
+        ))
+
+
+def curve_caption(fit: dict[str, Any] | None) -> str:
+    """The curve plot's caption: it names the Gao fit only where the plot draws one (a fit that describes the data)."""
+    text = "Best-of-n on held-out prompts: each reward against sqrt(KL_bon)"
+    if not fit:
+        return text
+    return f"{text}, with the Gao fit" if fit.get("valid", True) else f"{text}; no Gao fit drawn ({fit['reason']})"
 
 
 def fit_text(fit: dict[str, Any]) -> str:

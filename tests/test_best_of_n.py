@@ -362,6 +362,18 @@ def test_the_console_says_which_round_is_kept_and_warns_when_none_beats_the_star
     bad = recipe.summary_text(_metrics(0.7, 0.6, 0.4), ["gold"], "out", "sft")
     assert "WARNING: no distilled round beat the starting policy on held-out gold" in bad
     assert "the starting policy (sft) is the better model" in bad
+    tie = recipe.summary_text(_metrics(0.0, 0.0, 0.0), ["gold"], "out", "sft")  # nothing moved the gold at all
+    assert "WARNING: no distilled round beat" in tie and "(the best, round 1: 0.000; the starting policy: 0.000)" in tie
+    assert "the starting policy (sft) is as good on held-out gold" in tie and "better model" not in tie
+
+
+def test_the_curve_caption_names_the_gao_fit_only_where_it_is_drawn():
+    from hf_rlhf_ext.objectives import fit_gao
+
+    caption = _recipe().curve_caption
+    flat = fit_gao([0.4, 0.8, 1.1], [0.0, 0.0, 0.0], form="bon").to_dict()  # R² undefined: the plot draws no curve
+    assert "Gao" not in caption(None) and caption({"valid": True}).endswith(", with the Gao fit")
+    assert caption(flat).endswith(f"; no Gao fit drawn ({flat['reason']})") and "with the Gao fit" not in caption(flat)
 
 
 def test_recipe_saves_every_round_and_keeps_the_best_held_out_gold_at_the_top(tiny, tmp_path, monkeypatch):
@@ -385,6 +397,11 @@ def test_recipe_saves_every_round_and_keeps_the_best_held_out_gold_at_the_top(ti
     assert (out / "model.safetensors").read_bytes() == weights[1]
     assert json.loads((out / "metrics.json").read_text())["best_round"] == 1
     assert "The top-level model is round 1" in (out / "README.md").read_text()
+    cards = {k: (out / f"round_{k}" / "README.md").read_text() for k in (1, 2)}  # ours, not SFTTrainer's generic one
+    assert "Round 1 of 2 of best-of-2 distillation" in cards[1] and "; the top-level model." in cards[1]
+    assert "not the top-level model (round 1 is)" in cards[2]
+    assert "| 0.378 |" in next(line for line in cards[2].splitlines() if line.startswith("| round 2 |"))
+    assert not any("huggingface.co/None" in card for card in cards.values())
 
 
 @pytest.mark.parametrize("flag", ["--n", "--pool_size", "--rounds", "--num_eval_prompts"])

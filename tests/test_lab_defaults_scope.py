@@ -77,6 +77,8 @@ def test_help_shows_trls_default_and_the_lab_value():
     assert run.returncode == 0
     assert "Maximum length of the generated completion. (lab: 24) (default: 512)" in text
     assert "(lab: 0.0001) (default: 1e-06)" in text and "(default: 24)" not in text
+    assert "If `0.0` (default), the reference model is not loaded" in text  # TRL's own help, and its default:
+    assert "(lab: 0.1) (default: 0.0)" in text and "(default: 0.1)" not in text  # no contradiction on --beta
     assert "On the offline lab (no --model_name_or_path and no --dataset_name)" in text
     assert "With --use_peft and no --learning_rate, the learning rate is 10 x its default (LoRA)." in text
 

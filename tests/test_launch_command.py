@@ -77,3 +77,20 @@ def test_the_report_card_records_the_console_command(typed, tmp_path):
         pipeline.write_card(args, {"claims": [], "findings": []})
     card = (tmp_path / "README.md").read_text()
     assert "hf-rlhf-ext report --quick" in card and "accelerate launch" not in card
+
+
+def test_the_console_entry_point_makes_the_recipe_record_its_own_command(monkeypatch):
+    """``hf-rlhf-ext report --quick`` runs the pipeline module under its own name: what the recipe records inside the
+    run is the console command, not ``python``/``accelerate launch`` and the module's file."""
+    from hf_rlhf_ext import cli
+    from hf_rlhf_ext.run.parsing import recipes_package
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    recorded = []
+
+    def run_module(name, **kwargs):
+        recorded.append((name, recipe_command("recipes/pipeline.py", sys.argv[1:])))
+
+    monkeypatch.setattr(cli.runpy, "run_module", run_module)
+    assert cli.main(["report", "--quick"]) == 0
+    assert recorded == [(f"{recipes_package()}.pipeline", "hf-rlhf-ext report --quick")]

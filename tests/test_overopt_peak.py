@@ -121,3 +121,38 @@ def test_a_true_peak_is_the_maximum_and_is_marked_gold_peak(tmp_path):
     f = cb.findings()
     assert f.peak_step == f.max_gold_step == 20 and f.peak_gold == f.max_gold == 1.0
     assert cb._plot_marks(f) == [(20, 1.0, "gold peak")]
+
+
+def _logs_bullet(page: str) -> dict[str, str]:
+    """``{key: its description}`` from the callbacks page's "Logs:" bullet of the over-optimisation callback."""
+    import re
+
+    bullet = page.split("* **Logs:** `overopt/gold`", 1)[1].split("\n* **", 1)[0]
+    bullet = re.sub(r"\s+", " ", "`overopt/gold`" + bullet)
+    names = list(re.finditer(r"`(overopt/\w+)`", bullet))
+    return {m.group(1): bullet[m.end() : n.start() if n else len(bullet)] for m, n in zip(names, [*names[1:], None])}
+
+
+def test_the_callbacks_page_describes_the_logged_peak_and_maximum_as_they_behave(tmp_path):
+    """docs/callbacks.md lists the keys the callback logs; on the creeping series with min_delta 0.05 the logged
+    ``gold_peak`` stays below ``gold_max``, so the page must not call ``gold_peak`` the best smoothed gold so far."""
+    from pathlib import Path
+
+    from transformers import TrainerControl, TrainerState
+
+    cb = OveroptimizationCallback(proxy="reward", gold="gold", smoothing="window", window=1, save_peak=False,
+                                  plot=False, min_delta=0.05)
+    args, state, control = SimpleNamespace(output_dir=str(tmp_path)), TrainerState(), TrainerControl()
+    cb.on_train_begin(args, state, control)
+    for step, proxy, gold in CREEP:
+        state.global_step = step
+        logs = {"reward": proxy, "rewards/gold/mean": gold, "kl": step / 100, "loss": 0.0}
+        cb.on_log(args, state, control, logs=logs)
+    logged = {k: v for k, v in logs.items() if k.startswith("overopt/")}
+    assert (logged["overopt/gold_peak"], logged["overopt/gold_max"]) == (0.518, 0.5545)
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "callbacks.md").read_text()
+    described = _logs_bullet(page)
+    assert set(described) == set(logged)
+    assert "not necessarily the best so far" in described["overopt/gold_peak"]
+    assert "the best smoothed gold so far" in described["overopt/gold_max"]

@@ -54,6 +54,14 @@ def test_flags_and_config_files_override_the_lab_defaults(tmp_path):
     assert (training_args.kl_coef, training_args.max_steps, training_args.critic_learning_rate) == (0.02, 3, 1e-3)
 
 
+@pytest.mark.parametrize("name", ["ppo", "grpo", "reinforce"])
+def test_the_rl_recipes_save_checkpoints_on_the_lab_by_default(name):
+    """Ctrl-C must not lose a default run: it saves several times before its last step (the last two kept)."""
+    training_args = recipe(name).make_parser().parse_args_and_config(args=[])[1]
+    assert training_args.save_strategy == "steps"
+    assert 0 < training_args.save_steps < training_args.max_steps and training_args.save_total_limit == 2
+
+
 def test_an_unknown_key_in_a_lab_config_is_refused():
     from trl import GRPOConfig
 

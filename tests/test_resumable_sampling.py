@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from _ppo_helpers import build_world, ppo_args, prompts, target_word
 from transformers import TrainerCallback
 from trl.trainer.grpo_trainer import RepeatSampler
@@ -90,3 +91,25 @@ def test_the_grpo_recipes_trainer_is_trls_with_the_replaying_sampler(world, tmp_
     assert isinstance(trainer, GRPOTrainer)
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, EpochReplaySampler) and sampler.mini_repeat_count == 2 and sampler.seed == args.seed
+
+
+def test_saving_checkpoints_does_not_change_the_run(world, tmp_path):
+    """Checkpointing only reads the run's state (no RNG draw, no sampler step): a run that saves every step logs the
+    same numbers and ends with the same weights as one that never saves, so the recipes' periodic saving changes
+    nothing and an interrupted run can only part from the whole one through what a resume restores."""
+    def run(out, **save):
+        trainer = PPOTrainer(model=world["policy"], reward_funcs=[world["reward"], target_word],
+                             args=ppo_args(str(out), max_steps=4, learning_rate=1e-2, **save), train_dataset=prompts(8))
+        trainer.train()
+        logs = [{k: v for k, v in r.items() if k not in ("step_time", "memory/peak_mb")} for r in
+                trainer.state.log_history if "objective/kl" in r]
+        return logs, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    quiet_logs, quiet_weights = run(tmp_path / "quiet", save_strategy="no")
+    saving_logs, saving_weights = run(tmp_path / "saving", save_strategy="steps", save_steps=1)
+    assert (tmp_path / "saving" / "checkpoint-3").is_dir() and not (tmp_path / "quiet" / "checkpoint-3").exists()
+    assert [r["step"] for r in saving_logs] == [r["step"] for r in quiet_logs] == [1, 2, 3, 4]
+    for saving, quiet in zip(saving_logs, quiet_logs):
+        assert saving == pytest.approx(quiet, rel=1e-6, abs=1e-6)
+    for name, value in quiet_weights.items():
+        torch.testing.assert_close(saving_weights[name], value, rtol=1e-6, atol=1e-6, msg=name)

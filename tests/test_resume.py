@@ -366,3 +366,36 @@ def test_ctrl_c_on_the_lab_recipe_names_the_checkpoint_and_its_resume_ends_where
     assert b["global_step"] == a["global_step"] == 24
     for key in ("kl_after", "gold_reward_after", "proxy_reward_after"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+def test_ctrl_c_in_training_names_the_last_checkpoint_and_writes_an_unfinished_runs_card(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The fast half of the test above: Ctrl-C inside ``trainer.train()`` exits 130 with one line that names the last
+    checkpoint and the same command with ``--resume_from_checkpoint``, and the folder's card says the run is
+    unfinished (not TRL's generic card, which links to ``huggingface.co/None``)."""
+    from types import SimpleNamespace
+
+    from hf_rlhf_ext.run.errors import cli_main
+    from hf_rlhf_ext.run.finish import train_or_name_the_checkpoint
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)  # typed as `python recipes/ppo.py`
+    for step in (10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+
+    def train(resume_from_checkpoint=None):
+        raise KeyboardInterrupt
+
+    args = SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=None, push_to_hub=False)
+    trainer = SimpleNamespace(train=train, state=SimpleNamespace(global_step=23, max_steps=60), args=args,
+                              accelerator=SimpleNamespace(is_main_process=True))
+    cli = ["--max_steps", "60", "--resume_from_checkpoint", "old", "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(lambda: train_or_name_the_checkpoint(trainer, args, "recipes/ppo.py", cli))
+    assert exit_.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    checkpoint = tmp_path / "checkpoint-20"
+    assert (f"interrupted at step 23 of 60; resume from its last checkpoint (checkpoint-20) with: python "
+            f"recipes/ppo.py --max_steps 60 --output_dir {tmp_path} --resume_from_checkpoint {checkpoint}") in err
+    card = (tmp_path / "README.md").read_text()
+    assert "An unfinished run: interrupted at step 23 of 60" in card and "huggingface.co/None" not in card
