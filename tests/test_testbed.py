@@ -231,6 +231,20 @@ def test_on_a_testbed_the_lab_yaml_does_not_apply_its_build_settings_do(chat_tes
     assert grpo.parse_args_and_config(args=flags)[1].max_completion_length == 7  # a flag wins; off the testbed too
 
 
+def test_an_experiment_on_a_testbed_states_its_settings_and_needs_no_output_dir(chat_testbed, tmp_path, monkeypatch,
+                                                                                capsys):
+    from hf_rlhf_ext.experiments import baselines, ensembles
+    from hf_rlhf_ext.run import parsing
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(parsing, "_ANNOUNCED", set())
+    parsing.announce_settings(ensembles.parse_argv(["--lab_dir", chat_testbed.root])[0])
+    assert "on a testbed: rm_ensemble_lab.yaml NOT applied" in capsys.readouterr().err
+    spec = baselines.parse_baselines_spec(["--lab_dir", chat_testbed.root])  # the lab YAML named the folder; TRL's
+    assert spec.output_dir == str(tmp_path / "trainer_output")  # default names it here, made absolute
+    assert spec.runs()[0].training_args().output_dir.startswith(spec.output_dir)
+
+
 def test_the_reward_recipe_trains_a_proxy_as_the_testbed_did(chat_testbed, tmp_path):
     from _recipe_helpers import run_recipe
     from transformers import AutoConfig, AutoTokenizer

@@ -316,6 +316,9 @@ class RecipeParser(TrlParser):
         if hasattr(outputs[0], "cli_args"):  # a recipe's own arguments: both go to its model card
             outputs[0].cli_args = argv
             outputs[0].settings_line = self.settings  # an attribute, not a setting of the run
+        else:  # an experiment's arguments: its command line announces the line (``announce_settings``)
+            with contextlib.suppress(AttributeError):
+                outputs[0].settings_line = self.settings
         if args is None and self.lab_defaults:  # a run from the command line (not an experiment's inner parse)
             announce(self.settings)
         return outputs
@@ -370,6 +373,14 @@ class RecipeParser(TrlParser):
 
 
 _ANNOUNCED: set[str] = set()
+
+
+def announce_settings(parsed: Any) -> None:
+    """Prints the settings line of an experiment's parsed arguments (``settings_line``) once: an experiment parses
+    its command line with an explicit argv, which announces nothing by itself."""
+    line = getattr(parsed, "settings_line", None)
+    if line:
+        announce(line)
 
 
 def announce(line: str) -> None:
