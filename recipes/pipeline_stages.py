@@ -93,6 +93,16 @@ def fingerprint(args: Any, name: str) -> dict:
     return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}, **lab_dir}
 
 
+def _lab_budget(args: Any, config: str) -> list[str]:
+    """On a testbed the stage's lab file does not apply (its settings were sized for the lab's tiny policy), but the
+    chapter's budget does: the stage's number of steps, from that file (a stage's own flags after it still win)."""
+    if not getattr(args, "on_testbed", False):
+        return []
+    from hf_rlhf_ext.run.parsing import read_shipped_config
+
+    return ["--max_steps", str(read_shipped_config(config)["max_steps"])]
+
+
 def has_gold(args: Any) -> bool:
     return args.on_lab or bool(args.gold_funcs)
 
@@ -427,7 +437,8 @@ def stage_reinforce(args: Any, out: str) -> dict:
     its second the same start measured again (the control: a run that cannot learn)."""
     from hf_rlhf_ext.experiments.baselines import run_baselines
 
-    seeds, flags = [str(args.seed + i) for i in range(REINFORCE_SEEDS)], _rl_flags(args)
+    seeds = [str(args.seed + i) for i in range(REINFORCE_SEEDS)]
+    flags = [*_rl_flags(args), *_lab_budget(args, "reinforce_baselines_lab.yaml")]
     quick = ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
     m = run_baselines(["--output_dir", out, "--seeds", *seeds, *flags, *quick], progress=False)
     # the variance cut again without the +5 offset, which alone inflates the no-baseline variance
@@ -472,7 +483,8 @@ def stage_beta_sweep(args: Any, out: str) -> dict:
     else:
         import pipeline_findings
 
-    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args),
+            *_lab_budget(args, "beta_sweep_lab.yaml")]
     # quick: 4 β, 128 held-out completions per measurement (256 in full) every 10 steps (5 in full), a quarter of
     # what the measurements cost; the KL ordering it decides spans 3.1 → 0.26 nats, far beyond the added noise
     argv += ["--betas", "0", "0.02", "0.2", "1.0", "--num_eval_prompts", "128", "--eval_every", "10"] \
@@ -497,7 +509,8 @@ def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
     flags = _rl_flags(args) if args.on_lab else [*_rl_flags(args), "--gold_reward", args.gold_funcs[0]]
     seeds = [str(args.seed + i) for i in range(COMPARE_QUICK_SEEDS if args.quick else 3)]
-    argv = ["--output_dir", out, "--seeds", *seeds, *[f for f in flags if f != "--reward_weights"]]
+    argv = ["--output_dir", out, "--seeds", *seeds, *[f for f in flags if f != "--reward_weights"],
+            *_lab_budget(args, "compare_lab.yaml")]
     argv += ["--threads_per_run", str(args.threads)] if getattr(args, "threads", 0) else []
     argv += ["--eval_every", "10"] if args.quick else []  # the claim reads the start and the end, both measured
     m = run_compare(argv, progress=False)
@@ -524,7 +537,8 @@ def stage_ensembles(args: Any, out: str) -> dict:
     if not args.on_lab:
         return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
     argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), "--max_parallel", str(args.max_parallel)]
-    argv += ["--lab_dir", args.lab_dir] if getattr(args, "lab_dir", None) else []
+    argv += ["--lab_dir", args.lab_dir, *_lab_budget(args, "rm_ensemble_lab.yaml")] if getattr(args, "lab_dir", None) \
+        else []
     argv += ["--objectives", "single", "min", "--max_steps", "30", "--eval_every", "10"] if args.quick else []
     m = run_experiment(argv)
     keep = ("end_gold", "peak_gold", "fall", "final_kl")

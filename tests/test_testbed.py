@@ -322,8 +322,11 @@ def test_the_pipeline_on_a_testbed_decides_what_it_can_and_skips_the_labs_own_st
                                                                                    monkeypatch):
     import sys
     from pathlib import Path
+    from types import SimpleNamespace
 
     from _recipe_helpers import run_recipe
+
+    from hf_rlhf_ext.run.parsing import read_shipped_config
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "recipes"))  # as `python recipes/...` has it
     monkeypatch.delitem(sys.modules, "pipeline_stages", raising=False)
@@ -334,3 +337,10 @@ def test_the_pipeline_on_a_testbed_decides_what_it_can_and_skips_the_labs_own_st
     claims = {c["id"]: c for c in payload["claims"]}
     assert claims["rm_accuracy"]["holds"] is not None  # decided from the testbed's own pairs
     assert f"on the testbed {chat_testbed.root}" in (tmp_path / "report.md").read_text()
+    # the stages that read their step budget from a lab file get it as a flag there (the file itself does not apply)
+    import pipeline_stages
+
+    steps = read_shipped_config("beta_sweep_lab.yaml")["max_steps"]
+    assert pipeline_stages._lab_budget(SimpleNamespace(on_testbed=True), "beta_sweep_lab.yaml") == [
+        "--max_steps", str(steps)]
+    assert pipeline_stages._lab_budget(SimpleNamespace(on_testbed=False), "beta_sweep_lab.yaml") == []
