@@ -58,7 +58,7 @@ class BestOfNScriptArguments(RLScriptArguments):
             scoring pools: pools are sampled in chunks that fit (default: as much as the policy's weights, >= 256 MB).
         select: the reward that picks the best (default: the first, i.e. the optimised RM / function).
         gold_funcs: held-out judges (dotted paths) scored alongside as "<name>_tracked", never used to pick; the first
-            stands in for gold off the lab (on the lab, the lab's gold reward is used).
+            stands in for gold off the lab (on the lab, the lab's gold reward is used; on a testbed, its judge).
     """
 
     n: int = field(default=8, metadata={"help": "Best of N: samples per prompt."})
@@ -125,7 +125,8 @@ def main(script_args: BestOfNScriptArguments, training_args: SFTConfig, model_ar
     path, tokenizer = resolve_policy(model_args, training_args, lab)
     train, test = load_prompt_datasets(script_args, lab, seed=training_args.seed, tokenizer=tokenizer)
     _, _, rewards = build_reward_funcs(script_args, SimpleNamespace(reward_weights=None), lab, on_lab=on_lab)
-    gold = "gold_reward" if on_lab and script_args.track_gold else None
+    # the lab's gold reward, or a testbed's judge: build_reward_funcs appends it last
+    gold = list(rewards)[-1] if on_lab and script_args.track_gold else None
     for name in script_args.gold_funcs or []:
         judge = tracking(import_reward_func(name))  # renamed: the same function may also be the optimised one
         rewards[judge.__name__] = judge

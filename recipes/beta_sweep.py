@@ -17,10 +17,13 @@ import sys
 from hf_rlhf_ext.experiments.sweeps import parse_sweep_argv, run_sweep
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import finish_experiment
+from hf_rlhf_ext.run.parsing import announce_settings
 
 
 def main(argv: list[str]) -> dict:
-    training_args = parse_sweep_argv(argv)[2]  # bad input fails here
+    parsed = parse_sweep_argv(argv)  # bad input fails here
+    announce_settings(parsed[0])
+    training_args = parsed[2]
     metrics = run_sweep(argv)
     finish_experiment(
         training_args, "recipes/beta_sweep.py", argv, tags=(metrics["trainer"], "beta-sweep", "overoptimization"),

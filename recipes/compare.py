@@ -19,11 +19,13 @@ import sys
 from hf_rlhf_ext.experiments.compare import run_compare, summary_lines
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import finish_experiment
+from hf_rlhf_ext.run.parsing import announce_settings
 
 
 def main(argv: list[str]) -> dict:
     from hf_rlhf_ext.experiments.compare import parse_compare_argv
 
+    announce_settings(parse_compare_argv(argv, "ppo")[0])
     metrics = run_compare(argv)
     _, training_args, _ = parse_compare_argv(argv, "ppo")
     print(summary_lines(training_args.output_dir, metrics))

@@ -13,6 +13,7 @@ Every step of the algorithm is visible, in order, in ``train_step``:
     python recipes/mini_loop.py                                        # the offline lab, ~1 min on 2 CPU cores
     python recipes/mini_loop.py --steps 20 --kl_coef 0.2 --output_dir runs/mini-loop-kl02
     python recipes/mini_loop.py --model_name_or_path path/to/causal-lm --dataset_name prompts.jsonl --use_peft
+    python recipes/mini_loop.py --lab_dir runs/testbed                 # a testbed's policy and prompts
 
 Writes <output_dir>/metrics.json (per-step curve, held-out before/after), rollouts.jsonl (every sampled reply),
 mini_loop.png (reward, polite share and KL against step) and policy/ (the trained policy, or its LoRA adapter).
@@ -55,6 +56,9 @@ class MiniLoopArguments:
     """Flags of the mini loop (``--config file.yaml`` works too). The defaults are tuned on the offline lab."""
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "Causal LM (default: the lab policy)."})
+    lab_dir: str | None = field(
+        default=None, metadata={"help": "Lab directory, or a testbed's (default: the cached default lab)."}
+    )
     dataset_name: str | None = field(
         default=None, metadata={"help": "Local file or folder with a 'prompt' column (default: the lab prompts)."}
     )
@@ -131,10 +135,11 @@ def polite_reward(completions: Sequence[str], finished: Sequence[bool] | None = 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models and data
 # ---------------------------------------------------------------------------------------------------------------------
-def open_lab():
-    from hf_rlhf_ext.lab import build_lab
+def open_lab(lab_dir: str | None = None):
+    """The lab in ``lab_dir`` (a testbed too), else the default lab, built once and then read from the cache."""
+    from hf_rlhf_ext.lab import open_lab as open_lab_dir
 
-    return build_lab()  # built once, then read from the cache
+    return open_lab_dir(lab_dir)
 
 
 def load_tokenizer(path: str):
@@ -402,7 +407,7 @@ def _step_line(r: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 def setup(args: MiniLoopArguments) -> tuple[dict[str, Any], list]:
     """Everything the loop needs, as one explicit state dict, plus the held-out prompts."""
-    lab = open_lab() if args.model_name_or_path is None or args.dataset_name is None else None
+    lab = open_lab(args.lab_dir) if args.model_name_or_path is None or args.dataset_name is None else None
     path = args.model_name_or_path or lab.policy_path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(path)
@@ -412,14 +417,14 @@ def setup(args: MiniLoopArguments) -> tuple[dict[str, Any], list]:
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     state = {"policy": policy, "reference": reference, "optimizer": optimizer, "tokenizer": tokenizer,
              "prompts": train_prompts, "generator": torch.Generator().manual_seed(args.seed),
-             "eos_ids": eos_ids_of(policy, tokenizer), "on_lab": on_lab(args)}
+             "eos_ids": eos_ids_of(policy, tokenizer), "on_lab": on_lab(args, lab)}
     return state, test_prompts
 
 
-def on_lab(args: MiniLoopArguments) -> bool:
+def on_lab(args: MiniLoopArguments, lab=None) -> bool:
     """Whether this is the lab's own run (its policy and its prompts): only then does the lab's gold reward, written
-    for the lab policy's replies, mean anything."""
-    return args.model_name_or_path is None and args.dataset_name is None
+    for the lab policy's replies, mean anything (a testbed's policy and prompts are not the lab's)."""
+    return args.model_name_or_path is None and args.dataset_name is None and not getattr(lab, "is_testbed", False)
 
 
 def train(state: dict[str, Any], args: MiniLoopArguments) -> tuple[list[dict], list[dict]]:

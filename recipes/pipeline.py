@@ -9,7 +9,8 @@ Writes <output_dir>/report.md, claims.json, one folder per stage (its metrics an
 result, with a fingerprint of the settings and versions that made it). Rerunning the same command after a kill redoes
 only the stages without a result; a stored result made with other settings, or without a fingerprint, is rerun.
 
-On your own model: ``--model_name_or_path``, ``--dataset_name``, ``--reward_funcs`` / ``--reward_model_name_or_path``
+On a testbed (``hf-rlhf-ext lab build --policy ...``): ``--lab_dir <testbed>``. On your own model:
+``--model_name_or_path``, ``--dataset_name``, ``--reward_funcs`` / ``--reward_model_name_or_path``
 (the optimised reward) and ``--gold_funcs`` (a held-out judge standing in for gold). Stages that only make sense on
 the lab (its gold reward, its preference pairs) are skipped with the reason, never faked.
 """
@@ -43,6 +44,8 @@ class PipelineArguments:
         stages: run only these stages (by name; the report covers what has results).
         max_parallel: stages running side by side, each in its own process (2 on a 2-core machine; 1: one after
             another in this process, their output on the console).
+        lab_dir: the lab, or a testbed (``hf-rlhf-ext lab build --policy ...``): its policy, prompts, proxy RM and
+            judge as the gold; stages that need the lab itself are skipped with the reason.
         model_name_or_path, dataset_name, reward_funcs, reward_model_name_or_path, gold_funcs, use_peft: run the
             stages on your own policy, prompts and rewards (the lab by default).
     """
@@ -52,6 +55,7 @@ class PipelineArguments:
     seed: int = field(default=0, metadata={"help": "Base seed."})
     stages: list[str] | None = field(default=None, metadata={"help": f"Only these stages: {stages.NAMES}."})
     max_parallel: int = field(default=2, metadata={"help": "Stages running side by side (processes)."})
+    lab_dir: str | None = field(default=None, metadata={"help": "Lab directory, or a testbed's (default: the lab)."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Policy (default: the lab's SFT model)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Prompts with a test split (default: lab)."})
     reward_funcs: list[str] | None = field(default=None, metadata={"help": "Optimised reward functions (dotted)."})
@@ -69,6 +73,13 @@ class PipelineArguments:
     @property
     def on_lab(self) -> bool:
         return not (self.model_name_or_path or self.dataset_name)
+
+    @property
+    def on_testbed(self) -> bool:
+        """On a testbed's policy, prompts and proxy (``--lab_dir`` of one): the lab's own numbers do not apply."""
+        from hf_rlhf_ext.lab.testbed_settings import saved_settings
+
+        return self.on_lab and saved_settings(self.lab_dir) is not None
 
 
 def make_parser():

@@ -31,7 +31,7 @@ def stage_args(args: Any, lanes: int, threads: int) -> SimpleNamespace:
     """The pipeline's arguments as a stage sees them (picklable, for the worker processes): with stages side by side
     (``lanes`` > 1) a stage runs its own points one at a time, on ``threads`` torch threads (0: torch's default)."""
     fields = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    return SimpleNamespace(**fields | {"on_lab": args.on_lab, "threads": threads,
+    return SimpleNamespace(**fields | {"on_lab": args.on_lab, "on_testbed": args.on_testbed, "threads": threads,
                                         "max_parallel": args.max_parallel if lanes == 1 else 1})
 
 
@@ -51,10 +51,10 @@ def _parse(name: str, argv: list[str]):
 
 
 def _rl_flags(args: Any, judge_as_weights: bool = True) -> list[str]:
-    """Policy, prompts, optimised reward and held-out judge for the recipes (empty on the lab). For the TRL-based ones
-    a judge goes in as one more reward function with weight 0 (tracked, never optimised); otherwise as
-    ``--gold_funcs``."""
-    flags: list[str] = []
+    """Lab directory, policy, prompts, optimised reward and held-out judge for the recipes (empty on the lab). For the
+    TRL-based ones a judge goes in as one more reward function with weight 0 (tracked, never optimised); otherwise
+    as ``--gold_funcs``."""
+    flags: list[str] = ["--lab_dir", args.lab_dir] if getattr(args, "lab_dir", None) else []
     if args.model_name_or_path:
         flags += ["--model_name_or_path", args.model_name_or_path]
     if args.dataset_name:
@@ -89,7 +89,18 @@ def fingerprint(args: Any, name: str) -> dict:
 
     versions = {"hf_rlhf_ext": hf_rlhf_ext.__version__, "trl": trl.__version__,
                 "transformers": transformers.__version__, "torch": torch.__version__}
-    return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}}
+    lab_dir = {"lab_dir": args.lab_dir} if getattr(args, "lab_dir", None) else {}  # the default lab: as before
+    return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}, **lab_dir}
+
+
+def _lab_budget(args: Any, config: str) -> list[str]:
+    """On a testbed the stage's lab file does not apply (its settings were sized for the lab's tiny policy), but the
+    chapter's budget does: the stage's number of steps, from that file (a stage's own flags after it still win)."""
+    if not getattr(args, "on_testbed", False):
+        return []
+    from hf_rlhf_ext.run.parsing import read_shipped_config
+
+    return ["--max_steps", str(read_shipped_config(config)["max_steps"])]
 
 
 def has_gold(args: Any) -> bool:
@@ -101,9 +112,12 @@ def has_gold(args: Any) -> bool:
 # ----------------------------------------------------------------------------------------------------------------------
 def stage_lab(args: Any, out: str) -> dict:
     """The lab world (built once, cached): its SFT policy's quality is the baseline every experiment starts from."""
-    from hf_rlhf_ext.lab import build_lab
+    from hf_rlhf_ext.lab import open_lab
 
-    lab = build_lab()
+    if getattr(args, "on_testbed", False):
+        return {"skipped": f"a testbed ({args.lab_dir}): the lab's SFT baseline does not apply; its build's numbers "
+                           "are in its lab_metrics.json"}
+    lab = open_lab(getattr(args, "lab_dir", None))
     keep = ("sft_test_gold_mean", "sft_test_eos_rate", "sft_test_mean_words", "sft_test_item_rate", "policy_params",
             "rm_params", "pairs_train_n", "pairs_train_flip_rate", "n_train_prompts", "n_test_prompts")
     return {"root": lab.root, **{k: lab.metrics.get(k) for k in keep}}
@@ -117,11 +131,12 @@ def stage_reward_model(args: Any, out: str) -> dict:
     if not args.on_lab:
         return {"skipped": "needs the lab's gold-labelled preference pairs (run recipes/reward.py on your own pairs)"}
     seeds = _seeds(args, 3)
+    lab_dir = ["--lab_dir", args.lab_dir] if getattr(args, "lab_dir", None) else []
     runs = [_recipe("reward").main(*_parse("reward", ["--output_dir", out if i == 0 else os.path.join(out, f"seed_{s}"),
-                                                      "--seed", s])) for i, s in enumerate(seeds)]
-    from hf_rlhf_ext.lab import build_lab
+                                                      "--seed", s, *lab_dir])) for i, s in enumerate(seeds)]
+    from hf_rlhf_ext.lab import open_lab
 
-    pairs = build_lab().load_preferences()
+    pairs = open_lab(getattr(args, "lab_dir", None)).load_preferences()
     return {"test": runs[0]["test"], "n_train_pairs": runs[0]["n_train_pairs"],
             "length_only": length_only_accuracy(_lengths(pairs["train"]), _lengths(pairs["test"])),
             "label_flip_rate_test": sum(pairs["test"]["label_flipped"]) / len(pairs["test"]),
@@ -266,7 +281,7 @@ def stage_mini_loop(args: Any, out: str) -> dict:
     """The miniature RLHF loop in plain PyTorch that learns to end politely (``recipes/mini_loop.py``), and its control:
     the same loop, seed and steps with the KL penalty off, so "KL stays bounded" is measured against no leash. The full
     run does both for 3 seeds: the first seed's result at the top, every seed's pair in ``per_seed``."""
-    argv = []
+    argv = ["--lab_dir", args.lab_dir] if getattr(args, "lab_dir", None) else []
     if args.model_name_or_path:
         argv += ["--model_name_or_path", args.model_name_or_path]
     if args.dataset_name:
@@ -422,7 +437,8 @@ def stage_reinforce(args: Any, out: str) -> dict:
     its second the same start measured again (the control: a run that cannot learn)."""
     from hf_rlhf_ext.experiments.baselines import run_baselines
 
-    seeds, flags = [str(args.seed + i) for i in range(REINFORCE_SEEDS)], _rl_flags(args)
+    seeds = [str(args.seed + i) for i in range(REINFORCE_SEEDS)]
+    flags = [*_rl_flags(args), *_lab_budget(args, "reinforce_baselines_lab.yaml")]
     quick = ["--baselines", "none", "running_mean", "--max_steps", "30"] if args.quick else []
     m = run_baselines(["--output_dir", out, "--seeds", *seeds, *flags, *quick], progress=False)
     # the variance cut again without the +5 offset, which alone inflates the no-baseline variance
@@ -467,7 +483,8 @@ def stage_beta_sweep(args: Any, out: str) -> dict:
     else:
         import pipeline_findings
 
-    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args)]
+    argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), *_rl_flags(args),
+            *_lab_budget(args, "beta_sweep_lab.yaml")]
     # quick: 4 β, 128 held-out completions per measurement (256 in full) every 10 steps (5 in full), a quarter of
     # what the measurements cost; the KL ordering it decides spans 3.1 → 0.26 nats, far beyond the added noise
     argv += ["--betas", "0", "0.02", "0.2", "1.0", "--num_eval_prompts", "128", "--eval_every", "10"] \
@@ -492,7 +509,8 @@ def stage_ppo_vs_grpo(args: Any, out: str) -> dict:
         return {"skipped": "needs a gold reward: the lab's, or --gold_funcs"}
     flags = _rl_flags(args) if args.on_lab else [*_rl_flags(args), "--gold_reward", args.gold_funcs[0]]
     seeds = [str(args.seed + i) for i in range(COMPARE_QUICK_SEEDS if args.quick else 3)]
-    argv = ["--output_dir", out, "--seeds", *seeds, *[f for f in flags if f != "--reward_weights"]]
+    argv = ["--output_dir", out, "--seeds", *seeds, *[f for f in flags if f != "--reward_weights"],
+            *_lab_budget(args, "compare_lab.yaml")]
     argv += ["--threads_per_run", str(args.threads)] if getattr(args, "threads", 0) else []
     argv += ["--eval_every", "10"] if args.quick else []  # the claim reads the start and the end, both measured
     m = run_compare(argv, progress=False)
@@ -519,6 +537,8 @@ def stage_ensembles(args: Any, out: str) -> dict:
     if not args.on_lab:
         return {"skipped": "the lab's ensemble of reward models (run recipes/rm_ensemble.py with your own)"}
     argv = ["--output_dir", out, "--seeds", *_seeds(args, 3), "--max_parallel", str(args.max_parallel)]
+    argv += ["--lab_dir", args.lab_dir, *_lab_budget(args, "rm_ensemble_lab.yaml")] if getattr(args, "lab_dir", None) \
+        else []
     argv += ["--objectives", "single", "min", "--max_steps", "30", "--eval_every", "10"] if args.quick else []
     m = run_experiment(argv)
     single = read_runs(os.path.join(out, "single"), m["settings"]["beta"], m["settings"]["seeds"]) if "single" in m[
@@ -1670,8 +1690,9 @@ def _intro(args: Any, results: dict, provenance: dict) -> str:
              f"{ran} stage(s) ran in this invocation and {len(reused)} were reused from earlier invocations with the "
              f"same settings ({', '.join(reused)}; see 'Where the numbers come from')")
     side = f", up to {args.max_parallel} side by side" if getattr(args, "max_parallel", 1) > 1 else ""
+    world = f"the testbed {args.lab_dir}" if getattr(args, "on_testbed", False) else "the offline lab"
     return (f"Every experiment of the RLHF chapter, run {'in quick mode ' if args.quick else ''}on "
-            f"{'the offline lab' if args.on_lab else args.model_name_or_path or 'your model'}: {total / 60:.1f} "
+            f"{world if args.on_lab else args.model_name_or_path or 'your model'}: {total / 60:.1f} "
             f"minutes of stage time{side}. Each claim below is decided by the statistic next to it; {where}.")
 
 

@@ -20,9 +20,11 @@ import sys
 from hf_rlhf_ext.experiments.baselines import parse_baselines_argv, run_baselines, summary_lines
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import finish_experiment
+from hf_rlhf_ext.run.parsing import announce_settings
 
 
 def main(argv: list[str]) -> dict:
+    announce_settings(parse_baselines_argv(argv)[0])
     metrics = run_baselines(argv)
     _, training_args, _ = parse_baselines_argv(argv)
     print(summary_lines(training_args.output_dir, metrics))

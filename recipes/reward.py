@@ -55,7 +55,7 @@ class RewardScriptArguments(ScriptArguments):
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: RewardConfig, lab=None):
     """A sequence classifier with one label: ``--model_name_or_path`` (``trust_remote_code`` from the config, False by
-    default), else a fresh lab-sized reward model on the lab's tokenizer."""
+    default), else a fresh lab-sized reward model on the lab's tokenizer (on a testbed: its proxy's architecture)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if model_args.model_name_or_path:
@@ -69,6 +69,13 @@ def load_model_and_tokenizer(model_args: ModelConfig, training_args: RewardConfi
         )
         model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
+    if lab.is_testbed:  # the proxy as the testbed's build made it (architecture, tokenizer, embedding start)
+        from hf_rlhf_ext.lab.testbed import new_testbed_proxy
+
+        pairs = lab.load_preferences()
+        longest = max(len(ids) for split in pairs.values() for side in ("chosen_ids", "rejected_ids")
+                      for ids in split[side])
+        return new_testbed_proxy(lab.root, longest, seed=training_args.seed)
     from hf_rlhf_ext.lab.build import new_reward_model
 
     tokenizer = lab.load_tokenizer()

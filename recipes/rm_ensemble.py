@@ -16,10 +16,13 @@ import sys
 from hf_rlhf_ext.experiments.ensembles import parse_argv, run_experiment
 from hf_rlhf_ext.run.errors import cli_main
 from hf_rlhf_ext.run.finish import finish_experiment
+from hf_rlhf_ext.run.parsing import announce_settings
 
 
 def main(argv: list[str]) -> dict:
-    training_args = parse_argv(argv)[3]  # bad input fails here, before any model is loaded
+    parsed = parse_argv(argv)  # bad input fails here, before any model is loaded
+    announce_settings(parsed[0])
+    training_args = parsed[3]
     metrics = run_experiment(argv)
     finish_experiment(
         training_args, "recipes/rm_ensemble.py", argv, tags=("grpo", "reward-model-ensemble", "overoptimization"),

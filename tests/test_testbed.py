@@ -195,3 +195,152 @@ def test_the_proxy_starts_from_the_policys_token_embeddings(lab):
     random_rm = new_proxy_model(TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_init_embeddings=False),
                                 tokenizer, None, 40, policy_emb)
     assert abs(similarity_agreement(random_rm.transformer.wte.weight.detach())) < 0.2
+
+
+def test_on_a_testbed_the_lab_yaml_does_not_apply_its_build_settings_do(chat_testbed, monkeypatch):
+    """The lab's YAML settings were sized for the lab's tiny policy: on a testbed the defaults are its build settings
+    (reply length and temperature of the pairs; the proxy's schedule for the reward recipe), else TRL's."""
+    import dataclasses
+
+    from _recipe_helpers import load_recipe
+    from trl import GRPOConfig, RewardConfig
+
+    from hf_rlhf_ext.experiments import sweeps
+    from hf_rlhf_ext.lab.testbed_settings import DEFAULT_RM_LR
+
+    trl_grpo = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    grpo = load_recipe("grpo").make_parser()
+    script_args, training_args, _ = grpo.parse_args_and_config(args=["--lab_dir", chat_testbed.root])
+    assert training_args.max_completion_length == 32 != trl_grpo["max_completion_length"]  # the build's max_new_tokens
+    assert (training_args.learning_rate, training_args.beta, training_args.max_steps) == (
+        trl_grpo["learning_rate"], trl_grpo["beta"], -1)
+    assert script_args.monitor == "none"
+    assert grpo.settings == ("settings: command line: lab_dir; testbed defaults (testbed.json): max_completion_length, "
+                             "temperature; on a testbed: grpo_lab.yaml NOT applied (its build settings, else TRL's "
+                             "defaults)")
+    monkeypatch.setenv("HF_RLHF_EXT_LAB_DIR", chat_testbed.root)  # the testbed named by the environment: the same
+    assert grpo.parse_args_and_config(args=[])[1].max_completion_length == 32
+    assert sweeps.parse_sweep_argv([])[2].max_completion_length == 32  # the experiments read the same defaults
+    monkeypatch.delenv("HF_RLHF_EXT_LAB_DIR")
+    reward = load_recipe("reward").make_parser()
+    _, training_args, _ = reward.parse_args_and_config(args=["--lab_dir", chat_testbed.root])
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (DEFAULT_RM_LR["scratch"], 1.0)
+    assert training_args.per_device_train_batch_size == 16 != 32  # the build's rm_batch_size, not the lab YAML's
+    assert training_args.logging_steps == {f.name: f.default for f in dataclasses.fields(RewardConfig)}["logging_steps"]
+    flags = ["--lab_dir", chat_testbed.root, "--max_completion_length", "7", "--dataset_name", "x"]
+    assert grpo.parse_args_and_config(args=flags)[1].max_completion_length == 7  # a flag wins; off the testbed too
+
+
+def test_an_experiment_on_a_testbed_states_its_settings_and_needs_no_output_dir(chat_testbed, tmp_path, monkeypatch,
+                                                                                capsys):
+    from hf_rlhf_ext.experiments import baselines, ensembles
+    from hf_rlhf_ext.run import parsing
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(parsing, "_ANNOUNCED", set())
+    parsing.announce_settings(ensembles.parse_argv(["--lab_dir", chat_testbed.root])[0])
+    assert "on a testbed: rm_ensemble_lab.yaml NOT applied" in capsys.readouterr().err
+    spec = baselines.parse_baselines_spec(["--lab_dir", chat_testbed.root])  # the lab YAML named the folder; TRL's
+    assert spec.output_dir == str(tmp_path / "trainer_output")  # default names it here, made absolute
+    assert spec.runs()[0].training_args().output_dir.startswith(spec.output_dir)
+
+
+def test_the_reward_recipe_trains_a_proxy_as_the_testbed_did(chat_testbed, tmp_path):
+    from _recipe_helpers import run_recipe
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = tmp_path / "rm"
+    metrics = run_recipe("reward", ["--lab_dir", chat_testbed.root, "--output_dir", str(out),
+                                    "--disable_tqdm", "true"])
+    assert metrics["n_train_pairs"] == chat_testbed.metrics["pairs_train_n"]  # the testbed's preferences/
+    assert metrics["test"]["n_pairs"] == chat_testbed.metrics["pairs_test_n"]
+    assert "gold_accuracy" in metrics["test"]
+    ours, proxy = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(chat_testbed.reward_model_path)
+    for key in ("model_type", "vocab_size", "n_embd", "n_layer", "n_positions", "pad_token_id"):
+        assert getattr(ours, key) == getattr(proxy, key), key
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # the proxy's tokenizer, not the policy's
+    # the same recipe, seed and pairs as the build: the same held-out accuracy up to a pair or two
+    assert metrics["test"]["accuracy"] == pytest.approx(chat_testbed.metrics["rm_test_accuracy"], abs=0.1)
+
+
+def test_an_rm_ensemble_on_a_testbed_trains_each_member_as_its_proxy(chat_testbed):
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from hf_rlhf_ext.lab.build import open_lab
+    from hf_rlhf_ext.lab.ensemble import build_reward_ensemble
+
+    paths = build_reward_ensemble(open_lab(chat_testbed.root), k=2, split="bootstrap")
+    proxy = AutoConfig.from_pretrained(chat_testbed.reward_model_path)
+    members = [AutoModelForSequenceClassification.from_pretrained(p) for p in paths]
+    for member in members:
+        assert (member.config.n_embd, member.config.vocab_size) == (proxy.n_embd, proxy.vocab_size)
+    assert not torch.equal(members[0].score.weight, members[1].score.weight)  # own seeds, own resamples
+    with open(os.path.join(os.path.dirname(paths[0]), "ensemble_metrics.json")) as f:
+        report = json.load(f)
+    assert [m["seed"] for m in report["members"]] == [1000, 2000]
+    assert all(m["n_pairs"] == chat_testbed.metrics["pairs_test_n"] for m in report["members"])
+
+
+def test_the_mini_loop_and_best_of_n_run_on_a_testbed(chat_testbed, tmp_path):
+    from _recipe_helpers import run_recipe
+
+    loop = run_recipe("mini_loop", ["--lab_dir", chat_testbed.root, "--output_dir", str(tmp_path / "loop"),
+                                    "--steps", "1", "--batch_size", "4", "--max_new_tokens", "6",
+                                    "--num_eval_prompts", "2"])
+    assert loop["on_lab"] is False and "gold_reward" not in loop["curve"][0]  # the lab's gold is not this policy's
+    bon = run_recipe("best_of_n", ["--lab_dir", chat_testbed.root, "--output_dir", str(tmp_path / "bon"), "--n", "2",
+                                   "--pool_size", "2", "--rounds", "1", "--max_new_tokens", "6",
+                                   "--num_eval_prompts", "2", "--disable_tqdm", "true"])
+    assert bon["gold"] == "word_count"  # the testbed's judge is the gold
+
+
+def test_the_done_when_command_accelerate_launch_grpo_on_a_testbed(chat_testbed, tmp_path):
+    """``accelerate launch recipes/grpo.py --lab_dir D --max_steps 2`` as typed (one CPU process): it trains on the
+    testbed with its build's reply length, tracks the judge as the gold and says where its settings came from."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    run = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(root / "accelerate_configs" / "cpu.yaml"), str(root / "recipes" / "grpo.py"),
+                          "--lab_dir", chat_testbed.root, "--max_steps", "2"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert run.stderr.count("settings: command line: lab_dir, max_steps; testbed defaults (testbed.json)") == 1
+    out = tmp_path / "trainer_output"  # TRL's default output_dir: the lab's runs/grpo-lab is not used here
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["on_lab"]
+    logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    assert any("rewards/word_count/mean" in h for h in logs)
+
+
+def test_the_pipeline_on_a_testbed_decides_what_it_can_and_skips_the_labs_own_stage(chat_testbed, tmp_path,
+                                                                                   monkeypatch):
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from _recipe_helpers import run_recipe
+
+    from hf_rlhf_ext.run.parsing import read_shipped_config
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "recipes"))  # as `python recipes/...` has it
+    monkeypatch.delitem(sys.modules, "pipeline_stages", raising=False)
+    payload = run_recipe("pipeline", ["--lab_dir", chat_testbed.root, "--quick", "--stages", "lab", "reward_model",
+                                      "--max_parallel", "1", "--output_dir", str(tmp_path)])
+    stored = json.loads((tmp_path / "stages" / "lab.json").read_text())
+    assert "a testbed" in json.dumps(stored)  # skipped, with the reason
+    claims = {c["id"]: c for c in payload["claims"]}
+    assert claims["rm_accuracy"]["holds"] is not None  # decided from the testbed's own pairs
+    assert f"on the testbed {chat_testbed.root}" in (tmp_path / "report.md").read_text()
+    # the stages that read their step budget from a lab file get it as a flag there (the file itself does not apply)
+    import pipeline_stages
+
+    steps = read_shipped_config("beta_sweep_lab.yaml")["max_steps"]
+    assert pipeline_stages._lab_budget(SimpleNamespace(on_testbed=True), "beta_sweep_lab.yaml") == [
+        "--max_steps", str(steps)]
+    assert pipeline_stages._lab_budget(SimpleNamespace(on_testbed=False), "beta_sweep_lab.yaml") == []

@@ -189,14 +189,14 @@ def make_parser(trainer: str = "grpo"):
 def lab_defaults(trainer: str) -> dict[str, Any]:
     """The sweep's lab settings for ``trainer`` updated with the experiment's (``LAB_CONFIG``), whose ``beta`` goes
     to the trainer's β field."""
-    from ..run.parsing import read_shipped_config
+    from ..run.parsing import LabDefaults, read_shipped_config
     from .sweeps import BETA_FIELD
     from .sweeps import lab_defaults as sweep_lab_defaults
 
     own = read_shipped_config(LAB_CONFIG)
     if "beta" in own:
         own[BETA_FIELD[trainer]] = own.pop("beta")
-    return {**sweep_lab_defaults(trainer), **own}
+    return LabDefaults({**sweep_lab_defaults(trainer), **own}, source=own.source)  # named in the settings line
 
 
 def _refuse_own_flags(argv: Sequence[str]) -> list[str]:

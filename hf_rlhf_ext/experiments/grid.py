@@ -156,6 +156,8 @@ def parse_keeping_kwargs(parser: Any, argv: Sequence[str], position: int,
     for f in dataclasses.fields(built):
         if f.init and f.name in kwargs and getattr(built, f.name) != getattr(again, f.name):
             kwargs[f.name] = getattr(built, f.name)
+    if "output_dir" in kwargs and kwargs["output_dir"] is None:  # not given (TRL's default): the folder the config
+        kwargs["output_dir"] = os.path.abspath(built.output_dir)  # chose, where the runs' own folders then go
     return outputs, kwargs
 
 

@@ -11,9 +11,10 @@ over-optimisation to emerge for real.
 
 from __future__ import annotations
 
-from .build import LAB_DIR_ENV, Lab, build_lab, default_lab_dir, lab_home, open_lab
+from .build import Lab, build_lab, default_lab_dir, lab_home, open_lab
 from .config import LabConfig
 from .task import GOLD_MAX, GOLD_MIN, gold_range, gold_reward
+from .testbed_settings import LAB_DIR_ENV
 
 __all__ = [
     "GOLD_MAX", "GOLD_MIN", "LAB_DIR_ENV", "Lab", "LabConfig", "build_lab", "default_lab_dir", "gold_range",

@@ -36,19 +36,17 @@ from typing import Any, Sequence
 
 from . import task
 from .config import LAB_VERSION, LabConfig
+from .testbed_settings import LAB_DIR_ENV, TESTBED_FILE
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "LAB_COMPLETE"
 CONFIG_FILE = "lab_config.json"
 METRICS_FILE = "lab_metrics.json"
-#: Present in a testbed (``lab/testbed.py``: a lab directory built around a model and a gold judge of one's own).
-TESTBED_FILE = "testbed.json"
 TOKENIZER_DIR, POLICY_DIR, REWARD_MODEL_DIR = "tokenizer", "policy", "reward_model"
 PROMPTS_DIR, PREFERENCES_DIR, LOGS_DIR = "prompts", "preferences", "logs"
 SPLITS = ("train", "test")
 HOME_ENV = "HF_RLHF_EXT_HOME"
-LAB_DIR_ENV = "HF_RLHF_EXT_LAB_DIR"
 #: The default lab as shipped in the package: a complete lab directory of ``LabConfig()``.
 PREBUILT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prebuilt")
 #: The build runs single-threaded, whatever OMP_NUM_THREADS says. Float reductions depend on the thread count, so

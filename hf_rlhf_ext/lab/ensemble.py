@@ -1,8 +1,9 @@
 """k proxy reward models for the lab — the raw material of reward-model ensembles (Coste et al. 2023, arXiv 2310.02743).
 
-Each member is the lab's proxy RM recipe (same architecture, same ``trl.RewardTrainer`` schedule) with its own seed and
-its own bootstrap resample of the lab's training pairs, so members agree where the data is dense and disagree off it —
-the disagreement an ensemble objective (mean, worst case, mean − λ·std) uses. Built once per (lab, k, split) and cached
+Each member is the lab's proxy RM recipe (same architecture, same ``trl.RewardTrainer`` schedule; on a testbed, the
+proxy recipe of its build) with its own seed and its own bootstrap resample of the lab's training pairs, so members
+agree where the data is dense and disagree off it — the disagreement an ensemble objective (mean, worst case,
+mean − λ·std) uses. Built once per (lab, k, split) and cached
 under ``<lab root>/ensemble/k<k>-<split>/`` next to the rest of the lab; a build is written to a temporary directory and
 moved into place only when complete.
 """
@@ -46,8 +47,9 @@ def _member_pairs(pairs: Any, index: int, k: int, split: str, seed: int) -> Any:
 def build_reward_ensemble(lab: Lab, k: int = 3, split: str = "bootstrap", force: bool = False) -> list[str]:
     """Paths of ``k`` proxy reward models for ``lab`` (built on first use, a few seconds each on a CPU).
 
-    Member i uses seed ``lab.config.seed + 1000·(i + 1)`` for its initial weights and data order, and its own slice of
-    the lab's training pairs (``split``). Their held-out pairwise accuracies are in ``ensemble_metrics.json``.
+    Member i uses seed ``seed + 1000·(i + 1)`` (the lab's or the testbed's seed) for its initial weights and data
+    order, and its own slice of the lab's training pairs (``split``). Their held-out pairwise accuracies are in
+    ``ensemble_metrics.json``.
     """
     if k < 2:
         raise ValueError(f"An ensemble needs k >= 2 members, got {k}.")
@@ -83,6 +85,8 @@ def _train_members(lab: Lab, k: int, split: str, work: str) -> dict[str, Any]:
 
     from ..reward_modeling import pairwise_report
 
+    if lab.is_testbed:
+        return _train_testbed_members(lab, k, split, work)
     tokenizer = lab.load_tokenizer()
     pairs = lab.load_preferences()
     threads = torch.get_num_threads()
@@ -104,4 +108,28 @@ def _train_members(lab: Lab, k: int, split: str, work: str) -> dict[str, Any]:
         torch.set_num_threads(threads)
         if bars_were_on:
             datasets.enable_progress_bars()
+    return metrics
+
+
+def _train_testbed_members(lab: Lab, k: int, split: str, work: str) -> dict[str, Any]:
+    """The members of a testbed's ensemble: each trained as the testbed's build trained its proxy
+    (``train_proxy_like_testbed``: same architecture, embedding start and schedule), scored on its held-out pairs."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..reward_modeling import pairwise_report
+    from .testbed import _quiet_progress_bars, testbed_config, train_proxy_like_testbed
+
+    config = testbed_config(lab.root)
+    pairs = lab.load_preferences()
+    metrics: dict[str, Any] = {"k": k, "split": split, "members": []}
+    for i in range(k):
+        seed = config.seed + 1000 * (i + 1)
+        train = _member_pairs(pairs["train"], i, k, split, seed)
+        out = os.path.join(work, f"rm_{i}")
+        with _quiet_progress_bars():
+            train_proxy_like_testbed(lab.root, train, os.path.join(work, f"run_{i}"), out, seed)
+        shutil.rmtree(os.path.join(work, f"run_{i}"), ignore_errors=True)
+        rm = AutoModelForSequenceClassification.from_pretrained(out)
+        report = pairwise_report(rm, AutoTokenizer.from_pretrained(out), pairs["test"], gold_margin=config.gold_margin)
+        metrics["members"].append({"seed": seed, "train_pairs": len(train), **report})
     return metrics

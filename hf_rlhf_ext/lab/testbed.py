@@ -44,7 +44,6 @@ from .build import (
     PREFERENCES_DIR,
     PROMPTS_DIR,
     REWARD_MODEL_DIR,
-    TESTBED_FILE,
     TOKENIZER_DIR,
     Lab,
     _jsonable,
@@ -55,12 +54,14 @@ from .build import (
     is_testbed,
     save_splits,
 )
+from .testbed_settings import DEFAULT_RM_LR, TESTBED_FILE, rm_kind
 
-__all__ = ["TESTBED_VERSION", "TestbedConfig", "build_testbed", "load_prompt_rows"]
+__all__ = [
+    "TESTBED_VERSION", "TestbedConfig", "build_testbed", "load_prompt_rows", "new_testbed_proxy", "testbed_config",
+    "train_proxy_like_testbed",
+]
 
 TESTBED_VERSION = 1
-#: learning rates by RM kind when none is given: from scratch (as the lab's RM), a pretrained body, a LoRA adapter
-DEFAULT_RM_LR = {"scratch": 1e-3, "full": 2e-5, "lora": 2e-4}
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class TestbedConfig:
 
     @property
     def rm_kind(self) -> str:
-        return "scratch" if not self.reward_model_base else ("lora" if self.reward_model_lora_r else "full")
+        return rm_kind(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -399,6 +400,45 @@ def _train_proxy(config: TestbedConfig, tokenizer, pairs, policy_dir: str, work:
     return {"rm_kind": config.rm_kind, "rm_train_pairs": len(trainer.train_dataset),
             "rm_final_train_loss": history[-1] if history else None,
             "rm_params": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A built testbed: its settings, and proxies trained as its own was
+# --------------------------------------------------------------------------------------------------------------------
+def testbed_config(root: str) -> TestbedConfig:
+    """The settings a testbed was built with (``testbed.json``)."""
+    with open(os.path.join(root, TESTBED_FILE)) as f:
+        return TestbedConfig(**json.load(f)["config"])
+
+
+def _proxy_inputs(root: str, seed: int | None) -> tuple[TestbedConfig, Any, Any]:
+    """(settings with ``seed``, the proxy's tokenizer, the policy's token embeddings where the proxy starts from
+    them): what a proxy of this testbed is built from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = testbed_config(root)
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, REWARD_MODEL_DIR))
+    embeddings = None
+    if config.rm_kind == "scratch" and config.rm_init_embeddings:
+        policy = AutoModelForCausalLM.from_pretrained(os.path.join(root, POLICY_DIR))
+        embeddings = policy.get_input_embeddings().weight.detach().clone()
+    return config, tokenizer, embeddings
+
+
+def new_testbed_proxy(root: str, max_tokens: int, seed: int | None = None):
+    """(untrained proxy RM, its tokenizer) as the testbed's build made its own (``new_proxy_model``), sized for pairs
+    of ``max_tokens`` tokens: what ``recipes/reward.py --lab_dir <testbed>`` trains."""
+    config, tokenizer, embeddings = _proxy_inputs(root, seed)
+    return new_proxy_model(config, tokenizer, os.path.join(root, POLICY_DIR), max_tokens, embeddings), tokenizer
+
+
+def train_proxy_like_testbed(root: str, pairs, work: str, out_dir: str, seed: int) -> dict[str, Any]:
+    """Trains a proxy on ``pairs`` (``chosen_ids`` / ``rejected_ids``) exactly as the testbed trained its own but
+    with ``seed`` (an ensemble member), into ``out_dir``; its tokenizer is saved beside it."""
+    config, tokenizer, embeddings = _proxy_inputs(root, seed)
+    return _train_proxy(config, tokenizer, pairs, os.path.join(root, POLICY_DIR), work, out_dir, embeddings)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -141,19 +141,41 @@ def on_lab(namespace: Any) -> bool:
     return not (getattr(namespace, "model_name_or_path", None) or getattr(namespace, "dataset_name", None))
 
 
+def testbed_dir(namespace: Any) -> str | None:
+    """The testbed a run on the lab is on (``--lab_dir``, else ``$HF_RLHF_EXT_LAB_DIR``, holding a testbed), or
+    None when it is on the lab itself."""
+    from ..lab.testbed_settings import LAB_DIR_ENV, saved_settings
+
+    root = getattr(namespace, "lab_dir", None) or os.environ.get(LAB_DIR_ENV)
+    return root if saved_settings(root) is not None else None
+
+
+def testbed_defaults(root: str, fields: set[str]) -> dict[str, Any]:
+    """The defaults of a run on the testbed in ``root`` for a parser of ``fields``: its build settings that the
+    recipe has (``recipe_defaults``; the reward-model schedule for a parser that trains a reward model)."""
+    from ..lab.testbed_settings import recipe_defaults
+
+    values = recipe_defaults(root, trains_reward_model="center_rewards_coefficient" in fields) or {}
+    return {k: v for k, v in values.items() if k in fields}
+
+
 def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def settings_line(sources: dict[str, list[str]], lab: bool, lab_source: str, lora: str | None) -> str:
+def settings_line(sources: dict[str, list[str]], lab: bool, lab_source: str, lora: str | None,
+                  testbed: bool = False) -> str:
     """One line naming where a run's settings came from: ``sources`` maps a source (``command line``, a config file's
-    name, the lab file) to its keys; ``lora``: the LoRA learning-rate rule as applied, if it was."""
+    name, the lab file, a testbed's build) to its keys; ``lora``: the LoRA learning-rate rule as applied, if it was;
+    ``testbed``: the run is on a testbed, where the lab file does not apply."""
     parts = []
     for source, keys in sources.items():
         if keys:
             shown = ", ".join(sorted(keys)) if len(keys) <= 6 else f"{len(keys)} settings"
             parts.append(f"{source}: {shown}")
-    if not lab:
+    if testbed:
+        parts.append(f"on a testbed: {lab_source} NOT applied (its build settings, else TRL's defaults)")
+    elif not lab:
         parts.append(f"off the lab: {lab_source} NOT applied (TRL's defaults)")
     if lora:
         parts.append(f"LoRA: {lora}")
@@ -207,7 +229,9 @@ def launch_command(script: str) -> str:
 def lab_epilog(lora_learning_rate_multiplier: float | None) -> str:
     """The end of a recipe's ``--help``: which defaults apply where, and the LoRA rule when the recipe has one."""
     text = ("Defaults are TRL's (and the recipe's own). On the offline lab (no --model_name_or_path and no "
-            "--dataset_name) the '(lab: ...)' values apply instead; --config files and flags override both. ")
+            "--dataset_name) the '(lab: ...)' values apply instead; --config files and flags override both. On a "
+            "testbed (--lab_dir of `hf-rlhf-ext lab build --policy ...`) they do not: its build settings (reply "
+            "length, temperature; the proxy's schedule for a reward model) are the defaults there. ")
     if lora_learning_rate_multiplier:
         text += (f"With --use_peft and no --learning_rate, the learning rate is {lora_learning_rate_multiplier:g} x "
                  "its default (LoRA). ")
@@ -232,6 +256,7 @@ class RecipeParser(TrlParser):
         self._config_keys: set[str] = set()
         self._lab_applied: set[str] = set()
         self.on_lab: bool | None = None
+        self.testbed: str | None = None  # the testbed directory a run on the lab is on
         self.settings: str | None = None
         self._note_lab_values_in_help()
 
@@ -256,9 +281,12 @@ class RecipeParser(TrlParser):
 
         namespace, _ = argparse.ArgumentParser.parse_known_args(self, args=args)
         self.on_lab = on_lab(namespace)
+        self.testbed = testbed_dir(namespace) if self.on_lab else None
         if not self.on_lab:
             return super().parse_args_into_dataclasses(args, *rest, **kwargs)
-        lab = {k: v for k, v in self.lab_defaults.items() if k not in self._config_keys}
+        defaults = testbed_defaults(self.testbed, {a.dest for a in self._actions}) if self.testbed \
+            else self.lab_defaults
+        lab = {k: v for k, v in defaults.items() if k not in self._config_keys}
         saved = {a.dest: a.default for a in self._actions if a.dest in lab}
         self._set_action_defaults(lab)
         self._lab_applied = set(lab)
@@ -288,6 +316,9 @@ class RecipeParser(TrlParser):
         if hasattr(outputs[0], "cli_args"):  # a recipe's own arguments: both go to its model card
             outputs[0].cli_args = argv
             outputs[0].settings_line = self.settings  # an attribute, not a setting of the run
+        else:  # an experiment's arguments: its command line announces the line (``announce_settings``)
+            with contextlib.suppress(AttributeError):
+                outputs[0].settings_line = self.settings
         if args is None and self.lab_defaults:  # a run from the command line (not an experiment's inner parse)
             announce(self.settings)
         return outputs
@@ -308,12 +339,15 @@ class RecipeParser(TrlParser):
 
     def _settings(self, argv: Sequence[str], flags: set[str], lora: str | None) -> str:
         """``settings_line`` of the last parse: flags first, then the config file's keys, then the lab's."""
+        from ..lab.testbed_settings import TESTBED_FILE
+
         fields = {a.dest for a in self._actions}
         config = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "--config file"
         sources = {"command line": sorted(flags & fields),
                    os.path.basename(config): sorted((self._config_keys & fields) - flags),
-                   f"lab defaults ({self.lab_source})": sorted(self._lab_applied - flags)}
-        return settings_line(sources, self.on_lab is not False, self.lab_source, lora)
+                   (f"testbed defaults ({TESTBED_FILE})" if self.testbed else f"lab defaults ({self.lab_source})"):
+                   sorted(self._lab_applied - flags)}
+        return settings_line(sources, self.on_lab is not False, self.lab_source, lora, testbed=bool(self.testbed))
 
     def unknown_flags_error(self, message: str) -> Exception:
         """One line naming each flag the parser does not know, with the closest known ones (a typo costs seconds);
@@ -339,6 +373,14 @@ class RecipeParser(TrlParser):
 
 
 _ANNOUNCED: set[str] = set()
+
+
+def announce_settings(parsed: Any) -> None:
+    """Prints the settings line of an experiment's parsed arguments (``settings_line``) once: an experiment parses
+    its command line with an explicit argv, which announces nothing by itself."""
+    line = getattr(parsed, "settings_line", None)
+    if line:
+        announce(line)
 
 
 def announce(line: str) -> None:
