@@ -1034,6 +1034,9 @@ def _variance_cut(baselines: dict) -> float:
 
 
 KL_RHO, CHANCE = -0.9, 0.05
+#: the smallest KL fall (nats) that shows a leash: a policy that barely moved (a learning rate too small for the
+#: model, e.g. TRL's default on a testbed) orders its tiny KLs by β as well, and 1e-7 nats is no effect
+MIN_KL_FALL = 0.05
 MAX_ORDERINGS = 40320  # 8! : every reordering of up to 8 β values; beyond, this many seeded random ones
 
 
@@ -1062,7 +1065,8 @@ def shuffled_beta_control(betas: list[float], kls: list[float], seed: int = 0) -
 
 def claim_kl_vs_beta(results: dict):
     """The rule: ρ(β, mean final KL) <= KL_RHO and the KL fall from the lowest to the highest β larger than the
-    seed-to-seed range of the final KL at any one β (stated as not measured with one seed). The control needs no
+    seed-to-seed range of the final KL at any one β (stated as not measured with one seed) and at least MIN_KL_FALL.
+    The control needs no
     extra run: the same KLs with the β labels shuffled, where the rule must hold on fewer than CHANCE of the
     orderings — a permutation test of the ordering, so a grid of 3 β values, or one whose KLs are unrelated to β,
     cannot pass. A shuffled grid is preferred to a second sweep: it is exact, free, and is the null hypothesis
@@ -1072,7 +1076,7 @@ def claim_kl_vs_beta(results: dict):
     args = ("kl_falls_with_beta", "17", "KL to the reference falls as β rises",
             ("Spearman ρ(β, mean final held-out KL) over the grid; KL fall from the lowest to the highest β against "
              "the largest seed-to-seed range of the final KL at one β"), {
-                "rho": f"<= {KL_RHO}", "kl_fall": "> seed range at one β",
+                "rho": f"<= {KL_RHO}", "kl_fall": f"> seed range at one β and >= {MIN_KL_FALL} nats",
                 "shuffled β: share of orderings where the rule holds": f"< {CHANCE}"})
     if reason := _missing(results, "beta_sweep"):
         return Claim.skip(*args, reason)
@@ -1088,7 +1092,7 @@ def claim_kl_vs_beta(results: dict):
               "seed_range_at_one_beta": noise,
               "noise": "largest max − min over seeds of the final KL at one β" if several else
               "seed-to-seed spread not measured (one seed): the shuffled-β control alone bounds chance"}
-    holds = _kl_rule(betas, kls) and fall is not None and fall > (noise or 0.0)
+    holds = _kl_rule(betas, kls) and fall is not None and fall > (noise or 0.0) and fall >= MIN_KL_FALL
     shuffled = shuffled_beta_control(betas, kls)
     control = {"statement": "the same per-β final KLs with the β labels shuffled (every ordering): the share on "
                f"which the rule holds; the control holds when it reaches {CHANCE}", "values": shuffled}
@@ -1525,6 +1529,9 @@ def _leash(claim: Any) -> str:
     if claim.control_holds:
         return (f"KL falls as β rises on this grid, but a shuffled β order is as ordered in {share:.0%} of "
                 "orderings: too few β values to tell the leash from chance, NOT shown")
+    if v["kl_fall"] < MIN_KL_FALL:
+        return (f"KL falls as β rises, but only by {v['kl_fall']:.2g} nats (< {MIN_KL_FALL}): the policy barely "
+                "moved from the reference, so the leash is NOT shown")
     return (f"KL falls as β rises, but by {v['kl_fall']:.2f} nats, within the seed-to-seed range at one β "
             f"({v['seed_range_at_one_beta']:.2f}): the leash is NOT shown beyond the noise")
 

@@ -78,6 +78,17 @@ def test_kl_vs_beta_needs_the_fall_to_exceed_the_seed_spread_at_one_beta():
     assert "within the seed-to-seed range" in stages.section_beta_sweep(ARGS, noisy).reading
 
 
+def test_kl_vs_beta_does_not_hold_when_the_policy_barely_moved():
+    """A learning rate too small for the model orders tiny KLs by β too (ρ = −1 on 1e-7 nats): no leash is shown."""
+    betas = [0.0, 0.02, 0.2, 1.0]
+    still = _grid(betas, [[4e-7], [3e-7], [2e-7], [1e-8]])
+    claim = stages.claim_kl_vs_beta({"beta_sweep": still})
+    assert claim.values["rho"] == pytest.approx(-1.0) and claim.control_holds is False and claim.holds is False
+    assert "barely moved" in stages.section_beta_sweep(ARGS, still).reading
+    moved = _grid(betas, [[0.4], [0.3], [0.2], [0.01]])  # the same ordering with a fall of 0.39 nats
+    assert stages.claim_kl_vs_beta({"beta_sweep": moved}).holds
+
+
 def test_kl_vs_beta_prose_follows_the_direction_of_the_numbers():
     betas = [0.0, 0.02, 0.2, 1.0]
     falls, rises = _grid(betas, [[3.1], [2.5], [1.1], [0.3]]), _grid(betas, [[0.3], [1.1], [2.5], [3.1]])
