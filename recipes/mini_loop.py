@@ -68,6 +68,10 @@ class MiniLoopArguments:
     steps: int = field(default=40, metadata={"help": "RL steps (one sampled batch each)."})
     batch_size: int = field(default=64, metadata={"help": "Prompts (= replies) per step."})
     max_new_tokens: int = field(default=24, metadata={"help": "Longest reply; a reply cut here did not end."})
+    temperature: float = field(default=1.0, metadata={"help": (
+        "Sampling temperature T. The policy trained and measured is π at T (logits / T, as TRL scores it), and the "
+        "KL is that of the tempered policy to the tempered reference. Below 1 on a small pretrained model whose "
+        "temperature-1 replies are noise.")})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     kl_coef: float = field(default=0.05, metadata={"help": "β of the per-token KL penalty (k3) to the reference."})
     clip_eps: float = field(default=0.2, metadata={"help": "PPO clip range ε."})
@@ -94,6 +98,8 @@ def check_args(args: MiniLoopArguments) -> None:
         raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {args.temperature}")
     if not args.lr > 0:
         raise ValueError(f"lr must be > 0, got {args.lr}")
     if args.kl_coef < 0:
@@ -215,13 +221,15 @@ def eos_ids_of(policy, tokenizer) -> list[int]:
 # The steps of the loop
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, tokenizer, prompts: Sequence[Any], max_new_tokens: int, eos_ids: list[int]) -> dict[str, Any]:
-    """Samples one reply per prompt (temperature 1: the replies are draws from π, so their KL is a true estimate)."""
+def rollout(policy, tokenizer, prompts: Sequence[Any], max_new_tokens: int, eos_ids: list[int],
+            temperature: float = 1.0) -> dict[str, Any]:
+    """Samples one reply per prompt from π at ``temperature`` (the replies are draws from the policy being trained,
+    so their KL is a true estimate); the batch carries T so every later log-prob is taken at it."""
     device = next(policy.parameters()).device
     enc = tokenizer(prompt_texts(prompts, tokenizer), return_tensors="pt", padding=True, add_special_tokens=False)
     prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     tokens, logps = sample_with_kv_cache(policy, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                         temperature=1.0, pad_token_id=tokenizer.pad_token_id,
+                                         temperature=temperature, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_ids=eos_ids, drop_finished=True)
     # a reply is every token up to and including its first EOS; what follows is padding
     mask = completion_mask(tokens, eos_ids)
@@ -230,13 +238,14 @@ def rollout(policy, tokenizer, prompts: Sequence[Any], max_new_tokens: int, eos_
         "prompts": list(prompts), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
         "completion_ids": tokens, "completion_mask": mask, "logps": logps * mask, "ids": ids,
         "texts": tokenizer.batch_decode(ids, skip_special_tokens=True),
-        "finished": [bool(r) and r[-1] in eos_ids for r in ids],
+        "finished": [bool(r) and r[-1] in eos_ids for r in ids], "temperature": temperature,
     }
 
 
 def reference_logps(policy, reference, batch: dict[str, Any]) -> torch.Tensor:
     """log π_ref of the sampled tokens: the frozen copy, or the policy with its LoRA adapter switched off."""
-    args = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+    args = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"],
+            batch.get("temperature", 1.0))
     with torch.no_grad():
         if reference is None:
             with policy.disable_adapter():
@@ -258,7 +267,7 @@ def ppo_update(policy, optimizer, batch, ref_logps, adv, args: MiniLoopArguments
     """``ppo_epochs`` gradient steps on one batch: maximise the clipped surrogate minus β·k3 per token. Returns the
     last epoch's loss and clip fraction (share of tokens whose ratio was outside 1 ± ε before that epoch's step)."""
     mask = batch["completion_mask"]
-    inputs = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask)
+    inputs = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask, batch.get("temperature", 1.0))
     params = [p for p in policy.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs):
         new_logps = per_token_logps(policy, *inputs)
@@ -300,7 +309,7 @@ def train_step(step: int, state: dict[str, Any], args: MiniLoopArguments) -> tup
     idx = torch.randint(len(state["prompts"]), (args.batch_size,), generator=state["generator"]).tolist()
     prompts = [state["prompts"][i] for i in idx]
     # 2. generate: the replies and log π_old, from the very logits they were sampled from
-    batch = rollout(policy, tokenizer, prompts, args.max_new_tokens, eos_ids)
+    batch = rollout(policy, tokenizer, prompts, args.max_new_tokens, eos_ids, args.temperature)
     # 3. score: the programmatic reward, one number per reply
     rewards = torch.tensor(polite_reward(batch["texts"], batch["finished"]), device=batch["logps"].device)
     # 4. reference: log π_ref of the same tokens, for the KL penalty and the KL we report
@@ -338,7 +347,7 @@ def evaluate(state: dict[str, Any], prompts: list, args: MiniLoopArguments, phas
         torch.manual_seed(args.seed)
         for start in range(0, len(prompts), args.batch_size):
             batch = rollout(policy, state["tokenizer"], prompts[start : start + args.batch_size],
-                            args.max_new_tokens, state["eos_ids"])
+                            args.max_new_tokens, state["eos_ids"], args.temperature)
             ref_logps = reference_logps(policy, state["reference"], batch)
             kl = sequence_kl(batch["logps"], ref_logps, batch["completion_mask"])
             kls.append((kl, len(batch["texts"])))

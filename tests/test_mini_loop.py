@@ -275,3 +275,24 @@ def test_defaults_on_the_lab_teach_polite_endings_at_a_moderate_kl(recipe, lab, 
     share = sum(any(_ends_with_closing(r, c) for c in closings) for r in rows) / len(rows)
     assert after == pytest.approx(share)
     assert metrics["seconds"] < 90
+
+
+def test_a_tempered_loop_scores_every_log_prob_at_its_temperature(tiny_recipe, tiny, tmp_path):
+    """At T = 0.5 the sampled log-probs, the reference's and the update's are all of π at T: before any update the
+    policy is its reference (KL 0 per token) and the first epoch's ratio is 1 (no clipping), as at T = 1."""
+    args = _tiny_args(tiny_recipe, tiny, tmp_path, kl_coef=0.1, ppo_epochs=1, temperature=0.5)
+    state, _ = tiny_recipe.setup(args)
+    torch.manual_seed(0)
+    batch = tiny_recipe.rollout(state["policy"], state["tokenizer"], state["prompts"][:16], 8, state["eos_ids"],
+                                args.temperature)
+    inputs = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
+    with torch.no_grad():
+        at_t = tiny_recipe.per_token_logps(state["policy"], *inputs, temperature=0.5)
+        at_1 = tiny_recipe.per_token_logps(state["policy"], *inputs)
+    assert torch.allclose(batch["logps"], at_t, atol=1e-5) and not torch.allclose(batch["logps"], at_1, atol=1e-3)
+    ref = tiny_recipe.reference_logps(state["policy"], state["reference"], batch)
+    assert torch.allclose(ref, at_t, atol=1e-5)
+    stats = tiny_recipe.ppo_update(state["policy"], state["optimizer"], batch, ref, torch.ones(len(batch["texts"])), args)
+    assert stats["clip_frac"] == 0.0
+    with pytest.raises(ValueError, match="temperature"):
+        _tiny_args(tiny_recipe, tiny, tmp_path, temperature=0.0)
