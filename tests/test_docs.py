@@ -76,3 +76,70 @@ def test_the_quickstarts_numbers_are_those_of_the_committed_run():
     printed = summary_text(metrics).split("held-out evaluation (", 1)[1]
     assert re.sub(r"\s+", " ", block).strip() == re.sub(r"\s+", " ", printed).strip()
     assert metrics["global_step"] == 60 and metrics["on_lab"] is True and metrics["command"] == "python recipes/ppo.py"
+
+
+def _committed(run: str, name: str = "metrics.json") -> dict:
+    import json
+
+    return json.loads((ROOT / "docs" / "runs" / run / name).read_text())
+
+
+def _lab_section(page: str) -> str:
+    """The page's section on a default lab run, whitespace collapsed so prose may wrap anywhere."""
+    text = (ROOT / "docs" / page).read_text()
+    section = text.split("## A default run on the lab", 1)[1].split("\n## ", 1)[0]
+    return re.sub(r"[ \t]*\n[ \t]*", "\n", section)
+
+
+def _row(section: str, label: str) -> list[str]:
+    """The cells after `label` in the markdown table row that begins with it, bold marks dropped."""
+    line = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip().strip("*") for cell in line.strip().strip("|").split("|")[1:]]
+
+
+def _num(value: float, digits: int = 2, sign: str = "") -> str:
+    """A number as the pages print it: fixed digits, a true minus sign."""
+    return f"{value:{sign}.{digits}f}".replace("-", "−")
+
+
+def _prose(section: str) -> str:
+    return re.sub(r"\s+", " ", section)
+
+
+def test_the_best_of_n_pages_lab_numbers_are_those_of_the_committed_run():
+    """docs/best_of_n.md quotes docs/runs/best-of-n-lab/metrics.json (`python recipes/best_of_n.py`) and, for seeds
+    0-2, the chapter run's claims.json: a page number that differs from its file fails here."""
+    metrics, section = _committed("best-of-n-lab"), _lab_section("best_of_n.md")
+    points = metrics["curve"]["points"]
+    assert _row(section, "N") == [str(point["n"]) for point in points]
+    for label, key in [("KL_bon (nats)", "kl"), ("proxy", "proxy_reward"), ("gold", "gold_reward")]:
+        assert _row(section, label) == [_num(point[key]) for point in points], label
+    fit, prose = metrics["curve"]["fit"], _prose(section)
+    peak = max(points, key=lambda point: point["gold_reward"])
+    nearest = min(points, key=lambda point: abs(point["kl"] - fit["peak_kl"]))
+    assert (f"α = {_num(fit['alpha'])}, β = {_num(fit['beta'])}, R² = {_num(fit['r2'])}, predicted peak at KL "
+            f"{_num(fit['peak_kl'])} nats (N ≈ {nearest['n']}), where the measured peak is") in prose
+    assert nearest["n"] == peak["n"]
+    gain, given_back = peak["gold_reward"] - points[0]["gold_reward"], peak["gold_reward"] - points[-1]["gold_reward"]
+    assert (f"gold gains {_num(gain)} by N = {peak['n']} and gives back {_num(given_back)} of it by "
+            f"N = {points[-1]['n']}") in prose
+    initial, bon = metrics["initial"], metrics["best_of_n"]
+    assert _row(section, "SFT policy") == [_num(initial["proxy_reward"]), _num(initial["gold_reward"]), "0"]
+    assert _row(section, f"best-of-{bon['n']} at inference") == [
+        _num(bon["proxy_reward"]), _num(bon["gold_reward"]), f"{_num(bon['kl'])} (analytic)"]
+    for distilled in metrics["distilled"]:
+        scores = distilled["eval"]
+        assert _row(section, f"distilled, round {distilled['round']}") == [
+            _num(scores["proxy_reward"]), _num(scores["gold_reward"]), _num(scores["kl"])]
+    first = metrics["distilled"][0]["eval"]
+    assert f"(+{_num(gain)} at {_num(bon['kl'])} nats)" in prose
+    assert f"({_num(first['gold_reward'])} vs {_num(bon['gold_reward'])} at ≈ {first['kl']:.1f} nats)" in prose
+
+    claim = next(c for c in _committed("chapter", "claims.json")["claims"] if c["id"] == "bon_distillation")
+    seeds = claim["values"]["gain_over_seeds"]
+    per_seed = [_num(seeds["per_seed"][seed], sign="+") for seed in ("0", "1", "2")]
+    low, high = (_num(bound, sign="+") for bound in seeds["ci95"])
+    assert (f"raised held-out gold by {per_seed[0]}, {per_seed[1]} and {per_seed[2]} (95% t interval "
+            f"[{low}, {high}])") in prose
+    assert [s for s, kept in claim["values"]["settings_per_seed"].items() if kept["rounds"] > 1] == ["0"]
+    assert claim["control"]["values"]["gain_over_seeds"]["ci95"][0] < 0  # "did not raise it"
