@@ -92,9 +92,10 @@ def _lab_section(page: str) -> str:
 
 
 def _row(section: str, label: str) -> list[str]:
-    """The cells after `label` in the markdown table row that begins with it, bold marks dropped."""
-    line = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
-    return [cell.strip().strip("*") for cell in line.strip().strip("|").split("|")[1:]]
+    """The cells after the label in the markdown table row labelled `label` (or `label (a gloss)`), bold dropped."""
+    rows = [[cell.strip().strip("*") for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("|")]
+    return next(row[1:] for row in rows if row[0] == label or row[0].startswith(f"{label} ("))
 
 
 def _num(value: float, digits: int = 2, sign: str = "") -> str:
@@ -143,3 +144,41 @@ def test_the_best_of_n_pages_lab_numbers_are_those_of_the_committed_run():
             f"[{low}, {high}])") in prose
     assert [s for s, kept in claim["values"]["settings_per_seed"].items() if kept["rounds"] > 1] == ["0"]
     assert claim["control"]["values"]["gain_over_seeds"]["ci95"][0] < 0  # "did not raise it"
+
+
+def _log_history(run: str) -> dict[int, dict]:
+    import json
+
+    """Every logged value by step (a step can have several entries: training, evaluation, the run's summary)."""
+    by_step: dict[int, dict] = {}
+    for line in (ROOT / "docs" / "runs" / run / "log_history.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        by_step.setdefault(entry.get("step"), {}).update(entry)
+    return by_step
+
+
+LAB_TABLES = {  # page: (committed run, [(logged key, digits the page prints)])
+    "ppo.md": ("ppo-lab", [("rewards/proxy_reward/mean", 2), ("rewards/gold_reward/mean", 2), ("objective/kl", 2),
+                           ("loss/value_avg", 2)]),
+    "grpo.md": ("grpo-lab", [("rewards/proxy_reward/mean", 2), ("rewards/gold_reward/mean", 2), ("kl", 3)]),
+    "reinforce.md": ("reinforce-lab", [("rewards/proxy_reward/mean", 2), ("rewards/gold_reward/mean", 2),
+                                       ("reinforce/baseline", 2)]),
+}
+
+
+@pytest.mark.parametrize("page", sorted(LAB_TABLES))
+def test_a_trainers_lab_numbers_are_those_of_its_committed_run(page):
+    """The default lab run's table and held-out line on ppo.md, grpo.md and reinforce.md quote docs/runs/<run>/
+    (metrics.json and log_history.jsonl of the recipe's default command): a page number that differs fails here."""
+    run, keys = LAB_TABLES[page]
+    metrics, logs, section = _committed(run), _log_history(run), _lab_section(page)
+    assert metrics["on_lab"] is True and metrics["command"] == f"python recipes/{page[:-3]}.py"
+    steps = [int(step) for step in _row(section, "step")]
+    assert steps[-1] == metrics["global_step"]
+    for key, digits in keys:
+        assert _row(section, f"`{key}`") == [_num(logs[step][key], digits) for step in steps], key
+    prose = _prose(section)
+    assert (f"Held-out, {metrics['num_eval_prompts']} fresh completions before → after: proxy "
+            f"{_num(metrics['proxy_reward_before'])} → {_num(metrics['proxy_reward_after'])}, gold "
+            f"{_num(metrics['gold_reward_before'])} → {_num(metrics['gold_reward_after'])}, KL to the initial policy "
+            f"{_num(metrics['kl_k3_after'])} nats per completion (k3; k1 {_num(metrics['kl_after'])}).") in prose
