@@ -182,3 +182,13 @@ def test_a_trainers_lab_numbers_are_those_of_its_committed_run(page):
             f"{_num(metrics['proxy_reward_before'])} → {_num(metrics['proxy_reward_after'])}, gold "
             f"{_num(metrics['gold_reward_before'])} → {_num(metrics['gold_reward_after'])}, KL to the initial policy "
             f"{_num(metrics['kl_k3_after'])} nats per completion (k3; k1 {_num(metrics['kl_after'])}).") in prose
+
+
+def test_the_grpo_pages_held_out_kl_during_training_is_that_of_the_committed_run():
+    """docs/grpo.md lists kl_ref/k3_seq at every measuring step of docs/runs/grpo-lab/log_history.jsonl."""
+    logs = _log_history("grpo-lab")
+    steps = sorted(step for step, entry in logs.items() if isinstance(step, int) and "kl_ref/k3_seq" in entry)
+    measured = [(step, logs[step]["kl_ref/k3_seq"]) for step in steps]
+    quoted = ", ".join(_num(value) for _, value in measured)
+    text = _prose((ROOT / "docs" / "grpo.md").read_text())
+    assert f"on this run {quoted} at steps {measured[0][0]} … {measured[-1][0]}" in text
