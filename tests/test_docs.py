@@ -192,3 +192,11 @@ def test_the_grpo_pages_held_out_kl_during_training_is_that_of_the_committed_run
     quoted = ", ".join(_num(value) for _, value in measured)
     text = _prose((ROOT / "docs" / "grpo.md").read_text())
     assert f"on this run {quoted} at steps {measured[0][0]} … {measured[-1][0]}" in text
+
+
+def test_the_reinforce_pages_gradient_variance_is_that_of_the_committed_run():
+    """docs/reinforce.md quotes grad_variance of docs/runs/reinforce-lab/metrics.json."""
+    variance = _committed("reinforce-lab")["grad_variance"]
+    assert (f"Gradient variance over {variance['grad_var/num_measurements']} measurements: `grad_var/total` "
+            f"{variance['grad_var/total']:.0f} (mean), `grad_var/snr` {_num(variance['grad_var/snr'])}.") in _prose(
+        _lab_section("reinforce.md"))
