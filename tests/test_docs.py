@@ -200,3 +200,20 @@ def test_the_reinforce_pages_gradient_variance_is_that_of_the_committed_run():
     assert (f"Gradient variance over {variance['grad_var/num_measurements']} measurements: `grad_var/total` "
             f"{variance['grad_var/total']:.0f} (mean), `grad_var/snr` {_num(variance['grad_var/snr'])}.") in _prose(
         _lab_section("reinforce.md"))
+
+
+def test_the_ppo_pages_memory_table_is_that_of_the_committed_benchmark_output():
+    """docs/ppo.md's memory table quotes both runs of benchmarks/results/memory.txt, run 1 / run 2."""
+    raw = (ROOT / "benchmarks" / "results" / "memory.txt").read_text()
+    runs = [dict((row[0], row[1:]) for row in (line.strip("|").split("|") for line in block.splitlines()
+                                               if re.match(r"\| \w+ \| \d", line)))
+            for block in raw.split("$ ")[1:]]
+    assert len(runs) == 2
+    section = (ROOT / "docs" / "ppo.md").read_text().split("**Memory**", 1)[1].split("\n\n", 2)[1]
+    assert "473 MB import baseline" in (ROOT / "docs" / "ppo.md").read_text() and "import baseline 473 MB" in raw
+    for label, name in [("GRPO LoRA", "grpo_lora"), ("PPO LoRA + `critic_shares_base`", "ppo_lora_shared_critic"),
+                        ("PPO LoRA + `value_head_on_policy`", "ppo_lora_value_head")]:
+        cells = [[run[f" {name} "][column].strip() for run in runs] for column in (0, 1)]
+        quoted = [" / ".join(dict.fromkeys(values)) if column else " / ".join(values)
+                  for column, values in enumerate(cells)]
+        assert _row(section, label) == quoted, label
