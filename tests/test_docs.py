@@ -111,6 +111,7 @@ def test_the_best_of_n_pages_lab_numbers_are_those_of_the_committed_run():
     """docs/best_of_n.md quotes docs/runs/best-of-n-lab/metrics.json (`python recipes/best_of_n.py`) and, for seeds
     0-2, the chapter run's claims.json: a page number that differs from its file fails here."""
     metrics, section = _committed("best-of-n-lab"), _lab_section("best_of_n.md")
+    assert f"`{metrics['command']}`; its `metrics.json` is committed" in _prose(section)
     points = metrics["curve"]["points"]
     assert _row(section, "N") == [str(point["n"]) for point in points]
     for label, key in [("KL_bon (nats)", "kl"), ("proxy", "proxy_reward"), ("gold", "gold_reward")]:
