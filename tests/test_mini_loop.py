@@ -292,7 +292,8 @@ def test_a_tempered_loop_scores_every_log_prob_at_its_temperature(tiny_recipe, t
     assert torch.allclose(batch["logps"], at_t, atol=1e-5) and not torch.allclose(batch["logps"], at_1, atol=1e-3)
     ref = tiny_recipe.reference_logps(state["policy"], state["reference"], batch)
     assert torch.allclose(ref, at_t, atol=1e-5)
-    stats = tiny_recipe.ppo_update(state["policy"], state["optimizer"], batch, ref, torch.ones(len(batch["texts"])), args)
+    adv = torch.ones(len(batch["texts"]))
+    stats = tiny_recipe.ppo_update(state["policy"], state["optimizer"], batch, ref, adv, args)
     assert stats["clip_frac"] == 0.0
     with pytest.raises(ValueError, match="temperature"):
         _tiny_args(tiny_recipe, tiny, tmp_path, temperature=0.0)
