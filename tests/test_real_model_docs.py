@@ -78,3 +78,10 @@ def test_the_probe_renders_the_chat_template_learns_nothing_and_is_not_on_lab():
     assert all(r["reward"] == 0.0 for r in rows)
     before = [r["completion"] for r in rows if r["phase"] == "before"]
     assert before and before == [r["completion"] for r in rows if r["phase"] == "after"]
+
+
+def test_the_quoted_testbed_command_is_the_one_that_ran():
+    text = DOC.read_text()
+    block = "hf-rlhf-ext lab build" + text.split("hf-rlhf-ext lab build", 1)[1].split("```", 1)[0]
+    ran = (RUNS / "testbed-smollm2" / "graded-lora" / "command.txt").read_text()
+    assert shlex.split(block.replace("\\\n", " ")) == shlex.split(ran)
