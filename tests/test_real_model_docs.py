@@ -80,8 +80,10 @@ def test_the_probe_renders_the_chat_template_learns_nothing_and_is_not_on_lab():
     assert before and before == [r["completion"] for r in rows if r["phase"] == "after"]
 
 
-def test_the_quoted_testbed_command_is_the_one_that_ran():
-    text = DOC.read_text()
-    block = "hf-rlhf-ext lab build" + text.split("hf-rlhf-ext lab build", 1)[1].split("```", 1)[0]
-    ran = (RUNS / "testbed-smollm2" / "graded-lora" / "command.txt").read_text()
-    assert shlex.split(block.replace("\\\n", " ")) == shlex.split(ran)
+def test_the_quoted_testbed_commands_are_those_that_ran():
+    """The page's build commands, in order: the LoRA proxy's build, then the scratch proxy's."""
+    blocks = DOC.read_text().split("hf-rlhf-ext lab build")[1:]
+    assert len(blocks) == 2
+    for block, run in zip(blocks, ("graded-lora", "graded-scratch")):
+        quoted = shlex.split(("hf-rlhf-ext lab build" + block.split("```", 1)[0]).replace("\\\n", " "))
+        assert quoted == shlex.split((RUNS / "testbed-smollm2" / run / "command.txt").read_text()), run
