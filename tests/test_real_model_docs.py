@@ -87,3 +87,9 @@ def test_the_quoted_testbed_commands_are_those_that_ran():
     for block, run in zip(blocks, ("graded-lora", "graded-scratch")):
         quoted = shlex.split(("hf-rlhf-ext lab build" + block.split("```", 1)[0]).replace("\\\n", " "))
         assert quoted == shlex.split((RUNS / "testbed-smollm2" / run / "command.txt").read_text()), run
+
+
+def test_the_quoted_grpo_smoke_command_is_the_one_that_ran():
+    block = DOC.read_text().split("recipes/grpo.py", 1)[1].split("```", 1)[0]
+    ran = (RUNS / "testbed-smollm2" / "graded-scratch" / "grpo-smoke" / "command.txt").read_text()
+    assert shlex.split(block.replace("\\\n", " ")) == shlex.split(ran.split("recipes/grpo.py", 1)[1])
