@@ -93,3 +93,19 @@ def test_the_quoted_grpo_smoke_command_is_the_one_that_ran():
     block = DOC.read_text().split("recipes/grpo.py", 1)[1].split("```", 1)[0]
     ran = (RUNS / "testbed-smollm2" / "graded-scratch" / "grpo-smoke" / "command.txt").read_text()
     assert shlex.split(block.replace("\\\n", " ")) == shlex.split(ran.split("recipes/grpo.py", 1)[1])
+
+
+def test_the_kl_estimator_summary_is_that_of_the_committed_log():
+    """kl_estimators.json (quoted by the page) is what summarize.py makes of the committed log_history.jsonl, and the
+    command quoted is the one recorded beside it."""
+    import importlib.util
+
+    folder = RUNS / "real-model" / "kl-estimators"
+    spec = importlib.util.spec_from_file_location("kl_summary", folder / "summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stored = json.loads((folder / "kl_estimators.json").read_text())
+    assert module.summarize(str(folder / "log_history.jsonl")) == stored
+    quoted = DOC.read_text().split("## k1 and k3 against the exact KL")[1].split("```bash")[1].split("```")[0]
+    ran = (folder / "command.txt").read_text()
+    assert shlex.split(quoted.replace("\\\n", " ")) == shlex.split(ran)
