@@ -195,7 +195,7 @@ def test_the_callback_logs_the_ensembles_disagreement_on_held_out_samples(tmp_pa
     cb.ensemble_funcs = cb._ensemble_members(ensemble_reward(members, "mean"))
     completions = ["x"] * 5
     cb.sampler = SimpleNamespace(
-        policy_for_generation=contextlib.nullcontext, sample=lambda policy, step: completions, gather=lambda v: v,
+        policy_for_generation=contextlib.nullcontext, sample=lambda policy, step, **kw: completions, gather=lambda v: v,
         score=lambda funcs, batch, state: [f(prompts=batch, completions=batch) for f in funcs],
     )
     cb.proxy_func, cb.gold_func = _const(0.5, "proxy"), _const(0.2, "gold")

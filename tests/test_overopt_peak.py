@@ -82,7 +82,7 @@ def test_without_a_known_standard_error_the_threshold_is_zero(tmp_path):
 def test_sample_mode_uses_the_standard_error_of_the_held_out_scores(tmp_path):
     cb = OveroptimizationCallback(proxy="reward", gold="gold", save_peak=False, plot=False)
     gold = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
-    cb.sampler = SimpleNamespace(policy_for_generation=contextlib.nullcontext, sample=lambda policy, step: None,
+    cb.sampler = SimpleNamespace(policy_for_generation=contextlib.nullcontext, sample=lambda policy, step, **kw: None,
                                  score=lambda funcs, batch, state: ([0.5] * 6, gold), gather=lambda v: v)
     cb.kl_source = "training_kl"
     from transformers import TrainerControl, TrainerState
