@@ -30,7 +30,7 @@ def test_named_monitors_log_their_measurements_and_report_in_metrics(tiny, tmp_p
                        "--monitor_every_n_steps", "1", "--monitor_num_samples", "4"))
     logs = read_log_history(str(tmp_path))
     steps_with = lambda prefix: [r["step"] for r in logs if any(k.startswith(prefix) for k in r)]  # noqa: E731
-    assert steps_with("kl_ref/k3_seq") == [1, 2]
+    assert steps_with("kl_ref/k3_seq") == steps_with("kl_ref/exact_seq") == [1, 2]  # the exact KL beside k3
     assert steps_with("adv_check/") == [1, 2]  # the batches generated for steps 1 and 2
     assert steps_with("overopt/gold") == [1, 2]
     monitors = read_metrics(str(tmp_path))["monitors"]
