@@ -41,15 +41,16 @@ def test_named_monitors_log_their_measurements_and_report_in_metrics(tiny, tmp_p
     assert (tmp_path / "overoptimization.png").is_file()
 
 
-def test_monitor_forecast_turns_the_gold_peak_forecast_on(tiny, tmp_path):
+def test_the_gold_peak_forecast_is_on_by_default_and_monitor_forecast_false_turns_it_off(tiny, tmp_path):
     import json
 
-    for flag in ("true", "false"):
+    for flag in ("default", "true", "false"):
         out = tmp_path / flag
-        _run("grpo", _argv(tiny, out, "--monitor", "overoptimization", "--monitor_forecast", flag))
+        extra = [] if flag == "default" else ["--monitor_forecast", flag]
+        _run("grpo", _argv(tiny, out, "--monitor", "overoptimization", *extra))
         points = json.loads((out / "overoptimization.json").read_text())["points"]
         # two measurements: too few for a forecast, and the points say so only when it is on
-        assert all(("forecast_reason" in p) == (flag == "true") for p in points) and points
+        assert all(("forecast_reason" in p) == (flag != "false") for p in points) and points
 
 
 def test_monitor_none_attaches_nothing(tiny, tmp_path):

@@ -89,10 +89,10 @@ class RLScriptArguments(ScriptArguments):
         default=False, metadata={"help": "overoptimization: stop training once gold falls while the proxy rises."}
     )
     monitor_forecast: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "overoptimization: forecast the KL of the gold peak (Gao et al.'s RL form fitted to the "
                           "points so far, 5th–95th percentile bootstrap interval), logged as "
-                          "overopt/forecast_peak_kl*."},
+                          "overopt/forecast_peak_kl* when the fit is valid; false turns it off."},
     )
     monitor_stop_at_forecast: bool = field(
         default=False,
