@@ -245,16 +245,12 @@ def bon_kl_finding(points: list[dict], gap: float = BON_KL_GAP) -> Finding:
 # ----------------------------------------------------------------------------------------------------------------------
 def _paired(single: dict, other: dict) -> dict:
     """The objective's gold fall − the single RM's, per shared seed: mean and 95% t interval (None with one seed)."""
-    from hf_rlhf_ext.experiments.early_stopping import t_quantile_975
+    from hf_rlhf_ext.experiments.early_stopping import t_interval
 
     seeds = [s for s in other if s in single]
     diffs = [other[s] - single[s] for s in seeds]
     m = _mean(diffs) if diffs else None
-    ci = None
-    if len(diffs) > 1:
-        sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
-        half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        ci = [m - half, m + half]
+    ci = t_interval(diffs)
     status = ("one seed" if ci is None else "reduces" if ci[1] < 0 else "increases" if ci[0] > 0 else
               "within the seed noise")
     return {"seeds": seeds, "difference": m, "ci95": ci, "status": status}

@@ -932,15 +932,10 @@ VARIANCE_CUT, REWARD_GAIN = 2.0, 0.1
 
 
 def t_interval(values: list[float]) -> list[float] | None:
-    """The 95% Student t interval of the mean, mean ± t(0.975, n − 1) · sd / √n; None with fewer than 2 values."""
-    from hf_rlhf_ext.experiments.early_stopping import t_quantile_975
+    """The 95% Student t interval of the mean; None with fewer than 2 values."""
+    from hf_rlhf_ext.experiments.early_stopping import t_interval as interval
 
-    n = len(values)
-    if n < 2:
-        return None
-    m = sum(values) / n
-    half = t_quantile_975(n - 1) * math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
-    return [m - half, m + half]
+    return interval(values)
 
 
 def ci_clears(values: list[float], bar: float, above: bool = True) -> bool:

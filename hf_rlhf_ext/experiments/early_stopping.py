@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-__all__ = ["MIN_SEEDS", "VERDICTS", "gold_at_kl", "matched_pairs", "penalty_vs_early_stopping", "t_quantile_975"]
+__all__ = ["MIN_SEEDS", "VERDICTS", "gold_at_kl", "matched_pairs", "penalty_vs_early_stopping", "t_interval",
+           "t_quantile_975"]
 
 #: seeds with at least one matched pair needed for a verdict: with two, the t interval (t = 12.7) says nothing
 MIN_SEEDS = 3
@@ -84,9 +85,13 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
-def _t_interval(values: Sequence[float]) -> list[float]:
-    """mean ± t(0.975, n − 1) · sd / sqrt(n), sd with n − 1 (n >= 2)."""
-    m, n = _mean(values), len(values)
+def t_interval(values: Sequence[float]) -> list[float] | None:
+    """The 95% Student t interval of the mean, mean ± t(0.975, n − 1) · sd / √n (sd with n − 1); None with fewer
+    than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    m = _mean(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
     half = t_quantile_975(n - 1) * sd / math.sqrt(n)
     return [m - half, m + half]
@@ -126,7 +131,7 @@ def penalty_vs_early_stopping(results: Sequence[dict[str, Any]], min_seeds: int 
     per_seed = [{"seed": s, "n_pairs": len(d), "mean_difference": _mean(d)}
                 for s in seeds for d in [[p["difference"] for p in pairs if p["seed"] == s]]]
     means = [row["mean_difference"] for row in per_seed]
-    interval = _t_interval(means) if len(seeds) >= min_seeds else None
+    interval = t_interval(means) if len(seeds) >= min_seeds else None
     return {"n_pairs": len(pairs), "n_unmatched": len(everything) - len(pairs), "n_seeds": len(seeds),
             "min_seeds": min_seeds, "mean_difference": _mean(means) if means else None, "ci95": interval,
             "interval": "Student t over per-seed means", "verdict": _verdict(interval, len(seeds)),

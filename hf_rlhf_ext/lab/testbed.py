@@ -54,7 +54,7 @@ from .build import (
     is_testbed,
     save_splits,
 )
-from .testbed_settings import DEFAULT_RM_LR, TESTBED_FILE, rm_kind
+from .testbed_settings import DEFAULT_RM_LR, TESTBED_FILE, rm_kind, saved_settings
 
 __all__ = [
     "TESTBED_VERSION", "TestbedConfig", "build_testbed", "load_prompt_rows", "new_testbed_proxy", "testbed_config",
@@ -407,8 +407,7 @@ def _train_proxy(config: TestbedConfig, tokenizer, pairs, policy_dir: str, work:
 # --------------------------------------------------------------------------------------------------------------------
 def testbed_config(root: str) -> TestbedConfig:
     """The settings a testbed was built with (``testbed.json``)."""
-    with open(os.path.join(root, TESTBED_FILE)) as f:
-        return TestbedConfig(**json.load(f)["config"])
+    return TestbedConfig(**saved_settings(root))
 
 
 def _proxy_inputs(root: str, seed: int | None) -> tuple[TestbedConfig, Any, Any]:
