@@ -48,6 +48,7 @@ class PipelineArguments:
             judge as the gold; stages that need the lab itself are skipped with the reason.
         model_name_or_path, dataset_name, reward_funcs, reward_model_name_or_path, gold_funcs, use_peft: run the
             stages on your own policy, prompts and rewards (the lab by default).
+        learning_rate: of every trained policy (the mini loop's ``--lr``); unset, each stage keeps its own.
     """
 
     output_dir: str = field(default="runs/chapter", metadata={"help": "Output directory."})
@@ -62,6 +63,9 @@ class PipelineArguments:
     reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Optimised reward model."})
     gold_funcs: list[str] | None = field(default=None, metadata={"help": "Held-out judge(s) standing in for gold."})
     use_peft: bool = field(default=False, metadata={"help": "LoRA for every trained policy."})
+    learning_rate: float | None = field(default=None, metadata={"help": (
+        "Learning rate of every trained policy (default: each stage's own: the lab's on the lab, TRL's off it). A "
+        "model of your own needs one chosen for it: at TRL's 1e-6 a policy barely moves in the chapter's steps.")})
 
     def __post_init__(self):
         unknown = sorted(set(self.stages or []) - set(stages.NAMES))
@@ -69,6 +73,8 @@ class PipelineArguments:
             raise ValueError(f"Unknown stage(s) {unknown}; the stages are {stages.NAMES}.")
         if self.max_parallel < 1:
             raise ValueError(f"--max_parallel must be >= 1, got {self.max_parallel}.")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
 
     @property
     def on_lab(self) -> bool:
@@ -150,6 +156,7 @@ def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:
     claims = [(c["id"], c["exercise"], c["statement"], "skipped" if c["holds"] is None else
                ("holds" if c["holds"] else "does NOT hold")) for c in payload["claims"]]
     findings = [(f["id"], f["statement"]) for f in payload["findings"]]
+    on_testbed = getattr(args, "on_testbed", False)
     write_model_card(args.output_dir, RunCard(
         title=os.path.basename(os.path.abspath(args.output_dir)), recipe="recipes/pipeline.py",
         summary="Every experiment of the RLHF chapter in one command; each claim is decided by the measured "
@@ -157,7 +164,8 @@ def write_card(args: PipelineArguments, payload: dict[str, Any]) -> None:
         command=" ".join([launch_command("recipes/pipeline.py"), *(shlex.quote(a) for a in sys.argv[1:])]),
         tags=("rlhf-chapter", "report"), base_model=hub_id_or_none(args.model_name_or_path),
         datasets=[d for d in [hub_id_or_none(args.dataset_name)] if d], library_name=None,
-        hyperparameters={"quick": args.quick, "seed": args.seed, "on the lab": args.on_lab},
+        hyperparameters={"quick": args.quick, "seed": args.seed, "on the lab": args.on_lab and not on_testbed,
+                         **({"testbed": args.lab_dir} if on_testbed else {})},
         results_markdown=markdown_table(["claim", "exercise", "statement", "verdict"], claims)
         + ("\n\n" + markdown_table(["finding", "statement"], findings) if findings else ""),
         usage="The statistics behind each verdict are in `claims.json`; the full reading is in `report.md`.",

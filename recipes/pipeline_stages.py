@@ -2,6 +2,7 @@
 report they make. Each stage takes the pipeline's arguments and its own output folder and returns a JSON-able dict of
 numbers; the claims and the report read only those dicts, so a report can be rebuilt from stored results."""
 
+import contextlib
 import copy
 import importlib.util
 import math
@@ -72,7 +73,13 @@ def _rl_flags(args: Any, judge_as_weights: bool = True) -> list[str]:
         flags += ["--reward_funcs", *funcs]
     if args.use_peft:
         flags += ["--use_peft"]
-    return flags
+    return flags + _learning_rate_flags(args, "--learning_rate")
+
+
+def _learning_rate_flags(args: Any, flag: str) -> list[str]:
+    """The pipeline's ``--learning_rate`` under the recipe's name for it; nothing when unset (the stage's own)."""
+    rate = getattr(args, "learning_rate", None)
+    return [] if rate is None else [flag, str(rate)]
 
 
 FINGERPRINT_ARGS = ("quick", "seed", "model_name_or_path", "dataset_name", "reward_funcs", "reward_model_name_or_path",
@@ -89,8 +96,9 @@ def fingerprint(args: Any, name: str) -> dict:
 
     versions = {"hf_rlhf_ext": hf_rlhf_ext.__version__, "trl": trl.__version__,
                 "transformers": transformers.__version__, "torch": torch.__version__}
-    lab_dir = {"lab_dir": args.lab_dir} if getattr(args, "lab_dir", None) else {}  # the default lab: as before
-    return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}, **lab_dir}
+    # set only when given, so that stages stored without them keep their fingerprint
+    optional = {k: getattr(args, k) for k in ("lab_dir", "learning_rate") if getattr(args, k, None) is not None}
+    return {"stage": name, "versions": versions, **{k: getattr(args, k, None) for k in FINGERPRINT_ARGS}, **optional}
 
 
 def _lab_budget(args: Any, config: str) -> list[str]:
@@ -288,6 +296,7 @@ def stage_mini_loop(args: Any, out: str) -> dict:
         argv += ["--dataset_name", args.dataset_name]
     if args.use_peft:
         argv += ["--use_peft", "true"]
+    argv += _learning_rate_flags(args, "--lr")
     mini, runs = _recipe("mini_loop"), []
     for i, seed in enumerate(_seeds(args, 3)):
         where = out if i == 0 else os.path.join(out, f"seed_{seed}")
@@ -347,7 +356,8 @@ def _overoptimization_run(args: Any, out: str, beta: float) -> dict:
 
     s = OVEROPT_RUN
     steps = str(s["steps_quick"] if args.quick else s["steps_full"])
-    trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", str(s["learning_rate"]),
+    rate = getattr(args, "learning_rate", None) or s["learning_rate"]  # the pipeline's, else the lab-tuned one
+    trainer, setup = _grpo_setup(args, out, ["--beta", str(beta), "--learning_rate", str(rate),
                                              "--loss_type", "dapo", "--max_steps", steps,
                                              "--max_completion_length", str(s["max_completion_length"]),
                                              "--disable_tqdm", "true", "--logging_steps", "10"])
@@ -390,6 +400,11 @@ def _model_row(role: str, model: Any, optimized: set[int]) -> dict:
             "trainable": trained, "trained": trained > 0}
 
 
+def _adapter_off(model: Any):
+    """The model with its PEFT adapter switched off (the reference of a LoRA run); nothing to do otherwise."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
 def _trajectory(args: Any, setup: Any, trainer: Any, kl_coef: float) -> dict:
     """One held-out prompt, one completion sampled from the best-of-N distilled policy when that stage ran (else the
     SFT policy), its per-token log-ratio to the reference and the per-token rewards PPO would train on."""
@@ -403,15 +418,19 @@ def _trajectory(args: Any, setup: Any, trainer: Any, kl_coef: float) -> dict:
     tok = setup.tokenizer
     bon_dir = os.path.join(args.output_dir, "best_of_n")
     source = bon_dir if os.path.isfile(os.path.join(bon_dir, "config.json")) else None
-    policy = AutoModelForCausalLM.from_pretrained(source) if source else trainer.ref_model
-    reference = trainer.ref_model
-    pool = sample_pool(policy, tok, setup.eval_prompts[:1], 1, max_new_tokens=24, seed=args.seed)
+    # with LoRA there is no reference copy: the reference is the trained model with its adapter switched off
+    reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    policy = AutoModelForCausalLM.from_pretrained(source) if source else reference
+    with _adapter_off(policy if policy is reference else None):
+        pool = sample_pool(policy, tok, setup.eval_prompts[:1], 1, max_new_tokens=24, seed=args.seed)
     ids = pool.completion_ids[0]
     prompt = torch.tensor([pool.prompt_ids[0]])
     comp, mask = torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)
     with torch.no_grad():  # k1 per token: log π(a_t | s_t) − log π_ref(a_t | s_t)
-        kl = per_token_logps(policy, prompt, torch.ones_like(prompt), comp, mask) - per_token_logps(
-            reference, prompt, torch.ones_like(prompt), comp, mask)
+        with _adapter_off(policy if policy is reference else None):
+            policy_logps = per_token_logps(policy, prompt, torch.ones_like(prompt), comp, mask)
+        with _adapter_off(reference):
+            kl = policy_logps - per_token_logps(reference, prompt, torch.ones_like(prompt), comp, mask)
     score = float(setup.reward_funcs[0](prompts=pool.prompts, completions=pool.completions,
                                         completion_ids=pool.completion_ids)[0])
     rewards, _ = token_level_rewards(torch.tensor([score]), kl, mask, kl_coef)
@@ -1717,7 +1736,9 @@ def write_report(args: Any, results: dict, seconds: float, store: Any) -> dict:
     stage_seconds = {name: r.get("stage_seconds") for name, r in results.items()}
     total = sum(v for v in stage_seconds.values() if v)  # all stages' time, also when some ran before a resume
     write_claims(args.output_dir, claims, found, total, args.quick,
-                 {"on_lab": args.on_lab, "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1),
+                 {"on_lab": args.on_lab and not getattr(args, "on_testbed", False),
+                  "testbed": args.lab_dir if getattr(args, "on_testbed", False) else None,
+                  "stage_seconds": stage_seconds, "this_invocation_seconds": round(seconds, 1),
                   "invocation": store.invocation, "stages": provenance})
     for c in claims:
         print(f"  [{c.verdict():>13}] {c.statement}")

@@ -51,6 +51,66 @@ def test_stage_store_reuses_finished_stages_and_redoes_unfinished_ones(tmp_path)
     assert store.run("b", stage, FP)[0]["value"] == 2
 
 
+def _parsed_parts(stage: str, argv: list[str]) -> tuple:
+    """The dataclasses a stage's command line parses into, by the parser the stage's runner uses."""
+    from hf_rlhf_ext.experiments.baselines import parse_baselines_argv
+    from hf_rlhf_ext.experiments.compare import parse_compare_argv
+    from hf_rlhf_ext.experiments.sweeps import parse_sweep_argv
+
+    parsers = {"beta_sweep": parse_sweep_argv, "reinforce": parse_baselines_argv,
+               "ppo_vs_grpo": lambda a: parse_compare_argv(a, "ppo") + parse_compare_argv(a, "grpo"),
+               "best_of_n": lambda a: stages._parse("best_of_n", a),
+               "group_advantages": lambda a: stages._parse("grpo", a)}
+    return parsers[stage](argv)
+
+
+@pytest.mark.parametrize("stage", ["beta_sweep", "reinforce", "ppo_vs_grpo", "best_of_n", "group_advantages"])
+def test_the_pipelines_learning_rate_reaches_every_trained_policy_and_its_fingerprint(stage, tmp_path):
+    """Off the lab a stage starts from TRL's learning rate (1e-6), at which a policy of one's own barely moves:
+    ``--learning_rate`` is passed on to each stage's runner, and a stage stored with another rate is not reused."""
+    args = SimpleNamespace(model_name_or_path="m", dataset_name="d", reward_model_name_or_path=None,
+                           reward_funcs=["pkg.r"], gold_funcs=None, use_peft=True, on_lab=False, learning_rate=3e-4)
+    parts = _parsed_parts(stage, ["--output_dir", str(tmp_path), *stages._rl_flags(args)])
+    rates = [part.learning_rate for part in parts if hasattr(part, "learning_rate")]
+    assert rates and set(rates) == {3e-4}, rates
+    assert stages._learning_rate_flags(args, "--lr") == ["--lr", "0.0003"]  # the mini loop's name for it
+    default = SimpleNamespace(**{**vars(args), "learning_rate": None})
+    assert "--learning_rate" not in stages._rl_flags(default)
+    assert stages.fingerprint(args, stage) != stages.fingerprint(default, stage)
+    assert "learning_rate" not in stages.fingerprint(default, stage)  # stored stages keep their fingerprint
+
+
+def test_the_pipelines_learning_rate_wins_over_the_overoptimization_runs_lab_tuned_one(monkeypatch, tmp_path):
+    seen = []
+
+    def record(args, out, extra):
+        seen.append(stages._parse("grpo", ["--output_dir", out, *stages._rl_flags(args), *extra])[1].learning_rate)
+        raise InterruptedError  # the trainer itself is not needed
+
+    monkeypatch.setattr(stages, "_grpo_setup", record)
+    args = SimpleNamespace(model_name_or_path="m", dataset_name="d", reward_model_name_or_path=None, quick=True,
+                           reward_funcs=["pkg.r"], gold_funcs=None, use_peft=True, on_lab=False, learning_rate=3e-4)
+    for rate in (3e-4, None):
+        with pytest.raises(InterruptedError):
+            stages._overoptimization_run(SimpleNamespace(**{**vars(args), "learning_rate": rate}), str(tmp_path), 0.0)
+    assert seen == [3e-4, stages.OVEROPT_RUN["learning_rate"]]
+
+
+@pytest.mark.parametrize("use_peft", [False, True])
+def test_the_concepts_stage_reads_the_four_models_and_a_trajectory_with_or_without_lora(lab, tmp_path, use_peft):
+    """With LoRA the trainer has no reference copy (the reference is the adapter switched off): the stage must still
+    find one, and the untrained policy's per-token log-ratio to it is zero."""
+    from recipes.pipeline import PipelineArguments
+
+    args = PipelineArguments(output_dir=str(tmp_path), quick=True, use_peft=use_peft)
+    result = stages.stage_concepts(args, str(tmp_path / "concepts"))
+    trajectory = result["trajectory"]
+    assert trajectory["policy"] == "SFT" and trajectory["steps"]
+    assert all(step["log_ratio"] == pytest.approx(0.0, abs=1e-5) for step in trajectory["steps"])
+    reference = next(row for row in result["models"] if "ref" in row["role"].lower())
+    assert (reference["class"] is None) == use_peft and not reference["trained"]
+
+
 def test_stage_store_reuses_a_result_only_with_its_fingerprint(tmp_path):
     first = StageStore(str(tmp_path), invocation="first")
     result, _ = first.run("a", lambda out: {"value": 1}, FP)

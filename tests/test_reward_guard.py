@@ -243,8 +243,7 @@ def test_a_nan_on_one_rank_stops_both_ranks(tmp_path):
                           str(port), str(root / "tests" / "_guard_probe.py"), str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    outcomes = {o["rank"]: o for o in (json.loads(line[6:]) for line in run.stdout.splitlines()
-                                       if line.startswith("PROBE "))}
+    outcomes = {r: json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in (0, 1)}
     # counts are over all processes: the one empty completion (rank 1's) is logged as 1 on both ranks
     assert [outcomes[r]["logged"]["reward_guard/empty_completions"] for r in (0, 1)] == [1.0, 1.0]
     assert outcomes[1]["raised"] == "NonFiniteRewardError"

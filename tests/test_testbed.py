@@ -313,7 +313,7 @@ def test_the_done_when_command_accelerate_launch_grpo_on_a_testbed(chat_testbed,
     assert run.stderr.count("settings: command line: lab_dir, max_steps; testbed defaults (testbed.json)") == 1
     out = tmp_path / "trainer_output"  # TRL's default output_dir: the lab's runs/grpo-lab is not used here
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["global_step"] == 2 and metrics["on_lab"]
+    assert metrics["global_step"] == 2 and metrics["on_lab"] is False and metrics["testbed"] == chat_testbed.root
     logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
     assert any("rewards/word_count/mean" in h for h in logs)
 
@@ -337,6 +337,7 @@ def test_the_pipeline_on_a_testbed_decides_what_it_can_and_skips_the_labs_own_st
     claims = {c["id"]: c for c in payload["claims"]}
     assert claims["rm_accuracy"]["holds"] is not None  # decided from the testbed's own pairs
     assert f"on the testbed {chat_testbed.root}" in (tmp_path / "report.md").read_text()
+    assert payload["on_lab"] is False and payload["testbed"] == chat_testbed.root  # where the numbers come from
     # the stages that read their step budget from a lab file get it as a flag there (the file itself does not apply)
     import pipeline_stages
 

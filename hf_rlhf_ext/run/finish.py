@@ -365,6 +365,10 @@ def _without_flag(args: list[str], flag: str) -> list[str]:
     return kept
 
 
+def _is_testbed(lab: Any) -> bool:
+    return bool(getattr(lab, "is_testbed", False))
+
+
 def _run_metrics(trainer, setup, script_args, train_result, before, after) -> dict[str, Any]:
     train_logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
     metrics: dict[str, Any] = {
@@ -374,7 +378,9 @@ def _run_metrics(trainer, setup, script_args, train_result, before, after) -> di
         "eval_after": {k: v for k, v in after.items() if k != "samples"},
         "samples_before": before.get("samples", []),
         "samples_after": after.get("samples", []),
-        "on_lab": setup.on_lab,
+        # where the numbers come from: the offline lab itself, or a testbed around another policy (its directory)
+        "on_lab": setup.on_lab and not _is_testbed(setup.lab),
+        "testbed": setup.lab.root if _is_testbed(setup.lab) else None,
         "reward_funcs": list(setup.eval_rewards),
         "reward_weights": setup.reward_weights,
         "num_eval_prompts": len(setup.eval_prompts),
