@@ -139,6 +139,11 @@ def test_bad_inputs_fail_clearly(lab, tmp_path):
         build(prompts=str(tmp_path / "bad.jsonl"))
     with pytest.raises(InputError, match="label_noise"):
         build(label_noise=-1.0)
+    for dropout in (-0.1, 1.0):
+        with pytest.raises(InputError, match="--rm_dropout must be in"):
+            build(rm_dropout=dropout)
+    with pytest.raises(InputError, match="--rm_dropout is the from-scratch RM's"):
+        build(rm_dropout=0.1, reward_model_base="policy")
     occupied = tmp_path / "tb"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -195,6 +200,52 @@ def test_the_proxy_starts_from_the_policys_token_embeddings(lab):
     random_rm = new_proxy_model(TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_init_embeddings=False),
                                 tokenizer, None, 40, policy_emb)
     assert abs(similarity_agreement(random_rm.transformer.wte.weight.detach())) < 0.2
+
+
+def test_the_proxys_dropout_is_on_while_it_trains_and_off_when_it_scores(lab, chat_testbed, tmp_path, monkeypatch):
+    """``rm_dropout`` (against a small RM memorising noisy labels) reaches the RM's layers and stays on in training:
+    TRL's RewardConfig disables dropout unless told not to, and the reward recipe on the testbed is told the same."""
+    import shutil
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    import hf_rlhf_ext.reward_modeling as reward_modeling
+    from hf_rlhf_ext.lab.testbed import _train_proxy, new_proxy_model
+    from hf_rlhf_ext.lab.testbed_settings import recipe_defaults
+
+    tokenizer = AutoTokenizer.from_pretrained(lab.policy_path)
+    config = TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_dropout=0.3)
+    rm = new_proxy_model(config, tokenizer, None, 40)
+    ids = torch.tensor([tokenizer("my lamp is broken")["input_ids"]])
+    rm.train()
+    assert not torch.equal(rm(ids).logits, rm(ids).logits)  # dropout draws differ in training
+    rm.eval()
+    assert torch.equal(rm(ids).logits, rm(ids).logits)  # and not when it scores
+
+    seen = []
+
+    def spy(model, tokenizer, train, test, args, **kw):
+        seen.append(args.disable_dropout)
+        raise KeyboardInterrupt  # stop before training: only the arguments matter here
+
+    monkeypatch.setattr(reward_modeling, "train_reward_model", spy)
+    for dropout in (0.3, 0.0):
+        with pytest.raises(KeyboardInterrupt):
+            _train_proxy(TestbedConfig(policy=lab.policy_path, gold_funcs=JUDGE, rm_dropout=dropout), tokenizer,
+                         Dataset.from_dict({"chosen_ids": [[1, 2]], "rejected_ids": [[1, 3]]}), None, str(tmp_path),
+                         str(tmp_path / "rm"))
+    assert seen == [False, True]
+
+    assert recipe_defaults(chat_testbed.root, True)["disable_dropout"] is True  # built without dropout
+    copy = tmp_path / "tb"
+    copy.mkdir()
+    shutil.copy(os.path.join(chat_testbed.root, "testbed.json"), copy)
+    saved = json.loads((copy / "testbed.json").read_text())
+    saved["config"]["rm_dropout"] = 0.2
+    (copy / "testbed.json").write_text(json.dumps(saved))
+    assert recipe_defaults(str(copy), True)["disable_dropout"] is False
 
 
 def test_on_a_testbed_the_lab_yaml_does_not_apply_its_build_settings_do(chat_testbed, monkeypatch):

@@ -63,6 +63,7 @@ def make_parser() -> argparse.ArgumentParser:
         ("reward_model_lora_r", int, "LoRA rank for --reward_model_base (0: full fine-tuning)"),
         ("rm_n_embd", int, "width of the from-scratch RM"), ("rm_n_layer", int, "layers of the from-scratch RM"),
         ("rm_init_embeddings", _yes_no, "start the from-scratch RM's token embeddings from the policy's (projected)"),
+        ("rm_dropout", float, "dropout of the from-scratch RM while it trains (against memorising noisy labels)"),
         ("rm_epochs", float, "RM epochs"), ("rm_batch_size", int, "RM batch size"),
         ("rm_lr", float, "RM learning rate (default by kind: 1e-3 scratch, 2e-5 full, 2e-4 LoRA)"),
     ):
@@ -84,8 +85,8 @@ def build_testbed_from_args(args: argparse.Namespace):
     if not args.gold_funcs:
         raise InputError("--policy builds a testbed and needs its gold judge: add --gold_funcs pkg.module.function.")
     fields = ("label_noise", "n_pairs_train", "n_pairs_test", "max_new_tokens", "temperature", "test_fraction",
-              "reward_model_base", "reward_model_lora_r", "rm_n_embd", "rm_n_layer", "rm_init_embeddings", "rm_epochs",
-              "rm_batch_size", "rm_lr")
+              "reward_model_base", "reward_model_lora_r", "rm_n_embd", "rm_n_layer", "rm_init_embeddings", "rm_dropout",
+              "rm_epochs", "rm_batch_size", "rm_lr")
     config = TestbedConfig(policy=args.policy, gold_funcs=args.gold_funcs, prompts=args.prompts, seed=args.seed,
                            **{k: getattr(args, k) for k in fields})
     return build_testbed(config, args.lab_dir, force=args.force)

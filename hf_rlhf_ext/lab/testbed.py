@@ -86,6 +86,8 @@ class TestbedConfig:
         rm_init_embeddings: the from-scratch RM's token embeddings start as the policy's, projected on their
             ``rm_n_embd`` principal directions (what a token means carries over; the RM stays small).
         reward_model_lora_r: > 0 trains a LoRA adapter of this rank on ``reward_model_base`` (merged when saved).
+        rm_dropout: dropout of the from-scratch RM (residual, embedding and attention), kept on while it trains: a
+            small RM memorises noisy labels (nearly all training pairs right, held-out ones barely above chance).
         rm_epochs, rm_batch_size, rm_lr (None: ``DEFAULT_RM_LR`` by kind), rm_center_coef.
     seed: the prompt split, pair prompts, sampling, label noise and the RM's initialisation.
     """
@@ -108,6 +110,7 @@ class TestbedConfig:
     rm_n_layer: int = 2
     rm_n_head: int = 2
     rm_init_embeddings: bool = True
+    rm_dropout: float = 0.0
     rm_epochs: float = 3.0
     rm_batch_size: int = 16
     rm_lr: float | None = None
@@ -121,6 +124,11 @@ class TestbedConfig:
                 raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if not (self.label_noise >= 0 and math.isfinite(self.label_noise)):
             raise InputError(f"--label_noise must be a finite number >= 0 (0 = noiseless), got {self.label_noise}.")
+        if not 0.0 <= self.rm_dropout < 1.0:
+            raise InputError(f"--rm_dropout must be in [0, 1), got {self.rm_dropout}.")
+        if self.rm_dropout and self.reward_model_base:
+            raise InputError("--rm_dropout is the from-scratch RM's: a pretrained --reward_model_base keeps its own "
+                             "dropout settings.")
         if not 0.0 < self.test_fraction < 1.0:
             raise InputError(f"--test_fraction must be in (0, 1), got {self.test_fraction}.")
         if self.reward_model_lora_r < 0 or (self.reward_model_lora_r and not self.reward_model_base):
@@ -349,7 +357,7 @@ def new_proxy_model(config: TestbedConfig, tokenizer, policy_dir: str, max_token
         model = GPT2ForSequenceClassification(GPT2Config(
             vocab_size=len(tokenizer), n_positions=max(128, 64 * math.ceil(max_tokens / 64)),
             n_embd=config.rm_n_embd, n_layer=config.rm_n_layer, n_head=config.rm_n_head,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1,
+            resid_pdrop=config.rm_dropout, embd_pdrop=config.rm_dropout, attn_pdrop=config.rm_dropout, num_labels=1,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
         ))
         if config.rm_init_embeddings and policy_embeddings is not None:
@@ -387,7 +395,7 @@ def _train_proxy(config: TestbedConfig, tokenizer, pairs, policy_dir: str, work:
         per_device_train_batch_size=config.rm_batch_size, learning_rate=config.rm_lr or DEFAULT_RM_LR[config.rm_kind],
         lr_scheduler_type="cosine", center_rewards_coefficient=config.rm_center_coef, max_length=None,
         logging_steps=10, save_strategy="no", report_to="none", bf16=False, seed=config.seed, data_seed=config.seed,
-        disable_tqdm=True, dataloader_num_workers=0,
+        disable_tqdm=True, dataloader_num_workers=0, disable_dropout=not config.rm_dropout,
     )
     trainer = train_reward_model(model, tokenizer, pairs.select_columns(["chosen_ids", "rejected_ids"]), None, args,
                                  quiet=True, peft_config=peft_config)

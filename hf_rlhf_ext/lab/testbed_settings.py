@@ -46,6 +46,7 @@ def recipe_defaults(root: str, trains_reward_model: bool) -> dict[str, Any] | No
         return {"num_train_epochs": settings["rm_epochs"], "per_device_train_batch_size": settings["rm_batch_size"],
                 "learning_rate": settings["rm_lr"] or DEFAULT_RM_LR[rm_kind(settings)], "lr_scheduler_type": "cosine",
                 "center_rewards_coefficient": settings["rm_center_coef"], "seed": settings["seed"],
+                "disable_dropout": not settings.get("rm_dropout"),  # older testbeds: no dropout
                 "gold_margin": settings["gold_margin"]}
     return {"max_completion_length": settings["max_new_tokens"], "max_new_tokens": settings["max_new_tokens"],
             "temperature": settings["temperature"]}

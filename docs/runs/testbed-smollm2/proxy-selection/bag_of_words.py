@@ -4,7 +4,8 @@ sentence) fitted to the training labels, its L2 strength chosen by 5-fold cross-
 alone, then scored once on the held-out pairs. Beside it the ceiling: gold itself as the proxy (a gold tie counts
 half). Not a proxy the testbed offers; numpy only.
 
-    python bag_of_words.py /tmp/tb-sm-v2        # writes bag_of_words.json here"""
+    python bag_of_words.py /tmp/tb-sm-v2                          # writes bag_of_words.json here
+    python bag_of_words.py /tmp/tb-sm-v3 bag_of_words_v3.json     # another testbed, another file"""
 
 import json
 import re
@@ -47,7 +48,7 @@ def _differences(rows: list[dict], vocab: dict[str, int]) -> np.ndarray:
     return np.array([_features(r, "chosen", vocab) - _features(r, "rejected", vocab) for r in rows])
 
 
-def main(testbed: str) -> None:
+def main(testbed: str, name: str = "bag_of_words.json") -> None:
     train, test = _pairs(testbed, "train"), _pairs(testbed, "test")
     vocab: dict[str, int] = {}
     for row in train:
@@ -63,9 +64,9 @@ def main(testbed: str) -> None:
                           for r in test]))
     out = {"testbed": testbed, "n_train_pairs": len(train), "n_test_pairs": len(test), "cv_accuracy": cv,
            "chosen_strength": best, "test_accuracy": test_accuracy, "gold_as_proxy_test_accuracy": gold}
-    (HERE / "bag_of_words.json").write_text(json.dumps(out, indent=2) + "\n")
+    (HERE / name).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
